@@ -1,0 +1,62 @@
+//! A minimal HTTP/1.0 GET, enough to read the node proxy's admin endpoint
+//! without pulling an HTTP client into the harness.
+
+use std::{
+    io::{self, Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+/// A response: status code and body.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub body: String,
+}
+
+/// `GET path` from `addr`, with a 10 s bound on connecting and on each read.
+pub fn get(addr: SocketAddr, path: &str) -> io::Result<Response> {
+    let timeout = Duration::from_secs(10);
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    parse(&raw)
+}
+
+fn parse(raw: &[u8]) -> io::Result<Response> {
+    let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| invalid("HTTP response without an end of headers"))?;
+    let status = head
+        .lines()
+        .next()
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| invalid("HTTP response without a status line"))?;
+    Ok(Response {
+        status,
+        body: body.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_status_and_body() {
+        let r = parse(b"HTTP/1.0 404 Not Found\r\ncontent-length: 3\r\n\r\nno\n").unwrap();
+        assert_eq!(r.status, 404);
+        assert_eq!(r.body, "no\n");
+    }
+
+    #[test]
+    fn rejects_truncated_responses() {
+        assert!(parse(b"HTTP/1.0 200 OK\r\ncontent-length: 3").is_err());
+        assert!(parse(b"\r\n\r\n").is_err());
+    }
+}

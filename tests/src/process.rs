@@ -1,0 +1,159 @@
+//! Child processes of the cluster (servers in pods, node proxies) that are
+//! killed when their handle is dropped, and that say when they are ready.
+
+use std::{
+    fs::{self, File},
+    io::{self, BufRead as _, BufReader},
+    os::{
+        fd::{AsRawFd as _, OwnedFd},
+        unix::process::CommandExt as _,
+    },
+    path::Path,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
+
+/// A running child process, killed and reaped on drop.
+#[derive(Debug)]
+pub struct Process {
+    name: String,
+    child: Child,
+    stdout: Option<mpsc::Receiver<String>>,
+}
+
+impl Process {
+    /// Starts `command` with stdout captured line by line.
+    pub fn spawn(name: &str, mut command: Command) -> io::Result<Self> {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("starting {name}: {e}")))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (lines_tx, lines_rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if lines_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            stdout: Some(lines_rx),
+        })
+    }
+
+    /// Starts `command` and waits until it prints a line starting with
+    /// `ready_prefix` on stdout; returns the process and that line. The
+    /// process exiting first, or `timeout` passing, is an error.
+    pub fn spawn_ready(
+        name: &str,
+        command: Command,
+        ready_prefix: &str,
+        timeout: Duration,
+    ) -> io::Result<(Self, String)> {
+        let mut process = Self::spawn(name, command)?;
+        let line = process.wait_for_line(ready_prefix, timeout)?;
+        Ok((process, line))
+    }
+
+    /// Waits for a stdout line starting with `prefix`.
+    pub fn wait_for_line(&mut self, prefix: &str, timeout: Duration) -> io::Result<String> {
+        let lines = self.stdout.as_ref().expect("stdout is captured");
+        loop {
+            match lines.recv_timeout(timeout) {
+                Ok(line) if line.starts_with(prefix) => return Ok(line),
+                Ok(_) => continue,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "{} printed no {prefix:?} line within {timeout:?}",
+                            self.name
+                        ),
+                    ));
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = self.child.wait()?;
+                    return Err(io::Error::other(format!(
+                        "{} exited ({status}) before printing {prefix:?}",
+                        self.name
+                    )));
+                }
+            }
+        }
+    }
+
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Asks the process to stop (SIGTERM) and waits for it.
+    pub fn terminate(mut self) -> io::Result<ExitStatus> {
+        // SAFETY: signals our own child, which has not been reaped yet.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.child.wait()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Makes `command` start inside the network namespace at `netns` and the
+/// cgroup v2 directory `cgroup` (each when given) before it executes, so the
+/// new process never runs an instruction of its own outside them.
+pub fn place_before_exec(
+    command: &mut Command,
+    netns: Option<&Path>,
+    cgroup: Option<&Path>,
+) -> io::Result<()> {
+    let open = |path: &Path, write: bool| -> io::Result<OwnedFd> {
+        let file = if write {
+            fs::OpenOptions::new().write(true).open(path)
+        } else {
+            File::open(path)
+        };
+        file.map(OwnedFd::from)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+    };
+    let netns = netns.map(|path| open(path, false)).transpose()?;
+    let procs = cgroup
+        .map(|path| open(&path.join("cgroup.procs"), true))
+        .transpose()?;
+    // SAFETY: the closure runs between fork and exec and makes only
+    // async-signal-safe system calls (write, setns) on descriptors it owns;
+    // it allocates nothing.
+    #[allow(unsafe_code)]
+    unsafe {
+        command.pre_exec(move || {
+            if let Some(procs) = &procs {
+                // "0" moves the writing process itself.
+                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if let Some(netns) = &netns
+                && libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}

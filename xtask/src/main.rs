@@ -1,0 +1,61 @@
+//! `cargo xtask`: the project's automation. `setup` installs what the build
+//! needs (idempotently), `build-ebpf` builds the kernel programs, `test` runs
+//! every check and test, `cluster` manages a local cluster, `demo` shows the
+//! mesh at work on one.
+
+mod cluster;
+mod demo;
+mod ebpf;
+mod run;
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(about = "Build, test and demonstrate the mesh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what the build needs: the nightly's rust-src, bpf-linker
+    /// (against the nightly's own LLVM) and Debian packages. Idempotent.
+    Setup,
+    /// Build the eBPF programs (embedded into mesh-node at build time).
+    BuildEbpf,
+    /// Run every check and test: fmt, clippy, unit tests, then the root-only
+    /// eBPF and cluster tests, serially.
+    Test,
+    /// Manage a local cluster of network namespaces.
+    Cluster {
+        #[command(subcommand)]
+        command: cluster::Command,
+    },
+    /// Bring up a local cluster, capture a pod with eBPF, run traffic and
+    /// show what the kernel counted; tears everything down at the end or on
+    /// Ctrl-C.
+    Demo(demo::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::run(),
+        Command::BuildEbpf => setup::run().and_then(|()| ebpf::build()),
+        Command::Test => test::run(),
+        Command::Cluster { command } => cluster::run(command),
+        Command::Demo(args) => demo::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

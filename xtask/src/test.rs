@@ -1,0 +1,124 @@
+//! `cargo xtask test`: every check and test the project has, in the order
+//! that fails fastest. The root-only tests (eBPF in the kernel, network
+//! namespaces) run serially, and the run fails if they leave a namespace
+//! or cgroup behind.
+
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    ebpf, run,
+    run::{Tally, cargo, cargo_nightly, root, step},
+    setup,
+};
+
+/// Test clusters are named `e2e…` (see `tests/tests`).
+const TEST_CLUSTER_PREFIX: &str = "e2e";
+
+pub fn run() -> anyhow::Result<()> {
+    let start = Instant::now();
+    setup::run()?;
+    ebpf::build()?;
+
+    step("cargo fmt --check");
+    run::run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run::run(
+        cargo_nightly()
+            .current_dir(root().join("mesh-ebpf"))
+            .args(["fmt", "--", "--check"]),
+    )?;
+
+    step("cargo clippy -D warnings");
+    run::run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run::run(
+        cargo_nightly()
+            .current_dir(root().join("mesh-ebpf"))
+            .args(["clippy", "--release", "--target-dir"])
+            .arg(root().join("target/ebpf"))
+            .args(["--", "-D", "warnings"]),
+    )?;
+
+    step("unit and component tests");
+    let mut tally = Tally::default();
+    run::run_tests(
+        cargo().args(["test", "--workspace", "--exclude", "mesh-e2e"]),
+        &mut tally,
+    )?;
+    run::run_tests(
+        cargo().args(["test", "-p", "mesh-e2e", "--lib", "--bins"]),
+        &mut tally,
+    )?;
+
+    step("root tests: eBPF in the kernel and the local cluster (serial)");
+    if !run::is_root() {
+        bail!("the eBPF and cluster tests need root: run `cargo xtask test` as root");
+    }
+    sweep_test_clusters()?;
+    let namespaces_before = mesh_e2e::netns::list("").context("listing network namespaces")?;
+    // The tests start the mesh-node binary itself.
+    run::run(cargo().args(["build", "-p", "mesh-node", "--bins"]))?;
+    let result = run::run_tests(
+        cargo().args([
+            "test",
+            "-p",
+            "mesh-e2e",
+            "--test",
+            "*",
+            "--",
+            "--test-threads=1",
+        ]),
+        &mut tally,
+    );
+    let leftovers = sweep_test_clusters()?;
+    result?;
+    let namespaces_after = mesh_e2e::netns::list("").context("listing network namespaces")?;
+    if leftovers > 0 || namespaces_after != namespaces_before {
+        bail!(
+            "the root tests left state behind ({leftovers} clusters swept; namespaces before {namespaces_before:?}, after {namespaces_after:?})"
+        );
+    }
+    println!("all checks passed in {:.0}s", start.elapsed().as_secs_f64());
+    // The closing line CI reads.
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        tally.passed, tally.failed, tally.ignored
+    );
+    Ok(())
+}
+
+/// Tears down every test cluster still present; returns how many there were.
+fn sweep_test_clusters() -> anyhow::Result<usize> {
+    let mut names: Vec<String> = mesh_e2e::netns::list(&format!("mesh-{TEST_CLUSTER_PREFIX}"))?
+        .iter()
+        .filter_map(|ns| {
+            ns.strip_prefix("mesh-")?
+                .split('-')
+                .next()
+                .map(str::to_owned)
+        })
+        .collect();
+    let cgroup_root = mesh_e2e::cgroup::root()?;
+    for entry in std::fs::read_dir(&cgroup_root)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if let Some(cluster) = name.strip_prefix("mesh-")
+            && cluster.starts_with(TEST_CLUSTER_PREFIX)
+        {
+            names.push(cluster.to_owned());
+        }
+    }
+    names.sort();
+    names.dedup();
+    for name in &names {
+        let report = mesh_e2e::cluster::teardown(name)?;
+        println!("    swept test cluster {name}: {report}");
+    }
+    Ok(names.len())
+}

@@ -1,0 +1,172 @@
+//! Names the mesh accepts: DNS-1123 labels for namespaces, services, pods
+//! and service accounts; HTTP header names; SPIFFE IDs.
+
+use std::fmt;
+
+/// Longest DNS-1123 label.
+pub const MAX_LABEL: usize = 63;
+
+/// A DNS-1123 label: 1 to 63 of `a-z`, `0-9`, `-`, starting and ending
+/// alphanumeric. Returns why not.
+pub fn check_dns_label(value: &str) -> Result<(), String> {
+    let bytes = value.as_bytes();
+    if bytes.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if bytes.len() > MAX_LABEL {
+        return Err(format!(
+            "must be at most {MAX_LABEL} characters (got {})",
+            bytes.len()
+        ));
+    }
+    let ok = bytes
+        .iter()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-';
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} is not a DNS-1123 label (lowercase letters, digits and '-', starting and ending with a letter or digit)",
+            quoted(value)
+        ))
+    }
+}
+
+/// An HTTP header name as routes match it: a lowercase RFC 9110 token.
+pub fn check_header_name(value: &str) -> Result<(), String> {
+    let token =
+        |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if value.is_empty() || value.len() > 256 || !value.bytes().all(token) {
+        return Err(format!(
+            "{} is not a lowercase HTTP header name",
+            quoted(value)
+        ));
+    }
+    Ok(())
+}
+
+/// A quoted, shortened rendering of user input for error messages: long or
+/// hostile values must not flood a response.
+pub fn quoted(value: &str) -> String {
+    const MAX: usize = 64;
+    if value.chars().count() <= MAX {
+        format!("{value:?}")
+    } else {
+        let head: String = value.chars().take(MAX).collect();
+        format!("{head:?}... ({} characters)", value.chars().count())
+    }
+}
+
+/// A workload identity: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SpiffeId {
+    pub trust_domain: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl SpiffeId {
+    /// Parses a workload SPIFFE ID of the mesh's shape.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        let bad = |why: &str| Err(format!("{} is not a SPIFFE ID: {why}", quoted(value)));
+        let Some(rest) = value.strip_prefix("spiffe://") else {
+            return bad("must start with spiffe://");
+        };
+        let Some((trust_domain, path)) = rest.split_once('/') else {
+            return bad("must have a path /ns/<namespace>/sa/<service-account>");
+        };
+        let td_ok = !trust_domain.is_empty()
+            && trust_domain.len() <= 255
+            && trust_domain
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
+        if !td_ok {
+            return bad("the trust domain must be lowercase letters, digits, '-', '.' or '_'");
+        }
+        let parts: Vec<&str> = path.split('/').collect();
+        let ["ns", namespace, "sa", service_account] = parts.as_slice() else {
+            return bad("the path must be /ns/<namespace>/sa/<service-account>");
+        };
+        for part in [namespace, service_account] {
+            if let Err(why) = check_dns_label(part) {
+                return bad(&why);
+            }
+        }
+        Ok(Self {
+            trust_domain: trust_domain.to_owned(),
+            namespace: (*namespace).to_owned(),
+            service_account: (*service_account).to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_labels() {
+        for good in ["a", "reviews", "v-2", &"x".repeat(63)] {
+            assert_eq!(check_dns_label(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "Reviews",
+            "a_b",
+            "a.b",
+            "'; DROP TABLE x; --",
+            "é",
+            &"x".repeat(64),
+        ] {
+            assert!(check_dns_label(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn header_names() {
+        assert_eq!(check_header_name("x-canary"), Ok(()));
+        for bad in ["", "X-Canary", "x canary", "x:y", "ü"] {
+            assert!(check_header_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn spiffe_ids_round_trip_and_reject_bad_shapes() {
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/frontend").unwrap();
+        assert_eq!(id.namespace, "shop");
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/frontend");
+        for bad in [
+            "http://cluster.local/ns/a/sa/b",
+            "spiffe://cluster.local",
+            "spiffe:///ns/a/sa/b",
+            "spiffe://Cluster.Local/ns/a/sa/b",
+            "spiffe://cluster.local/ns/a/sa/b/extra",
+            "spiffe://cluster.local/ns/A/sa/b",
+            "spiffe://cluster.local/sa/b/ns/a",
+        ] {
+            assert!(SpiffeId::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn quoting_shortens_long_values() {
+        let long = "a".repeat(1_000_000);
+        let shown = quoted(&long);
+        assert!(shown.len() < 100, "{shown}");
+        assert!(shown.ends_with("(1000000 characters)"));
+    }
+}

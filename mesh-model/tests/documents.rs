@@ -1,0 +1,257 @@
+//! Parsing and validating resource documents as operators write them.
+
+use mesh_model::{
+    Kind, ParseError, Resource, namespace::captured, parse_documents, service::LoadBalancer,
+};
+
+fn errors(text: &str) -> Vec<String> {
+    let problems: Vec<ParseError> = parse_documents(text).expect_err("the input is invalid");
+    problems.iter().map(ToString::to_string).collect()
+}
+
+const ALL_KINDS: &str = r#"
+apiVersion: mesh.io/v1
+kind: Namespace
+metadata:
+  name: shop
+  labels:
+    mesh.io/capture: enabled
+---
+apiVersion: mesh.io/v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec:
+  ports: [{name: http, port: 9080, protocol: http}]
+  load_balancer: consistent_hash
+  hash_header: x-user
+---
+apiVersion: mesh.io/v1
+kind: Workload
+metadata: {name: reviews-v2-abc, namespace: shop, labels: {app: reviews}}
+spec: {node: node1, ip: 10.89.1.2, services: [reviews], version: v2, service_account: reviews}
+---
+apiVersion: mesh.io/v1
+kind: ServicePolicy
+metadata: {name: reviews, namespace: shop}
+---
+apiVersion: mesh.io/v1
+kind: TrafficSplit
+metadata: {name: reviews-canary, namespace: shop}
+spec:
+  destination: reviews
+  v1_weight: 95
+  v2_weight: 5
+  header_match: {x-canary: "true"}
+---
+apiVersion: mesh.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reviews-from-frontend, namespace: shop}
+spec:
+  target: reviews
+  rules:
+  - from: [{principals: ["spiffe://cluster.local/ns/shop/sa/frontend"]}]
+    to: [{ports: [9080], methods: [GET], paths: ["/reviews/*"]}]
+"#;
+
+#[test]
+fn every_kind_parses_with_defaults() {
+    let resources = parse_documents(ALL_KINDS).unwrap();
+    let kinds: Vec<Kind> = resources.iter().map(Resource::kind).collect();
+    assert_eq!(kinds, Kind::ALL);
+    let Resource::Namespace(ns) = &resources[0] else {
+        panic!()
+    };
+    assert!(captured(&ns.metadata));
+    let Resource::Service(svc) = &resources[1] else {
+        panic!()
+    };
+    assert_eq!(svc.spec.load_balancer, LoadBalancer::ConsistentHash);
+    // The seed's ServicePolicy defaults.
+    let Resource::ServicePolicy(policy) = &resources[3] else {
+        panic!()
+    };
+    assert_eq!(
+        (
+            policy.spec.retry_attempts,
+            policy.spec.timeout_ms,
+            policy.spec.cb_threshold,
+            policy.spec.cb_window_sec
+        ),
+        (3, 5000, 50, 30)
+    );
+    assert_eq!(resources[3].namespace(), Some("shop"));
+    assert_eq!(resources[0].namespace(), None);
+}
+
+#[test]
+fn documents_round_trip() {
+    for resource in parse_documents(ALL_KINDS).unwrap() {
+        let document = resource.to_document();
+        assert_eq!(Resource::from_document(document).unwrap(), resource);
+    }
+}
+
+#[test]
+fn json_is_accepted() {
+    let resources = parse_documents(
+        r#"{"apiVersion": "mesh.io/v1", "kind": "ServicePolicy", "metadata": {"name": "ratings"}, "spec": {"timeout_ms": 250}}"#,
+    )
+    .unwrap();
+    assert_eq!(resources[0].namespace(), Some("default"));
+}
+
+#[test]
+fn a_rejected_split_names_the_field_and_the_value() {
+    let found = errors(
+        "apiVersion: mesh.io/v1\nkind: TrafficSplit\nmetadata: {name: reviews}\nspec: {destination: reviews, v2_weight: -5}\n",
+    );
+    assert_eq!(
+        found,
+        ["TrafficSplit/reviews: spec.v2_weight: must be >= 0 (got -5)"]
+    );
+}
+
+#[test]
+fn every_problem_of_every_document_is_reported() {
+    let found = errors(
+        r#"
+apiVersion: mesh.io/v1
+kind: ServicePolicy
+metadata: {name: a}
+spec: {retry_attempts: 99, timeout_ms: 0, cb_threshold: 101}
+---
+apiVersion: mesh.io/v1
+kind: Service
+metadata: {name: b}
+spec: {ports: [{port: 80}], load_balancer: consistent_hash}
+---
+apiVersion: mesh.io/v1
+kind: ServicePolicy
+metadata: {name: fine}
+"#,
+    );
+    assert_eq!(
+        found,
+        [
+            "ServicePolicy/a: spec.retry_attempts: must be <= 10 (got 99)\n\
+             ServicePolicy/a: spec.timeout_ms: must be >= 1 (got 0)\n\
+             ServicePolicy/a: spec.cb_threshold: must be <= 100 (got 101)",
+            "Service/b: spec.hash_header: is required with load_balancer consistent_hash",
+        ]
+    );
+}
+
+#[test]
+fn unknown_fields_kinds_and_algorithms_are_named() {
+    let found = errors(
+        "apiVersion: mesh.io/v1\nkind: TrafficSplit\nmetadata: {name: r}\nspec: {destination: r, v2_wieght: 5}\n",
+    );
+    assert!(
+        found[0].starts_with("TrafficSplit/r: spec.v2_wieght: unknown field `v2_wieght`"),
+        "{found:?}"
+    );
+
+    let found = errors(
+        "apiVersion: mesh.io/v1\nkind: Service\nmetadata: {name: r}\nspec: {ports: [{port: 80}], load_balancer: random}\n",
+    );
+    assert!(
+        found[0].contains("spec.load_balancer: unknown variant `random`"),
+        "{found:?}"
+    );
+    assert!(found[0].contains("least_request"), "{found:?}");
+
+    let found = errors("apiVersion: mesh.io/v1\nkind: Gateway\nmetadata: {name: r}\n");
+    assert!(
+        found[0].starts_with("Gateway/r: kind: unknown kind \"Gateway\""),
+        "{found:?}"
+    );
+
+    let found = errors(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: r, uid: x}\nspec: {ports: [{port: 80}]}\n",
+    );
+    assert!(
+        found[0].contains("metadata.uid: unknown field `uid`"),
+        "{found:?}"
+    );
+}
+
+#[test]
+fn names_and_labels_are_checked() {
+    let found = errors(
+        "apiVersion: mesh.io/v1\nkind: ServicePolicy\nmetadata: {name: \"'; DROP TABLE ServicePolicy; --\"}\n",
+    );
+    assert!(found[0].contains("metadata.name: "), "{found:?}");
+    assert!(found[0].contains("is not a DNS-1123 label"), "{found:?}");
+
+    let found = errors(
+        "apiVersion: mesh.io/v1\nkind: Namespace\nmetadata: {name: shop, namespace: x, labels: {mesh.io/capture: yes}}\n",
+    );
+    assert_eq!(
+        found,
+        [
+            "Namespace/shop: metadata.namespace: a Namespace is not namespaced; remove the field\n\
+          Namespace/shop: metadata.labels[\"mesh.io/capture\"]: must be \"enabled\" or \"disabled\" (got \"yes\")"
+        ]
+    );
+}
+
+#[test]
+fn huge_values_are_refused_with_a_short_message() {
+    let huge = "a".repeat(1 << 20);
+    let text = format!("apiVersion: mesh.io/v1\nkind: ServicePolicy\nmetadata: {{name: {huge}}}\n");
+    let found = errors(&text);
+    assert!(found[0].len() < 400, "message of {} bytes", found[0].len());
+    assert!(
+        found[0].contains("at most 63 characters"),
+        "{}",
+        &found[0][..200]
+    );
+}
+
+#[test]
+fn deep_nesting_is_an_error_not_a_crash() {
+    let depth = 100_000;
+    let text = format!(
+        "{{\"apiVersion\": \"mesh.io/v1\", \"kind\": \"ServicePolicy\", \"metadata\": {{\"name\": \"a\"}}, \"spec\": {}1{}}}",
+        "[".repeat(depth),
+        "]".repeat(depth)
+    );
+    assert_eq!(
+        errors(&text),
+        ["document 1: nested deeper than 64 levels"]
+    );
+    let yaml = format!(
+        "apiVersion: mesh.io/v1\nkind: ServicePolicy\nmetadata: {{name: a}}\nspec: {{x: {}1{}}}\n",
+        "[".repeat(depth),
+        "]".repeat(depth)
+    );
+    assert_eq!(
+        errors(&yaml),
+        ["document 1: nested deeper than 64 levels"]
+    );
+}
+
+#[test]
+fn syntax_errors_name_the_document() {
+    let found = errors("apiVersion: mesh.io/v1\nkind: [unclosed\n");
+    assert!(
+        found[0].starts_with("document 1: not valid YAML or JSON"),
+        "{found:?}"
+    );
+}
+
+#[test]
+fn kinds_parse_as_people_type_them() {
+    for (typed, kind) in [
+        ("svc", Kind::Service),
+        ("services", Kind::Service),
+        ("TrafficSplit", Kind::TrafficSplit),
+        ("trafficsplits", Kind::TrafficSplit),
+        ("servicepolicies", Kind::ServicePolicy),
+        ("authz", Kind::AuthorizationPolicy),
+        ("ns", Kind::Namespace),
+    ] {
+        assert_eq!(Kind::from_cli(typed), Some(kind), "{typed}");
+    }
+    assert_eq!(Kind::from_cli("gateway"), None);
+}

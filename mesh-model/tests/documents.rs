@@ -216,19 +216,13 @@ fn deep_nesting_is_an_error_not_a_crash() {
         "[".repeat(depth),
         "]".repeat(depth)
     );
-    assert_eq!(
-        errors(&text),
-        ["document 1: nested deeper than 64 levels"]
-    );
+    assert_eq!(errors(&text), ["document 1: nested deeper than 64 levels"]);
     let yaml = format!(
         "apiVersion: mesh.io/v1\nkind: ServicePolicy\nmetadata: {{name: a}}\nspec: {{x: {}1{}}}\n",
         "[".repeat(depth),
         "]".repeat(depth)
     );
-    assert_eq!(
-        errors(&yaml),
-        ["document 1: nested deeper than 64 levels"]
-    );
+    assert_eq!(errors(&yaml), ["document 1: nested deeper than 64 levels"]);
 }
 
 #[test]

@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod http;
 mod ip;
 pub mod netns;
+pub mod postgres;
 pub mod process;
 
 pub use cluster::{Cluster, ClusterError, ClusterSpec, PodSpec};

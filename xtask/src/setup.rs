@@ -17,7 +17,7 @@ use anyhow::{Context as _, bail};
 use crate::run::{self, output, step};
 
 /// Debian packages the build and the tests use.
-const APT_PACKAGES: &[&str] = &["iproute2"];
+const APT_PACKAGES: &[&str] = &["iproute2", "postgresql"];
 /// The bpf-linker release the eBPF build is verified with.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

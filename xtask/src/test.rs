@@ -46,12 +46,19 @@ pub fn run() -> anyhow::Result<()> {
             .args(["--", "-D", "warnings"]),
     )?;
 
-    step("unit and component tests");
+    step("starting a private PostgreSQL for the store tests");
+    let postgres = mesh_e2e::postgres::TestPostgres::start().context("starting PostgreSQL")?;
+    println!("    {}", postgres.url());
+
+    step("unit, component and store tests");
     let mut tally = Tally::default();
     run::run_tests(
-        cargo().args(["test", "--workspace", "--exclude", "mesh-e2e"]),
+        cargo()
+            .args(["test", "--workspace", "--exclude", "mesh-e2e"])
+            .env("MESH_TEST_POSTGRES_URL", postgres.url()),
         &mut tally,
     )?;
+    drop(postgres);
     run::run_tests(
         cargo().args(["test", "-p", "mesh-e2e", "--lib", "--bins"]),
         &mut tally,

@@ -1,0 +1,539 @@
+//! The desired state in SQL, behind one interface with two backends:
+//! SQLite (a file, the embedded default) and PostgreSQL (production, several
+//! control-plane replicas). Both run the same queries through sqlx's `Any`
+//! driver; their schemas are twins (see `migrations/`), PostgreSQL with its
+//! native types.
+//!
+//! Every change runs in one transaction that bumps the global revision, so
+//! a multi-document apply lands whole or not at all, and the configuration
+//! push can key off the revision.
+
+mod backend;
+mod endpoints;
+mod kinds;
+mod rows;
+
+use std::{collections::BTreeSet, net::IpAddr, time::Duration};
+
+use mesh_model::{
+    Kind, Resource,
+    split::{SplitRule, TrafficSplitSpec, Version},
+};
+use serde::Serialize;
+use sqlx::{
+    AnyConnection, AnyPool, Executor as _, Row as _,
+    any::{AnyPoolOptions, install_default_drivers},
+};
+
+pub use backend::Backend;
+pub use endpoints::Endpoint;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://...")]
+    UnsupportedUrl(String),
+    #[error("connecting to the {backend} database at {url}")]
+    Connect {
+        backend: &'static str,
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("migrating the {backend} schema")]
+    Migrate {
+        backend: &'static str,
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{reference}: {message}")]
+    Conflict { reference: String, message: String },
+    #[error("{reference}: the stored row cannot be read back: {message}")]
+    Corrupt { reference: String, message: String },
+}
+
+/// What an apply did to one resource.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Applied {
+    Created,
+    Configured,
+    Unchanged,
+}
+
+/// The outcome of an apply.
+#[derive(Clone, Debug, Serialize)]
+pub struct ApplyOutcome {
+    /// The revision after the apply (unchanged when nothing changed).
+    pub revision: i64,
+    /// Each resource's reference and what happened to it, in input order.
+    pub results: Vec<(String, Applied)>,
+}
+
+/// A change recorded at a revision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Change {
+    pub revision: i64,
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub op: String,
+}
+
+/// A stored traffic split, as the seed's `compute_traffic_split` reads it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredSplit {
+    pub id: i64,
+    pub namespace: String,
+    pub name: String,
+    pub spec: TrafficSplitSpec,
+    pub updated_at: String,
+}
+
+/// The store.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl Store {
+    /// Connects to `url` (`sqlite://path?mode=rwc` or `postgres://...`) and
+    /// brings the schema up to date.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let store = Self::connect(url).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Connects without migrating.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let backend =
+            Backend::from_url(url).ok_or_else(|| StoreError::UnsupportedUrl(redact(url)))?;
+        install_default_drivers();
+        let pool = AnyPoolOptions::new()
+            .max_connections(match backend {
+                Backend::Sqlite => 4,
+                Backend::Postgres => 16,
+            })
+            .acquire_timeout(Duration::from_secs(30))
+            .after_connect(move |conn, _| Box::pin(async move { prepare(conn, backend).await }))
+            .connect(url)
+            .await
+            .map_err(|source| StoreError::Connect {
+                backend: backend.name(),
+                url: redact(url),
+                source,
+            })?;
+        Ok(Self { pool, backend })
+    }
+
+    /// Applies the schema migrations not yet applied.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let migrator = match self.backend {
+            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite"),
+            Backend::Postgres => sqlx::migrate!("./migrations/postgres"),
+        };
+        migrator
+            .run(&self.pool)
+            .await
+            .map_err(|source| StoreError::Migrate {
+                backend: self.backend.name(),
+                source,
+            })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The current revision.
+    pub async fn revision(&self) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT revision FROM mesh_revision WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("revision")?)
+    }
+
+    /// Creates or updates every resource, in one transaction: all land, or
+    /// none does. Resources identical to what is stored are left alone, and
+    /// when nothing changes the revision does not move. A resource that
+    /// carries `metadata.resource_version` is written only if the stored one
+    /// is still at that revision.
+    pub async fn apply(&self, resources: &[Resource]) -> Result<ApplyOutcome, StoreError> {
+        let backend = self.backend;
+        let mut tx = self.pool.begin_with(backend.begin_write()).await?;
+        // Taken first: the revision row's lock serialises writers, so what
+        // this transaction reads next is not changed under it.
+        let revision = bump_revision(&mut tx).await?;
+        let mut changed = false;
+        let mut results = Vec::with_capacity(resources.len());
+        let mut endpoints_to_refresh = BTreeSet::new();
+        for resource in resources {
+            let reference = resource.reference();
+            let existing = kinds::read(
+                &mut tx,
+                backend,
+                resource.kind(),
+                resource.namespace(),
+                resource.name(),
+            )
+            .await?;
+            check_expected_version(resource, existing.as_ref())?;
+            if existing.as_ref().is_some_and(|e| same(e, resource)) {
+                results.push((reference, Applied::Unchanged));
+                continue;
+            }
+            changed = true;
+            kinds::write(&mut tx, backend, resource, revision).await?;
+            record_change(
+                &mut tx,
+                revision,
+                resource.kind(),
+                resource.namespace(),
+                resource.name(),
+                "upsert",
+            )
+            .await?;
+            endpoints_to_refresh.extend(endpoints::affected(existing.as_ref()));
+            endpoints_to_refresh.extend(endpoints::affected(Some(resource)));
+            let applied = if existing.is_some() {
+                Applied::Configured
+            } else {
+                Applied::Created
+            };
+            results.push((reference, applied));
+        }
+        if !changed {
+            tx.rollback().await?;
+            return Ok(ApplyOutcome {
+                revision: revision - 1,
+                results,
+            });
+        }
+        for resource in resources {
+            check_namespace_exists(&mut tx, backend, resource).await?;
+        }
+        for (namespace, service) in &endpoints_to_refresh {
+            endpoints::refresh(&mut tx, backend, namespace, service, revision).await?;
+        }
+        tx.commit().await?;
+        Ok(ApplyOutcome { revision, results })
+    }
+
+    /// One resource, with `metadata.resource_version` set.
+    pub async fn get(
+        &self,
+        kind: Kind,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<Option<Resource>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        kinds::read(&mut conn, self.backend, kind, namespace, name).await
+    }
+
+    /// Every resource of `kind`, in one namespace or all, sorted by
+    /// namespace then name.
+    pub async fn list(
+        &self,
+        kind: Kind,
+        namespace: Option<&str>,
+    ) -> Result<Vec<Resource>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        kinds::list(&mut conn, self.backend, kind, namespace).await
+    }
+
+    /// Deletes one resource; returns the new revision. A namespace is
+    /// deleted only once it holds nothing.
+    pub async fn delete(
+        &self,
+        kind: Kind,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<i64, StoreError> {
+        let backend = self.backend;
+        let mut tx = self.pool.begin_with(backend.begin_write()).await?;
+        let reference = match namespace {
+            Some(ns) if kind.namespaced() => format!("{kind}/{ns}/{name}"),
+            _ => format!("{kind}/{name}"),
+        };
+        let Some(existing) = kinds::read(&mut tx, backend, kind, namespace, name).await? else {
+            return Err(StoreError::NotFound(reference));
+        };
+        if kind == Kind::Namespace {
+            let held = kinds::count_in_namespace(&mut tx, name).await?;
+            if held > 0 {
+                return Err(StoreError::Conflict {
+                    reference,
+                    message: format!(
+                        "the namespace still holds {held} resources; delete them first"
+                    ),
+                });
+            }
+        }
+        let revision = bump_revision(&mut tx).await?;
+        kinds::remove(&mut tx, kind, existing.namespace(), name).await?;
+        record_change(
+            &mut tx,
+            revision,
+            kind,
+            existing.namespace(),
+            name,
+            "delete",
+        )
+        .await?;
+        for (namespace, service) in endpoints::affected(Some(&existing)) {
+            endpoints::refresh(&mut tx, backend, &namespace, &service, revision).await?;
+        }
+        tx.commit().await?;
+        Ok(revision)
+    }
+
+    /// The endpoints of `service_name` (`name.namespace`), by address and port.
+    pub async fn endpoints(&self, service_name: &str) -> Result<Vec<Endpoint>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        endpoints::list(&mut conn, self.backend, service_name).await
+    }
+
+    /// Marks one endpoint healthy or not; returns the new revision.
+    pub async fn set_endpoint_health(
+        &self,
+        service_name: &str,
+        ip: IpAddr,
+        port: u16,
+        healthy: bool,
+    ) -> Result<i64, StoreError> {
+        let backend = self.backend;
+        let mut tx = self.pool.begin_with(backend.begin_write()).await?;
+        let revision = bump_revision(&mut tx).await?;
+        let found =
+            endpoints::set_health(&mut tx, backend, service_name, ip, port, healthy, revision)
+                .await?;
+        if !found {
+            return Err(StoreError::NotFound(format!(
+                "endpoint {ip}:{port} of {service_name}"
+            )));
+        }
+        let (name, namespace) = service_name.split_once('.').unwrap_or((service_name, ""));
+        record_change(
+            &mut tx,
+            revision,
+            Kind::Service,
+            Some(namespace),
+            name,
+            "upsert",
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(revision)
+    }
+
+    /// The seed's split lookup: the most recently updated split for
+    /// `destination_service` (`name.namespace`). With a `source_service`,
+    /// only splits for every caller or for that caller count.
+    pub async fn latest_split(
+        &self,
+        destination_service: &str,
+        source_service: Option<&str>,
+    ) -> Result<Option<StoredSplit>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        kinds::latest_split(&mut conn, self.backend, destination_service, source_service).await
+    }
+
+    /// The seed's `compute_traffic_split`: the version a request to
+    /// `destination_service` goes to. No split: v1. Otherwise a header match
+    /// sends it to v2, else `roll(total)` (uniform in `1..=total`) decides
+    /// by weight.
+    pub async fn compute_traffic_split<'h>(
+        &self,
+        destination_service: &str,
+        source_service: Option<&str>,
+        header: impl Fn(&str) -> Option<&'h str>,
+        roll: impl FnOnce(u32) -> u32,
+    ) -> Result<Version, StoreError> {
+        let Some(split) = self
+            .latest_split(destination_service, source_service)
+            .await?
+        else {
+            return Ok(Version::V1);
+        };
+        let rule = SplitRule::new(&split.spec).map_err(|e| StoreError::Corrupt {
+            reference: format!("TrafficSplit/{}/{}", split.namespace, split.name),
+            message: format!("header_match: {e}"),
+        })?;
+        let total = rule.total_weight();
+        let roll = if total == 0 { 0 } else { roll(total) };
+        Ok(rule.choose(header, roll))
+    }
+
+    /// Changes recorded after `revision`, oldest first.
+    pub async fn changes_since(&self, revision: i64) -> Result<Vec<Change>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT revision, kind, namespace, name, op FROM resource_changes \
+             WHERE revision > $1 ORDER BY revision, kind, namespace, name",
+        )
+        .bind(revision)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Change {
+                    revision: row.try_get("revision")?,
+                    kind: row.try_get("kind")?,
+                    namespace: row.try_get("namespace")?,
+                    name: row.try_get("name")?,
+                    op: row.try_get("op")?,
+                })
+            })
+            .collect()
+    }
+
+    /// A connection of its own to the store's database, for maintenance and
+    /// for tests that look below the API.
+    pub async fn raw_connection(&self) -> Result<AnyConnection, StoreError> {
+        Ok(self.pool.acquire().await?.detach())
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+async fn prepare(conn: &mut AnyConnection, backend: Backend) -> Result<(), sqlx::Error> {
+    match backend {
+        Backend::Sqlite => {
+            conn.execute(
+                "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 30000; \
+                 PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;",
+            )
+            .await?;
+        }
+        Backend::Postgres => {
+            conn.execute("SET TIME ZONE 'UTC'").await?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether two resources are the same apart from their stored revision.
+fn same(stored: &Resource, incoming: &Resource) -> bool {
+    let mut a = stored.clone();
+    let mut b = incoming.clone();
+    a.metadata_mut().resource_version = None;
+    b.metadata_mut().resource_version = None;
+    a.metadata_mut().namespace = a.namespace().map(str::to_owned);
+    b.metadata_mut().namespace = b.namespace().map(str::to_owned);
+    a == b
+}
+
+fn check_expected_version(
+    resource: &Resource,
+    existing: Option<&Resource>,
+) -> Result<(), StoreError> {
+    let Some(expected) = resource.metadata().resource_version else {
+        return Ok(());
+    };
+    let conflict = |message: String| StoreError::Conflict {
+        reference: resource.reference(),
+        message,
+    };
+    match existing.and_then(|e| e.metadata().resource_version) {
+        Some(actual) if actual == expected => Ok(()),
+        Some(actual) => Err(conflict(format!(
+            "changed at revision {actual} since revision {expected} that this update is based on; get it again and reapply"
+        ))),
+        None => Err(conflict(format!(
+            "does not exist, but the update expects revision {expected}; remove metadata.resource_version to create it"
+        ))),
+    }
+}
+
+async fn check_namespace_exists(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    resource: &Resource,
+) -> Result<(), StoreError> {
+    let Some(namespace) = resource.namespace() else {
+        return Ok(());
+    };
+    if kinds::read(conn, backend, Kind::Namespace, None, namespace)
+        .await?
+        .is_none()
+    {
+        return Err(StoreError::Conflict {
+            reference: resource.reference(),
+            message: format!(
+                "namespace {namespace} does not exist; create it (kind: Namespace) first or in the same apply"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Moves the global revision on by one and returns it. Being the first
+/// write of a transaction, it also serialises writers: revisions follow
+/// commit order.
+async fn bump_revision(conn: &mut AnyConnection) -> Result<i64, StoreError> {
+    let row = sqlx::query(
+        "UPDATE mesh_revision SET revision = revision + 1 WHERE id = 1 RETURNING revision",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(row.try_get("revision")?)
+}
+
+async fn record_change(
+    conn: &mut AnyConnection,
+    revision: i64,
+    kind: Kind,
+    namespace: Option<&str>,
+    name: &str,
+    op: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO resource_changes (revision, kind, namespace, name, op) VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (revision, kind, namespace, name) DO UPDATE SET op = excluded.op",
+    )
+    .bind(revision)
+    .bind(kind.as_str())
+    .bind(namespace.unwrap_or(""))
+    .bind(name)
+    .bind(op)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_password() {
+        assert_eq!(
+            redact("postgres://mesh:s3cret@db:5432/mesh"),
+            "postgres://mesh:***@db:5432/mesh"
+        );
+        assert_eq!(redact("postgres://mesh@db/mesh"), "postgres://mesh@db/mesh");
+        assert_eq!(redact("sqlite://mesh.db"), "sqlite://mesh.db");
+    }
+}

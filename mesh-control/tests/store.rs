@@ -1,0 +1,618 @@
+//! Store conformance: one suite, run unchanged against SQLite and a real
+//! PostgreSQL. `cargo xtask test` starts the PostgreSQL server and sets
+//! MESH_TEST_POSTGRES_URL; each test gets a database of its own.
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use mesh_control::store::{Applied, Backend, Store, StoreError};
+use mesh_model::{Kind, Resource, parse_documents, split::Version};
+use sqlx::{Connection as _, Executor as _, Row as _};
+
+static DATABASES: AtomicUsize = AtomicUsize::new(0);
+
+/// A store on a fresh database of `backend`; the guard keeps it alive.
+async fn store(backend: Backend) -> (Store, Option<tempfile::TempDir>) {
+    match backend {
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().unwrap();
+            let url = format!("sqlite://{}?mode=rwc", dir.path().join("mesh.db").display());
+            (Store::open(&url).await.unwrap(), Some(dir))
+        }
+        Backend::Postgres => {
+            let base = std::env::var("MESH_TEST_POSTGRES_URL").expect(
+                "MESH_TEST_POSTGRES_URL is not set: run `cargo xtask test`, which starts PostgreSQL",
+            );
+            let db = format!(
+                "store_{}_{}",
+                std::process::id(),
+                DATABASES.fetch_add(1, Ordering::SeqCst)
+            );
+            sqlx::any::install_default_drivers();
+            let mut admin = sqlx::AnyConnection::connect(&base).await.unwrap();
+            admin
+                .execute(format!("CREATE DATABASE {db}").as_str())
+                .await
+                .unwrap();
+            admin.close().await.unwrap();
+            let url = format!("{}/{db}", base.rsplit_once('/').unwrap().0);
+            (Store::open(&url).await.unwrap(), None)
+        }
+    }
+}
+
+/// Runs each named test against both backends.
+macro_rules! conformance {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $test() {
+                let (store, _dir) = super::store(super::Backend::Sqlite).await;
+                super::$test(store).await;
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $test() {
+                let (store, _dir) = super::store(super::Backend::Postgres).await;
+                super::$test(store).await;
+            })*
+        }
+    };
+}
+
+conformance!(
+    every_kind_round_trips,
+    schema_defaults_are_the_seeds,
+    apply_bumps_the_revision_once_and_skips_unchanged,
+    multi_document_apply_is_all_or_nothing,
+    resource_version_guards_updates,
+    concurrent_writers_each_get_their_own_revision,
+    seed_apply_policy_upserts,
+    latest_split_follows_the_seed,
+    endpoints_follow_workloads_and_keep_health,
+    hostile_values_are_stored_verbatim,
+    namespaces_holding_resources_are_not_deleted,
+    deletes_are_recorded_and_not_found_is_an_error,
+);
+
+fn parse(text: &str) -> Vec<Resource> {
+    parse_documents(text).unwrap_or_else(|e| panic!("{e:?}"))
+}
+
+fn parse_one(text: &str) -> Vec<Resource> {
+    let resources = parse(text);
+    assert_eq!(resources.len(), 1);
+    resources
+}
+
+const SHOP: &str = r#"
+apiVersion: mesh.io/v1
+kind: Namespace
+metadata: {name: shop, labels: {mesh.io/capture: enabled}}
+---
+apiVersion: mesh.io/v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec:
+  ports: [{name: http, port: 9080, protocol: http}, {name: admin, port: 9090, target_port: 19090}]
+  load_balancer: consistent_hash
+  hash_header: x-user
+---
+apiVersion: mesh.io/v1
+kind: Workload
+metadata: {name: reviews-v1, namespace: shop, labels: {app: reviews}}
+spec: {node: node0, ip: 10.89.0.2, services: [reviews], version: v1, service_account: reviews}
+---
+apiVersion: mesh.io/v1
+kind: Workload
+metadata: {name: reviews-v2, namespace: shop}
+spec: {node: node1, ip: "fd00:89:1::2", services: [reviews], version: v2, service_account: reviews}
+---
+apiVersion: mesh.io/v1
+kind: ServicePolicy
+metadata: {name: reviews, namespace: shop}
+spec: {timeout_ms: 250}
+---
+apiVersion: mesh.io/v1
+kind: TrafficSplit
+metadata: {name: reviews-canary, namespace: shop}
+spec:
+  destination: reviews
+  source: frontend
+  v1_weight: 95
+  v2_weight: 5
+  header_match: {x-canary: "true", x-user: {prefix: "qa-"}}
+---
+apiVersion: mesh.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reviews-from-frontend, namespace: shop}
+spec:
+  target: reviews
+  action: deny
+  rules:
+  - from: [{principals: ["spiffe://cluster.local/ns/shop/sa/frontend"], namespaces: [shop]}]
+    to: [{ports: [9080], methods: [GET, POST], paths: ["/reviews/*"]}]
+"#;
+
+fn without_version(mut resource: Resource) -> Resource {
+    resource.metadata_mut().resource_version = None;
+    let namespace = resource.namespace().map(str::to_owned);
+    resource.metadata_mut().namespace = namespace;
+    resource
+}
+
+/// A plain connection to the store's database, for checks below the API.
+async fn raw(store: &Store) -> sqlx::AnyConnection {
+    store.raw_connection().await.unwrap()
+}
+
+async fn every_kind_round_trips(store: Store) {
+    let resources = parse(SHOP);
+    let outcome = store.apply(&resources).await.unwrap();
+    assert_eq!(outcome.revision, 1);
+    assert!(
+        outcome.results.iter().all(|(_, a)| *a == Applied::Created),
+        "{outcome:?}"
+    );
+    for resource in &resources {
+        let stored = store
+            .get(resource.kind(), resource.namespace(), resource.name())
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{} is missing", resource.reference()));
+        assert_eq!(stored.metadata().resource_version, Some(1));
+        assert_eq!(without_version(stored), without_version(resource.clone()));
+    }
+    let workloads = store.list(Kind::Workload, Some("shop")).await.unwrap();
+    let names: Vec<&str> = workloads.iter().map(Resource::name).collect();
+    assert_eq!(names, ["reviews-v1", "reviews-v2"]);
+    assert!(
+        store
+            .list(Kind::Workload, Some("other"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.list(Kind::Namespace, None).await.unwrap().len(), 1);
+}
+
+async fn schema_defaults_are_the_seeds(store: Store) {
+    store.apply(&parse(SHOP)[..1]).await.unwrap();
+    // Straight into the seed's tables, relying on the columns' defaults.
+    let mut conn = raw(&store).await;
+    conn.execute(
+        "INSERT INTO ServicePolicy (service_name, namespace, name) VALUES ('ratings.shop', 'shop', 'ratings')",
+    )
+    .await
+    .unwrap();
+    conn.execute(
+        "INSERT INTO TrafficSplit (destination_service, namespace, name) VALUES ('ratings.shop', 'shop', 'ratings')",
+    )
+    .await
+    .unwrap();
+    let policy = store
+        .get(Kind::ServicePolicy, Some("shop"), "ratings")
+        .await
+        .unwrap()
+        .unwrap();
+    let Resource::ServicePolicy(policy) = policy else {
+        panic!("not a policy")
+    };
+    let spec = &policy.spec;
+    assert_eq!(
+        (
+            spec.retry_attempts,
+            spec.timeout_ms,
+            spec.cb_threshold,
+            spec.cb_window_sec
+        ),
+        (3, 5000, 50, 30)
+    );
+    let split = store
+        .latest_split("ratings.shop", None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            split.spec.v1_weight,
+            split.spec.v2_weight,
+            split.spec.source
+        ),
+        (100, 0, None)
+    );
+    // The constraints mirror validation: a row the API would refuse cannot
+    // be written behind its back either.
+    let bad = conn
+        .execute("INSERT INTO ServicePolicy (service_name, namespace, name, cb_threshold) VALUES ('x.shop', 'shop', 'x', 0)")
+        .await;
+    assert!(bad.is_err(), "cb_threshold 0 was accepted");
+    let bad = conn
+        .execute("INSERT INTO TrafficSplit (destination_service, namespace, name, v1_weight, v2_weight) VALUES ('x.shop', 'shop', 'y', 0, 0)")
+        .await;
+    assert!(bad.is_err(), "weights 0/0 were accepted");
+}
+
+async fn apply_bumps_the_revision_once_and_skips_unchanged(store: Store) {
+    assert_eq!(store.revision().await.unwrap(), 0);
+    let resources = parse(SHOP);
+    assert_eq!(store.apply(&resources).await.unwrap().revision, 1);
+    let again = store.apply(&resources).await.unwrap();
+    assert_eq!(again.revision, 1);
+    assert!(again.results.iter().all(|(_, a)| *a == Applied::Unchanged));
+    assert_eq!(store.revision().await.unwrap(), 1);
+
+    let changed = parse(&SHOP.replace("timeout_ms: 250", "timeout_ms: 300"));
+    let outcome = store.apply(&changed).await.unwrap();
+    assert_eq!(outcome.revision, 2);
+    let configured: Vec<&str> = outcome
+        .results
+        .iter()
+        .filter(|(_, a)| *a == Applied::Configured)
+        .map(|(r, _)| r.as_str())
+        .collect();
+    assert_eq!(configured, ["ServicePolicy/shop/reviews"]);
+    let changes = store.changes_since(1).await.unwrap();
+    assert_eq!(changes.len(), 1);
+    assert_eq!(
+        (
+            changes[0].revision,
+            changes[0].kind.as_str(),
+            changes[0].op.as_str()
+        ),
+        (2, "ServicePolicy", "upsert")
+    );
+    assert_eq!(store.changes_since(0).await.unwrap().len(), 8);
+}
+
+async fn multi_document_apply_is_all_or_nothing(store: Store) {
+    // The last document names a namespace that does not exist: nothing lands.
+    let mut resources = parse(SHOP);
+    resources.extend(parse_one(
+        "apiVersion: mesh.io/v1\nkind: ServicePolicy\nmetadata: {name: ghost, namespace: nowhere}\n",
+    ));
+    let error = store.apply(&resources).await.unwrap_err();
+    assert!(matches!(error, StoreError::Conflict { .. }), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("namespace nowhere does not exist"),
+        "{error}"
+    );
+    assert_eq!(store.revision().await.unwrap(), 0);
+    for kind in Kind::ALL {
+        assert!(
+            store.list(kind, None).await.unwrap().is_empty(),
+            "{kind} rows survived a failed apply"
+        );
+    }
+    assert!(store.endpoints("reviews.shop").await.unwrap().is_empty());
+    assert!(store.changes_since(0).await.unwrap().is_empty());
+}
+
+async fn resource_version_guards_updates(store: Store) {
+    store.apply(&parse(SHOP)).await.unwrap();
+    let mut stale = store
+        .get(Kind::ServicePolicy, Some("shop"), "reviews")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stale.metadata().resource_version, Some(1));
+    store
+        .apply(&parse(&SHOP.replace("timeout_ms: 250", "timeout_ms: 400")))
+        .await
+        .unwrap();
+    let Resource::ServicePolicy(policy) = &mut stale else {
+        panic!("not a policy")
+    };
+    policy.spec.retry_attempts = 1;
+    let error = store.apply(&[stale.clone()]).await.unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("changed at revision 2 since revision 1"),
+        "{error}"
+    );
+    assert_eq!(store.revision().await.unwrap(), 2);
+    stale.metadata_mut().resource_version = Some(2);
+    assert_eq!(store.apply(&[stale]).await.unwrap().revision, 3);
+}
+
+async fn concurrent_writers_each_get_their_own_revision(store: Store) {
+    store.apply(&parse(SHOP)[..1]).await.unwrap();
+    let writers = 16;
+    let mut tasks = Vec::new();
+    for i in 0..writers {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let text = format!(
+                "apiVersion: mesh.io/v1\nkind: ServicePolicy\nmetadata: {{name: svc-{i}, namespace: shop}}\nspec: {{timeout_ms: {}}}\n",
+                100 + i
+            );
+            store.apply(&parse_one(&text)).await.unwrap().revision
+        }));
+    }
+    let mut revisions = BTreeSet::new();
+    for task in tasks {
+        assert!(
+            revisions.insert(task.await.unwrap()),
+            "two writers got one revision"
+        );
+    }
+    // Revisions 2..=17: one each, none lost, none skipped.
+    assert_eq!(revisions, (2..=1 + writers as i64).collect());
+    assert_eq!(store.revision().await.unwrap(), 1 + writers as i64);
+    assert_eq!(
+        store
+            .list(Kind::ServicePolicy, Some("shop"))
+            .await
+            .unwrap()
+            .len(),
+        writers
+    );
+}
+
+async fn seed_apply_policy_upserts(store: Store) {
+    store.apply(&parse(SHOP)[..1]).await.unwrap();
+    let policy = |retries: i32| {
+        parse_one(&format!(
+            "apiVersion: mesh.io/v1\nkind: ServicePolicy\nmetadata: {{name: ratings, namespace: shop}}\nspec: {{retry_attempts: {retries}}}\n"
+        ))
+    };
+    store.apply(&policy(1)).await.unwrap();
+    store.apply(&policy(5)).await.unwrap();
+    let rows = store.list(Kind::ServicePolicy, None).await.unwrap();
+    assert_eq!(rows.len(), 1, "the upsert made a second row");
+    let Resource::ServicePolicy(p) = &rows[0] else {
+        panic!("not a policy")
+    };
+    assert_eq!(p.spec.retry_attempts, 5);
+    // Fields the document leaves out take the seed's defaults again.
+    assert_eq!(p.spec.timeout_ms, 5000);
+}
+
+async fn latest_split_follows_the_seed(store: Store) {
+    store.apply(&parse(SHOP)[..1]).await.unwrap();
+    let split = |name: &str, extra: &str| {
+        parse_one(&format!(
+            "apiVersion: mesh.io/v1\nkind: TrafficSplit\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{destination: reviews, {extra}}}\n"
+        ))
+    };
+    let none = |_: &str| None;
+    assert_eq!(
+        store
+            .compute_traffic_split("reviews.shop", None, none, |_| 1)
+            .await
+            .unwrap(),
+        Version::V1
+    );
+
+    store
+        .apply(&split("all-callers", "v1_weight: 0, v2_weight: 10"))
+        .await
+        .unwrap();
+    store
+        .apply(&split(
+            "frontend-only",
+            "source: frontend, v1_weight: 10, v2_weight: 0",
+        ))
+        .await
+        .unwrap();
+    // The seed: the most recently updated split for the destination wins.
+    let latest = store
+        .latest_split("reviews.shop", None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(latest.name, "frontend-only");
+    // Scoped to another caller, the frontend's split does not apply.
+    let latest = store
+        .latest_split("reviews.shop", Some("ratings.shop"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(latest.name, "all-callers");
+    let pick = |source: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .compute_traffic_split("reviews.shop", Some(source), none, |total| total)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(pick("ratings.shop").await, Version::V2);
+    assert_eq!(pick("frontend.shop").await, Version::V1);
+
+    // Updating the older split makes it the latest.
+    store
+        .apply(&split("all-callers", "v1_weight: 1, v2_weight: 10"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .latest_split("reviews.shop", None)
+            .await
+            .unwrap()
+            .unwrap()
+            .name,
+        "all-callers"
+    );
+
+    // Header matches take precedence over weights.
+    store
+        .apply(&split(
+            "frontend-only",
+            "source: frontend, v1_weight: 10, v2_weight: 0, header_match: {x-canary: \"true\"}",
+        ))
+        .await
+        .unwrap();
+    let canary = |name: &str| (name == "x-canary").then_some("true");
+    assert_eq!(
+        store
+            .compute_traffic_split("reviews.shop", Some("frontend.shop"), canary, |_| 1)
+            .await
+            .unwrap(),
+        Version::V2
+    );
+}
+
+async fn endpoints_follow_workloads_and_keep_health(store: Store) {
+    store.apply(&parse(SHOP)).await.unwrap();
+    let endpoints = store.endpoints("reviews.shop").await.unwrap();
+    let seen: Vec<(String, u16, Option<&str>, bool)> = endpoints
+        .iter()
+        .map(|e| (e.ip.to_string(), e.port, e.version.as_deref(), e.healthy))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("10.89.0.2".to_owned(), 9080, Some("v1"), true),
+            ("10.89.0.2".to_owned(), 19090, Some("v1"), true),
+            ("fd00:89:1::2".to_owned(), 9080, Some("v2"), true),
+            ("fd00:89:1::2".to_owned(), 19090, Some("v2"), true),
+        ]
+    );
+    let v2: IpAddr = "fd00:89:1::2".parse().unwrap();
+    let revision = store
+        .set_endpoint_health("reviews.shop", v2, 9080, false)
+        .await
+        .unwrap();
+    assert_eq!(revision, 2);
+    assert!(matches!(
+        store
+            .set_endpoint_health("reviews.shop", v2, 1, false)
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    // Relabelling v1's version keeps v2's health; v1 leaving drops its endpoints.
+    store
+        .apply(&parse(&SHOP.replace(
+            "services: [reviews], version: v1,",
+            "services: [reviews], version: v1b,",
+        )))
+        .await
+        .unwrap();
+    let endpoints = store.endpoints("reviews.shop").await.unwrap();
+    assert_eq!(endpoints[0].version.as_deref(), Some("v1b"));
+    assert!(
+        !endpoints[2].healthy,
+        "health was reset by an unrelated change"
+    );
+    store
+        .apply(&parse(&SHOP.replace(
+            "services: [reviews], version: v1,",
+            "services: [], version: v1,",
+        )))
+        .await
+        .unwrap();
+    let left: Vec<IpAddr> = store
+        .endpoints("reviews.shop")
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.ip)
+        .collect();
+    assert_eq!(left, [v2, v2]);
+    store
+        .delete(Kind::Service, Some("shop"), "reviews")
+        .await
+        .unwrap();
+    assert!(store.endpoints("reviews.shop").await.unwrap().is_empty());
+}
+
+async fn hostile_values_are_stored_verbatim(store: Store) {
+    store.apply(&parse(SHOP)[..1]).await.unwrap();
+    let value = "'; DROP TABLE TrafficSplit; -- \u{1F600} \\\" $1 %s ?";
+    let text = format!(
+        "apiVersion: mesh.io/v1\nkind: TrafficSplit\nmetadata: {{name: hostile, namespace: shop}}\nspec:\n  destination: reviews\n  header_match: {{x-evil: {}, x-re: {{regex: {}}}}}\n",
+        serde_json::to_string(value).unwrap(),
+        serde_json::to_string("(a|b)+'\"").unwrap()
+    );
+    let resources = parse_one(&text);
+    store.apply(&resources).await.unwrap();
+    let stored = store
+        .get(Kind::TrafficSplit, Some("shop"), "hostile")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        without_version(stored),
+        without_version(resources[0].clone())
+    );
+    let header = |name: &str| (name == "x-evil").then_some(value);
+    assert_eq!(
+        store
+            .compute_traffic_split("reviews.shop", None, header, |_| 100)
+            .await
+            .unwrap(),
+        Version::V2
+    );
+    // The tables are all still there.
+    for kind in Kind::ALL {
+        store.list(kind, None).await.unwrap();
+    }
+}
+
+async fn namespaces_holding_resources_are_not_deleted(store: Store) {
+    store.apply(&parse(SHOP)).await.unwrap();
+    let error = store
+        .delete(Kind::Namespace, None, "shop")
+        .await
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("still holds 6 resources"),
+        "{error}"
+    );
+    for resource in parse(SHOP).iter().skip(1) {
+        store
+            .delete(resource.kind(), resource.namespace(), resource.name())
+            .await
+            .unwrap();
+    }
+    store.delete(Kind::Namespace, None, "shop").await.unwrap();
+    assert!(store.list(Kind::Namespace, None).await.unwrap().is_empty());
+}
+
+async fn deletes_are_recorded_and_not_found_is_an_error(store: Store) {
+    store.apply(&parse(SHOP)).await.unwrap();
+    let revision = store
+        .delete(Kind::TrafficSplit, Some("shop"), "reviews-canary")
+        .await
+        .unwrap();
+    assert_eq!(revision, 2);
+    assert!(
+        store
+            .get(Kind::TrafficSplit, Some("shop"), "reviews-canary")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let change = store.changes_since(1).await.unwrap();
+    assert_eq!(
+        (change[0].name.as_str(), change[0].op.as_str()),
+        ("reviews-canary", "delete")
+    );
+    let error = store
+        .delete(Kind::TrafficSplit, Some("shop"), "reviews-canary")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, StoreError::NotFound(ref r) if r == "TrafficSplit/shop/reviews-canary"),
+        "{error}"
+    );
+    assert_eq!(store.revision().await.unwrap(), 2);
+    let raw_count = raw(&store)
+        .await
+        .fetch_one("SELECT COUNT(*) AS n FROM TrafficSplit")
+        .await
+        .unwrap()
+        .try_get::<i64, _>("n")
+        .unwrap();
+    assert_eq!(raw_count, 0);
+}

@@ -2,4 +2,5 @@
 //! default, PostgreSQL for production and HA), the resource API and, in the
 //! issues that follow, the certificate authority and the configuration push.
 
+pub mod api;
 pub mod store;

@@ -1,21 +1,193 @@
 //! `mesh-control`: the mesh's control plane.
-//!
-//! The SQL store, the certificate authority and the configuration push land
-//! here in the control-plane issues; today the binary only reports its
-//! version, so deployments and scripts can already refer to it.
 
-use clap::Parser;
+use std::{
+    fs,
+    io::Write as _,
+    net::SocketAddr,
+    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
-/// The mesh's control plane.
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use mesh_control::{
+    api::{self, AppState},
+    store::Store,
+};
+
+/// The mesh's control plane: desired state in SQL, served to meshctl over
+/// the admin API.
+///
+/// With no subcommand it serves, initialising its data directory on first
+/// run. Example:
+///   mesh-control                      # SQLite in ~/.local/share/mesh
+///   mesh-control serve --database-url postgres://mesh@db/mesh
 #[derive(Debug, Parser)]
 #[command(version)]
-struct Args {}
+struct Cli {
+    /// Where the admin token and the embedded database live.
+    #[arg(long, env = "MESH_DATA_DIR", global = true)]
+    data_dir: Option<PathBuf>,
 
-fn main() {
-    let _ = Args::parse();
-    eprintln!(
-        "mesh-control {}: the control plane is not built yet (see docs/ARCHITECTURE.md)",
-        env!("CARGO_PKG_VERSION")
+    /// The store: `sqlite://PATH?mode=rwc` or `postgres://...`. Default: a
+    /// SQLite file in the data directory.
+    #[arg(long, env = "MESH_DATABASE_URL", global = true)]
+    database_url: Option<String>,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the data directory and the admin token meshctl presents.
+    ///
+    /// Example: mesh-control init --data-dir /var/lib/mesh
+    Init,
+    /// Serve the admin API (initialising first if needed).
+    ///
+    /// Example: mesh-control serve --listen 127.0.0.1:15100
+    Serve {
+        /// Address of the admin API. Loopback by default: expose it only
+        /// behind something that terminates TLS.
+        #[arg(long, env = "MESH_LISTEN", default_value = "127.0.0.1:15100")]
+        listen: SocketAddr,
+    },
+    /// Bring the database schema up to date, then exit.
+    ///
+    /// Example: mesh-control migrate --database-url postgres://mesh@db/mesh
+    Migrate,
+}
+
+const TOKEN_FILE: &str = "admin-token";
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let data_dir = match cli.data_dir {
+        Some(dir) => dir,
+        None => default_data_dir()?,
+    };
+    let database_url = cli
+        .database_url
+        .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", data_dir.join("mesh.db").display()));
+    match cli.command {
+        Some(Command::Init) => {
+            init(&data_dir)?;
+            Ok(())
+        }
+        Some(Command::Migrate) => {
+            let store = Store::open(&database_url).await?;
+            println!(
+                "schema up to date ({}), revision {}",
+                store.backend().name(),
+                store.revision().await?
+            );
+            Ok(())
+        }
+        Some(Command::Serve { listen }) => serve(&data_dir, &database_url, listen).await,
+        None => serve(&data_dir, &database_url, "127.0.0.1:15100".parse()?).await,
+    }
+}
+
+/// `$XDG_DATA_HOME/mesh`, else `~/.local/share/mesh`.
+fn default_data_dir() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME") {
+        return Ok(PathBuf::from(dir).join("mesh"));
+    }
+    let home =
+        std::env::var_os("HOME").context("neither --data-dir, XDG_DATA_HOME nor HOME is set")?;
+    Ok(PathBuf::from(home).join(".local/share/mesh"))
+}
+
+/// Creates the data directory (0700) and the admin token (0600). Leaves an
+/// existing token alone. Returns the token.
+fn init(data_dir: &Path) -> anyhow::Result<String> {
+    let token_path = data_dir.join(TOKEN_FILE);
+    if token_path.exists() {
+        println!(
+            "already initialised: the admin token is in {}",
+            token_path.display()
+        );
+        return read_token(&token_path);
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let token = api::generate_token().context("generating the admin token")?;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&token_path)
+        .with_context(|| format!("creating {}", token_path.display()))?;
+    writeln!(file, "{token}")?;
+    println!(
+        "initialised {}\nthe admin token is in {} (meshctl reads it from there, or from MESH_TOKEN)",
+        data_dir.display(),
+        token_path.display()
     );
-    std::process::exit(2);
+    Ok(token)
+}
+
+fn read_token(path: &Path) -> anyhow::Result<String> {
+    let token = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let token = token.trim().to_owned();
+    if token.len() < 32 {
+        bail!(
+            "{} holds no usable token (at least 32 characters); delete it and run `mesh-control init`",
+            path.display()
+        );
+    }
+    Ok(token)
+}
+
+async fn serve(data_dir: &Path, database_url: &str, listen: SocketAddr) -> anyhow::Result<()> {
+    let token = init(data_dir)?;
+    let store = Store::open(database_url).await?;
+    let revision = store.revision().await?;
+    tracing::info!(backend = store.backend().name(), revision, "store ready");
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the admin API to {listen}"))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "admin API listening");
+    // One line on stdout tells a supervisor (the demo, tests) we are ready.
+    println!("ready api=http://{addr}");
+    std::io::stdout().flush()?;
+    let app = api::router(AppState {
+        store: store.clone(),
+        token: Arc::from(token),
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving the admin API")?;
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

@@ -1,0 +1,287 @@
+//! The admin API: Kubernetes-style resources over HTTP for meshctl. Bound
+//! to loopback by default; every `/api` route needs the admin bearer token.
+//!
+//! | route | does |
+//! |---|---|
+//! | `POST /api/v1/apply` | create or update every document of a YAML/JSON body, all or nothing |
+//! | `GET /api/v1/{kind}[?namespace=]` | list (all namespaces unless one is named) |
+//! | `GET /api/v1/{kind}/{name}[?namespace=]` | one resource |
+//! | `DELETE /api/v1/{kind}/{name}[?namespace=]` | delete one resource |
+//! | `GET /api/v1/services/{name}/describe[?namespace=]` | a service with what applies to it |
+//! | `GET /api/v1/revision` | the store's revision |
+//! | `GET /healthz`, `GET /version` | unauthenticated |
+
+mod auth;
+mod error;
+
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{DefaultBodyLimit, Path, Query, State, rejection::BytesRejection},
+    http::{HeaderMap, StatusCode, header},
+    middleware::from_fn_with_state,
+    routing::{get, post},
+};
+use mesh_model::{Document, Kind, Resource, parse_documents, resource::DEFAULT_NAMESPACE};
+use serde::{Deserialize, Serialize};
+
+pub use auth::generate_token;
+pub use error::{ApiError, DisplayChain};
+
+use crate::store::{ApplyOutcome, Endpoint, Store};
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 1 << 20;
+/// Most documents one apply may carry.
+pub const MAX_DOCUMENTS: usize = 1000;
+
+/// What the handlers share.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub store: Store,
+    pub token: Arc<str>,
+}
+
+/// The API's routes.
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/revision", get(revision))
+        .route("/apply", post(apply))
+        .route("/services/{name}/describe", get(describe_service))
+        .route("/{kind}", get(list))
+        .route("/{kind}/{name}", get(get_one).delete(delete))
+        .route_layer(from_fn_with_state(state.clone(), auth::require_token))
+        .layer(DefaultBodyLimit::max(MAX_BODY));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/version", get(version))
+        .nest("/api/v1", api)
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .with_state(state)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Scope {
+    namespace: Option<String>,
+}
+
+async fn version(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "backend": state.store.backend().name(),
+    }))
+}
+
+async fn revision(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(
+        serde_json::json!({ "revision": state.store.revision().await? }),
+    ))
+}
+
+fn kind(name: &str) -> Result<Kind, ApiError> {
+    Kind::from_cli(name).ok_or_else(|| {
+        let known: Vec<String> = Kind::ALL.iter().map(|k| k.plural()).collect();
+        ApiError::NotFound(format!(
+            "unknown kind {name:?}; known: {}",
+            known.join(", ")
+        ))
+    })
+}
+
+/// The namespace a namespaced request addresses.
+fn namespace_of(kind: Kind, scope: &Scope) -> Option<&str> {
+    kind.namespaced()
+        .then(|| scope.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE))
+}
+
+#[derive(Debug, Serialize)]
+struct ApplyResult {
+    resource: String,
+    action: crate::store::Applied,
+}
+
+#[derive(Debug, Serialize)]
+struct ApplyResponse {
+    revision: i64,
+    results: Vec<ApplyResult>,
+}
+
+impl From<ApplyOutcome> for ApplyResponse {
+    fn from(outcome: ApplyOutcome) -> Self {
+        Self {
+            revision: outcome.revision,
+            results: outcome
+                .results
+                .into_iter()
+                .map(|(resource, action)| ApplyResult { resource, action })
+                .collect(),
+        }
+    }
+}
+
+async fn apply(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<ApplyResponse>, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge(MAX_BODY)
+        } else {
+            ApiError::BadRequest(rejection.body_text())
+        }
+    })?;
+    if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
+        let content_type = content_type.to_str().unwrap_or("?");
+        let essence = content_type.split(';').next().unwrap_or("").trim();
+        if !matches!(
+            essence,
+            "application/yaml"
+                | "application/x-yaml"
+                | "text/yaml"
+                | "application/json"
+                | "text/plain"
+        ) {
+            return Err(ApiError::UnsupportedMediaType(content_type.to_owned()));
+        }
+    }
+    let text = std::str::from_utf8(&body)
+        .map_err(|e| ApiError::BadRequest(format!("the body is not UTF-8: {e}")))?;
+    let resources = parse_documents(text).map_err(ApiError::Invalid)?;
+    if resources.is_empty() {
+        return Err(ApiError::BadRequest("the body holds no documents".into()));
+    }
+    if resources.len() > MAX_DOCUMENTS {
+        return Err(ApiError::BadRequest(format!(
+            "at most {MAX_DOCUMENTS} documents per apply (got {})",
+            resources.len()
+        )));
+    }
+    let outcome = state.store.apply(&resources).await?;
+    tracing::info!(
+        revision = outcome.revision,
+        documents = resources.len(),
+        "applied"
+    );
+    Ok(Json(outcome.into()))
+}
+
+#[derive(Debug, Serialize)]
+struct List {
+    items: Vec<Document>,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    Path(kind_name): Path<String>,
+    Query(scope): Query<Scope>,
+) -> Result<Json<List>, ApiError> {
+    let kind = kind(&kind_name)?;
+    let namespace = if kind.namespaced() {
+        scope.namespace.as_deref()
+    } else {
+        None
+    };
+    let items = state.store.list(kind, namespace).await?;
+    Ok(Json(List {
+        items: items.iter().map(Resource::to_document).collect(),
+    }))
+}
+
+async fn get_one(
+    State(state): State<AppState>,
+    Path((kind_name, name)): Path<(String, String)>,
+    Query(scope): Query<Scope>,
+) -> Result<Json<Document>, ApiError> {
+    let kind = kind(&kind_name)?;
+    let namespace = namespace_of(kind, &scope);
+    match state.store.get(kind, namespace, &name).await? {
+        Some(resource) => Ok(Json(resource.to_document())),
+        None => Err(ApiError::NotFound(
+            reference(kind, namespace, &name) + " not found",
+        )),
+    }
+}
+
+async fn delete(
+    State(state): State<AppState>,
+    Path((kind_name, name)): Path<(String, String)>,
+    Query(scope): Query<Scope>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let kind = kind(&kind_name)?;
+    let namespace = namespace_of(kind, &scope);
+    let revision = state.store.delete(kind, namespace, &name).await?;
+    tracing::info!(revision, resource = %reference(kind, namespace, &name), "deleted");
+    Ok(Json(serde_json::json!({ "revision": revision })))
+}
+
+fn reference(kind: Kind, namespace: Option<&str>, name: &str) -> String {
+    match namespace {
+        Some(ns) => format!("{kind}/{ns}/{name}"),
+        None => format!("{kind}/{name}"),
+    }
+}
+
+/// A service and everything that applies to it.
+#[derive(Debug, Serialize)]
+pub struct ServiceDescription {
+    pub service: Document,
+    pub policy: Option<Document>,
+    pub traffic_splits: Vec<Document>,
+    pub authorization_policies: Vec<Document>,
+    pub workloads: Vec<Document>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+async fn describe_service(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(scope): Query<Scope>,
+) -> Result<Json<ServiceDescription>, ApiError> {
+    let namespace = scope.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
+    let store = &state.store;
+    let Some(service) = store.get(Kind::Service, Some(namespace), &name).await? else {
+        return Err(ApiError::NotFound(format!(
+            "Service/{namespace}/{name} not found"
+        )));
+    };
+    let policy = store
+        .get(Kind::ServicePolicy, Some(namespace), &name)
+        .await?;
+    let traffic_splits = store
+        .list(Kind::TrafficSplit, Some(namespace))
+        .await?
+        .into_iter()
+        .filter(|r| matches!(r, Resource::TrafficSplit(s) if s.spec.destination == name))
+        .collect::<Vec<_>>();
+    let authorization_policies = store
+        .list(Kind::AuthorizationPolicy, Some(namespace))
+        .await?
+        .into_iter()
+        .filter(|r| {
+            matches!(r, Resource::AuthorizationPolicy(p)
+                if p.spec.target.as_deref().is_none_or(|t| t == name))
+        })
+        .collect::<Vec<_>>();
+    let workloads = store
+        .list(Kind::Workload, Some(namespace))
+        .await?
+        .into_iter()
+        .filter(|r| matches!(r, Resource::Workload(w) if w.spec.services.contains(&name)))
+        .collect::<Vec<_>>();
+    let endpoints = store.endpoints(&format!("{name}.{namespace}")).await?;
+    Ok(Json(ServiceDescription {
+        service: service.to_document(),
+        policy: policy.as_ref().map(Resource::to_document),
+        traffic_splits: traffic_splits.iter().map(Resource::to_document).collect(),
+        authorization_policies: authorization_policies
+            .iter()
+            .map(Resource::to_document)
+            .collect(),
+        workloads: workloads.iter().map(Resource::to_document).collect(),
+        endpoints,
+    }))
+}

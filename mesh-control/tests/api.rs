@@ -1,0 +1,250 @@
+//! The admin API over real HTTP on loopback, against a SQLite store.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use mesh_control::{
+    api::{self, AppState, MAX_BODY},
+    store::Store,
+};
+use reqwest::{Client, StatusCode};
+use serde_json::Value;
+
+const TOKEN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+struct Server {
+    addr: SocketAddr,
+    http: Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("mesh.db").display());
+        let store = Store::open(&url).await.unwrap();
+        let app = api::router(AppState {
+            store,
+            token: Arc::from(TOKEN),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self {
+            addr,
+            http: Client::new(),
+            _dir: dir,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    async fn apply(&self, body: impl Into<String>) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .post(self.url("/api/v1/apply"))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/yaml")
+            .body(body.into())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap())
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap())
+    }
+
+    async fn revision(&self) -> i64 {
+        self.get("/api/v1/revision").await.1["revision"]
+            .as_i64()
+            .unwrap()
+    }
+}
+
+const SHOP: &str = "apiVersion: mesh.io/v1\nkind: Namespace\nmetadata: {name: shop}\n---\n\
+apiVersion: mesh.io/v1\nkind: Service\nmetadata: {name: reviews, namespace: shop}\nspec: {ports: [{port: 9080, protocol: http}]}\n---\n\
+apiVersion: mesh.io/v1\nkind: Workload\nmetadata: {name: reviews-v1, namespace: shop}\nspec: {node: node0, ip: 10.89.0.2, services: [reviews]}\n---\n\
+apiVersion: mesh.io/v1\nkind: TrafficSplit\nmetadata: {name: reviews-canary, namespace: shop}\nspec: {destination: reviews, v1_weight: 95, v2_weight: 5}\n";
+
+#[tokio::test]
+async fn unauthenticated_requests_are_refused() {
+    let server = Server::start().await;
+    for token in [None, Some("wrong"), Some(&TOKEN[1..])] {
+        let mut request = server.http.post(server.url("/api/v1/apply")).body(SHOP);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(response.headers()["www-authenticate"], "Bearer");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"], "unauthorized");
+        let read = server
+            .http
+            .get(server.url("/api/v1/services"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(read.status(), StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(server.revision().await, 0);
+    // Health and version stay open, for probes.
+    let health = server
+        .http
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn invalid_documents_are_refused_with_every_problem_and_change_nothing() {
+    let server = Server::start().await;
+    let bad = format!(
+        "{SHOP}---\napiVersion: mesh.io/v1\nkind: TrafficSplit\nmetadata: {{name: reviews}}\nspec: {{destination: reviews, v2_weight: -5}}\n---\n\
+         apiVersion: mesh.io/v1\nkind: Service\nmetadata: {{name: x}}\nspec: {{ports: [{{port: 80}}], load_balancer: random}}\n"
+    );
+    let (status, body) = server.apply(bad).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"], "invalid");
+    let problems = body["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 2);
+    assert_eq!(problems[0]["resource"], "TrafficSplit/reviews");
+    assert_eq!(problems[0]["errors"][0]["field"], "spec.v2_weight");
+    assert_eq!(problems[0]["errors"][0]["message"], "must be >= 0 (got -5)");
+    assert_eq!(problems[1]["errors"][0]["field"], "spec.load_balancer");
+    assert_eq!(server.revision().await, 0);
+    assert_eq!(
+        server.get("/api/v1/services?namespace=shop").await.1["items"],
+        Value::Array(vec![])
+    );
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_get_413_and_odd_bodies_400_or_415() {
+    let server = Server::start().await;
+    let (status, body) = server.apply("#".repeat(MAX_BODY + 1)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(body["error"], "too_large");
+
+    let response = server
+        .http
+        .post(server.url("/api/v1/apply"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/yaml")
+        .body(vec![0xff, 0xfe, 0x00])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+
+    let response = server
+        .http
+        .post(server.url("/api/v1/apply"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "text/html")
+        .body(SHOP)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+
+    let (status, _) = server.apply("").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(server.revision().await, 0);
+}
+
+#[tokio::test]
+async fn resources_are_created_read_listed_described_and_deleted() {
+    let server = Server::start().await;
+    let (status, body) = server.apply(SHOP).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["revision"], 1);
+    assert_eq!(
+        body["results"][3]["resource"],
+        "TrafficSplit/shop/reviews-canary"
+    );
+    assert_eq!(body["results"][3]["action"], "created");
+
+    let (status, split) = server.get("/api/v1/ts/reviews-canary?namespace=shop").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(split["spec"]["v2_weight"], 5);
+    assert_eq!(split["metadata"]["resource_version"], 1);
+
+    let (_, list) = server.get("/api/v1/workloads").await;
+    assert_eq!(list["items"][0]["metadata"]["name"], "reviews-v1");
+
+    let (status, described) = server
+        .get("/api/v1/services/reviews/describe?namespace=shop")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        described["traffic_splits"][0]["metadata"]["name"],
+        "reviews-canary"
+    );
+    assert_eq!(described["endpoints"][0]["ip"], "10.89.0.2");
+    assert!(described["policy"].is_null());
+
+    let (status, missing) = server
+        .get("/api/v1/trafficsplits/nope?namespace=shop")
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(missing["message"], "TrafficSplit/shop/nope not found");
+    let (status, _) = server.get("/api/v1/gateways").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let delete = |path: &str| {
+        server
+            .http
+            .delete(server.url(path))
+            .bearer_auth(TOKEN)
+            .send()
+    };
+    let response = delete("/api/v1/trafficsplits/reviews-canary?namespace=shop")
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let response = delete("/api/v1/trafficsplits/reviews-canary?namespace=shop")
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let response = delete("/api/v1/namespaces/shop").await.unwrap();
+    assert_eq!(response.status(), StatusCode::CONFLICT);
+    assert_eq!(server.revision().await, 2);
+}
+
+#[tokio::test]
+async fn stale_updates_conflict() {
+    let server = Server::start().await;
+    server.apply(SHOP).await;
+    server
+        .apply(SHOP.replace("v2_weight: 5", "v2_weight: 10"))
+        .await;
+    let stale = SHOP.replace(
+        "metadata: {name: reviews-canary, namespace: shop}",
+        "metadata: {name: reviews-canary, namespace: shop, resource_version: 1}",
+    );
+    let (status, body) = server.apply(stale).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("changed at revision 2"),
+        "{body}"
+    );
+    assert_eq!(server.revision().await, 2);
+}

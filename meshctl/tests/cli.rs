@@ -1,0 +1,254 @@
+//! meshctl end to end: the real binary against a real control plane (the
+//! admin API on loopback, SQLite store).
+
+use std::{io::Write as _, net::SocketAddr, process::Command, sync::Arc};
+
+use mesh_control::{
+    api::{self, AppState},
+    store::Store,
+};
+
+const TOKEN: &str = "fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210";
+
+/// A control plane on its own runtime thread, for as long as the test runs.
+struct ControlPlane {
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl ControlPlane {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("mesh.db").display());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let store = Store::open(&url).await.unwrap();
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                tx.send(listener.local_addr().unwrap()).unwrap();
+                let app = api::router(AppState {
+                    store,
+                    token: Arc::from(TOKEN),
+                });
+                axum::serve(listener, app).await.unwrap();
+            });
+        });
+        Self {
+            addr: rx.recv().unwrap(),
+            _dir: dir,
+        }
+    }
+
+    fn meshctl(&self, args: &[&str]) -> Output {
+        self.meshctl_with_token(Some(TOKEN), args)
+    }
+
+    fn meshctl_with_token(&self, token: Option<&str>, args: &[&str]) -> Output {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_meshctl"));
+        command
+            .args(["--server", &format!("http://{}", self.addr)])
+            .args(args)
+            .env_remove("MESH_TOKEN")
+            .env("MESH_DATA_DIR", self._dir.path());
+        if let Some(token) = token {
+            command.env("MESH_TOKEN", token);
+        }
+        let output = command.output().unwrap();
+        Output {
+            ok: output.status.success(),
+            stdout: String::from_utf8(output.stdout).unwrap(),
+            stderr: String::from_utf8(output.stderr).unwrap(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Output {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+fn file(text: &str) -> tempfile::NamedTempFile {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(text.as_bytes()).unwrap();
+    file
+}
+
+const SHOP: &str = "apiVersion: mesh.io/v1\nkind: Namespace\nmetadata: {name: shop, labels: {mesh.io/capture: enabled}}\n---\n\
+apiVersion: mesh.io/v1\nkind: Service\nmetadata: {name: reviews, namespace: shop}\nspec: {ports: [{port: 9080, protocol: http}]}\n---\n\
+apiVersion: mesh.io/v1\nkind: Workload\nmetadata: {name: reviews-v2, namespace: shop}\nspec: {node: node1, ip: 10.89.1.2, services: [reviews], version: v2}\n---\n\
+apiVersion: mesh.io/v1\nkind: TrafficSplit\nmetadata: {name: reviews-canary, namespace: shop}\nspec: {destination: reviews, v1_weight: 95, v2_weight: 5, header_match: {x-canary: \"true\"}}\n";
+
+#[test]
+fn apply_get_describe_delete() {
+    let cp = ControlPlane::start();
+    let shop = file(SHOP);
+    let out = cp.meshctl(&["apply", "-f", shop.path().to_str().unwrap()]);
+    assert!(out.ok, "{out:?}");
+    assert!(
+        out.stdout
+            .contains("trafficsplit/shop/reviews-canary created\n"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.ends_with("revision 1\n"), "{}", out.stdout);
+    let again = cp.meshctl(&["apply", "-f", shop.path().to_str().unwrap()]);
+    assert!(
+        again
+            .stdout
+            .contains("trafficsplit/shop/reviews-canary unchanged\n"),
+        "{}",
+        again.stdout
+    );
+
+    let out = cp.meshctl(&["get", "ts", "-n", "shop"]);
+    assert!(out.ok, "{out:?}");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert!(lines[0].starts_with("NAMESPACE   NAME"), "{}", out.stdout);
+    assert!(
+        lines[1].contains("reviews-canary")
+            && lines[1].contains("95/5")
+            && lines[1].contains("x-canary=true"),
+        "{}",
+        out.stdout
+    );
+
+    let out = cp.meshctl(&[
+        "get",
+        "trafficsplit",
+        "reviews-canary",
+        "-n",
+        "shop",
+        "-o",
+        "json",
+    ]);
+    let json: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(json["spec"]["v1_weight"], 95);
+    let out = cp.meshctl(&["get", "workloads", "-A", "-o", "yaml"]);
+    assert!(out.stdout.contains("ip: 10.89.1.2"), "{}", out.stdout);
+
+    let out = cp.meshctl(&["describe", "service", "reviews", "-n", "shop"]);
+    assert!(out.ok, "{out:?}");
+    assert!(
+        out.stdout.contains("Service:        reviews.shop"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains(
+            "reviews-canary: v1 95 / v2 5, from every caller, header match x-canary=true"
+        ),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("(defaults, no ServicePolicy)"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("10.89.1.2:9080"), "{}", out.stdout);
+
+    let out = cp.meshctl(&["delete", "ts", "reviews-canary", "-n", "shop"]);
+    assert!(
+        out.ok
+            && out
+                .stdout
+                .contains("trafficsplit/shop/reviews-canary deleted (revision 2)"),
+        "{out:?}"
+    );
+    let out = cp.meshctl(&["get", "ts", "reviews-canary", "-n", "shop"]);
+    assert!(!out.ok);
+    assert!(
+        out.stderr
+            .contains("TrafficSplit/shop/reviews-canary not found"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn an_invalid_file_is_refused_with_the_field_and_changes_nothing() {
+    let cp = ControlPlane::start();
+    let bad = file(&format!(
+        "{SHOP}---\napiVersion: mesh.io/v1\nkind: TrafficSplit\nmetadata: {{name: reviews}}\nspec: {{destination: reviews, v2_weight: -5}}\n"
+    ));
+    let out = cp.meshctl(&["apply", "-f", bad.path().to_str().unwrap()]);
+    assert!(!out.ok, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("TrafficSplit/reviews: spec.v2_weight: must be >= 0 (got -5)"),
+        "{}",
+        out.stderr
+    );
+    // All or nothing: the valid documents before it did not land either.
+    let out = cp.meshctl(&["get", "namespaces", "-o", "json"]);
+    let json: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(json["items"], serde_json::json!([]));
+}
+
+#[test]
+fn missing_or_wrong_tokens_say_what_to_do() {
+    let cp = ControlPlane::start();
+    let out = cp.meshctl_with_token(Some("nope"), &["get", "services"]);
+    assert!(!out.ok);
+    assert!(
+        out.stderr.contains("missing or wrong bearer token"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("hint: set MESH_TOKEN"),
+        "{}",
+        out.stderr
+    );
+
+    let out = cp.meshctl(&["get", "gateways"]);
+    assert!(!out.ok);
+    assert!(
+        out.stderr.contains("unknown kind \"gateways\""),
+        "{}",
+        out.stderr
+    );
+
+    let down = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .args([
+            "--server",
+            "http://127.0.0.1:9",
+            "--token",
+            TOKEN,
+            "get",
+            "services",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&down.stderr).contains("is mesh-control running?"));
+}
+
+#[test]
+fn every_command_has_an_example_in_its_help() {
+    for command in [
+        vec![],
+        vec!["apply"],
+        vec!["get"],
+        vec!["delete"],
+        vec!["describe"],
+        vec!["version"],
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+            .args(&command)
+            .arg("--help")
+            .output()
+            .unwrap();
+        let help = String::from_utf8(output.stdout).unwrap();
+        assert!(
+            help.contains("Example"),
+            "meshctl {command:?} --help has no example:\n{help}"
+        );
+    }
+}

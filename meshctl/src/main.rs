@@ -3,6 +3,7 @@
 //! token file `mesh-control init` wrote.
 
 mod client;
+mod config;
 mod output;
 
 use std::{io::Read as _, path::PathBuf, process::ExitCode};
@@ -13,6 +14,9 @@ use mesh_model::{Document, Kind, Resource, parse_documents, resource::DEFAULT_NA
 
 use crate::{client::Client, output::Format};
 
+/// Where mesh-control listens by default.
+const DEFAULT_SERVER: &str = "http://127.0.0.1:15100";
+
 /// Operate the mesh.
 ///
 /// Examples:
@@ -22,14 +26,14 @@ use crate::{client::Client, output::Format};
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
-    /// The control plane's admin API.
-    #[arg(
-        long,
-        env = "MESH_SERVER",
-        default_value = "http://127.0.0.1:15100",
-        global = true
-    )]
-    server: String,
+    /// The control plane's admin API [default: the config file's `server`,
+    /// else http://127.0.0.1:15100].
+    #[arg(long, env = "MESH_SERVER", global = true)]
+    server: Option<String>,
+    /// meshctl's config file (YAML: `server`, `token_file`) [default:
+    /// ~/.config/mesh/meshctl.yaml if present].
+    #[arg(long, env = "MESHCTL_CONFIG", global = true)]
+    config: Option<PathBuf>,
     /// The admin token (default: read from --token-file).
     #[arg(long, env = "MESH_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
@@ -108,16 +112,24 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let client = || Client::new(&cli.server, cli.token.clone(), cli.token_file.clone());
+    let config = config::load(cli.config.as_deref())?;
+    let server = cli
+        .server
+        .clone()
+        .or(config.server)
+        .unwrap_or_else(|| DEFAULT_SERVER.to_owned());
+    let token_file = cli.token_file.clone().or(config.token_file);
+    let client = || Client::new(&server, cli.token.clone(), token_file.clone());
     match cli.command {
         Command::Version => {
             println!("meshctl {}", env!("CARGO_PKG_VERSION"));
+            let server_url = &server;
             match client()?.get_json("/version", &[]) {
                 Ok(server) => println!(
                     "mesh-control {} ({} store) at {}",
                     server["version"].as_str().unwrap_or("?"),
                     server["backend"].as_str().unwrap_or("?"),
-                    cli.server
+                    server_url
                 ),
                 Err(error) => println!("mesh-control: unreachable ({error:#})"),
             }

@@ -252,3 +252,41 @@ fn every_command_has_an_example_in_its_help() {
         );
     }
 }
+
+#[test]
+fn the_config_file_names_the_server_and_token_file() {
+    let cp = ControlPlane::start();
+    let token = file(TOKEN);
+    let config = file(&format!(
+        "server: http://{}\ntoken_file: {}\n",
+        cp.addr,
+        token.path().display()
+    ));
+    let output = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .args([
+            "--config",
+            config.path().to_str().unwrap(),
+            "get",
+            "namespaces",
+        ])
+        .env_remove("MESH_TOKEN")
+        .env_remove("MESH_SERVER")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(stdout, "No resources found.\n");
+
+    let bad = file("server: [oops\n");
+    let output = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .args([
+            "--config",
+            bad.path().to_str().unwrap(),
+            "get",
+            "namespaces",
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("parsing the config file"));
+}

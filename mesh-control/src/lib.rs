@@ -3,4 +3,5 @@
 //! issues that follow, the certificate authority and the configuration push.
 
 pub mod api;
+pub mod ca;
 pub mod store;

@@ -13,6 +13,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use mesh_control::{
     api::{self, AppState},
+    ca::{self, CaFiles},
     store::Store,
 };
 
@@ -34,6 +35,11 @@ struct Cli {
     /// SQLite file in the data directory.
     #[arg(long, env = "MESH_DATABASE_URL", global = true)]
     database_url: Option<String>,
+
+    /// The trust domain of the CA `init` creates (workload identities are
+    /// spiffe://<trust-domain>/ns/<ns>/sa/<sa>).
+    #[arg(long, env = "MESH_TRUST_DOMAIN", global = true, default_value = ca::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
 
     #[command(subcommand)]
     command: Option<Command>,
@@ -80,7 +86,7 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", data_dir.join("mesh.db").display()));
     match cli.command {
         Some(Command::Init) => {
-            init(&data_dir)?;
+            init(&data_dir, &cli.trust_domain)?;
             Ok(())
         }
         Some(Command::Migrate) => {
@@ -92,8 +98,18 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Some(Command::Serve { listen }) => serve(&data_dir, &database_url, listen).await,
-        None => serve(&data_dir, &database_url, "127.0.0.1:15100".parse()?).await,
+        Some(Command::Serve { listen }) => {
+            serve(&data_dir, &cli.trust_domain, &database_url, listen).await
+        }
+        None => {
+            serve(
+                &data_dir,
+                &cli.trust_domain,
+                &database_url,
+                "127.0.0.1:15100".parse()?,
+            )
+            .await
+        }
     }
 }
 
@@ -107,11 +123,20 @@ fn default_data_dir() -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(home).join(".local/share/mesh"))
 }
 
-/// Creates the data directory (0700) and the admin token (0600). Leaves an
-/// existing token alone. Returns the token.
-fn init(data_dir: &Path) -> anyhow::Result<String> {
+/// Creates the data directory (0700), the admin token (0600) and the CA
+/// (root and key-encryption key, secrets 0600). Leaves what exists alone.
+/// Returns the token.
+fn init(data_dir: &Path, trust_domain: &str) -> anyhow::Result<String> {
     let token_path = data_dir.join(TOKEN_FILE);
+    let ca_files = CaFiles::in_data_dir(data_dir);
     if token_path.exists() {
+        if !ca_files.exists() {
+            ca_files.create(trust_domain).context("creating the CA")?;
+            println!(
+                "created the mesh CA for trust domain {trust_domain} in {}/ca",
+                data_dir.display()
+            );
+        }
         println!(
             "already initialised: the admin token is in {}",
             token_path.display()
@@ -131,6 +156,13 @@ fn init(data_dir: &Path) -> anyhow::Result<String> {
         .open(&token_path)
         .with_context(|| format!("creating {}", token_path.display()))?;
     writeln!(file, "{token}")?;
+    if !ca_files.exists() {
+        ca_files.create(trust_domain).context("creating the CA")?;
+    }
+    println!(
+        "created the mesh CA for trust domain {trust_domain} in {}/ca (root.key and kek stay there, never in the database)",
+        data_dir.display()
+    );
     println!(
         "initialised {}\nthe admin token is in {} (meshctl reads it from there, or from MESH_TOKEN)",
         data_dir.display(),
@@ -151,8 +183,21 @@ fn read_token(path: &Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
-async fn serve(data_dir: &Path, database_url: &str, listen: SocketAddr) -> anyhow::Result<()> {
-    let token = init(data_dir)?;
+async fn serve(
+    data_dir: &Path,
+    trust_domain: &str,
+    database_url: &str,
+    listen: SocketAddr,
+) -> anyhow::Result<()> {
+    let token = init(data_dir, trust_domain)?;
+    let (ca, kek) = CaFiles::in_data_dir(data_dir)
+        .load()
+        .context("loading the CA")?;
+    tracing::info!(
+        trust_domain = ca.trust_domain(),
+        kek = kek.id(),
+        "CA loaded"
+    );
     let store = Store::open(database_url).await?;
     let revision = store.revision().await?;
     tracing::info!(backend = store.backend().name(), revision, "store ready");

@@ -9,6 +9,7 @@
 //! push can key off the revision.
 
 mod backend;
+mod certificates;
 mod endpoints;
 mod kinds;
 mod rows;
@@ -26,6 +27,7 @@ use sqlx::{
 };
 
 pub use backend::Backend;
+pub use certificates::{CertificateRow, NewCertificate};
 pub use endpoints::Endpoint;
 
 /// Why a store operation failed.
@@ -390,6 +392,24 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// Records an issued certificate (the seed's CertificateRecord).
+    pub async fn record_certificate(
+        &self,
+        certificate: &NewCertificate<'_>,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        certificates::record(&mut conn, self.backend, certificate).await
+    }
+
+    /// Recorded certificates, of one service or all, oldest first.
+    pub async fn certificates(
+        &self,
+        service_name: Option<&str>,
+    ) -> Result<Vec<CertificateRow>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        certificates::list(&mut conn, self.backend, service_name).await
     }
 
     /// A connection of its own to the store's database, for maintenance and

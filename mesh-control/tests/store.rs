@@ -77,6 +77,7 @@ conformance!(
     hostile_values_are_stored_verbatim,
     namespaces_holding_resources_are_not_deleted,
     deletes_are_recorded_and_not_found_is_an_error,
+    certificate_keys_are_sealed_at_rest,
 );
 
 fn parse(text: &str) -> Vec<Resource> {
@@ -615,4 +616,82 @@ async fn deletes_are_recorded_and_not_found_is_an_error(store: Store) {
         .try_get::<i64, _>("n")
         .unwrap();
     assert_eq!(raw_count, 0);
+}
+
+async fn certificate_keys_are_sealed_at_rest(store: Store) {
+    use mesh_control::store::NewCertificate;
+    use mesh_identity::{CertificateAuthority, Kek, SpiffeId, kek::KekError};
+
+    let now = time::OffsetDateTime::now_utc();
+    let ca = CertificateAuthority::generate("cluster.local", now).unwrap();
+    let (kek, _) = Kek::generate().unwrap();
+    let gateway = SpiffeId::parse("spiffe://cluster.local/ns/edge/sa/gateway").unwrap();
+    // The seed's server-side issuance: the CA generates the key.
+    let (cert, key_pem) = ca.issue_with_key(&gateway, now).unwrap();
+    let sealed = kek.seal(key_pem.as_bytes(), "gateway.edge").unwrap();
+    store
+        .record_certificate(&NewCertificate {
+            service_name: "gateway.edge",
+            spiffe_id: &gateway.to_string(),
+            serial: &cert.serial,
+            cert_pem: &cert.pem,
+            sealed_key: Some(&sealed),
+            node: None,
+            issued_at: now,
+            expiry: cert.not_after,
+        })
+        .await
+        .unwrap();
+    // A CSR issuance: the key never left its node, nothing is stored.
+    let later = now + std::time::Duration::from_secs(1);
+    let (renewed, _) = ca.issue_with_key(&gateway, later).unwrap();
+    store
+        .record_certificate(&NewCertificate {
+            service_name: "gateway.edge",
+            spiffe_id: &gateway.to_string(),
+            serial: &renewed.serial,
+            cert_pem: &renewed.pem,
+            sealed_key: None,
+            node: Some("node1"),
+            issued_at: later,
+            expiry: renewed.not_after,
+        })
+        .await
+        .unwrap();
+
+    // Below the API: no row holds a plaintext key.
+    let rows = raw(&store)
+        .await
+        .fetch_all("SELECT private_key FROM CertificateRecord")
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    for row in &rows {
+        let stored: String = row.try_get("private_key").unwrap();
+        assert!(
+            !stored.contains("BEGIN"),
+            "a plaintext key is stored: {stored}"
+        );
+    }
+
+    let records = store.certificates(Some("gateway.edge")).await.unwrap();
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0].serial, cert.serial);
+    assert_eq!(records[0].spiffe_id, gateway.to_string());
+    assert!(
+        records[0]
+            .expiry
+            .starts_with(&cert.not_after.year().to_string()),
+        "{}",
+        records[0].expiry
+    );
+    assert_eq!(records[1].node.as_deref(), Some("node1"));
+    assert_eq!(records[1].private_key, "");
+    let opened = kek.open(&records[0].private_key, "gateway.edge").unwrap();
+    assert_eq!(opened, key_pem.as_bytes());
+    let (wrong, _) = Kek::generate().unwrap();
+    assert!(matches!(
+        wrong.open(&records[0].private_key, "gateway.edge"),
+        Err(KekError::WrongKek { .. })
+    ));
 }

@@ -53,6 +53,14 @@ impl Backend {
         }
     }
 
+    /// A timestamp parameter given as RFC 3339 text.
+    pub fn time_param(self, param: &str) -> String {
+        match self {
+            Backend::Sqlite => param.to_owned(),
+            Backend::Postgres => format!("CAST({param} AS TIMESTAMPTZ)"),
+        }
+    }
+
     /// A JSON column read back as text.
     pub fn json_column(self, column: &str) -> String {
         match self {

@@ -4,3 +4,4 @@
 
 pub mod admin;
 pub mod capture;
+pub mod identity;

@@ -18,8 +18,11 @@ use crate::{SpiffeId, TrustBundle};
 
 /// Workload certificates live a day unless configured otherwise.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
-/// Certificates start slightly in the past, for peers whose clocks lag.
+/// Certificates start slightly in the past, for peers whose clocks lag: 5
+/// minutes, or a tenth of the lifetime for very short-lived certificates.
 pub const BACKDATE: Duration = Duration::from_secs(5 * 60);
+/// Shortest TTL accepted (tests and demos rotate fast; production uses hours).
+pub const MIN_TTL: Duration = Duration::from_secs(10);
 /// The root lives ten years.
 pub const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
@@ -34,7 +37,7 @@ pub enum CaError {
     ForeignTrustDomain { id: String, trust_domain: String },
     #[error("the CA's own certificate or key is unusable: {0}")]
     BadCa(String),
-    #[error("a TTL of {0:?} is outside 1 minute to 1 year")]
+    #[error("a TTL of {0:?} is outside 10 seconds to 1 year")]
     BadTtl(Duration),
     #[error("signing failed: {0}")]
     Signing(String),
@@ -121,7 +124,7 @@ impl CertificateAuthority {
 
     /// Sets the lifetime of the certificates issued from now on.
     pub fn with_ttl(mut self, ttl: Duration) -> Result<Self, CaError> {
-        if ttl < Duration::from_secs(60) || ttl > Duration::from_secs(365 * 24 * 3600) {
+        if ttl < MIN_TTL || ttl > Duration::from_secs(365 * 24 * 3600) {
             return Err(CaError::BadTtl(ttl));
         }
         self.ttl = ttl;
@@ -187,6 +190,10 @@ impl CertificateAuthority {
         Ok((self.issued(cert, identity, now)?, key.serialize_pem()))
     }
 
+    fn backdate(&self) -> Duration {
+        BACKDATE.min(self.ttl / 10)
+    }
+
     fn issuer(&self) -> Result<Issuer<'static, &KeyPair>, CaError> {
         Issuer::from_ca_cert_der(&self.root_der, &self.key)
             .map_err(|e| CaError::BadCa(e.to_string()))
@@ -219,7 +226,7 @@ impl CertificateAuthority {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.serial_number = Some(random_serial()?);
-        params.not_before = now - BACKDATE;
+        params.not_before = now - self.backdate();
         params.not_after = now + self.ttl;
         params.use_authority_key_identifier_extension = true;
         Ok(params)
@@ -239,7 +246,7 @@ impl CertificateAuthority {
             der: cert.der().clone(),
             spiffe_id: identity.clone(),
             serial,
-            not_before: now - BACKDATE,
+            not_before: now - self.backdate(),
             not_after: now + self.ttl,
         })
     }

@@ -4,6 +4,7 @@
 
 pub mod manager;
 pub mod rotation;
+pub mod tls;
 
 use std::future::Future;
 

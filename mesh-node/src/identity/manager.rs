@@ -12,7 +12,10 @@ use std::sync::Arc;
 
 use mesh_identity::SpiffeId;
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
-use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+use rustls::{
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
+    sign::CertifiedKey,
+};
 use time::OffsetDateTime;
 use tokio::{sync::watch, task::JoinHandle};
 
@@ -21,12 +24,13 @@ use super::{
     rotation::{RotationConfig, backoff, renewal_offset},
 };
 
-/// A workload's certificate and its key.
+/// A workload's certificate and its key, ready for rustls.
 #[derive(Debug)]
 pub struct WorkloadCertificate {
     pub identity: SpiffeId,
     pub cert: CertificateDer<'static>,
-    pub key: PrivatePkcs8KeyDer<'static>,
+    /// The certificate with its signing key, built once per certificate.
+    pub certified: Arc<CertifiedKey>,
     pub not_before: OffsetDateTime,
     pub not_after: OffsetDateTime,
 }
@@ -105,10 +109,16 @@ async fn request<S: CertificateSource>(
         .and_then(|csr| csr.pem())
         .map_err(|e| format!("making the CSR: {e}"))?;
     let issued = source.issue(identity, &csr).await?;
+    let signing_key = rustls::crypto::ring::default_provider()
+        .key_provider
+        .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+            key.serialize_der(),
+        )))
+        .map_err(|e| format!("loading the key: {e}"))?;
     Ok(WorkloadCertificate {
         identity: identity.clone(),
+        certified: Arc::new(CertifiedKey::new(vec![issued.cert.clone()], signing_key)),
         cert: issued.cert,
-        key: PrivatePkcs8KeyDer::from(key.serialize_der()),
         not_before: issued.not_before,
         not_after: issued.not_after,
     })

@@ -1,0 +1,93 @@
+//! rustls configurations for a workload's mTLS, fed by its certificate
+//! manager: every handshake presents the manager's current certificate, so
+//! a rotation takes effect on the next connection and open connections are
+//! left alone. Peers are checked by the strict SPIFFE verifier.
+//!
+//! Session resumption is off on both sides: a resumed session skips the
+//! certificate exchange, so a peer would keep being accepted on the
+//! strength of a certificate that has since rotated or expired. Tunnels are
+//! pooled, so full handshakes are rare anyway.
+
+use std::sync::Arc;
+
+use mesh_identity::{SpiffeId, SpiffeVerifier, TrustBundle};
+use rustls::{
+    ClientConfig, ServerConfig, SignatureScheme,
+    client::ResolvesClientCert,
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+};
+use tokio::sync::watch;
+
+use super::CertState;
+
+/// Presents the current certificate of a workload.
+#[derive(Debug)]
+struct CurrentCertificate(watch::Receiver<CertState>);
+
+impl CurrentCertificate {
+    fn current(&self) -> Option<Arc<CertifiedKey>> {
+        self.0
+            .borrow()
+            .current
+            .as_ref()
+            .map(|c| c.certified.clone())
+    }
+}
+
+impl ResolvesServerCert for CurrentCertificate {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current()
+    }
+}
+
+impl ResolvesClientCert for CurrentCertificate {
+    fn resolve(
+        &self,
+        _issuers: &[&[u8]],
+        _schemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.current()
+    }
+
+    fn has_certs(&self) -> bool {
+        self.0.borrow().current.is_some()
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The server side: requires a client certificate from the trust domain.
+pub fn server_config(
+    state: watch::Receiver<CertState>,
+    bundle: TrustBundle,
+) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(SpiffeVerifier::new(bundle).into_client_verifier())
+        .with_cert_resolver(Arc::new(CurrentCertificate(state)));
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
+/// The client side: accepts only `peer` as the server.
+pub fn client_config(
+    state: watch::Receiver<CertState>,
+    bundle: TrustBundle,
+    peer: SpiffeId,
+) -> Result<Arc<ClientConfig>, rustls::Error> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(
+            SpiffeVerifier::new(bundle)
+                .expecting(peer)
+                .into_server_verifier(),
+        )
+        .with_client_cert_resolver(Arc::new(CurrentCertificate(state)));
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}

@@ -9,9 +9,12 @@
 //! | `DELETE /api/v1/{kind}/{name}[?namespace=]` | delete one resource |
 //! | `GET /api/v1/services/{name}/describe[?namespace=]` | a service with what applies to it |
 //! | `GET /api/v1/revision` | the store's revision |
+//! | `GET /api/v1/certificates[?service_name=]` | what the CA issued (never keys) |
+//! | `POST /api/v1/certificates` | issue with a CA-generated key (gateways, VMs) |
 //! | `GET /healthz`, `GET /version` | unauthenticated |
 
 mod auth;
+mod certificates;
 mod error;
 
 use std::sync::Arc;
@@ -28,6 +31,7 @@ use mesh_model::{Document, Kind, Resource, parse_documents, resource::DEFAULT_NA
 use serde::{Deserialize, Serialize};
 
 pub use auth::generate_token;
+pub use certificates::Identity;
 pub use error::{ApiError, DisplayChain};
 
 use crate::store::{ApplyOutcome, Endpoint, Store};
@@ -42,6 +46,8 @@ pub const MAX_DOCUMENTS: usize = 1000;
 pub struct AppState {
     pub store: Store,
     pub token: Arc<str>,
+    /// The CA, for `/api/v1/certificates`; without it those routes answer 503.
+    pub identity: Option<Arc<Identity>>,
 }
 
 /// The API's routes.
@@ -50,6 +56,10 @@ pub fn router(state: AppState) -> Router {
         .route("/revision", get(revision))
         .route("/apply", post(apply))
         .route("/services/{name}/describe", get(describe_service))
+        .route(
+            "/certificates",
+            get(certificates::list).post(certificates::issue),
+        )
         .route("/{kind}", get(list))
         .route("/{kind}/{name}", get(get_one).delete(delete))
         .route_layer(from_fn_with_state(state.clone(), auth::require_token))

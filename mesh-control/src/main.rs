@@ -212,6 +212,7 @@ async fn serve(
     let app = api::router(AppState {
         store: store.clone(),
         token: Arc::from(token),
+        identity: Some(Arc::new(api::Identity { ca, kek })),
     });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())

@@ -25,6 +25,7 @@ impl Server {
         let app = api::router(AppState {
             store,
             token: Arc::from(TOKEN),
+            identity: None,
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -247,4 +248,21 @@ async fn stale_updates_conflict() {
         "{body}"
     );
     assert_eq!(server.revision().await, 2);
+}
+
+#[tokio::test]
+async fn certificates_need_a_ca() {
+    let server = Server::start().await;
+    let response = server
+        .http
+        .post(server.url("/api/v1/certificates"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"namespace": "edge", "service_account": "gateway"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let (status, list) = server.get("/api/v1/certificates").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["items"], serde_json::json!([]));
 }

@@ -171,6 +171,17 @@ impl Client {
             .context("reading the control plane's answer")
     }
 
+    pub fn post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
+        let response = self.send(self.http.post(self.url(path)).json(body))?;
+        response
+            .json()
+            .context("reading the control plane's answer")
+    }
+
     pub fn apply(&self, body: String) -> anyhow::Result<serde_json::Value> {
         let request = self
             .http

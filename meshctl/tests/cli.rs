@@ -31,9 +31,16 @@ impl ControlPlane {
                 let store = Store::open(&url).await.unwrap();
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 tx.send(listener.local_addr().unwrap()).unwrap();
+                let now = time::OffsetDateTime::now_utc();
+                let identity = api::Identity {
+                    ca: mesh_identity::CertificateAuthority::generate("cluster.local", now)
+                        .unwrap(),
+                    kek: mesh_identity::Kek::generate().unwrap().0,
+                };
                 let app = api::router(AppState {
                     store,
                     token: Arc::from(TOKEN),
+                    identity: Some(Arc::new(identity)),
                 });
                 axum::serve(listener, app).await.unwrap();
             });
@@ -239,6 +246,9 @@ fn every_command_has_an_example_in_its_help() {
         vec!["delete"],
         vec!["describe"],
         vec!["version"],
+        vec!["cert"],
+        vec!["cert", "list"],
+        vec!["cert", "issue"],
     ] {
         let output = Command::new(env!("CARGO_BIN_EXE_meshctl"))
             .args(&command)
@@ -289,4 +299,73 @@ fn the_config_file_names_the_server_and_token_file() {
         .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("parsing the config file"));
+}
+
+#[test]
+fn cert_issue_writes_a_verifiable_certificate_and_list_never_shows_keys() {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use rustls::pki_types::{CertificateDer, UnixTime, pem::PemObject as _};
+
+    let cp = ControlPlane::start();
+    let out_dir = cp._dir.path().join("gw");
+    let out = cp.meshctl(&[
+        "cert",
+        "issue",
+        "-n",
+        "edge",
+        "--service-account",
+        "gateway",
+        "--out-dir",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(out.ok, "{out:?}");
+    assert!(
+        out.stdout
+            .starts_with("issued spiffe://cluster.local/ns/edge/sa/gateway"),
+        "{}",
+        out.stdout
+    );
+    let key_mode = std::fs::metadata(out_dir.join("key.pem"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(key_mode, 0o600);
+    let cert = CertificateDer::from_pem_file(out_dir.join("cert.pem")).unwrap();
+    let bundle = std::fs::read_to_string(out_dir.join("bundle.pem")).unwrap();
+    let bundle = mesh_identity::TrustBundle::from_pem("cluster.local", &bundle).unwrap();
+    let id = mesh_identity::SpiffeVerifier::new(bundle)
+        .verify_peer(&cert, &[], UnixTime::now(), webpki::KeyUsage::client_auth())
+        .unwrap();
+    assert_eq!(id.to_string(), "spiffe://cluster.local/ns/edge/sa/gateway");
+
+    let out = cp.meshctl(&["cert", "list"]);
+    assert!(out.ok, "{out:?}");
+    assert!(
+        out.stdout.contains("gateway.edge")
+            && out.stdout.contains("valid")
+            && out.stdout.contains(" ca"),
+        "{}",
+        out.stdout
+    );
+    let out = cp.meshctl(&["cert", "list", "-o", "json"]);
+    assert!(
+        !out.stdout.contains("BEGIN") && !out.stdout.contains("v1:"),
+        "a key leaked: {}",
+        out.stdout
+    );
+
+    let out = cp.meshctl(&[
+        "cert",
+        "issue",
+        "-n",
+        "Bad_NS",
+        "--service-account",
+        "x",
+        "--out-dir",
+        "/tmp/unused",
+    ]);
+    assert!(!out.ok);
+    assert!(out.stderr.contains("namespace: "), "{}", out.stderr);
 }

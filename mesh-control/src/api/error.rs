@@ -28,6 +28,8 @@ pub enum ApiError {
     TooLarge(usize),
     /// 415.
     UnsupportedMediaType(String),
+    /// 503: a part of the control plane this request needs is missing.
+    Unavailable(String),
     /// 500: details go to the log, not to the caller.
     Internal,
 }
@@ -68,6 +70,12 @@ impl IntoResponse for ApiError {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
                 format!("send application/yaml or application/json (got {got})"),
+                vec![],
+            ),
+            ApiError::Unavailable(message) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                message,
                 vec![],
             ),
             ApiError::Internal => (

@@ -3,6 +3,7 @@
 //! every check and test, `cluster` manages a local cluster, `demo` shows the
 //! mesh at work on one.
 
+mod bench;
 mod cluster;
 mod demo;
 mod ebpf;
@@ -36,6 +37,13 @@ enum Command {
         #[command(subcommand)]
         command: cluster::Command,
     },
+    /// Run benchmarks (release builds) and record them in docs/benchmarks.md.
+    ///
+    /// Example: cargo xtask bench handshakes
+    Bench {
+        /// One benchmark (default: all).
+        name: Option<String>,
+    },
     /// Bring up a local cluster, capture a pod with eBPF, run traffic and
     /// show what the kernel counted; tears everything down at the end or on
     /// Ctrl-C.
@@ -50,6 +58,7 @@ fn main() -> ExitCode {
         Command::Test => test::run(),
         Command::Cluster { command } => cluster::run(command),
         Command::Demo(args) => demo::run(args),
+        Command::Bench { name } => bench::run(name),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,7 +3,7 @@
 //!
 //! | route | does |
 //! |---|---|
-//! | `POST /api/v1/apply` | create or update every document of a YAML/JSON body, all or nothing |
+//! | `POST /api/v1/apply[?dry_run=true]` | create or update every document of a YAML/JSON body, all or nothing (or only check) |
 //! | `GET /api/v1/{kind}[?namespace=]` | list (all namespaces unless one is named) |
 //! | `GET /api/v1/{kind}/{name}[?namespace=]` | one resource |
 //! | `DELETE /api/v1/{kind}/{name}[?namespace=]` | delete one resource |
@@ -116,13 +116,23 @@ struct ApplyResult {
 #[derive(Debug, Serialize)]
 struct ApplyResponse {
     revision: i64,
+    /// Checked and rolled back: nothing changed.
+    dry_run: bool,
     results: Vec<ApplyResult>,
 }
 
-impl From<ApplyOutcome> for ApplyResponse {
-    fn from(outcome: ApplyOutcome) -> Self {
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApplyQuery {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+impl ApplyResponse {
+    fn new(outcome: ApplyOutcome, dry_run: bool) -> Self {
         Self {
             revision: outcome.revision,
+            dry_run,
             results: outcome
                 .results
                 .into_iter()
@@ -134,6 +144,7 @@ impl From<ApplyOutcome> for ApplyResponse {
 
 async fn apply(
     State(state): State<AppState>,
+    Query(query): Query<ApplyQuery>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<ApplyResponse>, ApiError> {
@@ -170,13 +181,17 @@ async fn apply(
             resources.len()
         )));
     }
+    if query.dry_run {
+        let outcome = state.store.dry_run(&resources).await?;
+        return Ok(Json(ApplyResponse::new(outcome, true)));
+    }
     let outcome = state.store.apply(&resources).await?;
     tracing::info!(
         revision = outcome.revision,
         documents = resources.len(),
         "applied"
     );
-    Ok(Json(outcome.into()))
+    Ok(Json(ApplyResponse::new(outcome, false)))
 }
 
 #[derive(Debug, Serialize)]

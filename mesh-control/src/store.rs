@@ -76,6 +76,13 @@ pub struct ApplyOutcome {
     pub results: Vec<(String, Applied)>,
 }
 
+/// Whether an apply keeps what it did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Commit {
+    Yes,
+    No,
+}
+
 /// A change recorded at a revision.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Change {
@@ -167,6 +174,20 @@ impl Store {
     /// carries `metadata.resource_version` is written only if the stored one
     /// is still at that revision.
     pub async fn apply(&self, resources: &[Resource]) -> Result<ApplyOutcome, StoreError> {
+        self.apply_in(resources, Commit::Yes).await
+    }
+
+    /// Runs an apply to the end — every check, conflict and result — then
+    /// rolls it back: what `apply` would do, with nothing changed.
+    pub async fn dry_run(&self, resources: &[Resource]) -> Result<ApplyOutcome, StoreError> {
+        self.apply_in(resources, Commit::No).await
+    }
+
+    async fn apply_in(
+        &self,
+        resources: &[Resource],
+        commit: Commit,
+    ) -> Result<ApplyOutcome, StoreError> {
         let backend = self.backend;
         let mut tx = self.pool.begin_with(backend.begin_write()).await?;
         // Taken first: the revision row's lock serialises writers, so what
@@ -222,6 +243,13 @@ impl Store {
         }
         for (namespace, service) in &endpoints_to_refresh {
             endpoints::refresh(&mut tx, backend, namespace, service, revision).await?;
+        }
+        if commit == Commit::No {
+            tx.rollback().await?;
+            return Ok(ApplyOutcome {
+                revision: revision - 1,
+                results,
+            });
         }
         tx.commit().await?;
         Ok(ApplyOutcome { revision, results })

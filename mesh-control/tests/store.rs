@@ -78,6 +78,7 @@ conformance!(
     namespaces_holding_resources_are_not_deleted,
     deletes_are_recorded_and_not_found_is_an_error,
     certificate_keys_are_sealed_at_rest,
+    dry_runs_report_and_change_nothing,
 );
 
 fn parse(text: &str) -> Vec<Resource> {
@@ -694,4 +695,51 @@ async fn certificate_keys_are_sealed_at_rest(store: Store) {
         wrong.open(&records[0].private_key, "gateway.edge"),
         Err(KekError::WrongKek { .. })
     ));
+}
+
+async fn dry_runs_report_and_change_nothing(store: Store) {
+    let outcome = store.dry_run(&parse(SHOP)).await.unwrap();
+    assert_eq!(outcome.revision, 0);
+    assert!(
+        outcome.results.iter().all(|(_, a)| *a == Applied::Created),
+        "{outcome:?}"
+    );
+    assert_eq!(store.revision().await.unwrap(), 0);
+    for kind in Kind::ALL {
+        assert!(
+            store.list(kind, None).await.unwrap().is_empty(),
+            "{kind} rows survived a dry run"
+        );
+    }
+    assert!(store.changes_since(0).await.unwrap().is_empty());
+
+    // A dry run meets the same conflicts as the real thing.
+    let orphan = parse_one(
+        "apiVersion: mesh.io/v1\nkind: ServicePolicy\nmetadata: {name: ghost, namespace: nowhere}\n",
+    );
+    assert!(matches!(
+        store.dry_run(&orphan).await,
+        Err(StoreError::Conflict { .. })
+    ));
+
+    store.apply(&parse(SHOP)).await.unwrap();
+    let changed = parse(&SHOP.replace("timeout_ms: 250", "timeout_ms: 999"));
+    let outcome = store.dry_run(&changed).await.unwrap();
+    assert_eq!(outcome.revision, 1);
+    let configured: Vec<&str> = outcome
+        .results
+        .iter()
+        .filter(|(_, a)| *a == Applied::Configured)
+        .map(|(r, _)| r.as_str())
+        .collect();
+    assert_eq!(configured, ["ServicePolicy/shop/reviews"]);
+    let Some(Resource::ServicePolicy(policy)) = store
+        .get(Kind::ServicePolicy, Some("shop"), "reviews")
+        .await
+        .unwrap()
+    else {
+        panic!("the policy is gone")
+    };
+    assert_eq!(policy.spec.timeout_ms, 250);
+    assert_eq!(store.revision().await.unwrap(), 1);
 }

@@ -182,10 +182,12 @@ impl Client {
             .context("reading the control plane's answer")
     }
 
-    pub fn apply(&self, body: String) -> anyhow::Result<serde_json::Value> {
+    pub fn apply(&self, body: String, dry_run: bool) -> anyhow::Result<serde_json::Value> {
+        let query: &[(&str, &str)] = if dry_run { &[("dry_run", "true")] } else { &[] };
         let request = self
             .http
             .post(self.url("/api/v1/apply"))
+            .query(query)
             .header(reqwest::header::CONTENT_TYPE, "application/yaml")
             .body(body);
         self.send(request)?

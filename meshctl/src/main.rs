@@ -53,6 +53,10 @@ enum Command {
         /// A file of one or more documents (`---` separated); `-` is stdin.
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
+        /// Let the control plane check everything and report what would
+        /// change, then change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// List resources of a kind, or show one.
     ///
@@ -174,17 +178,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Apply { files } => {
+        Command::Apply { files, dry_run } => {
             let body = read_files(&files)?;
-            let answer = client()?.apply(body)?;
+            let answer = client()?.apply(body, dry_run)?;
+            let suffix = if dry_run { " (dry run)" } else { "" };
             for result in answer["results"].as_array().into_iter().flatten() {
                 println!(
-                    "{} {}",
+                    "{} {}{suffix}",
                     result["resource"].as_str().unwrap_or("?").to_lowercase(),
                     result["action"].as_str().unwrap_or("?")
                 );
             }
-            println!("revision {}", answer["revision"]);
+            if dry_run {
+                println!("revision {} (unchanged: dry run)", answer["revision"]);
+            } else {
+                println!("revision {}", answer["revision"]);
+            }
             Ok(())
         }
         Command::Get {

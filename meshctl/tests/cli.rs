@@ -96,6 +96,17 @@ apiVersion: mesh.io/v1\nkind: TrafficSplit\nmetadata: {name: reviews-canary, nam
 fn apply_get_describe_delete() {
     let cp = ControlPlane::start();
     let shop = file(SHOP);
+    let out = cp.meshctl(&["apply", "--dry-run", "-f", shop.path().to_str().unwrap()]);
+    assert!(out.ok, "{out:?}");
+    assert!(
+        out.stdout
+            .contains("trafficsplit/shop/reviews-canary created (dry run)\n")
+            && out.stdout.ends_with("revision 0 (unchanged: dry run)\n"),
+        "{}",
+        out.stdout
+    );
+    let out = cp.meshctl(&["get", "namespaces"]);
+    assert_eq!(out.stdout, "No resources found.\n");
     let out = cp.meshctl(&["apply", "-f", shop.path().to_str().unwrap()]);
     assert!(out.ok, "{out:?}");
     assert!(

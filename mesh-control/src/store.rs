@@ -231,20 +231,16 @@ impl Store {
             };
             results.push((reference, applied));
         }
-        if !changed {
-            tx.rollback().await?;
-            return Ok(ApplyOutcome {
-                revision: revision - 1,
-                results,
-            });
+        if changed {
+            for resource in resources {
+                check_namespace_exists(&mut tx, backend, resource).await?;
+            }
+            for (namespace, service) in &endpoints_to_refresh {
+                endpoints::refresh(&mut tx, backend, namespace, service, revision).await?;
+            }
         }
-        for resource in resources {
-            check_namespace_exists(&mut tx, backend, resource).await?;
-        }
-        for (namespace, service) in &endpoints_to_refresh {
-            endpoints::refresh(&mut tx, backend, namespace, service, revision).await?;
-        }
-        if commit == Commit::No {
+        // Nothing changed, or only checking: the revision bump goes too.
+        if !changed || commit == Commit::No {
             tx.rollback().await?;
             return Ok(ApplyOutcome {
                 revision: revision - 1,

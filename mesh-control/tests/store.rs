@@ -8,7 +8,7 @@ use std::{
     sync::atomic::{AtomicUsize, Ordering},
 };
 
-use mesh_control::store::{Applied, Backend, Store, StoreError};
+use mesh_control::store::{Applied, ApplyOutcome, Backend, Store, StoreError};
 use mesh_model::{Kind, Resource, parse_documents, split::Version};
 use sqlx::{Connection as _, Executor as _, Row as _};
 
@@ -147,6 +147,16 @@ fn without_version(mut resource: Resource) -> Resource {
     resource
 }
 
+/// The resources an apply reports as configured (updated).
+fn configured(outcome: &ApplyOutcome) -> Vec<&str> {
+    outcome
+        .results
+        .iter()
+        .filter(|(_, a)| *a == Applied::Configured)
+        .map(|(r, _)| r.as_str())
+        .collect()
+}
+
 /// A plain connection to the store's database, for checks below the API.
 async fn raw(store: &Store) -> sqlx::AnyConnection {
     store.raw_connection().await.unwrap()
@@ -251,13 +261,7 @@ async fn apply_bumps_the_revision_once_and_skips_unchanged(store: Store) {
     let changed = parse(&SHOP.replace("timeout_ms: 250", "timeout_ms: 300"));
     let outcome = store.apply(&changed).await.unwrap();
     assert_eq!(outcome.revision, 2);
-    let configured: Vec<&str> = outcome
-        .results
-        .iter()
-        .filter(|(_, a)| *a == Applied::Configured)
-        .map(|(r, _)| r.as_str())
-        .collect();
-    assert_eq!(configured, ["ServicePolicy/shop/reviews"]);
+    assert_eq!(configured(&outcome), ["ServicePolicy/shop/reviews"]);
     let changes = store.changes_since(1).await.unwrap();
     assert_eq!(changes.len(), 1);
     assert_eq!(
@@ -726,13 +730,7 @@ async fn dry_runs_report_and_change_nothing(store: Store) {
     let changed = parse(&SHOP.replace("timeout_ms: 250", "timeout_ms: 999"));
     let outcome = store.dry_run(&changed).await.unwrap();
     assert_eq!(outcome.revision, 1);
-    let configured: Vec<&str> = outcome
-        .results
-        .iter()
-        .filter(|(_, a)| *a == Applied::Configured)
-        .map(|(r, _)| r.as_str())
-        .collect();
-    assert_eq!(configured, ["ServicePolicy/shop/reviews"]);
+    assert_eq!(configured(&outcome), ["ServicePolicy/shop/reviews"]);
     let Some(Resource::ServicePolicy(policy)) = store
         .get(Kind::ServicePolicy, Some("shop"), "reviews")
         .await

@@ -100,13 +100,19 @@ async fn renews_at_80_percent_and_keeps_the_old_one_through_the_overlap() {
     );
     assert_eq!(verified.unwrap(), frontend());
 
-    // 80 % of 24 h 5 min (5 min backdated), +-1 % jitter: 19.04 h to 19.52 h
-    // after issuance.
+    // 80 % +-1 % of the lifetime, counted from not_before. The lifetime is
+    // 24 h plus the 5 min backdating, so that is 18.94 h to 19.42 h after
+    // issuance.
+    let lifetime = (cert.not_after - cert.not_before).unsigned_abs();
+    assert_eq!(lifetime, HOUR * 24 + Duration::from_secs(300));
     let renewal = first.next_renewal.unwrap();
     let after_issue = (renewal - clock.now()).unsigned_abs();
+    let backdate = (clock.now() - cert.not_before).unsigned_abs();
+    let earliest = lifetime.mul_f64(0.79) - backdate;
+    let latest = lifetime.mul_f64(0.81) - backdate;
     assert!(
-        after_issue > HOUR.mul_f64(19.0) && after_issue < HOUR.mul_f64(19.6),
-        "renewal {after_issue:?} after issuance"
+        after_issue >= earliest && after_issue <= latest,
+        "renewal {after_issue:?} after issuance, expected {earliest:?}..={latest:?}"
     );
     tokio::time::sleep_until(start + after_issue - Duration::from_secs(60)).await;
     assert_eq!(manager.state().rotations, 0, "renewed early");

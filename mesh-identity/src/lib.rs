@@ -3,6 +3,7 @@
 //! - [`ca`]: the mesh certificate authority: a root (ECDSA P-256), and
 //!   X.509-SVIDs issued to workloads, from a CSR (the node keeps the key) or
 //!   with a key the CA generates (for gateways and VMs outside the mesh).
+//! - [`components`]: the identities of the control plane and the nodes.
 //! - [`kek`]: the key-encryption key that seals such keys at rest.
 //! - [`svid`]: the leaf profile every peer certificate must meet.
 //! - [`verifier`]: rustls client and server verifiers that chain to the
@@ -11,6 +12,7 @@
 
 pub mod bundle;
 pub mod ca;
+pub mod components;
 pub mod kek;
 pub mod svid;
 pub mod verifier;

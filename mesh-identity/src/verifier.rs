@@ -22,6 +22,7 @@ use crate::{SpiffeId, SvidError, TrustBundle, svid::check_leaf};
 pub struct SpiffeVerifier {
     bundle: TrustBundle,
     expected: Option<SpiffeId>,
+    client_auth_optional: bool,
     algorithms: WebPkiSupportedAlgorithms,
     root_names: Vec<DistinguishedName>,
 }
@@ -35,6 +36,7 @@ impl SpiffeVerifier {
         Self {
             bundle,
             expected: None,
+            client_auth_optional: false,
             algorithms,
             root_names: Vec::new(),
         }
@@ -43,6 +45,15 @@ impl SpiffeVerifier {
     /// Accepts only `peer` (a client dialling a known destination).
     pub fn expecting(mut self, peer: SpiffeId) -> Self {
         self.expected = Some(peer);
+        self
+    }
+
+    /// As a server, also lets clients in without a certificate (a server
+    /// that authenticates some callers otherwise, as the control plane
+    /// does nodes holding only a bootstrap token). A certificate that is
+    /// presented is still verified in full.
+    pub fn client_certificate_optional(mut self) -> Self {
+        self.client_auth_optional = true;
         self
     }
 
@@ -156,6 +167,10 @@ impl ServerCertVerifier for SpiffeVerifier {
 impl ClientCertVerifier for SpiffeVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         &self.root_names
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        !self.client_auth_optional
     }
 
     fn verify_client_cert(

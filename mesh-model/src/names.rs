@@ -59,6 +59,10 @@ pub fn quoted(value: &str) -> String {
     }
 }
 
+/// The namespace of the mesh's own components (control plane, nodes): no
+/// workload may live there, so no workload can hold their identities.
+pub const SYSTEM_NAMESPACE: &str = "mesh-system";
+
 /// A workload identity: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {

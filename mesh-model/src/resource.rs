@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use crate::{
     API_VERSION, FieldError, FieldErrors,
     authz::AuthorizationPolicySpec,
-    names::{check_dns_label, quoted},
+    names::{SYSTEM_NAMESPACE, check_dns_label, quoted},
     namespace::NamespaceSpec,
     policy::ServicePolicySpec,
     service::ServiceSpec,
@@ -330,6 +330,14 @@ fn check_metadata(kind: Kind, metadata: &Metadata, errors: &mut FieldErrors) {
         (Some(ns), true) => {
             if let Err(why) = check_dns_label(ns) {
                 errors.add("metadata.namespace", why);
+            } else if kind == Kind::Workload && ns == SYSTEM_NAMESPACE {
+                errors.add(
+                    "metadata.namespace",
+                    format!(
+                        "{SYSTEM_NAMESPACE:?} is reserved for the mesh's own components; \
+                         its identities belong to the control plane and the nodes"
+                    ),
+                );
             }
         }
         (None, _) => {}

@@ -249,3 +249,17 @@ fn kinds_parse_as_people_type_them() {
     }
     assert_eq!(Kind::from_cli("gateway"), None);
 }
+
+#[test]
+fn no_workload_may_live_in_the_mesh_system_namespace() {
+    // Its identities are the control plane's and the nodes': a workload
+    // there could otherwise be issued a node's certificate.
+    let found = errors(
+        "apiVersion: mesh.io/v1\nkind: Workload\nmetadata: {name: evil, namespace: mesh-system}\nspec: {node: node1, ip: 10.0.0.9, service_account: node-node1}\n",
+    );
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0].starts_with("Workload/evil: metadata.namespace: \"mesh-system\" is reserved"),
+        "{found:?}"
+    );
+}

@@ -11,11 +11,15 @@
 //! | `GET /api/v1/revision` | the store's revision |
 //! | `GET /api/v1/certificates[?service_name=]` | what the CA issued (never keys) |
 //! | `POST /api/v1/certificates` | issue with a CA-generated key (gateways, VMs) |
+//! | `POST /api/v1/nodes/tokens` | make a node bootstrap token (shown once) |
+//! | `GET /api/v1/nodes/tokens` | the bootstrap tokens, without secrets |
+//! | `DELETE /api/v1/nodes/tokens/{id}` | revoke one |
 //! | `GET /healthz`, `GET /version` | unauthenticated |
 
 mod auth;
 mod certificates;
 mod error;
+mod nodes;
 
 use std::sync::Arc;
 
@@ -60,6 +64,8 @@ pub fn router(state: AppState) -> Router {
             "/certificates",
             get(certificates::list).post(certificates::issue),
         )
+        .route("/nodes/tokens", get(nodes::list).post(nodes::create))
+        .route("/nodes/tokens/{id}", axum::routing::delete(nodes::delete))
         .route("/{kind}", get(list))
         .route("/{kind}/{name}", get(get_one).delete(delete))
         .route_layer(from_fn_with_state(state.clone(), auth::require_token))

@@ -4,4 +4,5 @@
 
 pub mod api;
 pub mod ca;
+pub mod grpc;
 pub mod store;

@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 use mesh_control::{
     api::{self, AppState},
     ca::{self, CaFiles},
+    grpc::{self, GrpcConfig, RateLimit},
     store::Store,
 };
 
@@ -47,7 +48,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Create the data directory and the admin token meshctl presents.
+    /// Create the data directory, the admin token meshctl presents, the CA
+    /// and a first node bootstrap token (valid 24 h).
     ///
     /// Example: mesh-control init --data-dir /var/lib/mesh
     Init,
@@ -59,6 +61,19 @@ enum Command {
         /// behind something that terminates TLS.
         #[arg(long, env = "MESH_LISTEN", default_value = "127.0.0.1:15100")]
         listen: SocketAddr,
+
+        /// Address of the node API (gRPC over TLS: certificates, and
+        /// configuration push).
+        #[arg(long, env = "MESH_GRPC_LISTEN", default_value = "127.0.0.1:15012")]
+        grpc_listen: SocketAddr,
+
+        /// Certificate requests a node may send at once.
+        #[arg(long, env = "MESH_CSR_BURST", default_value_t = RateLimit::default().burst)]
+        csr_burst: u32,
+
+        /// Certificate requests per second a node may send in the long run.
+        #[arg(long, env = "MESH_CSR_RATE", default_value_t = RateLimit::default().per_second)]
+        csr_rate: f64,
     },
     /// Bring the database schema up to date, then exit.
     ///
@@ -67,6 +82,7 @@ enum Command {
 }
 
 const TOKEN_FILE: &str = "admin-token";
+const BOOTSTRAP_TOKEN_FILE: &str = "bootstrap-token";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -86,7 +102,7 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", data_dir.join("mesh.db").display()));
     match cli.command {
         Some(Command::Init) => {
-            init(&data_dir, &cli.trust_domain)?;
+            init(&data_dir, &cli.trust_domain, &database_url).await?;
             Ok(())
         }
         Some(Command::Migrate) => {
@@ -98,8 +114,27 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Some(Command::Serve { listen }) => {
-            serve(&data_dir, &cli.trust_domain, &database_url, listen).await
+        Some(Command::Serve {
+            listen,
+            grpc_listen,
+            csr_burst,
+            csr_rate,
+        }) => {
+            let grpc = GrpcConfig {
+                csr_limit: RateLimit {
+                    burst: csr_burst,
+                    per_second: csr_rate,
+                },
+            };
+            serve(
+                &data_dir,
+                &cli.trust_domain,
+                &database_url,
+                listen,
+                grpc_listen,
+                grpc,
+            )
+            .await
         }
         None => {
             serve(
@@ -107,6 +142,8 @@ async fn main() -> anyhow::Result<()> {
                 &cli.trust_domain,
                 &database_url,
                 "127.0.0.1:15100".parse()?,
+                "127.0.0.1:15012".parse()?,
+                GrpcConfig::default(),
             )
             .await
         }
@@ -123,10 +160,46 @@ fn default_data_dir() -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(home).join(".local/share/mesh"))
 }
 
-/// Creates the data directory (0700), the admin token (0600) and the CA
-/// (root and key-encryption key, secrets 0600). Leaves what exists alone.
-/// Returns the token.
-fn init(data_dir: &Path, trust_domain: &str) -> anyhow::Result<String> {
+/// Creates the data directory (0700), the admin token (0600), the CA
+/// (root and key-encryption key, secrets 0600) and a first node bootstrap
+/// token (0600). Leaves what exists alone. Returns the admin token.
+async fn init(data_dir: &Path, trust_domain: &str, database_url: &str) -> anyhow::Result<String> {
+    let token = init_files(data_dir, trust_domain)?;
+    let bootstrap_path = data_dir.join(BOOTSTRAP_TOKEN_FILE);
+    if !bootstrap_path.exists() {
+        let store = Store::open(database_url).await?;
+        let made = store
+            .create_bootstrap_token(
+                None,
+                "made by mesh-control init",
+                time::Duration::hours(24),
+                time::OffsetDateTime::now_utc(),
+            )
+            .await?;
+        store.close().await;
+        write_secret(&bootstrap_path, &made.token)?;
+        println!(
+            "a node bootstrap token (any node, until {}) is in {}; make more with `meshctl node token create`",
+            made.expires_at,
+            bootstrap_path.display()
+        );
+    }
+    Ok(token)
+}
+
+/// Writes a new 0600 file holding `secret` and a newline.
+fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(file, "{secret}")?;
+    Ok(())
+}
+
+fn init_files(data_dir: &Path, trust_domain: &str) -> anyhow::Result<String> {
     let token_path = data_dir.join(TOKEN_FILE);
     let ca_files = CaFiles::in_data_dir(data_dir);
     if token_path.exists() {
@@ -149,13 +222,7 @@ fn init(data_dir: &Path, trust_domain: &str) -> anyhow::Result<String> {
         .create(data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let token = api::generate_token().context("generating the admin token")?;
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&token_path)
-        .with_context(|| format!("creating {}", token_path.display()))?;
-    writeln!(file, "{token}")?;
+    write_secret(&token_path, &token)?;
     if !ca_files.exists() {
         ca_files.create(trust_domain).context("creating the CA")?;
     }
@@ -188,8 +255,10 @@ async fn serve(
     trust_domain: &str,
     database_url: &str,
     listen: SocketAddr,
+    grpc_listen: SocketAddr,
+    grpc_config: GrpcConfig,
 ) -> anyhow::Result<()> {
-    let token = init(data_dir, trust_domain)?;
+    let token = init(data_dir, trust_domain, database_url).await?;
     let (ca, kek) = CaFiles::in_data_dir(data_dir)
         .load()
         .context("loading the CA")?;
@@ -206,18 +275,55 @@ async fn serve(
         .with_context(|| format!("binding the admin API to {listen}"))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "admin API listening");
-    // One line on stdout tells a supervisor (the demo, tests) we are ready.
-    println!("ready api=http://{addr}");
-    std::io::stdout().flush()?;
+    let grpc_listener = tokio::net::TcpListener::bind(grpc_listen)
+        .await
+        .with_context(|| format!("binding the node API to {grpc_listen}"))?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    tracing::info!(addr = %grpc_addr, "node API (gRPC over TLS) listening");
+    let identity = Arc::new(api::Identity { ca, kek });
     let app = api::router(AppState {
         store: store.clone(),
         token: Arc::from(token),
-        identity: Some(Arc::new(api::Identity { ca, kek })),
+        identity: Some(identity.clone()),
     });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let mut grpc = tokio::spawn(grpc::serve(
+        grpc_listener,
+        store.clone(),
+        identity,
+        grpc_config,
+        stopped(stop_rx.clone()),
+    ));
+    let mut admin = tokio::spawn(
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stopped(stop_rx))
+            .into_future(),
+    );
+    // One line on stdout tells a supervisor (the demo, tests) we are ready.
+    println!("ready api=http://{addr} grpc={grpc_addr}");
+    std::io::stdout().flush()?;
+    // Either server failing stops both; a signal stops both gracefully.
+    let failed = tokio::select! {
+        () = shutdown_signal() => None,
+        done = &mut admin => Some(done.context("the admin API task")?.context("serving the admin API")),
+        done = &mut grpc => Some(done.context("the node API task")?.context("serving the node API")),
+    };
+    let _ = stop_tx.send(true);
+    if let Some(result) = failed {
+        result?;
+        bail!("a server stopped unexpectedly");
+    }
+    admin
         .await
+        .context("the admin API task")?
         .context("serving the admin API")?;
+    grpc.await
+        .context("the node API task")?
+        .context("serving the node API")?;
     store.close().await;
     tracing::info!("stopped");
     Ok(())

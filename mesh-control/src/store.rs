@@ -13,6 +13,7 @@ mod certificates;
 mod endpoints;
 mod kinds;
 mod rows;
+mod tokens;
 
 use std::{collections::BTreeSet, net::IpAddr, time::Duration};
 
@@ -29,6 +30,7 @@ use sqlx::{
 pub use backend::Backend;
 pub use certificates::{CertificateRow, NewCertificate};
 pub use endpoints::Endpoint;
+pub use tokens::{MAX_TOKEN_TTL, NewToken, TokenInfo, TokenRejected};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -434,6 +436,42 @@ impl Store {
     ) -> Result<Vec<CertificateRow>, StoreError> {
         let mut conn = self.pool.acquire().await?;
         certificates::list(&mut conn, self.backend, service_name).await
+    }
+
+    /// Makes a node bootstrap token valid for `ttl` from `now`, for `node`
+    /// alone or (`None`) for any node.
+    pub async fn create_bootstrap_token(
+        &self,
+        node: Option<&str>,
+        description: &str,
+        ttl: time::Duration,
+        now: time::OffsetDateTime,
+    ) -> Result<NewToken, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        tokens::create(&mut conn, self.backend, node, description, ttl, now).await
+    }
+
+    /// The bootstrap tokens, soonest to expire first.
+    pub async fn bootstrap_tokens(&self) -> Result<Vec<TokenInfo>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        tokens::list(&mut conn, self.backend).await
+    }
+
+    /// Revokes a bootstrap token; whether it existed.
+    pub async fn delete_bootstrap_token(&self, id: &str) -> Result<bool, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        tokens::delete(&mut conn, id).await
+    }
+
+    /// Checks a bootstrap token presented by a node joining as `node`.
+    pub async fn check_bootstrap_token(
+        &self,
+        token: &str,
+        node: &str,
+        now: time::OffsetDateTime,
+    ) -> Result<Result<TokenInfo, TokenRejected>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        tokens::check(&mut conn, self.backend, token, node, now).await
     }
 
     /// A connection of its own to the store's database, for maintenance and

@@ -1,0 +1,14 @@
+//! The gRPC API between the control plane and the nodes. The generated
+//! types stay at the edges: both sides convert them to domain types right
+//! after receiving them.
+
+pub mod channel;
+
+/// Version 1 of the API.
+#[allow(missing_debug_implementations, clippy::all)]
+pub mod v1 {
+    tonic::include_proto!("mesh.v1");
+}
+
+/// The metadata key carrying a bootstrap token (`Bearer <id>.<secret>`).
+pub const AUTHORIZATION: &str = "authorization";

@@ -1,0 +1,245 @@
+//! TLS for the node-facing gRPC listener: the control plane's own
+//! certificate (issued by the mesh CA to
+//! `spiffe://<td>/ns/mesh-system/sa/mesh-control` and renewed at half its
+//! lifetime), and a stream of handshaken connections that carry the
+//! client's verified identity into every request.
+
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, RwLock},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use mesh_identity::{SpiffeId, SpiffeVerifier, components, svid::check_leaf};
+use rustls::{
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+};
+use time::OffsetDateTime;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tonic::transport::server::Connected;
+
+use crate::api::Identity;
+use crate::store::{NewCertificate, Store};
+
+/// A TLS handshake that takes longer than this is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who is on the other end of a gRPC connection.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub remote: SocketAddr,
+    /// The identity in the client's verified certificate; `None` when the
+    /// client presented none (a node joining with a bootstrap token).
+    pub identity: Option<SpiffeId>,
+}
+
+/// A handshaken connection.
+#[derive(Debug)]
+pub struct Conn {
+    stream: TlsStream<TcpStream>,
+    peer: Peer,
+}
+
+impl Connected for Conn {
+    type ConnectInfo = Peer;
+
+    fn connect_info(&self) -> Peer {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// The control plane's serving certificate, swapped on renewal.
+#[derive(Debug)]
+pub struct ServingCertificate {
+    current: RwLock<Arc<CertifiedKey>>,
+    not_after: RwLock<OffsetDateTime>,
+}
+
+impl ResolvesServerCert for ServingCertificate {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current.read().ok().map(|c| c.clone())
+    }
+}
+
+impl ServingCertificate {
+    /// Issues the first certificate and keeps renewing it at half its
+    /// lifetime for as long as the returned value lives.
+    pub async fn start(identity: Arc<Identity>, store: Store) -> anyhow::Result<Arc<Self>> {
+        let (certified, not_after) = issue(&identity, &store).await?;
+        let serving = Arc::new(Self {
+            current: RwLock::new(certified),
+            not_after: RwLock::new(not_after),
+        });
+        let weak = Arc::downgrade(&serving);
+        tokio::spawn(async move {
+            loop {
+                let Some(serving) = weak.upgrade() else {
+                    return;
+                };
+                let not_after = *serving.not_after.read().unwrap_or_else(|e| e.into_inner());
+                drop(serving);
+                let left: time::Duration =
+                    (not_after - OffsetDateTime::now_utc()).max(time::Duration::ZERO);
+                let half: Duration = (left / 2_i32).unsigned_abs();
+                tokio::time::sleep(half.max(Duration::from_secs(1))).await;
+                let Some(serving) = weak.upgrade() else {
+                    return;
+                };
+                match issue(&identity, &store).await {
+                    Ok((certified, not_after)) => {
+                        *serving.current.write().unwrap_or_else(|e| e.into_inner()) = certified;
+                        *serving.not_after.write().unwrap_or_else(|e| e.into_inner()) = not_after;
+                        tracing::info!(%not_after, "renewed the control plane's serving certificate");
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "renewing the control plane's serving certificate");
+                    }
+                }
+            }
+        });
+        Ok(serving)
+    }
+}
+
+async fn issue(
+    identity: &Identity,
+    store: &Store,
+) -> anyhow::Result<(Arc<CertifiedKey>, OffsetDateTime)> {
+    let id = components::control_plane(identity.ca.trust_domain());
+    let now = OffsetDateTime::now_utc();
+    let (cert, key_pem) = identity.ca.issue_with_key(&id, now)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
+    let signing_key = rustls::crypto::ring::default_provider()
+        .key_provider
+        .load_private_key(key)?;
+    store
+        .record_certificate(&NewCertificate {
+            service_name: "mesh-system/mesh-control",
+            spiffe_id: &id.to_string(),
+            serial: &cert.serial,
+            cert_pem: &cert.pem,
+            sealed_key: None,
+            node: None,
+            issued_at: now,
+            expiry: cert.not_after,
+        })
+        .await?;
+    let chain: Vec<CertificateDer<'static>> = vec![cert.der];
+    Ok((
+        Arc::new(CertifiedKey::new(chain, signing_key)),
+        cert.not_after,
+    ))
+}
+
+/// The server side of the node channel: our certificate; client
+/// certificates optional but, when presented, verified strictly against the
+/// mesh's trust bundle.
+pub fn server_config(
+    identity: &Identity,
+    serving: Arc<ServingCertificate>,
+) -> Arc<rustls::ServerConfig> {
+    let verifier = SpiffeVerifier::new(identity.ca.bundle())
+        .client_certificate_optional()
+        .into_client_verifier();
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .expect("TLS 1.3 is supported by ring")
+    .with_client_cert_verifier(verifier)
+    .with_cert_resolver(serving);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(config)
+}
+
+/// Accepts TCP connections on `listener`, handshakes each on its own task
+/// (a slow client holds up no one) and yields the connections that made it.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    trust_domain: String,
+) -> mpsc::Receiver<io::Result<Conn>> {
+    let (tx, rx) = mpsc::channel(64);
+    let acceptor = TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "accepting a node connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            if tx.is_closed() {
+                return;
+            }
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            let trust_domain = trust_domain.clone();
+            tokio::spawn(async move {
+                let stream =
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(error)) => {
+                            tracing::info!(%remote, %error, "node TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::info!(%remote, "node TLS handshake timed out");
+                            return;
+                        }
+                    };
+                // The verifier accepted the chain; read the identity off it.
+                let identity = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|certs| certs.first())
+                    .and_then(|leaf| check_leaf(leaf, &trust_domain).ok());
+                let peer = Peer { remote, identity };
+                let _ = tx.send(Ok(Conn { stream, peer })).await;
+            });
+        }
+    });
+    rx
+}

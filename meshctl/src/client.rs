@@ -171,6 +171,12 @@ impl Client {
             .context("reading the control plane's answer")
     }
 
+    /// A DELETE answered with no body.
+    pub fn delete_empty(&self, path: &str) -> anyhow::Result<()> {
+        self.send(self.http.delete(self.url(path)))?;
+        Ok(())
+    }
+
     pub fn post_json(
         &self,
         path: &str,

@@ -4,6 +4,7 @@
 
 mod client;
 mod config;
+mod node;
 mod output;
 
 use std::{io::Read as _, path::PathBuf, process::ExitCode};
@@ -103,6 +104,13 @@ enum Command {
         #[command(subcommand)]
         command: CertCommand,
     },
+    /// Nodes: the bootstrap tokens they join the mesh with.
+    ///
+    /// Example: meshctl node token create --node node1 --ttl 1h
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
     /// Print meshctl's version and the control plane's.
     ///
     /// Example: meshctl version
@@ -138,6 +146,46 @@ enum CertCommand {
         #[arg(long)]
         out_dir: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// Bootstrap tokens: a node presents one to obtain its first node
+    /// certificate, then renews with that certificate.
+    ///
+    /// Example: meshctl node token list
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Make a token; prints it (once) on stdout.
+    ///
+    /// Example: meshctl node token create --node node1 --ttl 1h > token
+    Create {
+        /// Only this node may join with it [default: any node].
+        #[arg(long)]
+        node: Option<String>,
+        /// How long it stays valid (90s, 30m, 24h, 7d).
+        #[arg(long, default_value = "24h", value_parser = node::parse_duration)]
+        ttl: std::time::Duration,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// List tokens (never their secrets).
+    ///
+    /// Example: meshctl node token list -o json
+    List {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Revoke a token by id (the part before the dot).
+    ///
+    /// Example: meshctl node token delete 1a2b3c4d5e6f
+    Delete { id: String },
 }
 
 fn main() -> ExitCode {
@@ -274,6 +322,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cert { command } => cert::run(&client()?, command),
+        Command::Node { command } => node::run(&client()?, command),
         Command::Describe {
             kind,
             name,

@@ -260,6 +260,11 @@ fn every_command_has_an_example_in_its_help() {
         vec!["cert"],
         vec!["cert", "list"],
         vec!["cert", "issue"],
+        vec!["node"],
+        vec!["node", "token"],
+        vec!["node", "token", "create"],
+        vec!["node", "token", "list"],
+        vec!["node", "token", "delete"],
     ] {
         let output = Command::new(env!("CARGO_BIN_EXE_meshctl"))
             .args(&command)
@@ -379,4 +384,46 @@ fn cert_issue_writes_a_verifiable_certificate_and_list_never_shows_keys() {
     ]);
     assert!(!out.ok);
     assert!(out.stderr.contains("namespace: "), "{}", out.stderr);
+}
+
+#[test]
+fn node_tokens_are_shown_once_listed_without_secrets_and_revoked() {
+    let cp = ControlPlane::start();
+    let out = cp.meshctl(&["node", "token", "create", "--node", "node1", "--ttl", "1h"]);
+    assert!(out.ok, "{out:?}");
+    let token = out.stdout.trim().to_owned();
+    let (id, secret) = token.split_once('.').expect("<id>.<secret>");
+    assert_eq!((id.len(), secret.len()), (12, 32));
+    assert!(out.stderr.contains("node node1 only"), "{out:?}");
+
+    let out = cp.meshctl(&["node", "token", "list"]);
+    assert!(out.ok, "{out:?}");
+    assert!(
+        out.stdout.contains(id) && out.stdout.contains("node1"),
+        "{out:?}"
+    );
+    assert!(
+        !out.stdout.contains(secret),
+        "the secret is listed: {out:?}"
+    );
+    let out = cp.meshctl(&["node", "token", "list", "-o", "json"]);
+    assert!(
+        !out.stdout.contains(secret),
+        "the secret is listed: {out:?}"
+    );
+
+    let out = cp.meshctl(&["node", "token", "create", "--ttl", "10s"]);
+    assert!(!out.ok);
+    assert!(out.stderr.contains("ttl_seconds: must be 60 to"), "{out:?}");
+    let out = cp.meshctl(&["node", "token", "create", "--ttl", "soon"]);
+    assert!(!out.ok);
+    assert!(out.stderr.contains("is not a duration"), "{out:?}");
+
+    let out = cp.meshctl(&["node", "token", "delete", id]);
+    assert!(out.ok, "{out:?}");
+    let out = cp.meshctl(&["node", "token", "delete", id]);
+    assert!(!out.ok);
+    assert!(out.stderr.contains("not found"), "{out:?}");
+    let out = cp.meshctl(&["node", "token", "list"]);
+    assert_eq!(out.stdout, "No bootstrap tokens.\n");
 }

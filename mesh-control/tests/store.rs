@@ -79,6 +79,7 @@ conformance!(
     deletes_are_recorded_and_not_found_is_an_error,
     certificate_keys_are_sealed_at_rest,
     dry_runs_report_and_change_nothing,
+    bootstrap_tokens_are_stored_hashed_and_checked,
 );
 
 fn parse(text: &str) -> Vec<Resource> {
@@ -740,4 +741,87 @@ async fn dry_runs_report_and_change_nothing(store: Store) {
     };
     assert_eq!(policy.spec.timeout_ms, 250);
     assert_eq!(store.revision().await.unwrap(), 1);
+}
+
+async fn bootstrap_tokens_are_stored_hashed_and_checked(store: Store) {
+    use mesh_control::store::TokenRejected;
+    use time::{Duration, OffsetDateTime};
+
+    let now = OffsetDateTime::now_utc();
+    let any = store
+        .create_bootstrap_token(None, "any node", Duration::hours(1), now)
+        .await
+        .unwrap();
+    let bound = store
+        .create_bootstrap_token(Some("node2"), "node2 only", Duration::hours(2), now)
+        .await
+        .unwrap();
+    let (_, secret) = any.token.split_once('.').unwrap();
+
+    // Below the API: only digests are stored.
+    let rows = raw(&store)
+        .await
+        .fetch_all("SELECT token_id, secret_sha256 FROM NodeBootstrapToken")
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    for row in &rows {
+        let stored: String = row.try_get("secret_sha256").unwrap();
+        assert_eq!(stored.len(), 64);
+        assert!(!stored.contains(secret));
+    }
+
+    let accepted = store
+        .check_bootstrap_token(&any.token, "node1", now)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(accepted.id, any.id);
+    assert_eq!(
+        store
+            .check_bootstrap_token(&bound.token, "node1", now)
+            .await
+            .unwrap(),
+        Err(TokenRejected::OtherNode {
+            bound: "node2".into(),
+            asked: "node1".into()
+        })
+    );
+    assert!(
+        store
+            .check_bootstrap_token(&bound.token, "node2", now)
+            .await
+            .unwrap()
+            .is_ok()
+    );
+    let wrong = format!("{}.{}", any.id, "f".repeat(32));
+    assert_eq!(
+        store
+            .check_bootstrap_token(&wrong, "node1", now)
+            .await
+            .unwrap(),
+        Err(TokenRejected::WrongSecret)
+    );
+    let later = now + Duration::hours(1) + Duration::seconds(1);
+    assert!(matches!(
+        store
+            .check_bootstrap_token(&any.token, "node1", later)
+            .await
+            .unwrap(),
+        Err(TokenRejected::Expired(_))
+    ));
+
+    let listed = store.bootstrap_tokens().await.unwrap();
+    let ids: Vec<&str> = listed.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(ids, [any.id.as_str(), bound.id.as_str()]);
+    assert_eq!(listed[1].node.as_deref(), Some("node2"));
+    assert!(store.delete_bootstrap_token(&any.id).await.unwrap());
+    assert!(!store.delete_bootstrap_token(&any.id).await.unwrap());
+    assert_eq!(
+        store
+            .check_bootstrap_token(&any.token, "node1", now)
+            .await
+            .unwrap(),
+        Err(TokenRejected::Unknown)
+    );
 }

@@ -1,5 +1,6 @@
-//! The node's admin endpoint: health, the capture state as JSON and
-//! Prometheus metrics. It binds to loopback by default and only reads.
+//! The node's admin endpoint: health, the capture state and the
+//! certificates as JSON, and Prometheus metrics. It binds to loopback by
+//! default and only reads.
 
 use std::{
     fmt::Write as _,
@@ -15,19 +16,102 @@ use axum::{
 };
 use mesh_common::capture::Counter;
 use serde::Serialize;
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use tokio::sync::watch;
 
-use crate::capture::{Capture, PodConnects};
+use crate::{
+    capture::{Capture, PodConnects},
+    identity::CertState,
+};
 
-/// What the admin endpoint reads from.
+/// The capture state the admin endpoint reads.
 pub type SharedCapture = Arc<RwLock<Capture>>;
 
+/// Whose certificate a manager keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Holder {
+    Node,
+    Workload,
+}
+
+impl Holder {
+    fn name(self) -> &'static str {
+        match self {
+            Holder::Node => "node",
+            Holder::Workload => "workload",
+        }
+    }
+}
+
+/// A certificate manager the admin endpoint reports on.
+#[derive(Clone, Debug)]
+pub struct Tracked {
+    pub holder: Holder,
+    /// The node's name, or the workload as `namespace/name`.
+    pub name: String,
+    pub state: watch::Receiver<CertState>,
+}
+
+/// What the admin endpoint reads from.
+#[derive(Clone, Debug, Default)]
+pub struct AdminState {
+    /// `None` when the node runs without capture (no `--cgroup`).
+    pub capture: Option<SharedCapture>,
+    pub certificates: Vec<Tracked>,
+}
+
 /// The admin routes.
-pub fn router(capture: SharedCapture) -> Router {
+pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/capture", get(capture_state))
+        .route("/certificates", get(certificates))
         .route("/metrics", get(metrics))
-        .with_state(capture)
+        .with_state(state)
+}
+
+/// One entry of `GET /certificates`.
+#[derive(Debug, Serialize)]
+pub struct CertificateReport {
+    pub holder: Holder,
+    pub name: String,
+    pub spiffe_id: Option<String>,
+    pub serial: Option<String>,
+    pub not_after: Option<String>,
+    pub next_renewal: Option<String>,
+    /// The previous certificate is still served (the overlap window).
+    pub overlapping: bool,
+    pub rotations: u64,
+    pub failures: u64,
+    pub last_error: Option<String>,
+    pub expired: bool,
+}
+
+fn rfc3339(at: OffsetDateTime) -> String {
+    at.format(&Rfc3339).unwrap_or_else(|_| at.to_string())
+}
+
+fn report(tracked: &Tracked) -> CertificateReport {
+    let state = tracked.state.borrow();
+    let current = state.current.as_ref();
+    CertificateReport {
+        holder: tracked.holder,
+        name: tracked.name.clone(),
+        spiffe_id: current.map(|c| c.identity.to_string()),
+        serial: current.map(|c| c.serial.clone()),
+        not_after: current.map(|c| rfc3339(c.not_after)),
+        next_renewal: state.next_renewal.map(rfc3339),
+        overlapping: state.previous.is_some(),
+        rotations: state.rotations,
+        failures: state.failures,
+        last_error: state.last_error.clone(),
+        expired: state.expired,
+    }
+}
+
+async fn certificates(State(state): State<AdminState>) -> Json<Vec<CertificateReport>> {
+    Json(state.certificates.iter().map(report).collect())
 }
 
 /// `GET /capture`: the cgroup, the programs' counters and every captured pod.
@@ -38,25 +122,104 @@ pub struct CaptureState {
     pub pods: Vec<PodConnects>,
 }
 
-async fn capture_state(State(capture): State<SharedCapture>) -> Response {
-    match read_state(&capture) {
+async fn capture_state(State(state): State<AdminState>) -> Response {
+    let Some(capture) = &state.capture else {
+        return (
+            StatusCode::NOT_FOUND,
+            "capture is off on this node (mesh-node runs without --cgroup)\n",
+        )
+            .into_response();
+    };
+    match read_state(capture) {
         Ok(state) => Json(state).into_response(),
         Err(error) => internal_error(error),
     }
 }
 
-async fn metrics(State(capture): State<SharedCapture>) -> Response {
-    match read_state(&capture) {
-        Ok(state) => (
-            [(
-                header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )],
-            render_metrics(&state),
-        )
-            .into_response(),
-        Err(error) => internal_error(error),
+async fn metrics(State(state): State<AdminState>) -> Response {
+    let mut text = String::new();
+    if let Some(capture) = &state.capture {
+        match read_state(capture) {
+            Ok(capture) => text.push_str(&render_metrics(&capture)),
+            Err(error) => return internal_error(error),
+        }
     }
+    let reports: Vec<CertificateReport> = state.certificates.iter().map(report).collect();
+    text.push_str(&render_certificate_metrics(&reports));
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// A metric family: name, type, help, and its value for one certificate.
+type Family = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&CertificateReport) -> Option<f64>,
+);
+
+/// Renders the certificates' state in the Prometheus text format.
+pub fn render_certificate_metrics(reports: &[CertificateReport]) -> String {
+    let mut out = String::new();
+    let label = |r: &CertificateReport| {
+        format!(
+            "holder=\"{}\",name=\"{}\"",
+            r.holder.name(),
+            escape_label(&r.name)
+        )
+    };
+    let families: [Family; 5] = [
+        (
+            "mesh_certificate_expiry_timestamp_seconds",
+            "gauge",
+            "When the certificate in use expires (Unix seconds); absent while there is none.",
+            |r| parse_time(r.not_after.as_deref()),
+        ),
+        (
+            "mesh_certificate_next_renewal_timestamp_seconds",
+            "gauge",
+            "When the certificate will be renewed (Unix seconds).",
+            |r| parse_time(r.next_renewal.as_deref()),
+        ),
+        (
+            "mesh_certificate_rotations_total",
+            "counter",
+            "Certificates replaced by a renewed one.",
+            |r| Some(r.rotations as f64),
+        ),
+        (
+            "mesh_certificate_request_failures_total",
+            "counter",
+            "Certificate requests the CA did not answer with a certificate.",
+            |r| Some(r.failures as f64),
+        ),
+        (
+            "mesh_certificate_expired",
+            "gauge",
+            "1 while the last certificate expired before it could be renewed.",
+            |r| Some(if r.expired { 1.0 } else { 0.0 }),
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
+        for report in reports {
+            if let Some(value) = value(report) {
+                let _ = writeln!(out, "{name}{{{}}} {value}", label(report));
+            }
+        }
+    }
+    out
+}
+
+fn parse_time(text: Option<&str>) -> Option<f64> {
+    let at = OffsetDateTime::parse(text?, &Rfc3339).ok()?;
+    Some(at.unix_timestamp() as f64)
 }
 
 fn read_state(capture: &SharedCapture) -> Result<CaptureState, String> {
@@ -160,6 +323,51 @@ mod tests {
         assert!(text.contains("mesh_capture_events_total{event=\"error\"} 0\n"));
         assert!(text.contains("mesh_capture_pod_connects_total{pod=\"shop/front\\\"end\"} 10\n"));
         assert!(text.ends_with("mesh_capture_pods 1\n"));
+    }
+
+    #[test]
+    fn certificate_metrics_have_one_series_per_holder() {
+        let reports = [
+            CertificateReport {
+                holder: Holder::Node,
+                name: "node1".into(),
+                spiffe_id: Some("spiffe://cluster.local/ns/mesh-system/sa/node-node1".into()),
+                serial: Some("ab".into()),
+                not_after: Some("2026-11-27T04:00:00Z".into()),
+                next_renewal: Some("2026-11-26T23:12:00Z".into()),
+                overlapping: false,
+                rotations: 2,
+                failures: 1,
+                last_error: None,
+                expired: false,
+            },
+            CertificateReport {
+                holder: Holder::Workload,
+                name: "shop/reviews-1".into(),
+                spiffe_id: None,
+                serial: None,
+                not_after: None,
+                next_renewal: None,
+                overlapping: false,
+                rotations: 0,
+                failures: 7,
+                last_error: Some("PermissionDenied".into()),
+                expired: false,
+            },
+        ];
+        let text = render_certificate_metrics(&reports);
+        assert!(text.contains(
+            "mesh_certificate_expiry_timestamp_seconds{holder=\"node\",name=\"node1\"} 1795752000\n"
+        ));
+        assert!(
+            text.contains("mesh_certificate_rotations_total{holder=\"node\",name=\"node1\"} 2\n")
+        );
+        assert!(text.contains(
+            "mesh_certificate_request_failures_total{holder=\"workload\",name=\"shop/reviews-1\"} 7\n"
+        ));
+        // No certificate, no expiry series (rather than a misleading 0).
+        assert!(!text.contains("expiry_timestamp_seconds{holder=\"workload\""));
+        assert_eq!(text.matches("# TYPE ").count(), 5);
     }
 
     #[test]

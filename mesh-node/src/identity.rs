@@ -19,19 +19,21 @@ pub use rotation::RotationConfig;
 /// A certificate as the CA returned it.
 #[derive(Clone, Debug)]
 pub struct Issued {
+    /// The identity the CA certified (its choice, from the store: the node
+    /// names a workload, never an identity).
+    pub identity: SpiffeId,
+    /// Lowercase hex, as `meshctl cert list` shows it.
+    pub serial: String,
     pub cert: CertificateDer<'static>,
     pub not_before: OffsetDateTime,
     pub not_after: OffsetDateTime,
 }
 
-/// Where certificates come from: the control plane's CA (over gRPC).
+/// Where one workload's (or the node's) certificates come from: the
+/// control plane's CA, over gRPC.
 pub trait CertificateSource: Send + Sync + 'static {
-    /// Asks the CA to certify `identity` for the key of `csr_pem`.
-    fn issue(
-        &self,
-        identity: &SpiffeId,
-        csr_pem: &str,
-    ) -> impl Future<Output = Result<Issued, String>> + Send;
+    /// Asks the CA to certify the key of `csr_pem`.
+    fn issue(&self, csr_pem: &str) -> impl Future<Output = Result<Issued, String>> + Send;
 }
 
 /// Wall-clock time that follows tokio's clock, so certificate lifetimes

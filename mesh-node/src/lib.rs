@@ -1,7 +1,9 @@
 //! The node proxy: one per node. It loads the capture programs into the
-//! kernel, registers the node's captured pods with them, and serves the
-//! admin endpoint (health, capture state, Prometheus metrics).
+//! kernel, registers the node's captured pods with them, joins the mesh and
+//! keeps its workloads' certificates fresh, and serves the admin endpoint
+//! (health, capture state, certificates, Prometheus metrics).
 
 pub mod admin;
 pub mod capture;
+pub mod control;
 pub mod identity;

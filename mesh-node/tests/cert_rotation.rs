@@ -29,21 +29,37 @@ struct TestCa {
     down: AtomicBool,
 }
 
-impl CertificateSource for TestCa {
-    async fn issue(&self, identity: &SpiffeId, csr_pem: &str) -> Result<Issued, String> {
-        if self.down.load(Ordering::SeqCst) {
+/// The CA as one workload's source of certificates.
+struct Workload {
+    ca: Arc<TestCa>,
+    identity: SpiffeId,
+}
+
+impl CertificateSource for Workload {
+    async fn issue(&self, csr_pem: &str) -> Result<Issued, String> {
+        if self.ca.down.load(Ordering::SeqCst) {
             return Err("the control plane is unreachable".into());
         }
         let issued = self
             .ca
-            .issue_for_csr(csr_pem, identity, self.clock.now())
+            .ca
+            .issue_for_csr(csr_pem, &self.identity, self.ca.clock.now())
             .map_err(|e| e.to_string())?;
         Ok(Issued {
+            identity: issued.spiffe_id,
+            serial: issued.serial,
             cert: issued.der,
             not_before: issued.not_before,
             not_after: issued.not_after,
         })
     }
+}
+
+fn workload(ca: &Arc<TestCa>, identity: SpiffeId) -> Arc<Workload> {
+    Arc::new(Workload {
+        ca: ca.clone(),
+        identity,
+    })
 }
 
 fn frontend() -> SpiffeId {
@@ -64,7 +80,12 @@ fn test_ca(clock: Clock, ttl: Duration) -> Arc<TestCa> {
 fn start() -> (Arc<TestCa>, CertManager, Clock, watch::Receiver<CertState>) {
     let clock = Clock::system();
     let ca = test_ca(clock, HOUR * 24);
-    let manager = CertManager::start(frontend(), ca.clone(), RotationConfig::default(), clock);
+    let manager = CertManager::start(
+        "shop/frontend",
+        workload(&ca, frontend()),
+        RotationConfig::default(),
+        clock,
+    );
     let state = manager.subscribe();
     (ca, manager, clock, state)
 }
@@ -255,8 +276,8 @@ async fn mtls_keeps_working_across_two_rotations() {
         overlap: Duration::from_secs(3),
         ..RotationConfig::default()
     };
-    let server = CertManager::start(reviews(), ca.clone(), config, clock);
-    let client = CertManager::start(frontend(), ca.clone(), config, clock);
+    let server = CertManager::start("shop/reviews", workload(&ca, reviews()), config, clock);
+    let client = CertManager::start("shop/frontend", workload(&ca, frontend()), config, clock);
     let mut server_state = server.subscribe();
     let mut client_state = client.subscribe();
     first_certificate(&mut server_state).await;

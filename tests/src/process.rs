@@ -157,3 +157,52 @@ pub fn place_before_exec(
     }
     Ok(())
 }
+
+/// The value of `key` in a ready line such as
+/// `ready api=http://127.0.0.1:15100 grpc=127.0.0.1:15012`.
+pub fn ready_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.strip_prefix("ready ")?
+        .split_whitespace()
+        .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// A binary of this workspace, from the target directory the running test
+/// was built in (`cargo build --bins` first; `cargo xtask test` does).
+pub fn workspace_binary(name: &str) -> io::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| io::Error::other(format!("{} has no target directory", exe.display())))?;
+    let path = profile_dir.join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "{} is not built: run `cargo build --bins` (cargo xtask test does)",
+                path.display()
+            ),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_fields() {
+        let line = "ready api=http://127.0.0.1:1 grpc=127.0.0.1:2";
+        assert_eq!(ready_field(line, "api"), Some("http://127.0.0.1:1"));
+        assert_eq!(ready_field(line, "grpc"), Some("127.0.0.1:2"));
+        assert_eq!(ready_field(line, "gr"), None);
+        assert_eq!(
+            ready_field("ready admin=127.0.0.1:3", "admin"),
+            Some("127.0.0.1:3")
+        );
+        assert_eq!(ready_field("not ready", "admin"), None);
+    }
+}

@@ -70,8 +70,17 @@ pub fn run() -> anyhow::Result<()> {
     }
     sweep_test_clusters()?;
     let namespaces_before = mesh_e2e::netns::list("").context("listing network namespaces")?;
-    // The tests start the mesh-node binary itself.
-    run::run(cargo().args(["build", "-p", "mesh-node", "--bins"]))?;
+    // The tests start the binaries themselves.
+    run::run(cargo().args([
+        "build",
+        "-p",
+        "mesh-node",
+        "-p",
+        "mesh-control",
+        "-p",
+        "meshctl",
+        "--bins",
+    ]))?;
     let result = run::run_tests(
         cargo().args([
             "test",

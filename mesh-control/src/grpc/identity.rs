@@ -141,7 +141,8 @@ impl identity_server::Identity for IdentityService {
         let node = request.get_ref().node.clone();
         let node_id = components::node(self.trust_domain(), &node)
             .map_err(|why| Status::invalid_argument(format!("node: {why}")))?;
-        let caller = peer(&request).and_then(|p| p.identity.as_ref());
+        let now = OffsetDateTime::now_utc();
+        let caller = peer(&request).and_then(|p| p.identity_at(now));
         match caller {
             // Renewal: a node renews only its own certificate.
             Some(caller) if components::node_name(caller) == Some(node.as_str()) => {}
@@ -158,7 +159,7 @@ impl identity_server::Identity for IdentityService {
                 };
                 let checked = self
                     .store
-                    .check_bootstrap_token(token, &node, OffsetDateTime::now_utc())
+                    .check_bootstrap_token(token, &node, now)
                     .await
                     .map_err(internal)?;
                 if let Err(why) = checked {
@@ -181,9 +182,12 @@ impl identity_server::Identity for IdentityService {
         &self,
         request: Request<CreateCertificateRequest>,
     ) -> Result<Response<CertificateResponse>, Status> {
-        let Some(caller) = peer(&request).and_then(|p| p.identity.clone()) else {
+        let Some(caller) = peer(&request)
+            .and_then(|p| p.identity_at(OffsetDateTime::now_utc()))
+            .cloned()
+        else {
             return Err(Status::unauthenticated(
-                "workload certificates are issued only to nodes presenting their node certificate",
+                "workload certificates are issued only to nodes presenting a valid node certificate",
             ));
         };
         let Some(node) = components::node_name(&caller) else {

@@ -41,6 +41,19 @@ pub struct Peer {
     /// The identity in the client's verified certificate; `None` when the
     /// client presented none (a node joining with a bootstrap token).
     pub identity: Option<SpiffeId>,
+    /// When that certificate expires. A connection outlives the handshake
+    /// that checked it; past this, its identity no longer counts.
+    pub not_after: Option<OffsetDateTime>,
+}
+
+impl Peer {
+    /// The client's identity, if its certificate is still valid `now`.
+    pub fn identity_at(&self, now: OffsetDateTime) -> Option<&SpiffeId> {
+        match self.not_after {
+            Some(not_after) if now < not_after => self.identity.as_ref(),
+            _ => None,
+        }
+    }
 }
 
 /// A handshaken connection.
@@ -230,13 +243,21 @@ pub fn incoming(
                         }
                     };
                 // The verifier accepted the chain; read the identity off it.
-                let identity = stream
+                let leaf = stream
                     .get_ref()
                     .1
                     .peer_certificates()
-                    .and_then(|certs| certs.first())
-                    .and_then(|leaf| check_leaf(leaf, &trust_domain).ok());
-                let peer = Peer { remote, identity };
+                    .and_then(|certs| certs.first());
+                let identity = leaf.and_then(|leaf| check_leaf(leaf, &trust_domain).ok());
+                let not_after = leaf.and_then(|leaf| {
+                    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+                    OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp()).ok()
+                });
+                let peer = Peer {
+                    remote,
+                    identity,
+                    not_after,
+                };
                 let _ = tx.send(Ok(Conn { stream, peer })).await;
             });
         }

@@ -28,6 +28,7 @@ use super::{
 #[derive(Debug)]
 pub struct WorkloadCertificate {
     pub identity: SpiffeId,
+    pub serial: String,
     pub cert: CertificateDer<'static>,
     /// The certificate with its signing key, built once per certificate.
     pub certified: Arc<CertifiedKey>,
@@ -62,15 +63,16 @@ pub struct CertManager {
 }
 
 impl CertManager {
-    /// Starts managing `identity`'s certificate.
+    /// Starts managing the certificate `source` issues; `name` (a workload
+    /// as `namespace/name`, or the node) labels the logs.
     pub fn start<S: CertificateSource>(
-        identity: SpiffeId,
+        name: impl Into<String>,
         source: Arc<S>,
         config: RotationConfig,
         clock: Clock,
     ) -> Self {
         let (tx, state) = watch::channel(CertState::default());
-        let task = tokio::spawn(run(identity, source, config, clock, tx));
+        let task = tokio::spawn(run(name.into(), source, config, clock, tx));
         Self { state, task }
     }
 
@@ -98,17 +100,14 @@ fn draw() -> f64 {
     (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64
 }
 
-async fn request<S: CertificateSource>(
-    identity: &SpiffeId,
-    source: &S,
-) -> Result<WorkloadCertificate, String> {
+async fn request<S: CertificateSource>(source: &S) -> Result<WorkloadCertificate, String> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
         .map_err(|e| format!("generating a key: {e}"))?;
     let csr = CertificateParams::default()
         .serialize_request(&key)
         .and_then(|csr| csr.pem())
         .map_err(|e| format!("making the CSR: {e}"))?;
-    let issued = source.issue(identity, &csr).await?;
+    let issued = source.issue(&csr).await?;
     let signing_key = rustls::crypto::ring::default_provider()
         .key_provider
         .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
@@ -116,7 +115,8 @@ async fn request<S: CertificateSource>(
         )))
         .map_err(|e| format!("loading the key: {e}"))?;
     Ok(WorkloadCertificate {
-        identity: identity.clone(),
+        identity: issued.identity,
+        serial: issued.serial,
         certified: Arc::new(CertifiedKey::new(vec![issued.cert.clone()], signing_key)),
         cert: issued.cert,
         not_before: issued.not_before,
@@ -125,7 +125,7 @@ async fn request<S: CertificateSource>(
 }
 
 async fn run<S: CertificateSource>(
-    identity: SpiffeId,
+    name: String,
     source: Arc<S>,
     config: RotationConfig,
     clock: Clock,
@@ -148,21 +148,30 @@ async fn run<S: CertificateSource>(
             .as_ref()
             .is_some_and(|c| now >= c.not_after);
         if expired {
-            tracing::warn!(%identity, "certificate expired before it could be renewed");
+            tracing::warn!(
+                workload = name,
+                "certificate expired before it could be renewed"
+            );
             tx.send_modify(|s| {
                 s.current = None;
                 s.expired = true;
             });
         }
         if now >= ask_at {
-            match request(&identity, &*source).await {
+            match request(&*source).await {
                 Ok(cert) => {
                     let lifetime = (cert.not_after - cert.not_before).unsigned_abs();
                     let renewal = cert.not_before + renewal_offset(&config, lifetime, draw());
                     ask_at = renewal;
                     failures_in_row = 0;
                     let now = clock.now();
-                    tracing::info!(%identity, not_after = %cert.not_after, next_renewal = %renewal, "certificate issued");
+                    tracing::info!(
+                        workload = name,
+                        identity = %cert.identity,
+                        not_after = %cert.not_after,
+                        next_renewal = %renewal,
+                        "certificate issued"
+                    );
                     tx.send_modify(|s| {
                         let replaced = s.current.replace(Arc::new(cert));
                         if replaced.is_some() {
@@ -179,7 +188,7 @@ async fn run<S: CertificateSource>(
                     let delay = backoff(&config, failures_in_row, draw());
                     failures_in_row = failures_in_row.saturating_add(1);
                     ask_at = clock.now() + delay;
-                    tracing::warn!(%identity, %error, retry_in = ?delay, "the CA did not issue a certificate");
+                    tracing::warn!(workload = name, %error, retry_in = ?delay, "the CA did not issue a certificate");
                     tx.send_modify(|s| {
                         s.failures += 1;
                         s.last_error = Some(error);

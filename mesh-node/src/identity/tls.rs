@@ -91,3 +91,28 @@ pub fn client_config(
     config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
+
+/// The node's side of its channel to the control plane: accepts only the
+/// control plane's identity; presents the node certificate when there is
+/// one (`None` before the node has joined). HTTP/2 by ALPN, for gRPC.
+pub fn control_plane_client_config(
+    node: Option<watch::Receiver<CertState>>,
+    bundle: TrustBundle,
+    control_plane: SpiffeId,
+) -> Arc<ClientConfig> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3 is supported by ring")
+        .dangerous()
+        .with_custom_certificate_verifier(
+            SpiffeVerifier::new(bundle)
+                .expecting(control_plane)
+                .into_server_verifier(),
+        );
+    let mut config = match node {
+        Some(state) => builder.with_client_cert_resolver(Arc::new(CurrentCertificate(state))),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(config)
+}

@@ -1,0 +1,167 @@
+//! Joining the mesh with the real binaries: mesh-control (SQLite, its own
+//! CA), meshctl, and mesh-node without capture. The node joins with the
+//! bootstrap token `mesh-control init` made, obtains the certificate of its
+//! own workload, is refused another node's, and reports both on its admin
+//! endpoint and in its metrics.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use mesh_e2e::{
+    http,
+    process::{Process, ready_field, workspace_binary},
+};
+use serde_json::Value;
+
+const WORKLOADS: &str = r#"
+apiVersion: mesh.io/v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: mesh.io/v1
+kind: Workload
+metadata: {name: frontend-1, namespace: shop}
+spec: {node: node1, ip: 10.89.0.2, service_account: frontend}
+---
+apiVersion: mesh.io/v1
+kind: Workload
+metadata: {name: reviews-1, namespace: shop}
+spec: {node: node2, ip: 10.89.1.2, service_account: reviews}
+"#;
+
+fn start_control_plane(data_dir: &Path) -> (Process, String, String) {
+    let mut command = Command::new(workspace_binary("mesh-control").unwrap());
+    command
+        .args(["--data-dir", data_dir.to_str().unwrap(), "serve"])
+        .args(["--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"]);
+    let (process, ready) =
+        Process::spawn_ready("mesh-control", command, "ready", Duration::from_secs(30)).unwrap();
+    let api = ready_field(&ready, "api").unwrap().to_owned();
+    let grpc = ready_field(&ready, "grpc").unwrap().to_owned();
+    (process, api, grpc)
+}
+
+fn meshctl(api: &str, data_dir: &Path, args: &[&str], stdin: Option<&str>) -> String {
+    use std::io::Write as _;
+    let mut child = Command::new(workspace_binary("meshctl").unwrap())
+        .args(["--server", api])
+        .args(args)
+        .env("MESH_DATA_DIR", data_dir)
+        .env_remove("MESH_TOKEN")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    drop(input);
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "meshctl {args:?}: {output:?}");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn certificates(admin: SocketAddr) -> Vec<Value> {
+    let response = http::get(admin, "/certificates").unwrap();
+    assert_eq!(response.status, 200);
+    serde_json::from_str(&response.body).unwrap()
+}
+
+fn entry<'a>(certs: &'a [Value], name: &str) -> &'a Value {
+    certs
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {certs:?}"))
+}
+
+#[test]
+fn a_node_joins_and_holds_only_its_own_workloads_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("control");
+    let (_control, api, grpc) = start_control_plane(&data_dir);
+    meshctl(&api, &data_dir, &["apply", "-f", "-"], Some(WORKLOADS));
+
+    let mut command = Command::new(workspace_binary("mesh-node").unwrap());
+    command
+        .args(["--node", "node1", "--control-plane", &grpc])
+        .arg("--ca-bundle")
+        .arg(data_dir.join("ca/root.pem"))
+        .arg("--bootstrap-token-file")
+        .arg(data_dir.join("bootstrap-token"))
+        .args([
+            "--workload",
+            "shop/frontend-1",
+            "--workload",
+            "shop/reviews-1",
+        ])
+        .args(["--admin-addr", "127.0.0.1:0"]);
+    let (_node, ready) =
+        Process::spawn_ready("mesh-node", command, "ready", Duration::from_secs(30)).unwrap();
+    let admin: SocketAddr = ready_field(&ready, "admin").unwrap().parse().unwrap();
+
+    // Wait for the outcome: node and frontend certified, reviews refused.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let certs = loop {
+        let certs = certificates(admin);
+        let done = entry(&certs, "shop/frontend-1")["spiffe_id"].is_string()
+            && entry(&certs, "shop/reviews-1")["failures"].as_u64() >= Some(1);
+        if done {
+            break certs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no certificates in 30 s: {certs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        entry(&certs, "node1")["spiffe_id"],
+        "spiffe://cluster.local/ns/mesh-system/sa/node-node1"
+    );
+    assert_eq!(
+        entry(&certs, "shop/frontend-1")["spiffe_id"],
+        "spiffe://cluster.local/ns/shop/sa/frontend"
+    );
+    let reviews = entry(&certs, "shop/reviews-1");
+    assert!(reviews["spiffe_id"].is_null(), "{reviews}");
+    let error = reviews["last_error"].as_str().unwrap();
+    assert!(
+        error.starts_with(
+            "PermissionDenied: workload shop/reviews-1 is not scheduled on node node1"
+        ),
+        "{error}"
+    );
+
+    let metrics = http::get(admin, "/metrics").unwrap().body;
+    assert!(
+        metrics.contains(
+            "mesh_certificate_expiry_timestamp_seconds{holder=\"workload\",name=\"shop/frontend-1\"} "
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains(
+        "mesh_certificate_request_failures_total{holder=\"workload\",name=\"shop/reviews-1\"} "
+    ));
+
+    // The CA recorded what it issued, with the node that asked; the serial
+    // the node reports is the recorded one.
+    let listed = meshctl(&api, &data_dir, &["cert", "list", "-o", "json"], None);
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    let serial = entry(&certs, "shop/frontend-1")["serial"].as_str().unwrap();
+    let record = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["serial"] == serial)
+        .unwrap_or_else(|| panic!("serial {serial} not recorded: {listed}"));
+    assert_eq!(record["node"], "node1");
+    assert_eq!(record["key"], "node");
+    assert!(
+        !listed.to_string().contains("shop/reviews-1"),
+        "a refused request was recorded"
+    );
+}

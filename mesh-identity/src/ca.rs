@@ -65,6 +65,35 @@ pub struct CertificateAuthority {
     root_der: CertificateDer<'static>,
     key: KeyPair,
     ttl: Duration,
+    /// Other roots peers may chain to (a root rotation's old or next root):
+    /// in the bundle, never used to sign.
+    trusted: Vec<CertificateDer<'static>>,
+}
+
+/// What an operator needs to know of a root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RootInfo {
+    /// Lowercase hex.
+    pub serial: String,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
+impl RootInfo {
+    /// Reads a root certificate.
+    pub fn of(der: &[u8]) -> Result<Self, CaError> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| CaError::BadCa(format!("certificate: {e}")))?;
+        let time = |t: x509_parser::time::ASN1Time| {
+            OffsetDateTime::from_unix_timestamp(t.timestamp())
+                .map_err(|e| CaError::BadCa(format!("validity: {e}")))
+        };
+        Ok(Self {
+            serial: cert.raw_serial_as_string().replace(':', ""),
+            not_before: time(cert.validity().not_before)?,
+            not_after: time(cert.validity().not_after)?,
+        })
+    }
 }
 
 impl CertificateAuthority {
@@ -97,6 +126,7 @@ impl CertificateAuthority {
             root_der: root.der().clone(),
             key,
             ttl: DEFAULT_TTL,
+            trusted: Vec::new(),
         })
     }
 
@@ -119,7 +149,57 @@ impl CertificateAuthority {
             root_der,
             key,
             ttl: DEFAULT_TTL,
+            trusted: Vec::new(),
         })
+    }
+
+    /// Also trusts `roots` (PEM, any number), without signing with them.
+    /// The signing root itself is skipped if listed.
+    pub fn with_trusted_pem(mut self, roots: &str) -> Result<Self, CaError> {
+        let mut found = 0;
+        for root in CertificateDer::pem_slice_iter(roots.as_bytes()) {
+            found += 1;
+            let root = root.map_err(|e| CaError::BadCa(format!("trusted root: {e}")))?;
+            webpki::anchor_from_trusted_cert(&root)
+                .map_err(|e| CaError::BadCa(format!("trusted root: {e}")))?;
+            if root != self.root_der && !self.trusted.contains(&root) {
+                self.trusted.push(root);
+            }
+        }
+        if found == 0 && !roots.trim().is_empty() {
+            return Err(CaError::BadCa(
+                "trusted roots: no PEM certificate in the text".into(),
+            ));
+        }
+        Ok(self)
+    }
+
+    /// The trust bundle as PEM, signing root first.
+    pub fn bundle_pem(&self) -> String {
+        std::iter::once(&self.root_der)
+            .chain(&self.trusted)
+            .map(|der| {
+                pem::encode_config(
+                    &pem::Pem::new("CERTIFICATE", der.to_vec()),
+                    pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+                )
+            })
+            .collect()
+    }
+
+    /// The signing root, DER.
+    pub fn root_der(&self) -> &CertificateDer<'static> {
+        &self.root_der
+    }
+
+    /// The other trusted roots, DER.
+    pub fn trusted(&self) -> &[CertificateDer<'static>] {
+        &self.trusted
+    }
+
+    /// The lifetime of the certificates this CA issues.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
     }
 
     /// Sets the lifetime of the certificates issued from now on.
@@ -144,10 +224,13 @@ impl CertificateAuthority {
         self.key.serialize_pem()
     }
 
-    /// A bundle trusting this root alone.
+    /// The trust bundle: the signing root, then the other trusted roots.
     pub fn bundle(&self) -> TrustBundle {
-        TrustBundle::new(&self.trust_domain, vec![self.root_der.clone()])
-            .expect("the CA's own root is a valid anchor")
+        let roots = std::iter::once(&self.root_der)
+            .chain(&self.trusted)
+            .cloned()
+            .collect();
+        TrustBundle::new(&self.trust_domain, roots).expect("every root was checked as an anchor")
     }
 
     /// Issues `identity` a certificate for the public key of `csr_pem`.

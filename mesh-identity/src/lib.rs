@@ -18,7 +18,7 @@ pub mod svid;
 pub mod verifier;
 
 pub use bundle::TrustBundle;
-pub use ca::{CertificateAuthority, IssuedCertificate};
+pub use ca::{CertificateAuthority, IssuedCertificate, RootInfo};
 pub use kek::Kek;
 pub use mesh_model::names::SpiffeId;
 pub use svid::SvidError;

@@ -324,6 +324,41 @@ fn the_ca_round_trips_through_pem_and_server_side_keys_work() {
     assert!(CertificateAuthority::from_pem(TD, ca.root_pem(), &other.key_pem()).is_err());
 }
 
+#[test]
+fn a_ca_after_root_rotation_still_trusts_the_old_root_without_signing_with_it() {
+    let t0 = OffsetDateTime::now_utc();
+    let old = CertificateAuthority::generate(TD, t0).unwrap();
+    let (from_old, _) = old.issue_with_key(&id("shop", "frontend"), t0).unwrap();
+    let new = CertificateAuthority::generate(TD, t0)
+        .unwrap()
+        // The signing root listed again is not duplicated.
+        .with_trusted_pem(&format!(
+            "{}{}",
+            old.root_pem(),
+            CertificateAuthority::generate(TD, t0).unwrap().root_pem()
+        ))
+        .unwrap()
+        .with_trusted_pem(old.root_pem())
+        .unwrap();
+    assert_eq!(new.trusted().len(), 2);
+    assert_eq!(new.bundle().roots()[0], *new.root_der());
+    let (from_new, _) = new.issue_with_key(&id("shop", "frontend"), t0).unwrap();
+    for cert in [&from_old, &from_new] {
+        assert!(
+            SpiffeVerifier::new(new.bundle())
+                .verify_peer(&cert.der, &[], now(), KeyUsage::client_auth())
+                .is_ok()
+        );
+    }
+    // New certificates chain to the new root only.
+    assert!(
+        SpiffeVerifier::new(old.bundle())
+            .verify_peer(&from_new.der, &[], now(), KeyUsage::client_auth())
+            .is_err()
+    );
+    assert!(new.with_trusted_pem("not a certificate").is_err());
+}
+
 /// Runs a TLS handshake between two in-memory connections.
 fn handshake(
     client: &mut rustls::ClientConnection,

@@ -14,9 +14,13 @@
 //! | `POST /api/v1/nodes/tokens` | make a node bootstrap token (shown once) |
 //! | `GET /api/v1/nodes/tokens` | the bootstrap tokens, without secrets |
 //! | `DELETE /api/v1/nodes/tokens/{id}` | revoke one |
+//! | `GET /api/v1/ca` | the trust domain, certificate lifetime and roots |
+//! | `POST /api/v1/ca/rotate-root` | stage a new root, or (`activate`) make it sign |
+//! | `POST /api/v1/ca/retire-root` | drop an old root from the bundle |
 //! | `GET /healthz`, `GET /version` | unauthenticated |
 
 mod auth;
+mod ca;
 mod certificates;
 mod error;
 mod nodes;
@@ -64,6 +68,9 @@ pub fn router(state: AppState) -> Router {
             "/certificates",
             get(certificates::list).post(certificates::issue),
         )
+        .route("/ca", get(ca::get))
+        .route("/ca/rotate-root", post(ca::rotate))
+        .route("/ca/retire-root", post(ca::retire))
         .route("/nodes/tokens", get(nodes::list).post(nodes::create))
         .route("/nodes/tokens/{id}", axum::routing::delete(nodes::delete))
         .route("/{kind}", get(list))

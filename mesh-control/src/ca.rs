@@ -1,6 +1,19 @@
 //! The CA's files in the control plane's data directory, never in the
-//! database: `ca/root.pem` (the root certificate, shareable),
-//! `ca/root.key` and `ca/kek` (secrets, 0600), `ca/trust-domain`.
+//! database: `ca/root.pem` (the signing root, shareable), `ca/root.key`
+//! and `ca/kek` (secrets, 0600), `ca/trust-domain`; during a root rotation
+//! also `ca/staged.pem` + `ca/staged.key` (the next root, trusted but not
+//! yet signing) and `ca/trusted.pem` (old roots still trusted).
+//!
+//! A root rotation is make-before-break, in three steps:
+//! 1. **stage**: a new root joins the trust bundle; nodes pick the bundle
+//!    up with their next certificate (within one certificate lifetime);
+//! 2. **activate**: the staged root signs from now on; the old one stays
+//!    trusted while certificates it signed are alive;
+//! 3. **retire**: the old root leaves the bundle.
+//!
+//! Every file is replaced by rename, so a crash leaves either the old or
+//! the new file; an activation interrupted between its renames is
+//! completed on the next load.
 
 use std::{
     fs,
@@ -9,7 +22,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use mesh_identity::{CertificateAuthority, Kek};
+use mesh_identity::{CertificateAuthority, Kek, RootInfo};
+use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+use serde::Serialize;
 use time::OffsetDateTime;
 
 /// The default trust domain, as in Kubernetes.
@@ -34,6 +49,166 @@ pub enum CaFilesError {
         #[source]
         source: mesh_identity::kek::KekError,
     },
+    #[error("{0}")]
+    Rotation(String),
+}
+
+/// The CA the control plane runs, with its key-encryption key. A root
+/// rotation swaps the CA whole; readers take a snapshot with [`Identity::ca`].
+#[derive(Debug)]
+pub struct Identity {
+    ca: std::sync::RwLock<std::sync::Arc<CertificateAuthority>>,
+    pub kek: Kek,
+    /// Where rotations are written; `None` for a CA held only in memory.
+    files: Option<CaFiles>,
+    /// One rotation step at a time.
+    rotation: tokio::sync::Mutex<()>,
+    /// Bumped whenever the signing root or the bundle changes.
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Identity {
+    pub fn new(ca: CertificateAuthority, kek: Kek) -> Self {
+        Self {
+            ca: std::sync::RwLock::new(std::sync::Arc::new(ca)),
+            kek,
+            files: None,
+            rotation: tokio::sync::Mutex::new(()),
+            changes: tokio::sync::watch::channel(0).0,
+        }
+    }
+
+    /// Persists rotations to `files` (where the CA was loaded from).
+    pub fn with_files(mut self, files: CaFiles) -> Self {
+        self.files = Some(files);
+        self
+    }
+
+    /// The CA now.
+    pub fn ca(&self) -> std::sync::Arc<CertificateAuthority> {
+        self.ca.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Follows changes of the signing root and of the bundle.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn files(&self) -> Result<&CaFiles, CaFilesError> {
+        self.files.as_ref().ok_or_else(|| {
+            CaFilesError::Rotation("this control plane's CA has no files to rotate".into())
+        })
+    }
+
+    /// The roots of the bundle with their state.
+    pub fn roots(&self) -> Result<Vec<Root>, CaFilesError> {
+        self.files()?.roots()
+    }
+
+    /// Reloads the CA from its files, keeping the configured lifetime.
+    fn reload(&self) -> Result<(), CaFilesError> {
+        let ttl = self.ca().ttl();
+        let (ca, _) = self.files()?.load()?;
+        let ca = ca.with_ttl(ttl)?;
+        *self.ca.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(ca);
+        self.changes.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// Step 1 of a root rotation: stage a new root (trusted, not signing).
+    pub async fn stage_root(&self, now: OffsetDateTime) -> Result<Root, CaFilesError> {
+        let _one = self.rotation.lock().await;
+        let root = self.files()?.stage_root(now)?;
+        self.reload()?;
+        tracing::info!(
+            serial = root.serial,
+            "staged a new root; nodes trust it from their next certificate"
+        );
+        Ok(root)
+    }
+
+    /// Step 2: the staged root signs from now on. Unless `force`, only once
+    /// a whole certificate lifetime has passed since it was staged, so
+    /// every node has received it in a bundle and keeps trusting the
+    /// control plane's renewed certificate.
+    pub async fn activate_staged(
+        &self,
+        now: OffsetDateTime,
+        force: bool,
+    ) -> Result<(), CaFilesError> {
+        let _one = self.rotation.lock().await;
+        let files = self.files()?;
+        let staged = files
+            .roots()?
+            .into_iter()
+            .find(|r| r.state == RootState::Staged)
+            .ok_or_else(|| {
+                CaFilesError::Rotation(
+                    "no root is staged: `meshctl ca rotate-root` stages one".into(),
+                )
+            })?;
+        // Staged roots start BACKDATE before they were made.
+        let staged_at = staged.not_before + mesh_identity::ca::BACKDATE;
+        let ready_at = staged_at + self.ca().ttl();
+        if now < ready_at && !force {
+            return Err(CaFilesError::Rotation(format!(
+                "root {} was staged at {staged_at}; nodes that have not renewed since may not trust it yet. \
+                 Activate at or after {ready_at} (one certificate lifetime later), or pass --force",
+                staged.serial
+            )));
+        }
+        files.activate_staged()?;
+        self.reload()?;
+        tracing::info!(serial = staged.serial, "the staged root signs from now on");
+        Ok(())
+    }
+
+    /// Step 3: the old root `serial` leaves the bundle. Unless `force`,
+    /// refuses while `still_signed` (unexpired certificates that chain to
+    /// it alone) is not zero.
+    pub async fn retire_root(
+        &self,
+        serial: &str,
+        still_signed: usize,
+        force: bool,
+    ) -> Result<Root, CaFilesError> {
+        let _one = self.rotation.lock().await;
+        if still_signed > 0 && !force {
+            return Err(CaFilesError::Rotation(format!(
+                "{still_signed} unexpired certificate(s) chain to root {serial}: their holders would be \
+                 refused. Wait until they renew, or pass --force"
+            )));
+        }
+        let root = self.files()?.retire_root(serial)?;
+        self.reload()?;
+        tracing::info!(serial, "retired a root");
+        Ok(root)
+    }
+}
+
+/// A root's part in the trust bundle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RootState {
+    /// Signs new certificates.
+    Signing,
+    /// Trusted, and will sign once activated.
+    Staged,
+    /// Trusted for certificates it signed before a rotation.
+    Retiring,
+}
+
+/// A root and its state.
+#[derive(Clone, Debug, Serialize)]
+pub struct Root {
+    pub serial: String,
+    pub state: RootState,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_before: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_after: OffsetDateTime,
+    #[serde(skip)]
+    pub pem: String,
 }
 
 /// The CA's files under a data directory.
@@ -101,21 +276,171 @@ impl CaFiles {
 
     /// The CA and the KEK.
     pub fn load(&self) -> Result<(CertificateAuthority, Kek), CaFilesError> {
-        let trust_domain_path = self.dir.join("trust-domain");
-        let trust_domain =
-            fs::read_to_string(&trust_domain_path).map_err(io(&trust_domain_path))?;
-        let root_path = self.dir.join("root.pem");
-        let root = fs::read_to_string(&root_path).map_err(io(&root_path))?;
-        let ca = CertificateAuthority::from_pem(
-            trust_domain.trim(),
-            &root,
-            &self.read_secret("root.key")?,
-        )?;
+        self.finish_activation()?;
+        let trust_domain = self.trust_domain()?;
+        let root = self.read("root.pem")?;
+        let mut ca =
+            CertificateAuthority::from_pem(&trust_domain, &root, &self.read_secret("root.key")?)?;
+        let others = self.roots()?;
+        for other in others.iter().filter(|r| r.state != RootState::Signing) {
+            ca = ca.with_trusted_pem(&other.pem)?;
+        }
         let kek = Kek::from_hex(&self.read_secret("kek")?).map_err(|source| CaFilesError::Kek {
             path: self.dir.join("kek"),
             source,
         })?;
         Ok((ca, kek))
+    }
+
+    fn trust_domain(&self) -> Result<String, CaFilesError> {
+        Ok(self.read("trust-domain")?.trim().to_owned())
+    }
+
+    fn read(&self, name: &str) -> Result<String, CaFilesError> {
+        let path = self.dir.join(name);
+        fs::read_to_string(&path).map_err(io(&path))
+    }
+
+    fn read_optional(&self, name: &str) -> Result<Option<String>, CaFilesError> {
+        let path = self.dir.join(name);
+        match fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// Replaces `name` by writing a temporary file and renaming it.
+    fn replace(&self, name: &str, contents: &str, mode: u32) -> Result<(), CaFilesError> {
+        let path = self.dir.join(name);
+        let temporary = self.dir.join(format!(".{name}.tmp"));
+        let _ = fs::remove_file(&temporary);
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&temporary)
+            .map_err(io(&temporary))?;
+        file.write_all(contents.as_bytes())
+            .map_err(io(&temporary))?;
+        file.sync_all().map_err(io(&temporary))?;
+        fs::rename(&temporary, &path).map_err(io(&path))
+    }
+
+    fn rename(&self, from: &str, to: &str) -> Result<(), CaFilesError> {
+        let target = self.dir.join(to);
+        fs::rename(self.dir.join(from), &target).map_err(io(&target))
+    }
+
+    /// Every root of the bundle, signing root first.
+    pub fn roots(&self) -> Result<Vec<Root>, CaFilesError> {
+        let mut roots = Vec::new();
+        let mut add = |pem_text: &str, state: RootState| -> Result<(), CaFilesError> {
+            for der in CertificateDer::pem_slice_iter(pem_text.as_bytes()) {
+                let der = der.map_err(|e| CaFilesError::Rotation(format!("a root's PEM: {e}")))?;
+                let info = RootInfo::of(&der)?;
+                let pem = pem::encode_config(
+                    &pem::Pem::new("CERTIFICATE", der.to_vec()),
+                    pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+                );
+                roots.push(Root {
+                    serial: info.serial,
+                    state,
+                    not_before: info.not_before,
+                    not_after: info.not_after,
+                    pem,
+                });
+            }
+            Ok(())
+        };
+        add(&self.read("root.pem")?, RootState::Signing)?;
+        if let Some(staged) = self.read_optional("staged.pem")? {
+            add(&staged, RootState::Staged)?;
+        }
+        if let Some(trusted) = self.read_optional("trusted.pem")? {
+            add(&trusted, RootState::Retiring)?;
+        }
+        Ok(roots)
+    }
+
+    /// Step 1: makes a new root and adds it to the bundle, not signing.
+    pub fn stage_root(&self, now: OffsetDateTime) -> Result<Root, CaFilesError> {
+        if self.dir.join("staged.pem").exists() {
+            return Err(CaFilesError::Rotation(
+                "a root is already staged: activate it first (`meshctl ca rotate-root --activate`)"
+                    .into(),
+            ));
+        }
+        let next = CertificateAuthority::generate(&self.trust_domain()?, now)?;
+        // The key first: a staged.pem without its key would be unusable.
+        self.replace("staged.key", &next.key_pem(), 0o600)?;
+        self.replace("staged.pem", next.root_pem(), 0o644)?;
+        self.roots()?
+            .into_iter()
+            .find(|r| r.state == RootState::Staged)
+            .ok_or_else(|| CaFilesError::Rotation("the staged root did not read back".into()))
+    }
+
+    /// Step 2: the staged root signs from now on; the signing root joins
+    /// the old roots still trusted.
+    pub fn activate_staged(&self) -> Result<(), CaFilesError> {
+        let Some(staged) = self.read_optional("staged.pem")? else {
+            return Err(CaFilesError::Rotation(
+                "no root is staged: `meshctl ca rotate-root` stages one".into(),
+            ));
+        };
+        // Check the staged pair before touching anything.
+        CertificateAuthority::from_pem(
+            &self.trust_domain()?,
+            &staged,
+            &self.read_secret("staged.key")?,
+        )?;
+        let old_root = self.read("root.pem")?;
+        let trusted = self.read_optional("trusted.pem")?.unwrap_or_default();
+        self.replace("trusted.pem", &format!("{trusted}{old_root}"), 0o644)?;
+        self.rename("staged.key", "root.key")?;
+        self.rename("staged.pem", "root.pem")
+    }
+
+    /// Completes an activation that stopped after its key rename: root.key
+    /// is the staged key while root.pem is still the old root.
+    fn finish_activation(&self) -> Result<(), CaFilesError> {
+        let Some(staged) = self.read_optional("staged.pem")? else {
+            return Ok(());
+        };
+        if self.dir.join("staged.key").exists() {
+            return Ok(());
+        }
+        let td = self.trust_domain()?;
+        if CertificateAuthority::from_pem(&td, &staged, &self.read_secret("root.key")?).is_ok() {
+            tracing::warn!("completing a root activation that was interrupted");
+            self.rename("staged.pem", "root.pem")?;
+        }
+        Ok(())
+    }
+
+    /// Step 3: removes a retiring root from the bundle.
+    pub fn retire_root(&self, serial: &str) -> Result<Root, CaFilesError> {
+        let roots = self.roots()?;
+        let Some(root) = roots.iter().find(|r| r.serial == serial) else {
+            let known: Vec<&str> = roots.iter().map(|r| r.serial.as_str()).collect();
+            return Err(CaFilesError::Rotation(format!(
+                "no root with serial {serial:?}; the roots are {known:?}"
+            )));
+        };
+        if root.state != RootState::Retiring {
+            return Err(CaFilesError::Rotation(format!(
+                "root {serial} is {:?}, not retiring: only an old root can be retired",
+                root.state
+            )));
+        }
+        let kept: String = roots
+            .iter()
+            .filter(|r| r.state == RootState::Retiring && r.serial != serial)
+            .map(|r| r.pem.as_str())
+            .collect();
+        self.replace("trusted.pem", &kept, 0o644)?;
+        Ok(root.clone())
     }
 }
 
@@ -143,5 +468,131 @@ mod tests {
         let key = dir.path().join("ca/root.key");
         fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
         assert!(matches!(files.load(), Err(CaFilesError::Exposed { .. })));
+    }
+
+    fn states(files: &CaFiles) -> Vec<(String, RootState)> {
+        files
+            .roots()
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.serial, r.state))
+            .collect()
+    }
+
+    #[test]
+    fn a_root_rotates_in_three_steps_and_every_step_survives_a_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = CaFiles::in_data_dir(dir.path());
+        files.create("mesh.test").unwrap();
+        let first = files.roots().unwrap()[0].serial.clone();
+        let now = OffsetDateTime::now_utc();
+
+        // Stage: trusted, not signing.
+        let staged = files.stage_root(now).unwrap();
+        assert_eq!(
+            states(&files),
+            [
+                (first.clone(), RootState::Signing),
+                (staged.serial.clone(), RootState::Staged)
+            ]
+        );
+        assert!(matches!(
+            files.stage_root(now),
+            Err(CaFilesError::Rotation(_))
+        ));
+        let (ca, _) = files.load().unwrap();
+        assert_eq!(ca.bundle().roots().len(), 2);
+        assert_eq!(RootInfo::of(ca.root_der()).unwrap().serial, first);
+        let meta = fs::metadata(dir.path().join("ca/staged.key")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+
+        // Activate: the staged root signs, the first is retiring.
+        files.activate_staged().unwrap();
+        assert_eq!(
+            states(&files),
+            [
+                (staged.serial.clone(), RootState::Signing),
+                (first.clone(), RootState::Retiring)
+            ]
+        );
+        let (ca, _) = files.load().unwrap();
+        assert_eq!(RootInfo::of(ca.root_der()).unwrap().serial, staged.serial);
+        assert_eq!(ca.bundle().roots().len(), 2);
+        assert!(matches!(
+            files.activate_staged(),
+            Err(CaFilesError::Rotation(_))
+        ));
+
+        // Retire: only a retiring root, and then it is gone.
+        assert!(matches!(
+            files.retire_root(&staged.serial),
+            Err(CaFilesError::Rotation(_))
+        ));
+        assert!(matches!(
+            files.retire_root("00"),
+            Err(CaFilesError::Rotation(_))
+        ));
+        files.retire_root(&first).unwrap();
+        assert_eq!(states(&files), [(staged.serial, RootState::Signing)]);
+        assert_eq!(files.load().unwrap().0.bundle().roots().len(), 1);
+    }
+
+    #[test]
+    fn an_activation_interrupted_between_its_renames_is_completed_on_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = CaFiles::in_data_dir(dir.path());
+        files.create("mesh.test").unwrap();
+        let staged = files.stage_root(OffsetDateTime::now_utc()).unwrap();
+        // The crash: trusted.pem written and the key renamed, root.pem not.
+        let old = fs::read_to_string(dir.path().join("ca/root.pem")).unwrap();
+        fs::write(dir.path().join("ca/trusted.pem"), old).unwrap();
+        fs::rename(
+            dir.path().join("ca/staged.key"),
+            dir.path().join("ca/root.key"),
+        )
+        .unwrap();
+
+        let (ca, _) = files.load().unwrap();
+        assert_eq!(RootInfo::of(ca.root_der()).unwrap().serial, staged.serial);
+        assert_eq!(ca.bundle().roots().len(), 2);
+        assert!(!dir.path().join("ca/staged.pem").exists());
+    }
+
+    #[tokio::test]
+    async fn activation_waits_a_certificate_lifetime_unless_forced() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = CaFiles::in_data_dir(dir.path());
+        files.create("mesh.test").unwrap();
+        let (ca, kek) = files.load().unwrap();
+        let identity = Identity::new(ca, kek).with_files(files);
+        let mut changes = identity.subscribe();
+        let now = OffsetDateTime::now_utc();
+        identity.stage_root(now).await.unwrap();
+        assert!(changes.has_changed().unwrap());
+        changes.mark_unchanged();
+        assert_eq!(identity.ca().bundle().roots().len(), 2);
+
+        let error = identity.activate_staged(now, false).await.unwrap_err();
+        assert!(error.to_string().contains("or pass --force"), "{error}");
+        let tomorrow = now + time::Duration::hours(24) + time::Duration::minutes(1);
+        identity.activate_staged(tomorrow, false).await.unwrap();
+        assert!(changes.has_changed().unwrap());
+
+        let old = identity
+            .roots()
+            .unwrap()
+            .into_iter()
+            .find(|r| r.state == RootState::Retiring)
+            .unwrap();
+        let error = identity
+            .retire_root(&old.serial, 3, false)
+            .await
+            .unwrap_err();
+        assert!(
+            error.to_string().starts_with("3 unexpired certificate(s)"),
+            "{error}"
+        );
+        identity.retire_root(&old.serial, 3, true).await.unwrap();
+        assert_eq!(identity.ca().bundle().roots().len(), 1);
     }
 }

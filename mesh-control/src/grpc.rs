@@ -32,8 +32,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let serving = ServingCertificate::start(identity.clone(), store.clone()).await?;
-    let tls = tls::server_config(&identity, serving);
-    let incoming = tls::incoming(listener, tls, identity.ca.trust_domain().to_owned());
+    let configs = Arc::new(tls::ServerConfigs::new(identity.clone(), serving));
+    let incoming = tls::incoming(listener, configs);
     let service = IdentityService::new(store, identity, config.csr_limit);
     tonic::transport::Server::builder()
         .add_service(service.into_server())

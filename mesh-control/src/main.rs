@@ -67,6 +67,10 @@ enum Command {
         #[arg(long, env = "MESH_GRPC_LISTEN", default_value = "127.0.0.1:15012")]
         grpc_listen: SocketAddr,
 
+        /// Lifetime of the certificates the CA issues (10s to 365d).
+        #[arg(long, env = "MESH_CERTIFICATE_TTL", default_value = "24h", value_parser = mesh_model::duration::parse_duration)]
+        certificate_ttl: std::time::Duration,
+
         /// Certificate requests a node may send at once.
         #[arg(long, env = "MESH_CSR_BURST", default_value_t = RateLimit::default().burst)]
         csr_burst: u32,
@@ -119,6 +123,7 @@ async fn main() -> anyhow::Result<()> {
             grpc_listen,
             csr_burst,
             csr_rate,
+            certificate_ttl,
         }) => {
             let grpc = GrpcConfig {
                 csr_limit: RateLimit {
@@ -133,6 +138,7 @@ async fn main() -> anyhow::Result<()> {
                 listen,
                 grpc_listen,
                 grpc,
+                certificate_ttl,
             )
             .await
         }
@@ -144,6 +150,7 @@ async fn main() -> anyhow::Result<()> {
                 "127.0.0.1:15100".parse()?,
                 "127.0.0.1:15012".parse()?,
                 GrpcConfig::default(),
+                mesh_identity::ca::DEFAULT_TTL,
             )
             .await
         }
@@ -257,6 +264,7 @@ async fn serve(
     listen: SocketAddr,
     grpc_listen: SocketAddr,
     grpc_config: GrpcConfig,
+    certificate_ttl: std::time::Duration,
 ) -> anyhow::Result<()> {
     let token = init(data_dir, trust_domain, database_url).await?;
     let (ca, kek) = CaFiles::in_data_dir(data_dir)
@@ -280,7 +288,8 @@ async fn serve(
         .with_context(|| format!("binding the node API to {grpc_listen}"))?;
     let grpc_addr = grpc_listener.local_addr()?;
     tracing::info!(addr = %grpc_addr, "node API (gRPC over TLS) listening");
-    let identity = Arc::new(api::Identity { ca, kek });
+    let ca = ca.with_ttl(certificate_ttl).context("--certificate-ttl")?;
+    let identity = Arc::new(api::Identity::new(ca, kek).with_files(CaFiles::in_data_dir(data_dir)));
     let app = api::router(AppState {
         store: store.clone(),
         token: Arc::from(token),

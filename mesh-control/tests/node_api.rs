@@ -7,11 +7,11 @@ use mesh_api::v1::{
     CertificateResponse, CreateCertificateRequest, JoinNodeRequest, identity_client::IdentityClient,
 };
 use mesh_control::{
-    api::Identity,
+    ca::{CaFiles, Identity},
     grpc::{self, GrpcConfig, RateLimit},
     store::Store,
 };
-use mesh_identity::{CertificateAuthority, Kek, SpiffeVerifier, TrustBundle, components};
+use mesh_identity::{SpiffeVerifier, TrustBundle, components};
 use mesh_model::parse_documents;
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
@@ -23,6 +23,7 @@ const TD: &str = "cluster.local";
 struct Server {
     addr: String,
     store: Store,
+    identity: Arc<Identity>,
     bundle: TrustBundle,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     _dir: tempfile::TempDir,
@@ -60,19 +61,18 @@ async fn start(limit: RateLimit) -> Server {
         .apply(&parse_documents(WORKLOADS).unwrap())
         .await
         .unwrap();
-    let ca = CertificateAuthority::generate(TD, OffsetDateTime::now_utc()).unwrap();
+    let files = CaFiles::in_data_dir(&dir.path().join("control"));
+    files.create(TD).unwrap();
+    let (ca, kek) = files.load().unwrap();
     let bundle = ca.bundle();
-    let identity = Arc::new(Identity {
-        ca,
-        kek: Kek::generate().unwrap().0,
-    });
+    let identity = Arc::new(Identity::new(ca, kek).with_files(files));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(grpc::serve(
         listener,
         store.clone(),
-        identity,
+        identity.clone(),
         GrpcConfig { csr_limit: limit },
         async move {
             let _ = stopped.await;
@@ -81,6 +81,7 @@ async fn start(limit: RateLimit) -> Server {
     Server {
         addr,
         store,
+        identity,
         bundle,
         stop: Some(stop),
         _dir: dir,
@@ -105,7 +106,16 @@ fn key() -> Key {
 
 impl Server {
     fn tls(&self, client_cert: Option<(&CertificateResponse, &Key)>) -> Arc<rustls::ClientConfig> {
-        let verifier = SpiffeVerifier::new(self.bundle.clone())
+        self.tls_trusting(self.bundle.clone(), client_cert)
+    }
+
+    /// A client that recognises the control plane by `bundle`.
+    fn tls_trusting(
+        &self,
+        bundle: TrustBundle,
+        client_cert: Option<(&CertificateResponse, &Key)>,
+    ) -> Arc<rustls::ClientConfig> {
+        let verifier = SpiffeVerifier::new(bundle)
             .expecting(components::control_plane(TD))
             .into_server_verifier();
         let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -433,4 +443,87 @@ async fn certificate_requests_are_rate_limited_per_node() {
     assert!(status.message().contains("retry in"), "{status:?}");
     // Another node is not held back by node1.
     server.join("node2").await;
+}
+
+fn bundle_of(response: &CertificateResponse) -> TrustBundle {
+    let roots = response
+        .trust_bundle_der
+        .iter()
+        .map(|der| CertificateDer::from(der.clone()))
+        .collect();
+    TrustBundle::new(TD, roots).unwrap()
+}
+
+#[tokio::test]
+async fn nodes_keep_working_through_a_root_rotation() {
+    let server = start(RateLimit::default()).await;
+    let (node_cert, node_key) = server.join("node1").await;
+    assert_eq!(node_cert.trust_bundle_der.len(), 1);
+
+    // Stage: the next certificate brings the new root along.
+    server
+        .identity
+        .stage_root(OffsetDateTime::now_utc())
+        .await
+        .unwrap();
+    let mut node1 = server.client(server.tls(Some((&node_cert, &node_key))));
+    let renewed_key = key();
+    let renewed = node1
+        .join_node(JoinNodeRequest {
+            node: "node1".into(),
+            csr_pem: renewed_key.csr_pem.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let both = bundle_of(&renewed);
+    assert_eq!(both.roots().len(), 2);
+
+    // Activate: the control plane re-issues its own certificate from the
+    // new root. A node that never saw the new root cannot verify it; one
+    // that renewed since staging can.
+    server
+        .identity
+        .activate_staged(OffsetDateTime::now_utc(), true)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mut stale = server.client(server.tls(Some((&renewed, &renewed_key))));
+        let status = stale
+            .create_certificate(workload("shop", "frontend-1"))
+            .await;
+        if status.is_err() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the control plane still serves a certificate from the old root"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // The node's certificate from the old root is still accepted, and what
+    // it is issued now chains to the new root.
+    let mut current = server.client(server.tls_trusting(both, Some((&renewed, &renewed_key))));
+    let issued = current
+        .create_certificate(workload("shop", "frontend-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    let new_root_only = TrustBundle::new(
+        TD,
+        vec![CertificateDer::from(issued.trust_bundle_der[0].clone())],
+    )
+    .unwrap();
+    assert!(
+        SpiffeVerifier::new(new_root_only)
+            .verify_peer(
+                &CertificateDer::from(issued.certificate_der.clone()),
+                &[],
+                UnixTime::now(),
+                webpki::KeyUsage::client_auth(),
+            )
+            .is_ok()
+    );
+    assert_eq!(issued.trust_bundle_der.len(), 2);
 }

@@ -2,6 +2,7 @@
 //! admin API; the server and token come from flags, the environment, or the
 //! token file `mesh-control init` wrote.
 
+mod ca;
 mod client;
 mod config;
 mod node;
@@ -104,6 +105,14 @@ enum Command {
         #[command(subcommand)]
         command: CertCommand,
     },
+    /// The mesh CA: its roots, and rotating them without breaking a
+    /// connection (stage, activate, retire).
+    ///
+    /// Example: meshctl ca rotate-root
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Nodes: the bootstrap tokens they join the mesh with.
     ///
     /// Example: meshctl node token create --node node1 --ttl 1h
@@ -149,6 +158,43 @@ enum CertCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// The trust domain, certificate lifetime and every root with its
+    /// state (signing, staged, retiring).
+    ///
+    /// Example: meshctl ca status -o json
+    Status {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Rotate the root, make-before-break. Without flags: stage a new root,
+    /// which nodes start trusting with their next certificate. With
+    /// --activate (one certificate lifetime later): the staged root signs,
+    /// the old one stays trusted until retired.
+    ///
+    /// Example: meshctl ca rotate-root && meshctl ca rotate-root --activate
+    RotateRoot {
+        /// Make the staged root the signing root.
+        #[arg(long)]
+        activate: bool,
+        /// Activate before a certificate lifetime has passed since staging
+        /// (nodes that have not renewed since will distrust the control
+        /// plane until their bootstrap).
+        #[arg(long, requires = "activate")]
+        force: bool,
+    },
+    /// Remove an old root from the trust bundle. Refused while unexpired
+    /// certificates the CA recorded chain to it, unless --force.
+    ///
+    /// Example: meshctl ca retire-root 4a1f...
+    RetireRoot {
+        serial: String,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum NodeCommand {
     /// Bootstrap tokens: a node presents one to obtain its first node
     /// certificate, then renews with that certificate.
@@ -170,7 +216,7 @@ enum TokenCommand {
         #[arg(long)]
         node: Option<String>,
         /// How long it stays valid (90s, 30m, 24h, 7d).
-        #[arg(long, default_value = "24h", value_parser = node::parse_duration)]
+        #[arg(long, default_value = "24h", value_parser = mesh_model::duration::parse_duration)]
         ttl: std::time::Duration,
         #[arg(long)]
         description: Option<String>,
@@ -323,6 +369,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Cert { command } => cert::run(&client()?, command),
         Command::Node { command } => node::run(&client()?, command),
+        Command::Ca { command } => ca::run(&client()?, command),
         Command::Describe {
             kind,
             name,

@@ -5,6 +5,7 @@ use std::{io::Write as _, net::SocketAddr, process::Command, sync::Arc};
 
 use mesh_control::{
     api::{self, AppState},
+    ca::CaFiles,
     store::Store,
 };
 
@@ -20,6 +21,7 @@ impl ControlPlane {
     fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}?mode=rwc", dir.path().join("mesh.db").display());
+        let ca_dir = dir.path().join("control");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -31,12 +33,12 @@ impl ControlPlane {
                 let store = Store::open(&url).await.unwrap();
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 tx.send(listener.local_addr().unwrap()).unwrap();
-                let now = time::OffsetDateTime::now_utc();
-                let identity = api::Identity {
-                    ca: mesh_identity::CertificateAuthority::generate("cluster.local", now)
-                        .unwrap(),
-                    kek: mesh_identity::Kek::generate().unwrap().0,
-                };
+                // The CA in files, as `mesh-control init` makes it, so
+                // root rotations have somewhere to go.
+                let files = CaFiles::in_data_dir(&ca_dir);
+                files.create("cluster.local").unwrap();
+                let (ca, kek) = files.load().unwrap();
+                let identity = api::Identity::new(ca, kek).with_files(files);
                 let app = api::router(AppState {
                     store,
                     token: Arc::from(TOKEN),
@@ -260,6 +262,10 @@ fn every_command_has_an_example_in_its_help() {
         vec!["cert"],
         vec!["cert", "list"],
         vec!["cert", "issue"],
+        vec!["ca"],
+        vec!["ca", "status"],
+        vec!["ca", "rotate-root"],
+        vec!["ca", "retire-root"],
         vec!["node"],
         vec!["node", "token"],
         vec!["node", "token", "create"],
@@ -426,4 +432,90 @@ fn node_tokens_are_shown_once_listed_without_secrets_and_revoked() {
     assert!(out.stderr.contains("not found"), "{out:?}");
     let out = cp.meshctl(&["node", "token", "list"]);
     assert_eq!(out.stdout, "No bootstrap tokens.\n");
+}
+
+#[test]
+fn ca_roots_rotate_make_before_break() {
+    let cp = ControlPlane::start();
+    let status = |cp: &ControlPlane| -> serde_json::Value {
+        let out = cp.meshctl(&["ca", "status", "-o", "json"]);
+        assert!(out.ok, "{out:?}");
+        serde_json::from_str(&out.stdout).unwrap()
+    };
+    let serials = |status: &serde_json::Value, state: &str| -> Vec<String> {
+        status["roots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["state"] == state)
+            .map(|r| r["serial"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let before = status(&cp);
+    assert_eq!(before["trust_domain"], "cluster.local");
+    let first = serials(&before, "signing");
+    assert_eq!(first.len(), 1);
+
+    // A certificate signed by the first root, still valid.
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = cp.meshctl(&[
+        "cert",
+        "issue",
+        "-n",
+        "edge",
+        "--service-account",
+        "gateway",
+        "--out-dir",
+        out_dir.path().to_str().unwrap(),
+    ]);
+    assert!(out.ok, "{out:?}");
+
+    let out = cp.meshctl(&["ca", "rotate-root"]);
+    assert!(out.ok, "{out:?}");
+    assert!(out.stdout.contains("staged"), "{out:?}");
+    let staged = serials(&status(&cp), "staged");
+    assert_eq!(staged.len(), 1);
+    // The bundle handed out now holds both roots.
+    let out = cp.meshctl(&[
+        "cert",
+        "issue",
+        "-n",
+        "edge",
+        "--service-account",
+        "gateway",
+        "--out-dir",
+        out_dir.path().join("2").to_str().unwrap(),
+    ]);
+    assert!(out.ok, "{out:?}");
+    let bundle = std::fs::read_to_string(out_dir.path().join("2/bundle.pem")).unwrap();
+    assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 2);
+
+    // Too early to activate without --force; a second stage is refused.
+    let out = cp.meshctl(&["ca", "rotate-root", "--activate"]);
+    assert!(!out.ok);
+    assert!(out.stderr.contains("or pass --force"), "{out:?}");
+    let out = cp.meshctl(&["ca", "rotate-root"]);
+    assert!(!out.ok);
+    assert!(out.stderr.contains("already staged"), "{out:?}");
+    let out = cp.meshctl(&["ca", "rotate-root", "--activate", "--force"]);
+    assert!(out.ok, "{out:?}");
+    let after = status(&cp);
+    assert_eq!(serials(&after, "signing"), staged);
+    assert_eq!(serials(&after, "retiring"), first);
+
+    // The gateway certificates from the first root are alive: retiring it
+    // is refused unless forced.
+    let out = cp.meshctl(&["ca", "retire-root", &first[0]]);
+    assert!(!out.ok);
+    assert!(
+        out.stderr
+            .contains("unexpired certificate(s) chain to root"),
+        "{out:?}"
+    );
+    let out = cp.meshctl(&["ca", "retire-root", &staged[0]]);
+    assert!(!out.ok);
+    assert!(out.stderr.contains("not retiring"), "{out:?}");
+    let out = cp.meshctl(&["ca", "retire-root", &first[0], "--force"]);
+    assert!(out.ok, "{out:?}");
+    assert_eq!(status(&cp)["roots"].as_array().unwrap().len(), 1);
 }

@@ -9,20 +9,14 @@ use axum::{
     Json,
     extract::{Query, State},
 };
-use mesh_identity::{CertificateAuthority, Kek, SpiffeId};
+use mesh_identity::SpiffeId;
 use mesh_model::names::check_dns_label;
 use serde::{Deserialize, Serialize};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use super::{ApiError, AppState};
+pub use crate::ca::Identity;
 use crate::store::NewCertificate;
-
-/// The CA and its key-encryption key, when the control plane has them.
-#[derive(Debug)]
-pub struct Identity {
-    pub ca: CertificateAuthority,
-    pub kek: Kek,
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -81,15 +75,16 @@ pub async fn issue(
     if !problems.is_empty() {
         return Err(ApiError::BadRequest(problems.join("; ")));
     }
+    let ca = identity.ca();
     let spiffe_id = SpiffeId::parse(&format!(
         "spiffe://{}/ns/{}/sa/{}",
-        identity.ca.trust_domain(),
+        ca.trust_domain(),
         request.namespace,
         request.service_account
     ))
     .map_err(ApiError::BadRequest)?;
     let now = OffsetDateTime::now_utc();
-    let (cert, key_pem) = identity.ca.issue_with_key(&spiffe_id, now).map_err(|e| {
+    let (cert, key_pem) = ca.issue_with_key(&spiffe_id, now).map_err(|e| {
         tracing::error!(error = %e, "issuing a certificate");
         ApiError::Internal
     })?;
@@ -121,7 +116,7 @@ pub async fn issue(
         not_after: rfc3339(cert.not_after),
         cert_pem: cert.pem,
         key_pem,
-        trust_bundle_pem: identity.ca.root_pem().to_owned(),
+        trust_bundle_pem: ca.bundle_pem(),
     }))
 }
 

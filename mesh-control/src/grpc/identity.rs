@@ -12,7 +12,7 @@ use std::sync::Arc;
 use mesh_api::v1::{
     CertificateResponse, CreateCertificateRequest, JoinNodeRequest, identity_server,
 };
-use mesh_identity::{IssuedCertificate, SpiffeId, components};
+use mesh_identity::{CertificateAuthority, IssuedCertificate, SpiffeId, components};
 use mesh_model::{Kind, Resource, names::check_dns_label};
 use time::OffsetDateTime;
 use tonic::{Request, Response, Status};
@@ -48,8 +48,8 @@ impl IdentityService {
         identity_server::IdentityServer::new(self)
     }
 
-    fn trust_domain(&self) -> &str {
-        self.identity.ca.trust_domain()
+    fn trust_domain(&self) -> String {
+        self.identity.ca().trust_domain().to_owned()
     }
 
     fn rate_limit(&self, node: &str) -> Result<(), Status> {
@@ -70,9 +70,9 @@ impl IdentityService {
         node: &str,
     ) -> Result<CertificateResponse, Status> {
         let now = OffsetDateTime::now_utc();
-        let cert = self
-            .identity
-            .ca
+        // One snapshot: the bundle sent is the one the certificate chains to.
+        let ca = self.identity.ca();
+        let cert = ca
             .issue_for_csr(csr_pem, id, now)
             .map_err(|e| Status::invalid_argument(format!("csr_pem: {e}")))?;
         self.store
@@ -89,26 +89,24 @@ impl IdentityService {
             .await
             .map_err(internal)?;
         tracing::info!(spiffe_id = %id, serial = %cert.serial, node, "issued a certificate for a CSR");
-        Ok(self.response(cert))
+        Ok(response(&ca, cert))
     }
+}
 
-    fn response(&self, cert: IssuedCertificate) -> CertificateResponse {
-        CertificateResponse {
-            spiffe_id: cert.spiffe_id.to_string(),
-            serial: cert.serial,
-            certificate_der: cert.der.to_vec(),
-            chain_der: Vec::new(),
-            not_before_unix: cert.not_before.unix_timestamp(),
-            not_after_unix: cert.not_after.unix_timestamp(),
-            trust_bundle_der: self
-                .identity
-                .ca
-                .bundle()
-                .roots()
-                .iter()
-                .map(|root| root.to_vec())
-                .collect(),
-        }
+fn response(ca: &CertificateAuthority, cert: IssuedCertificate) -> CertificateResponse {
+    CertificateResponse {
+        spiffe_id: cert.spiffe_id.to_string(),
+        serial: cert.serial,
+        certificate_der: cert.der.to_vec(),
+        chain_der: Vec::new(),
+        not_before_unix: cert.not_before.unix_timestamp(),
+        not_after_unix: cert.not_after.unix_timestamp(),
+        trust_bundle_der: ca
+            .bundle()
+            .roots()
+            .iter()
+            .map(|root| root.to_vec())
+            .collect(),
     }
 }
 
@@ -139,7 +137,7 @@ impl identity_server::Identity for IdentityService {
         request: Request<JoinNodeRequest>,
     ) -> Result<Response<CertificateResponse>, Status> {
         let node = request.get_ref().node.clone();
-        let node_id = components::node(self.trust_domain(), &node)
+        let node_id = components::node(&self.trust_domain(), &node)
             .map_err(|why| Status::invalid_argument(format!("node: {why}")))?;
         let now = OffsetDateTime::now_utc();
         let caller = peer(&request).and_then(|p| p.identity_at(now));
@@ -229,7 +227,7 @@ impl identity_server::Identity for IdentityService {
             return Err(denied());
         }
         let id = SpiffeId {
-            trust_domain: self.trust_domain().to_owned(),
+            trust_domain: self.trust_domain(),
             namespace: namespace.clone(),
             service_account: spec.service_account.clone(),
         };

@@ -113,8 +113,9 @@ impl ResolvesServerCert for ServingCertificate {
 }
 
 impl ServingCertificate {
-    /// Issues the first certificate and keeps renewing it at half its
-    /// lifetime for as long as the returned value lives.
+    /// Issues the first certificate and keeps renewing it — at half its
+    /// lifetime, and at once when the signing root changes — for as long as
+    /// the returned value lives.
     pub async fn start(identity: Arc<Identity>, store: Store) -> anyhow::Result<Arc<Self>> {
         let (certified, not_after) = issue(&identity, &store).await?;
         let serving = Arc::new(Self {
@@ -122,6 +123,7 @@ impl ServingCertificate {
             not_after: RwLock::new(not_after),
         });
         let weak = Arc::downgrade(&serving);
+        let mut changes = identity.subscribe();
         tokio::spawn(async move {
             loop {
                 let Some(serving) = weak.upgrade() else {
@@ -132,7 +134,14 @@ impl ServingCertificate {
                 let left: time::Duration =
                     (not_after - OffsetDateTime::now_utc()).max(time::Duration::ZERO);
                 let half: Duration = (left / 2_i32).unsigned_abs();
-                tokio::time::sleep(half.max(Duration::from_secs(1))).await;
+                tokio::select! {
+                    () = tokio::time::sleep(half.max(Duration::from_secs(1))) => {}
+                    changed = changes.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                    }
+                }
                 let Some(serving) = weak.upgrade() else {
                     return;
                 };
@@ -156,9 +165,10 @@ async fn issue(
     identity: &Identity,
     store: &Store,
 ) -> anyhow::Result<(Arc<CertifiedKey>, OffsetDateTime)> {
-    let id = components::control_plane(identity.ca.trust_domain());
+    let ca = identity.ca();
+    let id = components::control_plane(ca.trust_domain());
     let now = OffsetDateTime::now_utc();
-    let (cert, key_pem) = identity.ca.issue_with_key(&id, now)?;
+    let (cert, key_pem) = ca.issue_with_key(&id, now)?;
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
     let signing_key = rustls::crypto::ring::default_provider()
         .key_provider
@@ -184,12 +194,43 @@ async fn issue(
 
 /// The server side of the node channel: our certificate; client
 /// certificates optional but, when presented, verified strictly against the
-/// mesh's trust bundle.
-pub fn server_config(
+/// mesh's trust bundle as it is now. Rebuilt when the bundle changes.
+#[derive(Debug)]
+pub struct ServerConfigs {
+    identity: Arc<Identity>,
+    serving: Arc<ServingCertificate>,
+    current: std::sync::Mutex<(tokio::sync::watch::Receiver<u64>, Arc<rustls::ServerConfig>)>,
+}
+
+impl ServerConfigs {
+    pub fn new(identity: Arc<Identity>, serving: Arc<ServingCertificate>) -> Self {
+        let mut changes = identity.subscribe();
+        changes.mark_unchanged();
+        let config = server_config(&identity, serving.clone());
+        Self {
+            identity,
+            serving,
+            current: std::sync::Mutex::new((changes, config)),
+        }
+    }
+
+    /// The configuration for a new connection.
+    pub fn current(&self) -> Arc<rustls::ServerConfig> {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let (changes, config) = &mut *current;
+        if changes.has_changed().unwrap_or(false) {
+            changes.mark_unchanged();
+            *config = server_config(&self.identity, self.serving.clone());
+        }
+        config.clone()
+    }
+}
+
+fn server_config(
     identity: &Identity,
     serving: Arc<ServingCertificate>,
 ) -> Arc<rustls::ServerConfig> {
-    let verifier = SpiffeVerifier::new(identity.ca.bundle())
+    let verifier = SpiffeVerifier::new(identity.ca().bundle())
         .client_certificate_optional()
         .into_client_verifier();
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
@@ -207,11 +248,9 @@ pub fn server_config(
 /// (a slow client holds up no one) and yields the connections that made it.
 pub fn incoming(
     listener: TcpListener,
-    config: Arc<rustls::ServerConfig>,
-    trust_domain: String,
+    configs: Arc<ServerConfigs>,
 ) -> mpsc::Receiver<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(64);
-    let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = match listener.accept().await {
@@ -226,9 +265,9 @@ pub fn incoming(
             if tx.is_closed() {
                 return;
             }
-            let acceptor = acceptor.clone();
+            let acceptor = TlsAcceptor::from(configs.current());
+            let trust_domain = configs.identity.ca().trust_domain().to_owned();
             let tx = tx.clone();
-            let trust_domain = trust_domain.clone();
             tokio::spawn(async move {
                 let stream =
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

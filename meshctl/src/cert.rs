@@ -17,8 +17,14 @@ use crate::{
 
 pub fn run(client: &Client, command: CertCommand) -> anyhow::Result<()> {
     match command {
-        CertCommand::List { service, output } => {
-            let query: Vec<(&str, &str)> = service
+        CertCommand::List {
+            service,
+            workload,
+            output,
+        } => {
+            // A workload's certificates are recorded under `namespace/name`.
+            let record = service.or(workload);
+            let query: Vec<(&str, &str)> = record
                 .iter()
                 .map(|s| ("service_name", s.as_str()))
                 .collect();
@@ -37,6 +43,7 @@ pub fn run(client: &Client, command: CertCommand) -> anyhow::Result<()> {
                             "NOT-AFTER",
                             "STATE",
                             "KEY",
+                            "NODE",
                         ]
                         .map(str::to_owned)
                         .to_vec(),
@@ -50,6 +57,7 @@ pub fn run(client: &Client, command: CertCommand) -> anyhow::Result<()> {
                             text("not_after"),
                             text("state"),
                             text("key"),
+                            text("node"),
                         ]);
                     }
                     print!("{}", align(&rows));

@@ -130,11 +130,15 @@ enum Command {
 enum CertCommand {
     /// List issued certificates: identity, serial, expiry, state.
     ///
-    /// Example: meshctl cert list --service gateway.edge
+    /// Example: meshctl cert list --workload shop/frontend-1
     List {
-        /// Only this record name (`<name>.<namespace>`).
-        #[arg(long)]
+        /// Only this record name (`<service-account>.<namespace>` for
+        /// certificates issued with `cert issue`).
+        #[arg(long, conflicts_with = "workload")]
         service: Option<String>,
+        /// Only the certificates of one mesh workload, `namespace/name`.
+        #[arg(long)]
+        workload: Option<String>,
         #[arg(short, long, value_enum, default_value = "table")]
         output: Format,
     },

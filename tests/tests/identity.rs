@@ -164,4 +164,23 @@ fn a_node_joins_and_holds_only_its_own_workloads_certificates() {
         !listed.to_string().contains("shop/reviews-1"),
         "a refused request was recorded"
     );
+
+    // The operator's view of one workload.
+    let table = meshctl(
+        &api,
+        &data_dir,
+        &["cert", "list", "--workload", "shop/frontend-1"],
+        None,
+    );
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 2, "{table}");
+    assert!(
+        lines[0].starts_with("SERVICE") && lines[0].ends_with("NODE"),
+        "{table}"
+    );
+    assert!(
+        lines[1].contains(serial) && lines[1].contains("valid"),
+        "{table}"
+    );
+    assert!(lines[1].ends_with("node1"), "{table}");
 }

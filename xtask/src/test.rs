@@ -50,19 +50,27 @@ pub fn run() -> anyhow::Result<()> {
     let postgres = mesh_e2e::postgres::TestPostgres::start().context("starting PostgreSQL")?;
     println!("    {}", postgres.url());
 
-    step("unit, component and store tests");
+    // Every cargo invocation selects the whole workspace, so features
+    // resolve the same way each time and nothing is compiled twice; the
+    // targets are chosen by kind and by name instead.
+    let tests = IntegrationTests::find()?;
+    step("unit tests");
     let mut tally = Tally::default();
     run::run_tests(
+        cargo().args(["test", "--workspace", "--lib", "--bins"]),
+        &mut tally,
+    )?;
+    run::run_tests(cargo().args(["test", "--workspace", "--doc"]), &mut tally)?;
+
+    step("component and store tests (real PostgreSQL and SQLite, loopback)");
+    run::run_tests(
         cargo()
-            .args(["test", "--workspace", "--exclude", "mesh-e2e"])
+            .args(["test", "--workspace"])
+            .args(tests.component.iter().flat_map(|t| ["--test", t.as_str()]))
             .env("MESH_TEST_POSTGRES_URL", postgres.url()),
         &mut tally,
     )?;
     drop(postgres);
-    run::run_tests(
-        cargo().args(["test", "-p", "mesh-e2e", "--lib", "--bins"]),
-        &mut tally,
-    )?;
 
     step("root tests: eBPF in the kernel and the local cluster (serial)");
     if !run::is_root() {
@@ -70,27 +78,13 @@ pub fn run() -> anyhow::Result<()> {
     }
     sweep_test_clusters()?;
     let namespaces_before = mesh_e2e::netns::list("").context("listing network namespaces")?;
-    // The tests start the binaries themselves.
-    run::run(cargo().args([
-        "build",
-        "-p",
-        "mesh-node",
-        "-p",
-        "mesh-control",
-        "-p",
-        "meshctl",
-        "--bins",
-    ]))?;
+    // The binaries these tests start (mesh-node, mesh-control, meshctl) were
+    // built for the component tests of their own crates.
     let result = run::run_tests(
-        cargo().args([
-            "test",
-            "-p",
-            "mesh-e2e",
-            "--test",
-            "*",
-            "--",
-            "--test-threads=1",
-        ]),
+        cargo()
+            .args(["test", "--workspace"])
+            .args(tests.root.iter().flat_map(|t| ["--test", t.as_str()]))
+            .args(["--", "--test-threads=1"]),
         &mut tally,
     );
     let leftovers = sweep_test_clusters()?;
@@ -108,6 +102,64 @@ pub fn run() -> anyhow::Result<()> {
         tally.passed, tally.failed, tally.ignored
     );
     Ok(())
+}
+
+/// The integration tests (`<crate>/tests/*.rs`) by name: those of the
+/// end-to-end package (`tests/`, root only) and the others.
+#[derive(Debug)]
+struct IntegrationTests {
+    component: Vec<String>,
+    root: Vec<String>,
+}
+
+impl IntegrationTests {
+    fn find() -> anyhow::Result<Self> {
+        let mut component = Vec::new();
+        let mut root_tests = Vec::new();
+        for entry in std::fs::read_dir(root()).context("listing the workspace")? {
+            let dir = entry?.path();
+            let tests_dir = dir.join("tests");
+            // mesh-ebpf is not a workspace member (and has no tests).
+            if !dir.join("Cargo.toml").is_file()
+                || !tests_dir.is_dir()
+                || dir.ends_with("mesh-ebpf")
+            {
+                continue;
+            }
+            let into = if dir.ends_with("tests") {
+                &mut root_tests
+            } else {
+                &mut component
+            };
+            for file in std::fs::read_dir(&tests_dir)? {
+                let file = file?.path();
+                if file.extension().is_some_and(|e| e == "rs")
+                    && let Some(name) = file.file_stem().and_then(|n| n.to_str())
+                {
+                    into.push(name.to_owned());
+                }
+            }
+        }
+        component.sort();
+        root_tests.sort();
+        // `--test NAME` selects by name across the workspace: a name in
+        // both lists would run in both phases.
+        if let Some(twin) = component.iter().find(|name| root_tests.contains(name)) {
+            bail!(
+                "integration test {twin:?} exists in tests/tests and in another crate; rename one"
+            );
+        }
+        if let Some(twin) = component.windows(2).find(|pair| pair[0] == pair[1]) {
+            bail!(
+                "two crates have an integration test named {:?}; rename one",
+                twin[0]
+            );
+        }
+        Ok(Self {
+            component,
+            root: root_tests,
+        })
+    }
 }
 
 /// Tears down every test cluster still present; returns how many there were.

@@ -2,15 +2,13 @@
 //! `POST /api/v1/ca/rotate-root` (stage, or with `activate` switch the
 //! signing root), `POST /api/v1/ca/retire-root`.
 
-use std::sync::Arc;
-
 use axum::{Json, extract::State};
 use mesh_identity::{SpiffeVerifier, TrustBundle};
 use rustls::pki_types::{CertificateDer, UnixTime, pem::PemObject as _};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, certificates::identity};
 use crate::ca::{CaFilesError, Identity, Root};
 
 #[derive(Debug, Serialize)]
@@ -19,13 +17,6 @@ pub struct CaStatus {
     pub certificate_ttl_seconds: u64,
     /// Signing root first.
     pub roots: Vec<Root>,
-}
-
-fn identity(state: &AppState) -> Result<&Arc<Identity>, ApiError> {
-    state
-        .identity
-        .as_ref()
-        .ok_or_else(|| ApiError::Unavailable("this control plane has no CA configured".into()))
 }
 
 fn rotation_error(error: CaFilesError) -> ApiError {

@@ -40,7 +40,8 @@ pub struct IssueResponse {
     pub trust_bundle_pem: String,
 }
 
-fn identity(state: &AppState) -> Result<&Arc<Identity>, ApiError> {
+/// The CA, or 503 when this control plane runs without one.
+pub(super) fn identity(state: &AppState) -> Result<&Arc<Identity>, ApiError> {
     state
         .identity
         .as_ref()

@@ -2,7 +2,7 @@
 //! building needs no `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["mesh/v1/identity.proto"];
+    let files = ["mesh/v1/identity.proto", "mesh/v1/discovery.proto"];
     for file in files {
         println!("cargo:rerun-if-changed=proto/{file}");
     }

@@ -9,6 +9,7 @@
 //! live beside them so the control plane and the node share them.
 
 pub mod authz;
+pub mod config;
 pub mod duration;
 pub mod names;
 pub mod namespace;

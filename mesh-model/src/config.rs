@@ -1,0 +1,258 @@
+//! The configuration a node holds, as the control plane pushes it: named,
+//! versioned resources — the mesh.io/v1 objects its workloads need and the
+//! endpoint sets of their services. The node validates every pushed body
+//! here, with the same checks the API applies, before it swaps anything in.
+
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    Resource,
+    names::{check_dns_label, quoted},
+    parse_documents,
+    workload::MAX_VERSION,
+};
+
+/// One endpoint of a service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointEntry {
+    pub ip: IpAddr,
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    pub healthy: bool,
+    /// The workload (pod) behind it, `namespace/name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+}
+
+/// Every endpoint of one service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSet {
+    pub namespace: String,
+    pub service: String,
+    pub endpoints: Vec<EndpointEntry>,
+}
+
+impl EndpointSet {
+    fn check(&self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        for (field, value) in [("namespace", &self.namespace), ("service", &self.service)] {
+            if let Err(why) = check_dns_label(value) {
+                problems.push(format!("{field}: {why}"));
+            }
+        }
+        for (i, endpoint) in self.endpoints.iter().enumerate() {
+            if endpoint.port == 0 {
+                problems.push(format!("endpoints[{i}].port: must be 1 to 65535 (got 0)"));
+            }
+            if endpoint.ip.is_unspecified() || endpoint.ip.is_multicast() {
+                problems.push(format!(
+                    "endpoints[{i}].ip: {} cannot be an endpoint",
+                    endpoint.ip
+                ));
+            }
+            if endpoint
+                .version
+                .as_ref()
+                .is_some_and(|v| v.is_empty() || v.len() > MAX_VERSION)
+            {
+                problems.push(format!(
+                    "endpoints[{i}].version: must be 1 to {MAX_VERSION} characters"
+                ));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+}
+
+/// A pushed resource, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ConfigResource {
+    Object(Resource),
+    Endpoints(EndpointSet),
+}
+
+/// The name a resource is pushed under: `<kind>/<namespace>/<name>`, or
+/// `namespace/<name>` for a namespace.
+pub fn object_name(resource: &Resource) -> String {
+    let kind = resource.kind().as_str().to_ascii_lowercase();
+    match resource.namespace() {
+        Some(ns) => format!("{kind}/{ns}/{}", resource.name()),
+        None => format!("{kind}/{}", resource.name()),
+    }
+}
+
+/// The name a service's endpoint set is pushed under.
+pub fn endpoints_name(namespace: &str, service: &str) -> String {
+    format!("endpoints/{namespace}/{service}")
+}
+
+/// A version for `body`: changes whenever the body does, the same on every
+/// replica (FNV-1a, 64 bits, hex).
+pub fn version_of(body: &[u8]) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in body {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+/// The JSON body a resource is pushed as.
+pub fn object_body(resource: &Resource) -> Vec<u8> {
+    serde_json::to_vec(&resource.to_document()).expect("documents always serialize")
+}
+
+/// The JSON body an endpoint set is pushed as.
+pub fn endpoints_body(set: &EndpointSet) -> Vec<u8> {
+    serde_json::to_vec(set).expect("endpoint sets always serialize")
+}
+
+/// Validates a pushed resource: its body must parse and validate exactly
+/// as the API would accept it, and be what its name says.
+pub fn parse_resource(name: &str, body: &[u8]) -> Result<ConfigResource, String> {
+    let text = std::str::from_utf8(body).map_err(|_| format!("{name}: the body is not UTF-8"))?;
+    let parsed = if name.starts_with("endpoints/") {
+        let set: EndpointSet = serde_json::from_str(text).map_err(|e| format!("{name}: {e}"))?;
+        set.check().map_err(|why| format!("{name}: {why}"))?;
+        let expected = endpoints_name(&set.namespace, &set.service);
+        (expected, ConfigResource::Endpoints(set))
+    } else {
+        let mut resources = parse_documents(text).map_err(|problems| {
+            let messages: Vec<String> = problems.iter().map(ToString::to_string).collect();
+            format!("{name}: {}", messages.join("; "))
+        })?;
+        if resources.len() != 1 {
+            return Err(format!(
+                "{name}: holds {} documents, not one",
+                resources.len()
+            ));
+        }
+        let resource = resources.remove(0);
+        (object_name(&resource), ConfigResource::Object(resource))
+    };
+    if parsed.0 != name {
+        return Err(format!(
+            "{}: the body describes {}",
+            quoted(name),
+            quoted(&parsed.0)
+        ));
+    }
+    Ok(parsed.1)
+}
+
+/// A node's configuration at one revision. Cheap to clone; replaced whole.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NodeConfig {
+    pub revision: i64,
+    /// Name -> (version, resource).
+    pub resources: BTreeMap<String, (String, Arc<ConfigResource>)>,
+}
+
+impl NodeConfig {
+    /// The configuration after a validated update.
+    pub fn updated(
+        &self,
+        revision: i64,
+        changed: Vec<(String, String, ConfigResource)>,
+        removed: &[String],
+    ) -> Self {
+        let mut resources = self.resources.clone();
+        for name in removed {
+            resources.remove(name);
+        }
+        for (name, version, resource) in changed {
+            resources.insert(name, (version, Arc::new(resource)));
+        }
+        Self {
+            revision,
+            resources,
+        }
+    }
+
+    /// Name -> version of everything held.
+    pub fn versions(&self) -> BTreeMap<String, String> {
+        self.resources
+            .iter()
+            .map(|(name, (version, _))| (name.clone(), version.clone()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(ports: &str) -> Vec<u8> {
+        format!(
+            r#"{{"apiVersion":"mesh.io/v1","kind":"Service","metadata":{{"name":"reviews","namespace":"shop"}},"spec":{{"ports":{ports}}}}}"#
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn pushed_objects_are_validated_like_the_api_does() {
+        let good = parse_resource("service/shop/reviews", &service(r#"[{"port":9080}]"#)).unwrap();
+        let ConfigResource::Object(resource) = &good else {
+            panic!("{good:?}")
+        };
+        assert_eq!(object_name(resource), "service/shop/reviews");
+        assert_eq!(
+            version_of(&object_body(resource)),
+            version_of(&object_body(resource))
+        );
+
+        let error =
+            parse_resource("service/shop/reviews", &service(r#"[{"port":0}]"#)).unwrap_err();
+        assert!(
+            error.contains("spec.ports[0].port: must be 1 to 65535 (got 0)"),
+            "{error}"
+        );
+        let error =
+            parse_resource("service/shop/ratings", &service(r#"[{"port":9080}]"#)).unwrap_err();
+        assert!(error.contains("the body describes"), "{error}");
+        assert!(parse_resource("service/shop/reviews", b"\xff").is_err());
+    }
+
+    #[test]
+    fn endpoint_sets_are_checked() {
+        let set = EndpointSet {
+            namespace: "shop".into(),
+            service: "reviews".into(),
+            endpoints: vec![EndpointEntry {
+                ip: "10.89.1.2".parse().unwrap(),
+                port: 9080,
+                version: Some("v2".into()),
+                healthy: true,
+                workload: Some("shop/reviews-1".into()),
+            }],
+        };
+        let body = endpoints_body(&set);
+        assert_eq!(
+            parse_resource("endpoints/shop/reviews", &body).unwrap(),
+            ConfigResource::Endpoints(set.clone())
+        );
+        let mut bad = set;
+        bad.endpoints[0].port = 0;
+        bad.endpoints[0].ip = "0.0.0.0".parse().unwrap();
+        let error = parse_resource("endpoints/shop/reviews", &endpoints_body(&bad)).unwrap_err();
+        assert!(
+            error.contains("endpoints[0].port") && error.contains("endpoints[0].ip"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn versions_follow_the_body() {
+        assert_ne!(version_of(b"a"), version_of(b"b"));
+        assert_eq!(version_of(b""), "cbf29ce484222325");
+    }
+}

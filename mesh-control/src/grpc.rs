@@ -1,6 +1,7 @@
 //! The node-facing gRPC API over TLS: the Identity service (certificates
 //! for nodes and their workloads) and, next to it, the configuration push.
 
+pub mod discovery;
 pub mod identity;
 pub mod limit;
 pub mod tls;
@@ -10,6 +11,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 
+pub use discovery::{DiscoveryService, ProxyStatus};
 pub use identity::IdentityService;
 pub use limit::RateLimit;
 pub use tls::{Peer, ServingCertificate};
@@ -17,10 +19,24 @@ pub use tls::{Peer, ServingCertificate};
 use crate::{api::Identity, store::Store};
 
 /// Settings of the gRPC server.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct GrpcConfig {
     /// Certificate requests allowed per node.
     pub csr_limit: RateLimit,
+    /// How often the store's revision is polled for changes.
+    pub poll: std::time::Duration,
+    /// Where the configuration push records each node's state.
+    pub status: Arc<ProxyStatus>,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self {
+            csr_limit: RateLimit::default(),
+            poll: discovery::DEFAULT_POLL,
+            status: Arc::default(),
+        }
+    }
 }
 
 /// Serves the node API on `listener` until `shutdown` completes.
@@ -34,9 +50,12 @@ pub async fn serve(
     let serving = ServingCertificate::start(identity.clone(), store.clone()).await?;
     let configs = Arc::new(tls::ServerConfigs::new(identity.clone(), serving));
     let incoming = tls::incoming(listener, configs);
+    let revisions = discovery::watch_revision(store.clone(), config.poll);
+    let discovery = DiscoveryService::new(store.clone(), revisions, config.status);
     let service = IdentityService::new(store, identity, config.csr_limit);
     tonic::transport::Server::builder()
         .add_service(service.into_server())
+        .add_service(discovery.into_server())
         .serve_with_incoming_shutdown(ReceiverStream::new(incoming), shutdown)
         .await?;
     Ok(())

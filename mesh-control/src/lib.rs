@@ -5,4 +5,5 @@
 pub mod api;
 pub mod ca;
 pub mod grpc;
+pub mod snapshot;
 pub mod store;

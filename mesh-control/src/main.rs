@@ -130,6 +130,7 @@ async fn main() -> anyhow::Result<()> {
                     burst: csr_burst,
                     per_second: csr_rate,
                 },
+                ..GrpcConfig::default()
             };
             serve(
                 &data_dir,

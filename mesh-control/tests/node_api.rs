@@ -73,7 +73,10 @@ async fn start(limit: RateLimit) -> Server {
         listener,
         store.clone(),
         identity.clone(),
-        GrpcConfig { csr_limit: limit },
+        GrpcConfig {
+            csr_limit: limit,
+            ..GrpcConfig::default()
+        },
         async move {
             let _ = stopped.await;
         },

@@ -19,6 +19,8 @@ use serde::Serialize;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio::sync::watch;
 
+use mesh_model::config::NodeConfig;
+
 use crate::{
     capture::{Capture, PodConnects},
     identity::CertState,
@@ -59,6 +61,12 @@ pub struct AdminState {
     /// `None` when the node runs without capture (no `--cgroup`).
     pub capture: Option<SharedCapture>,
     pub certificates: Vec<Tracked>,
+    /// The pushed configuration and the stream's state; `None` without a
+    /// control plane.
+    pub config: Option<(
+        watch::Receiver<Arc<NodeConfig>>,
+        watch::Receiver<crate::xds::XdsStatus>,
+    )>,
 }
 
 /// The admin routes.
@@ -67,6 +75,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/capture", get(capture_state))
         .route("/certificates", get(certificates))
+        .route("/config", get(config))
         .route("/metrics", get(metrics))
         .with_state(state)
 }
@@ -110,6 +119,26 @@ fn report(tracked: &Tracked) -> CertificateReport {
     }
 }
 
+/// `GET /config`: the revision, every resource's name and version, and the
+/// stream's state.
+async fn config(State(state): State<AdminState>) -> Response {
+    let Some((config, status)) = &state.config else {
+        return (
+            StatusCode::NOT_FOUND,
+            "no configuration: mesh-node runs without --control-plane\n",
+        )
+            .into_response();
+    };
+    let config = config.borrow().clone();
+    let status = status.borrow().clone();
+    Json(serde_json::json!({
+        "revision": config.revision,
+        "resources": config.versions(),
+        "stream": status,
+    }))
+    .into_response()
+}
+
 async fn certificates(State(state): State<AdminState>) -> Json<Vec<CertificateReport>> {
     Json(state.certificates.iter().map(report).collect())
 }
@@ -146,6 +175,26 @@ async fn metrics(State(state): State<AdminState>) -> Response {
     }
     let reports: Vec<CertificateReport> = state.certificates.iter().map(report).collect();
     text.push_str(&render_certificate_metrics(&reports));
+    if let Some((config, status)) = &state.config {
+        let revision = config.borrow().revision;
+        let status = status.borrow().clone();
+        let _ = write!(
+            text,
+            "# HELP mesh_config_revision The control-plane revision of the configuration in use.\n\
+             # TYPE mesh_config_revision gauge\n\
+             mesh_config_revision {revision}\n\
+             # HELP mesh_config_pushes_total Configuration pushes, by outcome.\n\
+             # TYPE mesh_config_pushes_total counter\n\
+             mesh_config_pushes_total{{outcome=\"ack\"}} {}\n\
+             mesh_config_pushes_total{{outcome=\"nack\"}} {}\n\
+             # HELP mesh_config_connected 1 while the configuration stream is up.\n\
+             # TYPE mesh_config_connected gauge\n\
+             mesh_config_connected {}\n",
+            status.acks,
+            status.nacks,
+            u8::from(status.connected)
+        );
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -28,7 +28,7 @@ use crate::identity::{
 };
 
 /// How long a workload's request waits for the node's own certificate.
-const NODE_CERTIFICATE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+pub const NODE_CERTIFICATE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The node's connection to the control plane.
 #[derive(Clone, Debug)]
@@ -48,7 +48,7 @@ struct Inner {
     /// before the node has one): a renewed certificate gets a new channel,
     /// since the server knows a connection by the certificate it was opened
     /// with.
-    channel: Mutex<Option<(Vec<u8>, IdentityClient<Channel>)>>,
+    channel: Mutex<Option<(Vec<u8>, Channel)>>,
 }
 
 impl ControlPlane {
@@ -115,16 +115,35 @@ impl ControlPlane {
 
     /// A client authenticated with the node certificate if there is one.
     fn client(&self) -> Result<IdentityClient<Channel>, String> {
+        Ok(IdentityClient::new(self.channel()?))
+    }
+
+    /// Waits (up to `limit`) until the node holds its own certificate.
+    pub async fn node_certificate(&self, limit: std::time::Duration) -> Result<(), String> {
+        let Some(mut node) = self.inner.node_state.get().cloned() else {
+            return Err("the node has not started joining the mesh".into());
+        };
+        let ready = tokio::time::timeout(limit, node.wait_for(|s| s.current.is_some())).await;
+        if matches!(ready.map(|r| r.is_ok()), Ok(true)) {
+            Ok(())
+        } else {
+            Err("the node has no certificate of its own yet".into())
+        }
+    }
+
+    /// The channel to the control plane, authenticated with the node's
+    /// current certificate if there is one; a new one after each renewal.
+    pub fn channel(&self) -> Result<Channel, String> {
         let state = self.inner.node_state.get().cloned();
         let current = state
             .as_ref()
             .and_then(|s| s.borrow().current.as_ref().map(|c| c.cert.to_vec()))
             .unwrap_or_default();
         let mut channel = self.inner.channel.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((cert, client)) = channel.as_ref()
+        if let Some((cert, existing)) = channel.as_ref()
             && *cert == current
         {
-            return Ok(client.clone());
+            return Ok(existing.clone());
         }
         let this = self.clone();
         // Before the node has a certificate it connects without one.
@@ -133,9 +152,8 @@ impl ControlPlane {
             this.tls_config(presented.clone())
         })
         .map_err(|e| format!("control plane address {:?}: {e}", self.inner.address))?;
-        let client = IdentityClient::new(lazy);
-        *channel = Some((current, client.clone()));
-        Ok(client)
+        *channel = Some((current, lazy.clone()));
+        Ok(lazy)
     }
 
     fn tls_config(
@@ -252,17 +270,7 @@ impl CertificateSource for WorkloadSource {
     async fn issue(&self, csr_pem: &str) -> Result<Issued, String> {
         // Workload certificates need the node's; wait for it a while
         // rather than fail into backoff while the node is joining.
-        let Some(mut node) = self.control.inner.node_state.get().cloned() else {
-            return Err("the node has not started joining the mesh".into());
-        };
-        let ready = tokio::time::timeout(
-            NODE_CERTIFICATE_WAIT,
-            node.wait_for(|s| s.current.is_some()),
-        )
-        .await;
-        if !matches!(ready.map(|r| r.is_ok()), Ok(true)) {
-            return Err("the node has no certificate of its own yet".into());
-        }
+        self.control.node_certificate(NODE_CERTIFICATE_WAIT).await?;
         let mut client = self.control.client()?;
         let response = client
             .create_certificate(CreateCertificateRequest {

@@ -7,3 +7,4 @@ pub mod admin;
 pub mod capture;
 pub mod control;
 pub mod identity;
+pub mod xds;

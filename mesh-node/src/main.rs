@@ -15,6 +15,7 @@ use mesh_node::{
     capture::{self, Capture},
     control::ControlPlane,
     identity::{CertManager, Clock, RotationConfig},
+    xds::Xds,
 };
 
 /// The mesh's node proxy: loads the eBPF capture programs for this node's
@@ -111,8 +112,9 @@ async fn main() -> anyhow::Result<()> {
         }
         None => bail!("--capture needs --cgroup (the cgroup the pods run in)"),
     };
-    // The managers run for as long as they are held.
-    let (_managers, certificates) = start_identities(&args)?;
+    // The managers and the configuration stream run for as long as they
+    // are held.
+    let (_managers, certificates, xds) = start_identities(&args)?;
 
     let listener = tokio::net::TcpListener::bind(args.admin_addr)
         .await
@@ -128,6 +130,7 @@ async fn main() -> anyhow::Result<()> {
     let state = AdminState {
         capture,
         certificates,
+        config: xds.as_ref().map(|x| (x.config(), x.status())),
     };
     let server =
         axum::serve(listener, admin::router(state)).with_graceful_shutdown(shutdown_signal());
@@ -155,14 +158,14 @@ fn start_capture(
     Ok(Arc::new(RwLock::new(capture)))
 }
 
-/// Joins the mesh and starts a certificate manager for the node and for
-/// each of its workloads.
-fn start_identities(args: &Args) -> anyhow::Result<(Vec<CertManager>, Vec<Tracked>)> {
+/// Joins the mesh, starts a certificate manager for the node and for
+/// each of its workloads, and follows the node's configuration.
+fn start_identities(args: &Args) -> anyhow::Result<(Vec<CertManager>, Vec<Tracked>, Option<Xds>)> {
     let Some(address) = &args.control_plane else {
         if !args.workloads.is_empty() {
             bail!("--workload needs --control-plane (where certificates come from)");
         }
-        return Ok((Vec::new(), Vec::new()));
+        return Ok((Vec::new(), Vec::new(), None));
     };
     let (Some(node), Some(bundle_path)) = (&args.node, &args.ca_bundle) else {
         bail!("--control-plane needs --node and --ca-bundle");
@@ -209,7 +212,8 @@ fn start_identities(args: &Args) -> anyhow::Result<(Vec<CertManager>, Vec<Tracke
         managers.push(manager);
     }
     tracing::info!(%address, node, workloads = tracked.len() - 1, "joining the mesh");
-    Ok((managers, tracked))
+    let xds = Xds::start(control, Vec::new());
+    Ok((managers, tracked, Some(xds)))
 }
 
 async fn shutdown_signal() {

@@ -165,6 +165,31 @@ fn a_node_joins_and_holds_only_its_own_workloads_certificates() {
         "a refused request was recorded"
     );
 
+    // The node follows its part of the configuration.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let config: Value = loop {
+        let config: Value =
+            serde_json::from_str(&http::get(admin, "/config").unwrap().body).unwrap();
+        if config["revision"].as_i64() >= Some(1) {
+            break config;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no configuration in 30 s: {config}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let resources = config["resources"].as_object().unwrap();
+    assert!(
+        resources.contains_key("workload/shop/frontend-1"),
+        "{config}"
+    );
+    assert!(
+        !resources.contains_key("workload/shop/reviews-1"),
+        "{config}"
+    );
+    assert_eq!(config["stream"]["connected"], true);
+
     // The operator's view of one workload.
     let table = meshctl(
         &api,

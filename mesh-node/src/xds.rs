@@ -1,0 +1,205 @@
+//! The node's configuration, pushed by the control plane.
+//!
+//! One task is the single writer of the node's [`NodeConfig`]: it holds a
+//! stream to the control plane, validates every pushed response whole
+//! (each body as the API would validate it), swaps the new configuration
+//! in atomically through a watch channel and ACKs — or NACKs with the
+//! reasons and keeps the last good configuration. When the stream breaks
+//! it reconnects with capped, jittered backoff and resumes from the
+//! versions it holds, so a reconnect after missed changes converges to the
+//! same state as a fresh start. Meanwhile the data path keeps reading the
+//! last good configuration: losing the control plane changes nothing.
+
+use std::{sync::Arc, time::Duration};
+
+use mesh_api::v1::{DeltaRequest, DeltaResponse, discovery_client::DiscoveryClient};
+use mesh_model::config::{ConfigResource, NodeConfig, parse_resource};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::control::{ControlPlane, NODE_CERTIFICATE_WAIT};
+
+/// How the stream is doing.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct XdsStatus {
+    pub connected: bool,
+    /// Responses applied, and rejected.
+    pub acks: u64,
+    pub nacks: u64,
+    /// Why the last response was rejected.
+    pub last_nack: Option<String>,
+    /// Why the stream last failed.
+    pub last_error: Option<String>,
+    pub reconnects: u64,
+}
+
+/// Reconnect delays: 100 ms doubling to 15 s, jittered.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(15);
+
+/// The running client.
+#[derive(Debug)]
+pub struct Xds {
+    config: watch::Receiver<Arc<NodeConfig>>,
+    status: watch::Receiver<XdsStatus>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Xds {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Xds {
+    /// Starts following the configuration for this node; `subscribe`
+    /// names services (`namespace/name`) wanted beyond its namespaces.
+    pub fn start(control: ControlPlane, subscribe: Vec<String>) -> Self {
+        Self::resume(control, subscribe, Arc::new(NodeConfig::default()))
+    }
+
+    /// Starts from a configuration held already (the stream resumes from
+    /// its versions).
+    pub fn resume(control: ControlPlane, subscribe: Vec<String>, held: Arc<NodeConfig>) -> Self {
+        let (config_tx, config) = watch::channel(held);
+        let (status_tx, status) = watch::channel(XdsStatus::default());
+        let task = tokio::spawn(run(control, subscribe, config_tx, status_tx));
+        Self {
+            config,
+            status,
+            task,
+        }
+    }
+
+    /// The configuration the data path reads.
+    pub fn config(&self) -> watch::Receiver<Arc<NodeConfig>> {
+        self.config.clone()
+    }
+
+    pub fn status(&self) -> watch::Receiver<XdsStatus> {
+        self.status.clone()
+    }
+}
+
+fn jitter(delay: Duration) -> Duration {
+    let mut byte = [0u8; 1];
+    let _ = getrandom::getrandom(&mut byte);
+    // 50 % to 100 % of the delay.
+    delay.mul_f64(0.5 + f64::from(byte[0]) / 510.0)
+}
+
+async fn run(
+    control: ControlPlane,
+    subscribe: Vec<String>,
+    config: watch::Sender<Arc<NodeConfig>>,
+    status: watch::Sender<XdsStatus>,
+) {
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let result = session(&control, &subscribe, &config, &status).await;
+        let error = match result {
+            Ok(()) => "the control plane closed the stream".to_owned(),
+            Err(error) => error,
+        };
+        // A session that got as far as an ACK resets the backoff.
+        if status.borrow().connected {
+            backoff = MIN_BACKOFF;
+        }
+        status.send_modify(|s| {
+            s.connected = false;
+            s.last_error = Some(error.clone());
+            s.reconnects += 1;
+        });
+        let delay = jitter(backoff);
+        tracing::warn!(%error, retry_in = ?delay, "configuration stream lost; serving the last good configuration");
+        tokio::time::sleep(delay).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn session(
+    control: &ControlPlane,
+    subscribe: &[String],
+    config: &watch::Sender<Arc<NodeConfig>>,
+    status: &watch::Sender<XdsStatus>,
+) -> Result<(), String> {
+    control.node_certificate(NODE_CERTIFICATE_WAIT).await?;
+    let mut client = DiscoveryClient::new(control.channel()?);
+    let (requests, outbound) = mpsc::channel(4);
+    let held = config.borrow().versions();
+    requests
+        .send(DeltaRequest {
+            initial_resource_versions: held.into_iter().collect(),
+            subscribe: subscribe.to_vec(),
+            ..DeltaRequest::default()
+        })
+        .await
+        .map_err(|_| "the request stream closed".to_owned())?;
+    let mut inbound = client
+        .delta(ReceiverStream::new(outbound))
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    loop {
+        let response = inbound
+            .message()
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+        let Some(response) = response else {
+            return Ok(());
+        };
+        let nonce = response.nonce.clone();
+        let revision = response.revision;
+        // The borrow ends here: swapping in below needs the write lock.
+        let validated = validate(&config.borrow(), response);
+        let answer = match validated {
+            Ok(next) => {
+                config.send_replace(Arc::new(next));
+                status.send_modify(|s| {
+                    s.connected = true;
+                    s.acks += 1;
+                    s.last_error = None;
+                });
+                tracing::debug!(revision, "configuration applied");
+                DeltaRequest {
+                    response_nonce: nonce,
+                    ..DeltaRequest::default()
+                }
+            }
+            Err(reason) => {
+                tracing::warn!(revision, %reason, "rejected a configuration push; keeping the last good one");
+                status.send_modify(|s| {
+                    s.connected = true;
+                    s.nacks += 1;
+                    s.last_nack = Some(reason.clone());
+                });
+                DeltaRequest {
+                    response_nonce: nonce,
+                    error_detail: reason,
+                    ..DeltaRequest::default()
+                }
+            }
+        };
+        requests
+            .send(answer)
+            .await
+            .map_err(|_| "the request stream closed".to_owned())?;
+    }
+}
+
+/// The configuration after `response`, if every resource in it is valid.
+fn validate(current: &NodeConfig, response: DeltaResponse) -> Result<NodeConfig, String> {
+    let mut changed: Vec<(String, String, ConfigResource)> = Vec::new();
+    let mut problems = Vec::new();
+    for resource in response.resources {
+        match parse_resource(&resource.name, &resource.body) {
+            Ok(parsed) => changed.push((resource.name, resource.version, parsed)),
+            Err(why) => problems.push(why),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems.join("; "));
+    }
+    Ok(current.updated(response.revision, changed, &response.removed_resources))
+}

@@ -1,0 +1,392 @@
+//! The configuration push between a real control plane (gRPC over TLS on
+//! loopback, real CA, SQLite or PostgreSQL) and the node's client: updates
+//! arrive, removals too, an invalid push is rejected and the node keeps its
+//! last good configuration, a node that missed 50 changes converges to
+//! exactly what a fresh node gets, and with two replicas on one PostgreSQL
+//! a change written through one reaches a node connected to the other.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use mesh_control::{
+    ca::{CaFiles, Identity},
+    grpc::{self, GrpcConfig, ProxyStatus, discovery::NodeStatus},
+    store::Store,
+};
+use mesh_identity::TrustBundle;
+use mesh_model::{Kind, config::NodeConfig, parse_documents};
+use mesh_node::{
+    control::ControlPlane,
+    identity::{CertManager, Clock, RotationConfig},
+    xds::Xds,
+};
+use sqlx::Executor as _;
+use tokio::sync::watch;
+
+const BASE: &str = r#"
+apiVersion: mesh.io/v1
+kind: Namespace
+metadata: {name: shop, labels: {mesh.io/capture: enabled}}
+---
+apiVersion: mesh.io/v1
+kind: Workload
+metadata: {name: frontend-1, namespace: shop}
+spec: {node: node1, ip: 10.89.0.2, service_account: frontend}
+---
+apiVersion: mesh.io/v1
+kind: Workload
+metadata: {name: reviews-1, namespace: shop}
+spec: {node: node2, ip: 10.89.1.2, service_account: reviews, services: [reviews]}
+---
+apiVersion: mesh.io/v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec: {ports: [{port: 9080, protocol: http}]}
+"#;
+
+/// A control plane replica serving the node API.
+struct Replica {
+    addr: String,
+    status: Arc<ProxyStatus>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn replica(store: &Store, identity: &Arc<Identity>) -> Replica {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let status = Arc::new(ProxyStatus::default());
+    tokio::spawn(grpc::serve(
+        listener,
+        store.clone(),
+        identity.clone(),
+        GrpcConfig {
+            poll: Duration::from_millis(20),
+            status: status.clone(),
+            ..GrpcConfig::default()
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Replica {
+        addr,
+        status,
+        _stop: stop,
+    }
+}
+
+struct Mesh {
+    store: Store,
+    identity: Arc<Identity>,
+    bundle: TrustBundle,
+    _dir: tempfile::TempDir,
+}
+
+async fn mesh(store_url: Option<String>) -> Mesh {
+    let dir = tempfile::tempdir().unwrap();
+    let url = store_url
+        .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", dir.path().join("mesh.db").display()));
+    let store = Store::open(&url).await.unwrap();
+    store.apply(&parse_documents(BASE).unwrap()).await.unwrap();
+    let files = CaFiles::in_data_dir(&dir.path().join("control"));
+    files.create("cluster.local").unwrap();
+    let (ca, kek) = files.load().unwrap();
+    let bundle = ca.bundle();
+    Mesh {
+        store,
+        identity: Arc::new(Identity::new(ca, kek).with_files(files)),
+        bundle,
+        _dir: dir,
+    }
+}
+
+/// A node joined to `replica`, following its configuration.
+struct Node {
+    xds: Xds,
+    _identity: CertManager,
+}
+
+impl Mesh {
+    async fn node(&self, replica: &Replica, name: &str, initial: Option<Arc<NodeConfig>>) -> Node {
+        let token = self
+            .store
+            .create_bootstrap_token(
+                None,
+                "test",
+                time::Duration::hours(1),
+                time::OffsetDateTime::now_utc(),
+            )
+            .await
+            .unwrap()
+            .token;
+        let control =
+            ControlPlane::new(&replica.addr, name, self.bundle.clone(), Some(token)).unwrap();
+        let identity = control.start_node_identity(RotationConfig::default(), Clock::system());
+        let xds = match initial {
+            Some(config) => Xds::resume(control, Vec::new(), config),
+            None => Xds::start(control, Vec::new()),
+        };
+        Node {
+            xds,
+            _identity: identity,
+        }
+    }
+
+    async fn apply(&self, yaml: &str) -> i64 {
+        self.store
+            .apply(&parse_documents(yaml).unwrap())
+            .await
+            .unwrap()
+            .revision
+    }
+}
+
+/// Waits (bounded) until the node's configuration satisfies `done`.
+async fn until(
+    config: &mut watch::Receiver<Arc<NodeConfig>>,
+    what: &str,
+    done: impl FnMut(&Arc<NodeConfig>) -> bool,
+) -> Arc<NodeConfig> {
+    tokio::time::timeout(Duration::from_secs(20), config.wait_for(done))
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        .unwrap()
+        .clone()
+}
+
+/// Waits (bounded) until the replica's record of `node` satisfies `done`:
+/// the node answers after it swaps its configuration in, so the record
+/// trails the node by a round trip.
+async fn recorded(
+    replica: &Replica,
+    node: &str,
+    mut done: impl FnMut(&NodeStatus) -> bool,
+) -> NodeStatus {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let nodes = replica.status.nodes();
+        if let Some(status) = nodes.iter().find(|s| s.node == node)
+            && done(status)
+        {
+            return status.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the control plane never recorded that: {nodes:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn names(config: &NodeConfig) -> Vec<&str> {
+    config.resources.keys().map(String::as_str).collect()
+}
+
+#[tokio::test]
+async fn updates_and_removals_reach_the_node_and_it_sees_only_its_part() {
+    let mesh = mesh(None).await;
+    let replica = replica(&mesh.store, &mesh.identity).await;
+    let node = mesh.node(&replica, "node1", None).await;
+    let mut config = node.xds.config();
+
+    let first = until(&mut config, "the first push", |c| c.revision > 0).await;
+    assert_eq!(
+        names(&first),
+        [
+            "endpoints/shop/reviews",
+            "namespace/shop",
+            "service/shop/reviews",
+            "workload/shop/frontend-1",
+        ],
+        "node1 gets its own workload, not node2's"
+    );
+
+    let revision = mesh
+        .apply(
+            "apiVersion: mesh.io/v1\nkind: TrafficSplit\nmetadata: {name: reviews, namespace: shop}\nspec: {destination: reviews, v1_weight: 90, v2_weight: 10}\n",
+        )
+        .await;
+    let updated = until(&mut config, "the traffic split", |c| c.revision >= revision).await;
+    assert!(updated.resources.contains_key("trafficsplit/shop/reviews"));
+
+    // Another node's workload changing is not node1's business.
+    let versions = updated.versions();
+    mesh.apply(
+        "apiVersion: mesh.io/v1\nkind: Namespace\nmetadata: {name: elsewhere}\n---\n\
+         apiVersion: mesh.io/v1\nkind: Workload\nmetadata: {name: other, namespace: elsewhere}\nspec: {node: node2, ip: 10.89.1.9}\n",
+    )
+    .await;
+
+    let revision = mesh
+        .store
+        .delete(Kind::Service, Some("shop"), "reviews")
+        .await
+        .unwrap();
+    let removed = until(&mut config, "the removal", |c| c.revision >= revision).await;
+    assert!(!removed.resources.contains_key("service/shop/reviews"));
+    assert!(!removed.resources.contains_key("endpoints/shop/reviews"));
+    assert!(!names(&removed).iter().any(|n| n.contains("elsewhere")));
+    assert_eq!(
+        removed.versions().get("workload/shop/frontend-1"),
+        versions.get("workload/shop/frontend-1")
+    );
+    recorded(&replica, "node1", |s| s.acked_revision >= Some(revision)).await;
+}
+
+static ELSEWHERE: AtomicUsize = AtomicUsize::new(0);
+
+#[tokio::test]
+async fn an_invalid_push_is_nacked_and_the_last_good_config_stays() {
+    let mesh = mesh(None).await;
+    let replica = replica(&mesh.store, &mesh.identity).await;
+    let node = mesh.node(&replica, "node1", None).await;
+    let mut config = node.xds.config();
+    let good = until(&mut config, "the first push", |c| c.revision > 0).await;
+
+    // Below the API: a port the API would refuse.
+    let mut raw = mesh.store.raw_connection().await.unwrap();
+    raw.execute(
+        r#"UPDATE Service SET ports = '[{"port": 0, "protocol": "http"}]' WHERE name = 'reviews'"#,
+    )
+    .await
+    .unwrap();
+    // Any write moves the revision; this one is valid in itself.
+    let n = ELSEWHERE.fetch_add(1, Ordering::SeqCst);
+    let bad_revision = mesh
+        .apply(&format!(
+            "apiVersion: mesh.io/v1\nkind: Service\nmetadata: {{name: ratings{n}, namespace: shop}}\nspec: {{ports: [{{port: 9090}}]}}\n"
+        ))
+        .await;
+
+    let mut status = node.xds.status();
+    let rejected = tokio::time::timeout(Duration::from_secs(20), status.wait_for(|s| s.nacks > 0))
+        .await
+        .expect("no NACK")
+        .unwrap()
+        .clone();
+    let reason = rejected.last_nack.unwrap();
+    assert!(
+        reason.contains(
+            "service/shop/reviews: Service/reviews: spec.ports[0].port: must be 1 to 65535 (got 0)"
+        ),
+        "{reason}"
+    );
+    // The whole push was refused: not even the valid new service landed.
+    let kept = config.borrow().clone();
+    assert_eq!(kept, good, "the node changed its configuration on a NACK");
+    // The control plane recorded it.
+    let nack = recorded(&replica, "node1", |s| s.nack.is_some())
+        .await
+        .nack
+        .unwrap();
+    assert_eq!(nack.revision, bad_revision);
+    assert_eq!(nack.reason, reason);
+
+    // Fixed through the API: the next push is accepted, NACK cleared.
+    let fixed = mesh
+        .apply("apiVersion: mesh.io/v1\nkind: Service\nmetadata: {name: reviews, namespace: shop}\nspec: {ports: [{port: 9081, protocol: http}]}\n")
+        .await;
+    let after = until(&mut config, "the fixed push", |c| c.revision >= fixed).await;
+    assert!(
+        after
+            .resources
+            .contains_key(&format!("service/shop/ratings{n}"))
+    );
+    recorded(&replica, "node1", |s| {
+        s.nack.is_none() && s.acked_revision >= Some(fixed)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_node_that_missed_50_changes_ends_up_identical_to_a_fresh_one() {
+    let mesh = mesh(None).await;
+    let replica = replica(&mesh.store, &mesh.identity).await;
+    let node = mesh.node(&replica, "node1", None).await;
+    let mut config = node.xds.config();
+    let before = until(&mut config, "the first push", |c| c.revision > 0).await;
+    drop(node);
+
+    // 50 changes while it is away: new services, a changed one, removals.
+    for i in 0..50 {
+        let yaml = match i % 5 {
+            0..=2 => format!(
+                "apiVersion: mesh.io/v1\nkind: Service\nmetadata: {{name: svc{i}, namespace: shop}}\nspec: {{ports: [{{port: {}}}]}}\n",
+                1000 + i
+            ),
+            3 => format!(
+                "apiVersion: mesh.io/v1\nkind: Service\nmetadata: {{name: reviews, namespace: shop}}\nspec: {{ports: [{{port: {}, protocol: http}}]}}\n",
+                9000 + i
+            ),
+            _ => {
+                mesh.store
+                    .delete(Kind::Service, Some("shop"), &format!("svc{}", i - 4))
+                    .await
+                    .unwrap();
+                continue;
+            }
+        };
+        mesh.apply(&yaml).await;
+    }
+    let now = mesh.store.revision().await.unwrap();
+    assert!(now >= before.revision + 50);
+
+    let returning = mesh.node(&replica, "node1", Some(before.clone())).await;
+    let fresh = mesh.node(&replica, "node1", None).await;
+    let mut returning_config = returning.xds.config();
+    let mut fresh_config = fresh.xds.config();
+    let resumed = until(&mut returning_config, "the resync", |c| c.revision >= now).await;
+    let clean = until(&mut fresh_config, "the fresh sync", |c| c.revision >= now).await;
+    assert_eq!(resumed.versions(), clean.versions());
+    assert_eq!(resumed.resources, clean.resources);
+    assert!(resumed.resources.contains_key("service/shop/svc2"));
+    assert!(!resumed.resources.contains_key("service/shop/svc0"));
+}
+
+#[tokio::test]
+async fn with_two_replicas_on_postgres_a_change_through_one_reaches_a_node_on_the_other() {
+    let base = std::env::var("MESH_TEST_POSTGRES_URL").expect(
+        "MESH_TEST_POSTGRES_URL is not set: run `cargo xtask test`, which starts PostgreSQL",
+    );
+    let db = format!("xds_{}", std::process::id());
+    sqlx::any::install_default_drivers();
+    {
+        use sqlx::Connection as _;
+        let mut admin = sqlx::AnyConnection::connect(&base).await.unwrap();
+        admin
+            .execute(format!("CREATE DATABASE {db}").as_str())
+            .await
+            .unwrap();
+        admin.close().await.unwrap();
+    }
+    let url = format!("{}/{db}", base.rsplit_once('/').unwrap().0);
+    let mesh = mesh(Some(url.clone())).await;
+    // Replica B: its own connection pool to the same database.
+    let store_b = Store::open(&url).await.unwrap();
+    let replica_a = replica(&mesh.store, &mesh.identity).await;
+    let replica_b = replica(&store_b, &mesh.identity).await;
+    let node = mesh.node(&replica_b, "node1", None).await;
+    let mut config = node.xds.config();
+    until(&mut config, "the first push", |c| c.revision > 0).await;
+
+    // Written through replica A's store.
+    let revision = mesh
+        .apply("apiVersion: mesh.io/v1\nkind: Service\nmetadata: {name: ratings, namespace: shop}\nspec: {ports: [{port: 9090}]}\n")
+        .await;
+    let updated = until(&mut config, "the change from replica A", |c| {
+        c.revision >= revision
+    })
+    .await;
+    assert!(updated.resources.contains_key("service/shop/ratings"));
+    assert!(replica_a.status.nodes().is_empty());
+    recorded(&replica_b, "node1", |s| {
+        s.acked_revision == Some(updated.revision)
+    })
+    .await;
+}

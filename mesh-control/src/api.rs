@@ -17,6 +17,7 @@
 //! | `GET /api/v1/ca` | the trust domain, certificate lifetime and roots |
 //! | `POST /api/v1/ca/rotate-root` | stage a new root, or (`activate`) make it sign |
 //! | `POST /api/v1/ca/retire-root` | drop an old root from the bundle |
+//! | `GET /api/v1/proxy-status` | each node's configuration: SYNCED, STALE, NACKED or DISCONNECTED |
 //! | `GET /healthz`, `GET /version` | unauthenticated |
 
 mod auth;
@@ -68,6 +69,7 @@ pub fn router(state: AppState) -> Router {
             "/certificates",
             get(certificates::list).post(certificates::issue),
         )
+        .route("/proxy-status", get(proxy_status))
         .route("/ca", get(ca::get))
         .route("/ca/rotate-root", post(ca::rotate))
         .route("/ca/retire-root", post(ca::retire))
@@ -96,6 +98,48 @@ async fn version(State(state): State<AppState>) -> Json<serde_json::Value> {
         "version": env!("CARGO_PKG_VERSION"),
         "backend": state.store.backend().name(),
     }))
+}
+
+/// One node in `GET /api/v1/proxy-status`.
+#[derive(Debug, Serialize)]
+pub struct ProxyStatus {
+    pub node: String,
+    /// `SYNCED` (holds the current revision), `STALE` (behind it),
+    /// `NACKED` (rejected a push: see `reason`), `DISCONNECTED`.
+    pub state: &'static str,
+    pub synced_revision: Option<i64>,
+    pub reason: Option<String>,
+    pub replica: String,
+    pub last_seen: String,
+}
+
+async fn proxy_status(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let revision = state.store.revision().await?;
+    let nodes: Vec<ProxyStatus> = state
+        .store
+        .node_statuses()
+        .await?
+        .into_iter()
+        .map(|n| ProxyStatus {
+            state: if !n.connected {
+                "DISCONNECTED"
+            } else if n.nack_revision.is_some() {
+                "NACKED"
+            } else if n.synced_revision == Some(revision) {
+                "SYNCED"
+            } else {
+                "STALE"
+            },
+            node: n.node,
+            synced_revision: n.synced_revision,
+            reason: n.nack_reason,
+            replica: n.replica,
+            last_seen: n.last_seen,
+        })
+        .collect();
+    Ok(Json(
+        serde_json::json!({ "revision": revision, "nodes": nodes }),
+    ))
 }
 
 async fn revision(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 
-pub use discovery::{DiscoveryService, ProxyStatus};
+pub use discovery::DiscoveryService;
 pub use identity::IdentityService;
 pub use limit::RateLimit;
 pub use tls::{Peer, ServingCertificate};
@@ -25,8 +25,8 @@ pub struct GrpcConfig {
     pub csr_limit: RateLimit,
     /// How often the store's revision is polled for changes.
     pub poll: std::time::Duration,
-    /// Where the configuration push records each node's state.
-    pub status: Arc<ProxyStatus>,
+    /// This replica's name where it records the nodes it serves.
+    pub replica: String,
 }
 
 impl Default for GrpcConfig {
@@ -34,7 +34,7 @@ impl Default for GrpcConfig {
         Self {
             csr_limit: RateLimit::default(),
             poll: discovery::DEFAULT_POLL,
-            status: Arc::default(),
+            replica: "mesh-control".to_owned(),
         }
     }
 }
@@ -51,7 +51,7 @@ pub async fn serve(
     let configs = Arc::new(tls::ServerConfigs::new(identity.clone(), serving));
     let incoming = tls::incoming(listener, configs);
     let revisions = discovery::watch_revision(store.clone(), config.poll);
-    let discovery = DiscoveryService::new(store.clone(), revisions, config.status);
+    let discovery = DiscoveryService::new(store.clone(), revisions, config.replica);
     let service = IdentityService::new(store, identity, config.csr_limit);
     tonic::transport::Server::builder()
         .add_service(service.into_server())

@@ -301,6 +301,14 @@ async fn serve(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    // How `meshctl proxy-status` names this replica.
+    let host = fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "mesh-control".to_owned());
+    let grpc_config = GrpcConfig {
+        replica: format!("{host}:{}", grpc_addr.port()),
+        ..grpc_config
+    };
     let mut grpc = tokio::spawn(grpc::serve(
         grpc_listener,
         store.clone(),

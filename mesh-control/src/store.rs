@@ -12,6 +12,7 @@ mod backend;
 mod certificates;
 mod endpoints;
 mod kinds;
+mod nodes;
 mod rows;
 mod tokens;
 
@@ -30,6 +31,7 @@ use sqlx::{
 pub use backend::Backend;
 pub use certificates::{CertificateRow, NewCertificate};
 pub use endpoints::Endpoint;
+pub use nodes::{NodeConfigStatus, now_rfc3339};
 pub use tokens::{MAX_TOKEN_TTL, NewToken, TokenInfo, TokenRejected};
 
 /// Why a store operation failed.
@@ -472,6 +474,18 @@ impl Store {
     ) -> Result<Result<TokenInfo, TokenRejected>, StoreError> {
         let mut conn = self.pool.acquire().await?;
         tokens::check(&mut conn, self.backend, token, node, now).await
+    }
+
+    /// Records where a node's configuration stands.
+    pub async fn record_node_status(&self, status: &NodeConfigStatus) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        nodes::record(&mut conn, self.backend, status).await
+    }
+
+    /// Every node's configuration state, by node name.
+    pub async fn node_statuses(&self) -> Result<Vec<NodeConfigStatus>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        nodes::list(&mut conn, self.backend).await
     }
 
     /// A connection of its own to the store's database, for maintenance and

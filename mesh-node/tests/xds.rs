@@ -15,8 +15,8 @@ use std::{
 
 use mesh_control::{
     ca::{CaFiles, Identity},
-    grpc::{self, GrpcConfig, ProxyStatus, discovery::NodeStatus},
-    store::Store,
+    grpc::{self, GrpcConfig},
+    store::{NodeConfigStatus, Store},
 };
 use mesh_identity::TrustBundle;
 use mesh_model::{Kind, config::NodeConfig, parse_documents};
@@ -52,22 +52,21 @@ spec: {ports: [{port: 9080, protocol: http}]}
 /// A control plane replica serving the node API.
 struct Replica {
     addr: String,
-    status: Arc<ProxyStatus>,
+    store: Store,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
-async fn replica(store: &Store, identity: &Arc<Identity>) -> Replica {
+async fn replica(store: &Store, identity: &Arc<Identity>, name: &str) -> Replica {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let status = Arc::new(ProxyStatus::default());
     tokio::spawn(grpc::serve(
         listener,
         store.clone(),
         identity.clone(),
         GrpcConfig {
             poll: Duration::from_millis(20),
-            status: status.clone(),
+            replica: name.to_owned(),
             ..GrpcConfig::default()
         },
         async move {
@@ -76,7 +75,7 @@ async fn replica(store: &Store, identity: &Arc<Identity>) -> Replica {
     ));
     Replica {
         addr,
-        status,
+        store: store.clone(),
         _stop: stop,
     }
 }
@@ -160,17 +159,17 @@ async fn until(
         .clone()
 }
 
-/// Waits (bounded) until the replica's record of `node` satisfies `done`:
+/// Waits (bounded) until the recorded state of `node` satisfies `done`:
 /// the node answers after it swaps its configuration in, so the record
 /// trails the node by a round trip.
 async fn recorded(
     replica: &Replica,
     node: &str,
-    mut done: impl FnMut(&NodeStatus) -> bool,
-) -> NodeStatus {
+    mut done: impl FnMut(&NodeConfigStatus) -> bool,
+) -> NodeConfigStatus {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let nodes = replica.status.nodes();
+        let nodes = replica.store.node_statuses().await.unwrap();
         if let Some(status) = nodes.iter().find(|s| s.node == node)
             && done(status)
         {
@@ -191,7 +190,7 @@ fn names(config: &NodeConfig) -> Vec<&str> {
 #[tokio::test]
 async fn updates_and_removals_reach_the_node_and_it_sees_only_its_part() {
     let mesh = mesh(None).await;
-    let replica = replica(&mesh.store, &mesh.identity).await;
+    let replica = replica(&mesh.store, &mesh.identity, "a").await;
     let node = mesh.node(&replica, "node1", None).await;
     let mut config = node.xds.config();
 
@@ -236,7 +235,7 @@ async fn updates_and_removals_reach_the_node_and_it_sees_only_its_part() {
         removed.versions().get("workload/shop/frontend-1"),
         versions.get("workload/shop/frontend-1")
     );
-    recorded(&replica, "node1", |s| s.acked_revision >= Some(revision)).await;
+    recorded(&replica, "node1", |s| s.synced_revision >= Some(revision)).await;
 }
 
 static ELSEWHERE: AtomicUsize = AtomicUsize::new(0);
@@ -244,7 +243,7 @@ static ELSEWHERE: AtomicUsize = AtomicUsize::new(0);
 #[tokio::test]
 async fn an_invalid_push_is_nacked_and_the_last_good_config_stays() {
     let mesh = mesh(None).await;
-    let replica = replica(&mesh.store, &mesh.identity).await;
+    let replica = replica(&mesh.store, &mesh.identity, "a").await;
     let node = mesh.node(&replica, "node1", None).await;
     let mut config = node.xds.config();
     let good = until(&mut config, "the first push", |c| c.revision > 0).await;
@@ -281,12 +280,10 @@ async fn an_invalid_push_is_nacked_and_the_last_good_config_stays() {
     let kept = config.borrow().clone();
     assert_eq!(kept, good, "the node changed its configuration on a NACK");
     // The control plane recorded it.
-    let nack = recorded(&replica, "node1", |s| s.nack.is_some())
-        .await
-        .nack
-        .unwrap();
-    assert_eq!(nack.revision, bad_revision);
-    assert_eq!(nack.reason, reason);
+    let nacked = recorded(&replica, "node1", |s| s.nack_revision.is_some()).await;
+    assert_eq!(nacked.nack_revision, Some(bad_revision));
+    assert_eq!(nacked.nack_reason.as_deref(), Some(reason.as_str()));
+    assert!(nacked.synced_revision < Some(bad_revision));
 
     // Fixed through the API: the next push is accepted, NACK cleared.
     let fixed = mesh
@@ -299,7 +296,7 @@ async fn an_invalid_push_is_nacked_and_the_last_good_config_stays() {
             .contains_key(&format!("service/shop/ratings{n}"))
     );
     recorded(&replica, "node1", |s| {
-        s.nack.is_none() && s.acked_revision >= Some(fixed)
+        s.nack_revision.is_none() && s.synced_revision >= Some(fixed)
     })
     .await;
 }
@@ -307,7 +304,7 @@ async fn an_invalid_push_is_nacked_and_the_last_good_config_stays() {
 #[tokio::test]
 async fn a_node_that_missed_50_changes_ends_up_identical_to_a_fresh_one() {
     let mesh = mesh(None).await;
-    let replica = replica(&mesh.store, &mesh.identity).await;
+    let replica = replica(&mesh.store, &mesh.identity, "a").await;
     let node = mesh.node(&replica, "node1", None).await;
     let mut config = node.xds.config();
     let before = until(&mut config, "the first push", |c| c.revision > 0).await;
@@ -369,8 +366,8 @@ async fn with_two_replicas_on_postgres_a_change_through_one_reaches_a_node_on_th
     let mesh = mesh(Some(url.clone())).await;
     // Replica B: its own connection pool to the same database.
     let store_b = Store::open(&url).await.unwrap();
-    let replica_a = replica(&mesh.store, &mesh.identity).await;
-    let replica_b = replica(&store_b, &mesh.identity).await;
+    let replica_a = replica(&mesh.store, &mesh.identity, "a").await;
+    let replica_b = replica(&store_b, &mesh.identity, "b").await;
     let node = mesh.node(&replica_b, "node1", None).await;
     let mut config = node.xds.config();
     until(&mut config, "the first push", |c| c.revision > 0).await;
@@ -384,9 +381,11 @@ async fn with_two_replicas_on_postgres_a_change_through_one_reaches_a_node_on_th
     })
     .await;
     assert!(updated.resources.contains_key("service/shop/ratings"));
-    assert!(replica_a.status.nodes().is_empty());
-    recorded(&replica_b, "node1", |s| {
-        s.acked_revision == Some(updated.revision)
+    let status = recorded(&replica_b, "node1", |s| {
+        s.synced_revision == Some(updated.revision)
     })
     .await;
+    // Recorded in the shared store by the replica serving the node.
+    assert_eq!(status.replica, "b");
+    assert_eq!(replica_a.store.node_statuses().await.unwrap(), [status]);
 }

@@ -113,6 +113,15 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Each node's configuration against the current revision: SYNCED,
+    /// STALE, NACKED (with the node's reason) or DISCONNECTED, and the
+    /// replica serving it.
+    ///
+    /// Example: meshctl proxy-status
+    ProxyStatus {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Format,
+    },
     /// Nodes: the bootstrap tokens they join the mesh with.
     ///
     /// Example: meshctl node token create --node node1 --ttl 1h
@@ -236,6 +245,38 @@ enum TokenCommand {
     ///
     /// Example: meshctl node token delete 1a2b3c4d5e6f
     Delete { id: String },
+}
+
+fn print_proxy_status(answer: &serde_json::Value) {
+    let nodes = answer["nodes"].as_array().cloned().unwrap_or_default();
+    println!("current revision {}", answer["revision"]);
+    if nodes.is_empty() {
+        println!("No node has connected.");
+        return;
+    }
+    let mut rows = vec![
+        ["NODE", "STATE", "REVISION", "REPLICA", "LAST-SEEN"]
+            .map(str::to_owned)
+            .to_vec(),
+    ];
+    for node in &nodes {
+        let text = |k: &str| node[k].as_str().unwrap_or("-").to_owned();
+        rows.push(vec![
+            text("node"),
+            text("state"),
+            node["synced_revision"]
+                .as_i64()
+                .map_or("-".to_owned(), |r| r.to_string()),
+            text("replica"),
+            text("last_seen"),
+        ]);
+    }
+    print!("{}", output::align(&rows));
+    for node in &nodes {
+        if let Some(reason) = node["reason"].as_str() {
+            println!("{}: {reason}", node["node"].as_str().unwrap_or("?"));
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -374,6 +415,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cert { command } => cert::run(&client()?, command),
         Command::Node { command } => node::run(&client()?, command),
         Command::Ca { command } => ca::run(&client()?, command),
+        Command::ProxyStatus { output } => {
+            let answer = client()?.get_json("/api/v1/proxy-status", &[])?;
+            match output {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
+                Format::Yaml => print!("{}", serde_yaml_ng::to_string(&answer)?),
+                Format::Table => print_proxy_status(&answer),
+            }
+            Ok(())
+        }
         Command::Describe {
             kind,
             name,

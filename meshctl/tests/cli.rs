@@ -266,6 +266,7 @@ fn every_command_has_an_example_in_its_help() {
         vec!["ca", "status"],
         vec!["ca", "rotate-root"],
         vec!["ca", "retire-root"],
+        vec!["proxy-status"],
         vec!["node"],
         vec!["node", "token"],
         vec!["node", "token", "create"],

@@ -190,6 +190,31 @@ fn a_node_joins_and_holds_only_its_own_workloads_certificates() {
     );
     assert_eq!(config["stream"]["connected"], true);
 
+    // The control plane's view of it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status: Value = serde_json::from_str(&meshctl(
+            &api,
+            &data_dir,
+            &["proxy-status", "-o", "json"],
+            None,
+        ))
+        .unwrap();
+        let node = &status["nodes"][0];
+        if node["state"] == "SYNCED" {
+            assert_eq!(node["node"], "node1");
+            assert_eq!(node["synced_revision"], status["revision"]);
+            break;
+        }
+        assert!(Instant::now() < deadline, "node1 never SYNCED: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let table = meshctl(&api, &data_dir, &["proxy-status"], None);
+    assert!(
+        table.contains("node1") && table.contains("SYNCED"),
+        "{table}"
+    );
+
     // The operator's view of one workload.
     let table = meshctl(
         &api,

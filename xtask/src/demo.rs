@@ -246,6 +246,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("      {line}");
     }
 
+    println!("    meshctl proxy-status (the pushed configuration, per node):");
+    for line in meshctl(&api, &data_dir, &["proxy-status"], "")?.lines() {
+        println!("      {line}");
+    }
+
     heading(7, "done");
     if args.keep {
         println!(

@@ -10,13 +10,11 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use mesh_api::v1::{DeltaRequest, DeltaResponse, Resource as PushedResource, discovery_server};
 use mesh_identity::components;
-use serde::Serialize;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -25,7 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::tls::Peer;
 use crate::{
     snapshot::{ServiceRef, delta, node_snapshot},
-    store::Store,
+    store::{NodeConfigStatus, Store},
 };
 
 /// How often the store's revision is read. Several replicas on one
@@ -56,71 +54,21 @@ pub fn watch_revision(store: Store, every: Duration) -> watch::Receiver<i64> {
     rx
 }
 
-/// A rejected push.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Nack {
-    pub revision: i64,
-    pub reason: String,
-}
-
-/// What the control plane knows of one node's configuration.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct NodeStatus {
-    pub node: String,
-    pub connected: bool,
-    /// The revision the node last acknowledged.
-    pub acked_revision: Option<i64>,
-    /// The last push it rejected, while nothing newer was acknowledged.
-    pub nack: Option<Nack>,
-    pub remote: String,
-    #[serde(with = "time::serde::rfc3339")]
-    pub last_seen: OffsetDateTime,
-}
-
-/// The nodes this replica serves (or served).
-#[derive(Debug, Default)]
-pub struct ProxyStatus(Mutex<BTreeMap<String, NodeStatus>>);
-
-impl ProxyStatus {
-    pub fn nodes(&self) -> Vec<NodeStatus> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect()
-    }
-
-    fn update(&self, node: &str, remote: &str, f: impl FnOnce(&mut NodeStatus)) {
-        let mut nodes = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let status = nodes.entry(node.to_owned()).or_insert_with(|| NodeStatus {
-            node: node.to_owned(),
-            connected: true,
-            acked_revision: None,
-            nack: None,
-            remote: remote.to_owned(),
-            last_seen: OffsetDateTime::now_utc(),
-        });
-        status.remote = remote.to_owned();
-        status.last_seen = OffsetDateTime::now_utc();
-        f(status);
-    }
-}
-
 /// The service's state.
 #[derive(Clone, Debug)]
 pub struct DiscoveryService {
     store: Store,
     revisions: watch::Receiver<i64>,
-    status: Arc<ProxyStatus>,
+    /// This replica's name in `NodeConfigStatus`.
+    replica: String,
 }
 
 impl DiscoveryService {
-    pub fn new(store: Store, revisions: watch::Receiver<i64>, status: Arc<ProxyStatus>) -> Self {
+    pub fn new(store: Store, revisions: watch::Receiver<i64>, replica: String) -> Self {
         Self {
             store,
             revisions,
-            status,
+            replica,
         }
     }
 
@@ -159,12 +107,20 @@ impl discovery_server::Discovery for DiscoveryService {
         };
         let (tx, rx) = mpsc::channel(4);
         let session = Session {
+            status: NodeConfigStatus {
+                node: node.clone(),
+                replica: self.replica.clone(),
+                connected: true,
+                synced_revision: None,
+                nack_revision: None,
+                nack_reason: None,
+                last_seen: String::new(),
+            },
             node,
             remote: peer.remote.to_string(),
             expires: peer.not_after.unwrap_or(now),
             store: self.store.clone(),
             revisions: self.revisions.clone(),
-            status: self.status.clone(),
         };
         tokio::spawn(session.run(request.into_inner(), tx));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -179,7 +135,8 @@ struct Session {
     expires: OffsetDateTime,
     store: Store,
     revisions: watch::Receiver<i64>,
-    status: Arc<ProxyStatus>,
+    /// What is recorded of the node, written on every change.
+    status: NodeConfigStatus,
 }
 
 /// A response waiting for its ACK or NACK.
@@ -195,15 +152,27 @@ impl Session {
         mut inbound: Streaming<DeltaRequest>,
         tx: mpsc::Sender<Result<DeltaResponse, Status>>,
     ) {
-        let node = self.node.clone();
-        let remote = self.remote.clone();
-        tracing::info!(node, remote, "node connected for configuration");
-        self.status.update(&node, &remote, |s| s.connected = true);
+        tracing::info!(
+            node = self.node,
+            remote = self.remote,
+            "node connected for configuration"
+        );
+        self.record(|_| {}).await;
         if let Err(status) = self.serve(&mut inbound, &tx).await {
             let _ = tx.send(Err(status)).await;
         }
-        self.status.update(&node, &remote, |s| s.connected = false);
-        tracing::info!(node, "configuration stream ended");
+        self.record(|s| s.connected = false).await;
+        tracing::info!(node = self.node, "configuration stream ended");
+    }
+
+    /// Updates and writes the node's recorded state. A failed write is
+    /// logged, not fatal: the stream matters more than the report.
+    async fn record(&mut self, change: impl FnOnce(&mut NodeConfigStatus)) {
+        change(&mut self.status);
+        self.status.last_seen = crate::store::now_rfc3339();
+        if let Err(error) = self.store.record_node_status(&self.status).await {
+            tracing::warn!(%error, node = self.node, "recording the node's configuration state");
+        }
     }
 
     async fn serve(
@@ -242,7 +211,12 @@ impl Session {
                     .await
                     .map_err(store_failed)?;
                 let (changed, removed) = delta(&held, &snapshot);
-                if sent == 0 || !changed.is_empty() || !removed.is_empty() {
+                if sent > 0 && changed.is_empty() && removed.is_empty() {
+                    // Nothing of this node's changed: it is in sync here too.
+                    if self.status.nack_revision.is_none() {
+                        self.record(|s| s.synced_revision = Some(revision)).await;
+                    }
+                } else {
                     sent += 1;
                     let nonce = format!("{revision}-{sent}");
                     let response = DeltaResponse {
@@ -293,15 +267,19 @@ impl Session {
                         let done = pending.take().expect("checked above");
                         if request.error_detail.is_empty() {
                             held = done.versions;
-                            self.status.update(&self.node, &self.remote, |s| {
-                                s.acked_revision = Some(done.revision);
-                                s.nack = None;
-                            });
+                            self.record(|s| {
+                                s.synced_revision = Some(done.revision);
+                                s.nack_revision = None;
+                                s.nack_reason = None;
+                            })
+                            .await;
                         } else {
                             tracing::warn!(node = self.node, revision = done.revision, reason = request.error_detail, "node rejected a push");
-                            self.status.update(&self.node, &self.remote, |s| {
-                                s.nack = Some(Nack { revision: done.revision, reason: request.error_detail.clone() });
-                            });
+                            self.record(|s| {
+                                s.nack_revision = Some(done.revision);
+                                s.nack_reason = Some(request.error_detail.clone());
+                            })
+                            .await;
                         }
                         // Changes that arrived while waiting go out now.
                         if *self.revisions.borrow() != done.revision {

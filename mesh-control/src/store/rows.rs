@@ -45,6 +45,12 @@ impl<'r> Columns<'r> {
             .map_err(|e| self.corrupt(column, e))
     }
 
+    pub(super) fn opt_int(&self, column: &str) -> Result<Option<i64>, StoreError> {
+        self.row
+            .try_get(column)
+            .map_err(|e| self.corrupt(column, e))
+    }
+
     pub(super) fn int32(&self, column: &str) -> Result<i32, StoreError> {
         let value = self.int(column)?;
         i32::try_from(value).map_err(|e| self.corrupt(column, e))

@@ -8,6 +8,7 @@
 //! | `GET /api/v1/{kind}/{name}[?namespace=]` | one resource |
 //! | `DELETE /api/v1/{kind}/{name}[?namespace=]` | delete one resource |
 //! | `GET /api/v1/services/{name}/describe[?namespace=]` | a service with what applies to it |
+//! | `PUT /api/v1/services/{name}/endpoints/health[?namespace=]` | mark one endpoint (`{ip, port, healthy}`) healthy or not |
 //! | `GET /api/v1/revision` | the store's revision |
 //! | `GET /api/v1/certificates[?service_name=]` | what the CA issued (never keys) |
 //! | `POST /api/v1/certificates` | issue with a CA-generated key (gateways, VMs) |
@@ -65,6 +66,10 @@ pub fn router(state: AppState) -> Router {
         .route("/revision", get(revision))
         .route("/apply", post(apply))
         .route("/services/{name}/describe", get(describe_service))
+        .route(
+            "/services/{name}/endpoints/health",
+            axum::routing::put(set_endpoint_health),
+        )
         .route(
             "/certificates",
             get(certificates::list).post(certificates::issue),
@@ -316,6 +321,42 @@ pub struct ServiceDescription {
     pub authorization_policies: Vec<Document>,
     pub workloads: Vec<Document>,
     pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndpointHealth {
+    ip: std::net::IpAddr,
+    port: u16,
+    healthy: bool,
+}
+
+/// Marks one endpoint healthy or not; nodes calling the service are told
+/// through the configuration push.
+async fn set_endpoint_health(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(scope): Query<Scope>,
+    Json(request): Json<EndpointHealth>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let namespace = scope.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
+    let revision = state
+        .store
+        .set_endpoint_health(
+            &format!("{name}.{namespace}"),
+            request.ip,
+            request.port,
+            request.healthy,
+        )
+        .await?;
+    tracing::info!(
+        service = %format!("{namespace}/{name}"),
+        endpoint = %std::net::SocketAddr::new(request.ip, request.port),
+        healthy = request.healthy,
+        revision,
+        "endpoint health set"
+    );
+    Ok(Json(serde_json::json!({ "revision": revision })))
 }
 
 async fn describe_service(

@@ -19,7 +19,11 @@ use mesh_control::{
     store::{NodeConfigStatus, Store},
 };
 use mesh_identity::TrustBundle;
-use mesh_model::{Kind, config::NodeConfig, parse_documents};
+use mesh_model::{
+    Kind,
+    config::{ConfigResource, NodeConfig},
+    parse_documents,
+};
 use mesh_node::{
     control::ControlPlane,
     identity::{CertManager, Clock, RotationConfig},
@@ -221,6 +225,23 @@ async fn updates_and_removals_reach_the_node_and_it_sees_only_its_part() {
          apiVersion: mesh.io/v1\nkind: Workload\nmetadata: {name: other, namespace: elsewhere}\nspec: {node: node2, ip: 10.89.1.9}\n",
     )
     .await;
+
+    // An endpoint taken out of rotation reaches the callers' node.
+    let revision = mesh
+        .store
+        .set_endpoint_health("reviews.shop", "10.89.1.2".parse().unwrap(), 9080, false)
+        .await
+        .unwrap();
+    let drained = until(&mut config, "the endpoint's health", |c| {
+        c.revision >= revision
+    })
+    .await;
+    let (_, endpoints) = &drained.resources["endpoints/shop/reviews"];
+    let ConfigResource::Endpoints(set) = endpoints.as_ref() else {
+        panic!("{endpoints:?}")
+    };
+    assert_eq!(set.endpoints.len(), 1);
+    assert!(!set.endpoints[0].healthy, "{set:?}");
 
     let revision = mesh
         .store

@@ -171,6 +171,18 @@ impl Client {
             .context("reading the control plane's answer")
     }
 
+    pub fn put_json(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+        body: &serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
+        let response = self.send(self.http.put(self.url(path)).query(query).json(body))?;
+        response
+            .json()
+            .context("reading the control plane's answer")
+    }
+
     /// A DELETE answered with no body.
     pub fn delete_empty(&self, path: &str) -> anyhow::Result<()> {
         self.send(self.http.delete(self.url(path)))?;

@@ -122,6 +122,14 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Format,
     },
+    /// Endpoints: take one out of (or back into) rotation. Nodes calling
+    /// the service learn it through the configuration push.
+    ///
+    /// Example: meshctl endpoint health reviews 10.89.1.2:9080 --healthy false -n shop
+    Endpoint {
+        #[command(subcommand)]
+        command: EndpointCommand,
+    },
     /// Nodes: the bootstrap tokens they join the mesh with.
     ///
     /// Example: meshctl node token create --node node1 --ttl 1h
@@ -204,6 +212,22 @@ enum CaCommand {
         serial: String,
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum EndpointCommand {
+    /// Mark one endpoint of a service healthy or not.
+    ///
+    /// Example: meshctl endpoint health reviews 10.89.1.2:9080 --healthy false -n shop
+    Health {
+        service: String,
+        /// The endpoint, `IP:PORT` (`[IPv6]:PORT`).
+        endpoint: std::net::SocketAddr,
+        #[arg(long, action = clap::ArgAction::Set)]
+        healthy: bool,
+        #[arg(short, long, default_value = DEFAULT_NAMESPACE)]
+        namespace: String,
     },
 }
 
@@ -415,6 +439,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cert { command } => cert::run(&client()?, command),
         Command::Node { command } => node::run(&client()?, command),
         Command::Ca { command } => ca::run(&client()?, command),
+        Command::Endpoint {
+            command:
+                EndpointCommand::Health {
+                    service,
+                    endpoint,
+                    healthy,
+                    namespace,
+                },
+        } => {
+            let answer = client()?.put_json(
+                &format!("/api/v1/services/{service}/endpoints/health"),
+                &[("namespace", namespace.as_str())],
+                &serde_json::json!({
+                    "ip": endpoint.ip(),
+                    "port": endpoint.port(),
+                    "healthy": healthy,
+                }),
+            )?;
+            let state = if healthy { "healthy" } else { "unhealthy" };
+            println!(
+                "endpoint {endpoint} of {namespace}/{service} marked {state} (revision {})",
+                answer["revision"]
+            );
+            Ok(())
+        }
         Command::ProxyStatus { output } => {
             let answer = client()?.get_json("/api/v1/proxy-status", &[])?;
             match output {

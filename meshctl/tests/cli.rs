@@ -267,6 +267,8 @@ fn every_command_has_an_example_in_its_help() {
         vec!["ca", "rotate-root"],
         vec!["ca", "retire-root"],
         vec!["proxy-status"],
+        vec!["endpoint"],
+        vec!["endpoint", "health"],
         vec!["node"],
         vec!["node", "token"],
         vec!["node", "token", "create"],
@@ -519,4 +521,49 @@ fn ca_roots_rotate_make_before_break() {
     let out = cp.meshctl(&["ca", "retire-root", &first[0], "--force"]);
     assert!(out.ok, "{out:?}");
     assert_eq!(status(&cp)["roots"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn endpoint_health_is_set_by_service_and_address() {
+    let cp = ControlPlane::start();
+    let yaml = file(
+        "apiVersion: mesh.io/v1\nkind: Namespace\nmetadata: {name: shop}\n---\n\
+         apiVersion: mesh.io/v1\nkind: Service\nmetadata: {name: reviews, namespace: shop}\nspec: {ports: [{port: 9080}]}\n---\n\
+         apiVersion: mesh.io/v1\nkind: Workload\nmetadata: {name: reviews-1, namespace: shop}\nspec: {node: node2, ip: 10.89.1.2, services: [reviews]}\n",
+    );
+    assert!(
+        cp.meshctl(&["apply", "-f", yaml.path().to_str().unwrap()])
+            .ok
+    );
+    let out = cp.meshctl(&[
+        "endpoint",
+        "health",
+        "reviews",
+        "10.89.1.2:9080",
+        "--healthy",
+        "false",
+        "-n",
+        "shop",
+    ]);
+    assert!(out.ok, "{out:?}");
+    assert!(out.stdout.contains("marked unhealthy"), "{out:?}");
+    let out = cp.meshctl(&["describe", "service", "reviews", "-n", "shop"]);
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.contains("10.89.1.2"))
+        .unwrap_or_else(|| panic!("{out:?}"));
+    assert!(line.contains("unhealthy"), "{line}");
+    let out = cp.meshctl(&[
+        "endpoint",
+        "health",
+        "reviews",
+        "10.89.1.3:9080",
+        "--healthy",
+        "true",
+        "-n",
+        "shop",
+    ]);
+    assert!(!out.ok);
+    assert!(out.stderr.contains("not found"), "{out:?}");
 }

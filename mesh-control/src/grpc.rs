@@ -51,7 +51,14 @@ pub async fn serve(
     let configs = Arc::new(tls::ServerConfigs::new(identity.clone(), serving));
     let incoming = tls::incoming(listener, configs);
     let revisions = discovery::watch_revision(store.clone(), config.poll);
-    let discovery = DiscoveryService::new(store.clone(), revisions, config.replica);
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let discovery = DiscoveryService::new(store.clone(), revisions, config.replica, stopping);
+    // Long-lived configuration streams would hold a graceful shutdown
+    // forever: end them first.
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopping_tx.send(true);
+    };
     let service = IdentityService::new(store, identity, config.csr_limit);
     tonic::transport::Server::builder()
         .add_service(service.into_server())

@@ -95,13 +95,39 @@ impl Process {
 
     /// Asks the process to stop (SIGTERM) and waits for it.
     pub fn terminate(mut self) -> io::Result<ExitStatus> {
+        self.signal_term()?;
+        self.child.wait()
+    }
+
+    /// Asks the process to stop (SIGTERM) and waits at most `limit`; a
+    /// process still running then is killed and reported as an error.
+    pub fn terminate_within(mut self, limit: Duration) -> io::Result<ExitStatus> {
+        self.signal_term()?;
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("{} did not stop within {limit:?} of SIGTERM", self.name),
+                ));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal_term(&self) -> io::Result<()> {
         // SAFETY: signals our own child, which has not been reaped yet.
         #[allow(unsafe_code)]
         let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
-        self.child.wait()
+        Ok(())
     }
 }
 

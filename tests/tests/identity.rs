@@ -82,7 +82,7 @@ fn entry<'a>(certs: &'a [Value], name: &str) -> &'a Value {
 fn a_node_joins_and_holds_only_its_own_workloads_certificates() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("control");
-    let (_control, api, grpc) = start_control_plane(&data_dir);
+    let (control, api, grpc) = start_control_plane(&data_dir);
     meshctl(&api, &data_dir, &["apply", "-f", "-"], Some(WORKLOADS));
 
     let mut command = Command::new(workspace_binary("mesh-node").unwrap());
@@ -233,4 +233,25 @@ fn a_node_joins_and_holds_only_its_own_workloads_certificates() {
         "{table}"
     );
     assert!(lines[1].ends_with("node1"), "{table}");
+
+    // The control plane stops promptly on SIGTERM even with a node's
+    // configuration stream open, and the node keeps what it has (static
+    // stability) while it tries to reconnect.
+    let held = http::get(admin, "/config").unwrap().body;
+    let held: Value = serde_json::from_str(&held).unwrap();
+    let status = control.terminate_within(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "mesh-control exited with {status}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now: Value = serde_json::from_str(&http::get(admin, "/config").unwrap().body).unwrap();
+        assert_eq!(now["revision"], held["revision"]);
+        assert_eq!(now["resources"], held["resources"]);
+        if now["stream"]["connected"] == false && now["stream"]["reconnects"].as_u64() >= Some(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the node did not notice: {now}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let certs = certificates(admin);
+    assert!(entry(&certs, "shop/frontend-1")["spiffe_id"].is_string());
 }

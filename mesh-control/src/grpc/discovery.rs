@@ -61,14 +61,23 @@ pub struct DiscoveryService {
     revisions: watch::Receiver<i64>,
     /// This replica's name in `NodeConfigStatus`.
     replica: String,
+    /// Turns true when the server shuts down: streams end so the graceful
+    /// shutdown does not wait on them forever.
+    stopping: watch::Receiver<bool>,
 }
 
 impl DiscoveryService {
-    pub fn new(store: Store, revisions: watch::Receiver<i64>, replica: String) -> Self {
+    pub fn new(
+        store: Store,
+        revisions: watch::Receiver<i64>,
+        replica: String,
+        stopping: watch::Receiver<bool>,
+    ) -> Self {
         Self {
             store,
             revisions,
             replica,
+            stopping,
         }
     }
 
@@ -121,6 +130,7 @@ impl discovery_server::Discovery for DiscoveryService {
             expires: peer.not_after.unwrap_or(now),
             store: self.store.clone(),
             revisions: self.revisions.clone(),
+            stopping: self.stopping.clone(),
         };
         tokio::spawn(session.run(request.into_inner(), tx));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -137,6 +147,7 @@ struct Session {
     revisions: watch::Receiver<i64>,
     /// What is recorded of the node, written on every change.
     status: NodeConfigStatus,
+    stopping: watch::Receiver<bool>,
 }
 
 /// A response waiting for its ACK or NACK.
@@ -195,6 +206,7 @@ impl Session {
         let left = (self.expires - OffsetDateTime::now_utc()).max(time::Duration::ZERO);
         let expiry = tokio::time::sleep(left.unsigned_abs());
         tokio::pin!(expiry);
+        let mut stopping = self.stopping.clone();
         loop {
             if send && pending.is_none() {
                 send = false;
@@ -292,6 +304,9 @@ impl Session {
                         return Err(Status::unavailable("the control plane is shutting down"));
                     }
                     send = true;
+                }
+                () = async { let _ = stopping.wait_for(|stop| *stop).await; } => {
+                    return Err(Status::unavailable("the control plane is shutting down; reconnect"));
                 }
                 () = &mut expiry => {
                     return Err(Status::unauthenticated(

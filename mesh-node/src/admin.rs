@@ -55,12 +55,26 @@ pub struct Tracked {
     pub state: watch::Receiver<CertState>,
 }
 
+/// The certificate managers the admin endpoint reports on.
+pub type SharedTracked = Arc<RwLock<Vec<Tracked>>>;
+
+fn reports(tracked: &SharedTracked) -> Vec<CertificateReport> {
+    tracked
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(report)
+        .collect()
+}
+
 /// What the admin endpoint reads from.
 #[derive(Clone, Debug, Default)]
 pub struct AdminState {
     /// `None` when the node runs without capture (no `--cgroup`).
     pub capture: Option<SharedCapture>,
-    pub certificates: Vec<Tracked>,
+    /// The node's and its workloads' certificate managers, as they come
+    /// and go.
+    pub certificates: SharedTracked,
     /// The pushed configuration and the stream's state; `None` without a
     /// control plane.
     pub config: Option<(
@@ -140,7 +154,7 @@ async fn config(State(state): State<AdminState>) -> Response {
 }
 
 async fn certificates(State(state): State<AdminState>) -> Json<Vec<CertificateReport>> {
-    Json(state.certificates.iter().map(report).collect())
+    Json(reports(&state.certificates))
 }
 
 /// `GET /capture`: the cgroup, the programs' counters and every captured pod.
@@ -173,8 +187,7 @@ async fn metrics(State(state): State<AdminState>) -> Response {
             Err(error) => return internal_error(error),
         }
     }
-    let reports: Vec<CertificateReport> = state.certificates.iter().map(report).collect();
-    text.push_str(&render_certificate_metrics(&reports));
+    text.push_str(&render_certificate_metrics(&reports(&state.certificates)));
     if let Some((config, status)) = &state.config {
         let revision = config.borrow().revision;
         let status = status.borrow().clone();

@@ -7,4 +7,5 @@ pub mod admin;
 pub mod capture;
 pub mod control;
 pub mod identity;
+pub mod workloads;
 pub mod xds;

@@ -1,6 +1,7 @@
 //! `mesh-node`: the node proxy binary.
 
 use std::{
+    collections::BTreeSet,
     io::Write as _,
     net::SocketAddr,
     path::PathBuf,
@@ -11,10 +12,11 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 use mesh_identity::TrustBundle;
 use mesh_node::{
-    admin::{self, AdminState, Holder, Tracked},
+    admin::{self, AdminState, Holder, SharedTracked, Tracked},
     capture::{self, Capture},
     control::ControlPlane,
     identity::{CertManager, Clock, RotationConfig},
+    workloads::Workloads,
     xds::Xds,
 };
 
@@ -68,8 +70,9 @@ struct Args {
     #[arg(long, env = "MESH_BOOTSTRAP_TOKEN_FILE")]
     bootstrap_token_file: Option<PathBuf>,
 
-    /// A workload on this node to hold a certificate for, as
-    /// `namespace/name` (captured pods are included anyway). Repeatable.
+    /// A workload to hold a certificate for, as `namespace/name`, beyond
+    /// those the control plane lists for this node (and the captured
+    /// pods). Repeatable.
     #[arg(long = "workload", value_name = "NAMESPACE/NAME", value_parser = parse_workload)]
     workloads: Vec<(String, String)>,
 }
@@ -112,9 +115,10 @@ async fn main() -> anyhow::Result<()> {
         }
         None => bail!("--capture needs --cgroup (the cgroup the pods run in)"),
     };
-    // The managers and the configuration stream run for as long as they
-    // are held.
-    let (_managers, certificates, xds) = start_identities(&args)?;
+    // Certificates and configuration are followed for as long as `mesh`
+    // is held.
+    let certificates = SharedTracked::default();
+    let mesh = join_mesh(&args, &certificates)?;
 
     let listener = tokio::net::TcpListener::bind(args.admin_addr)
         .await
@@ -130,7 +134,7 @@ async fn main() -> anyhow::Result<()> {
     let state = AdminState {
         capture,
         certificates,
-        config: xds.as_ref().map(|x| (x.config(), x.status())),
+        config: mesh.as_ref().map(|m| (m.xds.config(), m.xds.status())),
     };
     let server =
         axum::serve(listener, admin::router(state)).with_graceful_shutdown(shutdown_signal());
@@ -158,14 +162,22 @@ fn start_capture(
     Ok(Arc::new(RwLock::new(capture)))
 }
 
-/// Joins the mesh, starts a certificate manager for the node and for
-/// each of its workloads, and follows the node's configuration.
-fn start_identities(args: &Args) -> anyhow::Result<(Vec<CertManager>, Vec<Tracked>, Option<Xds>)> {
+/// What runs for the mesh: the node's certificate, its workloads'
+/// certificates and the configuration stream.
+struct Mesh {
+    _node: CertManager,
+    _workloads: Workloads,
+    xds: Xds,
+}
+
+/// Joins the mesh: a certificate manager for the node, the configuration
+/// stream, and a certificate manager for each workload on the node.
+fn join_mesh(args: &Args, tracked: &SharedTracked) -> anyhow::Result<Option<Mesh>> {
     let Some(address) = &args.control_plane else {
         if !args.workloads.is_empty() {
             bail!("--workload needs --control-plane (where certificates come from)");
         }
-        return Ok((Vec::new(), Vec::new(), None));
+        return Ok(None);
     };
     let (Some(node), Some(bundle_path)) = (&args.node, &args.ca_bundle) else {
         bail!("--control-plane needs --node and --ca-bundle");
@@ -186,34 +198,37 @@ fn start_identities(args: &Args) -> anyhow::Result<(Vec<CertManager>, Vec<Tracke
     let control = ControlPlane::new(address, node, bundle, token)
         .map_err(|why| anyhow::anyhow!("--node: {why}"))?;
     let clock = Clock::system();
-    let config = RotationConfig::default();
-    let node_manager = control.start_node_identity(config, clock);
-    let mut tracked = vec![Tracked {
-        holder: Holder::Node,
-        name: node.clone(),
-        state: node_manager.subscribe(),
-    }];
-    let mut managers = vec![node_manager];
-    let mut workloads: Vec<(String, String)> = args.workloads.clone();
-    for (pod, _) in &args.captures {
-        let (namespace, name) =
-            parse_workload(pod).map_err(|why| anyhow::anyhow!("--capture {why}"))?;
-        workloads.push((namespace, name));
-    }
-    workloads.sort();
-    workloads.dedup();
-    for (namespace, name) in workloads {
-        let manager = control.start_workload_identity(&namespace, &name, config, clock);
-        tracked.push(Tracked {
-            holder: Holder::Workload,
-            name: format!("{namespace}/{name}"),
-            state: manager.subscribe(),
+    let rotation = RotationConfig::default();
+    let node_manager = control.start_node_identity(rotation, clock);
+    tracked
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(Tracked {
+            holder: Holder::Node,
+            name: node.clone(),
+            state: node_manager.subscribe(),
         });
-        managers.push(manager);
+    // The pushed configuration lists the node's workloads; flags add more.
+    let mut fixed: BTreeSet<(String, String)> = args.workloads.iter().cloned().collect();
+    for (pod, _) in &args.captures {
+        let workload = parse_workload(pod).map_err(|why| anyhow::anyhow!("--capture {why}"))?;
+        fixed.insert(workload);
     }
-    tracing::info!(%address, node, workloads = tracked.len() - 1, "joining the mesh");
-    let xds = Xds::start(control, Vec::new());
-    Ok((managers, tracked, Some(xds)))
+    tracing::info!(%address, node, "joining the mesh");
+    let xds = Xds::start(control.clone(), Vec::new());
+    let workloads = Workloads::follow(
+        control,
+        xds.config(),
+        fixed,
+        tracked.clone(),
+        rotation,
+        clock,
+    );
+    Ok(Some(Mesh {
+        _node: node_manager,
+        _workloads: workloads,
+        xds,
+    }))
 }
 
 async fn shutdown_signal() {

@@ -9,21 +9,11 @@ use axum::{
 };
 
 use super::{ApiError, AppState};
+use crate::secret::{constant_time_eq, random_hex};
 
 /// Generates a new admin token: 32 random bytes, hex.
 pub fn generate_token() -> std::io::Result<String> {
-    let mut bytes = [0u8; 32];
-    getrandom::getrandom(&mut bytes).map_err(std::io::Error::other)?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// Compares without an early exit, so timing does not reveal how much of
-/// a guess was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    random_hex(32).map_err(std::io::Error::other)
 }
 
 /// Refuses every request without the right bearer token.

@@ -4,9 +4,12 @@
 
 use serde::Serialize;
 use sqlx::AnyConnection;
-use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use time::OffsetDateTime;
 
-use super::{Backend, StoreError, rows::Columns};
+use super::{
+    Backend, StoreError,
+    rows::{self, Columns},
+};
 
 /// A certificate to record.
 #[derive(Debug)]
@@ -38,10 +41,7 @@ pub struct CertificateRow {
 }
 
 fn rfc3339(at: OffsetDateTime) -> Result<String, StoreError> {
-    at.format(&Rfc3339).map_err(|e| StoreError::Corrupt {
-        reference: "certificate time".into(),
-        message: e.to_string(),
-    })
+    rows::rfc3339(at, "certificate time")
 }
 
 pub(super) async fn record(

@@ -94,3 +94,12 @@ impl<'r> Columns<'r> {
 pub(super) fn to_json<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).expect("resource fields are plain data and always serialize")
 }
+
+/// A time as the store writes it (RFC 3339); `what` names it in the error.
+pub(super) fn rfc3339(at: time::OffsetDateTime, what: &str) -> Result<String, StoreError> {
+    at.format(&time::format_description::well_known::Rfc3339)
+        .map_err(|e| StoreError::Corrupt {
+            reference: what.into(),
+            message: e.to_string(),
+        })
+}

@@ -7,7 +7,11 @@ use serde::Serialize;
 use sqlx::AnyConnection;
 use time::{Duration, OffsetDateTime, format_description::well_known::Rfc3339};
 
-use super::{Backend, StoreError, rows::Columns};
+use super::{
+    Backend, StoreError,
+    rows::{self, Columns},
+};
+use crate::secret;
 
 /// The longest a bootstrap token may live.
 pub const MAX_TOKEN_TTL: Duration = Duration::days(365);
@@ -47,12 +51,10 @@ pub enum TokenRejected {
 }
 
 fn random_hex(bytes: usize) -> Result<String, StoreError> {
-    let mut buf = vec![0u8; bytes];
-    getrandom::getrandom(&mut buf).map_err(|e| StoreError::Corrupt {
+    secret::random_hex(bytes).map_err(|e| StoreError::Corrupt {
         reference: "bootstrap token".into(),
         message: format!("no randomness: {e}"),
-    })?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+    })
 }
 
 fn sha256_hex(secret: &str) -> String {
@@ -64,20 +66,7 @@ fn sha256_hex(secret: &str) -> String {
 }
 
 fn rfc3339(at: OffsetDateTime) -> Result<String, StoreError> {
-    at.format(&Rfc3339).map_err(|e| StoreError::Corrupt {
-        reference: "bootstrap token time".into(),
-        message: e.to_string(),
-    })
-}
-
-/// Compares two digests without stopping at the first difference (what
-/// leaks is only about a SHA-256, but there is no reason to leak it).
-fn same_digest(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+    rows::rfc3339(at, "bootstrap token time")
 }
 
 /// Splits `<id>.<secret>` where both halves are lowercase hex of the
@@ -191,7 +180,7 @@ pub(super) async fn check(
     };
     let c = Columns::new(&row, format!("NodeBootstrapToken/{id}"));
     let stored = c.text("secret_sha256")?;
-    if !same_digest(&stored, &sha256_hex(secret)) {
+    if !secret::constant_time_eq(stored.as_bytes(), sha256_hex(secret).as_bytes()) {
         return Ok(Err(TokenRejected::WrongSecret));
     }
     let token = info(&c)?;

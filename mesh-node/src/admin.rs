@@ -72,6 +72,8 @@ fn reports(tracked: &SharedTracked) -> Vec<CertificateReport> {
 pub struct AdminState {
     /// `None` when the node runs without capture (no `--cgroup`).
     pub capture: Option<SharedCapture>,
+    /// The proxy's connections; `None` without capture.
+    pub connections: Option<Arc<crate::proxy::Connections>>,
     /// The node's and its workloads' certificate managers, as they come
     /// and go.
     pub certificates: SharedTracked,
@@ -88,6 +90,7 @@ pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/capture", get(capture_state))
+        .route("/connections", get(connections))
         .route("/certificates", get(certificates))
         .route("/config", get(config))
         .route("/metrics", get(metrics))
@@ -179,6 +182,19 @@ async fn capture_state(State(state): State<AdminState>) -> Response {
     }
 }
 
+/// `GET /connections`: the connections the proxy carries now, with where
+/// each was going.
+async fn connections(State(state): State<AdminState>) -> Response {
+    match &state.connections {
+        Some(connections) => Json(connections.open()).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            "capture is off on this node (mesh-node runs without --cgroup)\n",
+        )
+            .into_response(),
+    }
+}
+
 async fn metrics(State(state): State<AdminState>) -> Response {
     let mut text = String::new();
     if let Some(capture) = &state.capture {
@@ -186,6 +202,9 @@ async fn metrics(State(state): State<AdminState>) -> Response {
             Ok(capture) => text.push_str(&render_metrics(&capture)),
             Err(error) => return internal_error(error),
         }
+    }
+    if let Some(connections) = &state.connections {
+        text.push_str(&render_connection_metrics(connections));
     }
     text.push_str(&render_certificate_metrics(&reports(&state.certificates)));
     if let Some((config, status)) = &state.config {
@@ -338,6 +357,31 @@ pub fn render_metrics(state: &CaptureState) -> String {
     out
 }
 
+/// Renders the proxy's connection counts in the Prometheus text format.
+pub fn render_connection_metrics(connections: &crate::proxy::Connections) -> String {
+    let mut out = String::from(
+        "# HELP mesh_proxy_connections_total Connections the proxy accepted in captured pods, by outcome.\n\
+         # TYPE mesh_proxy_connections_total counter\n",
+    );
+    for ((pod, direction, outcome), value) in connections.counts() {
+        let _ = writeln!(
+            out,
+            "mesh_proxy_connections_total{{pod=\"{}\",direction=\"{}\",outcome=\"{}\"}} {value}",
+            escape_label(&pod),
+            direction.name(),
+            outcome.name()
+        );
+    }
+    let _ = write!(
+        out,
+        "# HELP mesh_proxy_connections_open Connections the proxy carries now.\n\
+         # TYPE mesh_proxy_connections_open gauge\n\
+         mesh_proxy_connections_open {}\n",
+        connections.open().len()
+    );
+    out
+}
+
 /// Escapes a label value as the exposition format requires.
 fn escape_label(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
@@ -362,7 +406,7 @@ mod tests {
     fn state() -> CaptureState {
         CaptureState {
             cgroup: "/sys/fs/cgroup/pods".into(),
-            counters: [("connect_captured", 10), ("bypass_uncaptured", 4)]
+            counters: [("connect_redirected", 10), ("bypass_uncaptured", 4)]
                 .into_iter()
                 .collect(),
             pods: vec![PodConnects {
@@ -370,6 +414,7 @@ mod tests {
                     name: "shop/front\"end".into(),
                     netns: PathBuf::from("/run/netns/x"),
                     cookie: 7,
+                    addresses: vec!["10.89.0.2".parse().unwrap()],
                 },
                 connects: 10,
             }],
@@ -379,7 +424,7 @@ mod tests {
     #[test]
     fn metrics_list_every_counter_and_pod() {
         let text = render_metrics(&state());
-        assert!(text.contains("mesh_capture_events_total{event=\"connect_captured\"} 10\n"));
+        assert!(text.contains("mesh_capture_events_total{event=\"connect_redirected\"} 10\n"));
         assert!(text.contains("mesh_capture_events_total{event=\"bypass_uncaptured\"} 4\n"));
         // Counters the kernel has not reported yet are exported as zero.
         assert!(text.contains("mesh_capture_events_total{event=\"error\"} 0\n"));

@@ -7,5 +7,6 @@ pub mod admin;
 pub mod capture;
 pub mod control;
 pub mod identity;
+pub mod proxy;
 pub mod workloads;
 pub mod xds;

@@ -13,9 +13,10 @@ use clap::Parser;
 use mesh_identity::TrustBundle;
 use mesh_node::{
     admin::{self, AdminState, Holder, SharedTracked, Tracked},
-    capture::{self, Capture},
+    capture::{self, Capture, CaptureConfig},
     control::ControlPlane,
     identity::{CertManager, Clock, RotationConfig},
+    proxy::{self, PodSpec, Proxy},
     workloads::Workloads,
     xds::Xds,
 };
@@ -40,8 +41,25 @@ struct Args {
 
     /// A pod to capture, as `namespace/name=/path/to/netns`. Repeatable.
     /// With a control plane, the pod also gets its certificate.
-    #[arg(long = "capture", value_name = "POD=NETNS", value_parser = parse_capture)]
+    #[arg(long = "capture", value_name = "POD=NETNS", value_parser = proxy::parse_pod_arg)]
     captures: Vec<(String, PathBuf)>,
+
+    /// Directory on bpffs where the capture programs' maps and links are
+    /// pinned, so pods stay captured (refused, never bypassed) while
+    /// mesh-node restarts, and the next run adopts them. Default
+    /// `/sys/fs/bpf/mesh/<node>` (bpffs is mounted there if it is not).
+    #[arg(long, env = "MESH_NODE_BPF_PIN_DIR")]
+    bpf_pin_dir: Option<PathBuf>,
+
+    /// Remove everything pinned under the pin directory (releasing every
+    /// pod this node captured) and exit.
+    #[arg(long)]
+    uninstall: bool,
+
+    /// On SIGTERM, how long open proxied connections may take to finish
+    /// after the listeners close.
+    #[arg(long, env = "MESH_NODE_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    drain_timeout: std::time::Duration,
 
     /// Address of the admin endpoint (/healthz, /capture, /certificates,
     /// /metrics).
@@ -87,14 +105,19 @@ fn parse_workload(value: &str) -> Result<(String, String), String> {
     Ok((namespace.to_owned(), name.to_owned()))
 }
 
-fn parse_capture(value: &str) -> Result<(String, PathBuf), String> {
-    let (pod, netns) = value
-        .split_once('=')
-        .ok_or_else(|| format!("expected POD=NETNS, got {value:?}"))?;
-    if pod.is_empty() || netns.is_empty() {
-        return Err(format!("expected POD=NETNS with both parts, got {value:?}"));
+fn parse_duration(value: &str) -> Result<std::time::Duration, String> {
+    mesh_model::duration::parse_duration(value).map_err(|why| format!("{value:?}: {why}"))
+}
+
+/// The pin directory: the flag, or `/sys/fs/bpf/mesh/<node>`.
+fn pin_dir(args: &Args) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = &args.bpf_pin_dir {
+        return Ok(dir.clone());
     }
-    Ok((pod.to_owned(), PathBuf::from(netns)))
+    capture::ensure_bpffs(std::path::Path::new(capture::BPFFS))
+        .context("mounting bpffs for the pinned capture state")?;
+    let node = args.node.as_deref().unwrap_or("default");
+    Ok(std::path::Path::new(capture::BPFFS).join("mesh").join(node))
 }
 
 #[tokio::main]
@@ -106,9 +129,23 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if args.uninstall {
+        let dir = pin_dir(&args)?;
+        let removed = capture::uninstall(&dir)
+            .with_context(|| format!("removing the pinned capture under {}", dir.display()))?;
+        if removed {
+            println!(
+                "removed {}: every pod this node captured is released",
+                dir.display()
+            );
+        } else {
+            println!("nothing pinned under {}", dir.display());
+        }
+        return Ok(());
+    }
 
-    let capture = match &args.cgroup {
-        Some(cgroup) => Some(start_capture(cgroup, &args.captures)?),
+    let proxy = match &args.cgroup {
+        Some(cgroup) => Some(start_capture(&args, cgroup).await?),
         None if args.captures.is_empty() => {
             tracing::info!("no --cgroup: capture is off");
             None
@@ -132,34 +169,70 @@ async fn main() -> anyhow::Result<()> {
     drop(stdout);
 
     let state = AdminState {
-        capture,
+        capture: proxy.as_ref().map(|p| p.capture()),
+        connections: proxy.as_ref().map(|p| p.connections()),
         certificates,
         config: mesh.as_ref().map(|m| (m.xds.config(), m.xds.status())),
     };
-    let server =
-        axum::serve(listener, admin::router(state)).with_graceful_shutdown(shutdown_signal());
+    let stopping = proxy.clone();
+    let server = axum::serve(listener, admin::router(state)).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        // Listeners close before the admin endpoint does, so a supervisor
+        // that sees the endpoint gone knows new connections go elsewhere.
+        if let Some(proxy) = stopping {
+            proxy.stop_accepting().await;
+        }
+    });
     if let Err(error) = server.await {
         bail!("admin endpoint failed: {error}");
     }
-    tracing::info!("shutting down; capture detached");
+    if let Some(proxy) = proxy {
+        // The pods stay captured (pinned): until the next mesh-node listens,
+        // their connects are refused. Open connections may finish.
+        let left = proxy.connections().drained(args.drain_timeout).await;
+        tracing::info!(
+            left,
+            "stopped accepting; pods stay captured until the next run"
+        );
+    }
     Ok(())
 }
 
-fn start_capture(
-    cgroup: &std::path::Path,
-    captures: &[(String, PathBuf)],
-) -> anyhow::Result<admin::SharedCapture> {
-    let mut capture = Capture::attach(cgroup)
+async fn start_capture(args: &Args, cgroup: &std::path::Path) -> anyhow::Result<Arc<Proxy>> {
+    let pin_dir = pin_dir(args)?;
+    let config = CaptureConfig {
+        cgroup: cgroup.to_owned(),
+        pin_dir: Some(pin_dir.clone()),
+    };
+    let mut capture = Capture::attach(&config)
         .with_context(|| format!("attaching capture to {}", cgroup.display()))?;
     if let Some(logger) = capture.take_logger() {
         capture::logs::spawn_drain(logger).context("watching the eBPF log ring")?;
     }
-    for (pod, netns) in captures {
-        capture
-            .capture_pod(pod, netns)
-            .with_context(|| format!("capturing pod {pod}"))?;
+    let proxy = Arc::new(Proxy::new(Arc::new(RwLock::new(capture))));
+    let pods = args
+        .captures
+        .iter()
+        .map(|(name, netns)| PodSpec {
+            name: name.clone(),
+            netns: netns.clone(),
+            outbound: Default::default(),
+            inbound: Default::default(),
+        })
+        .collect();
+    let errors = proxy.sync(pods).await;
+    if let Some((pod, error)) = errors.into_iter().next() {
+        return Err(anyhow::Error::new(error).context(format!("capturing pod {pod}")));
     }
-    Ok(Arc::new(RwLock::new(capture)))
+    // Every pod this node should capture is known: what a previous run
+    // left for other pods goes.
+    proxy
+        .capture()
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .prune_unowned()
+        .context("releasing pods left by a previous run")?;
+    Ok(proxy)
 }
 
 /// What runs for the mesh: the node's certificate, its workloads'

@@ -275,6 +275,12 @@ impl Layout {
         self.cgroup.join("system")
     }
 
+    /// Where node `index`'s proxy pins its capture maps and links (on
+    /// bpffs, which [`Cluster::up`] mounts if needed). Teardown removes it.
+    pub fn bpf_pin_dir(&self, index: usize) -> PathBuf {
+        bpf_pin_root(&self.name).join(format!("node{index}"))
+    }
+
     /// The pod `namespace/name`.
     pub fn pod(&self, id: &str) -> Result<&PodLayout, ClusterError> {
         self.pods
@@ -326,6 +332,7 @@ impl Cluster {
                 what,
             });
         }
+        ensure_bpffs()?;
         // From here on, dropping `cluster` removes whatever was made.
         let cluster = Self {
             layout,
@@ -572,6 +579,8 @@ pub struct Teardown {
     pub namespaces: usize,
     pub cgroups: usize,
     pub had_state: bool,
+    /// Pinned capture state was removed.
+    pub pinned: bool,
 }
 
 impl Teardown {
@@ -603,6 +612,17 @@ pub fn teardown(name: &str) -> Result<Teardown, ClusterError> {
     cgroup::kill_all(&cluster_cgroup, KILL_DEADLINE).map_err(io_error(format!(
         "stopping the processes of cluster {name}"
     )))?;
+    // The nodes' pinned capture: removing the pins detaches the programs.
+    match fs::remove_dir_all(bpf_pin_root(name)) {
+        Ok(()) => report.pinned = true,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(io_error(format!(
+                "removing {}",
+                bpf_pin_root(name).display()
+            ))(e));
+        }
+    }
     for ns in netns::list(&netns_prefix(name)).map_err(io_error("listing network namespaces"))? {
         ip(&["netns", "del", &ns])?;
         report.namespaces += 1;
@@ -615,6 +635,38 @@ pub fn teardown(name: &str) -> Result<Teardown, ClusterError> {
         Err(e) => return Err(io_error(format!("removing {}", state_file(name).display()))(e)),
     }
     Ok(report)
+}
+
+/// Where bpffs is mounted for the nodes' pinned capture state.
+const BPFFS: &str = "/sys/fs/bpf";
+
+fn bpf_pin_root(cluster: &str) -> PathBuf {
+    Path::new(BPFFS).join(format!("mesh-{cluster}"))
+}
+
+/// Mounts bpffs at `/sys/fs/bpf` unless it is mounted there already.
+fn ensure_bpffs() -> Result<(), ClusterError> {
+    let mounts =
+        fs::read_to_string("/proc/self/mounts").map_err(io_error("reading /proc/self/mounts"))?;
+    let mounted = mounts.lines().any(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, target, kind) = (fields.next(), fields.next(), fields.next());
+        target == Some(BPFFS) && kind == Some("bpf")
+    });
+    if mounted {
+        return Ok(());
+    }
+    let output = Command::new("mount")
+        .args(["-t", "bpf", "bpf", BPFFS])
+        .output()
+        .map_err(io_error("running mount"))?;
+    if !output.status.success() {
+        return Err(ClusterError::Command {
+            command: format!("mount -t bpf bpf {BPFFS}"),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// How a recorded cluster stands now.

@@ -20,6 +20,7 @@ use std::{
 pub struct Process {
     name: String,
     child: Child,
+    stdin: Option<std::process::ChildStdin>,
     stdout: Option<mpsc::Receiver<String>>,
 }
 
@@ -27,9 +28,11 @@ impl Process {
     /// Starts `command` with stdout captured line by line.
     pub fn spawn(name: &str, mut command: Command) -> io::Result<Self> {
         let mut child = command
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .map_err(|e| io::Error::new(e.kind(), format!("starting {name}: {e}")))?;
+        let stdin = child.stdin.take();
         let stdout = child.stdout.take().expect("stdout is piped");
         let (lines_tx, lines_rx) = mpsc::channel();
         thread::spawn(move || {
@@ -43,6 +46,7 @@ impl Process {
         Ok(Self {
             name: name.to_owned(),
             child,
+            stdin,
             stdout: Some(lines_rx),
         })
     }
@@ -86,6 +90,29 @@ impl Process {
                 }
             }
         }
+    }
+
+    /// Writes one line to the process's stdin.
+    pub fn send_line(&mut self, line: &str) -> io::Result<()> {
+        use std::io::Write as _;
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| io::Error::other(format!("{}: stdin is closed", self.name)))?;
+        writeln!(stdin, "{line}")?;
+        stdin.flush()
+    }
+
+    /// Closes the process's stdin and waits for it to exit.
+    pub fn finish(mut self) -> io::Result<ExitStatus> {
+        drop(self.stdin.take());
+        self.child.wait()
+    }
+
+    /// Kills the process at once (SIGKILL) and reaps it.
+    pub fn kill(mut self) -> io::Result<()> {
+        self.child.kill()?;
+        self.child.wait().map(|_| ())
     }
 
     /// The process id.

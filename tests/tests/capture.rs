@@ -1,6 +1,8 @@
-//! The `cgroup/connect4` capture program in the real kernel, attached to a
-//! node of a throwaway cluster: it counts exactly the connects of captured
-//! pods, per network namespace, and leaves everything else alone.
+//! Capture in the real kernel, on a throwaway cluster: outbound connects of
+//! captured pods land on the node proxy with their exact original
+//! destination, inbound plaintext to a captured pod lands on the proxy's
+//! inbound listener, everything else is left alone, a stopped proxy means
+//! refused connections, and a restart keeps established connections.
 //! Needs root; `cargo xtask test` runs these serially.
 
 use std::{
@@ -10,11 +12,16 @@ use std::{
     time::Duration,
 };
 
-use mesh_common::capture::Counter;
+use mesh_common::capture::{Cidr, Counter, PodInbound, PodOutbound};
 use mesh_e2e::{Cluster, ClusterSpec, PodSpec, cgroup, cluster, http, process::Process};
-use mesh_node::capture::{Capture, netns};
+use mesh_node::{
+    capture::{Capture, CaptureConfig, ip_key, netns},
+    proxy::{self, Proxy},
+};
+use serde_json::Value;
 
 const MESH_POD: &str = env!("CARGO_BIN_EXE_mesh-pod");
+const READY: Duration = Duration::from_secs(30);
 
 fn cluster(name: &str) -> Cluster {
     mesh_e2e::require_root().expect("the capture tests need root: run `cargo xtask test`");
@@ -34,96 +41,60 @@ fn cluster(name: &str) -> Cluster {
 fn echo(cluster: &Cluster, pod: &str, listen: &str) -> Process {
     let mut command = cluster.pod_command(pod, MESH_POD).unwrap();
     command.args(["echo", "--listen", listen]);
-    Process::spawn_ready(pod, command, "listening", Duration::from_secs(10))
+    Process::spawn_ready(pod, command, "listening", READY)
         .unwrap()
         .0
 }
 
-/// Makes `count` connects from `pod` to `to`, each answered by an echo.
-fn connect(cluster: &Cluster, pod: &str, to: &str, count: u32) {
+/// Runs `mesh-pod connect` in `pod`; returns whether every round trip
+/// worked and what it printed.
+fn try_connect(cluster: &Cluster, pod: &str, to: &str, extra: &[&str]) -> (bool, String) {
     let output = cluster
         .pod_command(pod, MESH_POD)
         .unwrap()
-        .args(["connect", "--to", to, "--count", &count.to_string()])
+        .args(["connect", "--to", to])
+        .args(extra)
         .stderr(Stdio::inherit())
         .output()
         .unwrap();
-    assert!(
+    (
         output.status.success(),
-        "{pod} -> {to}: {}",
-        String::from_utf8_lossy(&output.stdout)
-    );
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
 }
 
-fn counter(capture: &Capture, which: Counter) -> u64 {
-    capture
-        .counters()
+fn connect(cluster: &Cluster, pod: &str, to: &str, count: u32) {
+    let (ok, output) = try_connect(cluster, pod, to, &["--count", &count.to_string()]);
+    assert!(ok, "{pod} -> {to}: {output}");
+}
+
+/// One held connection from `pod` to `to`; returns the process and its
+/// `connected local=... peer=...` line.
+fn hold(cluster: &Cluster, pod: &str, to: &str) -> (Process, String) {
+    let mut command = cluster.pod_command(pod, MESH_POD).unwrap();
+    command.args(["connect", "--to", to, "--hold"]);
+    Process::spawn_ready(pod, command, "connected", READY).unwrap()
+}
+
+/// A round trip on a held connection.
+fn round_trip(held: &mut Process) -> String {
+    held.send_line("again").unwrap();
+    held.wait_for_line("", READY).unwrap()
+}
+
+/// The peer address the echo server reports for its next connection.
+fn accepted_peer(server: &mut Process) -> String {
+    let line = server.wait_for_line("accepted ", READY).unwrap();
+    line["accepted ".len()..]
+        .split(" on ")
+        .next()
         .unwrap()
-        .into_iter()
-        .find(|(c, _)| *c == which)
-        .unwrap()
-        .1
+        .to_owned()
 }
 
-#[test]
-fn connect4_counts_captured_pods_per_namespace() {
-    let cluster = cluster("e2ecapture");
-    let _server = echo(&cluster, "shop/server", "[::]:8080");
-    let server = format!("{}:8080", cluster.pod("shop/server").unwrap().ip4);
-    let captured = cluster.pod("shop/client").unwrap().netns_path();
-    let uncaptured = cluster.pod("legacy/client").unwrap().netns_path();
-
-    let mut capture = Capture::attach(&cluster.layout().nodes[0].cgroup).unwrap();
-    let cookie = capture.capture_pod("shop/client", &captured).unwrap();
-    let legacy_cookie = netns::cookie(&uncaptured).unwrap();
-    assert_ne!(cookie, legacy_cookie);
-    assert_eq!(capture.connects(cookie).unwrap(), 0);
-
-    connect(&cluster, "shop/client", &server, 10);
-    connect(&cluster, "legacy/client", &server, 10);
-
-    assert_eq!(capture.connects(cookie).unwrap(), 10);
-    assert_eq!(capture.connects(legacy_cookie).unwrap(), 0);
-    assert_eq!(counter(&capture, Counter::ConnectCaptured), 10);
-    // The uncaptured pod's connects were seen, and left alone.
-    assert_eq!(counter(&capture, Counter::BypassUncaptured), 10);
-    assert_eq!(counter(&capture, Counter::Error), 0);
-
-    // Loopback inside a captured pod is not the mesh's business.
-    let _local = echo(&cluster, "shop/client", "127.0.0.1:9000");
-    connect(&cluster, "shop/client", "127.0.0.1:9000", 3);
-    assert_eq!(counter(&capture, Counter::BypassLoopback), 3);
-    assert_eq!(capture.connects(cookie).unwrap(), 10);
-
-    // Released, the pod counts as uncaptured again.
-    capture.release_pod("shop/client").unwrap();
-    connect(&cluster, "shop/client", &server, 5);
-    assert_eq!(capture.connects(cookie).unwrap(), 0);
-    assert_eq!(counter(&capture, Counter::BypassUncaptured), 15);
-    assert_eq!(counter(&capture, Counter::ConnectCaptured), 10);
-}
-
-#[test]
-fn pods_on_other_nodes_are_not_seen() {
-    let cluster = cluster("e2enodes");
-    let _server = echo(&cluster, "shop/client", "[::]:8080");
-    let client = format!("{}:8080", cluster.pod("shop/client").unwrap().ip4);
-    let capture = Capture::attach(&cluster.layout().nodes[0].cgroup).unwrap();
-    // shop/server runs on node1: node0's program never runs for it.
-    connect(&cluster, "shop/server", &client, 4);
-    let seen: u64 = capture.counters().unwrap().iter().map(|(_, n)| n).sum();
-    assert_eq!(seen, 0);
-}
-
-#[test]
-fn capture_refuses_the_hierarchy_root_and_non_cgroups() {
-    let root = cgroup::root().unwrap();
-    let error = Capture::attach(&root).unwrap_err().to_string();
-    assert!(error.contains("root of the cgroup hierarchy"), "{error}");
-    let error = Capture::attach(&std::env::temp_dir())
-        .unwrap_err()
-        .to_string();
-    assert!(error.contains("not a cgroup v2 directory"), "{error}");
+fn ip_of(peer: &str) -> String {
+    let addr: SocketAddr = peer.parse().unwrap();
+    addr.ip().to_string()
 }
 
 /// The `mesh-node` binary built next to this test (`cargo xtask test` builds
@@ -142,52 +113,354 @@ fn mesh_node_bin() -> PathBuf {
     path
 }
 
-#[test]
-fn mesh_node_exports_capture_counts() {
-    let cluster = cluster("e2enode");
-    let _server = echo(&cluster, "shop/server", "[::]:8080");
-    let server = format!("{}:8080", cluster.pod("shop/server").unwrap().ip4);
-    let node0 = &cluster.layout().nodes[0];
-    let client = cluster.pod("shop/client").unwrap();
-
+/// Starts `mesh-node` for `node`, capturing `pods`, pinned under the
+/// cluster's pin directory; returns it and its admin address.
+fn mesh_node(cluster: &Cluster, node: usize, pods: &[&str]) -> (Process, SocketAddr) {
+    let layout = cluster.layout();
     let mut command: Command = cluster.system_command(mesh_node_bin()).unwrap();
     command
         .arg("--cgroup")
-        .arg(&node0.cgroup)
-        .arg("--capture")
-        .arg(format!("shop/client={}", client.netns_path().display()))
-        .args(["--admin-addr", "127.0.0.1:0"]);
-    let (node, ready) =
-        Process::spawn_ready("mesh-node", command, "ready", Duration::from_secs(30)).unwrap();
-    let admin: SocketAddr = ready
+        .arg(&layout.nodes[node].cgroup)
+        .arg("--bpf-pin-dir")
+        .arg(layout.bpf_pin_dir(node))
+        .args(["--admin-addr", "127.0.0.1:0", "--drain-timeout", "60s"]);
+    for pod in pods {
+        let netns = cluster.pod(pod).unwrap().netns_path();
+        command
+            .arg("--capture")
+            .arg(format!("{pod}={}", netns.display()));
+    }
+    let (node, ready) = Process::spawn_ready("mesh-node", command, "ready", READY).unwrap();
+    let admin = ready
         .strip_prefix("ready admin=")
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| panic!("unexpected ready line {ready:?}"));
+    (node, admin)
+}
 
-    connect(&cluster, "shop/client", &server, 7);
-    connect(&cluster, "legacy/client", &server, 2);
+fn json(admin: SocketAddr, path: &str) -> Value {
+    let response = http::get(admin, path).unwrap();
+    assert_eq!(response.status, 200, "{path}: {}", response.body);
+    serde_json::from_str(&response.body).unwrap()
+}
 
-    let metrics = http::get(admin, "/metrics").unwrap();
-    assert_eq!(metrics.status, 200);
+fn counter(admin: SocketAddr, name: &str) -> u64 {
+    json(admin, "/capture")["counters"][name].as_u64().unwrap()
+}
+
+/// The open connections the proxy reports, as (pod, direction, client,
+/// original destination).
+fn open_connections(admin: SocketAddr) -> Vec<(String, String, String, String)> {
+    json(admin, "/connections")
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let field = |name: &str| c[name].as_str().unwrap().to_owned();
+            (
+                field("pod"),
+                field("direction"),
+                field("client"),
+                field("original_dst"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn outbound_connects_reach_the_proxy_with_their_original_destination() {
+    let cluster = cluster("e2eout");
+    let mut server = echo(&cluster, "shop/server", "[::]:8080");
+    let mut other_port = echo(&cluster, "shop/server", "[::]:9090");
+    let server_pod = cluster.pod("shop/server").unwrap();
+    let client_pod = cluster.pod("shop/client").unwrap();
+    let legacy_pod = cluster.pod("legacy/client").unwrap();
+    let to_v4 = format!("{}:8080", server_pod.ip4);
+    let to_v6 = format!("[{}]:9090", server_pod.ip6);
+    let (_node, admin) = mesh_node(&cluster, 0, &["shop/client"]);
+
+    // IPv4: the client's socket is connected to the proxy's listener in its
+    // own pod; the proxy names the exact destination; the server sees the
+    // client pod's address.
+    let (mut held4, line) = hold(&cluster, "shop/client", &to_v4);
+    assert!(line.ends_with("peer=127.0.0.1:15001"), "{line}");
+    assert_eq!(
+        ip_of(&accepted_peer(&mut server)),
+        client_pod.ip4.to_string()
+    );
+    // IPv6, another port.
+    let (mut held6, line) = hold(&cluster, "shop/client", &to_v6);
+    assert!(line.ends_with("peer=[::1]:15001"), "{line}");
+    assert_eq!(
+        ip_of(&accepted_peer(&mut other_port)),
+        client_pod.ip6.to_string()
+    );
+    let mut open: Vec<(String, String)> = open_connections(admin)
+        .into_iter()
+        .map(|(pod, direction, _, dst)| (format!("{pod} {direction}"), dst))
+        .collect();
+    open.sort();
+    let expected_v6: SocketAddr = to_v6.parse().unwrap();
+    assert_eq!(
+        open,
+        vec![
+            ("shop/client outbound".to_owned(), to_v4.clone()),
+            ("shop/client outbound".to_owned(), expected_v6.to_string()),
+        ]
+    );
+    assert_eq!(round_trip(&mut held4), "ok");
+    assert_eq!(round_trip(&mut held6), "ok");
+    assert_eq!(counter(admin, "connect_redirected"), 2);
+    assert_eq!(counter(admin, "original_dst_recorded"), 2);
+
+    // Not redirected: another namespace (the server sees the legacy pod
+    // directly), loopback inside the captured pod, and sockets carrying the
+    // proxy's mark.
+    connect(&cluster, "legacy/client", &to_v4, 3);
+    for _ in 0..3 {
+        assert_eq!(
+            ip_of(&accepted_peer(&mut server)),
+            legacy_pod.ip4.to_string()
+        );
+    }
+    assert_eq!(counter(admin, "bypass_uncaptured"), 3);
+    let _local = echo(&cluster, "shop/client", "127.0.0.1:9000");
+    connect(&cluster, "shop/client", "127.0.0.1:9000", 2);
+    assert_eq!(counter(admin, "bypass_loopback"), 2);
+    let (ok, output) = try_connect(&cluster, "shop/client", &to_v4, &["--mark", "0x539"]);
+    assert!(ok, "{output}");
+    assert_eq!(counter(admin, "bypass_proxy_mark"), 1);
+    assert_eq!(counter(admin, "connect_redirected"), 2);
+    assert_eq!(counter(admin, "error"), 0);
+
+    let metrics = http::get(admin, "/metrics").unwrap().body;
     assert!(
-        metrics
-            .body
-            .contains("mesh_capture_pod_connects_total{pod=\"shop/client\"} 7\n"),
-        "{}",
-        metrics.body
+        metrics.contains("mesh_capture_pod_connects_total{pod=\"shop/client\"} 2\n"),
+        "{metrics}"
     );
     assert!(
-        metrics
-            .body
-            .contains("mesh_capture_events_total{event=\"bypass_uncaptured\"} 2\n")
+        metrics.contains("mesh_proxy_connections_open 2\n"),
+        "{metrics}"
     );
-    let state: serde_json::Value =
-        serde_json::from_str(&http::get(admin, "/capture").unwrap().body).unwrap();
-    assert_eq!(state["pods"][0]["name"], "shop/client");
-    assert_eq!(state["pods"][0]["connects"], 7);
-    assert_eq!(http::get(admin, "/nope").unwrap().status, 404);
+    held4.finish().unwrap();
+    held6.finish().unwrap();
+}
 
-    // SIGTERM: a clean exit that detaches the program.
-    assert!(node.terminate().unwrap().success());
-    connect(&cluster, "shop/client", &server, 1);
+#[test]
+fn inbound_plaintext_reaches_the_proxy_not_the_app() {
+    let cluster = cluster("e2ein");
+    let mut server = echo(&cluster, "shop/server", "[::]:8080");
+    let server_pod = cluster.pod("shop/server").unwrap();
+    let legacy_pod = cluster.pod("legacy/client").unwrap();
+    let (_node, admin) = mesh_node(&cluster, 1, &["shop/server"]);
+    let to = format!("{}:8080", server_pod.ip4);
+
+    let (mut held, _) = hold(&cluster, "legacy/client", &to);
+    // The application is reached by the proxy, from the pod's own address.
+    assert_eq!(
+        ip_of(&accepted_peer(&mut server)),
+        server_pod.ip4.to_string()
+    );
+    let open = open_connections(admin);
+    assert_eq!(open.len(), 1, "{open:?}");
+    let (pod, direction, client, dst) = &open[0];
+    assert_eq!(
+        (pod.as_str(), direction.as_str()),
+        ("shop/server", "inbound")
+    );
+    assert_eq!(ip_of(client), legacy_pod.ip4.to_string());
+    assert_eq!(dst, &to);
+    assert_eq!(round_trip(&mut held), "ok");
+    assert_eq!(counter(admin, "inbound_steered"), 1);
+    // The proxy's own delivery to the application was not steered again.
+    assert_eq!(counter(admin, "inbound_bypass_local"), 1);
+
+    // IPv6 too, and a port with nothing behind it is refused, not hung.
+    connect(
+        &cluster,
+        "legacy/client",
+        &format!("[{}]:8080", server_pod.ip6),
+        1,
+    );
+    assert_eq!(
+        ip_of(&accepted_peer(&mut server)),
+        server_pod.ip6.to_string()
+    );
+    let (ok, output) = try_connect(
+        &cluster,
+        "legacy/client",
+        &format!("{}:7000", server_pod.ip4),
+        &[],
+    );
+    assert!(!ok, "{output}");
+    assert_eq!(counter(admin, "inbound_steered"), 3);
+    held.finish().unwrap();
+}
+
+#[test]
+fn a_stopped_proxy_refuses_and_a_restart_keeps_established_connections() {
+    let cluster = cluster("e2erestart");
+    let mut server = echo(&cluster, "shop/server", "[::]:8080");
+    let to = format!("{}:8080", cluster.pod("shop/server").unwrap().ip4);
+    let (first, first_admin) = mesh_node(&cluster, 0, &["shop/client"]);
+    let (mut held, _) = hold(&cluster, "shop/client", &to);
+    accepted_peer(&mut server);
+
+    // A second proxy adopts the pinned capture while the first still runs;
+    // SIGTERM makes the first stop accepting and drain.
+    let (second, second_admin) = mesh_node(&cluster, 0, &["shop/client"]);
+    let draining = std::thread::spawn(move || first.terminate_within(Duration::from_secs(90)));
+    // New connections land on the second proxy only, once the first's
+    // listeners are closed.
+    let settled = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(25));
+        http::get(first_admin, "/healthz").is_err()
+    });
+    assert!(settled, "the first proxy kept serving after SIGTERM");
+    connect(&cluster, "shop/client", &to, 3);
+    accepted_peer(&mut server);
+    let relayed = "mesh_proxy_connections_total{pod=\"shop/client\",direction=\"outbound\",outcome=\"relayed\"} 3\n";
+    let metrics = http::get(second_admin, "/metrics").unwrap().body;
+    assert!(metrics.contains(relayed), "{metrics}");
+    // The connection made through the first proxy is still alive.
+    assert_eq!(round_trip(&mut held), "ok");
+    assert_eq!(round_trip(&mut held), "ok");
+    held.finish().unwrap();
+    let status = draining.join().unwrap().unwrap();
+    assert!(status.success(), "{status}");
+
+    // Killed outright: the pod stays captured and its connects are refused,
+    // never sent around the proxy in plaintext.
+    second.kill().unwrap();
+    let (ok, output) = try_connect(&cluster, "shop/client", &to, &[]);
+    assert!(!ok, "a connect succeeded with no proxy: {output}");
+    assert!(output.contains("refused"), "{output}");
+    // An uncaptured pod is not affected.
+    connect(&cluster, "legacy/client", &to, 1);
+    let _ = accepted_peer(&mut server);
+
+    // Started again, it adopts the pinned state and carries traffic.
+    let (_third, third_admin) = mesh_node(&cluster, 0, &["shop/client"]);
+    connect(&cluster, "shop/client", &to, 2);
+    assert_eq!(
+        json(third_admin, "/capture")["pods"][0]["name"],
+        "shop/client"
+    );
+}
+
+#[test]
+fn excluded_ports_and_cidrs_pass_untouched() {
+    let cluster = cluster("e2eexcl");
+    let mut server = echo(&cluster, "shop/server", "[::]:8080");
+    let mut excluded = echo(&cluster, "shop/server", "[::]:5432");
+    let server_pod = cluster.pod("shop/server").unwrap();
+    let client_pod = cluster.pod("shop/client").unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let capture = Capture::attach(&CaptureConfig {
+        cgroup: cluster.layout().nodes[0].cgroup.clone(),
+        pin_dir: None,
+    })
+    .unwrap();
+    let proxy = Proxy::new(std::sync::Arc::new(std::sync::RwLock::new(capture)));
+    let mut outbound = PodOutbound::default();
+    outbound.excluded_ports[0] = 5432;
+    outbound.excluded_cidrs[0] = Cidr {
+        ip: ip_key(std::net::IpAddr::V6(server_pod.ip6)),
+        prefix_len: 128,
+    };
+    runtime
+        .block_on(proxy.add_pod(proxy::PodSpec {
+            name: "shop/client".into(),
+            netns: client_pod.netns_path(),
+            outbound,
+            inbound: PodInbound::default(),
+        }))
+        .unwrap();
+    let counters = || {
+        proxy
+            .capture()
+            .read()
+            .unwrap()
+            .counters()
+            .unwrap()
+            .into_iter()
+            .collect::<std::collections::BTreeMap<Counter, u64>>()
+    };
+    connect(
+        &cluster,
+        "shop/client",
+        &format!("{}:5432", server_pod.ip4),
+        1,
+    );
+    assert_eq!(
+        ip_of(&accepted_peer(&mut excluded)),
+        client_pod.ip4.to_string()
+    );
+    connect(
+        &cluster,
+        "shop/client",
+        &format!("[{}]:8080", server_pod.ip6),
+        1,
+    );
+    accepted_peer(&mut server);
+    connect(
+        &cluster,
+        "shop/client",
+        &format!("{}:8080", server_pod.ip4),
+        1,
+    );
+    accepted_peer(&mut server);
+    let counters = counters();
+    assert_eq!(counters[&Counter::BypassExcludedPort], 1);
+    assert_eq!(counters[&Counter::BypassExcludedCidr], 1);
+    assert_eq!(counters[&Counter::ConnectRedirected], 1);
+    let relayed = proxy.connections().counts();
+    assert_eq!(relayed.len(), 1, "{relayed:?}");
+    assert_eq!(relayed[0].1, 1);
+    drop(proxy);
+    drop(runtime);
+}
+
+#[test]
+fn pods_on_other_nodes_are_not_seen() {
+    let cluster = cluster("e2enodes");
+    let _server = echo(&cluster, "shop/client", "[::]:8080");
+    let client = format!("{}:8080", cluster.pod("shop/client").unwrap().ip4);
+    let capture = Capture::attach(&CaptureConfig {
+        cgroup: cluster.layout().nodes[0].cgroup.clone(),
+        pin_dir: None,
+    })
+    .unwrap();
+    // shop/server runs on node1: node0's programs never run for it.
+    connect(&cluster, "shop/server", &client, 4);
+    let seen: u64 = capture.counters().unwrap().iter().map(|(_, n)| n).sum();
+    assert_eq!(seen, 0);
+    assert_ne!(
+        netns::cookie(&cluster.pod("shop/server").unwrap().netns_path()).unwrap(),
+        netns::cookie(&cluster.pod("shop/client").unwrap().netns_path()).unwrap()
+    );
+}
+
+#[test]
+fn capture_refuses_the_hierarchy_root_non_cgroups_and_non_bpffs_pins() {
+    let config = |cgroup: PathBuf, pin_dir: Option<PathBuf>| CaptureConfig { cgroup, pin_dir };
+    let root = cgroup::root().unwrap();
+    let error = Capture::attach(&config(root, None))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("root of the cgroup hierarchy"), "{error}");
+    let error = Capture::attach(&config(std::env::temp_dir(), None))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("not a cgroup v2 directory"), "{error}");
+
+    let cluster = cluster("e2epin");
+    let pins = tempfile::tempdir().unwrap();
+    let error = Capture::attach(&config(
+        cluster.layout().nodes[0].cgroup.clone(),
+        Some(pins.path().to_owned()),
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("not on a BPF filesystem"), "{error}");
 }

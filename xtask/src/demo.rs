@@ -165,6 +165,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .arg(&node0.cgroup)
         .arg("--capture")
         .arg(format!("{FRONTEND}={}", frontend.netns_path().display()))
+        .arg("--bpf-pin-dir")
+        .arg(cluster.layout().bpf_pin_dir(0))
         .args(["--admin-addr", "127.0.0.1:0"])
         .args(["--node", "node0", "--control-plane", &grpc])
         .arg("--ca-bundle")
@@ -223,26 +225,31 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         LEGACY, "-"
     );
     println!(
-        "    events: connect_captured={} bypass_uncaptured={} bypass_loopback={} error={}",
-        counters["connect_captured"],
+        "    events: connect_redirected={} original_dst_recorded={} bypass_uncaptured={} bypass_loopback={} error={}",
+        counters["connect_redirected"],
+        counters["original_dst_recorded"],
         counters["bypass_uncaptured"],
         counters["bypass_loopback"],
         counters["error"]
     );
     ensure!(
         state["pods"][0]["connects"] == 10
+            && counters["original_dst_recorded"] == 10
             && counters["bypass_uncaptured"] == 5
             && counters["bypass_loopback"] == 3
             && counters["error"] == 0,
         "the kernel counted something other than the traffic sent: {state}"
     );
-    println!("    the counts match the traffic sent");
+    println!("    the counts match the traffic sent: frontend's 10 connects went through");
+    println!("    the node proxy's listener inside the frontend pod, which relayed each to");
+    println!("    the destination the kernel recorded for it");
     let metrics = http::get(admin, "/metrics")?.body;
     println!("    from /metrics:");
-    for line in metrics
-        .lines()
-        .filter(|l| l.starts_with("mesh_capture_pod") || l.starts_with("mesh_certificate_expiry"))
-    {
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("mesh_capture_pod")
+            || l.starts_with("mesh_proxy_connections_total")
+            || l.starts_with("mesh_certificate_expiry")
+    }) {
         println!("      {line}");
     }
 

@@ -72,3 +72,111 @@ pub fn current_cookie() -> io::Result<NetnsCookie> {
     }
     Ok(cookie)
 }
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A thread that lives in one pod's network namespace and runs short jobs
+/// there — making sockets, reading addresses — for the rest of the process.
+/// A socket stays in the namespace it was created in, so the proxy's async
+/// code uses the sockets this thread makes like any other.
+///
+/// The thread ends when the last handle is dropped.
+#[derive(Clone, Debug)]
+pub struct NetnsThread {
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+impl NetnsThread {
+    /// Starts the thread and enters the namespace at `netns`.
+    pub fn spawn(netns: &Path) -> io::Result<Self> {
+        let file = File::open(netns)?;
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let (entered, entered_rx) = std::sync::mpsc::channel();
+        thread::Builder::new()
+            .name("netns".into())
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                // SAFETY: `file` is an open namespace file; setns only reads
+                // the descriptor, and changes this thread alone.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                let result = if rc == 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                };
+                let ok = result.is_ok();
+                let _ = entered.send(result);
+                if ok {
+                    while let Ok(job) = queue.recv() {
+                        job();
+                    }
+                }
+            })?;
+        entered_rx
+            .recv()
+            .map_err(|_| io::Error::other("the namespace thread died"))??;
+        Ok(Self { jobs })
+    }
+
+    /// Runs `f` inside the namespace and returns its result.
+    pub async fn run<T, F>(&self, f: F) -> io::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> io::Result<T> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|_| io::Error::other("the namespace thread has stopped"))?;
+        rx.await
+            .map_err(|_| io::Error::other("the namespace thread dropped the job"))?
+    }
+}
+
+/// The namespace's global addresses (not loopback, not link-local), read
+/// from the calling thread's namespace.
+pub fn current_addresses() -> io::Result<Vec<std::net::IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut addresses = Vec::new();
+    let mut cursor = head;
+    while !cursor.is_null() {
+        // SAFETY: `cursor` is a node of the list getifaddrs returned, which
+        // stays valid until freeifaddrs.
+        let entry = unsafe { &*cursor };
+        cursor = entry.ifa_next;
+        if entry.ifa_addr.is_null() {
+            continue;
+        }
+        // SAFETY: a non-null `ifa_addr` points at a sockaddr whose family
+        // says which concrete type it is.
+        let address = unsafe {
+            match i32::from((*entry.ifa_addr).sa_family) {
+                libc::AF_INET => {
+                    let sin = &*entry.ifa_addr.cast::<libc::sockaddr_in>();
+                    std::net::IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes())
+                }
+                libc::AF_INET6 => {
+                    let sin6 = &*entry.ifa_addr.cast::<libc::sockaddr_in6>();
+                    std::net::IpAddr::from(sin6.sin6_addr.s6_addr)
+                }
+                _ => continue,
+            }
+        };
+        let link_local = match address {
+            std::net::IpAddr::V4(v4) => v4.is_link_local(),
+            std::net::IpAddr::V6(v6) => v6.is_unicast_link_local(),
+        };
+        if !address.is_loopback() && !link_local && !addresses.contains(&address) {
+            addresses.push(address);
+        }
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(addresses)
+}

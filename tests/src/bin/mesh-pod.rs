@@ -1,9 +1,14 @@
 //! `mesh-pod`: the workload the local cluster runs inside its pods.
 //!
-//! `mesh-pod echo --listen [::]:8080` serves TCP echo and prints
-//! `listening <addr>` once bound; `mesh-pod connect --to ADDR --count N`
-//! makes N connections, checks each echoes a message back, and prints a JSON
-//! summary. It exits non-zero if any connection failed.
+//! `mesh-pod echo --listen [::]:8080` serves TCP echo, prints
+//! `listening <addr>` once bound and `accepted <peer> on <local>` for each
+//! connection (the server's view of who called). `mesh-pod connect --to
+//! ADDR --count N` makes N connections, checks each echoes a message back,
+//! and prints a JSON summary; it exits non-zero if any connection failed.
+//! With `--hold` it makes one connection, prints `connected local=<addr>
+//! peer=<addr>`, then does a round trip on it for every line read from
+//! stdin (printing `ok` or `failed <why>`) until stdin closes.
+//! `--mark` sets `SO_MARK` on the client socket first.
 
 use std::{
     io::{self, Read as _, Write as _},
@@ -34,6 +39,12 @@ enum Command {
         to: SocketAddr,
         #[arg(long, default_value_t = 1)]
         count: u32,
+        /// Keep one connection and round-trip on it per stdin line.
+        #[arg(long)]
+        hold: bool,
+        /// `SO_MARK` for the client socket (e.g. 0x539, the proxy's).
+        #[arg(long, value_parser = parse_mark)]
+        mark: Option<u32>,
     },
 }
 
@@ -46,8 +57,60 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Connect { to, count } => connect(to, count),
+        Command::Connect {
+            to,
+            count,
+            hold: true,
+            mark,
+        } => {
+            let _ = count;
+            hold(to, mark)
+        }
+        Command::Connect {
+            to, count, mark, ..
+        } => connect(to, count, mark),
     }
+}
+
+fn parse_mark(value: &str) -> Result<u32, String> {
+    let parsed = match value.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => value.parse(),
+    };
+    parsed.map_err(|e| format!("{value:?}: {e}"))
+}
+
+fn hold(to: SocketAddr, mark: Option<u32>) -> ExitCode {
+    let mut stream = match open(to, mark) {
+        Ok(stream) => stream,
+        Err(error) => {
+            println!("failed {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let describe = |r: io::Result<SocketAddr>| r.map_or_else(|e| e.to_string(), |a| a.to_string());
+    if let Err(error) = exchange(&mut stream, 0) {
+        println!("failed {error}");
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "connected local={} peer={}",
+        describe(stream.local_addr()),
+        describe(stream.peer_addr())
+    );
+    let _ = io::stdout().flush();
+    let mut line = String::new();
+    let mut round = 1;
+    while io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {
+        match exchange(&mut stream, round) {
+            Ok(()) => println!("ok"),
+            Err(error) => println!("failed {error}"),
+        }
+        let _ = io::stdout().flush();
+        line.clear();
+        round += 1;
+    }
+    ExitCode::SUCCESS
 }
 
 fn echo(listen: SocketAddr) -> io::Result<()> {
@@ -56,6 +119,12 @@ fn echo(listen: SocketAddr) -> io::Result<()> {
     io::stdout().flush()?;
     for stream in listener.incoming() {
         let stream = stream?;
+        if let (Ok(peer), Ok(local)) = (stream.peer_addr(), stream.local_addr()) {
+            // IPv4 through a dual-stack socket reads as IPv4.
+            let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+            println!("accepted {} on {}", canonical(peer), canonical(local));
+            io::stdout().flush()?;
+        }
         thread::spawn(move || {
             let _ = serve(stream);
         });
@@ -64,7 +133,7 @@ fn echo(listen: SocketAddr) -> io::Result<()> {
 }
 
 fn serve(mut stream: TcpStream) -> io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.set_read_timeout(Some(Duration::from_secs(300)))?;
     let mut buf = [0u8; 16 * 1024];
     loop {
         let n = stream.read(&mut buf)?;
@@ -75,10 +144,10 @@ fn serve(mut stream: TcpStream) -> io::Result<()> {
     }
 }
 
-fn connect(to: SocketAddr, count: u32) -> ExitCode {
+fn connect(to: SocketAddr, count: u32, mark: Option<u32>) -> ExitCode {
     let mut failures = Vec::new();
     for attempt in 0..count {
-        if let Err(error) = round_trip(to, attempt) {
+        if let Err(error) = round_trip(to, attempt, mark) {
             failures.push(format!("connection {attempt}: {error}"));
         }
     }
@@ -96,10 +165,29 @@ fn connect(to: SocketAddr, count: u32) -> ExitCode {
     }
 }
 
-fn round_trip(to: SocketAddr, attempt: u32) -> io::Result<()> {
-    let timeout = Duration::from_secs(5);
-    let mut stream = TcpStream::connect_timeout(&to, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
+fn round_trip(to: SocketAddr, attempt: u32, mark: Option<u32>) -> io::Result<()> {
+    let mut stream = open(to, mark)?;
+    exchange(&mut stream, attempt)
+}
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+fn open(to: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    if let Some(mark) = mark {
+        socket.set_mark(mark)?;
+    }
+    socket.connect_timeout(&to.into(), TIMEOUT)?;
+    let stream = TcpStream::from(socket);
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    Ok(stream)
+}
+
+fn exchange(stream: &mut TcpStream, attempt: u32) -> io::Result<()> {
     let message = format!("mesh-pod {attempt}\n");
     stream.write_all(message.as_bytes())?;
     let mut echoed = vec![0u8; message.len()];

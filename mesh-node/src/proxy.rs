@@ -1,0 +1,517 @@
+//! The node proxy's listeners inside each captured pod, and the pods' life
+//! cycle: open the listeners in the pod's namespace, register the pod with
+//! the capture programs, carry its connections, and undo it all when the
+//! pod goes.
+//!
+//! Per pod (the in-pod model, one node process with sockets in every pod):
+//! outbound `127.0.0.1:15001` and `[::1]:15001` receive the connects the
+//! programs redirect; inbound `[::]:15006` receives what `sk_lookup` steers.
+//! Today both relay TCP from the pod's own namespace — the outbound side to
+//! the original destination, the inbound side to the application — which
+//! the mTLS data path replaces with the HBONE tunnel between nodes.
+
+use std::{
+    collections::BTreeMap,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsRawFd, OwnedFd},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use mesh_common::{
+    PROXY_MARK,
+    capture::{PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT, PodInbound, PodOutbound},
+};
+use serde::Serialize;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::{
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::watch,
+    task::JoinSet,
+};
+
+use crate::capture::{Capture, CaptureError, OriginalDsts, PodRegistration, netns::NetnsThread};
+
+/// How long the proxy waits for an upstream to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a pod could not be captured.
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error("entering the network namespace {path}")]
+    Netns {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("opening the proxy's {what} listener in the pod")]
+    Listen {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+}
+
+/// Which way a proxied connection goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+impl Direction {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+/// A connection the proxy carries right now.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConnectionInfo {
+    pub pod: String,
+    pub direction: Direction,
+    /// The application end as the proxy accepted it.
+    pub client: SocketAddr,
+    /// Where the client was going.
+    pub original_dst: SocketAddr,
+    /// Seconds since the Unix epoch.
+    pub opened_at: u64,
+}
+
+/// What happened to connections the proxy accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Relayed to the destination.
+    Relayed,
+    /// Accepted on the outbound listener without a recorded destination.
+    NoOriginalDst,
+    /// The destination refused or did not answer.
+    UpstreamFailed,
+}
+
+impl Outcome {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Outcome::Relayed => "relayed",
+            Outcome::NoOriginalDst => "no_original_dst",
+            Outcome::UpstreamFailed => "upstream_failed",
+        }
+    }
+}
+
+/// The proxy's live connections and counts, shared with the admin endpoint.
+#[derive(Debug, Default)]
+pub struct Connections {
+    next: AtomicU64,
+    open: Mutex<BTreeMap<u64, ConnectionInfo>>,
+    counts: Mutex<BTreeMap<(String, Direction, Outcome), u64>>,
+    /// Number of open connections, so shutdown can wait for them.
+    open_count: watch::Sender<usize>,
+}
+
+impl Connections {
+    /// The connections open right now.
+    pub fn open(&self) -> Vec<ConnectionInfo> {
+        lock(&self.open).values().cloned().collect()
+    }
+
+    /// Connections accepted so far, by pod, direction and outcome.
+    pub fn counts(&self) -> Vec<((String, Direction, Outcome), u64)> {
+        lock(&self.counts)
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+
+    /// Waits until no connection is open, or `deadline` passes; returns how
+    /// many were still open.
+    pub async fn drained(&self, deadline: Duration) -> usize {
+        let mut open = self.open_count.subscribe();
+        let _ = tokio::time::timeout(deadline, open.wait_for(|n| *n == 0)).await;
+        *open.borrow()
+    }
+
+    fn count(&self, pod: &str, direction: Direction, outcome: Outcome) {
+        *lock(&self.counts)
+            .entry((pod.to_owned(), direction, outcome))
+            .or_default() += 1;
+    }
+
+    fn register(self: &Arc<Self>, info: ConnectionInfo) -> OpenConnection {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut open = lock(&self.open);
+        open.insert(id, info);
+        self.open_count.send_replace(open.len());
+        OpenConnection {
+            connections: self.clone(),
+            id,
+        }
+    }
+}
+
+/// Removes its connection from the table when dropped.
+struct OpenConnection {
+    connections: Arc<Connections>,
+    id: u64,
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        let mut open = lock(&self.connections.open);
+        open.remove(&self.id);
+        self.connections.open_count.send_replace(open.len());
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A pod to capture.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodSpec {
+    /// `namespace/name`.
+    pub name: String,
+    pub netns: PathBuf,
+    pub outbound: PodOutbound,
+    pub inbound: PodInbound,
+}
+
+/// Everything the proxy needs to carry one pod's connections.
+struct PodContext {
+    name: String,
+    cookie: u64,
+    netns: NetnsThread,
+    original: Arc<OriginalDsts>,
+    connections: Arc<Connections>,
+}
+
+/// The captured pods of this node.
+#[derive(Debug)]
+pub struct Proxy {
+    capture: Arc<RwLock<Capture>>,
+    connections: Arc<Connections>,
+    /// Each captured pod and the tasks accepting on its listeners: dropping
+    /// them stops accepting; connections already relayed run to their end.
+    pods: Mutex<BTreeMap<String, (PodSpec, JoinSet<()>)>>,
+}
+
+impl Proxy {
+    pub fn new(capture: Arc<RwLock<Capture>>) -> Self {
+        Self {
+            capture,
+            connections: Arc::default(),
+            pods: Mutex::default(),
+        }
+    }
+
+    /// The connections table the admin endpoint shows.
+    pub fn connections(&self) -> Arc<Connections> {
+        self.connections.clone()
+    }
+
+    /// The capture programs this proxy registers pods with.
+    pub fn capture(&self) -> Arc<RwLock<Capture>> {
+        self.capture.clone()
+    }
+
+    /// Names of the pods captured now.
+    pub fn pod_names(&self) -> Vec<String> {
+        lock(&self.pods).keys().cloned().collect()
+    }
+
+    /// Captures a pod: enters its namespace, opens the listeners, starts
+    /// accepting, and only then registers it with the programs.
+    pub async fn add_pod(&self, spec: PodSpec) -> Result<(), PodError> {
+        let netns = NetnsThread::spawn(&spec.netns).map_err(|source| PodError::Netns {
+            path: spec.netns.clone(),
+            source,
+        })?;
+        let listen = |what| move |source| PodError::Listen { what, source };
+        let addresses = netns
+            .run(crate::capture::netns::current_addresses)
+            .await
+            .map_err(|source| PodError::Netns {
+                path: spec.netns.clone(),
+                source,
+            })?;
+        let outbound4 = netns
+            .run(|| listen_in_pod(SocketAddr::from((Ipv4Addr::LOCALHOST, PROXY_OUTBOUND_PORT))))
+            .await
+            .map_err(listen("outbound IPv4"))?;
+        // Without IPv6 in the pod there is nothing to redirect there either.
+        let outbound6 = match netns
+            .run(|| listen_in_pod(SocketAddr::from((Ipv6Addr::LOCALHOST, PROXY_OUTBOUND_PORT))))
+            .await
+        {
+            Ok(listener) => Some(listener),
+            Err(error) if error.kind() == io::ErrorKind::AddrNotAvailable => None,
+            Err(error) => return Err(listen("outbound IPv6")(error)),
+        };
+        let inbound = netns
+            .run(|| {
+                listen_in_pod(SocketAddr::from((
+                    Ipv6Addr::UNSPECIFIED,
+                    PROXY_INBOUND_PORT,
+                )))
+            })
+            .await
+            .map_err(listen("inbound"))?;
+
+        let cookie = {
+            let mut capture = self.capture.write().unwrap_or_else(|e| e.into_inner());
+            capture.capture_pod(&PodRegistration {
+                name: &spec.name,
+                netns: &spec.netns,
+                addresses: &addresses,
+                inbound_listener: inbound.as_raw_fd(),
+                outbound: spec.outbound,
+                inbound: spec.inbound,
+            })?
+        };
+        let original = self
+            .capture
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .original_dsts();
+        let context = Arc::new(PodContext {
+            name: spec.name.clone(),
+            cookie,
+            netns,
+            original,
+            connections: self.connections.clone(),
+        });
+        let mut accept = JoinSet::new();
+        for (listener, direction) in [
+            (Some(outbound4), Direction::Outbound),
+            (outbound6, Direction::Outbound),
+            (Some(inbound), Direction::Inbound),
+        ] {
+            let Some(listener) = listener else { continue };
+            let listener = tokio_listener(listener).map_err(listen(direction.name()))?;
+            accept.spawn(accept_loop(listener, direction, context.clone()));
+        }
+        lock(&self.pods).insert(spec.name.clone(), (spec, accept));
+        Ok(())
+    }
+
+    /// Releases a pod: the programs first (its traffic is no longer
+    /// redirected), then its listeners. Open connections run to their end.
+    pub fn remove_pod(&self, name: &str) -> Result<(), PodError> {
+        let Some(_pod) = lock(&self.pods).remove(name) else {
+            return Err(CaptureError::NotCaptured(name.to_owned()).into());
+        };
+        self.capture
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .release_pod(name)?;
+        Ok(())
+    }
+
+    /// Makes the captured pods exactly `desired`: captures the new ones,
+    /// releases the gone ones, and re-captures those whose settings
+    /// changed. Returns the errors of pods that could not be captured; the
+    /// others are applied regardless.
+    pub async fn sync(&self, desired: Vec<PodSpec>) -> Vec<(String, PodError)> {
+        let mut errors = Vec::new();
+        let current: BTreeMap<String, PodSpec> = lock(&self.pods)
+            .iter()
+            .map(|(name, (spec, _))| (name.clone(), spec.clone()))
+            .collect();
+        let wanted: BTreeMap<String, PodSpec> =
+            desired.into_iter().map(|s| (s.name.clone(), s)).collect();
+        for (name, spec) in &current {
+            if wanted.get(name) != Some(spec)
+                && let Err(error) = self.remove_pod(name)
+            {
+                errors.push((name.clone(), error));
+            }
+        }
+        for (name, spec) in wanted {
+            if current.get(&name) == Some(&spec) {
+                continue;
+            }
+            if let Err(error) = self.add_pod(spec).await {
+                tracing::warn!(pod = %name, error = %error_chain(&error), "capturing pod failed");
+                errors.push((name, error));
+            }
+        }
+        errors
+    }
+
+    /// Stops accepting in every pod without releasing any: the pods stay
+    /// captured (and refused while no proxy listens), as a restart needs.
+    /// Returns once every listener is closed.
+    pub async fn stop_accepting(&self) {
+        let pods = std::mem::take(&mut *lock(&self.pods));
+        for (_, (_, mut accept)) in pods {
+            accept.shutdown().await;
+        }
+    }
+}
+
+/// The error and its causes on one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// A listening socket bound in the calling thread's namespace. Reusable
+/// address and port, so a restarted proxy binds next to one still draining.
+fn listen_in_pod(addr: SocketAddr) -> io::Result<OwnedFd> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_mark(PROXY_MARK)?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        // `[::]:15006` takes IPv4 as well.
+        socket.set_only_v6(false)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+fn tokio_listener(fd: OwnedFd) -> io::Result<TcpListener> {
+    TcpListener::from_std(std::net::TcpListener::from(fd))
+}
+
+async fn accept_loop(listener: TcpListener, direction: Direction, pod: Arc<PodContext>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let pod = pod.clone();
+                tokio::spawn(async move { relay(stream, peer, direction, &pod).await });
+            }
+            Err(error) => {
+                tracing::warn!(pod = %pod.name, %error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Carries one accepted connection to where it was going, counting its
+/// outcome as soon as it is known (before the bytes flow).
+async fn relay(stream: TcpStream, client: SocketAddr, direction: Direction, pod: &PodContext) {
+    let outcome = match connect_upstream(stream, client, direction, pod).await {
+        Ok((stream, upstream, info)) => {
+            pod.connections
+                .count(&pod.name, direction, Outcome::Relayed);
+            let _open = pod.connections.register(info);
+            let (mut stream, mut upstream) = (stream, upstream);
+            let _ = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
+            return;
+        }
+        Err(outcome) => outcome,
+    };
+    pod.connections.count(&pod.name, direction, outcome);
+}
+
+/// Finds where an accepted connection was going and connects there.
+async fn connect_upstream(
+    stream: TcpStream,
+    client: SocketAddr,
+    direction: Direction,
+    pod: &PodContext,
+) -> Result<(TcpStream, TcpStream, ConnectionInfo), Outcome> {
+    let original_dst = match direction {
+        Direction::Outbound => match pod.original.take(pod.cookie, client) {
+            Some(dst) => dst,
+            None => {
+                tracing::warn!(pod = %pod.name, %client, "redirected connection without a recorded destination");
+                reset(stream);
+                return Err(Outcome::NoOriginalDst);
+            }
+        },
+        // `sk_lookup` keeps the destination the client used.
+        Direction::Inbound => match stream.local_addr() {
+            Ok(local) => canonical(local),
+            Err(_) => return Err(Outcome::UpstreamFailed),
+        },
+    };
+    let upstream = match dial(&pod.netns, original_dst).await {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            tracing::debug!(pod = %pod.name, %original_dst, %error, "upstream connect failed");
+            reset(stream);
+            return Err(Outcome::UpstreamFailed);
+        }
+    };
+    let info = ConnectionInfo {
+        pod: pod.name.clone(),
+        direction,
+        client: canonical(client),
+        original_dst,
+        opened_at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    Ok((stream, upstream, info))
+}
+
+/// Connects from inside the pod's namespace, marked so the capture
+/// programs leave the socket alone.
+async fn dial(netns: &NetnsThread, to: SocketAddr) -> io::Result<TcpStream> {
+    let fd = netns
+        .run(move || {
+            let socket = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))?;
+            socket.set_mark(PROXY_MARK)?;
+            socket.set_nonblocking(true)?;
+            Ok(OwnedFd::from(socket))
+        })
+        .await?;
+    let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(to))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Closes with a reset, so the client sees the failure rather than an
+/// empty answer.
+fn reset(stream: TcpStream) {
+    let _ = stream.set_zero_linger();
+}
+
+/// IPv4 seen through a dual-stack socket (`::ffff:a.b.c.d`) as IPv4.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), addr.port()),
+            None => addr,
+        },
+        IpAddr::V4(_) => addr,
+    }
+}
+
+/// Reads `ns/name=/path/to/netns`.
+pub fn parse_pod_arg(value: &str) -> Result<(String, PathBuf), String> {
+    let (pod, netns) = value
+        .split_once('=')
+        .ok_or_else(|| format!("expected POD=NETNS, got {value:?}"))?;
+    if pod.is_empty() || netns.is_empty() {
+        return Err(format!("expected POD=NETNS with both parts, got {value:?}"));
+    }
+    Ok((pod.to_owned(), Path::new(netns).to_owned()))
+}

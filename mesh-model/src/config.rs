@@ -74,6 +74,9 @@ impl EndpointSet {
 }
 
 /// A pushed resource, validated.
+// Every one lives behind an `Arc` in a `NodeConfig`: boxing the larger
+// variant would only add a second indirection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum ConfigResource {
     Object(Resource),

@@ -4,7 +4,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{FieldErrors, Kind, Metadata, names::quoted, resource::Spec};
 
-/// The label that captures every pod of a namespace: `enabled` or `disabled`.
+/// The label that captures every pod of a namespace: `enabled` or
+/// `disabled`. On a workload, `disabled` opts that pod out of its
+/// namespace's capture.
 pub const CAPTURE_LABEL: &str = "mesh.io/capture";
 
 /// A Namespace has no spec of its own: capture is a label, as operators
@@ -33,6 +35,14 @@ pub fn check_capture_label(metadata: &Metadata, errors: &mut FieldErrors) {
             ),
         );
     }
+}
+
+/// Whether a workload with these labels opted out of capture.
+pub fn opted_out(metadata: &Metadata) -> bool {
+    metadata
+        .labels
+        .get(CAPTURE_LABEL)
+        .is_some_and(|v| v == "disabled")
 }
 
 /// Whether a namespace with these labels has its pods captured.

@@ -263,3 +263,51 @@ fn no_workload_may_live_in_the_mesh_system_namespace() {
         "{found:?}"
     );
 }
+
+#[test]
+fn workload_capture_exclusions_are_checked_field_by_field() {
+    let workload = |labels: &str, capture: &str| {
+        format!(
+            "apiVersion: mesh.io/v1\nkind: Workload\nmetadata: {{name: api, namespace: shop, labels: {{{labels}}}}}\n\
+             spec: {{node: node1, ip: 10.0.0.9, capture: {{{capture}}}}}\n"
+        )
+    };
+    let good = workload(
+        "mesh.io/capture: disabled",
+        "exclude_outbound_ports: [5432], exclude_outbound_cidrs: [169.254.169.254/32, 'fd00:99::/32'], exclude_inbound_ports: [15020]",
+    );
+    let resources = parse_documents(&good).unwrap();
+    let Resource::Workload(object) = &resources[0] else {
+        panic!("{resources:?}")
+    };
+    assert!(mesh_model::namespace::opted_out(&object.metadata));
+    assert_eq!(
+        object.spec.capture.outbound_cidrs(),
+        vec![
+            ("169.254.169.254".parse().unwrap(), 32),
+            ("fd00:99::".parse().unwrap(), 32)
+        ]
+    );
+
+    let found = errors(&workload(
+        "mesh.io/capture: maybe",
+        "exclude_outbound_ports: [0, 1, 2, 3, 4, 5, 6, 7, 8], exclude_outbound_cidrs: [10.0.0.1/8, 10.0.0.0/33, nonsense, '::/0']",
+    ));
+    let text = found.join("\n");
+    for expected in [
+        "metadata.labels[\"mesh.io/capture\"]: must be \"enabled\" or \"disabled\"",
+        "capture.exclude_outbound_ports: at most 8 ports (got 9)",
+        "capture.exclude_outbound_ports[0]: must be 1 to 65535 (got 0)",
+        "capture.exclude_outbound_cidrs[0]: \"10.0.0.1/8\" has host bits set",
+        "capture.exclude_outbound_cidrs[1]: prefix \"33\" must be 1 to 32",
+        "capture.exclude_outbound_cidrs[2]: \"nonsense\" is not ADDRESS/PREFIX",
+        "capture.exclude_outbound_cidrs[3]: prefix \"0\" must be 1 to 128",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+    let found = errors(&workload("", "exclude_inbound_ports: [70000]"));
+    assert!(
+        found[0].contains("capture.exclude_inbound_ports"),
+        "{found:?}"
+    );
+}

@@ -409,6 +409,30 @@ impl Capture {
         Ok(cookie)
     }
 
+    /// Changes a captured pod's exclusions in place: its traffic is never
+    /// uncaptured in between.
+    pub fn update_pod(
+        &mut self,
+        name: &str,
+        outbound: PodOutbound,
+        inbound: PodInbound,
+    ) -> Result<(), CaptureError> {
+        let pod = self
+            .pods
+            .get(name)
+            .ok_or_else(|| CaptureError::NotCaptured(name.to_owned()))?;
+        for address in &pod.addresses {
+            self.pod_inbound
+                .insert(ip_key(*address), inbound, 0)
+                .map_err(map_error(MAP_POD_INBOUND))?;
+        }
+        self.captured_netns
+            .insert(pod.cookie, outbound, 0)
+            .map_err(map_error(MAP_CAPTURED_NETNS))?;
+        tracing::info!(pod = name, "pod's capture exclusions updated");
+        Ok(())
+    }
+
     /// Attaches `sk_lookup` to the pod's namespace, or adopts the link a
     /// previous run pinned. Returns the link id when this value owns it.
     fn attach_sk_lookup(

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod capture;
 pub mod control;
 pub mod identity;
+pub mod pods;
 pub mod proxy;
 pub mod workloads;
 pub mod xds;

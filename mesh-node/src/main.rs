@@ -16,6 +16,7 @@ use mesh_node::{
     capture::{self, Capture, CaptureConfig},
     control::ControlPlane,
     identity::{CertManager, Clock, RotationConfig},
+    pods::{CaptureFollower, NetnsTemplate},
     proxy::{self, PodSpec, Proxy},
     workloads::Workloads,
     xds::Xds,
@@ -43,6 +44,13 @@ struct Args {
     /// With a control plane, the pod also gets its certificate.
     #[arg(long = "capture", value_name = "POD=NETNS", value_parser = proxy::parse_pod_arg)]
     captures: Vec<(String, PathBuf)>,
+
+    /// Where a pushed workload's network namespace is, with `{namespace}`
+    /// and `{name}` standing for the workload's: with it, the node captures
+    /// the workloads the control plane schedules here in namespaces
+    /// labelled `mesh.io/capture: enabled`, as labels change.
+    #[arg(long, env = "MESH_NODE_POD_NETNS", value_parser = NetnsTemplate::parse, requires_all = ["cgroup", "control_plane"])]
+    pod_netns: Option<NetnsTemplate>,
 
     /// Directory on bpffs where the capture programs' maps and links are
     /// pinned, so pods stay captured (refused, never bypassed) while
@@ -156,6 +164,15 @@ async fn main() -> anyhow::Result<()> {
     // is held.
     let certificates = SharedTracked::default();
     let mesh = join_mesh(&args, &certificates)?;
+    let _follower = match (&proxy, &mesh) {
+        (Some(proxy), Some(mesh)) => Some(CaptureFollower::follow(
+            proxy.clone(),
+            mesh.xds.config(),
+            flag_pods(&args),
+            args.pod_netns.clone(),
+        )),
+        _ => None,
+    };
 
     let listener = tokio::net::TcpListener::bind(args.admin_addr)
         .await
@@ -210,8 +227,27 @@ async fn start_capture(args: &Args, cgroup: &std::path::Path) -> anyhow::Result<
         capture::logs::spawn_drain(logger).context("watching the eBPF log ring")?;
     }
     let proxy = Arc::new(Proxy::new(Arc::new(RwLock::new(capture))));
-    let pods = args
-        .captures
+    let errors = proxy.sync(flag_pods(args)).await;
+    if let Some((pod, error)) = errors.into_iter().next() {
+        return Err(anyhow::Error::new(error).context(format!("capturing pod {pod}")));
+    }
+    if args.control_plane.is_none() {
+        // Every pod this node should capture is known: what a previous run
+        // left for other pods goes. With a control plane that waits for
+        // the first configuration (see `CaptureFollower`).
+        proxy
+            .capture()
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .prune_unowned()
+            .context("releasing pods left by a previous run")?;
+    }
+    Ok(proxy)
+}
+
+/// The pods named with `--capture`.
+fn flag_pods(args: &Args) -> Vec<PodSpec> {
+    args.captures
         .iter()
         .map(|(name, netns)| PodSpec {
             name: name.clone(),
@@ -219,20 +255,7 @@ async fn start_capture(args: &Args, cgroup: &std::path::Path) -> anyhow::Result<
             outbound: Default::default(),
             inbound: Default::default(),
         })
-        .collect();
-    let errors = proxy.sync(pods).await;
-    if let Some((pod, error)) = errors.into_iter().next() {
-        return Err(anyhow::Error::new(error).context(format!("capturing pod {pod}")));
-    }
-    // Every pod this node should capture is known: what a previous run
-    // left for other pods goes.
-    proxy
-        .capture()
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
-        .prune_unowned()
-        .context("releasing pods left by a previous run")?;
-    Ok(proxy)
+        .collect()
 }
 
 /// What runs for the mesh: the node's certificate, its workloads'

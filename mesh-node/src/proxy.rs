@@ -11,7 +11,7 @@
 //! the mTLS data path replaces with the HBONE tunnel between nodes.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsRawFd, OwnedFd},
@@ -307,6 +307,17 @@ impl Proxy {
         Ok(())
     }
 
+    fn update_pod(&self, spec: &PodSpec) -> Result<(), PodError> {
+        self.capture
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .update_pod(&spec.name, spec.outbound, spec.inbound)?;
+        if let Some((current, _)) = lock(&self.pods).get_mut(&spec.name) {
+            *current = spec.clone();
+        }
+        Ok(())
+    }
+
     /// Releases a pod: the programs first (its traffic is no longer
     /// redirected), then its listeners. Open connections run to their end.
     pub fn remove_pod(&self, name: &str) -> Result<(), PodError> {
@@ -332,15 +343,23 @@ impl Proxy {
             .collect();
         let wanted: BTreeMap<String, PodSpec> =
             desired.into_iter().map(|s| (s.name.clone(), s)).collect();
+        let mut updated = BTreeSet::new();
         for (name, spec) in &current {
-            if wanted.get(name) != Some(spec)
-                && let Err(error) = self.remove_pod(name)
-            {
+            let result = match wanted.get(name) {
+                Some(want) if want == spec => continue,
+                // Same pod, new exclusions: changed in place, never released.
+                Some(want) if want.netns == spec.netns => {
+                    updated.insert(name.clone());
+                    self.update_pod(want)
+                }
+                _ => self.remove_pod(name),
+            };
+            if let Err(error) = result {
                 errors.push((name.clone(), error));
             }
         }
         for (name, spec) in wanted {
-            if current.get(&name) == Some(&spec) {
+            if current.get(&name) == Some(&spec) || updated.contains(&name) {
                 continue;
             }
             if let Err(error) = self.add_pod(spec).await {

@@ -6,6 +6,7 @@
 
 pub mod cgroup;
 pub mod cluster;
+pub mod control;
 pub mod http;
 mod ip;
 pub mod netns;

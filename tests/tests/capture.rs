@@ -13,7 +13,12 @@ use std::{
 };
 
 use mesh_common::capture::{Cidr, Counter, PodInbound, PodOutbound};
-use mesh_e2e::{Cluster, ClusterSpec, PodSpec, cgroup, cluster, http, process::Process};
+use mesh_e2e::{
+    Cluster, ClusterSpec, PodSpec, cgroup, cluster,
+    control::ControlPlane,
+    http,
+    process::{Process, ready_field, workspace_binary},
+};
 use mesh_node::{
     capture::{Capture, CaptureConfig, ip_key, netns},
     proxy::{self, Proxy},
@@ -463,4 +468,139 @@ fn capture_refuses_the_hierarchy_root_non_cgroups_and_non_bpffs_pins() {
     .unwrap_err()
     .to_string();
     assert!(error.contains("not on a BPF filesystem"), "{error}");
+}
+
+/// Polls `/capture` until the captured pods are `expected`.
+fn wait_for_pods(admin: SocketAddr, expected: &[&str]) {
+    let deadline = std::time::Instant::now() + READY;
+    loop {
+        let state = json(admin, "/capture");
+        let pods: Vec<&str> = state["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap())
+            .collect();
+        if pods == expected {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "captured pods are {pods:?}, expected {expected:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn namespace_labels_capture_and_release_running_pods() {
+    let cluster = cluster("e2elabel");
+    let mut server = echo(&cluster, "shop/server", "[::]:8080");
+    let client = cluster.pod("shop/client").unwrap();
+    let legacy = cluster.pod("legacy/client").unwrap();
+    let to = format!("{}:8080", cluster.pod("shop/server").unwrap().ip4);
+    let dir = tempfile::tempdir().unwrap();
+    let control = ControlPlane::start_with(
+        cluster
+            .system_command(workspace_binary("mesh-control").unwrap())
+            .unwrap(),
+        &dir.path().join("control"),
+    )
+    .unwrap();
+    let namespace = |labels: &str| {
+        format!(
+            "apiVersion: mesh.io/v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{{labels}}}}}\n"
+        )
+    };
+    let workload = |labels: &str, capture: &str| {
+        format!(
+            "apiVersion: mesh.io/v1\nkind: Workload\nmetadata: {{name: client, namespace: shop, labels: {{{labels}}}}}\n\
+             spec: {{node: node0, ip: {}, capture: {{{capture}}}}}\n",
+            client.ip4
+        )
+    };
+    let apply = |yaml: &str| control.meshctl(&["apply", "-f", "-"], Some(yaml));
+    apply(&format!(
+        "{}---\n{}---\napiVersion: mesh.io/v1\nkind: Namespace\nmetadata: {{name: legacy}}\n---\n\
+         apiVersion: mesh.io/v1\nkind: Workload\nmetadata: {{name: client, namespace: legacy}}\nspec: {{node: node0, ip: {}}}\n",
+        namespace(""),
+        workload("", ""),
+        legacy.ip4
+    ));
+
+    let layout = cluster.layout();
+    let mut command = cluster.system_command(mesh_node_bin()).unwrap();
+    command
+        .arg("--cgroup")
+        .arg(&layout.nodes[0].cgroup)
+        .arg("--bpf-pin-dir")
+        .arg(layout.bpf_pin_dir(0))
+        .args(["--node", "node0", "--control-plane", &control.grpc])
+        .arg("--ca-bundle")
+        .arg(control.ca_bundle())
+        .arg("--bootstrap-token-file")
+        .arg(control.bootstrap_token_file())
+        .arg("--pod-netns")
+        .arg(format!(
+            "/run/netns/mesh-{}-{{namespace}}-{{name}}",
+            layout.name
+        ))
+        .args(["--admin-addr", "127.0.0.1:0"]);
+    let (_node, ready) = Process::spawn_ready("mesh-node", command, "ready", READY).unwrap();
+    let admin: SocketAddr = ready_field(&ready, "admin").unwrap().parse().unwrap();
+    assert_eq!(
+        client.netns_path(),
+        PathBuf::from(format!("/run/netns/mesh-{}-shop-client", layout.name))
+    );
+
+    // Unlabelled: the pushed workloads are on this node but not captured.
+    let deadline = std::time::Instant::now() + READY;
+    while json(admin, "/config")["revision"].as_i64().unwrap_or(0) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no configuration");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_for_pods(admin, &[]);
+    let (mut before, _) = hold(&cluster, "shop/client", &to);
+    assert_eq!(ip_of(&accepted_peer(&mut server)), client.ip4.to_string());
+    assert_eq!(counter(admin, "bypass_uncaptured"), 1);
+
+    // Labelled: the running pod is captured; its established connection
+    // carries on untouched, new ones go through the proxy.
+    apply(&namespace("mesh.io/capture: enabled"));
+    wait_for_pods(admin, &["shop/client"]);
+    connect(&cluster, "shop/client", &to, 2);
+    assert_eq!(counter(admin, "connect_redirected"), 2);
+    assert_eq!(round_trip(&mut before), "ok");
+    // The legacy namespace is still not captured.
+    connect(&cluster, "legacy/client", &to, 1);
+    assert_eq!(counter(admin, "bypass_uncaptured"), 2);
+
+    // An exclusion pushed for the pod applies in place.
+    apply(&workload("", "exclude_outbound_ports: [8080]"));
+    let deadline = std::time::Instant::now() + READY;
+    loop {
+        connect(&cluster, "shop/client", &to, 1);
+        if counter(admin, "bypass_excluded_port") > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "exclusion never applied"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_for_pods(admin, &["shop/client"]);
+
+    // The pod opts out, then the label goes: released either way.
+    apply(&workload("mesh.io/capture: disabled", ""));
+    wait_for_pods(admin, &[]);
+    apply(&workload("", ""));
+    wait_for_pods(admin, &["shop/client"]);
+    apply(&namespace("mesh.io/capture: disabled"));
+    wait_for_pods(admin, &[]);
+    let redirected = counter(admin, "connect_redirected");
+    connect(&cluster, "shop/client", &to, 1);
+    assert_eq!(counter(admin, "connect_redirected"), redirected);
+    assert_eq!(round_trip(&mut before), "ok");
+    before.finish().unwrap();
 }

@@ -12,6 +12,7 @@ use std::{
 };
 
 use mesh_e2e::{
+    control::{ControlPlane, meshctl},
     http,
     process::{Process, ready_field, workspace_binary},
 };
@@ -34,35 +35,8 @@ spec: {node: node2, ip: 10.89.1.2, service_account: reviews}
 "#;
 
 fn start_control_plane(data_dir: &Path) -> (Process, String, String) {
-    let mut command = Command::new(workspace_binary("mesh-control").unwrap());
-    command
-        .args(["--data-dir", data_dir.to_str().unwrap(), "serve"])
-        .args(["--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0"]);
-    let (process, ready) =
-        Process::spawn_ready("mesh-control", command, "ready", Duration::from_secs(30)).unwrap();
-    let api = ready_field(&ready, "api").unwrap().to_owned();
-    let grpc = ready_field(&ready, "grpc").unwrap().to_owned();
-    (process, api, grpc)
-}
-
-fn meshctl(api: &str, data_dir: &Path, args: &[&str], stdin: Option<&str>) -> String {
-    use std::io::Write as _;
-    let mut child = Command::new(workspace_binary("meshctl").unwrap())
-        .args(["--server", api])
-        .args(args)
-        .env("MESH_DATA_DIR", data_dir)
-        .env_remove("MESH_TOKEN")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = child.stdin.take().unwrap();
-    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
-    drop(input);
-    let output = child.wait_with_output().unwrap();
-    assert!(output.status.success(), "meshctl {args:?}: {output:?}");
-    String::from_utf8(output.stdout).unwrap()
+    let control = ControlPlane::start(data_dir).unwrap();
+    (control.process, control.api, control.grpc)
 }
 
 fn certificates(admin: SocketAddr) -> Vec<Value> {

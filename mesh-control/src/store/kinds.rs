@@ -40,9 +40,10 @@ fn columns(kind: Kind, b: Backend) -> String {
             json("labels")
         ),
         Kind::Workload => format!(
-            "namespace, name, service_account, node, {}, version, {}, {}, revision",
+            "namespace, name, service_account, node, {}, version, {}, {}, {}, revision",
             b.inet_column("pod_ip"),
             json("services"),
+            json("capture"),
             json("labels")
         ),
         Kind::ServicePolicy => format!(
@@ -160,6 +161,7 @@ fn from_row(kind: Kind, row: &AnyRow) -> Result<Resource, StoreError> {
                 ip: c.parse("pod_ip")?,
                 services: c.json("services")?,
                 version: c.text("version")?,
+                capture: c.json("capture")?,
             },
         }),
         Kind::ServicePolicy => Resource::ServicePolicy(Object {
@@ -263,15 +265,16 @@ pub(super) async fn write(
         }
         Resource::Workload(o) => {
             let sql = format!(
-                "INSERT INTO Workload (namespace, name, service_account, node, pod_ip, version, services, labels, revision, updated_at) \
-                 VALUES ($1, $2, $3, $4, {}, $6, {}, {}, $9, {now}) \
+                "INSERT INTO Workload (namespace, name, service_account, node, pod_ip, version, services, labels, revision, capture, updated_at) \
+                 VALUES ($1, $2, $3, $4, {}, $6, {}, {}, $9, {}, {now}) \
                  ON CONFLICT (namespace, name) DO UPDATE SET service_account = excluded.service_account, \
                  node = excluded.node, pod_ip = excluded.pod_ip, version = excluded.version, \
                  services = excluded.services, labels = excluded.labels, revision = excluded.revision, \
-                 updated_at = excluded.updated_at",
+                 capture = excluded.capture, updated_at = excluded.updated_at",
                 b.inet_param("$5"),
                 b.json_param("$7"),
-                b.json_param("$8")
+                b.json_param("$8"),
+                b.json_param("$10")
             );
             sqlx::query(&sql)
                 .bind(namespace)
@@ -283,6 +286,7 @@ pub(super) async fn write(
                 .bind(to_json(&o.spec.services))
                 .bind(labels)
                 .bind(revision)
+                .bind(to_json(&o.spec.capture))
                 .execute(&mut *conn)
                 .await?;
         }

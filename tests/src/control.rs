@@ -1,0 +1,94 @@
+//! The control plane as the tests run it: the real `mesh-control` binary on
+//! the embedded store, and `meshctl` against it.
+
+use std::{
+    io::{self, Write as _},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use crate::process::{Process, ready_field, workspace_binary};
+
+/// A running `mesh-control` and where to reach it.
+#[derive(Debug)]
+pub struct ControlPlane {
+    pub process: Process,
+    /// Admin API, `http://host:port`.
+    pub api: String,
+    /// Node API (gRPC), `host:port`.
+    pub grpc: String,
+    pub data_dir: PathBuf,
+}
+
+impl ControlPlane {
+    /// Starts `mesh-control serve` on loopback with its data in `data_dir`
+    /// (created by the first start: store, CA, bootstrap token). `command`
+    /// lets the caller place it (e.g. in a cluster's system cgroup).
+    pub fn start_with(mut command: Command, data_dir: &Path) -> io::Result<Self> {
+        command.arg("--data-dir").arg(data_dir).args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
+        ]);
+        let (process, ready) =
+            Process::spawn_ready("mesh-control", command, "ready", Duration::from_secs(30))?;
+        let field = |name| {
+            ready_field(&ready, name)
+                .map(str::to_owned)
+                .ok_or_else(|| io::Error::other(format!("mesh-control said {ready:?}")))
+        };
+        Ok(Self {
+            api: field("api")?,
+            grpc: field("grpc")?,
+            process,
+            data_dir: data_dir.to_owned(),
+        })
+    }
+
+    /// Starts `mesh-control` as a plain child process.
+    pub fn start(data_dir: &Path) -> io::Result<Self> {
+        Self::start_with(Command::new(workspace_binary("mesh-control")?), data_dir)
+    }
+
+    /// The root certificate nodes trust the control plane with.
+    pub fn ca_bundle(&self) -> PathBuf {
+        self.data_dir.join("ca/root.pem")
+    }
+
+    /// The bootstrap token `mesh-control` made on first start.
+    pub fn bootstrap_token_file(&self) -> PathBuf {
+        self.data_dir.join("bootstrap-token")
+    }
+
+    /// Runs `meshctl` with `stdin`; panics with its output if it fails.
+    pub fn meshctl(&self, args: &[&str], stdin: Option<&str>) -> String {
+        meshctl(&self.api, &self.data_dir, args, stdin)
+    }
+}
+
+/// Runs `meshctl --server api ARGS` with `stdin`, as the operator of the
+/// control plane whose data is in `data_dir`; panics with its output if it
+/// fails.
+pub fn meshctl(api: &str, data_dir: &Path, args: &[&str], stdin: Option<&str>) -> String {
+    let mut child = Command::new(workspace_binary("meshctl").expect("meshctl is built"))
+        .args(["--server", api])
+        .args(args)
+        .env("MESH_DATA_DIR", data_dir)
+        .env_remove("MESH_TOKEN")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting meshctl");
+    let mut input = child.stdin.take().expect("stdin is piped");
+    input
+        .write_all(stdin.unwrap_or("").as_bytes())
+        .expect("writing meshctl's stdin");
+    drop(input);
+    let output = child.wait_with_output().expect("waiting for meshctl");
+    assert!(output.status.success(), "meshctl {args:?}: {output:?}");
+    String::from_utf8(output.stdout).expect("meshctl prints UTF-8")
+}

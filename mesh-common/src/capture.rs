@@ -40,6 +40,23 @@ pub const MAP_POD_INBOUND: &str = "POD_INBOUND";
 pub const MAP_INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
 /// Per-CPU array of [`Counter`]s.
 pub const MAP_COUNTERS: &str = "COUNTERS";
+/// Array of run-time switches, indexed by [`Setting`].
+pub const MAP_SETTINGS: &str = "SETTINGS";
+
+/// The programs' run-time switches, one `u32` slot each in [`MAP_SETTINGS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Setting {
+    /// Non-zero: the programs emit `aya-log` debug records (one per
+    /// redirected connect). Off by default: the records cost ring-buffer
+    /// space even when nobody reads them.
+    DebugLogs = 0,
+}
+
+impl Setting {
+    /// Number of settings; the size of [`MAP_SETTINGS`].
+    pub const LEN: u32 = 1;
+}
 
 /// Program names in the object file.
 pub const PROG_CONNECT4: &str = "mesh_connect4";

@@ -19,7 +19,7 @@ use aya_ebpf::{
     bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sk_lookup, bpf_sock_addr, sk_action},
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
@@ -28,7 +28,7 @@ use mesh_common::{
     capture::{
         Connect, ConnectVerdict, Counter, Inbound, InboundVerdict, Ip, MAX_CAPTURED_NETNS,
         MAX_PENDING_CONNECTIONS, MAX_POD_ADDRESSES, NetnsCookie, OriginalDst, OriginalDstKey,
-        PROXY_OUTBOUND_PORT, PodInbound, PodOutbound, connect_verdict, inbound_verdict,
+        PROXY_OUTBOUND_PORT, PodInbound, PodOutbound, Setting, connect_verdict, inbound_verdict,
         listener_family,
     },
 };
@@ -67,6 +67,16 @@ static INBOUND_LISTENERS: SockHash<Ip> = SockHash::with_max_entries(MAX_POD_ADDR
 
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::LEN, 0);
+
+#[map(name = "SETTINGS")]
+static SETTINGS: Array<u32> = Array::with_max_entries(Setting::LEN, 0);
+
+/// Whether userspace switched the debug records on.
+fn debug_logs() -> bool {
+    SETTINGS
+        .get(Setting::DebugLogs as u32)
+        .is_some_and(|on| *on != 0)
+}
 
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
@@ -194,7 +204,9 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<(), ()> {
                 // disabled, so nothing else writes this slot concurrently.
                 unsafe { *slot += 1 };
             }
-            debug!(ctx, "connect redirected netns={} port={}", netns, dst_port);
+            if debug_logs() {
+                debug!(ctx, "connect redirected netns={} port={}", netns, dst_port);
+            }
         }
     }
     Ok(())

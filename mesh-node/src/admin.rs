@@ -67,11 +67,23 @@ fn reports(tracked: &SharedTracked) -> Vec<CertificateReport> {
         .collect()
 }
 
+/// Turns the eBPF programs' debug records (and their log filter) on or off.
+#[derive(Clone)]
+pub struct LogSwitch(pub Arc<dyn Fn(bool) -> Result<(), String> + Send + Sync>);
+
+impl std::fmt::Debug for LogSwitch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogSwitch")
+    }
+}
+
 /// What the admin endpoint reads from.
 #[derive(Clone, Debug, Default)]
 pub struct AdminState {
     /// `None` when the node runs without capture (no `--cgroup`).
     pub capture: Option<SharedCapture>,
+    /// Switches the eBPF debug records; `None` without capture.
+    pub ebpf_logs: Option<LogSwitch>,
     /// The proxy's connections; `None` without capture.
     pub connections: Option<Arc<crate::proxy::Connections>>,
     /// The node's and its workloads' certificate managers, as they come
@@ -91,6 +103,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/capture", get(capture_state))
         .route("/connections", get(connections))
+        .route("/ebpf-logs", get(ebpf_logs).put(set_ebpf_logs))
         .route("/certificates", get(certificates))
         .route("/config", get(config))
         .route("/metrics", get(metrics))
@@ -170,11 +183,7 @@ pub struct CaptureState {
 
 async fn capture_state(State(state): State<AdminState>) -> Response {
     let Some(capture) = &state.capture else {
-        return (
-            StatusCode::NOT_FOUND,
-            "capture is off on this node (mesh-node runs without --cgroup)\n",
-        )
-            .into_response();
+        return capture_off();
     };
     match read_state(capture) {
         Ok(state) => Json(state).into_response(),
@@ -182,16 +191,72 @@ async fn capture_state(State(state): State<AdminState>) -> Response {
     }
 }
 
+/// The body of `GET`/`PUT /ebpf-logs`.
+#[derive(Debug, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EbpfLogs {
+    pub enabled: bool,
+}
+
+async fn ebpf_logs(State(state): State<AdminState>) -> Response {
+    let Some(capture) = &state.capture else {
+        return capture_off();
+    };
+    let enabled = capture
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .debug_logs();
+    match enabled {
+        Ok(enabled) => Json(EbpfLogs { enabled }).into_response(),
+        Err(error) => internal_error(error.to_string()),
+    }
+}
+
+/// `PUT /ebpf-logs {"enabled": true}`: the programs' debug records, on or
+/// off at once, without reloading anything.
+async fn set_ebpf_logs(
+    State(state): State<AdminState>,
+    body: Result<Json<EbpfLogs>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Some(switch) = &state.ebpf_logs else {
+        return capture_off();
+    };
+    let Json(request) = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "expected {{\"enabled\": true|false}}: {}\n",
+                    rejection.body_text()
+                ),
+            )
+                .into_response();
+        }
+    };
+    match (switch.0)(request.enabled) {
+        Ok(()) => {
+            tracing::info!(enabled = request.enabled, "eBPF debug records switched");
+            Json(request).into_response()
+        }
+        Err(error) => internal_error(error),
+    }
+}
+
+fn capture_off() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        "capture is off on this node (mesh-node runs without --cgroup)\n",
+    )
+        .into_response()
+}
+
 /// `GET /connections`: the connections the proxy carries now, with where
 /// each was going.
 async fn connections(State(state): State<AdminState>) -> Response {
     match &state.connections {
         Some(connections) => Json(connections.open()).into_response(),
-        None => (
-            StatusCode::NOT_FOUND,
-            "capture is off on this node (mesh-node runs without --cgroup)\n",
-        )
-            .into_response(),
+        None => capture_off(),
     }
 }
 

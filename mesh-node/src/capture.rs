@@ -41,8 +41,9 @@ use aya::{
 use aya_log::EbpfLogger;
 use mesh_common::capture::{
     Counter, Ip, MAP_CAPTURED_NETNS, MAP_COUNTERS, MAP_INBOUND_LISTENERS, MAP_NETNS_CONNECTS,
-    MAP_ORIGINAL_DST, MAP_PENDING_DST, MAP_POD_INBOUND, NetnsCookie, OriginalDst, OriginalDstKey,
-    PROG_CONNECT4, PROG_CONNECT6, PROG_SK_LOOKUP, PROG_SOCK_OPS, PodInbound, PodOutbound,
+    MAP_ORIGINAL_DST, MAP_PENDING_DST, MAP_POD_INBOUND, MAP_SETTINGS, NetnsCookie, OriginalDst,
+    OriginalDstKey, PROG_CONNECT4, PROG_CONNECT6, PROG_SK_LOOKUP, PROG_SOCK_OPS, PodInbound,
+    PodOutbound, Setting,
 };
 use serde::Serialize;
 
@@ -50,7 +51,7 @@ use serde::Serialize;
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
 
 /// Every map, pinned by name when pinning is on.
-const MAPS: [&str; 7] = [
+const MAPS: [&str; 8] = [
     MAP_CAPTURED_NETNS,
     MAP_NETNS_CONNECTS,
     MAP_PENDING_DST,
@@ -58,6 +59,7 @@ const MAPS: [&str; 7] = [
     MAP_POD_INBOUND,
     MAP_INBOUND_LISTENERS,
     MAP_COUNTERS,
+    MAP_SETTINGS,
 ];
 
 /// `BPF_FS_MAGIC` from statfs(2).
@@ -203,6 +205,7 @@ pub struct Capture {
     pod_inbound: HashMap<MapData, Ip, PodInbound>,
     listeners: SockHash<MapData, Ip>,
     counters: PerCpuArray<MapData, u64>,
+    settings: aya::maps::Array<MapData, u32>,
     original_dsts: std::sync::Arc<OriginalDsts>,
     pods: BTreeMap<String, CapturedPod>,
     /// `sk_lookup` links this value owns (not pinned), by pod.
@@ -305,6 +308,8 @@ impl Capture {
             .map_err(map_error(MAP_ORIGINAL_DST))?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, MAP_COUNTERS)?)
             .map_err(map_error(MAP_COUNTERS))?;
+        let settings = aya::maps::Array::try_from(take_map(&mut ebpf, MAP_SETTINGS)?)
+            .map_err(map_error(MAP_SETTINGS))?;
         tracing::info!(
             cgroup = %cgroup.display(),
             pinned = ?config.pin_dir,
@@ -319,6 +324,7 @@ impl Capture {
             pod_inbound,
             listeners,
             counters,
+            settings,
             original_dsts: std::sync::Arc::new(OriginalDsts {
                 map: Mutex::new(original),
             }),
@@ -341,6 +347,23 @@ impl Capture {
     /// `aya_log::EbpfLogger::flush`). Keep it alive as long as the capture.
     pub fn take_logger(&mut self) -> Option<EbpfLogger<&'static dyn log::Log>> {
         self.logger.take()
+    }
+
+    /// Switches the programs' debug records on or off, at once, for every
+    /// captured pod.
+    pub fn set_debug_logs(&mut self, on: bool) -> Result<(), CaptureError> {
+        self.settings
+            .set(Setting::DebugLogs as u32, u32::from(on), 0)
+            .map_err(map_error(MAP_SETTINGS))
+    }
+
+    /// Whether the programs' debug records are on.
+    pub fn debug_logs(&self) -> Result<bool, CaptureError> {
+        let value = self
+            .settings
+            .get(&(Setting::DebugLogs as u32), 0)
+            .map_err(map_error(MAP_SETTINGS))?;
+        Ok(value != 0)
     }
 
     /// Where the proxy finds redirected connections' destinations.

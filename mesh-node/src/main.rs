@@ -64,6 +64,12 @@ struct Args {
     #[arg(long)]
     uninstall: bool,
 
+    /// Start with the eBPF programs' debug records on (one per redirected
+    /// connect, shown as target `mesh_ebpf`). Switch at run time with
+    /// `PUT /ebpf-logs {"enabled": true}` on the admin endpoint.
+    #[arg(long, env = "MESH_NODE_EBPF_DEBUG_LOGS")]
+    ebpf_debug_logs: bool,
+
     /// On SIGTERM, how long open proxied connections may take to finish
     /// after the listeners close.
     #[arg(long, env = "MESH_NODE_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
@@ -130,12 +136,20 @@ fn pin_dir(args: &Args) -> anyhow::Result<PathBuf> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    let (filter_layer, filter_handle) = tracing_subscriber::reload::Layer::new(
+        tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into()),
+    );
+    {
+        use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _};
+        tracing_subscriber::registry()
+            .with(filter_layer)
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .init();
+    }
+    // The eBPF programs' records arrive through `log`; the filter above
+    // decides, so `log` itself lets everything through.
+    log::set_max_level(log::LevelFilter::Trace);
     let args = Args::parse();
     if args.uninstall {
         let dir = pin_dir(&args)?;
@@ -185,7 +199,32 @@ async fn main() -> anyhow::Result<()> {
     stdout.flush()?;
     drop(stdout);
 
+    let ebpf_logs = proxy.as_ref().map(|proxy| {
+        let capture = proxy.capture();
+        admin::LogSwitch(Arc::new(move |on: bool| {
+            let directives = if on {
+                format!("{filter},mesh_ebpf=debug")
+            } else {
+                filter.clone()
+            };
+            let new_filter = tracing_subscriber::EnvFilter::try_new(&directives)
+                .map_err(|e| format!("log filter {directives:?}: {e}"))?;
+            filter_handle
+                .reload(new_filter)
+                .map_err(|e| format!("reloading the log filter: {e}"))?;
+            capture
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_debug_logs(on)
+                .map_err(|e| proxy::error_chain(&e))
+        }))
+    });
+    if let Some(switch) = &ebpf_logs {
+        (switch.0)(args.ebpf_debug_logs)
+            .map_err(|why| anyhow::anyhow!("--ebpf-debug-logs: {why}"))?;
+    }
     let state = AdminState {
+        ebpf_logs,
         capture: proxy.as_ref().map(|p| p.capture()),
         connections: proxy.as_ref().map(|p| p.connections()),
         certificates,

@@ -1,5 +1,5 @@
-//! A minimal HTTP/1.0 GET, enough to read the node proxy's admin endpoint
-//! without pulling an HTTP client into the harness.
+//! Minimal HTTP/1.0 GET and PUT, enough to use the node proxy's admin
+//! endpoint without pulling an HTTP client into the harness.
 
 use std::{
     io::{self, Read as _, Write as _},
@@ -16,10 +16,28 @@ pub struct Response {
 
 /// `GET path` from `addr`, with a 10 s bound on connecting and on each read.
 pub fn get(addr: SocketAddr, path: &str) -> io::Result<Response> {
+    request(addr, "GET", path, None)
+}
+
+/// `PUT path` with a JSON `body`.
+pub fn put_json(addr: SocketAddr, path: &str, body: &str) -> io::Result<Response> {
+    request(addr, "PUT", path, Some(body))
+}
+
+fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> io::Result<Response> {
     let timeout = Duration::from_secs(10);
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    write!(stream, "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n")?;
+    if let Some(body) = body {
+        write!(
+            stream,
+            "content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )?;
+    } else {
+        write!(stream, "\r\n")?;
+    }
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     parse(&raw)

@@ -15,6 +15,9 @@ use std::{
     time::Duration,
 };
 
+/// Marks the lines of the channel that came from stderr.
+const LOG_MARK: &str = "\u{0}log\u{0}";
+
 /// A running child process, killed and reaped on drop.
 #[derive(Debug)]
 pub struct Process {
@@ -30,11 +33,25 @@ impl Process {
         let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| io::Error::new(e.kind(), format!("starting {name}: {e}")))?;
         let stdin = child.stdin.take();
         let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
         let (lines_tx, lines_rx) = mpsc::channel();
+        // Stderr (logs) is passed through, and also offered to
+        // `wait_for_log`.
+        let logs_tx = lines_tx.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("{line}");
+                if logs_tx.send(format!("{LOG_MARK}{line}")).is_err() {
+                    break;
+                }
+            }
+        });
         thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
@@ -67,11 +84,34 @@ impl Process {
 
     /// Waits for a stdout line starting with `prefix`.
     pub fn wait_for_line(&mut self, prefix: &str, timeout: Duration) -> io::Result<String> {
+        self.wait_for(timeout, prefix, |line| {
+            (!line.starts_with(LOG_MARK) && line.starts_with(prefix)).then(|| line.to_owned())
+        })
+    }
+
+    /// Waits for a line of stderr (the process's log) containing `text`.
+    pub fn wait_for_log(&mut self, text: &str, timeout: Duration) -> io::Result<String> {
+        self.wait_for(timeout, text, |line| {
+            let log = line.strip_prefix(LOG_MARK)?;
+            log.contains(text).then(|| log.to_owned())
+        })
+    }
+
+    fn wait_for(
+        &mut self,
+        timeout: Duration,
+        prefix: &str,
+        wanted: impl Fn(&str) -> Option<String>,
+    ) -> io::Result<String> {
         let lines = self.stdout.as_ref().expect("stdout is captured");
+        let deadline = std::time::Instant::now() + timeout;
         loop {
-            match lines.recv_timeout(timeout) {
-                Ok(line) if line.starts_with(prefix) => return Ok(line),
-                Ok(_) => continue,
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => match wanted(&line) {
+                    Some(found) => return Ok(found),
+                    None => continue,
+                },
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     return Err(io::Error::new(
                         io::ErrorKind::TimedOut,

@@ -182,7 +182,7 @@ fn outbound_connects_reach_the_proxy_with_their_original_destination() {
     let legacy_pod = cluster.pod("legacy/client").unwrap();
     let to_v4 = format!("{}:8080", server_pod.ip4);
     let to_v6 = format!("[{}]:9090", server_pod.ip6);
-    let (_node, admin) = mesh_node(&cluster, 0, &["shop/client"]);
+    let (mut node, admin) = mesh_node(&cluster, 0, &["shop/client"]);
 
     // IPv4: the client's socket is connected to the proxy's listener in its
     // own pod; the proxy names the exact destination; the server sees the
@@ -249,6 +249,27 @@ fn outbound_connects_reach_the_proxy_with_their_original_destination() {
     );
     held4.finish().unwrap();
     held6.finish().unwrap();
+
+    // The programs' debug records, off by default (none for the connects
+    // above), switched on at run time.
+    assert_eq!(json(admin, "/ebpf-logs")["enabled"], false);
+    let early = node.wait_for_log("connect redirected", Duration::from_millis(500));
+    assert!(
+        early.is_err(),
+        "a debug record while they were off: {early:?}"
+    );
+    let on = http::put_json(admin, "/ebpf-logs", r#"{"enabled": true}"#).unwrap();
+    assert_eq!(on.status, 200, "{}", on.body);
+    connect(&cluster, "shop/client", &to_v4, 1);
+    let record = node
+        .wait_for_log("connect redirected", READY)
+        .expect("a debug record from the connect program");
+    assert!(record.contains("port=8080"), "{record}");
+    assert_eq!(json(admin, "/ebpf-logs")["enabled"], true);
+    let bad = http::put_json(admin, "/ebpf-logs", r#"{"enabled": "yes"}"#).unwrap();
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    let off = http::put_json(admin, "/ebpf-logs", r#"{"enabled": false}"#).unwrap();
+    assert_eq!(off.status, 200, "{}", off.body);
 }
 
 #[test]

@@ -2,11 +2,12 @@
 //!
 //! * `cgroup/connect4` and `connect6` ([`connect_verdict`]) rewrite a captured
 //!   pod's outbound TCP connect to the node proxy's outbound listener inside
-//!   the pod (`127.0.0.1` or `[::1]`, port [`PROXY_OUTBOUND_PORT`]) and note
-//!   the original destination under the socket's cookie.
+//!   the pod (an address in `127.0.0.0/8` — see [`redirect_v4`] — or
+//!   `[::1]`, port [`PROXY_OUTBOUND_PORT`]) and note the original
+//!   destination under the socket's cookie.
 //! * `sock_ops` moves that note, once the connection is established, to
-//!   [`MAP_ORIGINAL_DST`] under (netns cookie, client port), where the proxy
-//!   finds it for the connection it accepted.
+//!   [`MAP_ORIGINAL_DST`] under (netns cookie, rewritten address, client
+//!   port), where the proxy finds it for the connection it accepted.
 //! * `sk_lookup` ([`inbound_verdict`]), attached to each captured pod's
 //!   namespace, steers inbound TCP to the pod's address onto the proxy's
 //!   inbound listener; with no listener there it drops the connection.
@@ -178,17 +179,18 @@ pub struct OriginalDst {
     pub _pad: [u8; 6],
 }
 
-/// Which redirected connection: the client's namespace, its local port, and
-/// which of the proxy's outbound listeners it reached.
+/// Which redirected connection: the client's namespace, the loopback
+/// address its connect was rewritten to, and its local port. The proxy sees
+/// the last two as its accepted socket's local address and peer port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct OriginalDstKey {
     pub netns: NetnsCookie,
+    /// Where the connect was rewritten to (see [`redirect_v4`]).
+    pub listener: Ip,
     /// The client's local port, host order.
     pub port: u16,
-    /// 4 for the `127.0.0.1` listener, 6 for `[::1]`.
-    pub family: u16,
-    pub _pad: u32,
+    pub _pad: [u8; 6],
 }
 
 #[cfg(feature = "user")]
@@ -381,10 +383,18 @@ pub const fn inbound_verdict(inbound: &Inbound<'_>) -> InboundVerdict {
     InboundVerdict::Steer
 }
 
-/// Which outbound listener a redirected connect reaches: 4 for
-/// `127.0.0.1` (IPv4 destinations, mapped ones included), 6 for `[::1]`.
-pub const fn listener_family(dst: &Ip) -> u16 {
-    if dst.is_v4() { 4 } else { 6 }
+/// The loopback address an IPv4 connect is rewritten to (host order):
+/// `127.1.0.0` to `127.128.255.255`, chosen by the socket's cookie.
+///
+/// Every redirected connection of a pod goes to port 15001. Spread over
+/// 2^23 addresses, their 4-tuples are as independent as the original ones:
+/// a client may use one local port towards several destinations, and a
+/// port reused right after a reset never meets the previous connection's
+/// note. The proxy's listener is bound to `0.0.0.0:15001` and receives them
+/// all.
+pub const fn redirect_v4(socket_cookie: u64) -> u32 {
+    let spread = (socket_cookie & 0x7f_ffff) as u32;
+    (127 << 24) + (1 << 16) + spread
 }
 
 const fn port_listed(ports: &[u16; MAX_EXCLUDED_PORTS], port: u16) -> bool {
@@ -609,9 +619,17 @@ mod tests {
     }
 
     #[test]
-    fn listener_family_follows_the_destination() {
-        assert_eq!(listener_family(&v4(10, 0, 0, 1)), 4);
-        assert_eq!(listener_family(&v6("fd00::1")), 6);
+    fn redirect_addresses_stay_in_loopback_and_follow_the_cookie() {
+        let first = redirect_v4(0);
+        assert_eq!(first.to_be_bytes(), [127, 1, 0, 0]);
+        assert_eq!(redirect_v4(0x7f_ffff).to_be_bytes(), [127, 128, 255, 255]);
+        // Consecutive sockets get different addresses; the space wraps.
+        assert_ne!(redirect_v4(41), redirect_v4(42));
+        assert_eq!(redirect_v4(0x80_0000), first);
+        for cookie in [0, 1, 0x12_3456, u64::MAX] {
+            let address = Ip::v4(redirect_v4(cookie));
+            assert!(address.is_local(), "{cookie}: {address:?}");
+        }
     }
 
     #[test]

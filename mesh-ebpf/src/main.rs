@@ -29,7 +29,7 @@ use mesh_common::{
         Connect, ConnectVerdict, Counter, Inbound, InboundVerdict, Ip, MAX_CAPTURED_NETNS,
         MAX_PENDING_CONNECTIONS, MAX_POD_ADDRESSES, NetnsCookie, OriginalDst, OriginalDstKey,
         PROXY_OUTBOUND_PORT, PodInbound, PodOutbound, Setting, connect_verdict, inbound_verdict,
-        listener_family,
+        redirect_v4,
     },
 };
 
@@ -177,16 +177,17 @@ fn try_connect<const V6: bool>(ctx: &SockAddrContext) -> Result<(), ()> {
             };
             PENDING_DST.insert(socket, original, 0).map_err(|_| ())?;
             let listener_port = (PROXY_OUTBOUND_PORT.to_be()) as u32;
+            let loopback = redirect_v4(socket).to_be();
             // SAFETY: writing the destination is what connect hooks are for;
             // the verifier allows these fields to be written.
             unsafe {
                 if !V6 {
-                    write_u32(&raw mut (*addr).user_ip4, 0x7f00_0001u32.to_be());
+                    write_u32(&raw mut (*addr).user_ip4, loopback);
                 } else {
                     // A dual-stack socket dialling a mapped IPv4 address goes
-                    // to `::ffff:127.0.0.1`, anything else to `::1`.
+                    // to the mapped loopback address, anything else to `::1`.
                     let (high, low) = if dst.is_v4() {
-                        (0xffffu32.to_be(), 0x7f00_0001u32.to_be())
+                        (0xffffu32.to_be(), loopback)
                     } else {
                         (0, 1u32.to_be())
                     };
@@ -243,22 +244,29 @@ fn try_established(ctx: &SockOpsContext) -> Result<(), ()> {
     if family != AF_INET && family != AF_INET6 {
         return Err(());
     }
-    // Where the connect was rewritten to tells which listener accepted it.
+    // Where the connect was rewritten to: with the client port, what the
+    // proxy sees of the connection.
     let ops = ctx.ops;
+    // Both fields are read whatever the family: a branch per field lets the
+    // compiler load through a selected pointer, which the verifier rejects.
     // SAFETY: `ops` is the program's context; see `ctx_u32`.
-    let rewritten = unsafe {
-        if family == AF_INET {
-            Ip::v4(u32::from_be(ctx_u32(&raw const (*ops).remote_ip4)))
-        } else {
-            ctx_ip6(&raw const (*ops).remote_ip6)
-        }
+    let (ip4, ip6) = unsafe {
+        (
+            ctx_u32(&raw const (*ops).remote_ip4),
+            ctx_ip6(&raw const (*ops).remote_ip6),
+        )
+    };
+    let rewritten = if family == AF_INET {
+        Ip::v4(u32::from_be(ip4))
+    } else {
+        ip6
     };
     let key = OriginalDstKey {
         // SAFETY: `bpf_get_netns_cookie` accepts the program's own context.
         netns: unsafe { bpf_get_netns_cookie(ops.cast()) },
+        listener: rewritten,
         port: ctx.local_port() as u16,
-        family: listener_family(&rewritten),
-        _pad: 0,
+        _pad: [0; 6],
     };
     ORIGINAL_DST.insert(key, original, 0).map_err(|_| ())?;
     let _ = PENDING_DST.remove(socket);
@@ -281,26 +289,22 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> Result<u32, ()> {
     let lookup: *mut bpf_sk_lookup = ctx.lookup;
     // SAFETY: the kernel hands the program a valid `bpf_sk_lookup`; the
     // verifier checks every field access.
-    let (family, protocol, local, remote, local_port) = unsafe {
-        let family = ctx_u32(&raw const (*lookup).family);
-        let (local, remote) = if family == AF_INET6 {
-            (
-                ctx_ip6(&raw const (*lookup).local_ip6),
-                ctx_ip6(&raw const (*lookup).remote_ip6),
-            )
-        } else {
-            (
-                Ip::v4(u32::from_be(ctx_u32(&raw const (*lookup).local_ip4))),
-                Ip::v4(u32::from_be(ctx_u32(&raw const (*lookup).remote_ip4))),
-            )
-        };
+    // Every field is read whatever the family (see `try_established`).
+    let (family, protocol, local4, remote4, local6, remote6, local_port) = unsafe {
         (
-            family,
+            ctx_u32(&raw const (*lookup).family),
             ctx_u32(&raw const (*lookup).protocol),
-            local,
-            remote,
+            ctx_u32(&raw const (*lookup).local_ip4),
+            ctx_u32(&raw const (*lookup).remote_ip4),
+            ctx_ip6(&raw const (*lookup).local_ip6),
+            ctx_ip6(&raw const (*lookup).remote_ip6),
             ctx_u32(&raw const (*lookup).local_port),
         )
+    };
+    let (local, remote) = if family == AF_INET6 {
+        (local6, remote6)
+    } else {
+        (Ip::v4(u32::from_be(local4)), Ip::v4(u32::from_be(remote4)))
     };
     if family != AF_INET && family != AF_INET6 {
         return Ok(sk_action::SK_PASS);

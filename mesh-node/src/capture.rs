@@ -178,14 +178,21 @@ impl std::fmt::Debug for OriginalDsts {
 }
 
 impl OriginalDsts {
-    /// Takes the destination of the connection from `client` (the peer of an
-    /// outbound listener) in the namespace `netns`. Each is taken once.
-    pub fn take(&self, netns: NetnsCookie, client: SocketAddr) -> Option<SocketAddr> {
+    /// Takes the destination of the connection an outbound listener
+    /// accepted in the namespace `netns`: `local` is the accepted socket's
+    /// own address (where the connect was rewritten to), `client` its peer.
+    /// Each is taken once.
+    pub fn take(
+        &self,
+        netns: NetnsCookie,
+        local: SocketAddr,
+        client: SocketAddr,
+    ) -> Option<SocketAddr> {
         let key = OriginalDstKey {
             netns,
+            listener: ip_key(local.ip().to_canonical()),
             port: client.port(),
-            family: if client.is_ipv4() { 4 } else { 6 },
-            _pad: 0,
+            _pad: [0; 6],
         };
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let dst = map.get(&key, 0).ok()?;
@@ -656,6 +663,31 @@ impl std::fmt::Debug for Capture {
             .field("pods", &self.pods)
             .finish_non_exhaustive()
     }
+}
+
+/// Loads every program into the kernel without attaching anything, so the
+/// verifier judges them on this kernel; returns their names. A rejected
+/// program's error carries the verifier's log, ending with its reason.
+pub fn check_programs() -> Result<Vec<&'static str>, CaptureError> {
+    let mut ebpf = EbpfLoader::new()
+        .verifier_log_level(VerifierLogLevel::VERBOSE | VerifierLogLevel::STATS)
+        .load(EBPF_OBJECT)
+        .map_err(CaptureError::Load)?;
+    let load_error = |name| move |source| CaptureError::Program { name, source };
+    for name in [PROG_CONNECT4, PROG_CONNECT6] {
+        let program: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+        program.load().map_err(load_error(name))?;
+    }
+    let sock_ops: &mut SockOps = program(&mut ebpf, PROG_SOCK_OPS)?;
+    sock_ops.load().map_err(load_error(PROG_SOCK_OPS))?;
+    let sk_lookup: &mut SkLookup = program(&mut ebpf, PROG_SK_LOOKUP)?;
+    sk_lookup.load().map_err(load_error(PROG_SK_LOOKUP))?;
+    Ok(vec![
+        PROG_CONNECT4,
+        PROG_CONNECT6,
+        PROG_SOCK_OPS,
+        PROG_SK_LOOKUP,
+    ])
 }
 
 /// Detaches everything a pinned capture left under `pin_dir` by removing

@@ -64,6 +64,12 @@ struct Args {
     #[arg(long)]
     uninstall: bool,
 
+    /// Load the eBPF programs into this kernel without attaching them,
+    /// report what the verifier said, and exit (non-zero, with the
+    /// verifier's log, if it rejected one).
+    #[arg(long)]
+    check_programs: bool,
+
     /// Start with the eBPF programs' debug records on (one per redirected
     /// connect, shown as target `mesh_ebpf`). Switch at run time with
     /// `PUT /ebpf-logs {"enabled": true}` on the admin endpoint.
@@ -151,6 +157,14 @@ async fn main() -> anyhow::Result<()> {
     // decides, so `log` itself lets everything through.
     log::set_max_level(log::LevelFilter::Trace);
     let args = Args::parse();
+    let open_files = raise_open_file_limit();
+    if args.check_programs {
+        let accepted = capture::check_programs().context("checking the eBPF programs")?;
+        for name in accepted {
+            println!("{name}: accepted by this kernel's verifier");
+        }
+        return Ok(());
+    }
     if args.uninstall {
         let dir = pin_dir(&args)?;
         let removed = capture::uninstall(&dir)
@@ -167,7 +181,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let proxy = match &args.cgroup {
-        Some(cgroup) => Some(start_capture(&args, cgroup).await?),
+        Some(cgroup) => Some(start_capture(&args, cgroup, max_connections(open_files)).await?),
         None if args.captures.is_empty() => {
             tracing::info!("no --cgroup: capture is off");
             None
@@ -254,7 +268,11 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn start_capture(args: &Args, cgroup: &std::path::Path) -> anyhow::Result<Arc<Proxy>> {
+async fn start_capture(
+    args: &Args,
+    cgroup: &std::path::Path,
+    max_connections: usize,
+) -> anyhow::Result<Arc<Proxy>> {
     let pin_dir = pin_dir(args)?;
     let config = CaptureConfig {
         cgroup: cgroup.to_owned(),
@@ -265,7 +283,8 @@ async fn start_capture(args: &Args, cgroup: &std::path::Path) -> anyhow::Result<
     if let Some(logger) = capture.take_logger() {
         capture::logs::spawn_drain(logger).context("watching the eBPF log ring")?;
     }
-    let proxy = Arc::new(Proxy::new(Arc::new(RwLock::new(capture))));
+    tracing::info!(max_connections, "connection limit");
+    let proxy = Arc::new(Proxy::new(Arc::new(RwLock::new(capture)), max_connections));
     let errors = proxy.sync(flag_pods(args)).await;
     if let Some((pod, error)) = errors.into_iter().next() {
         return Err(anyhow::Error::new(error).context(format!("capturing pod {pod}")));
@@ -282,6 +301,39 @@ async fn start_capture(args: &Args, cgroup: &std::path::Path) -> anyhow::Result<
             .context("releasing pods left by a previous run")?;
     }
     Ok(proxy)
+}
+
+/// Raises the soft limit on open files to the hard one: every carried
+/// connection holds two descriptors, and the usual soft limit of 1024 runs
+/// out under a burst of connections (seen in the capture benchmark).
+fn raise_open_file_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write `limit`.
+    #[allow(unsafe_code)]
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
+            let soft = limit.rlim_cur;
+            limit.rlim_cur = limit.rlim_max;
+            soft == limit.rlim_max || libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+        }
+    };
+    if raised {
+        tracing::debug!(open_files = limit.rlim_cur, "open-file limit");
+    } else {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "could not raise the open-file limit");
+    }
+    limit.rlim_cur
+}
+
+/// How many connections the proxy carries at once: two descriptors each,
+/// with room kept for listeners, the control plane and the admin endpoint.
+fn max_connections(open_files: u64) -> usize {
+    usize::try_from(open_files.saturating_sub(512) / 2)
+        .unwrap_or(usize::MAX)
+        .max(64)
 }
 
 /// The pods named with `--capture`.

@@ -4,8 +4,9 @@
 //! pod goes.
 //!
 //! Per pod (the in-pod model, one node process with sockets in every pod):
-//! outbound `127.0.0.1:15001` and `[::1]:15001` receive the connects the
-//! programs redirect; inbound `[::]:15006` receives what `sk_lookup` steers.
+//! outbound `0.0.0.0:15001` (IPv4 connects are redirected to addresses in
+//! `127.0.0.0/8`) and `[::1]:15001` receive the connects the programs
+//! redirect; inbound `[::]:15006` receives what `sk_lookup` steers.
 //! Today both relay TCP from the pod's own namespace — the outbound side to
 //! the original destination, the inbound side to the application — which
 //! the mTLS data path replaces with the HBONE tunnel between nodes.
@@ -31,7 +32,7 @@ use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
-    sync::watch,
+    sync::{OwnedSemaphorePermit, Semaphore, watch},
     task::JoinSet,
 };
 
@@ -196,6 +197,8 @@ struct PodContext {
     netns: NetnsThread,
     original: Arc<OriginalDsts>,
     connections: Arc<Connections>,
+    /// One per carried connection, shared by every pod of the node.
+    permits: Arc<Semaphore>,
 }
 
 /// The captured pods of this node.
@@ -203,16 +206,21 @@ struct PodContext {
 pub struct Proxy {
     capture: Arc<RwLock<Capture>>,
     connections: Arc<Connections>,
+    permits: Arc<Semaphore>,
     /// Each captured pod and the tasks accepting on its listeners: dropping
     /// them stops accepting; connections already relayed run to their end.
     pods: Mutex<BTreeMap<String, (PodSpec, JoinSet<()>)>>,
 }
 
 impl Proxy {
-    pub fn new(capture: Arc<RwLock<Capture>>) -> Self {
+    /// A proxy carrying at most `max_connections` connections at once; at
+    /// the limit it stops accepting until one ends (the kernel queues what
+    /// arrives meanwhile), instead of running out of descriptors.
+    pub fn new(capture: Arc<RwLock<Capture>>, max_connections: usize) -> Self {
         Self {
             capture,
             connections: Arc::default(),
+            permits: Arc::new(Semaphore::new(max_connections.max(1))),
             pods: Mutex::default(),
         }
     }
@@ -247,8 +255,16 @@ impl Proxy {
                 path: spec.netns.clone(),
                 source,
             })?;
+        // Redirected IPv4 connects arrive on many loopback addresses (see
+        // `redirect_v4`); a connection to the pod's own address on this port
+        // has no recorded destination and is reset.
         let outbound4 = netns
-            .run(|| listen_in_pod(SocketAddr::from((Ipv4Addr::LOCALHOST, PROXY_OUTBOUND_PORT))))
+            .run(|| {
+                listen_in_pod(SocketAddr::from((
+                    Ipv4Addr::UNSPECIFIED,
+                    PROXY_OUTBOUND_PORT,
+                )))
+            })
             .await
             .map_err(listen("outbound IPv4"))?;
         // Without IPv6 in the pod there is nothing to redirect there either.
@@ -292,6 +308,7 @@ impl Proxy {
             netns,
             original,
             connections: self.connections.clone(),
+            permits: self.permits.clone(),
         });
         let mut accept = JoinSet::new();
         for (listener, direction) in [
@@ -416,10 +433,19 @@ fn tokio_listener(fd: OwnedFd) -> io::Result<TcpListener> {
 
 async fn accept_loop(listener: TcpListener, direction: Direction, pod: Arc<PodContext>) {
     loop {
+        let Ok(permit) = pod.permits.clone().acquire_owned().await else {
+            return;
+        };
         match listener.accept().await {
             Ok((stream, peer)) => {
+                // The destination is looked up here, before anything else
+                // runs: a note must be taken while its connection is the
+                // one at the head of the accept queue.
+                let destination = original_dst(&stream, peer, direction, &pod);
                 let pod = pod.clone();
-                tokio::spawn(async move { relay(stream, peer, direction, &pod).await });
+                tokio::spawn(async move {
+                    relay(stream, peer, destination, direction, &pod, permit).await;
+                });
             }
             Err(error) => {
                 tracing::warn!(pod = %pod.name, %error, "accept failed");
@@ -429,10 +455,32 @@ async fn accept_loop(listener: TcpListener, direction: Direction, pod: Arc<PodCo
     }
 }
 
+/// Where an accepted connection was going: the note the programs left for
+/// an outbound one, the address `sk_lookup` preserved for an inbound one.
+fn original_dst(
+    stream: &TcpStream,
+    client: SocketAddr,
+    direction: Direction,
+    pod: &PodContext,
+) -> Option<SocketAddr> {
+    let local = stream.local_addr().ok()?;
+    match direction {
+        Direction::Outbound => pod.original.take(pod.cookie, local, client),
+        Direction::Inbound => Some(canonical(local)),
+    }
+}
+
 /// Carries one accepted connection to where it was going, counting its
 /// outcome as soon as it is known (before the bytes flow).
-async fn relay(stream: TcpStream, client: SocketAddr, direction: Direction, pod: &PodContext) {
-    let outcome = match connect_upstream(stream, client, direction, pod).await {
+async fn relay(
+    stream: TcpStream,
+    client: SocketAddr,
+    destination: Option<SocketAddr>,
+    direction: Direction,
+    pod: &PodContext,
+    _permit: OwnedSemaphorePermit,
+) {
+    let outcome = match connect_upstream(stream, client, destination, direction, pod).await {
         Ok((stream, upstream, info)) => {
             pod.connections
                 .count(&pod.name, direction, Outcome::Relayed);
@@ -446,27 +494,18 @@ async fn relay(stream: TcpStream, client: SocketAddr, direction: Direction, pod:
     pod.connections.count(&pod.name, direction, outcome);
 }
 
-/// Finds where an accepted connection was going and connects there.
+/// Connects to where an accepted connection was going.
 async fn connect_upstream(
     stream: TcpStream,
     client: SocketAddr,
+    destination: Option<SocketAddr>,
     direction: Direction,
     pod: &PodContext,
 ) -> Result<(TcpStream, TcpStream, ConnectionInfo), Outcome> {
-    let original_dst = match direction {
-        Direction::Outbound => match pod.original.take(pod.cookie, client) {
-            Some(dst) => dst,
-            None => {
-                tracing::warn!(pod = %pod.name, %client, "redirected connection without a recorded destination");
-                reset(stream);
-                return Err(Outcome::NoOriginalDst);
-            }
-        },
-        // `sk_lookup` keeps the destination the client used.
-        Direction::Inbound => match stream.local_addr() {
-            Ok(local) => canonical(local),
-            Err(_) => return Err(Outcome::UpstreamFailed),
-        },
+    let Some(original_dst) = destination else {
+        tracing::warn!(pod = %pod.name, %client, ?direction, "accepted connection without a recorded destination");
+        reset(stream);
+        return Err(Outcome::NoOriginalDst);
     };
     let upstream = match dial(&pod.netns, original_dst).await {
         Ok(upstream) => upstream,

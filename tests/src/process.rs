@@ -188,9 +188,24 @@ impl Process {
     }
 
     fn signal_term(&self) -> io::Result<()> {
+        self.signal(libc::SIGTERM)
+    }
+
+    /// Freezes the process (SIGSTOP): the kernel still completes TCP
+    /// handshakes on its listeners, but nothing is accepted.
+    pub fn pause(&self) -> io::Result<()> {
+        self.signal(libc::SIGSTOP)
+    }
+
+    /// Lets a paused process run again (SIGCONT).
+    pub fn resume(&self) -> io::Result<()> {
+        self.signal(libc::SIGCONT)
+    }
+
+    fn signal(&self, signal: libc::c_int) -> io::Result<()> {
         // SAFETY: signals our own child, which has not been reaped yet.
         #[allow(unsafe_code)]
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }

@@ -188,7 +188,8 @@ fn outbound_connects_reach_the_proxy_with_their_original_destination() {
     // own pod; the proxy names the exact destination; the server sees the
     // client pod's address.
     let (mut held4, line) = hold(&cluster, "shop/client", &to_v4);
-    assert!(line.ends_with("peer=127.0.0.1:15001"), "{line}");
+    let peer: SocketAddr = line.rsplit("peer=").next().unwrap().parse().unwrap();
+    assert!(peer.ip().is_loopback() && peer.port() == 15001, "{line}");
     assert_eq!(
         ip_of(&accepted_peer(&mut server)),
         client_pod.ip4.to_string()
@@ -270,6 +271,49 @@ fn outbound_connects_reach_the_proxy_with_their_original_destination() {
     assert_eq!(bad.status, 400, "{}", bad.body);
     let off = http::put_json(admin, "/ebpf-logs", r#"{"enabled": false}"#).unwrap();
     assert_eq!(off.status, 200, "{}", off.body);
+}
+
+#[test]
+fn one_client_port_towards_two_destinations_keeps_them_apart() {
+    let cluster = cluster("e2eport");
+    let _first = echo(&cluster, "shop/server", "[::]:8080");
+    let _second = echo(&cluster, "shop/server", "[::]:9090");
+    let server = cluster.pod("shop/server").unwrap().ip4;
+    let (node, admin) = mesh_node(&cluster, 0, &["shop/client"]);
+    // Without capture a client may use one local port towards two
+    // destinations (two 4-tuples). Redirected, both must still be possible
+    // and each must keep its own destination, even queued unaccepted
+    // together: the proxy is frozen while they connect.
+    node.pause().unwrap();
+    let hold_from = |to: String| {
+        let mut command = cluster.pod_command("shop/client", MESH_POD).unwrap();
+        command.args(["connect", "--to", &to, "--hold", "--local-port", "40000"]);
+        let (held, established) =
+            Process::spawn_ready("shop/client", command, "established", READY).unwrap();
+        assert!(established.ends_with(":40000"), "{established}");
+        held
+    };
+    let mut to_8080 = hold_from(format!("{server}:8080"));
+    let mut to_9090 = hold_from(format!("{server}:9090"));
+    node.resume().unwrap();
+    for held in [&mut to_8080, &mut to_9090] {
+        held.wait_for_line("connected", READY).unwrap();
+        assert_eq!(round_trip(held), "ok");
+    }
+    let mut destinations: Vec<String> = open_connections(admin)
+        .into_iter()
+        .map(|(_, _, client, dst)| {
+            assert!(client.ends_with(":40000"), "{client}");
+            dst
+        })
+        .collect();
+    destinations.sort();
+    assert_eq!(
+        destinations,
+        [format!("{server}:8080"), format!("{server}:9090")]
+    );
+    to_8080.finish().unwrap();
+    to_9090.finish().unwrap();
 }
 
 #[test]
@@ -387,7 +431,7 @@ fn excluded_ports_and_cidrs_pass_untouched() {
         pin_dir: None,
     })
     .unwrap();
-    let proxy = Proxy::new(std::sync::Arc::new(std::sync::RwLock::new(capture)));
+    let proxy = Proxy::new(std::sync::Arc::new(std::sync::RwLock::new(capture)), 1024);
     let mut outbound = PodOutbound::default();
     outbound.excluded_ports[0] = 5432;
     outbound.excluded_cidrs[0] = Cidr {
@@ -465,6 +509,32 @@ fn pods_on_other_nodes_are_not_seen() {
         netns::cookie(&cluster.pod("shop/server").unwrap().netns_path()).unwrap(),
         netns::cookie(&cluster.pod("shop/client").unwrap().netns_path()).unwrap()
     );
+}
+
+#[test]
+fn every_program_passes_this_kernels_verifier() {
+    mesh_e2e::require_root().expect("loading eBPF needs root");
+    let output = Command::new(mesh_node_bin())
+        .arg("--check-programs")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for program in [
+        "mesh_connect4",
+        "mesh_connect6",
+        "mesh_sock_ops",
+        "mesh_sk_lookup",
+    ] {
+        assert!(
+            stdout.contains(&format!("{program}: accepted by this kernel's verifier")),
+            "{stdout}"
+        );
+    }
 }
 
 #[test]
@@ -612,13 +682,27 @@ fn namespace_labels_capture_and_release_running_pods() {
     }
     wait_for_pods(admin, &["shop/client"]);
 
-    // The pod opts out, then the label goes: released either way.
+    // The pod opts out, is deleted, and then the label goes: released
+    // each time, its sk_lookup link unpinned with it.
+    let pinned_pods = || {
+        std::fs::read_dir(layout.bpf_pin_dir(0).join("pods"))
+            .unwrap()
+            .count()
+    };
+    assert_eq!(pinned_pods(), 1);
     apply(&workload("mesh.io/capture: disabled", ""));
     wait_for_pods(admin, &[]);
+    assert_eq!(pinned_pods(), 0);
+    apply(&workload("", ""));
+    wait_for_pods(admin, &["shop/client"]);
+    control.meshctl(&["delete", "workload", "client", "-n", "shop"], None);
+    wait_for_pods(admin, &[]);
+    assert_eq!(pinned_pods(), 0);
     apply(&workload("", ""));
     wait_for_pods(admin, &["shop/client"]);
     apply(&namespace("mesh.io/capture: disabled"));
     wait_for_pods(admin, &[]);
+    assert_eq!(pinned_pods(), 0);
     let redirected = counter(admin, "connect_redirected");
     connect(&cluster, "shop/client", &to, 1);
     assert_eq!(counter(admin, "connect_redirected"), redirected);

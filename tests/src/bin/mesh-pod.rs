@@ -8,7 +8,10 @@
 //! With `--hold` it makes one connection, prints `connected local=<addr>
 //! peer=<addr>`, then does a round trip on it for every line read from
 //! stdin (printing `ok` or `failed <why>`) until stdin closes.
-//! `--mark` sets `SO_MARK` on the client socket first.
+//! `--mark` sets `SO_MARK` on the client socket first, `--local-port` binds
+//! it, and `--reset` connects and closes with a reset at once. A held
+//! connection prints `established local=<addr>` as soon as connect()
+//! returns, before its first round trip.
 
 use std::{
     io::{self, Read as _, Write as _},
@@ -33,6 +36,14 @@ enum Command {
         #[arg(long, default_value = "[::]:8080")]
         listen: SocketAddr,
     },
+    /// Time COUNT connect() calls (after a warm-up), closing each with a
+    /// reset; prints percentiles in microseconds as JSON.
+    BenchConnect {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 5000)]
+        count: usize,
+    },
     /// Connect COUNT times, one connection after another.
     Connect {
         #[arg(long)]
@@ -45,6 +56,12 @@ enum Command {
         /// `SO_MARK` for the client socket (e.g. 0x539, the proxy's).
         #[arg(long, value_parser = parse_mark)]
         mark: Option<u32>,
+        /// Bind the client socket to this local port first.
+        #[arg(long)]
+        local_port: Option<u16>,
+        /// Connect, then close at once with a reset: no round trip.
+        #[arg(long, conflicts_with = "hold")]
+        reset: bool,
     },
 }
 
@@ -57,19 +74,64 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::BenchConnect { to, count } => match bench_connect(to, count) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("mesh-pod bench-connect: {error}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Connect {
             to,
             count,
-            hold: true,
+            hold: held,
             mark,
+            local_port,
+            reset,
         } => {
-            let _ = count;
-            hold(to, mark)
+            let client = Client { mark, local_port };
+            if held {
+                hold(to, client)
+            } else if reset {
+                connect_and_reset(to, client)
+            } else {
+                connect(to, count, client)
+            }
         }
-        Command::Connect {
-            to, count, mark, ..
-        } => connect(to, count, mark),
     }
+}
+
+fn bench_connect(to: SocketAddr, count: usize) -> io::Result<()> {
+    let once = || -> io::Result<Duration> {
+        let started = std::time::Instant::now();
+        let stream = TcpStream::connect(to)?;
+        let elapsed = started.elapsed();
+        // A reset, not a FIN: thousands of connections leave no TIME_WAIT.
+        socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO))?;
+        Ok(elapsed)
+    };
+    for _ in 0..count / 10 {
+        once()?;
+    }
+    let mut samples = (0..count).map(|_| once()).collect::<io::Result<Vec<_>>>()?;
+    samples.sort();
+    let micros = |q: f64| {
+        let index = ((samples.len() as f64 * q) as usize).min(samples.len() - 1);
+        samples[index].as_secs_f64() * 1e6
+    };
+    let mean = samples.iter().map(Duration::as_secs_f64).sum::<f64>() / samples.len() as f64 * 1e6;
+    println!(
+        "{}",
+        serde_json::json!({
+            "to": to.to_string(),
+            "count": count,
+            "p50_us": micros(0.50),
+            "p90_us": micros(0.90),
+            "p99_us": micros(0.99),
+            "mean_us": mean,
+        })
+    );
+    Ok(())
 }
 
 fn parse_mark(value: &str) -> Result<u32, String> {
@@ -80,8 +142,32 @@ fn parse_mark(value: &str) -> Result<u32, String> {
     parsed.map_err(|e| format!("{value:?}: {e}"))
 }
 
-fn hold(to: SocketAddr, mark: Option<u32>) -> ExitCode {
-    let mut stream = match open(to, mark) {
+/// How the client socket is set up.
+#[derive(Clone, Copy, Debug)]
+struct Client {
+    mark: Option<u32>,
+    local_port: Option<u16>,
+}
+
+fn connect_and_reset(to: SocketAddr, client: Client) -> ExitCode {
+    match open(to, client).and_then(|stream| {
+        let local = stream.local_addr()?;
+        socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO))?;
+        Ok(local)
+    }) {
+        Ok(local) => {
+            println!("reset local={local}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            println!("failed {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn hold(to: SocketAddr, client: Client) -> ExitCode {
+    let mut stream = match open(to, client) {
         Ok(stream) => stream,
         Err(error) => {
             println!("failed {error}");
@@ -89,6 +175,8 @@ fn hold(to: SocketAddr, mark: Option<u32>) -> ExitCode {
         }
     };
     let describe = |r: io::Result<SocketAddr>| r.map_or_else(|e| e.to_string(), |a| a.to_string());
+    println!("established local={}", describe(stream.local_addr()));
+    let _ = io::stdout().flush();
     if let Err(error) = exchange(&mut stream, 0) {
         println!("failed {error}");
         return ExitCode::FAILURE;
@@ -144,10 +232,10 @@ fn serve(mut stream: TcpStream) -> io::Result<()> {
     }
 }
 
-fn connect(to: SocketAddr, count: u32, mark: Option<u32>) -> ExitCode {
+fn connect(to: SocketAddr, count: u32, client: Client) -> ExitCode {
     let mut failures = Vec::new();
     for attempt in 0..count {
-        if let Err(error) = round_trip(to, attempt, mark) {
+        if let Err(error) = round_trip(to, attempt, client) {
             failures.push(format!("connection {attempt}: {error}"));
         }
     }
@@ -165,21 +253,30 @@ fn connect(to: SocketAddr, count: u32, mark: Option<u32>) -> ExitCode {
     }
 }
 
-fn round_trip(to: SocketAddr, attempt: u32, mark: Option<u32>) -> io::Result<()> {
-    let mut stream = open(to, mark)?;
+fn round_trip(to: SocketAddr, attempt: u32, client: Client) -> io::Result<()> {
+    let mut stream = open(to, client)?;
     exchange(&mut stream, attempt)
 }
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-fn open(to: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
+fn open(to: SocketAddr, client: Client) -> io::Result<TcpStream> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(to),
         socket2::Type::STREAM,
         Some(socket2::Protocol::TCP),
     )?;
-    if let Some(mark) = mark {
+    if let Some(mark) = client.mark {
         socket.set_mark(mark)?;
+    }
+    if let Some(port) = client.local_port {
+        socket.set_reuse_address(true)?;
+        let any: std::net::IpAddr = if to.is_ipv4() {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        };
+        socket.bind(&SocketAddr::new(any, port).into())?;
     }
     socket.connect_timeout(&to.into(), TIMEOUT)?;
     let stream = TcpStream::from(socket);

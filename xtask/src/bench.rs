@@ -8,8 +8,10 @@ use anyhow::{Context as _, bail};
 
 use crate::run::{self, cargo, root, step};
 
+mod capture;
+
 /// The benchmarks, by name.
-const BENCHES: &[&str] = &["handshakes"];
+const BENCHES: &[&str] = &["handshakes", "capture"];
 
 pub fn run(name: Option<String>) -> anyhow::Result<()> {
     let selected: Vec<&str> = match &name {
@@ -20,6 +22,7 @@ pub fn run(name: Option<String>) -> anyhow::Result<()> {
     for bench in selected {
         match bench {
             "handshakes" => handshakes()?,
+            "capture" => capture::run()?,
             _ => unreachable!("listed in BENCHES"),
         }
     }
@@ -74,7 +77,7 @@ fn handshakes() -> anyhow::Result<()> {
 }
 
 /// CPU model and core count, for the record.
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpu = fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|info| {
@@ -95,7 +98,7 @@ fn machine() -> String {
 }
 
 /// Replaces (or appends) the section `name` of docs/benchmarks.md.
-fn record(name: &str, title: &str, body: &str) -> anyhow::Result<()> {
+pub(crate) fn record(name: &str, title: &str, body: &str) -> anyhow::Result<()> {
     let path = root().join("docs/benchmarks.md");
     let mut text = fs::read_to_string(&path).unwrap_or_else(|_| {
         "# Benchmarks\n\nWritten by `cargo xtask bench`; each section is replaced when its benchmark reruns.\n".into()

@@ -163,8 +163,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     command
         .arg("--cgroup")
         .arg(&node0.cgroup)
-        .arg("--capture")
-        .arg(format!("{FRONTEND}={}", frontend.netns_path().display()))
+        // Which pods to capture comes from the control plane: the workloads
+        // scheduled on node0 in namespaces labelled mesh.io/capture.
+        .arg("--pod-netns")
+        .arg(format!("/run/netns/mesh-{CLUSTER}-{{namespace}}-{{name}}"))
         .arg("--bpf-pin-dir")
         .arg(cluster.layout().bpf_pin_dir(0))
         .args(["--admin-addr", "127.0.0.1:0"])
@@ -191,6 +193,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     println!("    (keys generated on the node; the CA chose each identity from the store)");
+    wait_for_capture(admin, FRONTEND)?;
+    println!(
+        "    {FRONTEND} captured: namespace shop is labelled mesh.io/capture=enabled (netns {})",
+        frontend.netns_path().display()
+    );
     check_interrupted()?;
 
     heading(5, "traffic");
@@ -309,6 +316,27 @@ fn meshctl(
     let output = child.wait_with_output()?;
     ensure!(output.status.success(), "meshctl {args:?} failed");
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Waits until the node has captured `pod`, as the pushed configuration says.
+fn wait_for_capture(admin: SocketAddr, pod: &str) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let state: serde_json::Value = serde_json::from_str(&http::get(admin, "/capture")?.body)
+            .context("parsing mesh-node's /capture")?;
+        let captured = state["pods"]
+            .as_array()
+            .is_some_and(|pods| pods.iter().any(|p| p["name"] == pod));
+        if captured {
+            return Ok(());
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "mesh-node has not captured {pod} after 30 s: {state}"
+        );
+        check_interrupted()?;
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Waits until the node holds its own and its pod's certificate.

@@ -545,12 +545,7 @@ impl Capture {
                 source: error,
             });
         }
-        for address in addresses {
-            let key = ip_key(*address);
-            ignore_missing(self.pod_inbound.remove(&key)).map_err(map_error(MAP_POD_INBOUND))?;
-            ignore_missing(self.listeners.remove(&key))
-                .map_err(map_error(MAP_INBOUND_LISTENERS))?;
-        }
+        self.forget_addresses(addresses.iter().map(|address| ip_key(*address)))?;
         ignore_missing(self.netns_connects.remove(&cookie))
             .map_err(map_error(MAP_NETNS_CONNECTS))?;
         Ok(())
@@ -579,11 +574,10 @@ impl Capture {
             .filter_map(Result::ok)
             .filter(|ip| !owned_ips.contains(ip))
             .collect();
-        let stale_ips: Vec<IpAddr> = stale_ips.iter().map(ip_addr).collect();
         for cookie in &stale {
             self.forget(*cookie, &[])?;
         }
-        self.forget_addresses(&stale_ips)?;
+        self.forget_addresses(stale_ips)?;
         // Links pinned for namespaces no longer captured.
         if let Some(dir) = &self.pin_dir
             && let Ok(entries) = std::fs::read_dir(dir.join("pods"))
@@ -604,9 +598,10 @@ impl Capture {
         Ok(stale.len())
     }
 
-    fn forget_addresses(&mut self, addresses: &[IpAddr]) -> Result<(), CaptureError> {
-        for address in addresses {
-            let key = ip_key(*address);
+    /// Removes the inbound entries (settings and listener) of these
+    /// address keys.
+    fn forget_addresses(&mut self, keys: impl IntoIterator<Item = Ip>) -> Result<(), CaptureError> {
+        for key in keys {
             ignore_missing(self.pod_inbound.remove(&key)).map_err(map_error(MAP_POD_INBOUND))?;
             ignore_missing(self.listeners.remove(&key))
                 .map_err(map_error(MAP_INBOUND_LISTENERS))?;

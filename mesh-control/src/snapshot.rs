@@ -5,16 +5,18 @@
 //! in, the namespace, its services with their endpoints, policies, traffic
 //! splits and authorization policies; and for each service it subscribed to
 //! elsewhere, that service with its endpoints, policy and splits. Not the
-//! whole mesh.
+//! whole mesh — except every workload's address, identity and whether it
+//! is captured: small, and what a node needs to tunnel to any destination.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use mesh_model::{
     Kind, Resource,
     config::{
-        EndpointEntry, EndpointSet, endpoints_body, endpoints_name, object_body, object_name,
-        version_of,
+        EndpointEntry, EndpointSet, WorkloadAddress, address_body, address_name, endpoints_body,
+        endpoints_name, object_body, object_name, version_of,
     },
+    namespace::{captured, opted_out},
 };
 
 use crate::store::{Store, StoreError};
@@ -85,11 +87,36 @@ pub async fn node_snapshot(
 ) -> Result<Snapshot, StoreError> {
     let mut snapshot = Snapshot::new();
     let mut namespaces = BTreeSet::new();
+    let captured_namespaces: BTreeSet<String> = store
+        .list(Kind::Namespace, None)
+        .await?
+        .iter()
+        .filter(|ns| captured(ns.metadata()))
+        .map(|ns| ns.name().to_owned())
+        .collect();
     for workload in store.list(Kind::Workload, None).await? {
-        if let Resource::Workload(object) = &workload
-            && object.spec.node == node
-        {
-            namespaces.insert(workload.namespace().unwrap_or_default().to_owned());
+        let Resource::Workload(object) = &workload else {
+            continue;
+        };
+        let namespace = object.namespace().to_owned();
+        let address = WorkloadAddress {
+            mesh: captured_namespaces.contains(&namespace) && !opted_out(&object.metadata),
+            namespace,
+            name: object.name().to_owned(),
+            ip: object.spec.ip,
+            node: object.spec.node.clone(),
+            service_account: object.spec.service_account.clone(),
+        };
+        let body = address_body(&address);
+        snapshot.insert(
+            address_name(&address.namespace, &address.name),
+            Pushed {
+                version: version_of(&body),
+                body,
+            },
+        );
+        if object.spec.node == node {
+            namespaces.insert(address.namespace);
             push_object(&mut snapshot, &workload);
         }
     }

@@ -73,6 +73,58 @@ impl EndpointSet {
     }
 }
 
+/// Where one workload of the mesh is and who it is: every node holds one
+/// per workload, so its outbound side can tell a mesh destination (tunnel
+/// to it, expecting its identity) from the outside world.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadAddress {
+    pub namespace: String,
+    pub name: String,
+    pub ip: IpAddr,
+    pub node: String,
+    pub service_account: String,
+    /// Captured: its node proxy terminates mTLS for it on the HBONE port.
+    /// Otherwise it is reached in plaintext, as anything outside the mesh.
+    pub mesh: bool,
+}
+
+impl WorkloadAddress {
+    fn check(&self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        for (field, value) in [
+            ("namespace", &self.namespace),
+            ("name", &self.name),
+            ("service_account", &self.service_account),
+        ] {
+            if let Err(why) = check_dns_label(value) {
+                problems.push(format!("{field}: {why}"));
+            }
+        }
+        if self.node.is_empty() {
+            problems.push("node: must not be empty".to_owned());
+        }
+        if self.ip.is_unspecified() || self.ip.is_multicast() || self.ip.is_loopback() {
+            problems.push(format!("ip: {} cannot be a workload's address", self.ip));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+}
+
+/// The name a workload's address is pushed under.
+pub fn address_name(namespace: &str, name: &str) -> String {
+    format!("address/{namespace}/{name}")
+}
+
+/// The JSON body a workload address is pushed as.
+pub fn address_body(address: &WorkloadAddress) -> Vec<u8> {
+    serde_json::to_vec(address).expect("addresses always serialize")
+}
+
 /// A pushed resource, validated.
 // Every one lives behind an `Arc` in a `NodeConfig`: boxing the larger
 // variant would only add a second indirection.
@@ -81,6 +133,7 @@ impl EndpointSet {
 pub enum ConfigResource {
     Object(Resource),
     Endpoints(EndpointSet),
+    Address(WorkloadAddress),
 }
 
 /// The name a resource is pushed under: `<kind>/<namespace>/<name>`, or
@@ -128,6 +181,12 @@ pub fn parse_resource(name: &str, body: &[u8]) -> Result<ConfigResource, String>
         set.check().map_err(|why| format!("{name}: {why}"))?;
         let expected = endpoints_name(&set.namespace, &set.service);
         (expected, ConfigResource::Endpoints(set))
+    } else if name.starts_with("address/") {
+        let address: WorkloadAddress =
+            serde_json::from_str(text).map_err(|e| format!("{name}: {e}"))?;
+        address.check().map_err(|why| format!("{name}: {why}"))?;
+        let expected = address_name(&address.namespace, &address.name);
+        (expected, ConfigResource::Address(address))
     } else {
         let mut resources = parse_documents(text).map_err(|problems| {
             let messages: Vec<String> = problems.iter().map(ToString::to_string).collect();
@@ -249,6 +308,33 @@ mod tests {
         let error = parse_resource("endpoints/shop/reviews", &endpoints_body(&bad)).unwrap_err();
         assert!(
             error.contains("endpoints[0].port") && error.contains("endpoints[0].ip"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn workload_addresses_are_checked() {
+        let address = WorkloadAddress {
+            namespace: "shop".into(),
+            name: "web".into(),
+            ip: "10.89.1.2".parse().unwrap(),
+            node: "node1".into(),
+            service_account: "frontend".into(),
+            mesh: true,
+        };
+        let body = address_body(&address);
+        assert_eq!(
+            parse_resource("address/shop/web", &body).unwrap(),
+            ConfigResource::Address(address.clone())
+        );
+        let error = parse_resource("address/shop/other", &body).unwrap_err();
+        assert!(error.contains("the body describes"), "{error}");
+        let mut bad = address;
+        bad.ip = "127.0.0.1".parse().unwrap();
+        bad.service_account = "Not_A_Label".into();
+        let error = parse_resource("address/shop/web", &address_body(&bad)).unwrap_err();
+        assert!(
+            error.contains("ip: 127.0.0.1") && error.contains("service_account:"),
             "{error}"
         );
     }

@@ -1,4 +1,5 @@
-//! Namespaces, and the label that turns capture on for their pods.
+//! Namespaces, and the labels that turn capture on for their pods and set
+//! how strictly their workloads insist on mTLS.
 
 use serde::{Deserialize, Serialize};
 
@@ -21,19 +22,65 @@ impl Spec for NamespaceSpec {
     fn validate(&self, _metadata: &Metadata, _errors: &mut FieldErrors) {}
 }
 
-/// Checks the capture label's value, if present.
-pub fn check_capture_label(metadata: &Metadata, errors: &mut FieldErrors) {
-    if let Some(value) = metadata.labels.get(CAPTURE_LABEL)
-        && value != "enabled"
-        && value != "disabled"
-    {
-        errors.add(
-            &format!("metadata.labels[{CAPTURE_LABEL:?}]"),
-            format!(
-                "must be \"enabled\" or \"disabled\" (got {})",
-                quoted(value)
-            ),
-        );
+/// How a captured workload treats plaintext arriving from outside the
+/// mesh: `strict` (refused, the default) or `permissive` (accepted and
+/// recorded as plaintext). On a namespace it applies to every workload; on
+/// a workload it overrides its namespace's.
+pub const MTLS_LABEL: &str = "mesh.io/mtls";
+
+/// Whether plaintext from outside the mesh reaches a captured workload.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MtlsMode {
+    #[default]
+    Strict,
+    Permissive,
+}
+
+impl MtlsMode {
+    pub const fn name(self) -> &'static str {
+        match self {
+            MtlsMode::Strict => "strict",
+            MtlsMode::Permissive => "permissive",
+        }
+    }
+
+    fn from_label(metadata: &Metadata) -> Option<Self> {
+        match metadata.labels.get(MTLS_LABEL)?.as_str() {
+            "strict" => Some(MtlsMode::Strict),
+            "permissive" => Some(MtlsMode::Permissive),
+            _ => None,
+        }
+    }
+
+    /// The mode of a workload: its own label, else its namespace's, else
+    /// strict.
+    pub fn of(workload: &Metadata, namespace: Option<&Metadata>) -> Self {
+        Self::from_label(workload)
+            .or_else(|| namespace.and_then(Self::from_label))
+            .unwrap_or_default()
+    }
+}
+
+/// Checks the capture and mTLS labels' values, if present.
+pub fn check_mesh_labels(metadata: &Metadata, errors: &mut FieldErrors) {
+    for (label, allowed) in [
+        (CAPTURE_LABEL, ["enabled", "disabled"]),
+        (MTLS_LABEL, ["strict", "permissive"]),
+    ] {
+        if let Some(value) = metadata.labels.get(label)
+            && !allowed.contains(&value.as_str())
+        {
+            errors.add(
+                &format!("metadata.labels[{label:?}]"),
+                format!(
+                    "must be \"{}\" or \"{}\" (got {})",
+                    allowed[0],
+                    allowed[1],
+                    quoted(value)
+                ),
+            );
+        }
     }
 }
 

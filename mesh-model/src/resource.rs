@@ -370,7 +370,7 @@ fn check_metadata(kind: Kind, metadata: &Metadata, errors: &mut FieldErrors) {
         }
     }
     if kind == Kind::Namespace || kind == Kind::Workload {
-        crate::namespace::check_capture_label(metadata, errors);
+        crate::namespace::check_mesh_labels(metadata, errors);
     }
     if let Some(version) = metadata.resource_version
         && version < 0

@@ -6,8 +6,10 @@
 pub mod admin;
 pub mod capture;
 pub mod control;
+pub mod directory;
 pub mod identity;
 pub mod pods;
+pub mod policy;
 pub mod proxy;
 pub mod workloads;
 pub mod xds;

@@ -98,7 +98,7 @@ pub fn captured_pods(config: &NodeConfig, template: &NetnsTemplate) -> Vec<PodSp
             .values()
             .filter_map(|(_, resource)| match resource.as_ref() {
                 ConfigResource::Object(object) => Some(object),
-                ConfigResource::Endpoints(_) => None,
+                ConfigResource::Endpoints(_) | ConfigResource::Address(_) => None,
             })
     };
     let captured_namespaces: BTreeSet<&str> = objects()

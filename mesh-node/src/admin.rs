@@ -86,6 +86,8 @@ pub struct AdminState {
     pub ebpf_logs: Option<LogSwitch>,
     /// The proxy's connections; `None` without capture.
     pub connections: Option<Arc<crate::proxy::Connections>>,
+    /// The HBONE tunnels' counts; `None` without a control plane.
+    pub tunnels: Option<Arc<crate::hbone::HboneStats>>,
     /// The node's and its workloads' certificate managers, as they come
     /// and go.
     pub certificates: SharedTracked,
@@ -270,6 +272,10 @@ async fn metrics(State(state): State<AdminState>) -> Response {
     }
     if let Some(connections) = &state.connections {
         text.push_str(&render_connection_metrics(connections));
+        text.push_str(&render_traffic_metrics(&connections.traffic()));
+    }
+    if let Some(tunnels) = &state.tunnels {
+        text.push_str(&render_tunnel_metrics(tunnels));
     }
     text.push_str(&render_certificate_metrics(&reports(&state.certificates)));
     if let Some((config, status)) = &state.config {
@@ -445,6 +451,88 @@ pub fn render_connection_metrics(connections: &crate::proxy::Connections) -> Str
         connections.open().len()
     );
     out
+}
+
+/// Renders connections and bytes by pod, peer and security.
+pub fn render_traffic_metrics(
+    traffic: &[(crate::proxy::TrafficKey, crate::proxy::Traffic)],
+) -> String {
+    use crate::proxy::Traffic;
+    let mut out = String::new();
+    type Series = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&Traffic) -> u64,
+    );
+    let series: [Series; 4] = [
+        (
+            "mesh_tcp_connections_opened_total",
+            "counter",
+            "TCP connections opened, by pod, peer workload or identity, and security.",
+            |t| t.opened,
+        ),
+        (
+            "mesh_tcp_connections_closed_total",
+            "counter",
+            "TCP connections closed.",
+            |t| t.closed,
+        ),
+        (
+            "mesh_tcp_sent_bytes_total",
+            "counter",
+            "Bytes the pod's application sent.",
+            |t| t.sent,
+        ),
+        (
+            "mesh_tcp_received_bytes_total",
+            "counter",
+            "Bytes delivered to the pod's application.",
+            |t| t.received,
+        ),
+    ];
+    for (name, kind, help, value) in series {
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
+        for (key, counts) in traffic {
+            let _ = writeln!(
+                out,
+                "{name}{{direction=\"{}\",pod=\"{}\",peer=\"{}\",security=\"{}\"}} {}",
+                key.direction.name(),
+                escape_label(&key.pod),
+                escape_label(&key.peer),
+                key.security.name(),
+                value(counts)
+            );
+        }
+    }
+    out
+}
+
+/// Renders the HBONE tunnels' handshake and pool counts.
+pub fn render_tunnel_metrics(stats: &crate::hbone::HboneStats) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    format!(
+        "# HELP mesh_tls_handshakes_total Completed mTLS handshakes of HBONE tunnels, by side.\n\
+         # TYPE mesh_tls_handshakes_total counter\n\
+         mesh_tls_handshakes_total{{side=\"client\"}} {}\n\
+         mesh_tls_handshakes_total{{side=\"server\"}} {}\n\
+         # HELP mesh_tls_handshake_failures_total Refused or failed mTLS handshakes of HBONE tunnels, by side.\n\
+         # TYPE mesh_tls_handshake_failures_total counter\n\
+         mesh_tls_handshake_failures_total{{side=\"client\"}} {}\n\
+         mesh_tls_handshake_failures_total{{side=\"server\"}} {}\n\
+         # HELP mesh_tunnel_streams_opened_total HBONE streams opened as the client.\n\
+         # TYPE mesh_tunnel_streams_opened_total counter\n\
+         mesh_tunnel_streams_opened_total {}\n\
+         # HELP mesh_tunnel_pooled_connections Pooled HBONE connections open now.\n\
+         # TYPE mesh_tunnel_pooled_connections gauge\n\
+         mesh_tunnel_pooled_connections {}\n",
+        stats.client_handshakes.load(Relaxed),
+        stats.server_handshakes.load(Relaxed),
+        stats.client_handshake_failures.load(Relaxed),
+        stats.server_handshake_failures.load(Relaxed),
+        stats.streams_opened.load(Relaxed),
+        stats.pooled_connections.load(Relaxed),
+    )
 }
 
 /// Escapes a label value as the exposition format requires.

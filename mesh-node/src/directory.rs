@@ -209,7 +209,10 @@ mod tests {
                 .workload_at("10.89.0.10".parse().unwrap())
                 .is_some()
         );
-        assert_eq!(directory.local("shop/b").unwrap().mtls, MtlsMode::Permissive);
+        assert_eq!(
+            directory.local("shop/b").unwrap().mtls,
+            MtlsMode::Permissive
+        );
         assert_eq!(directory.local("shop/c").unwrap().mtls, MtlsMode::Strict);
 
         let shop = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/x").unwrap();

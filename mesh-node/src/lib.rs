@@ -7,6 +7,7 @@ pub mod admin;
 pub mod capture;
 pub mod control;
 pub mod directory;
+pub mod hbone;
 pub mod identity;
 pub mod pods;
 pub mod policy;

@@ -15,9 +15,11 @@ use mesh_node::{
     admin::{self, AdminState, Holder, SharedTracked, Tracked},
     capture::{self, Capture, CaptureConfig},
     control::ControlPlane,
+    directory::DirectoryFollower,
+    hbone::{HboneStats, Pool, PoolSettings},
     identity::{CertManager, Clock, RotationConfig},
     pods::{CaptureFollower, NetnsTemplate},
-    proxy::{self, PodSpec, Proxy},
+    proxy::{self, MeshPath, OutsideMesh, PodSpec, Proxy},
     workloads::Workloads,
     xds::Xds,
 };
@@ -80,6 +82,25 @@ struct Args {
     /// after the listeners close.
     #[arg(long, env = "MESH_NODE_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     drain_timeout: std::time::Duration,
+
+    /// What a captured pod's connection to a destination outside the mesh
+    /// gets: `allow` passes it through in plaintext, `deny` refuses it.
+    #[arg(
+        long,
+        env = "MESH_NODE_OUTSIDE_MESH",
+        value_enum,
+        default_value = "allow"
+    )]
+    outside_mesh: OutsideMesh,
+
+    /// How long a pooled tunnel connection without streams stays open.
+    #[arg(long, env = "MESH_NODE_TUNNEL_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    tunnel_idle_timeout: std::time::Duration,
+
+    /// Streams one pooled tunnel connection carries at once before the
+    /// node opens another to the same destination.
+    #[arg(long, env = "MESH_NODE_TUNNEL_MAX_STREAMS", default_value = "100", value_parser = clap::value_parser!(u16).range(1..))]
+    tunnel_max_streams: u16,
 
     /// Address of the admin endpoint (/healthz, /capture, /certificates,
     /// /metrics).
@@ -180,18 +201,36 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
+    // Certificates and configuration are followed for as long as `mesh`
+    // is held.
+    let certificates = SharedTracked::default();
+    let mesh = join_mesh(&args, &certificates)?;
+    let tunnel_stats = Arc::new(HboneStats::default());
+    let mesh_path = mesh.as_ref().map(|mesh| {
+        Arc::new(MeshPath {
+            directory: mesh.directory.directory(),
+            certificates: certificates.clone(),
+            bundle: mesh.bundle.clone(),
+            pool: Pool::new(
+                PoolSettings {
+                    max_streams: usize::from(args.tunnel_max_streams),
+                    idle_timeout: args.tunnel_idle_timeout,
+                },
+                tunnel_stats.clone(),
+            ),
+            outside: args.outside_mesh,
+        })
+    });
     let proxy = match &args.cgroup {
-        Some(cgroup) => Some(start_capture(&args, cgroup, max_connections(open_files)).await?),
+        Some(cgroup) => {
+            Some(start_capture(&args, cgroup, max_connections(open_files), mesh_path).await?)
+        }
         None if args.captures.is_empty() => {
             tracing::info!("no --cgroup: capture is off");
             None
         }
         None => bail!("--capture needs --cgroup (the cgroup the pods run in)"),
     };
-    // Certificates and configuration are followed for as long as `mesh`
-    // is held.
-    let certificates = SharedTracked::default();
-    let mesh = join_mesh(&args, &certificates)?;
     let _follower = match (&proxy, &mesh) {
         (Some(proxy), Some(mesh)) => Some(CaptureFollower::follow(
             proxy.clone(),
@@ -241,6 +280,7 @@ async fn main() -> anyhow::Result<()> {
         ebpf_logs,
         capture: proxy.as_ref().map(|p| p.capture()),
         connections: proxy.as_ref().map(|p| p.connections()),
+        tunnels: mesh.as_ref().map(|_| tunnel_stats.clone()),
         certificates,
         config: mesh.as_ref().map(|m| (m.xds.config(), m.xds.status())),
     };
@@ -272,6 +312,7 @@ async fn start_capture(
     args: &Args,
     cgroup: &std::path::Path,
     max_connections: usize,
+    mesh: Option<Arc<MeshPath>>,
 ) -> anyhow::Result<Arc<Proxy>> {
     let pin_dir = pin_dir(args)?;
     let config = CaptureConfig {
@@ -284,7 +325,11 @@ async fn start_capture(
         capture::logs::spawn_drain(logger).context("watching the eBPF log ring")?;
     }
     tracing::info!(max_connections, "connection limit");
-    let proxy = Arc::new(Proxy::new(Arc::new(RwLock::new(capture)), max_connections));
+    let mut proxy = Proxy::new(Arc::new(RwLock::new(capture)), max_connections);
+    if let Some(mesh) = mesh {
+        proxy = proxy.with_mesh(mesh);
+    }
+    let proxy = Arc::new(proxy);
     let errors = proxy.sync(flag_pods(args)).await;
     if let Some((pod, error)) = errors.into_iter().next() {
         return Err(anyhow::Error::new(error).context(format!("capturing pod {pod}")));
@@ -355,6 +400,8 @@ struct Mesh {
     _node: CertManager,
     _workloads: Workloads,
     xds: Xds,
+    directory: DirectoryFollower,
+    bundle: TrustBundle,
 }
 
 /// Joins the mesh: a certificate manager for the node, the configuration
@@ -382,7 +429,7 @@ fn join_mesh(args: &Args, tracked: &SharedTracked) -> anyhow::Result<Option<Mesh
         ),
         None => None,
     };
-    let control = ControlPlane::new(address, node, bundle, token)
+    let control = ControlPlane::new(address, node, bundle.clone(), token)
         .map_err(|why| anyhow::anyhow!("--node: {why}"))?;
     let clock = Clock::system();
     let rotation = RotationConfig::default();
@@ -411,10 +458,13 @@ fn join_mesh(args: &Args, tracked: &SharedTracked) -> anyhow::Result<Option<Mesh
         rotation,
         clock,
     );
+    let directory = DirectoryFollower::follow(xds.config(), args.trust_domain.clone());
     Ok(Some(Mesh {
         _node: node_manager,
         _workloads: workloads,
         xds,
+        directory,
+        bundle,
     }))
 }
 

@@ -113,7 +113,11 @@ pub fn authorize<'a>(
 
 fn rule_matches(rule: &Rule, request: &Request<'_>, action: Action) -> bool {
     (rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, request.caller)))
-        && (rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, request, action)))
+        && (rule.to.is_empty()
+            || rule
+                .to
+                .iter()
+                .any(|o| operation_matches(o, request, action)))
 }
 
 fn source_matches(source: &Source, caller: Option<&SpiffeId>) -> bool {
@@ -191,7 +195,10 @@ mod tests {
     #[test]
     fn an_allow_policy_admits_only_what_it_lists() {
         let p = policies(ONLY_FRONTEND);
-        assert_eq!(decide(&p, Some(&id("shop", "frontend")), 8080), Decision::Allow);
+        assert_eq!(
+            decide(&p, Some(&id("shop", "frontend")), 8080),
+            Decision::Allow
+        );
         assert_eq!(
             decide(&p, Some(&id("shop", "other")), 8080),
             Decision::NotAllowed

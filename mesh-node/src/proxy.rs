@@ -7,9 +7,18 @@
 //! outbound `0.0.0.0:15001` (IPv4 connects are redirected to addresses in
 //! `127.0.0.0/8`) and `[::1]:15001` receive the connects the programs
 //! redirect; inbound `[::]:15006` receives what `sk_lookup` steers.
-//! Today both relay TCP from the pod's own namespace — the outbound side to
-//! the original destination, the inbound side to the application — which
-//! the mTLS data path replaces with the HBONE tunnel between nodes.
+//!
+//! Without a control plane (capture only) both relay plain TCP from the
+//! pod's own namespace. In the mesh ([`MeshPath`]) the outbound side
+//! tunnels to mesh destinations over HBONE (mTLS to the destination pod's
+//! `15008`, where this same proxy on the destination's node listens),
+//! passes the rest through or refuses it, and the inbound side serves the
+//! tunnels with authorization and refuses plaintext unless the workload is
+//! permissive.
+
+mod mesh;
+
+pub use mesh::{MeshPath, OutsideMesh};
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -26,7 +35,9 @@ use std::{
 
 use mesh_common::{
     PROXY_MARK,
-    capture::{PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT, PodInbound, PodOutbound},
+    capture::{
+        PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT, PROXY_TUNNEL_PORT, PodInbound, PodOutbound,
+    },
 };
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -77,11 +88,34 @@ impl Direction {
     }
 }
 
+/// Whether a connection crossed the mesh encrypted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Security {
+    /// In an HBONE tunnel: mutual TLS, the peer's identity verified.
+    Mtls,
+    /// Plain TCP: outside the mesh, or no control plane.
+    Plaintext,
+}
+
+impl Security {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Security::Mtls => "mtls",
+            Security::Plaintext => "plaintext",
+        }
+    }
+}
+
 /// A connection the proxy carries right now.
 #[derive(Clone, Debug, Serialize)]
 pub struct ConnectionInfo {
     pub pod: String,
     pub direction: Direction,
+    /// The other workload: the destination of an outbound connection, the
+    /// caller's identity of an inbound one; `None` when outside the mesh.
+    pub peer: Option<String>,
+    pub security: Security,
     /// The application end as the proxy accepted it.
     pub client: SocketAddr,
     /// Where the client was going.
@@ -100,6 +134,16 @@ pub enum Outcome {
     NoOriginalDst,
     /// The destination refused or did not answer.
     UpstreamFailed,
+    /// Refused by authorization (at the destination; an outbound tunnel
+    /// the destination refused counts here too).
+    Denied,
+    /// Plaintext to a workload whose mTLS mode is strict.
+    PlaintextRefused,
+    /// A destination outside the mesh, with outside traffic refused.
+    OutsideMeshDenied,
+    /// The tunnel could not be opened (no certificate, TLS or HTTP/2
+    /// failure, destination not who the mesh says).
+    TunnelFailed,
 }
 
 impl Outcome {
@@ -108,8 +152,35 @@ impl Outcome {
             Outcome::Relayed => "relayed",
             Outcome::NoOriginalDst => "no_original_dst",
             Outcome::UpstreamFailed => "upstream_failed",
+            Outcome::Denied => "denied",
+            Outcome::PlaintextRefused => "plaintext_refused",
+            Outcome::OutsideMeshDenied => "outside_mesh_denied",
+            Outcome::TunnelFailed => "tunnel_failed",
         }
     }
+}
+
+/// Whose traffic a [`Traffic`] entry counts.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TrafficKey {
+    pub direction: Direction,
+    /// The captured pod, `namespace/name`.
+    pub pod: String,
+    /// The other end: a workload (`namespace/name`) or identity, or
+    /// `unknown` outside the mesh.
+    pub peer: String,
+    pub security: Security,
+}
+
+/// Connections and bytes of one [`TrafficKey`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub opened: u64,
+    pub closed: u64,
+    /// From the pod's application.
+    pub sent: u64,
+    /// To the pod's application.
+    pub received: u64,
 }
 
 /// The proxy's live connections and counts, shared with the admin endpoint.
@@ -118,6 +189,7 @@ pub struct Connections {
     next: AtomicU64,
     open: Mutex<BTreeMap<u64, ConnectionInfo>>,
     counts: Mutex<BTreeMap<(String, Direction, Outcome), u64>>,
+    traffic: Mutex<BTreeMap<TrafficKey, Traffic>>,
     /// Number of open connections, so shutdown can wait for them.
     open_count: watch::Sender<usize>,
 }
@@ -131,6 +203,14 @@ impl Connections {
     /// Connections accepted so far, by pod, direction and outcome.
     pub fn counts(&self) -> Vec<((String, Direction, Outcome), u64)> {
         lock(&self.counts)
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+
+    /// Connections and bytes by direction, pod, peer and security.
+    pub fn traffic(&self) -> Vec<(TrafficKey, Traffic)> {
+        lock(&self.traffic)
             .iter()
             .map(|(k, v)| (k.clone(), *v))
             .collect()
@@ -152,12 +232,21 @@ impl Connections {
 
     fn register(self: &Arc<Self>, info: ConnectionInfo) -> OpenConnection {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let key = TrafficKey {
+            direction: info.direction,
+            pod: info.pod.clone(),
+            peer: info.peer.clone().unwrap_or_else(|| "unknown".to_owned()),
+            security: info.security,
+        };
+        lock(&self.traffic).entry(key.clone()).or_default().opened += 1;
         let mut open = lock(&self.open);
         open.insert(id, info);
         self.open_count.send_replace(open.len());
         OpenConnection {
             connections: self.clone(),
             id,
+            key,
+            started: std::time::Instant::now(),
         }
     }
 }
@@ -166,10 +255,46 @@ impl Connections {
 struct OpenConnection {
     connections: Arc<Connections>,
     id: u64,
+    key: TrafficKey,
+    started: std::time::Instant,
+}
+
+impl OpenConnection {
+    /// Counts the bytes the connection moved and logs its access record.
+    fn finish(self, sent: u64, received: u64, trace: Option<&str>, result: &io::Result<()>) {
+        {
+            let mut traffic = lock(&self.connections.traffic);
+            let entry = traffic.entry(self.key.clone()).or_default();
+            entry.sent += sent;
+            entry.received += received;
+        }
+        let info = lock(&self.connections.open).get(&self.id).cloned();
+        if let Some(info) = info {
+            tracing::info!(
+                target: "mesh_access",
+                pod = %info.pod,
+                direction = info.direction.name(),
+                peer = info.peer.as_deref().unwrap_or("unknown"),
+                security = info.security.name(),
+                client = %info.client,
+                destination = %info.original_dst,
+                sent,
+                received,
+                duration_ms = self.started.elapsed().as_millis() as u64,
+                trace = trace.unwrap_or(""),
+                error = result.as_ref().err().map(ToString::to_string).unwrap_or_default(),
+                "connection closed"
+            );
+        }
+    }
 }
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
+        lock(&self.connections.traffic)
+            .entry(self.key.clone())
+            .or_default()
+            .closed += 1;
         let mut open = lock(&self.connections.open);
         open.remove(&self.id);
         self.connections.open_count.send_replace(open.len());
@@ -195,6 +320,12 @@ struct PodContext {
     name: String,
     cookie: u64,
     netns: NetnsThread,
+    /// The pod's own addresses: what tunnels may ask to reach.
+    addresses: Vec<IpAddr>,
+    mesh: Option<Arc<MeshPath>>,
+    /// Certificates for serving tunnels, built once per certificate
+    /// manager.
+    tunnel_tls: mesh::TunnelTls,
     original: Arc<OriginalDsts>,
     connections: Arc<Connections>,
     /// One per carried connection, shared by every pod of the node.
@@ -210,6 +341,10 @@ pub struct Proxy {
     /// Each captured pod and the tasks accepting on its listeners: dropping
     /// them stops accepting; connections already relayed run to their end.
     pods: Mutex<BTreeMap<String, (PodSpec, JoinSet<()>)>>,
+    /// The mesh data path; `None` without a control plane.
+    mesh: Option<Arc<MeshPath>>,
+    /// Set when the proxy stops: tunnel connections drain (GOAWAY).
+    stopping: watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -222,7 +357,16 @@ impl Proxy {
             connections: Arc::default(),
             permits: Arc::new(Semaphore::new(max_connections.max(1))),
             pods: Mutex::default(),
+            mesh: None,
+            stopping: watch::Sender::new(false),
         }
+    }
+
+    /// Carries the pods' traffic through the mesh: HBONE tunnels,
+    /// authorization, mTLS modes.
+    pub fn with_mesh(mut self, mesh: Arc<MeshPath>) -> Self {
+        self.mesh = Some(mesh);
+        self
     }
 
     /// The connections table the admin endpoint shows.
@@ -285,6 +429,17 @@ impl Proxy {
             })
             .await
             .map_err(listen("inbound"))?;
+        let tunnel = match &self.mesh {
+            Some(_) => Some(
+                netns
+                    .run(|| {
+                        listen_in_pod(SocketAddr::from((Ipv6Addr::UNSPECIFIED, PROXY_TUNNEL_PORT)))
+                    })
+                    .await
+                    .map_err(listen("tunnel"))?,
+            ),
+            None => None,
+        };
 
         let cookie = {
             let mut capture = self.capture.write().unwrap_or_else(|e| e.into_inner());
@@ -306,6 +461,9 @@ impl Proxy {
             name: spec.name.clone(),
             cookie,
             netns,
+            addresses: addresses.clone(),
+            mesh: self.mesh.clone(),
+            tunnel_tls: mesh::TunnelTls::default(),
             original,
             connections: self.connections.clone(),
             permits: self.permits.clone(),
@@ -319,6 +477,15 @@ impl Proxy {
             let Some(listener) = listener else { continue };
             let listener = tokio_listener(listener).map_err(listen(direction.name()))?;
             accept.spawn(accept_loop(listener, direction, context.clone()));
+        }
+        if let (Some(listener), Some(mesh)) = (tunnel, &self.mesh) {
+            let listener = tokio_listener(listener).map_err(listen("tunnel"))?;
+            accept.spawn(mesh::tunnel_accept_loop(
+                listener,
+                context.clone(),
+                mesh.clone(),
+                self.stopping.subscribe(),
+            ));
         }
         lock(&self.pods).insert(spec.name.clone(), (spec, accept));
         Ok(())
@@ -391,6 +558,7 @@ impl Proxy {
     /// captured (and refused while no proxy listens), as a restart needs.
     /// Returns once every listener is closed.
     pub async fn stop_accepting(&self) {
+        self.stopping.send_replace(true);
         let pods = std::mem::take(&mut *lock(&self.pods));
         for (_, (_, mut accept)) in pods {
             accept.shutdown().await;
@@ -438,13 +606,21 @@ async fn accept_loop(listener: TcpListener, direction: Direction, pod: Arc<PodCo
         };
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
                 // The destination is looked up here, before anything else
                 // runs: a note must be taken while its connection is the
                 // one at the head of the accept queue.
                 let destination = original_dst(&stream, peer, direction, &pod);
                 let pod = pod.clone();
                 tokio::spawn(async move {
-                    relay(stream, peer, destination, direction, &pod, permit).await;
+                    match &pod.mesh {
+                        Some(mesh) => {
+                            let mesh = mesh.clone();
+                            mesh::carry(stream, peer, destination, direction, &pod, &mesh, permit)
+                                .await;
+                        }
+                        None => relay(stream, peer, destination, direction, &pod, permit).await,
+                    }
                 });
             }
             Err(error) => {
@@ -484,14 +660,30 @@ async fn relay(
         Ok((stream, upstream, info)) => {
             pod.connections
                 .count(&pod.name, direction, Outcome::Relayed);
-            let _open = pod.connections.register(info);
-            let (mut stream, mut upstream) = (stream, upstream);
-            let _ = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
+            copy_plain(stream, upstream, direction, pod.connections.register(info)).await;
             return;
         }
         Err(outcome) => outcome,
     };
     pod.connections.count(&pod.name, direction, outcome);
+}
+
+/// Copies between the application and a plain upstream until both ends
+/// close, then records the bytes.
+async fn copy_plain(
+    mut stream: TcpStream,
+    mut upstream: TcpStream,
+    direction: Direction,
+    open: OpenConnection,
+) {
+    let result = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
+    let (from_client, from_upstream) = *result.as_ref().unwrap_or(&(0, 0));
+    // `sent` counts what the pod's application sent.
+    let (sent, received) = match direction {
+        Direction::Outbound => (from_client, from_upstream),
+        Direction::Inbound => (from_upstream, from_client),
+    };
+    open.finish(sent, received, None, &result.map(|_| ()));
 }
 
 /// Connects to where an accepted connection was going.
@@ -518,6 +710,8 @@ async fn connect_upstream(
     let info = ConnectionInfo {
         pod: pod.name.clone(),
         direction,
+        peer: None,
+        security: Security::Plaintext,
         client: canonical(client),
         original_dst,
         opened_at: SystemTime::now()

@@ -202,12 +202,23 @@ async fn updates_and_removals_reach_the_node_and_it_sees_only_its_part() {
     assert_eq!(
         names(&first),
         [
+            "address/shop/frontend-1",
+            "address/shop/reviews-1",
             "endpoints/shop/reviews",
             "namespace/shop",
             "service/shop/reviews",
             "workload/shop/frontend-1",
         ],
-        "node1 gets its own workload, not node2's"
+        "node1 gets its own workload, not node2's (only every workload's address)"
+    );
+    let (_, reviews) = &first.resources["address/shop/reviews-1"];
+    let ConfigResource::Address(reviews) = reviews.as_ref() else {
+        panic!("{reviews:?}")
+    };
+    assert!(reviews.mesh, "reviews-1's namespace is captured: {reviews:?}");
+    assert_eq!(
+        (reviews.node.as_str(), reviews.service_account.as_str()),
+        ("node2", "reviews")
     );
 
     let revision = mesh
@@ -251,7 +262,17 @@ async fn updates_and_removals_reach_the_node_and_it_sees_only_its_part() {
     let removed = until(&mut config, "the removal", |c| c.revision >= revision).await;
     assert!(!removed.resources.contains_key("service/shop/reviews"));
     assert!(!removed.resources.contains_key("endpoints/shop/reviews"));
-    assert!(!names(&removed).iter().any(|n| n.contains("elsewhere")));
+    // Of another node's namespace, only its workload's address.
+    let elsewhere: Vec<&str> = names(&removed)
+        .into_iter()
+        .filter(|n| n.contains("elsewhere"))
+        .collect();
+    assert_eq!(elsewhere, ["address/elsewhere/other"]);
+    let (_, other) = &removed.resources["address/elsewhere/other"];
+    assert!(
+        matches!(other.as_ref(), ConfigResource::Address(a) if !a.mesh),
+        "an uncaptured namespace's workload takes no tunnels: {other:?}"
+    );
     assert_eq!(
         removed.versions().get("workload/shop/frontend-1"),
         versions.get("workload/shop/frontend-1")

@@ -1,0 +1,608 @@
+//! HBONE: TCP carried between node proxies as HTTP/2 `CONNECT` streams
+//! over mutual TLS to the destination pod's port 15008 (as Istio ambient's
+//! ztunnel does), so any TCP protocol rides one authenticated, encrypted,
+//! multiplexed connection.
+//!
+//! The client side keeps a pool: one TLS connection per (source workload,
+//! destination identity, destination address) carries many streams, a
+//! second one opens only when the first has `max_streams` in flight, and a
+//! connection nobody used for `idle_timeout` closes. A connection carries
+//! new streams only while the source's certificate is the one it was
+//! opened with: after a rotation new streams go on a fresh connection (the
+//! old one finishes its streams and idles out), so no connection is used
+//! much beyond the life of the certificate it authenticated with. The server side serves
+//! one connection's streams, handing each `CONNECT` to the caller.
+
+use std::{
+    collections::HashMap,
+    future::{Future, poll_fn},
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, Response, StatusCode};
+use mesh_identity::SpiffeId;
+use rustls::{ClientConfig, ServerConfig, pki_types::ServerName};
+use serde::Serialize;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+    time::Instant,
+};
+
+/// The port node proxies accept tunnels on, in every captured pod.
+pub const HBONE_PORT: u16 = mesh_common::capture::PROXY_TUNNEL_PORT;
+/// The one application protocol spoken over the TLS connection.
+pub const ALPN: &[u8] = b"h2";
+/// The W3C trace context header carried on each `CONNECT`.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// How much one stream may have in flight: large enough that a single bulk
+/// transfer is not held back by window updates.
+const STREAM_WINDOW: u32 = 4 << 20;
+const CONNECTION_WINDOW: u32 = 16 << 20;
+const MAX_FRAME: u32 = 1 << 20;
+/// Bytes read from the application per frame.
+const CHUNK: usize = 64 << 10;
+/// How long a TLS + HTTP/2 handshake may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How the client pool shares connections.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolSettings {
+    /// Streams one connection carries at once before another opens.
+    pub max_streams: usize,
+    /// How long a connection without streams stays open.
+    pub idle_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            max_streams: 100,
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Counts the admin endpoint exports.
+#[derive(Debug, Default, Serialize)]
+pub struct HboneStats {
+    /// TLS handshakes completed as the client (new pooled connections).
+    pub client_handshakes: AtomicU64,
+    /// Client handshakes that failed (refused, timed out, peer not who was
+    /// expected).
+    pub client_handshake_failures: AtomicU64,
+    /// TLS handshakes completed as the server.
+    pub server_handshakes: AtomicU64,
+    /// Server handshakes refused: no or untrusted client certificate,
+    /// wrong protocol, not a workload identity.
+    pub server_handshake_failures: AtomicU64,
+    /// Streams opened as the client.
+    pub streams_opened: AtomicU64,
+    /// Pooled connections open now.
+    pub pooled_connections: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Why a tunnel could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("connecting to {0}")]
+    Connect(SocketAddr, #[source] io::Error),
+    #[error("TLS with {0}")]
+    Tls(SocketAddr, #[source] io::Error),
+    #[error("the source workload has no certificate yet")]
+    NoCertificate,
+    #[error("HTTP/2 with {0}")]
+    Http2(SocketAddr, #[source] h2::Error),
+    #[error("the destination refused the tunnel: {0}")]
+    Refused(StatusCode),
+}
+
+impl TunnelError {
+    /// The destination's authorization refused it.
+    pub fn denied(&self) -> bool {
+        matches!(self, TunnelError::Refused(StatusCode::FORBIDDEN))
+    }
+}
+
+/// Which pooled connection a tunnel may share.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// The source workload, `namespace/name`.
+    pub source: String,
+    pub destination: SpiffeId,
+    /// The destination's HBONE address.
+    pub address: SocketAddr,
+}
+
+/// One pooled TLS connection.
+#[derive(Debug)]
+struct Connection {
+    send: h2::client::SendRequest<Bytes>,
+    /// The source certificate's serial it was opened with.
+    certificate: String,
+    active: AtomicUsize,
+    closed: AtomicBool,
+    idle_since: Mutex<Instant>,
+}
+
+/// Holds a stream's place on its connection; the connection may go idle
+/// once every guard is dropped.
+#[derive(Debug)]
+pub struct StreamGuard(Arc<Connection>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *lock(&self.0.idle_since) = Instant::now();
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+type Slot = Arc<tokio::sync::Mutex<Vec<Arc<Connection>>>>;
+
+/// An open tunnel: the stream's two halves and its place in the pool.
+#[derive(Debug)]
+pub struct Tunnel {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    pub guard: StreamGuard,
+    /// Whether the stream rode a connection that already existed.
+    pub reused: bool,
+}
+
+/// The client side's connections.
+#[derive(Debug)]
+pub struct Pool {
+    settings: PoolSettings,
+    slots: Mutex<HashMap<PoolKey, Slot>>,
+    stats: Arc<HboneStats>,
+}
+
+impl Pool {
+    pub fn new(settings: PoolSettings, stats: Arc<HboneStats>) -> Self {
+        Self {
+            settings,
+            slots: Mutex::default(),
+            stats,
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<HboneStats> {
+        &self.stats
+    }
+
+    /// Opens a stream to `target` (the original destination) through the
+    /// pooled connection for `key`, establishing one with `dial` and `tls`
+    /// when none has room. A connection that turns out to be closing
+    /// (GOAWAY) is dropped and the stream retried once on a fresh one.
+    pub async fn open<D, F>(
+        &self,
+        key: &PoolKey,
+        certificate: &str,
+        target: SocketAddr,
+        traceparent: &str,
+        dial: D,
+        tls: impl Fn() -> Result<Arc<ClientConfig>, TunnelError>,
+    ) -> Result<Tunnel, TunnelError>
+    where
+        D: Fn() -> F,
+        F: Future<Output = io::Result<TcpStream>>,
+    {
+        let slot = lock(&self.slots).entry(key.clone()).or_default().clone();
+        let mut retried = false;
+        loop {
+            let (connection, reused) = self.checkout(&slot, key, certificate, &dial, &tls).await?;
+            let guard = StreamGuard(connection.clone());
+            match connect_stream(&connection.send, target, traceparent).await {
+                Ok((send, recv)) => {
+                    bump(&self.stats.streams_opened);
+                    return Ok(Tunnel {
+                        send,
+                        recv,
+                        guard,
+                        reused,
+                    });
+                }
+                Err(StreamError::Connection(error)) if reused && !retried => {
+                    tracing::debug!(%error, address = %key.address, "pooled connection is closing; opening another");
+                    connection.closed.store(true, Ordering::Release);
+                    retried = true;
+                }
+                Err(StreamError::Connection(error)) => {
+                    connection.closed.store(true, Ordering::Release);
+                    return Err(TunnelError::Http2(key.address, error));
+                }
+                Err(StreamError::Stream(error)) => {
+                    return Err(TunnelError::Http2(key.address, error));
+                }
+                Err(StreamError::Status(status)) => return Err(TunnelError::Refused(status)),
+            }
+        }
+    }
+
+    /// A connection with room for one more stream (counted as taken).
+    async fn checkout<D, F>(
+        &self,
+        slot: &Slot,
+        key: &PoolKey,
+        certificate: &str,
+        dial: &D,
+        tls: &impl Fn() -> Result<Arc<ClientConfig>, TunnelError>,
+    ) -> Result<(Arc<Connection>, bool), TunnelError>
+    where
+        D: Fn() -> F,
+        F: Future<Output = io::Result<TcpStream>>,
+    {
+        // Held while connecting: a burst of streams to one destination
+        // waits for one handshake instead of making one each.
+        let mut connections = slot.lock().await;
+        // Connections of an older certificate leave the pool; their open
+        // streams keep them alive until they end.
+        connections.retain(|c| !c.closed.load(Ordering::Acquire) && c.certificate == certificate);
+        for connection in connections.iter() {
+            let active = connection.active.load(Ordering::Acquire);
+            if active < self.settings.max_streams
+                && connection
+                    .active
+                    .compare_exchange(active, active + 1, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                return Ok((connection.clone(), true));
+            }
+        }
+        let connection = match self.establish(key, certificate, dial, tls).await {
+            Ok(connection) => connection,
+            Err(error) => {
+                bump(&self.stats.client_handshake_failures);
+                return Err(error);
+            }
+        };
+        connection.active.fetch_add(1, Ordering::AcqRel);
+        connections.push(connection.clone());
+        Ok((connection, false))
+    }
+
+    async fn establish<D, F>(
+        &self,
+        key: &PoolKey,
+        certificate: &str,
+        dial: &D,
+        tls: &impl Fn() -> Result<Arc<ClientConfig>, TunnelError>,
+    ) -> Result<Arc<Connection>, TunnelError>
+    where
+        D: Fn() -> F,
+        F: Future<Output = io::Result<TcpStream>>,
+    {
+        let address = key.address;
+        let config = tls()?;
+        let handshake = async {
+            let tcp = dial().await.map_err(|e| TunnelError::Connect(address, e))?;
+            // The verifier checks the peer's identity, not a name: any
+            // valid name will do here.
+            let name = ServerName::IpAddress(address.ip().into());
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| TunnelError::Tls(address, e))?;
+            if tls.get_ref().1.alpn_protocol() != Some(ALPN) {
+                return Err(TunnelError::Tls(
+                    address,
+                    io::Error::other("the peer did not agree to HTTP/2"),
+                ));
+            }
+            h2::client::Builder::new()
+                .initial_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .max_frame_size(MAX_FRAME)
+                .enable_push(false)
+                .handshake::<_, Bytes>(tls)
+                .await
+                .map_err(|e| TunnelError::Http2(address, e))
+        };
+        let (send, driver) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+            .await
+            .map_err(|_| {
+                TunnelError::Connect(
+                    address,
+                    io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"),
+                )
+            })??;
+        bump(&self.stats.client_handshakes);
+        let connection = Arc::new(Connection {
+            send,
+            certificate: certificate.to_owned(),
+            active: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            idle_since: Mutex::new(Instant::now()),
+        });
+        let watched = connection.clone();
+        let idle_timeout = self.settings.idle_timeout;
+        let stats = self.stats.clone();
+        stats.pooled_connections.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let idle = async {
+                loop {
+                    tokio::time::sleep(idle_timeout).await;
+                    let since = *lock(&watched.idle_since);
+                    if watched.active.load(Ordering::Acquire) == 0
+                        && since.elapsed() >= idle_timeout
+                    {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                result = driver => if let Err(error) = result {
+                    tracing::debug!(%error, %address, "tunnel connection ended");
+                },
+                () = idle => tracing::debug!(%address, "closing idle tunnel connection"),
+            }
+            watched.closed.store(true, Ordering::Release);
+            stats.pooled_connections.fetch_sub(1, Ordering::Relaxed);
+        });
+        Ok(connection)
+    }
+}
+
+enum StreamError {
+    /// The connection cannot carry new streams.
+    Connection(h2::Error),
+    /// This stream failed.
+    Stream(h2::Error),
+    /// The peer answered the `CONNECT` with this status.
+    Status(StatusCode),
+}
+
+async fn connect_stream(
+    send: &h2::client::SendRequest<Bytes>,
+    target: SocketAddr,
+    traceparent: &str,
+) -> Result<(SendStream<Bytes>, RecvStream), StreamError> {
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string())
+        .header(TRACEPARENT, traceparent)
+        .body(())
+        .expect("a socket address is a valid authority");
+    let mut send = send
+        .clone()
+        .ready()
+        .await
+        .map_err(StreamError::Connection)?;
+    let (response, stream) = send
+        .send_request(request, false)
+        .map_err(StreamError::Connection)?;
+    let response = response.await.map_err(|e| {
+        if e.is_go_away() || e.is_io() {
+            StreamError::Connection(e)
+        } else {
+            StreamError::Stream(e)
+        }
+    })?;
+    if response.status() != StatusCode::OK {
+        return Err(StreamError::Status(response.status()));
+    }
+    Ok((stream, response.into_body()))
+}
+
+/// A random W3C `traceparent` for a new tunnel.
+pub fn new_traceparent() -> String {
+    let mut ids = [0u8; 24];
+    getrandom::getrandom(&mut ids).expect("the system has randomness");
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    format!("00-{}-{}-01", hex(&ids[..16]), hex(&ids[16..]))
+}
+
+/// The TLS client configuration for tunnels: the workload's, with ALPN.
+pub fn client_tls(mut config: ClientConfig) -> Arc<ClientConfig> {
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Arc::new(config)
+}
+
+/// The TLS server configuration for tunnels: the workload's, with ALPN.
+pub fn server_tls(mut config: ServerConfig) -> Arc<ServerConfig> {
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Arc::new(config)
+}
+
+/// A `CONNECT` the server received, to be answered with [`Incoming::refuse`]
+/// or [`Incoming::accept`].
+#[derive(Debug)]
+pub struct Incoming {
+    pub request: Request<RecvStream>,
+    respond: h2::server::SendResponse<Bytes>,
+}
+
+impl Incoming {
+    /// The authority of a `CONNECT`: where the caller wants to go.
+    pub fn target(&self) -> Result<SocketAddr, StatusCode> {
+        if self.request.method() != Method::CONNECT {
+            return Err(StatusCode::METHOD_NOT_ALLOWED);
+        }
+        self.request
+            .uri()
+            .authority()
+            .and_then(|a| a.as_str().parse().ok())
+            .ok_or(StatusCode::BAD_REQUEST)
+    }
+
+    pub fn traceparent(&self) -> Option<&str> {
+        self.request
+            .headers()
+            .get(TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+    }
+
+    pub fn refuse(mut self, status: StatusCode) {
+        let response = Response::builder()
+            .status(status)
+            .body(())
+            .expect("a status is a valid response");
+        let _ = self.respond.send_response(response, true);
+    }
+
+    /// Answers 200 and returns the stream's halves.
+    pub fn accept(mut self) -> Result<(SendStream<Bytes>, RecvStream), h2::Error> {
+        let response = Response::builder()
+            .status(StatusCode::OK)
+            .body(())
+            .expect("200 is a valid response");
+        let send = self.respond.send_response(response, false)?;
+        Ok((send, self.request.into_body()))
+    }
+}
+
+/// Serves one accepted (already TLS-terminated) connection: every stream
+/// goes to `handle` in its own task, until the peer closes or `stop`
+/// resolves, when the connection is drained gracefully (GOAWAY, open
+/// streams finish).
+pub async fn serve<IO, H, Fut>(io: IO, handle: H, stop: impl Future<Output = ()>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Incoming) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let connection = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(PoolSettings::default().max_streams as u32 * 2)
+        .handshake::<_, Bytes>(io);
+    let mut connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connection).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "HTTP/2 handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    tokio::pin!(stop);
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            next = connection.accept() => match next {
+                Some(Ok((request, respond))) => {
+                    tokio::spawn(handle(Incoming { request, respond }));
+                }
+                Some(Err(error)) => {
+                    tracing::debug!(%error, "tunnel connection failed");
+                    return;
+                }
+                None => return,
+            },
+            () = &mut stop, if !stopping => {
+                stopping = true;
+                connection.graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// Bytes moved by [`splice`], each way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Transferred {
+    /// From the TCP side into the tunnel.
+    pub sent: u64,
+    /// From the tunnel to the TCP side.
+    pub received: u64,
+}
+
+/// Copies between `tcp` and a tunnel stream until both directions have
+/// ended (half-closes pass through: the end of one direction is the end of
+/// stream, or a write shutdown). If either side fails the other is reset,
+/// never left hanging.
+pub async fn splice(
+    tcp: &mut TcpStream,
+    mut send: SendStream<Bytes>,
+    mut recv: RecvStream,
+) -> (Transferred, io::Result<()>) {
+    // Atomics only to keep the future `Send`: both halves run in this task.
+    let sent = AtomicU64::new(0);
+    let received = AtomicU64::new(0);
+    let (mut reader, mut writer) = tcp.split();
+    let up = async {
+        let mut buffer = BytesMut::with_capacity(CHUNK);
+        loop {
+            buffer.reserve(CHUNK);
+            if reader.read_buf(&mut buffer).await? == 0 {
+                send.send_data(Bytes::new(), true).map_err(h2_io)?;
+                return Ok::<_, io::Error>(());
+            }
+            let mut chunk = buffer.split().freeze();
+            while !chunk.is_empty() {
+                send.reserve_capacity(chunk.len());
+                let capacity = poll_fn(|cx| send.poll_capacity(cx))
+                    .await
+                    .ok_or_else(|| io::Error::from(io::ErrorKind::BrokenPipe))?
+                    .map_err(h2_io)?;
+                let piece = chunk.split_to(capacity.min(chunk.len()));
+                sent.fetch_add(piece.len() as u64, Ordering::Relaxed);
+                send.send_data(piece, false).map_err(h2_io)?;
+            }
+        }
+    };
+    let down = async {
+        while let Some(chunk) = recv.data().await {
+            let chunk = chunk.map_err(h2_io)?;
+            received.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            let _ = recv.flow_control().release_capacity(chunk.len());
+            writer.write_all(&chunk).await?;
+        }
+        writer.shutdown().await
+    };
+    let result = tokio::try_join!(up, down).map(|_| ());
+    if result.is_err() {
+        // The tunnel stream is reset as its halves drop; the application
+        // gets a reset too rather than a clean end.
+        let _ = tcp.set_zero_linger();
+    }
+    (
+        Transferred {
+            sent: sent.load(Ordering::Relaxed),
+            received: received.load(Ordering::Relaxed),
+        },
+        result,
+    )
+}
+
+fn h2_io(error: h2::Error) -> io::Error {
+    if error.is_io() {
+        error.into_io().unwrap_or_else(|| io::Error::other("h2"))
+    } else {
+        io::Error::other(error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparents_are_w3c_shaped_and_fresh() {
+        let a = new_traceparent();
+        let parts: Vec<&str> = a.split('-').collect();
+        assert_eq!(parts.len(), 4);
+        assert_eq!(parts[0], "00");
+        assert_eq!(parts[1].len(), 32);
+        assert_eq!(parts[2].len(), 16);
+        assert_eq!(parts[3], "01");
+        assert_ne!(a, new_traceparent());
+    }
+}

@@ -1,0 +1,398 @@
+//! The mesh data path of a captured pod: outbound connections to mesh
+//! workloads leave in HBONE tunnels under the pod's own certificate;
+//! tunnels arriving at the pod's `15008` are verified, authorized and
+//! delivered to the application; plaintext arriving at the pod is refused
+//! unless the workload is permissive.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use http::StatusCode;
+use mesh_common::capture::{PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT, PROXY_TUNNEL_PORT};
+use mesh_identity::{SpiffeId, TrustBundle, svid::check_leaf};
+use mesh_model::{names::SYSTEM_NAMESPACE, namespace::MtlsMode};
+use rustls::ServerConfig;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, watch},
+};
+
+use super::{
+    ConnectionInfo, Direction, Outcome, PodContext, Security, canonical, dial, relay, reset,
+};
+use crate::{
+    admin::{Holder, SharedTracked},
+    directory::Directory,
+    hbone::{self, HBONE_PORT, Incoming, Pool, PoolKey, TunnelError},
+    identity::{CertState, tls},
+    policy::Request,
+};
+
+/// What happens to a captured connection whose destination is not a mesh
+/// workload.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutsideMesh {
+    /// Passed through in plaintext, from the pod's own address.
+    #[default]
+    Allow,
+    /// Refused (reset), as Istio's `REGISTRY_ONLY`.
+    Deny,
+}
+
+/// What the mesh data path shares across pods.
+#[derive(Debug)]
+pub struct MeshPath {
+    pub directory: watch::Receiver<Arc<Directory>>,
+    /// The workloads' certificates, by `namespace/name`.
+    pub certificates: SharedTracked,
+    pub bundle: TrustBundle,
+    pub pool: Pool,
+    pub outside: OutsideMesh,
+}
+
+impl MeshPath {
+    /// The certificate state of the workload `pod`, if it has a manager.
+    fn certificate(&self, pod: &str) -> Option<watch::Receiver<CertState>> {
+        self.certificates
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|t| t.holder == Holder::Workload && t.name == pod)
+            .map(|t| t.state.clone())
+    }
+}
+
+/// The TLS server configuration a pod serves tunnels with, kept while its
+/// certificate manager lives (each handshake presents the manager's
+/// current certificate, so rotation needs no rebuild).
+#[derive(Debug, Default)]
+pub(super) struct TunnelTls(Mutex<Option<(watch::Receiver<CertState>, Arc<ServerConfig>)>>);
+
+impl TunnelTls {
+    fn get(&self, pod: &str, mesh: &MeshPath) -> Option<Arc<ServerConfig>> {
+        let mut cached = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((state, config)) = cached.as_ref()
+            && state.has_changed().is_ok()
+        {
+            return Some(config.clone());
+        }
+        let state = mesh.certificate(pod)?;
+        let config = tls::server_config(state.clone(), mesh.bundle.clone()).ok()?;
+        let config = hbone::server_tls(Arc::unwrap_or_clone(config));
+        *cached = Some((state, config.clone()));
+        Some(config)
+    }
+}
+
+fn connection_info(
+    pod: &PodContext,
+    direction: Direction,
+    peer: Option<String>,
+    security: Security,
+    client: SocketAddr,
+    original_dst: SocketAddr,
+) -> ConnectionInfo {
+    ConnectionInfo {
+        pod: pod.name.clone(),
+        direction,
+        peer,
+        security,
+        client: canonical(client),
+        original_dst,
+        opened_at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    }
+}
+
+/// Carries a connection accepted on the pod's outbound or plaintext
+/// inbound listener.
+pub(super) async fn carry(
+    stream: TcpStream,
+    client: SocketAddr,
+    destination: Option<SocketAddr>,
+    direction: Direction,
+    pod: &PodContext,
+    mesh: &MeshPath,
+    permit: OwnedSemaphorePermit,
+) {
+    let directory = mesh.directory.borrow().clone();
+    let count = |outcome| pod.connections.count(&pod.name, direction, outcome);
+    let Some(original_dst) = destination else {
+        return relay(stream, client, destination, direction, pod, permit).await;
+    };
+    match direction {
+        Direction::Outbound => match directory.mesh_destination(original_dst.ip()) {
+            Some(address) => {
+                let identity = directory.identity(address);
+                let peer = format!("{}/{}", address.namespace, address.name);
+                tunnel_out(stream, client, original_dst, identity, peer, pod, mesh).await;
+            }
+            None if mesh.outside == OutsideMesh::Deny => {
+                tracing::debug!(pod = %pod.name, %original_dst, "destination outside the mesh refused");
+                reset(stream);
+                count(Outcome::OutsideMeshDenied);
+            }
+            None => relay(stream, client, destination, direction, pod, permit).await,
+        },
+        Direction::Inbound => {
+            let mode = directory.local(&pod.name).map(|l| l.mtls);
+            if mode != Some(MtlsMode::Permissive) {
+                tracing::debug!(pod = %pod.name, %client, "plaintext refused: the workload's mTLS mode is strict");
+                reset(stream);
+                return count(Outcome::PlaintextRefused);
+            }
+            let decision = directory.authorize(
+                &pod.name,
+                &Request {
+                    caller: None,
+                    port: original_dst.port(),
+                },
+            );
+            if !decision.allowed() {
+                tracing::debug!(pod = %pod.name, %client, reason = %decision.reason(), "plaintext connection refused");
+                reset(stream);
+                return count(Outcome::Denied);
+            }
+            relay(stream, client, destination, direction, pod, permit).await;
+        }
+    }
+}
+
+/// Opens a tunnel for an outbound connection to a mesh workload and
+/// carries the connection through it.
+async fn tunnel_out(
+    mut stream: TcpStream,
+    client: SocketAddr,
+    original_dst: SocketAddr,
+    identity: SpiffeId,
+    peer: String,
+    pod: &PodContext,
+    mesh: &MeshPath,
+) {
+    let key = PoolKey {
+        source: pod.name.clone(),
+        destination: identity.clone(),
+        address: SocketAddr::new(original_dst.ip(), HBONE_PORT),
+    };
+    let trace = hbone::new_traceparent();
+    let netns = &pod.netns;
+    let state = mesh
+        .certificate(&pod.name)
+        .filter(|s| s.borrow().current.is_some());
+    let serial = state
+        .as_ref()
+        .and_then(|s| s.borrow().current.as_ref().map(|c| c.serial.clone()))
+        .unwrap_or_default();
+    let opened = mesh
+        .pool
+        .open(
+            &key,
+            &serial,
+            original_dst,
+            &trace,
+            || dial(netns, key.address),
+            || {
+                let state = state.clone().ok_or(TunnelError::NoCertificate)?;
+                let config = tls::client_config(state, mesh.bundle.clone(), identity.clone())
+                    .map_err(|e| TunnelError::Tls(key.address, std::io::Error::other(e)))?;
+                Ok(hbone::client_tls(Arc::unwrap_or_clone(config)))
+            },
+        )
+        .await;
+    let tunnel = match opened {
+        Ok(tunnel) => tunnel,
+        Err(error) => {
+            let outcome = if error.denied() {
+                Outcome::Denied
+            } else {
+                Outcome::TunnelFailed
+            };
+            tracing::warn!(pod = %pod.name, %original_dst, destination = %identity, error = %super::error_chain(&error), "tunnel not opened");
+            reset(stream);
+            pod.connections
+                .count(&pod.name, Direction::Outbound, outcome);
+            return;
+        }
+    };
+    pod.connections
+        .count(&pod.name, Direction::Outbound, Outcome::Relayed);
+    let open = pod.connections.register(connection_info(
+        pod,
+        Direction::Outbound,
+        Some(peer),
+        Security::Mtls,
+        client,
+        original_dst,
+    ));
+    let _guard = tunnel.guard;
+    let (moved, result) = hbone::splice(&mut stream, tunnel.send, tunnel.recv).await;
+    open.finish(moved.sent, moved.received, Some(&trace), &result);
+}
+
+/// Accepts tunnels on a pod's `15008`.
+pub(super) async fn tunnel_accept_loop(
+    listener: TcpListener,
+    pod: Arc<PodContext>,
+    mesh: Arc<MeshPath>,
+    stopping: watch::Receiver<bool>,
+) {
+    loop {
+        let Ok(permit) = pod.permits.clone().acquire_owned().await else {
+            return;
+        };
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let (pod, mesh, stopping) = (pod.clone(), mesh.clone(), stopping.clone());
+                tokio::spawn(async move {
+                    serve_tunnels(stream, peer, pod, mesh, stopping, permit).await;
+                });
+            }
+            Err(error) => {
+                tracing::warn!(pod = %pod.name, %error, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Terminates mTLS for one tunnel connection and serves its streams. The
+/// caller's identity comes from its verified certificate and nowhere else.
+async fn serve_tunnels(
+    stream: TcpStream,
+    remote: SocketAddr,
+    pod: Arc<PodContext>,
+    mesh: Arc<MeshPath>,
+    mut stopping: watch::Receiver<bool>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let stats = mesh.pool.stats();
+    let refuse = |why: &str| {
+        stats
+            .server_handshake_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(pod = %pod.name, %remote, why, "tunnel connection refused");
+    };
+    let Some(config) = pod.tunnel_tls.get(&pod.name, &mesh) else {
+        refuse("the workload has no certificate yet");
+        reset(stream);
+        return;
+    };
+    let accepted = tokio::time::timeout(
+        hbone::HANDSHAKE_TIMEOUT,
+        tokio_rustls::TlsAcceptor::from(config).accept(stream),
+    )
+    .await;
+    let tls = match accepted {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => return refuse(&format!("TLS: {error}")),
+        Err(_) => return refuse("TLS handshake timed out"),
+    };
+    let (_, connection) = tls.get_ref();
+    if connection.alpn_protocol() != Some(hbone::ALPN) {
+        return refuse("the client did not ask for HTTP/2");
+    }
+    // The verifier already checked the chain and the SVID profile; this
+    // reads the identity it vouched for.
+    let caller = connection
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| check_leaf(leaf, mesh.bundle.trust_domain()).ok());
+    let Some(caller) = caller else {
+        return refuse("no verified client identity");
+    };
+    if caller.namespace == SYSTEM_NAMESPACE {
+        return refuse("mesh components do not open tunnels to workloads");
+    }
+    stats
+        .server_handshakes
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let caller = Arc::new(caller);
+    let stop = async move {
+        let _ = stopping.wait_for(|stop| *stop).await;
+    };
+    let (pod2, mesh2) = (pod.clone(), mesh.clone());
+    hbone::serve(
+        tls,
+        move |incoming| {
+            let (pod, mesh, caller) = (pod2.clone(), mesh2.clone(), caller.clone());
+            async move { tunnel_in(incoming, &caller, remote, &pod, &mesh).await }
+        },
+        stop,
+    )
+    .await;
+}
+
+/// Decides one tunnelled stream and delivers it to the application.
+async fn tunnel_in(
+    incoming: Incoming,
+    caller: &SpiffeId,
+    remote: SocketAddr,
+    pod: &PodContext,
+    mesh: &MeshPath,
+) {
+    let count = |outcome| {
+        pod.connections
+            .count(&pod.name, Direction::Inbound, outcome)
+    };
+    let target = match incoming.target() {
+        Ok(target) => canonical(target),
+        Err(status) => return incoming.refuse(status),
+    };
+    // Only this pod's own addresses, and never the proxy's ports (a
+    // tunnel to 15008 would loop back into this proxy).
+    if !pod.addresses.contains(&target.ip()) {
+        return incoming.refuse(StatusCode::MISDIRECTED_REQUEST);
+    }
+    if [PROXY_OUTBOUND_PORT, PROXY_INBOUND_PORT, PROXY_TUNNEL_PORT].contains(&target.port()) {
+        return incoming.refuse(StatusCode::BAD_REQUEST);
+    }
+    let trace = incoming.traceparent().map(str::to_owned);
+    let directory = mesh.directory.borrow().clone();
+    let decision = directory.authorize(
+        &pod.name,
+        &Request {
+            caller: Some(caller),
+            port: target.port(),
+        },
+    );
+    if !decision.allowed() {
+        tracing::info!(pod = %pod.name, %caller, %target, reason = %decision.reason(), trace = trace.as_deref().unwrap_or(""), "tunnel refused");
+        count(Outcome::Denied);
+        return incoming.refuse(StatusCode::FORBIDDEN);
+    }
+    let Ok(permit) = pod.permits.clone().try_acquire_owned() else {
+        return incoming.refuse(StatusCode::SERVICE_UNAVAILABLE);
+    };
+    let mut app = match dial(&pod.netns, target).await {
+        Ok(app) => app,
+        Err(error) => {
+            tracing::debug!(pod = %pod.name, %target, %error, "application connect failed");
+            count(Outcome::UpstreamFailed);
+            return incoming.refuse(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let (send, recv) = match incoming.accept() {
+        Ok(halves) => halves,
+        Err(error) => {
+            tracing::debug!(pod = %pod.name, %error, "tunnel stream ended before it was answered");
+            return;
+        }
+    };
+    count(Outcome::Relayed);
+    let open = pod.connections.register(connection_info(
+        pod,
+        Direction::Inbound,
+        Some(caller.to_string()),
+        Security::Mtls,
+        remote,
+        target,
+    ));
+    let (moved, result) = hbone::splice(&mut app, send, recv).await;
+    drop(permit);
+    open.finish(moved.sent, moved.received, trace.as_deref(), &result);
+}

@@ -12,6 +12,13 @@
 //! it, and `--reset` connects and closes with a reset at once. A held
 //! connection prints `established local=<addr>` as soon as connect()
 //! returns, before its first round trip.
+//!
+//! `mesh-pod serve-http --listen [::]:8080 --body TEXT` answers every
+//! HTTP/1.1 request (keep-alive) with 200 and TEXT; `mesh-pod http --to
+//! ADDR --path /p --count N` makes N GET requests, each on a new
+//! connection (or all on one with `--keep-alive`), and prints a JSON
+//! summary with the bodies' lengths; it exits non-zero unless every
+//! answer was 200.
 
 use std::{
     io::{self, Read as _, Write as _},
@@ -35,6 +42,25 @@ enum Command {
     Echo {
         #[arg(long, default_value = "[::]:8080")]
         listen: SocketAddr,
+    },
+    /// Serve HTTP/1.1: every request gets 200 with BODY.
+    ServeHttp {
+        #[arg(long, default_value = "[::]:8080")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "hello from mesh-pod")]
+        body: String,
+    },
+    /// GET PATH from TO, COUNT times.
+    Http {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// All requests on one connection.
+        #[arg(long)]
+        keep_alive: bool,
     },
     /// Time COUNT connect() calls (after a warm-up), closing each with a
     /// reset; prints percentiles in microseconds as JSON.
@@ -74,6 +100,19 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::ServeHttp { listen, body } => match serve_http(listen, body) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("mesh-pod serve-http: {error}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Http {
+            to,
+            path,
+            count,
+            keep_alive,
+        } => http_get(to, &path, count, keep_alive),
         Command::BenchConnect { to, count } => match bench_connect(to, count) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
@@ -296,4 +335,119 @@ fn exchange(stream: &mut TcpStream, attempt: u32) -> io::Result<()> {
         ));
     }
     Ok(())
+}
+
+fn serve_http(listen: SocketAddr, body: String) -> io::Result<()> {
+    let listener = TcpListener::bind(listen)?;
+    println!("listening {}", listener.local_addr()?);
+    io::stdout().flush()?;
+    let body: std::sync::Arc<str> = body.into();
+    for stream in listener.incoming() {
+        let stream = stream?;
+        let body = body.clone();
+        thread::spawn(move || {
+            let _ = answer_http(stream, &body);
+        });
+    }
+    Ok(())
+}
+
+/// Answers requests on one connection until the client closes it.
+fn answer_http(stream: TcpStream, body: &str) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let mut reader = io::BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    loop {
+        let Some(head) = read_head(&mut reader)? else {
+            return Ok(());
+        };
+        let length = content_length(&head);
+        io::copy(&mut (&mut reader).take(length), &mut io::sink())?;
+        write!(
+            writer,
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )?;
+    }
+}
+
+/// Reads a message head (through the blank line); `None` at a clean end.
+fn read_head(reader: &mut impl io::BufRead) -> io::Result<Option<String>> {
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return if head.is_empty() {
+                Ok(None)
+            } else {
+                Err(io::ErrorKind::UnexpectedEof.into())
+            };
+        }
+        if line == "\r\n" || line == "\n" {
+            return Ok(Some(head));
+        }
+        head.push_str(&line);
+    }
+}
+
+fn content_length(head: &str) -> u64 {
+    head.lines()
+        .filter_map(|line| line.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, value)| value.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn http_get(to: SocketAddr, path: &str, count: u32, keep_alive: bool) -> ExitCode {
+    let mut failures = Vec::new();
+    let mut bytes = 0u64;
+    let mut connection: Option<(io::BufReader<TcpStream>, TcpStream)> = None;
+    for attempt in 0..count {
+        let result = (|| {
+            let (reader, writer) = match &mut connection {
+                Some(open) if keep_alive => open,
+                _ => {
+                    let stream = open(
+                        to,
+                        Client {
+                            mark: None,
+                            local_port: None,
+                        },
+                    )?;
+                    stream.set_nodelay(true)?;
+                    connection.insert((io::BufReader::new(stream.try_clone()?), stream))
+                }
+            };
+            write!(writer, "GET {path} HTTP/1.1\r\nhost: {to}\r\n\r\n")?;
+            let head = read_head(reader)?.ok_or(io::ErrorKind::UnexpectedEof)?;
+            let status = head.split(' ').nth(1).unwrap_or("").to_owned();
+            let length = content_length(&head);
+            let mut body = vec![0u8; usize::try_from(length).unwrap_or(0)];
+            io::Read::read_exact(reader, &mut body)?;
+            if status != "200" {
+                return Err(io::Error::other(format!("status {status}")));
+            }
+            Ok(length)
+        })();
+        match result {
+            Ok(length) => bytes += length,
+            Err(error) => {
+                failures.push(format!("request {attempt}: {error}"));
+                connection = None;
+            }
+        }
+    }
+    let summary = serde_json::json!({
+        "to": to.to_string(),
+        "attempted": count,
+        "ok": count as usize - failures.len(),
+        "body_bytes": bytes,
+        "failures": failures,
+    });
+    println!("{summary}");
+    if failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

@@ -1,0 +1,432 @@
+//! The mesh data path end to end on the local cluster: two nodes, pods on
+//! both, the real control plane and node proxies. Pods speak plain HTTP;
+//! between nodes it rides HBONE tunnels (mTLS), authorized at the
+//! destination. Root only (`cargo xtask test` runs these serially).
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::Path,
+    process::Stdio,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use mesh_e2e::{
+    Cluster, ClusterSpec, PodSpec, cluster,
+    control::ControlPlane,
+    http, netns,
+    process::{Process, ready_field, workspace_binary},
+    sniff::{self, Sniffer},
+};
+use mesh_identity::{CertificateAuthority, SpiffeId, SpiffeVerifier, TrustBundle};
+use rustls::pki_types::pem::PemObject as _;
+
+const MESH_POD: &str = env!("CARGO_BIN_EXE_mesh-pod");
+const READY: Duration = Duration::from_secs(30);
+/// What the server answers: must never cross the fabric in the clear.
+const SECRET_BODY: &str = "the-reviews-body-4f1c9e";
+const SECRET_PATH: &str = "/private-path-83ab27";
+
+struct Mesh {
+    cluster: Cluster,
+    control: ControlPlane,
+    nodes: Vec<(Process, SocketAddr)>,
+    _server: Process,
+    dir: tempfile::TempDir,
+}
+
+fn workload(
+    namespace: &str,
+    name: &str,
+    sa: &str,
+    node: usize,
+    ip: impl std::fmt::Display,
+    services: &str,
+) -> String {
+    format!(
+        "apiVersion: mesh.io/v1\nkind: Workload\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
+         spec: {{node: node{node}, ip: {ip}, service_account: {sa}, services: [{services}]}}\n---\n"
+    )
+}
+
+fn namespace(name: &str, labels: &str) -> String {
+    format!(
+        "apiVersion: mesh.io/v1\nkind: Namespace\nmetadata: {{name: {name}, labels: {{{labels}}}}}\n---\n"
+    )
+}
+
+/// Up: cluster, control plane with the shop's objects, a node proxy per
+/// node, the HTTP server in shop/reviews.
+fn mesh(name: &str) -> Mesh {
+    mesh_with(name, None)
+}
+
+/// [`mesh`], with workload certificates living `ttl`.
+fn mesh_with(name: &str, ttl: Option<&str>) -> Mesh {
+    mesh_e2e::require_root().expect("the mesh tests need root: run `cargo xtask test`");
+    cluster::teardown(name).expect("clearing leftovers");
+    let cluster = Cluster::up(&ClusterSpec {
+        name: name.into(),
+        nodes: 2,
+        pods: vec![
+            PodSpec::new("shop", "frontend", 0),
+            PodSpec::new("shop", "other", 0),
+            PodSpec::new("legacy", "client", 0),
+            PodSpec::new("shop", "reviews", 1),
+        ],
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = cluster
+        .system_command(workspace_binary("mesh-control").unwrap())
+        .unwrap();
+    if let Some(ttl) = ttl {
+        command.env("MESH_CERTIFICATE_TTL", ttl);
+    }
+    let control = ControlPlane::start_with(command, &dir.path().join("control")).unwrap();
+    let ip = |pod: &str| cluster.pod(pod).unwrap().ip4;
+    let objects = format!(
+        "{}{}{}{}{}{}apiVersion: mesh.io/v1\nkind: Service\nmetadata: {{name: reviews, namespace: shop}}\n\
+         spec: {{ports: [{{port: 8080, protocol: http}}]}}\n",
+        namespace("shop", "mesh.io/capture: enabled"),
+        namespace("legacy", ""),
+        workload("shop", "frontend", "frontend", 0, ip("shop/frontend"), ""),
+        workload("shop", "other", "other", 0, ip("shop/other"), ""),
+        workload("legacy", "client", "default", 0, ip("legacy/client"), ""),
+        workload(
+            "shop",
+            "reviews",
+            "reviews",
+            1,
+            ip("shop/reviews"),
+            "reviews"
+        ),
+    );
+    control.meshctl(&["apply", "-f", "-"], Some(&objects));
+
+    let mut server = cluster.pod_command("shop/reviews", MESH_POD).unwrap();
+    server.args(["serve-http", "--listen", "[::]:8080", "--body", SECRET_BODY]);
+    let (server, _) = Process::spawn_ready("shop/reviews", server, "listening", READY).unwrap();
+
+    let layout = cluster.layout().clone();
+    let nodes = (0..2)
+        .map(|node| {
+            let mut command = cluster
+                .system_command(workspace_binary("mesh-node").unwrap())
+                .unwrap();
+            command
+                .arg("--cgroup")
+                .arg(&layout.nodes[node].cgroup)
+                .arg("--bpf-pin-dir")
+                .arg(layout.bpf_pin_dir(node))
+                .args(["--node", &format!("node{node}")])
+                .args(["--control-plane", &control.grpc])
+                .arg("--ca-bundle")
+                .arg(control.ca_bundle())
+                .arg("--bootstrap-token-file")
+                .arg(control.bootstrap_token_file())
+                .arg("--pod-netns")
+                .arg(format!(
+                    "/run/netns/mesh-{}-{{namespace}}-{{name}}",
+                    layout.name
+                ))
+                .args(["--admin-addr", "127.0.0.1:0"]);
+            let (process, ready) =
+                Process::spawn_ready(&format!("node{node}"), command, "ready", READY).unwrap();
+            let admin = ready_field(&ready, "admin").unwrap().parse().unwrap();
+            (process, admin)
+        })
+        .collect();
+    let mesh = Mesh {
+        cluster,
+        control,
+        nodes,
+        _server: server,
+        dir,
+    };
+    // Ready when a request goes through: both pods captured, both holding
+    // certificates.
+    wait_until("frontend reaches reviews", || {
+        mesh.get("shop/frontend", 1).0
+    });
+    mesh
+}
+
+impl Mesh {
+    fn reviews(&self) -> String {
+        format!("{}:8080", self.cluster.pod("shop/reviews").unwrap().ip4)
+    }
+
+    /// `mesh-pod http` from `pod` to reviews: (all answered 200, output).
+    fn get(&self, pod: &str, count: u32) -> (bool, String) {
+        let output = self
+            .cluster
+            .pod_command(pod, MESH_POD)
+            .unwrap()
+            .args(["http", "--to", &self.reviews(), "--path", SECRET_PATH])
+            .args(["--count", &count.to_string()])
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    }
+
+    fn metric(&self, node: usize, series: &str) -> u64 {
+        let response = http::get(self.nodes[node].1, "/metrics").unwrap();
+        assert_eq!(response.status, 200);
+        response
+            .body
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .map_or(0, |value| value.trim().parse().unwrap())
+    }
+
+    fn revision(&self, node: usize) -> i64 {
+        let response = http::get(self.nodes[node].1, "/config").unwrap();
+        let config: serde_json::Value = serde_json::from_str(&response.body).unwrap();
+        config["revision"].as_i64().unwrap_or(0)
+    }
+
+    /// Applies `yaml`; returns once every node holds the new revision.
+    fn apply(&self, yaml: &str) -> Duration {
+        self.change(&["apply", "-f", "-"], Some(yaml))
+    }
+
+    fn change(&self, args: &[&str], stdin: Option<&str>) -> Duration {
+        let started = Instant::now();
+        let before = self.revision(0).max(self.revision(1));
+        self.control.meshctl(args, stdin);
+        wait_until("the nodes hold the new configuration", || {
+            self.revision(0) > before && self.revision(1) > before
+        });
+        started.elapsed()
+    }
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + READY;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn pods_talk_across_nodes_over_mtls_and_only_as_policy_allows() {
+    let mesh = mesh("e2emtls");
+    let frontend = "spiffe://cluster.local/ns/shop/sa/frontend";
+
+    // Across nodes, on the wire between them: TLS records, never the
+    // request or the answer.
+    let sniffer = Sniffer::start(&mesh.cluster.layout().fabric_netns()).unwrap();
+    let (ok, output) = mesh.get("shop/frontend", 3);
+    assert!(ok, "{output}");
+    assert!(
+        output.contains(&format!("\"body_bytes\":{}", 3 * SECRET_BODY.len())),
+        "{output}"
+    );
+    let wire = sniffer.stop().unwrap();
+    assert!(
+        !sniff::contains(&wire, SECRET_BODY.as_bytes()),
+        "the body crossed in the clear"
+    );
+    assert!(
+        !sniff::contains(&wire, SECRET_PATH.as_bytes()),
+        "the request crossed in the clear"
+    );
+    // TLS 1.3 application data records (type 23, legacy version 3.3).
+    assert!(
+        sniff::contains(&wire, &[0x17, 0x03, 0x03]),
+        "no TLS records on the wire"
+    );
+    let inbound = format!(
+        "mesh_tcp_connections_opened_total{{direction=\"inbound\",pod=\"shop/reviews\",peer=\"{frontend}\",security=\"mtls\"}}"
+    );
+    assert!(mesh.metric(1, &inbound) >= 3);
+
+    // 1,000 sequential requests, each on a new TCP connection, ride the
+    // pooled TLS connection: no new handshakes.
+    let handshakes = mesh.metric(0, "mesh_tls_handshakes_total{side=\"client\"}");
+    let (ok, output) = mesh.get("shop/frontend", 1000);
+    assert!(ok, "{output}");
+    let more = mesh.metric(0, "mesh_tls_handshakes_total{side=\"client\"}") - handshakes;
+    assert!(more <= 1, "{more} new handshakes for 1000 requests");
+
+    // Only frontend may reach reviews:8080.
+    let policy = format!(
+        "apiVersion: mesh.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: only-frontend, namespace: shop}}\n\
+         spec: {{target: reviews, rules: [{{from: [{{principals: ['{frontend}']}}], to: [{{ports: [8080]}}]}}]}}\n"
+    );
+    let took = mesh.apply(&policy);
+    eprintln!("policy applied on both nodes {took:?} after the API write");
+    let denied = "mesh_proxy_connections_total{pod=\"shop/reviews\",direction=\"inbound\",outcome=\"denied\"}";
+    let before = mesh.metric(1, denied);
+    let (ok, output) = mesh.get("shop/other", 1);
+    assert!(!ok, "other got through: {output}");
+    assert_eq!(mesh.metric(1, denied), before + 1);
+    assert!(
+        mesh.metric(0, "mesh_proxy_connections_total{pod=\"shop/other\",direction=\"outbound\",outcome=\"denied\"}") >= 1
+    );
+    let (ok, output) = mesh.get("shop/frontend", 2);
+    assert!(ok, "{output}");
+    mesh.change(
+        &[
+            "delete",
+            "authorizationpolicy",
+            "only-frontend",
+            "-n",
+            "shop",
+        ],
+        None,
+    );
+    let (ok, output) = mesh.get("shop/other", 1);
+    assert!(ok, "removing the policy did not reopen: {output}");
+
+    // Plaintext from outside the mesh: refused while strict (the
+    // default), accepted once the namespace is permissive.
+    let plaintext = |outcome: &str| {
+        mesh.metric(
+            1,
+            &format!("mesh_proxy_connections_total{{pod=\"shop/reviews\",direction=\"inbound\",outcome=\"{outcome}\"}}"),
+        )
+    };
+    let refused = plaintext("plaintext_refused");
+    let (ok, output) = mesh.get("legacy/client", 1);
+    assert!(!ok, "plaintext got through a strict workload: {output}");
+    assert_eq!(plaintext("plaintext_refused"), refused + 1);
+    mesh.apply(&namespace(
+        "shop",
+        "mesh.io/capture: enabled, mesh.io/mtls: permissive",
+    ));
+    let (ok, output) = mesh.get("legacy/client", 1);
+    assert!(ok, "permissive refused plaintext: {output}");
+    assert!(
+        mesh.metric(1, "mesh_tcp_connections_opened_total{direction=\"inbound\",pod=\"shop/reviews\",peer=\"unknown\",security=\"plaintext\"}") >= 1
+    );
+    drop(mesh.dir);
+}
+
+/// Connects to reviews' HBONE port from the legacy pod and tries an mTLS
+/// handshake presenting `client` (or nothing); returns whether the server
+/// ever answered on the connection.
+fn tunnel_answers(
+    cluster: &Cluster,
+    bundle: &TrustBundle,
+    client: Option<(rustls::pki_types::CertificateDer<'static>, String)>,
+) -> bool {
+    let reviews = cluster.pod("shop/reviews").unwrap().ip4;
+    let netns = cluster.pod("legacy/client").unwrap().netns.clone();
+    let verifier = SpiffeVerifier::new(bundle.clone())
+        .expecting(SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/reviews").unwrap())
+        .into_server_verifier();
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(verifier);
+    let mut config = match client {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                vec![cert],
+                rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    netns::run_in(&netns, || {
+        let tcp = TcpStream::connect_timeout(&SocketAddr::from((reviews, 15008)), READY)?;
+        tcp.set_read_timeout(Some(READY))?;
+        let name = rustls::pki_types::ServerName::IpAddress(std::net::IpAddr::from(reviews).into());
+        let connection = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut tls = rustls::StreamOwned::new(connection, tcp);
+        // The HTTP/2 preface; a server that accepted us answers with its
+        // SETTINGS frame.
+        let _ = tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0");
+        let mut answer = [0u8; 9];
+        Ok(tls.read_exact(&mut answer).is_ok())
+    })
+    .unwrap()
+}
+
+#[test]
+fn tunnels_need_a_certificate_from_the_mesh_ca() {
+    let mesh = mesh("e2espoof");
+    let bundle = TrustBundle::from_pem(
+        "cluster.local",
+        &std::fs::read_to_string(mesh.control.ca_bundle()).unwrap(),
+    )
+    .unwrap();
+    let failures = "mesh_tls_handshake_failures_total{side=\"server\"}";
+    let before = mesh.metric(1, failures);
+
+    // The frontend's identity, signed by another CA.
+    let rogue =
+        CertificateAuthority::generate("cluster.local", time::OffsetDateTime::now_utc()).unwrap();
+    let frontend = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/frontend").unwrap();
+    let (issued, key) = rogue
+        .issue_with_key(&frontend, time::OffsetDateTime::now_utc())
+        .unwrap();
+    assert!(!tunnel_answers(
+        &mesh.cluster,
+        &bundle,
+        Some((issued.der, key))
+    ));
+    assert!(!tunnel_answers(&mesh.cluster, &bundle, None));
+    assert_eq!(mesh.metric(1, failures), before + 2);
+
+    // A real workload certificate from the mesh CA is answered (the
+    // control: the probe itself works).
+    let ca = CertificateAuthority::from_pem(
+        "cluster.local",
+        &std::fs::read_to_string(mesh.control.ca_bundle()).unwrap(),
+        &std::fs::read_to_string(Path::new(&mesh.control.data_dir).join("ca/root.key")).unwrap(),
+    )
+    .unwrap();
+    let (issued, key) = ca
+        .issue_with_key(&frontend, time::OffsetDateTime::now_utc())
+        .unwrap();
+    assert!(tunnel_answers(
+        &mesh.cluster,
+        &bundle,
+        Some((issued.der, key))
+    ));
+}
+
+#[test]
+fn certificates_rotate_under_traffic_without_a_failed_request() {
+    // 12 s certificates renew every ~10 s on both ends.
+    let mesh = mesh_with("e2erotate", Some("12s"));
+    let rotations = |node: usize, pod: &str| {
+        mesh.metric(
+            node,
+            &format!("mesh_certificate_rotations_total{{holder=\"workload\",name=\"{pod}\"}}"),
+        )
+    };
+    let handshakes = mesh.metric(0, "mesh_tls_handshakes_total{side=\"client\"}");
+    let mut requests = 0;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while rotations(0, "shop/frontend") < 2 || rotations(1, "shop/reviews") < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "certificates did not rotate twice"
+        );
+        let (ok, output) = mesh.get("shop/frontend", 50);
+        assert!(
+            ok,
+            "a request failed during rotation after {requests}: {output}"
+        );
+        requests += 50;
+    }
+    // Each rotation of the client's certificate moved new streams to a
+    // new connection, presenting the new certificate.
+    let more = mesh.metric(0, "mesh_tls_handshakes_total{side=\"client\"}") - handshakes;
+    eprintln!("{requests} requests across two rotations, {more} new tunnel handshakes");
+    assert!(more >= 2, "only {more} new handshakes across two rotations");
+}

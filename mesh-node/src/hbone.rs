@@ -25,7 +25,7 @@ use std::{
     time::Duration,
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use h2::{RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
 use mesh_identity::SpiffeId;
@@ -49,8 +49,11 @@ pub const TRACEPARENT: &str = "traceparent";
 const STREAM_WINDOW: u32 = 4 << 20;
 const CONNECTION_WINDOW: u32 = 16 << 20;
 const MAX_FRAME: u32 = 1 << 20;
-/// Bytes read from the application per frame.
-const CHUNK: usize = 64 << 10;
+/// Bytes read from the application at once (a bulk transfer moves in
+/// reads this large).
+const CHUNK: usize = 256 << 10;
+/// What a connection may buffer for sending before streams wait.
+const SEND_BUFFER: usize = 4 << 20;
 /// How long a TLS + HTTP/2 handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -311,6 +314,7 @@ impl Pool {
                 .initial_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW)
                 .max_frame_size(MAX_FRAME)
+                .max_send_buffer_size(SEND_BUFFER)
                 .enable_push(false)
                 .handshake::<_, Bytes>(tls)
                 .await
@@ -483,6 +487,7 @@ where
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
+        .max_send_buffer_size(SEND_BUFFER)
         .max_concurrent_streams(PoolSettings::default().max_streams as u32 * 2)
         .handshake::<_, Bytes>(io);
     let mut connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connection).await {
@@ -538,14 +543,17 @@ pub async fn splice(
     let received = AtomicU64::new(0);
     let (mut reader, mut writer) = tcp.split();
     let up = async {
-        let mut buffer = BytesMut::with_capacity(CHUNK);
+        // One buffer for the reads; each frame gets a copy of just what
+        // was read (a fresh CHUNK-sized allocation per read would cost a
+        // page-mapping round trip for every small message).
+        let mut buffer = vec![0u8; CHUNK];
         loop {
-            buffer.reserve(CHUNK);
-            if reader.read_buf(&mut buffer).await? == 0 {
+            let n = reader.read(&mut buffer).await?;
+            if n == 0 {
                 send.send_data(Bytes::new(), true).map_err(h2_io)?;
                 return Ok::<_, io::Error>(());
             }
-            let mut chunk = buffer.split().freeze();
+            let mut chunk = Bytes::copy_from_slice(&buffer[..n]);
             while !chunk.is_empty() {
                 send.reserve_capacity(chunk.len());
                 let capacity = poll_fn(|cx| send.poll_capacity(cx))

@@ -215,7 +215,10 @@ async fn updates_and_removals_reach_the_node_and_it_sees_only_its_part() {
     let ConfigResource::Address(reviews) = reviews.as_ref() else {
         panic!("{reviews:?}")
     };
-    assert!(reviews.mesh, "reviews-1's namespace is captured: {reviews:?}");
+    assert!(
+        reviews.mesh,
+        "reviews-1's namespace is captured: {reviews:?}"
+    );
     assert_eq!(
         (reviews.node.as_str(), reviews.service_account.as_str()),
         ("node2", "reviews")

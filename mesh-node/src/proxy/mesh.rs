@@ -211,7 +211,12 @@ async fn tunnel_out(
             } else {
                 Outcome::TunnelFailed
             };
-            tracing::warn!(pod = %pod.name, %original_dst, destination = %identity, error = %super::error_chain(&error), "tunnel not opened");
+            if outcome == Outcome::Denied {
+                // The destination logs the decision and its reason.
+                tracing::debug!(pod = %pod.name, %original_dst, destination = %identity, "tunnel refused by the destination's authorization");
+            } else {
+                tracing::warn!(pod = %pod.name, %original_dst, destination = %identity, error = %super::error_chain(&error), "tunnel not opened");
+            }
             reset(stream);
             pod.connections
                 .count(&pod.name, Direction::Outbound, outcome);

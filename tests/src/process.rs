@@ -187,6 +187,16 @@ impl Process {
         }
     }
 
+    /// Sends SIGTERM and returns at once; see [`Process::exited`].
+    pub fn request_stop(&self) -> io::Result<()> {
+        self.signal_term()
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn exited(&mut self) -> io::Result<Option<ExitStatus>> {
+        self.child.try_wait()
+    }
+
     fn signal_term(&self) -> io::Result<()> {
         self.signal(libc::SIGTERM)
     }

@@ -430,3 +430,42 @@ fn certificates_rotate_under_traffic_without_a_failed_request() {
     eprintln!("{requests} requests across two rotations, {more} new tunnel handshakes");
     assert!(more >= 2, "only {more} new handshakes across two rotations");
 }
+
+#[test]
+fn sigterm_stops_new_tunnels_and_lets_open_streams_finish() {
+    let mut mesh = mesh("e2edrain");
+    let mut echo = mesh.cluster.pod_command("shop/reviews", MESH_POD).unwrap();
+    echo.args(["echo", "--listen", "[::]:9090"]);
+    let (_echo, _) = Process::spawn_ready("echo", echo, "listening", READY).unwrap();
+    let to = format!("{}:9090", mesh.cluster.pod("shop/reviews").unwrap().ip4);
+    let mut held = mesh.cluster.pod_command("shop/frontend", MESH_POD).unwrap();
+    held.args(["connect", "--to", &to, "--hold"]);
+    let (mut held, _) = Process::spawn_ready("held", held, "connected", READY).unwrap();
+
+    // node1 (reviews' node) is asked to stop: it stops taking tunnels...
+    mesh.nodes[1].0.request_stop().unwrap();
+    wait_until("new requests to reviews are refused", || {
+        !mesh.get("shop/frontend", 1).0
+    });
+    // ...but the open stream still carries data, and the node waits for it.
+    held.send_line("again").unwrap();
+    assert_eq!(held.wait_for_line("", READY).unwrap(), "ok");
+    assert!(
+        mesh.nodes[1].0.exited().unwrap().is_none(),
+        "node1 quit with a stream open"
+    );
+
+    // Once it ends, the node exits — well before its 30 s drain deadline.
+    let closed = Instant::now();
+    held.finish().unwrap();
+    wait_until("node1 exits", || {
+        mesh.nodes[1].0.exited().unwrap().is_some()
+    });
+    let status = mesh.nodes[1].0.exited().unwrap().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        closed.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        closed.elapsed()
+    );
+}

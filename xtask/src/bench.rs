@@ -9,9 +9,10 @@ use anyhow::{Context as _, bail};
 use crate::run::{self, cargo, root, step};
 
 mod capture;
+mod datapath;
 
 /// The benchmarks, by name.
-const BENCHES: &[&str] = &["handshakes", "capture"];
+const BENCHES: &[&str] = &["handshakes", "capture", "datapath"];
 
 pub fn run(name: Option<String>) -> anyhow::Result<()> {
     let selected: Vec<&str> = match &name {
@@ -23,6 +24,7 @@ pub fn run(name: Option<String>) -> anyhow::Result<()> {
         match bench {
             "handshakes" => handshakes()?,
             "capture" => capture::run()?,
+            "datapath" => datapath::run()?,
             _ => unreachable!("listed in BENCHES"),
         }
     }

@@ -19,6 +19,12 @@
 //! connection (or all on one with `--keep-alive`), and prints a JSON
 //! summary with the bodies' lengths; it exits non-zero unless every
 //! answer was 200.
+//!
+//! For benchmarks: `bench-http --to ADDR --connections C --requests N`
+//! times N keep-alive GETs over C connections (one thread each) and prints
+//! p50/p99 and requests per second; `sink --listen ADDR` reads each
+//! connection to its end and answers with the byte count; `bulk --to ADDR
+//! --bytes N` sends N bytes to a sink and prints the throughput.
 
 use std::{
     io::{self, Read as _, Write as _},
@@ -61,6 +67,27 @@ enum Command {
         /// All requests on one connection.
         #[arg(long)]
         keep_alive: bool,
+    },
+    /// Time REQUESTS keep-alive GETs over CONNECTIONS connections.
+    BenchHttp {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
+        #[arg(long, default_value_t = 10000)]
+        requests: usize,
+    },
+    /// Read every connection to its end; answer with the byte count.
+    Sink {
+        #[arg(long, default_value = "[::]:9000")]
+        listen: SocketAddr,
+    },
+    /// Send BYTES to a sink; print the throughput.
+    Bulk {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1 << 30)]
+        bytes: u64,
     },
     /// Time COUNT connect() calls (after a warm-up), closing each with a
     /// reset; prints percentiles in microseconds as JSON.
@@ -113,6 +140,13 @@ fn main() -> ExitCode {
             count,
             keep_alive,
         } => http_get(to, &path, count, keep_alive),
+        Command::BenchHttp {
+            to,
+            connections,
+            requests,
+        } => report("bench-http", bench_http(to, connections, requests)),
+        Command::Sink { listen } => report("sink", sink(listen)),
+        Command::Bulk { to, bytes } => report("bulk", bulk(to, bytes)),
         Command::BenchConnect { to, count } => match bench_connect(to, count) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
@@ -363,11 +397,13 @@ fn answer_http(stream: TcpStream, body: &str) -> io::Result<()> {
         };
         let length = content_length(&head);
         io::copy(&mut (&mut reader).take(length), &mut io::sink())?;
-        write!(
-            writer,
+        // One write per answer: a message split over several segments
+        // would time the segments, not the path.
+        let answer = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
-        )?;
+        );
+        writer.write_all(answer.as_bytes())?;
     }
 }
 
@@ -418,7 +454,7 @@ fn http_get(to: SocketAddr, path: &str, count: u32, keep_alive: bool) -> ExitCod
                     connection.insert((io::BufReader::new(stream.try_clone()?), stream))
                 }
             };
-            write!(writer, "GET {path} HTTP/1.1\r\nhost: {to}\r\n\r\n")?;
+            writer.write_all(format!("GET {path} HTTP/1.1\r\nhost: {to}\r\n\r\n").as_bytes())?;
             let head = read_head(reader)?.ok_or(io::ErrorKind::UnexpectedEof)?;
             let status = head.split(' ').nth(1).unwrap_or("").to_owned();
             let length = content_length(&head);
@@ -450,4 +486,143 @@ fn http_get(to: SocketAddr, path: &str, count: u32, keep_alive: bool) -> ExitCod
     } else {
         ExitCode::FAILURE
     }
+}
+
+fn report(what: &str, result: io::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("mesh-pod {what}: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One keep-alive GET and its answer on `connection`.
+fn get_once(
+    reader: &mut io::BufReader<TcpStream>,
+    writer: &mut TcpStream,
+    to: SocketAddr,
+) -> io::Result<()> {
+    writer.write_all(format!("GET /bench HTTP/1.1\r\nhost: {to}\r\n\r\n").as_bytes())?;
+    let head = read_head(reader)?.ok_or(io::ErrorKind::UnexpectedEof)?;
+    let mut body = vec![0u8; usize::try_from(content_length(&head)).unwrap_or(0)];
+    reader.read_exact(&mut body)?;
+    if head.split(' ').nth(1) != Some("200") {
+        return Err(io::Error::other(format!("answered {head:?}")));
+    }
+    Ok(())
+}
+
+fn bench_http(to: SocketAddr, connections: usize, requests: usize) -> io::Result<()> {
+    let connections = connections.max(1);
+    let per_connection = requests.div_ceil(connections);
+    let started = std::time::Instant::now();
+    let workers: Vec<_> = (0..connections)
+        .map(|_| {
+            thread::spawn(move || -> io::Result<Vec<Duration>> {
+                let mut writer = open(
+                    to,
+                    Client {
+                        mark: None,
+                        local_port: None,
+                    },
+                )?;
+                writer.set_nodelay(true)?;
+                let mut reader = io::BufReader::new(writer.try_clone()?);
+                // Warm-up: the tunnel, the pooled connection, the caches.
+                for _ in 0..per_connection / 10 {
+                    get_once(&mut reader, &mut writer, to)?;
+                }
+                let mut samples = Vec::with_capacity(per_connection);
+                for _ in 0..per_connection {
+                    let start = std::time::Instant::now();
+                    get_once(&mut reader, &mut writer, to)?;
+                    samples.push(start.elapsed());
+                }
+                Ok(samples)
+            })
+        })
+        .collect();
+    let mut samples = Vec::new();
+    for worker in workers {
+        samples.extend(
+            worker
+                .join()
+                .map_err(|_| io::Error::other("a worker panicked"))??,
+        );
+    }
+    // The rate counts the timed requests over the whole run, warm-up
+    // included in the time: a slight underestimate, never an overestimate.
+    let elapsed = started.elapsed().as_secs_f64();
+    samples.sort();
+    let micros = |q: f64| {
+        let index = ((samples.len() as f64 * q) as usize).min(samples.len() - 1);
+        samples[index].as_secs_f64() * 1e6
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "to": to.to_string(),
+            "connections": connections,
+            "requests": samples.len(),
+            "p50_us": micros(0.50),
+            "p99_us": micros(0.99),
+            "requests_per_second": samples.len() as f64 / elapsed,
+        })
+    );
+    Ok(())
+}
+
+fn sink(listen: SocketAddr) -> io::Result<()> {
+    let listener = TcpListener::bind(listen)?;
+    println!("listening {}", listener.local_addr()?);
+    io::stdout().flush()?;
+    for stream in listener.incoming() {
+        let mut stream = stream?;
+        thread::spawn(move || -> io::Result<()> {
+            let received = io::copy(&mut stream, &mut io::sink())?;
+            stream.write_all(&received.to_be_bytes())
+        });
+    }
+    Ok(())
+}
+
+fn bulk(to: SocketAddr, bytes: u64) -> io::Result<()> {
+    let mut stream = open(
+        to,
+        Client {
+            mark: None,
+            local_port: None,
+        },
+    )?;
+    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let chunk = vec![0x5au8; 256 << 10];
+    let started = std::time::Instant::now();
+    let mut left = bytes;
+    while left > 0 {
+        let n = usize::try_from(left.min(chunk.len() as u64)).unwrap_or(chunk.len());
+        stream.write_all(&chunk[..n])?;
+        left -= n as u64;
+    }
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut count = [0u8; 8];
+    stream.read_exact(&mut count)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let received = u64::from_be_bytes(count);
+    if received != bytes {
+        return Err(io::Error::other(format!(
+            "the sink got {received} of {bytes} bytes"
+        )));
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "to": to.to_string(),
+            "bytes": bytes,
+            "seconds": seconds,
+            "gbit_per_second": bytes as f64 * 8.0 / seconds / 1e9,
+        })
+    );
+    Ok(())
 }

@@ -33,7 +33,7 @@ const COUNT: usize = 10000;
 /// Runs per set-up; the table shows the median run.
 const RUNS: usize = 5;
 
-fn release_bin(name: &str) -> PathBuf {
+pub(super) fn release_bin(name: &str) -> PathBuf {
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
     target.join("release").join(name)

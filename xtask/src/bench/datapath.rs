@@ -1,0 +1,351 @@
+//! `cargo xtask bench datapath`: what the mesh adds between two pods on two
+//! nodes. A client pod on node0 calls a server pod on node1 twice over:
+//! in a captured namespace (client's node proxy → HBONE mTLS tunnel → the
+//! server's node proxy → server) and in an uncaptured one (direct). Same
+//! nodes, same path through veth, bridges and the fabric; release builds;
+//! access logs off (RUST_LOG=warn), as a benchmark of the data path.
+
+use std::{net::SocketAddr, path::Path, process::Stdio, time::Duration};
+
+use anyhow::{Context as _, bail, ensure};
+use mesh_e2e::{
+    Cluster, ClusterSpec, PodSpec, cluster,
+    process::{Process, ready_field},
+};
+
+use super::capture::release_bin;
+use crate::{
+    demo::meshctl_at,
+    ebpf,
+    run::{self, cargo, step},
+    setup,
+};
+
+const CLUSTER: &str = "benchhbone";
+const READY: Duration = Duration::from_secs(30);
+/// Runs per measurement; the table shows the median.
+const RUNS: usize = 3;
+const REQUESTS_C1: usize = 5000;
+const REQUESTS_C16: usize = 32000;
+const BULK_BYTES: u64 = 512 << 20;
+
+fn json(output: std::process::Output, what: &str) -> anyhow::Result<serde_json::Value> {
+    ensure!(
+        output.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    serde_json::from_slice(&output.stdout).with_context(|| format!("{what} printed {output:?}"))
+}
+
+/// Median of RUNS runs of `field` (and the run it came from).
+fn median_of(
+    mut run: impl FnMut() -> anyhow::Result<serde_json::Value>,
+    field: &str,
+) -> anyhow::Result<(f64, serde_json::Value)> {
+    let mut runs = Vec::new();
+    for _ in 0..RUNS {
+        let result = run()?;
+        let value = result[field].as_f64().context("missing field")?;
+        runs.push((value, result));
+    }
+    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Ok(runs.swap_remove(RUNS / 2))
+}
+
+/// Resident memory of a process, in MiB.
+fn rss_mib(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")?;
+    Ok(kib / 1024.0)
+}
+
+struct Setup {
+    cluster: Cluster,
+    nodes: Vec<Process>,
+    _processes: Vec<Process>,
+}
+
+fn up(data_dir: &Path) -> anyhow::Result<Setup> {
+    cluster::teardown(CLUSTER)?;
+    let cluster = Cluster::up(&ClusterSpec {
+        name: CLUSTER.into(),
+        nodes: 2,
+        pods: vec![
+            PodSpec::new("shop", "client", 0),
+            PodSpec::new("shop", "server", 1),
+            PodSpec::new("direct", "client", 0),
+            PodSpec::new("direct", "server", 1),
+        ],
+    })?;
+    let mut processes = Vec::new();
+    let _ = std::fs::remove_dir_all(data_dir);
+    let mut command = cluster.system_command(release_bin("mesh-control"))?;
+    command
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "warn");
+    let (control, ready) = Process::spawn_ready("mesh-control", command, "ready", READY)?;
+    let field = |name| {
+        ready_field(&ready, name)
+            .map(str::to_owned)
+            .with_context(|| format!("mesh-control said {ready:?}"))
+    };
+    let (api, grpc) = (field("api")?, field("grpc")?);
+    processes.push(control);
+    let mut objects = String::from(
+        "apiVersion: mesh.io/v1\nkind: Namespace\nmetadata: {name: shop, labels: {mesh.io/capture: enabled}}\n---\n\
+         apiVersion: mesh.io/v1\nkind: Namespace\nmetadata: {name: direct}\n",
+    );
+    for pod in &cluster.layout().pods {
+        objects.push_str(&format!(
+            "---\napiVersion: mesh.io/v1\nkind: Workload\nmetadata: {{name: {}, namespace: {}}}\n\
+             spec: {{node: node{}, ip: {}, service_account: {}}}\n",
+            pod.name, pod.namespace, pod.node, pod.ip4, pod.name
+        ));
+    }
+    meshctl_at(
+        &release_bin("meshctl"),
+        &api,
+        data_dir,
+        &["apply", "-f", "-"],
+        &objects,
+    )?;
+    for server in ["shop/server", "direct/server"] {
+        for args in [
+            ["serve-http", "--listen", "[::]:8080", "--body", "ok"].as_slice(),
+            ["sink", "--listen", "[::]:9000"].as_slice(),
+        ] {
+            let mut command = cluster.pod_command(server, release_bin("mesh-pod"))?;
+            command.args(args);
+            processes.push(Process::spawn_ready(server, command, "listening", READY)?.0);
+        }
+    }
+    let layout = cluster.layout().clone();
+    let mut nodes = Vec::new();
+    for node in 0..2 {
+        let mut command = cluster.system_command(release_bin("mesh-node"))?;
+        command
+            .arg("--cgroup")
+            .arg(&layout.nodes[node].cgroup)
+            .arg("--bpf-pin-dir")
+            .arg(layout.bpf_pin_dir(node))
+            .args(["--node", &format!("node{node}"), "--control-plane", &grpc])
+            .arg("--ca-bundle")
+            .arg(data_dir.join("ca/root.pem"))
+            .arg("--bootstrap-token-file")
+            .arg(data_dir.join("bootstrap-token"))
+            .arg("--pod-netns")
+            .arg(format!("/run/netns/mesh-{CLUSTER}-{{namespace}}-{{name}}"))
+            .args(["--admin-addr", "127.0.0.1:0", "--drain-timeout", "1s"])
+            .env("RUST_LOG", "warn");
+        nodes.push(Process::spawn_ready(&format!("node{node}"), command, "ready", READY)?.0);
+    }
+    Ok(Setup {
+        cluster,
+        nodes,
+        _processes: processes,
+    })
+}
+
+fn pod_run(cluster: &Cluster, pod: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let output = cluster
+        .pod_command(pod, release_bin("mesh-pod"))?
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()?;
+    json(output, &format!("mesh-pod {args:?} in {pod}"))
+}
+
+/// One side's numbers.
+#[derive(Debug)]
+struct Side {
+    p50: f64,
+    p99: f64,
+    rps_c16: f64,
+    gbit: f64,
+}
+
+fn measure(cluster: &Cluster, namespace: &str) -> anyhow::Result<Side> {
+    let client = format!("{namespace}/client");
+    let server = cluster.pod(&format!("{namespace}/server"))?.ip4;
+    let http = SocketAddr::from((server, 8080)).to_string();
+    let sink = SocketAddr::from((server, 9000)).to_string();
+    let (p50, c1) = median_of(
+        || {
+            pod_run(
+                cluster,
+                &client,
+                &[
+                    "bench-http",
+                    "--to",
+                    &http,
+                    "--requests",
+                    &REQUESTS_C1.to_string(),
+                ],
+            )
+        },
+        "p50_us",
+    )?;
+    let p99 = c1["p99_us"].as_f64().unwrap_or(f64::NAN);
+    let (rps_c16, _) = median_of(
+        || {
+            pod_run(
+                cluster,
+                &client,
+                &[
+                    "bench-http",
+                    "--to",
+                    &http,
+                    "--connections",
+                    "16",
+                    "--requests",
+                    &REQUESTS_C16.to_string(),
+                ],
+            )
+        },
+        "requests_per_second",
+    )?;
+    let (gbit, _) = median_of(
+        || {
+            pod_run(
+                cluster,
+                &client,
+                &["bulk", "--to", &sink, "--bytes", &BULK_BYTES.to_string()],
+            )
+        },
+        "gbit_per_second",
+    )?;
+    println!(
+        "    {namespace:<7} c=1 p50 {p50:>7.1} µs p99 {p99:>7.1} µs   c=16 {rps_c16:>8.0} req/s   bulk {gbit:.2} Gbit/s"
+    );
+    Ok(Side {
+        p50,
+        p99,
+        rps_c16,
+        gbit,
+    })
+}
+
+pub fn run() -> anyhow::Result<()> {
+    step("benchmark: pod to pod across nodes, through the mesh and direct (release builds)");
+    if !run::is_root() {
+        bail!("the data path benchmark builds network namespaces and loads eBPF: run it as root");
+    }
+    setup::run()?;
+    ebpf::build()?;
+    run::run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "mesh-node",
+        "-p",
+        "mesh-control",
+        "-p",
+        "meshctl",
+        "-p",
+        "mesh-e2e",
+        "--bins",
+    ]))?;
+    let data_dir = std::env::temp_dir().join("mesh-bench-datapath");
+    let setup = up(&data_dir)?;
+    let cluster = &setup.cluster;
+    // Ready when a request crosses the mesh (pods captured, certificates
+    // issued on both nodes).
+    let deadline = std::time::Instant::now() + READY;
+    let server = cluster.pod("shop/server")?.ip4;
+    let first = loop {
+        let attempt = pod_run(
+            cluster,
+            "shop/client",
+            &[
+                "bench-http",
+                "--to",
+                &SocketAddr::from((server, 8080)).to_string(),
+                "--requests",
+                "10",
+            ],
+        );
+        match attempt {
+            Ok(result) => break result,
+            Err(error) if std::time::Instant::now() > deadline => return Err(error),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    ensure!(first["requests"] == 10, "the mesh is not carrying requests");
+    let idle: Vec<f64> = setup
+        .nodes
+        .iter()
+        .map(|n| rss_mib(n.id()))
+        .collect::<anyhow::Result<_>>()?;
+    println!(
+        "    mesh-node RSS, idle with 2 captured pods: {:.1} / {:.1} MiB",
+        idle[0], idle[1]
+    );
+    let direct = measure(cluster, "direct")?;
+    let mesh = measure(cluster, "shop")?;
+    let loaded: Vec<f64> = setup
+        .nodes
+        .iter()
+        .map(|n| rss_mib(n.id()))
+        .collect::<anyhow::Result<_>>()?;
+    drop(setup);
+    cluster::teardown(CLUSTER)?;
+    let _ = std::fs::remove_dir_all(&data_dir);
+
+    let added = mesh.p50 - direct.p50;
+    let body = format!(
+        "A client pod on node0 calls a server pod on node1 of a local netns cluster\n\
+         (veth, bridges, a fabric bridge; one machine), once in a captured namespace —\n\
+         client's node proxy → HBONE (HTTP/2 CONNECT over mTLS, pooled) → the server's\n\
+         node proxy → server — and once in an uncaptured namespace (direct). Release\n\
+         builds, access logs off, median of {RUNS} runs. HTTP/1.1 keep-alive GETs with a\n\
+         2-byte body: c=1 {REQUESTS_C1} requests on one connection; c=16 {REQUESTS_C16} over\n\
+         16 connections; bulk: {} MiB on one TCP connection to a sink.\n\n\
+         | | direct | mesh | mesh − direct | ratio |\n|---|---:|---:|---:|---:|\n\
+         | c=1 p50 µs | {:.1} | {:.1} | {added:+.1} | {:.2} |\n\
+         | c=1 p99 µs | {:.1} | {:.1} | {:+.1} | {:.2} |\n\
+         | c=16 requests/s | {:.0} | {:.0} | | {:.2} |\n\
+         | bulk Gbit/s | {:.2} | {:.2} | | {:.2} |\n\n\
+         Added per proxy hop at p50 (two proxies on the path): {:.1} µs (target ≤ 20).\n\
+         Throughput ratio: {:.2} (target ≥ 0.5). mesh-node RSS idle with its captured\n\
+         pods: node0 {:.1} MiB, node1 {:.1} MiB (target ≤ 15); after the runs {:.1} / {:.1} MiB.\n\
+         Both proxies, the client, the server and the kernel's forwarding share the\n\
+         machine's 2 cores, so the mesh rows also pay for the proxies' CPU time\n\
+         competing with the client and server.\n\n\
+         Machine: {}. Reproduce: `cargo xtask bench datapath` (root).",
+        BULK_BYTES >> 20,
+        direct.p50,
+        mesh.p50,
+        mesh.p50 / direct.p50,
+        direct.p99,
+        mesh.p99,
+        mesh.p99 - direct.p99,
+        mesh.p99 / direct.p99,
+        direct.rps_c16,
+        mesh.rps_c16,
+        mesh.rps_c16 / direct.rps_c16,
+        direct.gbit,
+        mesh.gbit,
+        mesh.gbit / direct.gbit,
+        added / 2.0,
+        mesh.gbit / direct.gbit,
+        idle[0],
+        idle[1],
+        loaded[0],
+        loaded[1],
+        super::machine()
+    );
+    super::record("datapath", "Pod to pod through the mesh", &body)
+}

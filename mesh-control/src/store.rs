@@ -239,6 +239,7 @@ impl Store {
             for resource in resources {
                 check_namespace_exists(&mut tx, backend, resource).await?;
             }
+            check_unique_addresses(&mut tx, backend, resources).await?;
             for (namespace, service) in &endpoints_to_refresh {
                 endpoints::refresh(&mut tx, backend, namespace, service, revision).await?;
             }
@@ -567,6 +568,49 @@ async fn check_namespace_exists(
                 "namespace {namespace} does not exist; create it (kind: Namespace) first or in the same apply"
             ),
         });
+    }
+    Ok(())
+}
+
+/// Refuses a workload whose address another workload already has: every
+/// node maps addresses to identities, and two claimants would let one
+/// redirect (or downgrade) the other's traffic.
+async fn check_unique_addresses(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    resources: &[Resource],
+) -> Result<(), StoreError> {
+    let applied: Vec<&mesh_model::Object<mesh_model::workload::WorkloadSpec>> = resources
+        .iter()
+        .filter_map(|r| match r {
+            Resource::Workload(w) => Some(w),
+            _ => None,
+        })
+        .collect();
+    if applied.is_empty() {
+        return Ok(());
+    }
+    let stored = kinds::list(conn, backend, Kind::Workload, None).await?;
+    for workload in applied {
+        let holder = stored.iter().find_map(|other| match other {
+            Resource::Workload(other)
+                if other.spec.ip == workload.spec.ip
+                    && (other.namespace(), other.name())
+                        != (workload.namespace(), workload.name()) =>
+            {
+                Some(format!("{}/{}", other.namespace(), other.name()))
+            }
+            _ => None,
+        });
+        if let Some(holder) = holder {
+            return Err(StoreError::Conflict {
+                reference: Resource::Workload(workload.clone()).reference(),
+                message: format!(
+                    "spec.ip: {} is already the address of Workload {holder}",
+                    workload.spec.ip
+                ),
+            });
+        }
     }
     Ok(())
 }

@@ -80,7 +80,46 @@ conformance!(
     certificate_keys_are_sealed_at_rest,
     dry_runs_report_and_change_nothing,
     bootstrap_tokens_are_stored_hashed_and_checked,
+    two_workloads_cannot_share_an_address,
 );
+
+async fn two_workloads_cannot_share_an_address(store: Store) {
+    store.apply(&parse(SHOP)).await.unwrap();
+    let revision = store.revision().await.unwrap();
+    let thief = parse_one(
+        "apiVersion: mesh.io/v1\nkind: Workload\nmetadata: {name: thief, namespace: shop}\n\
+         spec: {node: node1, ip: 10.89.0.2, service_account: thief}\n",
+    );
+    let error = store.apply(&thief).await.unwrap_err();
+    assert!(
+        error.to_string().contains(
+            "Workload/shop/thief: spec.ip: 10.89.0.2 is already the address of Workload shop/reviews-v1"
+        ),
+        "{error}"
+    );
+    assert_eq!(store.revision().await.unwrap(), revision);
+    assert!(
+        store
+            .get(Kind::Workload, Some("shop"), "thief")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // A workload may keep, or move to a free, address.
+    let mut moved = parse(SHOP);
+    moved.retain(|r| r.name() == "reviews-v1");
+    moved[0]
+        .metadata_mut()
+        .labels
+        .insert("tier".into(), "x".into());
+    let outcome = store.apply(&moved).await.unwrap();
+    assert_eq!(configured(&outcome), ["Workload/shop/reviews-v1"]);
+    let free = parse_one(
+        "apiVersion: mesh.io/v1\nkind: Workload\nmetadata: {name: thief, namespace: shop}\n\
+         spec: {node: node1, ip: 10.89.0.99, service_account: thief}\n",
+    );
+    store.apply(&free).await.unwrap();
+}
 
 fn parse(text: &str) -> Vec<Resource> {
     parse_documents(text).unwrap_or_else(|e| panic!("{e:?}"))

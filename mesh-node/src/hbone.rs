@@ -45,17 +45,38 @@ pub const ALPN: &[u8] = b"h2";
 pub const TRACEPARENT: &str = "traceparent";
 
 /// How much one stream may have in flight: large enough that a single bulk
-/// transfer is not held back by window updates.
-const STREAM_WINDOW: u32 = 4 << 20;
-const CONNECTION_WINDOW: u32 = 16 << 20;
+/// transfer is not held back by window updates. A stream's window is given
+/// back only as its bytes are written to the application, so a stream
+/// whose application stops reading holds at most this much.
+const STREAM_WINDOW: u32 = 2 << 20;
+/// Many times the stream window, so a few stalled streams (slow readers)
+/// cannot stop the others sharing the connection.
+const CONNECTION_WINDOW: u32 = 64 << 20;
 const MAX_FRAME: u32 = 1 << 20;
 /// Bytes read from the application at once (a bulk transfer moves in
 /// reads this large).
 const CHUNK: usize = 256 << 10;
 /// What a connection may buffer for sending before streams wait.
 const SEND_BUFFER: usize = 4 << 20;
-/// How long a TLS + HTTP/2 handshake may take.
+/// How long a TLS + HTTP/2 handshake, or the answer to a `CONNECT`, may
+/// take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sets up a tunnel's TCP socket: no Nagle delay, and a dead peer (a
+/// deleted pod, a crashed node) noticed within a minute or so instead of
+/// TCP's quarter of an hour: keepalive probes while idle, and a bound on
+/// unacknowledged data while busy.
+pub fn tune_socket(tcp: &TcpStream) -> io::Result<()> {
+    tcp.set_nodelay(true)?;
+    let socket = socket2::SockRef::from(tcp);
+    socket.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(30))
+            .with_interval(Duration::from_secs(10))
+            .with_retries(3),
+    )?;
+    socket.set_tcp_user_timeout(Some(Duration::from_secs(60)))
+}
 
 /// How the client pool shares connections.
 #[derive(Clone, Copy, Debug)]
@@ -174,7 +195,9 @@ pub struct Tunnel {
 #[derive(Debug)]
 pub struct Pool {
     settings: PoolSettings,
-    slots: Mutex<HashMap<PoolKey, Slot>>,
+    /// Shared with the connections' driver tasks, which remove a key's
+    /// entry once its last connection has closed.
+    slots: Arc<Mutex<HashMap<PoolKey, Slot>>>,
     stats: Arc<HboneStats>,
 }
 
@@ -182,9 +205,13 @@ impl Pool {
     pub fn new(settings: PoolSettings, stats: Arc<HboneStats>) -> Self {
         Self {
             settings,
-            slots: Mutex::default(),
+            slots: Arc::default(),
             stats,
         }
+    }
+
+    pub fn settings(&self) -> PoolSettings {
+        self.settings
     }
 
     pub fn stats(&self) -> &Arc<HboneStats> {
@@ -297,6 +324,7 @@ impl Pool {
         let config = tls()?;
         let handshake = async {
             let tcp = dial().await.map_err(|e| TunnelError::Connect(address, e))?;
+            tune_socket(&tcp).map_err(|e| TunnelError::Connect(address, e))?;
             // The verifier checks the peer's identity, not a name: any
             // valid name will do here.
             let name = ServerName::IpAddress(address.ip().into());
@@ -339,6 +367,8 @@ impl Pool {
         let watched = connection.clone();
         let idle_timeout = self.settings.idle_timeout;
         let stats = self.stats.clone();
+        let slots = self.slots.clone();
+        let key = key.clone();
         stats.pooled_connections.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
             let idle = async {
@@ -360,6 +390,18 @@ impl Pool {
             }
             watched.closed.store(true, Ordering::Release);
             stats.pooled_connections.fetch_sub(1, Ordering::Relaxed);
+            // Forget the key when nothing of it is left (a busy slot is
+            // cleaned by its next checkout instead).
+            let mut slots = lock(&slots);
+            let empty = slots.get(&key).is_some_and(|slot| {
+                slot.try_lock().is_ok_and(|mut connections| {
+                    connections.retain(|c| !c.closed.load(Ordering::Acquire));
+                    connections.is_empty()
+                })
+            });
+            if empty {
+                slots.remove(&key);
+            }
         });
         Ok(connection)
     }
@@ -393,13 +435,17 @@ async fn connect_stream(
     let (response, stream) = send
         .send_request(request, false)
         .map_err(StreamError::Connection)?;
-    let response = response.await.map_err(|e| {
-        if e.is_go_away() || e.is_io() {
-            StreamError::Connection(e)
-        } else {
-            StreamError::Stream(e)
-        }
-    })?;
+    let response = match tokio::time::timeout(HANDSHAKE_TIMEOUT, response).await {
+        Ok(response) => response.map_err(|e| {
+            if e.is_go_away() || e.is_io() {
+                StreamError::Connection(e)
+            } else {
+                StreamError::Stream(e)
+            }
+        })?,
+        // No answer: the peer (or the path to it) is gone.
+        Err(_) => return Err(StreamError::Connection(h2::Reason::CANCEL.into())),
+    };
     if response.status() != StatusCode::OK {
         return Err(StreamError::Status(response.status()));
     }
@@ -474,21 +520,27 @@ impl Incoming {
 }
 
 /// Serves one accepted (already TLS-terminated) connection: every stream
-/// goes to `handle` in its own task, until the peer closes or `stop`
-/// resolves, when the connection is drained gracefully (GOAWAY, open
-/// streams finish).
-pub async fn serve<IO, H, Fut>(io: IO, handle: H, stop: impl Future<Output = ()>)
-where
+/// goes to `handle` in its own task, until the peer closes, `stop`
+/// resolves, or no stream has been open for `settings.idle_timeout`; then
+/// the connection is drained gracefully (GOAWAY, open streams finish).
+/// Clients may open twice `settings.max_streams` streams at once.
+pub async fn serve<IO, H, Fut>(
+    io: IO,
+    handle: H,
+    stop: impl Future<Output = ()>,
+    settings: PoolSettings,
+) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     H: Fn(Incoming) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let max_streams = u32::try_from(settings.max_streams.saturating_mul(2)).unwrap_or(u32::MAX);
     let connection = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_send_buffer_size(SEND_BUFFER)
-        .max_concurrent_streams(PoolSettings::default().max_streams as u32 * 2)
+        .max_concurrent_streams(max_streams)
         .handshake::<_, Bytes>(io);
     let mut connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connection).await {
         Ok(Ok(connection)) => connection,
@@ -500,11 +552,23 @@ where
     };
     tokio::pin!(stop);
     let mut stopping = false;
+    // Open streams, and when the last one ended.
+    let active = Arc::new(AtomicUsize::new(0));
+    let last_end = Arc::new(Mutex::new(Instant::now()));
+    let idle = tokio::time::sleep(settings.idle_timeout);
+    tokio::pin!(idle);
     loop {
         tokio::select! {
             next = connection.accept() => match next {
                 Some(Ok((request, respond))) => {
-                    tokio::spawn(handle(Incoming { request, respond }));
+                    active.fetch_add(1, Ordering::AcqRel);
+                    let stream = handle(Incoming { request, respond });
+                    let (active, last_end) = (active.clone(), last_end.clone());
+                    tokio::spawn(async move {
+                        stream.await;
+                        *lock(&last_end) = Instant::now();
+                        active.fetch_sub(1, Ordering::AcqRel);
+                    });
                 }
                 Some(Err(error)) => {
                     tracing::debug!(%error, "tunnel connection failed");
@@ -515,6 +579,15 @@ where
             () = &mut stop, if !stopping => {
                 stopping = true;
                 connection.graceful_shutdown();
+            }
+            () = &mut idle, if !stopping => {
+                let since = *lock(&last_end);
+                if active.load(Ordering::Acquire) == 0 && since.elapsed() >= settings.idle_timeout {
+                    stopping = true;
+                    connection.graceful_shutdown();
+                } else {
+                    idle.as_mut().reset(since.max(Instant::now()) + settings.idle_timeout);
+                }
             }
         }
     }
@@ -570,8 +643,10 @@ pub async fn splice(
         while let Some(chunk) = recv.data().await {
             let chunk = chunk.map_err(h2_io)?;
             received.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            let _ = recv.flow_control().release_capacity(chunk.len());
             writer.write_all(&chunk).await?;
+            // Window is given back once the application took the bytes:
+            // a reader that stops stops its sender, and only it.
+            let _ = recv.flow_control().release_capacity(chunk.len());
         }
         writer.shutdown().await
     };
@@ -601,6 +676,249 @@ fn h2_io(error: h2::Error) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use mesh_identity::{CertificateAuthority, SpiffeVerifier};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+    use tokio::net::TcpListener;
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    fn id(sa: &str) -> SpiffeId {
+        SpiffeId::parse(&format!("spiffe://cluster.local/ns/shop/sa/{sa}")).unwrap()
+    }
+
+    fn certificate(
+        ca: &CertificateAuthority,
+        sa: &str,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let (issued, key) = ca
+            .issue_with_key(&id(sa), time::OffsetDateTime::now_utc())
+            .unwrap();
+        (
+            vec![issued.der],
+            PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+        )
+    }
+
+    /// A tunnel server on loopback: streams to port 403 are refused with
+    /// 403, every other stream is echoed.
+    async fn server(ca: &CertificateAuthority) -> SocketAddr {
+        let (chain, key) = certificate(ca, "server");
+        let config = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_client_cert_verifier(SpiffeVerifier::new(ca.bundle()).into_client_verifier())
+            .with_single_cert(chain, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(server_tls(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    serve(tls, echo, std::future::pending(), PoolSettings::default()).await;
+                });
+            }
+        });
+        address
+    }
+
+    async fn echo(incoming: Incoming) {
+        if incoming.target().map(|t| t.port()) == Ok(403) {
+            return incoming.refuse(StatusCode::FORBIDDEN);
+        }
+        let Ok((mut send, mut recv)) = incoming.accept() else {
+            return;
+        };
+        while let Some(Ok(chunk)) = recv.data().await {
+            let _ = recv.flow_control().release_capacity(chunk.len());
+            if send.send_data(chunk, false).is_err() {
+                return;
+            }
+        }
+        let _ = send.send_data(Bytes::new(), true);
+    }
+
+    struct Client {
+        pool: Pool,
+        config: Arc<ClientConfig>,
+        key: PoolKey,
+    }
+
+    impl Client {
+        fn new(ca: &CertificateAuthority, server: SocketAddr, settings: PoolSettings) -> Self {
+            let (chain, key) = certificate(ca, "client");
+            let config = ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .dangerous()
+                .with_custom_certificate_verifier(
+                    SpiffeVerifier::new(ca.bundle())
+                        .expecting(id("server"))
+                        .into_server_verifier(),
+                )
+                .with_client_auth_cert(chain, key)
+                .unwrap();
+            Self {
+                pool: Pool::new(settings, Arc::default()),
+                config: client_tls(config),
+                key: PoolKey {
+                    source: "shop/client".into(),
+                    destination: id("server"),
+                    address: server,
+                },
+            }
+        }
+
+        async fn open(&self, serial: &str, port: u16) -> Result<Tunnel, TunnelError> {
+            let address = self.key.address;
+            self.pool
+                .open(
+                    &self.key,
+                    serial,
+                    SocketAddr::from(([10, 0, 0, 1], port)),
+                    &new_traceparent(),
+                    || TcpStream::connect(address),
+                    || Ok(self.config.clone()),
+                )
+                .await
+        }
+
+        fn handshakes(&self) -> u64 {
+            self.pool.stats().client_handshakes.load(Ordering::Relaxed)
+        }
+    }
+
+    fn ca() -> CertificateAuthority {
+        CertificateAuthority::generate("cluster.local", time::OffsetDateTime::now_utc()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn streams_share_a_connection_up_to_the_limit() {
+        let ca = ca();
+        let server = server(&ca).await;
+        let settings = PoolSettings {
+            max_streams: 2,
+            ..PoolSettings::default()
+        };
+        let client = Client::new(&ca, server, settings);
+        let a = client.open("1", 80).await.unwrap();
+        let b = client.open("1", 80).await.unwrap();
+        assert!(!a.reused && b.reused);
+        assert_eq!(client.handshakes(), 1);
+        // A third concurrent stream needs a second connection.
+        let c = client.open("1", 80).await.unwrap();
+        assert!(!c.reused);
+        assert_eq!(client.handshakes(), 2);
+        drop((a, b, c));
+        for _ in 0..10 {
+            drop(client.open("1", 80).await.unwrap());
+        }
+        assert_eq!(client.handshakes(), 2);
+        // A rotated source certificate: new streams, new connection.
+        let d = client.open("2", 80).await.unwrap();
+        assert!(!d.reused);
+        assert_eq!(client.handshakes(), 3);
+    }
+
+    #[tokio::test]
+    async fn bytes_and_half_closes_cross_the_tunnel() {
+        let ca = ca();
+        let server = server(&ca).await;
+        let client = Client::new(&ca, server, PoolSettings::default());
+        let tunnel = client.open("1", 80).await.unwrap();
+        // The application's side: a loopback TCP pair.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut app = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut proxied, _) = listener.accept().await.unwrap();
+        let spliced = tokio::spawn(async move {
+            let _guard = tunnel.guard;
+            splice(&mut proxied, tunnel.send, tunnel.recv).await
+        });
+        let message = vec![7u8; 3 << 20];
+        app.write_all(&message).await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut echoed = Vec::new();
+        app.read_to_end(&mut echoed).await.unwrap();
+        assert!(
+            echoed == message,
+            "{} of {} bytes came back",
+            echoed.len(),
+            message.len()
+        );
+        let (moved, result) = spliced.await.unwrap();
+        result.unwrap();
+        assert_eq!(
+            moved,
+            Transferred {
+                sent: 3 << 20,
+                received: 3 << 20
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn refusals_carry_the_status_and_idle_connections_close() {
+        let ca = ca();
+        let server = server(&ca).await;
+        let settings = PoolSettings {
+            idle_timeout: Duration::from_millis(100),
+            ..PoolSettings::default()
+        };
+        let client = Client::new(&ca, server, settings);
+        let refused = client.open("1", 403).await.unwrap_err();
+        assert!(refused.denied(), "{refused}");
+        let stats = client.pool.stats().clone();
+        assert_eq!(stats.pooled_connections.load(Ordering::Relaxed), 1);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stats.pooled_connections.load(Ordering::Relaxed) != 0 {
+            assert!(Instant::now() < deadline, "the idle connection stayed open");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The next stream opens a new connection.
+        drop(client.open("1", 80).await.unwrap());
+        assert_eq!(client.handshakes(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_server_with_another_identity_is_refused() {
+        let ca = ca();
+        let server = server(&ca).await;
+        let mut client = Client::new(&ca, server, PoolSettings::default());
+        client.key.destination = id("someone-else");
+        // The verifier expects `server`, regardless of the key.
+        let (chain, key) = certificate(&ca, "client");
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(
+                SpiffeVerifier::new(ca.bundle())
+                    .expecting(id("someone-else"))
+                    .into_server_verifier(),
+            )
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+        client.config = client_tls(config);
+        let error = client.open("1", 80).await.unwrap_err();
+        assert!(matches!(error, TunnelError::Tls(..)), "{error}");
+        assert_eq!(
+            client
+                .pool
+                .stats()
+                .client_handshake_failures
+                .load(Ordering::Relaxed),
+            1
+        );
+    }
 
     #[test]
     fn traceparents_are_w3c_shaped_and_fresh() {

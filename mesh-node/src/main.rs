@@ -94,7 +94,7 @@ struct Args {
     outside_mesh: OutsideMesh,
 
     /// How long a pooled tunnel connection without streams stays open.
-    #[arg(long, env = "MESH_NODE_TUNNEL_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "MESH_NODE_TUNNEL_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_idle_timeout)]
     tunnel_idle_timeout: std::time::Duration,
 
     /// Streams one pooled tunnel connection carries at once before the
@@ -144,6 +144,14 @@ fn parse_workload(value: &str) -> Result<(String, String), String> {
         mesh_model::names::check_dns_label(part).map_err(|why| format!("{value:?}: {why}"))?;
     }
     Ok((namespace.to_owned(), name.to_owned()))
+}
+
+fn parse_idle_timeout(value: &str) -> Result<std::time::Duration, String> {
+    let timeout = parse_duration(value)?;
+    if timeout < std::time::Duration::from_secs(1) {
+        return Err(format!("{value:?}: must be at least 1s"));
+    }
+    Ok(timeout)
 }
 
 fn parse_duration(value: &str) -> Result<std::time::Duration, String> {
@@ -219,6 +227,7 @@ async fn main() -> anyhow::Result<()> {
                 tunnel_stats.clone(),
             ),
             outside: args.outside_mesh,
+            handshakes: Arc::new(tokio::sync::Semaphore::new(proxy::MAX_PENDING_HANDSHAKES)),
         })
     });
     let proxy = match &args.cgroup {

@@ -18,7 +18,7 @@
 
 mod mesh;
 
-pub use mesh::{MeshPath, OutsideMesh};
+pub use mesh::{MAX_PENDING_HANDSHAKES, MeshPath, OutsideMesh};
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -48,6 +48,9 @@ use tokio::{
 };
 
 use crate::capture::{Capture, CaptureError, OriginalDsts, PodRegistration, netns::NetnsThread};
+
+/// The proxy's own ports in every pod: never a destination.
+const PROXY_PORTS: [u16; 3] = [PROXY_OUTBOUND_PORT, PROXY_INBOUND_PORT, PROXY_TUNNEL_PORT];
 
 /// How long the proxy waits for an upstream to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -144,6 +147,9 @@ pub enum Outcome {
     /// The tunnel could not be opened (no certificate, TLS or HTTP/2
     /// failure, destination not who the mesh says).
     TunnelFailed,
+    /// Addressed to one of the proxy's own ports, or a tunnel asking for a
+    /// destination that is not this pod.
+    ProxyPort,
 }
 
 impl Outcome {
@@ -156,6 +162,7 @@ impl Outcome {
             Outcome::PlaintextRefused => "plaintext_refused",
             Outcome::OutsideMeshDenied => "outside_mesh_denied",
             Outcome::TunnelFailed => "tunnel_failed",
+            Outcome::ProxyPort => "bad_destination",
         }
     }
 }
@@ -326,10 +333,23 @@ struct PodContext {
     /// Certificates for serving tunnels, built once per certificate
     /// manager.
     tunnel_tls: mesh::TunnelTls,
+    /// Becomes true when the pod is released: its tunnel connections
+    /// drain (GOAWAY) rather than serve new streams into a gone pod.
+    released: watch::Receiver<bool>,
     original: Arc<OriginalDsts>,
     connections: Arc<Connections>,
     /// One per carried connection, shared by every pod of the node.
     permits: Arc<Semaphore>,
+}
+
+/// One captured pod as the proxy holds it.
+#[derive(Debug)]
+struct PodEntry {
+    spec: PodSpec,
+    /// The accept loops: dropping them closes the listeners.
+    accept: JoinSet<()>,
+    /// Set when the pod is released (see `PodContext::released`).
+    released: watch::Sender<bool>,
 }
 
 /// The captured pods of this node.
@@ -340,7 +360,7 @@ pub struct Proxy {
     permits: Arc<Semaphore>,
     /// Each captured pod and the tasks accepting on its listeners: dropping
     /// them stops accepting; connections already relayed run to their end.
-    pods: Mutex<BTreeMap<String, (PodSpec, JoinSet<()>)>>,
+    pods: Mutex<BTreeMap<String, PodEntry>>,
     /// The mesh data path; `None` without a control plane.
     mesh: Option<Arc<MeshPath>>,
     /// Set when the proxy stops: tunnel connections drain (GOAWAY).
@@ -457,6 +477,7 @@ impl Proxy {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .original_dsts();
+        let (released, released_rx) = watch::channel(false);
         let context = Arc::new(PodContext {
             name: spec.name.clone(),
             cookie,
@@ -464,6 +485,7 @@ impl Proxy {
             addresses: addresses.clone(),
             mesh: self.mesh.clone(),
             tunnel_tls: mesh::TunnelTls::default(),
+            released: released_rx,
             original,
             connections: self.connections.clone(),
             permits: self.permits.clone(),
@@ -487,7 +509,14 @@ impl Proxy {
                 self.stopping.subscribe(),
             ));
         }
-        lock(&self.pods).insert(spec.name.clone(), (spec, accept));
+        lock(&self.pods).insert(
+            spec.name.clone(),
+            PodEntry {
+                spec,
+                accept,
+                released,
+            },
+        );
         Ok(())
     }
 
@@ -496,8 +525,8 @@ impl Proxy {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .update_pod(&spec.name, spec.outbound, spec.inbound)?;
-        if let Some((current, _)) = lock(&self.pods).get_mut(&spec.name) {
-            *current = spec.clone();
+        if let Some(entry) = lock(&self.pods).get_mut(&spec.name) {
+            entry.spec = spec.clone();
         }
         Ok(())
     }
@@ -505,9 +534,10 @@ impl Proxy {
     /// Releases a pod: the programs first (its traffic is no longer
     /// redirected), then its listeners. Open connections run to their end.
     pub fn remove_pod(&self, name: &str) -> Result<(), PodError> {
-        let Some(_pod) = lock(&self.pods).remove(name) else {
+        let Some(entry) = lock(&self.pods).remove(name) else {
             return Err(CaptureError::NotCaptured(name.to_owned()).into());
         };
+        entry.released.send_replace(true);
         self.capture
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -523,7 +553,7 @@ impl Proxy {
         let mut errors = Vec::new();
         let current: BTreeMap<String, PodSpec> = lock(&self.pods)
             .iter()
-            .map(|(name, (spec, _))| (name.clone(), spec.clone()))
+            .map(|(name, entry)| (name.clone(), entry.spec.clone()))
             .collect();
         let wanted: BTreeMap<String, PodSpec> =
             desired.into_iter().map(|s| (s.name.clone(), s)).collect();
@@ -560,8 +590,8 @@ impl Proxy {
     pub async fn stop_accepting(&self) {
         self.stopping.send_replace(true);
         let pods = std::mem::take(&mut *lock(&self.pods));
-        for (_, (_, mut accept)) in pods {
-            accept.shutdown().await;
+        for (_, mut entry) in pods {
+            entry.accept.shutdown().await;
         }
     }
 }
@@ -699,6 +729,14 @@ async fn connect_upstream(
         reset(stream);
         return Err(Outcome::NoOriginalDst);
     };
+    // A connection made straight to one of the proxy's own ports in the
+    // pod would be relayed to that same port from the pod's own address —
+    // which the kernel hands straight back to this listener, forever.
+    if direction == Direction::Inbound && PROXY_PORTS.contains(&original_dst.port()) {
+        tracing::debug!(pod = %pod.name, %client, %original_dst, "connection to a proxy port refused");
+        reset(stream);
+        return Err(Outcome::ProxyPort);
+    }
     let upstream = match dial(&pod.netns, original_dst).await {
         Ok(upstream) => upstream,
         Err(error) => {

@@ -307,6 +307,19 @@ fn pods_talk_across_nodes_over_mtls_and_only_as_policy_allows() {
     assert!(
         mesh.metric(1, "mesh_tcp_connections_opened_total{direction=\"inbound\",pod=\"shop/reviews\",peer=\"unknown\",security=\"plaintext\"}") >= 1
     );
+    // Even permissive, the proxy's own ports are no destination: relayed,
+    // a connection to 15006 would come straight back to it, forever.
+    let proxy_port = format!("{}:15006", mesh.cluster.pod("shop/reviews").unwrap().ip4);
+    let refused = plaintext("bad_destination");
+    let output = mesh
+        .cluster
+        .pod_command("legacy/client", MESH_POD)
+        .unwrap()
+        .args(["connect", "--to", &proxy_port])
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "{output:?}");
+    assert_eq!(plaintext("bad_destination"), refused + 1);
     drop(mesh.dir);
 }
 

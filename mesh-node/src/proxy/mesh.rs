@@ -11,7 +11,6 @@ use std::{
 };
 
 use http::StatusCode;
-use mesh_common::capture::{PROXY_INBOUND_PORT, PROXY_OUTBOUND_PORT, PROXY_TUNNEL_PORT};
 use mesh_identity::{SpiffeId, TrustBundle, svid::check_leaf};
 use mesh_model::{names::SYSTEM_NAMESPACE, namespace::MtlsMode};
 use rustls::ServerConfig;
@@ -51,7 +50,14 @@ pub struct MeshPath {
     pub bundle: TrustBundle,
     pub pool: Pool,
     pub outside: OutsideMesh,
+    /// Tunnel handshakes in progress, node-wide: a flood of connections
+    /// that never finish their handshake is bounded here, not by the
+    /// connection permits every pod's listeners share.
+    pub handshakes: Arc<tokio::sync::Semaphore>,
 }
+
+/// Tunnel handshakes in progress at once, node-wide.
+pub const MAX_PENDING_HANDSHAKES: usize = 256;
 
 impl MeshPath {
     /// The certificate state of the workload `pod`, if it has a manager.
@@ -238,7 +244,8 @@ async fn tunnel_out(
     open.finish(moved.sent, moved.received, Some(&trace), &result);
 }
 
-/// Accepts tunnels on a pod's `15008`.
+/// Accepts tunnels on a pod's `15008`. A connection takes one of the
+/// node's connection permits only once its handshake has succeeded.
 pub(super) async fn tunnel_accept_loop(
     listener: TcpListener,
     pod: Arc<PodContext>,
@@ -246,15 +253,17 @@ pub(super) async fn tunnel_accept_loop(
     stopping: watch::Receiver<bool>,
 ) {
     loop {
-        let Ok(permit) = pod.permits.clone().acquire_owned().await else {
-            return;
-        };
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
+                let Ok(handshake) = mesh.handshakes.clone().try_acquire_owned() else {
+                    tracing::warn!(pod = %pod.name, %peer, "too many tunnel handshakes in progress; connection dropped");
+                    reset(stream);
+                    continue;
+                };
+                let _ = hbone::tune_socket(&stream);
                 let (pod, mesh, stopping) = (pod.clone(), mesh.clone(), stopping.clone());
                 tokio::spawn(async move {
-                    serve_tunnels(stream, peer, pod, mesh, stopping, permit).await;
+                    serve_tunnels(stream, peer, pod, mesh, stopping, handshake).await;
                 });
             }
             Err(error) => {
@@ -273,7 +282,7 @@ async fn serve_tunnels(
     pod: Arc<PodContext>,
     mesh: Arc<MeshPath>,
     mut stopping: watch::Receiver<bool>,
-    _permit: OwnedSemaphorePermit,
+    handshake: OwnedSemaphorePermit,
 ) {
     let stats = mesh.pool.stats();
     let refuse = |why: &str| {
@@ -313,13 +322,26 @@ async fn serve_tunnels(
     if caller.namespace == SYSTEM_NAMESPACE {
         return refuse("mesh components do not open tunnels to workloads");
     }
+    drop(handshake);
+    let Ok(_permit) = pod.permits.clone().try_acquire_owned() else {
+        return refuse("the node is at its connection limit");
+    };
     stats
         .server_handshakes
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let caller = Arc::new(caller);
+    let mut released = pod.released.clone();
+    // Drained when the node stops or the pod is released.
     let stop = async move {
-        let _ = stopping.wait_for(|stop| *stop).await;
+        tokio::select! {
+            _ = stopping.wait_for(|stop| *stop) => {}
+            _ = released.wait_for(|gone| *gone) => {}
+        }
     };
+    // The server keeps an idle connection twice as long as clients do, so
+    // the client normally closes first.
+    let mut settings = mesh.pool.settings();
+    settings.idle_timeout = settings.idle_timeout.saturating_mul(2);
     let (pod2, mesh2) = (pod.clone(), mesh.clone());
     hbone::serve(
         tls,
@@ -328,6 +350,7 @@ async fn serve_tunnels(
             async move { tunnel_in(incoming, &caller, remote, &pod, &mesh).await }
         },
         stop,
+        settings,
     )
     .await;
 }
@@ -346,14 +369,19 @@ async fn tunnel_in(
     };
     let target = match incoming.target() {
         Ok(target) => canonical(target),
-        Err(status) => return incoming.refuse(status),
+        Err(status) => {
+            count(Outcome::ProxyPort);
+            return incoming.refuse(status);
+        }
     };
     // Only this pod's own addresses, and never the proxy's ports (a
     // tunnel to 15008 would loop back into this proxy).
     if !pod.addresses.contains(&target.ip()) {
+        count(Outcome::ProxyPort);
         return incoming.refuse(StatusCode::MISDIRECTED_REQUEST);
     }
-    if [PROXY_OUTBOUND_PORT, PROXY_INBOUND_PORT, PROXY_TUNNEL_PORT].contains(&target.port()) {
+    if super::PROXY_PORTS.contains(&target.port()) {
+        count(Outcome::ProxyPort);
         return incoming.refuse(StatusCode::BAD_REQUEST);
     }
     let trace = incoming.traceparent().map(str::to_owned);

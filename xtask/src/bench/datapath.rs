@@ -168,6 +168,24 @@ fn pod_run(cluster: &Cluster, pod: &str, args: &[&str]) -> anyhow::Result<serde_
     json(output, &format!("mesh-pod {args:?} in {pod}"))
 }
 
+/// CPU time a process has used so far, in microseconds (user + system).
+fn cpu_micros(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command (which may hold spaces) start after ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("unexpected /proc stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    let per_second: f64 = run::output(std::process::Command::new("getconf").arg("CLK_TCK"))?
+        .trim()
+        .parse()
+        .context("getconf CLK_TCK")?;
+    Ok(ticks / per_second * 1e6)
+}
+
 /// One side's numbers.
 #[derive(Debug)]
 struct Side {
@@ -175,9 +193,11 @@ struct Side {
     p99: f64,
     rps_c16: f64,
     gbit: f64,
+    /// CPU µs each proxy spent per request in the c=16 runs.
+    cpu_per_request: Vec<f64>,
 }
 
-fn measure(cluster: &Cluster, namespace: &str) -> anyhow::Result<Side> {
+fn measure(cluster: &Cluster, namespace: &str, proxies: &[u32]) -> anyhow::Result<Side> {
     let client = format!("{namespace}/client");
     let server = cluster.pod(&format!("{namespace}/server"))?.ip4;
     let http = SocketAddr::from((server, 8080)).to_string();
@@ -199,6 +219,10 @@ fn measure(cluster: &Cluster, namespace: &str) -> anyhow::Result<Side> {
         "p50_us",
     )?;
     let p99 = c1["p99_us"].as_f64().unwrap_or(f64::NAN);
+    let cpu_before: Vec<f64> = proxies
+        .iter()
+        .map(|p| cpu_micros(*p))
+        .collect::<anyhow::Result<_>>()?;
     let (rps_c16, _) = median_of(
         || {
             pod_run(
@@ -217,6 +241,13 @@ fn measure(cluster: &Cluster, namespace: &str) -> anyhow::Result<Side> {
         },
         "requests_per_second",
     )?;
+    // Every run's requests, warm-up included.
+    let requests = (RUNS * (REQUESTS_C16 + REQUESTS_C16 / 10)) as f64;
+    let cpu_per_request = proxies
+        .iter()
+        .zip(&cpu_before)
+        .map(|(p, before)| Ok((cpu_micros(*p)? - before) / requests))
+        .collect::<anyhow::Result<Vec<f64>>>()?;
     let (gbit, _) = median_of(
         || {
             pod_run(
@@ -235,6 +266,7 @@ fn measure(cluster: &Cluster, namespace: &str) -> anyhow::Result<Side> {
         p99,
         rps_c16,
         gbit,
+        cpu_per_request,
     })
 }
 
@@ -293,8 +325,13 @@ pub fn run() -> anyhow::Result<()> {
         "    mesh-node RSS, idle with 2 captured pods: {:.1} / {:.1} MiB",
         idle[0], idle[1]
     );
-    let direct = measure(cluster, "direct")?;
-    let mesh = measure(cluster, "shop")?;
+    let pids: Vec<u32> = setup.nodes.iter().map(Process::id).collect();
+    let direct = measure(cluster, "direct", &[])?;
+    let mesh = measure(cluster, "shop", &pids)?;
+    println!(
+        "    proxy CPU per request at c=16: node0 {:.1} µs, node1 {:.1} µs",
+        mesh.cpu_per_request[0], mesh.cpu_per_request[1]
+    );
     let loaded: Vec<f64> = setup
         .nodes
         .iter()
@@ -319,6 +356,8 @@ pub fn run() -> anyhow::Result<()> {
          | c=16 requests/s | {:.0} | {:.0} | | {:.2} |\n\
          | bulk Gbit/s | {:.2} | {:.2} | | {:.2} |\n\n\
          Added per proxy hop at p50 (two proxies on the path): {:.1} µs (target ≤ 20).\n\
+         CPU each proxy spent per request at c=16 (user + system, from /proc):\n\
+         client side {:.1} µs, server side {:.1} µs.\n\
          Throughput ratio: {:.2} (target ≥ 0.5). mesh-node RSS idle with its captured\n\
          pods: node0 {:.1} MiB, node1 {:.1} MiB (target ≤ 15); after the runs {:.1} / {:.1} MiB.\n\
          Both proxies, the client, the server and the kernel's forwarding share the\n\
@@ -340,6 +379,8 @@ pub fn run() -> anyhow::Result<()> {
         mesh.gbit,
         mesh.gbit / direct.gbit,
         added / 2.0,
+        mesh.cpu_per_request[0],
+        mesh.cpu_per_request[1],
         mesh.gbit / direct.gbit,
         idle[0],
         idle[1],

@@ -25,13 +25,24 @@ impl ControlPlane {
     /// Starts `mesh-control serve` on loopback with its data in `data_dir`
     /// (created by the first start: store, CA, bootstrap token). `command`
     /// lets the caller place it (e.g. in a cluster's system cgroup).
-    pub fn start_with(mut command: Command, data_dir: &Path) -> io::Result<Self> {
+    pub fn start_with(command: Command, data_dir: &Path) -> io::Result<Self> {
+        Self::start_at(command, data_dir, "127.0.0.1:0", "127.0.0.1:0")
+    }
+
+    /// Starts it listening on `api` and `grpc` (`host:port`): a restart
+    /// where the nodes expect it.
+    pub fn start_at(
+        mut command: Command,
+        data_dir: &Path,
+        api: &str,
+        grpc: &str,
+    ) -> io::Result<Self> {
         command.arg("--data-dir").arg(data_dir).args([
             "serve",
             "--listen",
-            "127.0.0.1:0",
+            api,
             "--grpc-listen",
-            "127.0.0.1:0",
+            grpc,
         ]);
         let (process, ready) =
             Process::spawn_ready("mesh-control", command, "ready", Duration::from_secs(30))?;

@@ -155,6 +155,13 @@ impl Process {
         self.child.wait().map(|_| ())
     }
 
+    /// Kills the process at once (SIGKILL) and reaps it, keeping the
+    /// handle (for a field that cannot be moved out).
+    pub fn kill_now(&mut self) -> io::Result<()> {
+        self.child.kill()?;
+        self.child.wait().map(|_| ())
+    }
+
     /// The process id.
     pub fn id(&self) -> u32 {
         self.child.id()

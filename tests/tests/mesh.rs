@@ -482,3 +482,50 @@ fn sigterm_stops_new_tunnels_and_lets_open_streams_finish() {
         closed.elapsed()
     );
 }
+
+#[test]
+fn traffic_keeps_flowing_while_the_control_plane_is_down() {
+    let mut mesh = mesh("e2estatic");
+    let (api, grpc) = (
+        mesh.control.api.trim_start_matches("http://").to_owned(),
+        mesh.control.grpc.clone(),
+    );
+    let connected = |mesh: &Mesh, node| mesh.metric(node, "mesh_config_connected");
+    mesh.control.process.kill_now().unwrap();
+    wait_until("the nodes notice the control plane is gone", || {
+        connected(&mesh, 0) == 0 && connected(&mesh, 1) == 0
+    });
+
+    // A minute without a control plane: every request still answered, on
+    // the last configuration and the certificates the nodes hold.
+    let outage = Duration::from_secs(60);
+    let killed = Instant::now();
+    let mut requests = 0;
+    while killed.elapsed() < outage {
+        let (ok, output) = mesh.get("shop/frontend", 100);
+        assert!(
+            ok,
+            "a request failed {:?} into the outage: {output}",
+            killed.elapsed()
+        );
+        requests += 100;
+    }
+    eprintln!("{requests} requests during a {outage:?} control-plane outage, none failed");
+    assert!(connected(&mesh, 0) == 0 && connected(&mesh, 1) == 0);
+
+    // Back where the nodes expect it: they reconnect and follow changes.
+    let command = mesh
+        .cluster
+        .system_command(workspace_binary("mesh-control").unwrap())
+        .unwrap();
+    mesh.control =
+        ControlPlane::start_at(command, &mesh.dir.path().join("control"), &api, &grpc).unwrap();
+    wait_until("the nodes reconnect", || {
+        connected(&mesh, 0) == 1 && connected(&mesh, 1) == 1
+    });
+    let policy = "apiVersion: mesh.io/v1\nkind: AuthorizationPolicy\n\
+        metadata: {name: closed, namespace: shop}\nspec: {target: reviews}\n";
+    mesh.apply(policy);
+    let (ok, output) = mesh.get("shop/frontend", 1);
+    assert!(!ok, "a change after the restart did not apply: {output}");
+}

@@ -525,13 +525,17 @@ pub fn render_tunnel_metrics(stats: &crate::hbone::HboneStats) -> String {
          mesh_tunnel_streams_opened_total {}\n\
          # HELP mesh_tunnel_pooled_connections Pooled HBONE connections open now.\n\
          # TYPE mesh_tunnel_pooled_connections gauge\n\
-         mesh_tunnel_pooled_connections {}\n",
+         mesh_tunnel_pooled_connections {}\n\
+         # HELP mesh_authz_revoked_streams_total Open inbound streams cut because a policy change no longer allows them.\n\
+         # TYPE mesh_authz_revoked_streams_total counter\n\
+         mesh_authz_revoked_streams_total {}\n",
         stats.client_handshakes.load(Relaxed),
         stats.server_handshakes.load(Relaxed),
         stats.client_handshake_failures.load(Relaxed),
         stats.server_handshake_failures.load(Relaxed),
         stats.streams_opened.load(Relaxed),
         stats.pooled_connections.load(Relaxed),
+        stats.streams_revoked.load(Relaxed),
     )
 }
 

@@ -113,6 +113,8 @@ pub struct HboneStats {
     pub streams_opened: AtomicU64,
     /// Pooled connections open now.
     pub pooled_connections: AtomicU64,
+    /// Inbound streams cut because a policy change no longer allows them.
+    pub streams_revoked: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -604,12 +606,13 @@ pub struct Transferred {
 
 /// Copies between `tcp` and a tunnel stream until both directions have
 /// ended (half-closes pass through: the end of one direction is the end of
-/// stream, or a write shutdown). If either side fails the other is reset,
-/// never left hanging.
+/// stream, or a write shutdown), or `stop` resolves. If either side fails,
+/// or `stop` cuts it, both are reset, never left hanging.
 pub async fn splice(
     tcp: &mut TcpStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
+    stop: impl Future<Output = io::Error>,
 ) -> (Transferred, io::Result<()>) {
     // Atomics only to keep the future `Send`: both halves run in this task.
     let sent = AtomicU64::new(0);
@@ -650,7 +653,10 @@ pub async fn splice(
         }
         writer.shutdown().await
     };
-    let result = tokio::try_join!(up, down).map(|_| ());
+    let result = tokio::select! {
+        result = async { tokio::try_join!(up, down).map(|_| ()) } => result,
+        error = stop => Err(error),
+    };
     if result.is_err() {
         // The tunnel stream is reset as its halves drop; the application
         // gets a reset too rather than a clean end.
@@ -841,7 +847,13 @@ mod tests {
         let (mut proxied, _) = listener.accept().await.unwrap();
         let spliced = tokio::spawn(async move {
             let _guard = tunnel.guard;
-            splice(&mut proxied, tunnel.send, tunnel.recv).await
+            splice(
+                &mut proxied,
+                tunnel.send,
+                tunnel.recv,
+                std::future::pending(),
+            )
+            .await
         });
         let message = vec![7u8; 3 << 20];
         app.write_all(&message).await.unwrap();

@@ -146,6 +146,15 @@ fn parse_workload(value: &str) -> Result<(String, String), String> {
     Ok((namespace.to_owned(), name.to_owned()))
 }
 
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 fn parse_idle_timeout(value: &str) -> Result<std::time::Duration, String> {
     let timeout = parse_duration(value)?;
     if timeout < std::time::Duration::from_secs(1) {
@@ -228,8 +237,12 @@ async fn main() -> anyhow::Result<()> {
             ),
             outside: args.outside_mesh,
             handshakes: Arc::new(tokio::sync::Semaphore::new(proxy::MAX_PENDING_HANDSHAKES)),
+            streams: Default::default(),
         })
     });
+    let _revoker = mesh_path
+        .as_ref()
+        .map(|mesh| AbortOnDrop(mesh.enforce_policy_changes()));
     let proxy = match &args.cgroup {
         Some(cgroup) => {
             Some(start_capture(&args, cgroup, max_connections(open_files), mesh_path).await?)

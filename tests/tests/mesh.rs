@@ -529,3 +529,35 @@ fn traffic_keeps_flowing_while_the_control_plane_is_down() {
     let (ok, output) = mesh.get("shop/frontend", 1);
     assert!(!ok, "a change after the restart did not apply: {output}");
 }
+
+#[test]
+fn a_policy_change_cuts_open_streams_it_no_longer_allows() {
+    let mesh = mesh("e2erevoke");
+    let mut echo = mesh.cluster.pod_command("shop/reviews", MESH_POD).unwrap();
+    echo.args(["echo", "--listen", "[::]:9090"]);
+    let (_echo, _) = Process::spawn_ready("echo", echo, "listening", READY).unwrap();
+    let to = format!("{}:9090", mesh.cluster.pod("shop/reviews").unwrap().ip4);
+    let hold = |pod: &str| {
+        let mut held = mesh.cluster.pod_command(pod, MESH_POD).unwrap();
+        held.args(["connect", "--to", &to, "--hold"]);
+        Process::spawn_ready(pod, held, "connected", READY)
+            .unwrap()
+            .0
+    };
+    let (mut frontend, mut other) = (hold("shop/frontend"), hold("shop/other"));
+
+    // Denying frontend cuts its open stream; other's is untouched.
+    mesh.apply(
+        "apiVersion: mesh.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-frontend, namespace: shop}\n\
+         spec: {target: reviews, action: deny, rules: [{from: [{principals: ['spiffe://cluster.local/ns/shop/sa/frontend']}]}]}\n",
+    );
+    wait_until("frontend's stream is cut", || {
+        mesh.metric(1, "mesh_authz_revoked_streams_total") == 1
+    });
+    frontend.send_line("again").unwrap();
+    let answer = frontend.wait_for_line("", READY).unwrap();
+    assert!(answer.starts_with("failed"), "{answer}");
+    other.send_line("again").unwrap();
+    assert_eq!(other.wait_for_line("", READY).unwrap(), "ok");
+    assert_eq!(mesh.metric(1, "mesh_authz_revoked_streams_total"), 1);
+}

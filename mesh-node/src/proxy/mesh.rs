@@ -54,6 +54,101 @@ pub struct MeshPath {
     /// that never finish their handshake is bounded here, not by the
     /// connection permits every pod's listeners share.
     pub handshakes: Arc<tokio::sync::Semaphore>,
+    /// Inbound tunnel streams open now, re-authorized on policy changes.
+    pub streams: OpenStreams,
+}
+
+/// The inbound tunnel streams a node carries, with what they were
+/// authorized as: when the configuration changes, each is decided again,
+/// and those no longer allowed are cut (revoking access revokes it for
+/// connections already open, not only for new ones).
+#[derive(Debug, Default)]
+pub struct OpenStreams {
+    next: std::sync::atomic::AtomicU64,
+    streams: Mutex<std::collections::BTreeMap<u64, OpenStream>>,
+}
+
+#[derive(Debug)]
+struct OpenStream {
+    pod: String,
+    caller: Arc<SpiffeId>,
+    port: u16,
+    revoke: Arc<tokio::sync::Notify>,
+}
+
+/// Keeps a stream in [`OpenStreams`] while alive.
+struct StreamRegistration<'a> {
+    streams: &'a OpenStreams,
+    id: u64,
+}
+
+impl Drop for StreamRegistration<'_> {
+    fn drop(&mut self) {
+        lock(&self.streams.streams).remove(&self.id);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl OpenStreams {
+    fn register(
+        &self,
+        pod: &str,
+        caller: Arc<SpiffeId>,
+        port: u16,
+    ) -> (StreamRegistration<'_>, Arc<tokio::sync::Notify>) {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let revoke = Arc::new(tokio::sync::Notify::new());
+        lock(&self.streams).insert(
+            id,
+            OpenStream {
+                pod: pod.to_owned(),
+                caller,
+                port,
+                revoke: revoke.clone(),
+            },
+        );
+        (StreamRegistration { streams: self, id }, revoke)
+    }
+
+    /// Decides every open stream again under `directory`; cuts those it
+    /// no longer allows.
+    pub fn recheck(&self, directory: &Directory, stats: &hbone::HboneStats) {
+        for stream in lock(&self.streams).values() {
+            let decision = directory.authorize(
+                &stream.pod,
+                &Request {
+                    caller: Some(&stream.caller),
+                    port: stream.port,
+                },
+            );
+            if !decision.allowed() {
+                tracing::info!(pod = %stream.pod, caller = %stream.caller, port = stream.port, reason = %decision.reason(), "open tunnel stream cut: no longer authorized");
+                stats
+                    .streams_revoked
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // Stored if the stream is not waiting yet: it still ends.
+                stream.revoke.notify_one();
+            }
+        }
+    }
+}
+
+impl MeshPath {
+    /// Re-decides the open streams on every configuration change, until
+    /// the returned task is aborted.
+    pub fn enforce_policy_changes(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let mesh = self.clone();
+        let mut directory = self.directory.clone();
+        tokio::spawn(async move {
+            while directory.changed().await.is_ok() {
+                let current = directory.borrow_and_update().clone();
+                mesh.streams.recheck(&current, mesh.pool.stats());
+            }
+        })
+    }
 }
 
 /// Tunnel handshakes in progress at once, node-wide.
@@ -240,7 +335,13 @@ async fn tunnel_out(
         original_dst,
     ));
     let _guard = tunnel.guard;
-    let (moved, result) = hbone::splice(&mut stream, tunnel.send, tunnel.recv).await;
+    let (moved, result) = hbone::splice(
+        &mut stream,
+        tunnel.send,
+        tunnel.recv,
+        std::future::pending(),
+    )
+    .await;
     open.finish(moved.sent, moved.received, Some(&trace), &result);
 }
 
@@ -358,7 +459,7 @@ async fn serve_tunnels(
 /// Decides one tunnelled stream and delivers it to the application.
 async fn tunnel_in(
     incoming: Incoming,
-    caller: &SpiffeId,
+    caller: &Arc<SpiffeId>,
     remote: SocketAddr,
     pod: &PodContext,
     mesh: &MeshPath,
@@ -389,7 +490,7 @@ async fn tunnel_in(
     let decision = directory.authorize(
         &pod.name,
         &Request {
-            caller: Some(caller),
+            caller: Some(caller.as_ref()),
             port: target.port(),
         },
     );
@@ -425,7 +526,17 @@ async fn tunnel_in(
         remote,
         target,
     ));
-    let (moved, result) = hbone::splice(&mut app, send, recv).await;
+    let (_registration, revoke) = mesh
+        .streams
+        .register(&pod.name, caller.clone(), target.port());
+    let revoked = async move {
+        revoke.notified().await;
+        std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "authorization revoked by a policy change",
+        )
+    };
+    let (moved, result) = hbone::splice(&mut app, send, recv, revoked).await;
     drop(permit);
     open.finish(moved.sent, moved.received, trace.as_deref(), &result);
 }

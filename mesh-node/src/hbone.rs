@@ -757,23 +757,28 @@ mod tests {
         key: PoolKey,
     }
 
+    /// A client's TLS, expecting the server to be `peer`.
+    fn client_config(ca: &CertificateAuthority, peer: &str) -> Arc<ClientConfig> {
+        let (chain, key) = certificate(ca, "client");
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(
+                SpiffeVerifier::new(ca.bundle())
+                    .expecting(id(peer))
+                    .into_server_verifier(),
+            )
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+        client_tls(config)
+    }
+
     impl Client {
         fn new(ca: &CertificateAuthority, server: SocketAddr, settings: PoolSettings) -> Self {
-            let (chain, key) = certificate(ca, "client");
-            let config = ClientConfig::builder_with_provider(provider())
-                .with_protocol_versions(&[&rustls::version::TLS13])
-                .unwrap()
-                .dangerous()
-                .with_custom_certificate_verifier(
-                    SpiffeVerifier::new(ca.bundle())
-                        .expecting(id("server"))
-                        .into_server_verifier(),
-                )
-                .with_client_auth_cert(chain, key)
-                .unwrap();
             Self {
                 pool: Pool::new(settings, Arc::default()),
-                config: client_tls(config),
+                config: client_config(ca, "server"),
                 key: PoolKey {
                     source: "shop/client".into(),
                     destination: id("server"),
@@ -906,20 +911,8 @@ mod tests {
         let server = server(&ca).await;
         let mut client = Client::new(&ca, server, PoolSettings::default());
         client.key.destination = id("someone-else");
-        // The verifier expects `server`, regardless of the key.
-        let (chain, key) = certificate(&ca, "client");
-        let config = ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(
-                SpiffeVerifier::new(ca.bundle())
-                    .expecting(id("someone-else"))
-                    .into_server_verifier(),
-            )
-            .with_client_auth_cert(chain, key)
-            .unwrap();
-        client.config = client_tls(config);
+        // The server presents `server`; this client expects someone else.
+        client.config = client_config(&ca, "someone-else");
         let error = client.open("1", 80).await.unwrap_err();
         assert!(matches!(error, TunnelError::Tls(..)), "{error}");
         assert_eq!(

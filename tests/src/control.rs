@@ -8,7 +8,10 @@ use std::{
     time::Duration,
 };
 
-use crate::process::{Process, ready_field, workspace_binary};
+use crate::{
+    Cluster,
+    process::{Process, ready_field, workspace_binary},
+};
 
 /// A running `mesh-control` and where to reach it.
 #[derive(Debug)]
@@ -102,4 +105,46 @@ pub fn meshctl(api: &str, data_dir: &Path, args: &[&str], stdin: Option<&str>) -
     let output = child.wait_with_output().expect("waiting for meshctl");
     assert!(output.status.success(), "meshctl {args:?}: {output:?}");
     String::from_utf8(output.stdout).expect("meshctl prints UTF-8")
+}
+
+/// Starts `mesh-node` (`binary`) for node `index` of `cluster`, joined to
+/// `control` and following its workloads into their pods' namespaces;
+/// returns it and its admin address once it is ready.
+pub fn start_node(
+    cluster: &Cluster,
+    index: usize,
+    control: &ControlPlane,
+    binary: &Path,
+) -> io::Result<(Process, std::net::SocketAddr)> {
+    let layout = cluster.layout();
+    let mut command = cluster
+        .system_command(binary)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    command
+        .arg("--cgroup")
+        .arg(&layout.nodes[index].cgroup)
+        .arg("--bpf-pin-dir")
+        .arg(layout.bpf_pin_dir(index))
+        .args(["--node", &format!("node{index}")])
+        .args(["--control-plane", &control.grpc])
+        .arg("--ca-bundle")
+        .arg(control.ca_bundle())
+        .arg("--bootstrap-token-file")
+        .arg(control.bootstrap_token_file())
+        .arg("--pod-netns")
+        .arg(format!(
+            "/run/netns/mesh-{}-{{namespace}}-{{name}}",
+            layout.name
+        ))
+        .args(["--admin-addr", "127.0.0.1:0"]);
+    let (process, ready) = Process::spawn_ready(
+        &format!("node{index}"),
+        command,
+        "ready",
+        Duration::from_secs(30),
+    )?;
+    let admin = ready_field(&ready, "admin")
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("mesh-node said {ready:?}")))?;
+    Ok((process, admin))
 }

@@ -15,9 +15,9 @@ use std::{
 use mesh_common::capture::{Cidr, Counter, PodInbound, PodOutbound};
 use mesh_e2e::{
     Cluster, ClusterSpec, PodSpec, cgroup, cluster,
-    control::ControlPlane,
+    control::{ControlPlane, start_node},
     http,
-    process::{Process, ready_field, workspace_binary},
+    process::{Process, workspace_binary},
 };
 use mesh_node::{
     capture::{Capture, CaptureConfig, ip_key, netns},
@@ -620,25 +620,7 @@ fn namespace_labels_capture_and_release_running_pods() {
     ));
 
     let layout = cluster.layout();
-    let mut command = cluster.system_command(mesh_node_bin()).unwrap();
-    command
-        .arg("--cgroup")
-        .arg(&layout.nodes[0].cgroup)
-        .arg("--bpf-pin-dir")
-        .arg(layout.bpf_pin_dir(0))
-        .args(["--node", "node0", "--control-plane", &control.grpc])
-        .arg("--ca-bundle")
-        .arg(control.ca_bundle())
-        .arg("--bootstrap-token-file")
-        .arg(control.bootstrap_token_file())
-        .arg("--pod-netns")
-        .arg(format!(
-            "/run/netns/mesh-{}-{{namespace}}-{{name}}",
-            layout.name
-        ))
-        .args(["--admin-addr", "127.0.0.1:0"]);
-    let (_node, ready) = Process::spawn_ready("mesh-node", command, "ready", READY).unwrap();
-    let admin: SocketAddr = ready_field(&ready, "admin").unwrap().parse().unwrap();
+    let (_node, admin) = start_node(&cluster, 0, &control, &mesh_node_bin()).unwrap();
     assert_eq!(
         client.netns_path(),
         PathBuf::from(format!("/run/netns/mesh-{}-shop-client", layout.name))

@@ -14,9 +14,9 @@ use std::{
 
 use mesh_e2e::{
     Cluster, ClusterSpec, PodSpec, cluster,
-    control::ControlPlane,
+    control::{ControlPlane, start_node},
     http, netns,
-    process::{Process, ready_field, workspace_binary},
+    process::{Process, workspace_binary},
     sniff::{self, Sniffer},
 };
 use mesh_identity::{CertificateAuthority, SpiffeId, SpiffeVerifier, TrustBundle};
@@ -109,33 +109,15 @@ fn mesh_with(name: &str, ttl: Option<&str>) -> Mesh {
     server.args(["serve-http", "--listen", "[::]:8080", "--body", SECRET_BODY]);
     let (server, _) = Process::spawn_ready("shop/reviews", server, "listening", READY).unwrap();
 
-    let layout = cluster.layout().clone();
     let nodes = (0..2)
         .map(|node| {
-            let mut command = cluster
-                .system_command(workspace_binary("mesh-node").unwrap())
-                .unwrap();
-            command
-                .arg("--cgroup")
-                .arg(&layout.nodes[node].cgroup)
-                .arg("--bpf-pin-dir")
-                .arg(layout.bpf_pin_dir(node))
-                .args(["--node", &format!("node{node}")])
-                .args(["--control-plane", &control.grpc])
-                .arg("--ca-bundle")
-                .arg(control.ca_bundle())
-                .arg("--bootstrap-token-file")
-                .arg(control.bootstrap_token_file())
-                .arg("--pod-netns")
-                .arg(format!(
-                    "/run/netns/mesh-{}-{{namespace}}-{{name}}",
-                    layout.name
-                ))
-                .args(["--admin-addr", "127.0.0.1:0"]);
-            let (process, ready) =
-                Process::spawn_ready(&format!("node{node}"), command, "ready", READY).unwrap();
-            let admin = ready_field(&ready, "admin").unwrap().parse().unwrap();
-            (process, admin)
+            start_node(
+                &cluster,
+                node,
+                &control,
+                &workspace_binary("mesh-node").unwrap(),
+            )
+            .unwrap()
         })
         .collect();
     let mesh = Mesh {

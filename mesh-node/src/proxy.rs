@@ -745,18 +745,37 @@ async fn connect_upstream(
             return Err(Outcome::UpstreamFailed);
         }
     };
-    let info = ConnectionInfo {
+    let info = connection_info(
+        pod,
+        direction,
+        None,
+        Security::Plaintext,
+        client,
+        original_dst,
+    );
+    Ok((stream, upstream, info))
+}
+
+/// The table entry of a connection about to be carried.
+fn connection_info(
+    pod: &PodContext,
+    direction: Direction,
+    peer: Option<String>,
+    security: Security,
+    client: SocketAddr,
+    original_dst: SocketAddr,
+) -> ConnectionInfo {
+    ConnectionInfo {
         pod: pod.name.clone(),
         direction,
-        peer: None,
-        security: Security::Plaintext,
+        peer,
+        security,
         client: canonical(client),
         original_dst,
         opened_at: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
-    };
-    Ok((stream, upstream, info))
+    }
 }
 
 /// Connects from inside the pod's namespace, marked so the capture

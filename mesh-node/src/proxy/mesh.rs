@@ -7,7 +7,6 @@
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use http::StatusCode;
@@ -20,7 +19,7 @@ use tokio::{
 };
 
 use super::{
-    ConnectionInfo, Direction, Outcome, PodContext, Security, canonical, dial, relay, reset,
+    Direction, Outcome, PodContext, Security, canonical, connection_info, dial, lock, relay, reset,
 };
 use crate::{
     admin::{Holder, SharedTracked},
@@ -86,10 +85,6 @@ impl Drop for StreamRegistration<'_> {
     fn drop(&mut self) {
         lock(&self.streams.streams).remove(&self.id);
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl OpenStreams {
@@ -185,27 +180,6 @@ impl TunnelTls {
         let config = hbone::server_tls(Arc::unwrap_or_clone(config));
         *cached = Some((state, config.clone()));
         Some(config)
-    }
-}
-
-fn connection_info(
-    pod: &PodContext,
-    direction: Direction,
-    peer: Option<String>,
-    security: Security,
-    client: SocketAddr,
-    original_dst: SocketAddr,
-) -> ConnectionInfo {
-    ConnectionInfo {
-        pod: pod.name.clone(),
-        direction,
-        peer,
-        security,
-        client: canonical(client),
-        original_dst,
-        opened_at: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
     }
 }
 

@@ -107,15 +107,17 @@ pub fn meshctl(api: &str, data_dir: &Path, args: &[&str], stdin: Option<&str>) -
     String::from_utf8(output.stdout).expect("meshctl prints UTF-8")
 }
 
-/// Starts `mesh-node` (`binary`) for node `index` of `cluster`, joined to
-/// `control` and following its workloads into their pods' namespaces;
-/// returns it and its admin address once it is ready.
-pub fn start_node(
+/// The `mesh-node` (`binary`) command for node `index` of `cluster`,
+/// joining the control plane at `grpc` whose data is in `data_dir`, and
+/// following its workloads into their pods' namespaces; the caller adds
+/// its own flags and environment and spawns it.
+pub fn node_command(
     cluster: &Cluster,
     index: usize,
-    control: &ControlPlane,
+    grpc: &str,
+    data_dir: &Path,
     binary: &Path,
-) -> io::Result<(Process, std::net::SocketAddr)> {
+) -> io::Result<Command> {
     let layout = cluster.layout();
     let mut command = cluster
         .system_command(binary)
@@ -125,18 +127,23 @@ pub fn start_node(
         .arg(&layout.nodes[index].cgroup)
         .arg("--bpf-pin-dir")
         .arg(layout.bpf_pin_dir(index))
-        .args(["--node", &format!("node{index}")])
-        .args(["--control-plane", &control.grpc])
+        .args(["--node", &format!("node{index}"), "--control-plane", grpc])
         .arg("--ca-bundle")
-        .arg(control.ca_bundle())
+        .arg(data_dir.join("ca/root.pem"))
         .arg("--bootstrap-token-file")
-        .arg(control.bootstrap_token_file())
+        .arg(data_dir.join("bootstrap-token"))
         .arg("--pod-netns")
         .arg(format!(
             "/run/netns/mesh-{}-{{namespace}}-{{name}}",
             layout.name
         ))
         .args(["--admin-addr", "127.0.0.1:0"]);
+    Ok(command)
+}
+
+/// Spawns a node command (see [`node_command`]); returns it and its admin
+/// address once it is ready.
+pub fn spawn_node(index: usize, command: Command) -> io::Result<(Process, std::net::SocketAddr)> {
     let (process, ready) = Process::spawn_ready(
         &format!("node{index}"),
         command,
@@ -147,4 +154,16 @@ pub fn start_node(
         .and_then(|a| a.parse().ok())
         .ok_or_else(|| io::Error::other(format!("mesh-node said {ready:?}")))?;
     Ok((process, admin))
+}
+
+/// Starts `mesh-node` (`binary`) for node `index` of `cluster`, joined to
+/// `control`; returns it and its admin address once it is ready.
+pub fn start_node(
+    cluster: &Cluster,
+    index: usize,
+    control: &ControlPlane,
+    binary: &Path,
+) -> io::Result<(Process, std::net::SocketAddr)> {
+    let command = node_command(cluster, index, &control.grpc, &control.data_dir, binary)?;
+    spawn_node(index, command)
 }

@@ -20,7 +20,9 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use mesh_e2e::{
-    Cluster, ClusterSpec, PodSpec, cluster, http,
+    Cluster, ClusterSpec, PodSpec, cluster,
+    control::{node_command, spawn_node},
+    http,
     process::{Process, ready_field},
 };
 
@@ -389,35 +391,12 @@ fn start_node(
     grpc: &str,
     data_dir: &std::path::Path,
 ) -> anyhow::Result<(Process, SocketAddr)> {
-    let layout = cluster.layout();
-    let mut command = cluster.system_command(bin("mesh-node"))?;
-    command
-        .arg("--cgroup")
-        .arg(&layout.nodes[index].cgroup)
-        // Which pods to capture comes from the control plane: the workloads
-        // scheduled on the node in namespaces labelled mesh.io/capture.
-        .arg("--pod-netns")
-        .arg(format!("/run/netns/mesh-{CLUSTER}-{{namespace}}-{{name}}"))
-        .arg("--bpf-pin-dir")
-        .arg(layout.bpf_pin_dir(index))
-        .args(["--admin-addr", "127.0.0.1:0"])
-        .args(["--node", &format!("node{index}"), "--control-plane", grpc])
-        .arg("--ca-bundle")
-        .arg(data_dir.join("ca/root.pem"))
-        .arg("--bootstrap-token-file")
-        .arg(data_dir.join("bootstrap-token"))
-        // Access logs would interleave with the demo's own output.
-        .env("RUST_LOG", "warn");
-    let (process, ready) = Process::spawn_ready(
-        &format!("node{index}"),
-        command,
-        "ready",
-        Duration::from_secs(30),
-    )?;
-    let admin = ready_field(&ready, "admin")
-        .and_then(|a| a.parse().ok())
-        .with_context(|| format!("mesh-node said {ready:?}"))?;
-    Ok((process, admin))
+    // Which pods to capture comes from the control plane: the workloads
+    // scheduled on the node in namespaces labelled mesh.io/capture.
+    let mut command = node_command(cluster, index, grpc, data_dir, &bin("mesh-node"))?;
+    // Access logs would interleave with the demo's own output.
+    command.env("RUST_LOG", "warn");
+    Ok(spawn_node(index, command)?)
 }
 
 /// `mesh-pod http` from `from` to `to`: whether every request got 200.

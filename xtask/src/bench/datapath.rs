@@ -10,6 +10,7 @@ use std::{net::SocketAddr, path::Path, process::Stdio, time::Duration};
 use anyhow::{Context as _, bail, ensure};
 use mesh_e2e::{
     Cluster, ClusterSpec, PodSpec, cluster,
+    control::{node_command, spawn_node},
     process::{Process, ready_field},
 };
 
@@ -132,25 +133,13 @@ fn up(data_dir: &Path) -> anyhow::Result<Setup> {
             processes.push(Process::spawn_ready(server, command, "listening", READY)?.0);
         }
     }
-    let layout = cluster.layout().clone();
     let mut nodes = Vec::new();
     for node in 0..2 {
-        let mut command = cluster.system_command(release_bin("mesh-node"))?;
+        let mut command = node_command(&cluster, node, &grpc, data_dir, &release_bin("mesh-node"))?;
         command
-            .arg("--cgroup")
-            .arg(&layout.nodes[node].cgroup)
-            .arg("--bpf-pin-dir")
-            .arg(layout.bpf_pin_dir(node))
-            .args(["--node", &format!("node{node}"), "--control-plane", &grpc])
-            .arg("--ca-bundle")
-            .arg(data_dir.join("ca/root.pem"))
-            .arg("--bootstrap-token-file")
-            .arg(data_dir.join("bootstrap-token"))
-            .arg("--pod-netns")
-            .arg(format!("/run/netns/mesh-{CLUSTER}-{{namespace}}-{{name}}"))
-            .args(["--admin-addr", "127.0.0.1:0", "--drain-timeout", "1s"])
+            .args(["--drain-timeout", "1s"])
             .env("RUST_LOG", "warn");
-        nodes.push(Process::spawn_ready(&format!("node{node}"), command, "ready", READY)?.0);
+        nodes.push(spawn_node(node, command)?.0);
     }
     Ok(Setup {
         cluster,

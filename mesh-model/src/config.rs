@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Resource,
+    Kind, Resource,
     names::{check_dns_label, quoted},
     parse_documents,
     workload::MAX_VERSION,
@@ -139,10 +139,15 @@ pub enum ConfigResource {
 /// The name a resource is pushed under: `<kind>/<namespace>/<name>`, or
 /// `namespace/<name>` for a namespace.
 pub fn object_name(resource: &Resource) -> String {
-    let kind = resource.kind().as_str().to_ascii_lowercase();
-    match resource.namespace() {
-        Some(ns) => format!("{kind}/{ns}/{}", resource.name()),
-        None => format!("{kind}/{}", resource.name()),
+    object_name_of(resource.kind(), resource.namespace(), resource.name())
+}
+
+/// [`object_name`] of the resource `kind` `namespace`/`name`, stored or not.
+pub fn object_name_of(kind: Kind, namespace: Option<&str>, name: &str) -> String {
+    let kind = kind.as_str().to_ascii_lowercase();
+    match namespace {
+        Some(ns) => format!("{kind}/{ns}/{name}"),
+        None => format!("{kind}/{name}"),
     }
 }
 
@@ -154,12 +159,17 @@ pub fn endpoints_name(namespace: &str, service: &str) -> String {
 /// A version for `body`: changes whenever the body does, the same on every
 /// replica (FNV-1a, 64 bits, hex).
 pub fn version_of(body: &[u8]) -> String {
+    format!("{:016x}", version_hash(body))
+}
+
+/// The number [`version_of`] writes in hex.
+pub fn version_hash(body: &[u8]) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in body {
         hash ^= u64::from(*byte);
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    format!("{hash:016x}")
+    hash
 }
 
 /// The JSON body a resource is pushed as.
@@ -215,8 +225,11 @@ pub fn parse_resource(name: &str, body: &[u8]) -> Result<ConfigResource, String>
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct NodeConfig {
     pub revision: i64,
-    /// Name -> (version, resource).
-    pub resources: BTreeMap<String, (String, Arc<ConfigResource>)>,
+    /// Name -> (version, resource). A persistent map: an update copies the
+    /// few tree nodes it changes and shares the rest with the configuration
+    /// before it (a node holds every workload's address, and readers may
+    /// still hold the old configuration while the new one is built).
+    pub resources: imbl::OrdMap<String, (String, Arc<ConfigResource>)>,
 }
 
 impl NodeConfig {

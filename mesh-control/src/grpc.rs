@@ -4,6 +4,7 @@
 pub mod discovery;
 pub mod identity;
 pub mod limit;
+pub mod status;
 pub mod tls;
 
 use std::sync::Arc;
@@ -16,7 +17,7 @@ pub use identity::IdentityService;
 pub use limit::RateLimit;
 pub use tls::{Peer, ServingCertificate};
 
-use crate::{api::Identity, store::Store};
+use crate::{api::Identity, snapshot::SharedCatalog, store::Store};
 
 /// Settings of the gRPC server.
 #[derive(Clone, Debug)]
@@ -51,8 +52,10 @@ pub async fn serve(
     let configs = Arc::new(tls::ServerConfigs::new(identity.clone(), serving));
     let incoming = tls::incoming(listener, configs);
     let revisions = discovery::watch_revision(store.clone(), config.poll);
+    let catalog = SharedCatalog::follow(store.clone(), revisions);
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
-    let discovery = DiscoveryService::new(store.clone(), revisions, config.replica, stopping);
+    let book = status::StatusBook::start(store.clone());
+    let discovery = DiscoveryService::new(book.clone(), catalog, config.replica, stopping);
     // Long-lived configuration streams would hold a graceful shutdown
     // forever: end them first.
     let shutdown = async move {
@@ -65,5 +68,6 @@ pub async fn serve(
         .add_service(discovery.into_server())
         .serve_with_incoming_shutdown(ReceiverStream::new(incoming), shutdown)
         .await?;
+    book.flush().await;
     Ok(())
 }

@@ -16,7 +16,7 @@ mod nodes;
 mod rows;
 mod tokens;
 
-use std::{collections::BTreeSet, net::IpAddr, time::Duration};
+use std::{collections::BTreeSet, net::IpAddr, sync::Arc, time::Duration};
 
 use mesh_model::{
     Kind, Resource,
@@ -30,7 +30,7 @@ use sqlx::{
 
 pub use backend::Backend;
 pub use certificates::{CertificateRow, NewCertificate};
-pub use endpoints::Endpoint;
+pub use endpoints::{Endpoint, affected as endpoints_affected_by};
 pub use nodes::{NodeConfigStatus, now_rfc3339};
 pub use tokens::{MAX_TOKEN_TTL, NewToken, TokenInfo, TokenRejected};
 
@@ -112,6 +112,9 @@ pub struct StoredSplit {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// Counts commits made through this process, so its own followers need
+    /// not wait for their next poll.
+    writes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Store {
@@ -142,7 +145,20 @@ impl Store {
                 url: redact(url),
                 source,
             })?;
-        Ok(Self { pool, backend })
+        Ok(Self {
+            pool,
+            backend,
+            writes: Arc::new(tokio::sync::watch::Sender::new(0)),
+        })
+    }
+
+    /// Changes with every commit made through this process.
+    pub fn writes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.writes.subscribe()
+    }
+
+    fn wrote(&self) {
+        self.writes.send_modify(|n| *n += 1);
     }
 
     /// Applies the schema migrations not yet applied.
@@ -253,6 +269,7 @@ impl Store {
             });
         }
         tx.commit().await?;
+        self.wrote();
         Ok(ApplyOutcome { revision, results })
     }
 
@@ -321,13 +338,20 @@ impl Store {
             endpoints::refresh(&mut tx, backend, &namespace, &service, revision).await?;
         }
         tx.commit().await?;
+        self.wrote();
         Ok(revision)
     }
 
     /// The endpoints of `service_name` (`name.namespace`), by address and port.
     pub async fn endpoints(&self, service_name: &str) -> Result<Vec<Endpoint>, StoreError> {
         let mut conn = self.pool.acquire().await?;
-        endpoints::list(&mut conn, self.backend, service_name).await
+        endpoints::list(&mut conn, self.backend, Some(service_name)).await
+    }
+
+    /// Every endpoint of every service, by service then address and port.
+    pub async fn all_endpoints(&self) -> Result<Vec<Endpoint>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        endpoints::list(&mut conn, self.backend, None).await
     }
 
     /// Marks one endpoint healthy or not; returns the new revision.
@@ -360,6 +384,7 @@ impl Store {
         )
         .await?;
         tx.commit().await?;
+        self.wrote();
         Ok(revision)
     }
 
@@ -479,8 +504,21 @@ impl Store {
 
     /// Records where a node's configuration stands.
     pub async fn record_node_status(&self, status: &NodeConfigStatus) -> Result<(), StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        nodes::record(&mut conn, self.backend, status).await
+        self.record_node_statuses(std::slice::from_ref(status))
+            .await
+    }
+
+    /// Records several nodes' states in one transaction.
+    pub async fn record_node_statuses(
+        &self,
+        statuses: &[NodeConfigStatus],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin_with(self.backend.begin_write()).await?;
+        for status in statuses {
+            nodes::record(&mut tx, self.backend, status).await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Every node's configuration state, by node name.
@@ -590,18 +628,23 @@ async fn check_unique_addresses(
     if applied.is_empty() {
         return Ok(());
     }
-    let stored = kinds::list(conn, backend, Kind::Workload, None).await?;
+    let sql = format!(
+        "SELECT namespace, name FROM Workload WHERE pod_ip = {}",
+        backend.inet_param("$1")
+    );
     for workload in applied {
-        let holder = stored.iter().find_map(|other| match other {
-            Resource::Workload(other)
-                if other.spec.ip == workload.spec.ip
-                    && (other.namespace(), other.name())
-                        != (workload.namespace(), workload.name()) =>
-            {
-                Some(format!("{}/{}", other.namespace(), other.name()))
+        let holders = sqlx::query(&sql)
+            .bind(workload.spec.ip.to_string())
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut holder = None;
+        for row in &holders {
+            let namespace: String = row.try_get("namespace")?;
+            let name: String = row.try_get("name")?;
+            if (namespace.as_str(), name.as_str()) != (workload.namespace(), workload.name()) {
+                holder = Some(format!("{namespace}/{name}"));
             }
-            _ => None,
-        });
+        }
         if let Some(holder) = holder {
             return Err(StoreError::Conflict {
                 reference: Resource::Workload(workload.clone()).reference(),

@@ -293,10 +293,14 @@ async fn an_invalid_push_is_nacked_and_the_last_good_config_stays() {
     let mut config = node.xds.config();
     let good = until(&mut config, "the first push", |c| c.revision > 0).await;
 
-    // Below the API: a port the API would refuse.
+    // Below the API: a port the API would refuse, written the way the
+    // store writes (the revision moves and the change is logged).
     let mut raw = mesh.store.raw_connection().await.unwrap();
     raw.execute(
-        r#"UPDATE Service SET ports = '[{"port": 0, "protocol": "http"}]' WHERE name = 'reviews'"#,
+        r#"UPDATE Service SET ports = '[{"port": 0, "protocol": "http"}]' WHERE name = 'reviews';
+           UPDATE mesh_revision SET revision = revision + 1 WHERE id = 1;
+           INSERT INTO resource_changes (revision, kind, namespace, name, op)
+             SELECT revision, 'Service', 'shop', 'reviews', 'upsert' FROM mesh_revision WHERE id = 1;"#,
     )
     .await
     .unwrap();
@@ -321,13 +325,12 @@ async fn an_invalid_push_is_nacked_and_the_last_good_config_stays() {
         ),
         "{reason}"
     );
+    // The control plane recorded it, up to the valid write that followed.
+    let nacked = recorded(&replica, "node1", |s| s.nack_revision == Some(bad_revision)).await;
+    assert_eq!(nacked.nack_reason.as_deref(), Some(reason.as_str()));
     // The whole push was refused: not even the valid new service landed.
     let kept = config.borrow().clone();
     assert_eq!(kept, good, "the node changed its configuration on a NACK");
-    // The control plane recorded it.
-    let nacked = recorded(&replica, "node1", |s| s.nack_revision.is_some()).await;
-    assert_eq!(nacked.nack_revision, Some(bad_revision));
-    assert_eq!(nacked.nack_reason.as_deref(), Some(reason.as_str()));
     assert!(nacked.synced_revision < Some(bad_revision));
 
     // Fixed through the API: the next push is accepted, NACK cleared.

@@ -1,15 +1,18 @@
 //! The Discovery service: one stream per node, delta pushes with ACK/NACK.
 //!
 //! A session keeps what the node has acknowledged (name -> version). When
-//! the store's revision moves it recomputes the node's snapshot, sends the
-//! difference, and waits for the answer before sending again: an ACK makes
-//! the sent state the node's; a NACK leaves the node on its last good
-//! state, is recorded with its reason, and the next change is diffed
-//! against that state again. Every replica watches the same store, so a
-//! change written through one replica reaches nodes on all of them.
+//! the replica's [`SharedCatalog`] moves, it works out what of the node's
+//! changed — from the names the change touched, not by recomputing the
+//! node's whole selection — sends the difference, and waits for the answer
+//! before sending again: an ACK makes the sent state the node's; a NACK
+//! leaves the node on its last good state, is recorded with its reason,
+//! and the next change is diffed against that state again. Every replica
+//! follows the same store, so a change written through one replica reaches
+//! nodes on all of them.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    sync::Arc,
     time::Duration,
 };
 
@@ -22,17 +25,22 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::tls::Peer;
 use crate::{
-    snapshot::{ServiceRef, delta, node_snapshot},
+    snapshot::{NodeView, ServiceRef, SharedCatalog, delta, delta_of_touched, parse_version},
     store::{NodeConfigStatus, Store},
 };
 
+use super::status::StatusBook;
+
 /// How often the store's revision is read. Several replicas on one
-/// PostgreSQL learn of each other's writes this way.
+/// PostgreSQL learn of each other's writes this way; this replica's own
+/// writes are seen at once.
 pub const DEFAULT_POLL: Duration = Duration::from_millis(100);
 
-/// Follows the store's revision.
+/// Follows the store's revision: read every `every`, and right after each
+/// write through this process.
 pub fn watch_revision(store: Store, every: Duration) -> watch::Receiver<i64> {
     let (tx, rx) = watch::channel(0);
+    let mut writes = store.writes();
     tokio::spawn(async move {
         loop {
             match store.revision().await {
@@ -48,7 +56,10 @@ pub fn watch_revision(store: Store, every: Duration) -> watch::Receiver<i64> {
             if tx.is_closed() {
                 return;
             }
-            tokio::time::sleep(every).await;
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                _ = writes.changed() => {}
+            }
         }
     });
     rx
@@ -57,8 +68,8 @@ pub fn watch_revision(store: Store, every: Duration) -> watch::Receiver<i64> {
 /// The service's state.
 #[derive(Clone, Debug)]
 pub struct DiscoveryService {
-    store: Store,
-    revisions: watch::Receiver<i64>,
+    book: StatusBook,
+    catalog: SharedCatalog,
     /// This replica's name in `NodeConfigStatus`.
     replica: String,
     /// Turns true when the server shuts down: streams end so the graceful
@@ -68,14 +79,14 @@ pub struct DiscoveryService {
 
 impl DiscoveryService {
     pub fn new(
-        store: Store,
-        revisions: watch::Receiver<i64>,
+        book: StatusBook,
+        catalog: SharedCatalog,
         replica: String,
         stopping: watch::Receiver<bool>,
     ) -> Self {
         Self {
-            store,
-            revisions,
+            book,
+            catalog,
             replica,
             stopping,
         }
@@ -128,8 +139,8 @@ impl discovery_server::Discovery for DiscoveryService {
             node,
             remote: peer.remote.to_string(),
             expires: peer.not_after.unwrap_or(now),
-            store: self.store.clone(),
-            revisions: self.revisions.clone(),
+            book: self.book.clone(),
+            catalog: self.catalog.clone(),
             stopping: self.stopping.clone(),
         };
         tokio::spawn(session.run(request.into_inner(), tx));
@@ -143,8 +154,8 @@ struct Session {
     /// The node certificate's expiry: the stream ends there and the node
     /// reconnects with its renewed certificate.
     expires: OffsetDateTime,
-    store: Store,
-    revisions: watch::Receiver<i64>,
+    book: StatusBook,
+    catalog: SharedCatalog,
     /// What is recorded of the node, written on every change.
     status: NodeConfigStatus,
     stopping: watch::Receiver<bool>,
@@ -154,7 +165,19 @@ struct Session {
 struct Pending {
     nonce: String,
     revision: i64,
-    versions: BTreeMap<String, String>,
+    changed: Vec<(Arc<str>, u64)>,
+    removed: Vec<Arc<str>>,
+}
+
+/// What the node holds, as far as the session knows.
+struct Held {
+    versions: BTreeMap<Arc<str>, u64>,
+    /// The catalog revision `versions` reflects, once known.
+    at: Option<i64>,
+    view: NodeView,
+    /// The next push selects the node's resources in full, not from the
+    /// names touched since `at`.
+    reselect: bool,
 }
 
 impl Session {
@@ -168,22 +191,70 @@ impl Session {
             remote = self.remote,
             "node connected for configuration"
         );
-        self.record(|_| {}).await;
+        self.record(|_| {});
         if let Err(status) = self.serve(&mut inbound, &tx).await {
             let _ = tx.send(Err(status)).await;
         }
-        self.record(|s| s.connected = false).await;
+        self.record(|s| s.connected = false);
         tracing::info!(node = self.node, "configuration stream ended");
     }
 
-    /// Updates and writes the node's recorded state. A failed write is
-    /// logged, not fatal: the stream matters more than the report.
-    async fn record(&mut self, change: impl FnOnce(&mut NodeConfigStatus)) {
+    /// Updates the node's recorded state (written in the next batch).
+    fn record(&mut self, change: impl FnOnce(&mut NodeConfigStatus)) {
         change(&mut self.status);
         self.status.last_seen = crate::store::now_rfc3339();
-        if let Err(error) = self.store.record_node_status(&self.status).await {
-            tracing::warn!(%error, node = self.node, "recording the node's configuration state");
+        self.book.record(self.status.clone());
+    }
+
+    /// The response that brings the node from `held` to the catalog's
+    /// current state, or `None` when it has it already.
+    fn next_push(&self, held: &mut Held, sent: u64) -> (i64, Option<DeltaResponse>, Pending) {
+        let catalog = self.catalog.read();
+        let revision = catalog.revision();
+        let namespaces = catalog.namespaces_of(&self.node);
+        let touched = held.at.and_then(|at| catalog.touched_since(at));
+        let (changed, removed) = match touched {
+            Some(touched) if !held.reselect && namespaces == held.view.namespaces => {
+                delta_of_touched(&held.versions, &touched, &catalog, &held.view)
+            }
+            // First push, new subscriptions, a namespace gained or lost,
+            // or further behind than the log: the whole selection.
+            _ => {
+                held.view.namespaces = namespaces;
+                held.reselect = false;
+                delta(&held.versions, catalog.snapshot(&held.view))
+            }
+        };
+        drop(catalog);
+        let nonce = format!("{revision}-{}", sent + 1);
+        let pending = Pending {
+            nonce: nonce.clone(),
+            revision,
+            changed: changed
+                .iter()
+                .map(|(name, pushed)| (name.clone(), pushed.version))
+                .collect(),
+            removed: removed.clone(),
+        };
+        // The first response is always sent, even if empty: it tells the
+        // node which revision it is in sync with.
+        if sent > 0 && changed.is_empty() && removed.is_empty() {
+            return (revision, None, pending);
         }
+        let response = DeltaResponse {
+            revision,
+            nonce,
+            resources: changed
+                .into_iter()
+                .map(|(name, pushed)| PushedResource {
+                    name: name.to_string(),
+                    version: pushed.version_text(),
+                    body: pushed.body.clone(),
+                })
+                .collect(),
+            removed_resources: removed.iter().map(|name| name.to_string()).collect(),
+        };
+        (revision, Some(response), pending)
     }
 
     async fn serve(
@@ -194,13 +265,37 @@ impl Session {
         let Some(first) = inbound.message().await? else {
             return Ok(());
         };
-        let mut held: BTreeMap<String, String> =
-            first.initial_resource_versions.into_iter().collect();
-        let mut subscribed = BTreeSet::new();
-        self.subscribe(&mut subscribed, &first.subscribe, &first.unsubscribe)?;
+        let mut held = Held {
+            versions: first
+                .initial_resource_versions
+                .iter()
+                .filter_map(|(name, version)| {
+                    Some((Arc::from(name.as_str()), parse_version(version)?))
+                })
+                .collect(),
+            at: None,
+            view: NodeView {
+                node: self.node.clone(),
+                ..NodeView::default()
+            },
+            reselect: true,
+        };
+        self.subscribe(
+            &mut held.view.subscribed,
+            &first.subscribe,
+            &first.unsubscribe,
+        )?;
+        let mut revisions = self.catalog.revisions();
+        // Nothing to send before the catalog is loaded.
+        tokio::select! {
+            loaded = revisions.wait_for(Option::is_some) => {
+                loaded.map_err(|_| Status::unavailable("the control plane is shutting down"))?;
+            }
+            () = async { let _ = self.stopping.clone().wait_for(|stop| *stop).await; } => {
+                return Err(Status::unavailable("the control plane is shutting down; reconnect"));
+            }
+        }
         let mut pending: Option<Pending> = None;
-        // The first response is always sent, even if empty: it tells the
-        // node which revision it is in sync with.
         let mut send = true;
         let mut sent = 0u64;
         let left = (self.expires - OffsetDateTime::now_utc()).max(time::Duration::ZERO);
@@ -210,66 +305,43 @@ impl Session {
         loop {
             if send && pending.is_none() {
                 send = false;
-                // The watcher only says something moved; the revision
-                // comes from the store, read before the snapshot so the
-                // snapshot is at least that new.
-                self.revisions.mark_unchanged();
-                let store_failed = |error: crate::store::StoreError| {
-                    tracing::error!(%error, node = self.node, "computing a snapshot");
-                    Status::unavailable("the control plane's store failed; reconnect later")
-                };
-                let revision = self.store.revision().await.map_err(store_failed)?;
-                let snapshot = node_snapshot(&self.store, &self.node, &subscribed)
-                    .await
-                    .map_err(store_failed)?;
-                let (changed, removed) = delta(&held, &snapshot);
-                if sent > 0 && changed.is_empty() && removed.is_empty() {
-                    // Nothing of this node's changed: it is in sync here too.
-                    if self.status.nack_revision.is_none() {
-                        self.record(|s| s.synced_revision = Some(revision)).await;
+                revisions.mark_unchanged();
+                let (revision, response, next) = self.next_push(&mut held, sent);
+                match response {
+                    None => {
+                        // Nothing of this node's changed: it is in sync
+                        // here too.
+                        held.at = Some(revision);
+                        if self.status.nack_revision.is_none()
+                            && self.status.synced_revision != Some(revision)
+                        {
+                            self.record(|s| s.synced_revision = Some(revision));
+                        }
                     }
-                } else {
-                    sent += 1;
-                    let nonce = format!("{revision}-{sent}");
-                    let response = DeltaResponse {
-                        revision,
-                        nonce: nonce.clone(),
-                        resources: changed
-                            .into_iter()
-                            .map(|(name, pushed)| PushedResource {
-                                name,
-                                version: pushed.version,
-                                body: pushed.body,
-                            })
-                            .collect(),
-                        removed_resources: removed,
-                    };
-                    tracing::debug!(
-                        node = self.node,
-                        revision,
-                        nonce,
-                        changed = response.resources.len(),
-                        removed = response.removed_resources.len(),
-                        "pushing"
-                    );
-                    if tx.send(Ok(response)).await.is_err() {
-                        return Ok(());
+                    Some(response) => {
+                        sent += 1;
+                        tracing::debug!(
+                            node = self.node,
+                            revision,
+                            nonce = response.nonce,
+                            changed = response.resources.len(),
+                            removed = response.removed_resources.len(),
+                            "pushing"
+                        );
+                        if tx.send(Ok(response)).await.is_err() {
+                            return Ok(());
+                        }
+                        pending = Some(next);
                     }
-                    pending = Some(Pending {
-                        nonce,
-                        revision,
-                        versions: snapshot
-                            .into_iter()
-                            .map(|(name, pushed)| (name, pushed.version))
-                            .collect(),
-                    });
                 }
             }
             tokio::select! {
                 message = inbound.message() => {
                     let Some(request) = message? else { return Ok(()) };
                     if !request.subscribe.is_empty() || !request.unsubscribe.is_empty() {
-                        self.subscribe(&mut subscribed, &request.subscribe, &request.unsubscribe)?;
+                        self.subscribe(&mut held.view.subscribed, &request.subscribe, &request.unsubscribe)?;
+                        // What the node may hold changed: select afresh.
+                        held.reselect = true;
                         send = true;
                     }
                     let answered = pending
@@ -278,28 +350,33 @@ impl Session {
                     if answered {
                         let done = pending.take().expect("checked above");
                         if request.error_detail.is_empty() {
-                            held = done.versions;
+                            for name in &done.removed {
+                                held.versions.remove(name);
+                            }
+                            held.versions.extend(done.changed);
+                            held.at = Some(done.revision);
                             self.record(|s| {
                                 s.synced_revision = Some(done.revision);
                                 s.nack_revision = None;
                                 s.nack_reason = None;
-                            })
-                            .await;
+                            });
                         } else {
                             tracing::warn!(node = self.node, revision = done.revision, reason = request.error_detail, "node rejected a push");
+                            // It kept what it had; the selection that push
+                            // was made for may be gone: start over.
+                            held.reselect = true;
                             self.record(|s| {
                                 s.nack_revision = Some(done.revision);
                                 s.nack_reason = Some(request.error_detail.clone());
-                            })
-                            .await;
+                            });
                         }
                         // Changes that arrived while waiting go out now.
-                        if *self.revisions.borrow() != done.revision {
+                        if *revisions.borrow() != Some(done.revision) {
                             send = true;
                         }
                     }
                 }
-                changed = self.revisions.changed(), if pending.is_none() => {
+                changed = revisions.changed(), if pending.is_none() => {
                     if changed.is_err() {
                         return Err(Status::unavailable("the control plane is shutting down"));
                     }

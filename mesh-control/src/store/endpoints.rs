@@ -25,8 +25,9 @@ pub struct Endpoint {
     pub workload: Option<String>,
 }
 
-/// The services (namespace, name) whose endpoints depend on `resource`.
-pub(super) fn affected(resource: Option<&Resource>) -> Vec<(String, String)> {
+/// The services (namespace, name) whose endpoints depend on `resource`:
+/// a service's own, and those a workload serves.
+pub fn affected(resource: Option<&Resource>) -> Vec<(String, String)> {
     match resource {
         Some(Resource::Service(o)) => vec![(o.namespace().to_owned(), o.name().to_owned())],
         Some(Resource::Workload(o)) => o
@@ -39,20 +40,27 @@ pub(super) fn affected(resource: Option<&Resource>) -> Vec<(String, String)> {
     }
 }
 
+/// The endpoints of `service` (`name.namespace`), or of every service.
 pub(super) async fn list(
     conn: &mut AnyConnection,
     backend: Backend,
-    service: &str,
+    service: Option<&str>,
 ) -> Result<Vec<Endpoint>, StoreError> {
-    let sql = format!(
-        "SELECT service_name, {}, port, version, healthy, workload FROM ServiceEndpoint \
-         WHERE service_name = $1",
+    let mut sql = format!(
+        "SELECT service_name, {}, port, version, healthy, workload FROM ServiceEndpoint",
         backend.inet_column("pod_ip")
     );
-    let rows = sqlx::query(&sql)
-        .bind(service)
-        .fetch_all(&mut *conn)
-        .await?;
+    let rows = match service {
+        Some(service) => {
+            sql.push_str(" WHERE service_name = $1");
+            sqlx::query(&sql)
+                .bind(service)
+                .fetch_all(&mut *conn)
+                .await?
+        }
+        None => sqlx::query(&sql).fetch_all(&mut *conn).await?,
+    };
+    let service = service.unwrap_or("every service");
     let mut endpoints = rows
         .iter()
         .map(|row| {
@@ -70,7 +78,7 @@ pub(super) async fn list(
             })
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
-    endpoints.sort_by_key(|e| (e.ip, e.port));
+    endpoints.sort_by(|a, b| (&a.service_name, a.ip, a.port).cmp(&(&b.service_name, b.ip, b.port)));
     Ok(endpoints)
 }
 
@@ -103,7 +111,7 @@ pub(super) async fn refresh(
             }
         }
     }
-    let existing = list(conn, backend, &key).await?;
+    let existing = list(conn, backend, Some(&key)).await?;
     for endpoint in &existing {
         match desired.remove(&(endpoint.ip, endpoint.port)) {
             None => {

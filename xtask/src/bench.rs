@@ -9,10 +9,11 @@ use anyhow::{Context as _, bail};
 use crate::run::{self, cargo, root, step};
 
 mod capture;
+mod config_push;
 mod datapath;
 
 /// The benchmarks, by name.
-const BENCHES: &[&str] = &["handshakes", "capture", "datapath"];
+const BENCHES: &[&str] = &["handshakes", "capture", "datapath", "config-push"];
 
 pub fn run(name: Option<String>) -> anyhow::Result<()> {
     let selected: Vec<&str> = match &name {
@@ -25,6 +26,7 @@ pub fn run(name: Option<String>) -> anyhow::Result<()> {
             "handshakes" => handshakes()?,
             "capture" => capture::run()?,
             "datapath" => datapath::run()?,
+            "config-push" => config_push::run()?,
             _ => unreachable!("listed in BENCHES"),
         }
     }

@@ -55,7 +55,13 @@ pub async fn serve(
     let catalog = SharedCatalog::follow(store.clone(), revisions);
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let book = status::StatusBook::start(store.clone());
-    let discovery = DiscoveryService::new(book.clone(), catalog, config.replica, stopping);
+    let discovery = DiscoveryService::new(
+        store.clone(),
+        book.clone(),
+        catalog,
+        config.replica,
+        stopping,
+    );
     // Long-lived configuration streams would hold a graceful shutdown
     // forever: end them first.
     let shutdown = async move {

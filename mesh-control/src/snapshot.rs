@@ -22,6 +22,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    net::IpAddr,
     sync::{Arc, RwLock},
     time::Duration,
 };
@@ -127,6 +128,8 @@ pub struct Catalog {
     objects: HashMap<ObjectKey, Resource>,
     /// Node -> namespace -> workloads of that node in it.
     node_namespaces: HashMap<String, BTreeMap<String, usize>>,
+    /// Each service's endpoints, as pushed.
+    endpoints: HashMap<ServiceRef, Vec<Endpoint>>,
     /// Pushed names touched at each revision, oldest first.
     log: VecDeque<(i64, Vec<Arc<str>>)>,
     /// The log holds every revision after this one.
@@ -177,6 +180,31 @@ impl Catalog {
     /// The pushed name as the catalog holds it (shared, not copied).
     pub fn name(&self, name: &str) -> Option<&Arc<str>> {
         self.entries.get_key_value(name).map(|(name, _)| name)
+    }
+
+    /// Whether `node` runs the workload behind endpoint `ip:port` of
+    /// `service`, and whether the endpoint is marked healthy: what a node
+    /// may report about, and what it would change.
+    pub fn endpoint_on(
+        &self,
+        node: &str,
+        service: &ServiceRef,
+        ip: IpAddr,
+        port: u16,
+    ) -> Option<bool> {
+        let endpoint = self
+            .endpoints
+            .get(service)?
+            .iter()
+            .find(|e| e.ip == ip && e.port == port)?;
+        let workload = endpoint.workload.as_ref()?;
+        let key = (Kind::Workload, Some(service.0.clone()), workload.clone());
+        match self.objects.get(&key) {
+            Some(Resource::Workload(w)) if w.spec.node == node && w.spec.ip == ip => {
+                Some(endpoint.healthy)
+            }
+            _ => None,
+        }
     }
 
     /// Pushed names touched after `revision`; `None` when the log no
@@ -360,9 +388,12 @@ impl Catalog {
         let key = (Kind::Service, Some(namespace.clone()), service.clone());
         let name = endpoints_name(&namespace, &service);
         if !self.objects.contains_key(&key) {
+            self.endpoints.remove(&(namespace, service));
             self.put_entry(name, None, touched);
             return;
         }
+        self.endpoints
+            .insert((namespace.clone(), service.clone()), endpoints.clone());
         let set = EndpointSet {
             namespace: namespace.clone(),
             service: service.clone(),

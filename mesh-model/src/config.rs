@@ -23,7 +23,7 @@ pub struct EndpointEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
     pub healthy: bool,
-    /// The workload (pod) behind it, `namespace/name`.
+    /// The workload (pod) behind it, by name (in the service's namespace).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<String>,
 }

@@ -12,5 +12,6 @@ pub mod identity;
 pub mod pods;
 pub mod policy;
 pub mod proxy;
+pub mod readiness;
 pub mod workloads;
 pub mod xds;

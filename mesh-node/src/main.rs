@@ -93,6 +93,13 @@ struct Args {
     )]
     outside_mesh: OutsideMesh,
 
+    /// How often the node probes its own workloads' endpoints (a TCP
+    /// connect from inside each pod) and reports those whose readiness
+    /// differs from their marking to the control plane; 0s turns it off.
+    /// Needs --pod-netns.
+    #[arg(long, env = "MESH_NODE_READINESS_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    readiness_interval: std::time::Duration,
+
     /// How long a pooled tunnel connection without streams stays open.
     #[arg(long, env = "MESH_NODE_TUNNEL_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_idle_timeout)]
     tunnel_idle_timeout: std::time::Duration,
@@ -481,6 +488,17 @@ fn join_mesh(args: &Args, tracked: &SharedTracked) -> anyhow::Result<Option<Mesh
         clock,
     );
     let directory = DirectoryFollower::follow(xds.config(), args.trust_domain.clone());
+    if let Some(netns) = args.pod_netns.clone()
+        && !args.readiness_interval.is_zero()
+    {
+        // Ends with the configuration stream's task.
+        tokio::spawn(mesh_node::readiness::observe(
+            xds.config(),
+            netns,
+            args.readiness_interval,
+            xds.health_reports(),
+        ));
+    }
     Ok(Some(Mesh {
         _node: node_manager,
         _workloads: workloads,

@@ -12,7 +12,9 @@
 
 use std::{sync::Arc, time::Duration};
 
-use mesh_api::v1::{DeltaRequest, DeltaResponse, discovery_client::DiscoveryClient};
+use mesh_api::v1::{
+    DeltaRequest, DeltaResponse, EndpointHealth, discovery_client::DiscoveryClient,
+};
 use mesh_model::config::{ConfigResource, NodeConfig, parse_resource};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
@@ -34,6 +36,9 @@ pub struct XdsStatus {
     pub reconnects: u64,
 }
 
+/// Health reports waiting to be sent.
+const HEALTH_QUEUE: usize = 256;
+
 /// Reconnect delays: 100 ms doubling to 15 s, jittered.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(15);
@@ -43,6 +48,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(15);
 pub struct Xds {
     config: watch::Receiver<Arc<NodeConfig>>,
     status: watch::Receiver<XdsStatus>,
+    health: mpsc::Sender<EndpointHealth>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -64,12 +70,21 @@ impl Xds {
     pub fn resume(control: ControlPlane, subscribe: Vec<String>, held: Arc<NodeConfig>) -> Self {
         let (config_tx, config) = watch::channel(held);
         let (status_tx, status) = watch::channel(XdsStatus::default());
-        let task = tokio::spawn(run(control, subscribe, config_tx, status_tx));
+        let (health, reports) = mpsc::channel(HEALTH_QUEUE);
+        let task = tokio::spawn(run(control, subscribe, config_tx, status_tx, reports));
         Self {
             config,
             status,
+            health,
             task,
         }
+    }
+
+    /// Where the node's own observations of its endpoints' health go; sent
+    /// to the control plane with the stream (dropped while it is down: the
+    /// observer repeats what still differs from the pushed configuration).
+    pub fn health_reports(&self) -> mpsc::Sender<EndpointHealth> {
+        self.health.clone()
     }
 
     /// The configuration the data path reads.
@@ -94,10 +109,11 @@ async fn run(
     subscribe: Vec<String>,
     config: watch::Sender<Arc<NodeConfig>>,
     status: watch::Sender<XdsStatus>,
+    mut health: mpsc::Receiver<EndpointHealth>,
 ) {
     let mut backoff = MIN_BACKOFF;
     loop {
-        let result = session(&control, &subscribe, &config, &status).await;
+        let result = session(&control, &subscribe, &config, &status, &mut health).await;
         let error = match result {
             Ok(()) => "the control plane closed the stream".to_owned(),
             Err(error) => error,
@@ -123,6 +139,7 @@ async fn session(
     subscribe: &[String],
     config: &watch::Sender<Arc<NodeConfig>>,
     status: &watch::Sender<XdsStatus>,
+    health: &mut mpsc::Receiver<EndpointHealth>,
 ) -> Result<(), String> {
     control.node_certificate(NODE_CERTIFICATE_WAIT).await?;
     let mut client = DiscoveryClient::new(control.channel()?);
@@ -141,11 +158,31 @@ async fn session(
         .await
         .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
         .into_inner();
+    // Reports queued while the stream was down are stale: the observer
+    // repeats what still differs.
+    while health.try_recv().is_ok() {}
     loop {
-        let response = inbound
-            .message()
-            .await
-            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+        let response = tokio::select! {
+            // Reports first: one queued before a push goes out before its
+            // ACK.
+            biased;
+            Some(report) = health.recv() => {
+                let mut endpoint_health = vec![report];
+                while let Ok(more) = health.try_recv() {
+                    endpoint_health.push(more);
+                }
+                requests
+                    .send(DeltaRequest {
+                        endpoint_health,
+                        ..DeltaRequest::default()
+                    })
+                    .await
+                    .map_err(|_| "the request stream closed".to_owned())?;
+                continue;
+            }
+            response = inbound.message() => response,
+        };
+        let response = response.map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
         let Some(response) = response else {
             return Ok(());
         };

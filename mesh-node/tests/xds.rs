@@ -437,3 +437,82 @@ async fn with_two_replicas_on_postgres_a_change_through_one_reaches_a_node_on_th
     assert_eq!(status.replica, "b");
     assert_eq!(replica_a.store.node_statuses().await.unwrap(), [status]);
 }
+
+fn reviews_endpoint(config: &NodeConfig) -> mesh_model::config::EndpointEntry {
+    let (_, endpoints) = &config.resources["endpoints/shop/reviews"];
+    let ConfigResource::Endpoints(set) = endpoints.as_ref() else {
+        panic!("endpoints/shop/reviews is {endpoints:?}");
+    };
+    assert_eq!(set.endpoints.len(), 1, "{set:?}");
+    set.endpoints[0].clone()
+}
+
+fn reviews_health(healthy: bool) -> mesh_api::v1::EndpointHealth {
+    mesh_api::v1::EndpointHealth {
+        namespace: "shop".into(),
+        service: "reviews".into(),
+        ip: "10.89.1.2".into(),
+        port: 9080,
+        healthy,
+    }
+}
+
+#[tokio::test]
+async fn a_nodes_readiness_report_marks_its_endpoint_for_callers_and_only_its_own() {
+    let mesh = mesh(None).await;
+    let replica = replica(&mesh.store, &mesh.identity, "a").await;
+    // node1 calls reviews; node2 runs reviews-1.
+    let caller = mesh.node(&replica, "node1", None).await;
+    let owner = mesh.node(&replica, "node2", None).await;
+    let mut caller_config = caller.xds.config();
+    let first = until(&mut caller_config, "the first push", |c| c.revision > 0).await;
+    assert!(reviews_endpoint(&first).healthy);
+    until(&mut owner.xds.config(), "node2's first push", |c| {
+        c.revision > 0
+    })
+    .await;
+
+    // The owner says it is down: every caller hears.
+    owner
+        .xds
+        .health_reports()
+        .send(reviews_health(false))
+        .await
+        .unwrap();
+    let down = until(&mut caller_config, "the endpoint marked down", |c| {
+        c.resources.contains_key("endpoints/shop/reviews") && !reviews_endpoint(c).healthy
+    })
+    .await;
+    let stored = mesh.store.endpoints("reviews.shop").await.unwrap();
+    assert!(!stored[0].healthy, "{stored:?}");
+
+    // The caller cannot speak for node2's workload. Its report travels on
+    // its own stream ahead of its ACK of the next push, so once that ACK is
+    // recorded the report has been dealt with.
+    caller
+        .xds
+        .health_reports()
+        .send(reviews_health(true))
+        .await
+        .unwrap();
+    let marker = mesh
+        .apply("apiVersion: mesh.io/v1\nkind: Service\nmetadata: {name: marker, namespace: shop}\nspec: {ports: [{port: 9090}]}\n")
+        .await;
+    until(&mut caller_config, "the marker", |c| c.revision >= marker).await;
+    recorded(&replica, "node1", |s| s.synced_revision >= Some(marker)).await;
+    assert!(!mesh.store.endpoints("reviews.shop").await.unwrap()[0].healthy);
+    assert!(!reviews_endpoint(&caller_config.borrow()).healthy);
+
+    // The owner says it is back.
+    owner
+        .xds
+        .health_reports()
+        .send(reviews_health(true))
+        .await
+        .unwrap();
+    let up = until(&mut caller_config, "the endpoint marked up", |c| {
+        reviews_endpoint(c).healthy
+    })
+    .await;
+    assert!(up.revision > down.revision);
+}

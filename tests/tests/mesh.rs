@@ -32,7 +32,7 @@ struct Mesh {
     cluster: Cluster,
     control: ControlPlane,
     nodes: Vec<(Process, SocketAddr)>,
-    _server: Process,
+    server: Option<Process>,
     dir: tempfile::TempDir,
 }
 
@@ -105,9 +105,7 @@ fn mesh_with(name: &str, ttl: Option<&str>) -> Mesh {
     );
     control.meshctl(&["apply", "-f", "-"], Some(&objects));
 
-    let mut server = cluster.pod_command("shop/reviews", MESH_POD).unwrap();
-    server.args(["serve-http", "--listen", "[::]:8080", "--body", SECRET_BODY]);
-    let (server, _) = Process::spawn_ready("shop/reviews", server, "listening", READY).unwrap();
+    let server = serve_reviews(&cluster);
 
     let nodes = (0..2)
         .map(|node| {
@@ -124,7 +122,7 @@ fn mesh_with(name: &str, ttl: Option<&str>) -> Mesh {
         cluster,
         control,
         nodes,
-        _server: server,
+        server: Some(server),
         dir,
     };
     // Ready when a request goes through: both pods captured, both holding
@@ -133,6 +131,15 @@ fn mesh_with(name: &str, ttl: Option<&str>) -> Mesh {
         mesh.get("shop/frontend", 1).0
     });
     mesh
+}
+
+/// The HTTP server in shop/reviews, on port 8080.
+fn serve_reviews(cluster: &Cluster) -> Process {
+    let mut server = cluster.pod_command("shop/reviews", MESH_POD).unwrap();
+    server.args(["serve-http", "--listen", "[::]:8080", "--body", SECRET_BODY]);
+    Process::spawn_ready("shop/reviews", server, "listening", READY)
+        .unwrap()
+        .0
 }
 
 impl Mesh {
@@ -542,4 +549,52 @@ fn a_policy_change_cuts_open_streams_it_no_longer_allows() {
     other.send_line("again").unwrap();
     assert_eq!(other.wait_for_line("", READY).unwrap(), "ok");
     assert_eq!(mesh.metric(1, "mesh_authz_revoked_streams_total"), 1);
+}
+
+/// The version of `name` node `node` holds.
+fn held_version(mesh: &Mesh, node: usize, name: &str) -> Option<String> {
+    let response = http::get(mesh.nodes[node].1, "/config").unwrap();
+    let config: serde_json::Value = serde_json::from_str(&response.body).unwrap();
+    config["resources"][name].as_str().map(str::to_owned)
+}
+
+#[test]
+fn an_app_that_stops_answering_is_marked_down_for_its_callers_and_up_when_back() {
+    let mut mesh = mesh("meshready");
+    let describe = |mesh: &Mesh| {
+        mesh.control.meshctl(
+            &["describe", "service", "reviews", "--namespace", "shop"],
+            None,
+        )
+    };
+    let endpoint = format!("{}  ", mesh.reviews());
+    let health = |mesh: &Mesh| -> String {
+        let described = describe(mesh);
+        let line = described
+            .lines()
+            .find(|l| l.trim_start().starts_with(&endpoint))
+            .unwrap_or_else(|| panic!("no endpoint {endpoint} in {described}"))
+            .to_owned();
+        line.split_whitespace().nth(2).unwrap().to_owned()
+    };
+    assert_eq!(health(&mesh), "healthy");
+    let marked_up = held_version(&mesh, 0, "endpoints/shop/reviews").unwrap();
+
+    // The app goes away; its node notices and the caller's node is told.
+    mesh.server.take().unwrap().terminate().unwrap();
+    wait_until("the endpoint marked unhealthy", || {
+        health(&mesh) == "unhealthy"
+    });
+    wait_until("the caller's node holds the marking", || {
+        held_version(&mesh, 0, "endpoints/shop/reviews").is_some_and(|v| v != marked_up)
+    });
+
+    // Back: marked healthy again, the caller's node holds exactly what it
+    // held before, and requests go through.
+    mesh.server = Some(serve_reviews(&mesh.cluster));
+    wait_until("the endpoint marked healthy", || health(&mesh) == "healthy");
+    wait_until("the caller's node holds the marking", || {
+        held_version(&mesh, 0, "endpoints/shop/reviews").as_deref() == Some(marked_up.as_str())
+    });
+    assert!(mesh.get("shop/frontend", 3).0);
 }

@@ -12,11 +12,14 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
     sync::Arc,
     time::Duration,
 };
 
-use mesh_api::v1::{DeltaRequest, DeltaResponse, Resource as PushedResource, discovery_server};
+use mesh_api::v1::{
+    DeltaRequest, DeltaResponse, EndpointHealth, Resource as PushedResource, discovery_server,
+};
 use mesh_identity::components;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
@@ -68,6 +71,7 @@ pub fn watch_revision(store: Store, every: Duration) -> watch::Receiver<i64> {
 /// The service's state.
 #[derive(Clone, Debug)]
 pub struct DiscoveryService {
+    store: Store,
     book: StatusBook,
     catalog: SharedCatalog,
     /// This replica's name in `NodeConfigStatus`.
@@ -79,12 +83,14 @@ pub struct DiscoveryService {
 
 impl DiscoveryService {
     pub fn new(
+        store: Store,
         book: StatusBook,
         catalog: SharedCatalog,
         replica: String,
         stopping: watch::Receiver<bool>,
     ) -> Self {
         Self {
+            store,
             book,
             catalog,
             replica,
@@ -139,6 +145,7 @@ impl discovery_server::Discovery for DiscoveryService {
             node,
             remote: peer.remote.to_string(),
             expires: peer.not_after.unwrap_or(now),
+            store: self.store.clone(),
             book: self.book.clone(),
             catalog: self.catalog.clone(),
             stopping: self.stopping.clone(),
@@ -154,6 +161,7 @@ struct Session {
     /// The node certificate's expiry: the stream ends there and the node
     /// reconnects with its renewed certificate.
     expires: OffsetDateTime,
+    store: Store,
     book: StatusBook,
     catalog: SharedCatalog,
     /// What is recorded of the node, written on every change.
@@ -338,6 +346,7 @@ impl Session {
             tokio::select! {
                 message = inbound.message() => {
                     let Some(request) = message? else { return Ok(()) };
+                    self.endpoint_health(&request.endpoint_health).await;
                     if !request.subscribe.is_empty() || !request.unsubscribe.is_empty() {
                         self.subscribe(&mut held.view.subscribed, &request.subscribe, &request.unsubscribe)?;
                         // What the node may hold changed: select afresh.
@@ -389,6 +398,61 @@ impl Session {
                     return Err(Status::unauthenticated(
                         "the node certificate this stream was opened with has expired; reconnect",
                     ));
+                }
+            }
+        }
+    }
+
+    /// Applies what the node observed of its own workloads' endpoints.
+    /// A node speaks only for its workloads: anything else is ignored.
+    async fn endpoint_health(&self, reports: &[EndpointHealth]) {
+        for report in reports {
+            let (Ok(ip), Ok(port)) = (report.ip.parse::<IpAddr>(), u16::try_from(report.port))
+            else {
+                tracing::warn!(
+                    node = self.node,
+                    ip = report.ip,
+                    port = report.port,
+                    "ignored a health report with a malformed address"
+                );
+                continue;
+            };
+            let service = (report.namespace.clone(), report.service.clone());
+            let marked = self
+                .catalog
+                .read()
+                .endpoint_on(&self.node, &service, ip, port);
+            match marked {
+                None => tracing::warn!(
+                    node = self.node,
+                    namespace = service.0,
+                    service = service.1,
+                    %ip,
+                    port,
+                    "ignored a health report about an endpoint not on this node"
+                ),
+                Some(healthy) if healthy == report.healthy => {}
+                Some(_) => {
+                    let key = format!("{}.{}", service.1, service.0);
+                    match self
+                        .store
+                        .set_endpoint_health(&key, ip, port, report.healthy)
+                        .await
+                    {
+                        Ok(revision) => tracing::info!(
+                            node = self.node,
+                            namespace = service.0,
+                            service = service.1,
+                            %ip,
+                            port,
+                            healthy = report.healthy,
+                            revision,
+                            "endpoint health reported by its node"
+                        ),
+                        Err(error) => {
+                            tracing::warn!(%error, node = self.node, "recording a reported endpoint health")
+                        }
+                    }
                 }
             }
         }

@@ -13,7 +13,8 @@
 use std::{sync::Arc, time::Duration};
 
 use mesh_api::v1::{
-    DeltaRequest, DeltaResponse, EndpointHealth, discovery_client::DiscoveryClient,
+    DeltaRequest, DeltaResponse, EndpointHealth, Resource as PushedResource,
+    discovery_client::DiscoveryClient,
 };
 use mesh_model::config::{ConfigResource, NodeConfig, parse_resource};
 use serde::Serialize;
@@ -161,6 +162,7 @@ async fn session(
     // Reports queued while the stream was down are stale: the observer
     // repeats what still differs.
     while health.try_recv().is_ok() {}
+    let mut parts: Vec<DeltaResponse> = Vec::new();
     loop {
         let response = tokio::select! {
             // Reports first: one queued before a push goes out before its
@@ -183,9 +185,27 @@ async fn session(
             response = inbound.message() => response,
         };
         let response = response.map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
-        let Some(response) = response else {
+        let Some(mut response) = response else {
             return Ok(());
         };
+        // A push in parts is applied whole, once its last part is here.
+        if let Some(first) = parts.first()
+            && first.nonce != response.nonce
+        {
+            return Err("the control plane mixed the parts of two pushes".to_owned());
+        }
+        if response.more {
+            parts.push(response);
+            continue;
+        }
+        if !parts.is_empty() {
+            let mut whole: Vec<PushedResource> = Vec::new();
+            for part in parts.drain(..) {
+                whole.extend(part.resources);
+            }
+            whole.append(&mut response.resources);
+            response.resources = whole;
+        }
         let nonce = response.nonce.clone();
         let revision = response.revision;
         // The borrow ends here: swapping in below needs the write lock.

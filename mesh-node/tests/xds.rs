@@ -516,3 +516,39 @@ async fn a_nodes_readiness_report_marks_its_endpoint_for_callers_and_only_its_ow
     .await;
     assert!(up.revision > down.revision);
 }
+
+#[tokio::test]
+async fn a_push_too_large_for_one_response_arrives_in_parts_and_is_applied_whole() {
+    let mesh = mesh(None).await;
+    // 3,000 addresses: about 330 KiB of bodies, more than one part holds.
+    let mut yaml = String::new();
+    for i in 0..3000 {
+        yaml.push_str(&format!(
+            "---\napiVersion: mesh.io/v1\nkind: Workload\nmetadata: {{name: w{i}, namespace: shop}}\n\
+             spec: {{node: node9, ip: 10.90.{}.{}}}\n",
+            i / 250,
+            i % 250 + 1
+        ));
+    }
+    let revision = mesh.apply(&yaml).await;
+    let replica = replica(&mesh.store, &mesh.identity, "a").await;
+    let node = mesh.node(&replica, "node1", None).await;
+    let mut config = node.xds.config();
+    // The first configuration the node publishes is the whole push.
+    let first = until(&mut config, "the first push", |c| c.revision > 0).await;
+    assert_eq!(first.revision, revision);
+    let addresses = first
+        .resources
+        .keys()
+        .filter(|name| name.starts_with("address/shop/w"))
+        .count();
+    assert_eq!(addresses, 3000);
+    // One answer, for the whole.
+    let mut status = node.xds.status();
+    let status = tokio::time::timeout(Duration::from_secs(20), status.wait_for(|s| s.acks > 0))
+        .await
+        .expect("no ACK")
+        .unwrap()
+        .clone();
+    assert_eq!((status.acks, status.nacks), (1, 0), "{status:?}");
+}

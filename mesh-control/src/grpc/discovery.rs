@@ -155,6 +155,43 @@ impl discovery_server::Discovery for DiscoveryService {
     }
 }
 
+/// How much resource body one response part carries at most.
+const PART_BYTES: usize = 256 * 1024;
+
+/// One push as responses of at most [`PART_BYTES`] of bodies each (a single
+/// larger resource goes alone), removals in the last; every part but the
+/// last says more follow.
+fn in_parts(
+    revision: i64,
+    nonce: &str,
+    resources: Vec<PushedResource>,
+    removed: Vec<String>,
+) -> Vec<DeltaResponse> {
+    let part = |resources| DeltaResponse {
+        revision,
+        nonce: nonce.to_owned(),
+        resources,
+        removed_resources: Vec::new(),
+        more: true,
+    };
+    let mut parts = Vec::new();
+    let mut current = Vec::new();
+    let mut bytes = 0;
+    for resource in resources {
+        if !current.is_empty() && bytes + resource.body.len() > PART_BYTES {
+            parts.push(part(std::mem::take(&mut current)));
+            bytes = 0;
+        }
+        bytes += resource.body.len();
+        current.push(resource);
+    }
+    let mut last = part(current);
+    last.removed_resources = removed;
+    last.more = false;
+    parts.push(last);
+    parts
+}
+
 struct Session {
     node: String,
     remote: String,
@@ -216,7 +253,7 @@ impl Session {
 
     /// The response that brings the node from `held` to the catalog's
     /// current state, or `None` when it has it already.
-    fn next_push(&self, held: &mut Held, sent: u64) -> (i64, Option<DeltaResponse>, Pending) {
+    fn next_push(&self, held: &mut Held, sent: u64) -> (i64, Option<Vec<DeltaResponse>>, Pending) {
         let catalog = self.catalog.read();
         let revision = catalog.revision();
         let namespaces = catalog.namespaces_of(&self.node);
@@ -249,20 +286,20 @@ impl Session {
         if sent > 0 && changed.is_empty() && removed.is_empty() {
             return (revision, None, pending);
         }
-        let response = DeltaResponse {
+        let resources = changed
+            .into_iter()
+            .map(|(name, pushed)| PushedResource {
+                name: name.to_string(),
+                version: pushed.version_text(),
+                body: pushed.body.clone(),
+            })
+            .collect();
+        let removed = removed.iter().map(|name| name.to_string()).collect();
+        (
             revision,
-            nonce,
-            resources: changed
-                .into_iter()
-                .map(|(name, pushed)| PushedResource {
-                    name: name.to_string(),
-                    version: pushed.version_text(),
-                    body: pushed.body.clone(),
-                })
-                .collect(),
-            removed_resources: removed.iter().map(|name| name.to_string()).collect(),
-        };
-        (revision, Some(response), pending)
+            Some(in_parts(revision, &nonce, resources, removed)),
+            pending,
+        )
     }
 
     async fn serve(
@@ -326,18 +363,21 @@ impl Session {
                             self.record(|s| s.synced_revision = Some(revision));
                         }
                     }
-                    Some(response) => {
+                    Some(parts) => {
                         sent += 1;
                         tracing::debug!(
                             node = self.node,
                             revision,
-                            nonce = response.nonce,
-                            changed = response.resources.len(),
-                            removed = response.removed_resources.len(),
+                            nonce = next.nonce,
+                            changed = next.changed.len(),
+                            removed = next.removed.len(),
+                            parts = parts.len(),
                             "pushing"
                         );
-                        if tx.send(Ok(response)).await.is_err() {
-                            return Ok(());
+                        for part in parts {
+                            if tx.send(Ok(part)).await.is_err() {
+                                return Ok(());
+                            }
                         }
                         pending = Some(next);
                     }
@@ -476,5 +516,38 @@ impl Session {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_push_goes_in_parts_that_only_the_last_closes() {
+        let resource = |i: usize| PushedResource {
+            name: format!("address/ns/w{i}"),
+            version: "1".into(),
+            body: vec![b'x'; 100 * 1024],
+        };
+        let parts = in_parts(
+            7,
+            "7-1",
+            (0..5).map(resource).collect(),
+            vec!["gone".into()],
+        );
+        let sizes: Vec<usize> = parts.iter().map(|p| p.resources.len()).collect();
+        assert_eq!(sizes, [2, 2, 1]);
+        assert_eq!(
+            parts.iter().map(|p| p.more).collect::<Vec<_>>(),
+            [true, true, false]
+        );
+        assert!(parts.iter().all(|p| p.nonce == "7-1" && p.revision == 7));
+        assert!(parts[..2].iter().all(|p| p.removed_resources.is_empty()));
+        assert_eq!(parts[2].removed_resources, ["gone"]);
+        // Small, or empty: one part.
+        let one = in_parts(8, "8-2", Vec::new(), Vec::new());
+        assert_eq!(one.len(), 1);
+        assert!(!one[0].more);
     }
 }

@@ -51,6 +51,10 @@ pub async fn serve(
     let serving = ServingCertificate::start(identity.clone(), store.clone()).await?;
     let configs = Arc::new(tls::ServerConfigs::new(identity.clone(), serving));
     let incoming = tls::incoming(listener, configs);
+    // Other replicas' writes as they commit; polling covers the rest.
+    if let Err(error) = store.listen_for_writes().await {
+        tracing::warn!(%error, poll = ?config.poll, "not notified of other replicas' writes; polling for them");
+    }
     let revisions = discovery::watch_revision(store.clone(), config.poll);
     let catalog = SharedCatalog::follow(store.clone(), revisions);
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);

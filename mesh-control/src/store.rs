@@ -112,10 +112,15 @@ pub struct StoredSplit {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
-    /// Counts commits made through this process, so its own followers need
-    /// not wait for their next poll.
+    /// Counts commits made through this process (and, once
+    /// [`Store::listen_for_writes`] runs, other replicas' commits), so
+    /// followers need not wait for their next poll.
     writes: Arc<tokio::sync::watch::Sender<u64>>,
+    url: Arc<str>,
 }
+
+/// The PostgreSQL channel every committed write notifies.
+const WRITES_CHANNEL: &str = "mesh_revision";
 
 impl Store {
     /// Connects to `url` (`sqlite://path?mode=rwc` or `postgres://...`) and
@@ -149,12 +154,43 @@ impl Store {
             pool,
             backend,
             writes: Arc::new(tokio::sync::watch::Sender::new(0)),
+            url: url.into(),
         })
     }
 
-    /// Changes with every commit made through this process.
+    /// Changes with every commit made through this process, and after
+    /// [`Store::listen_for_writes`] with other replicas' commits too.
     pub fn writes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.writes.subscribe()
+    }
+
+    /// On PostgreSQL, follows every replica's commits (LISTEN/NOTIFY: each
+    /// write transaction notifies at commit) into [`Store::writes`];
+    /// returns once listening. Nothing to do on SQLite, which has one
+    /// replica. A notification lost while the listening connection
+    /// reconnects is covered by the followers' polling.
+    pub async fn listen_for_writes(&self) -> Result<(), StoreError> {
+        if self.backend != Backend::Postgres {
+            return Ok(());
+        }
+        let mut listener = sqlx::postgres::PgListener::connect(&self.url).await?;
+        listener.listen(WRITES_CHANNEL).await?;
+        let writes = Arc::downgrade(&self.writes);
+        tokio::spawn(async move {
+            loop {
+                let received = listener.recv().await;
+                let Some(writes) = writes.upgrade() else {
+                    return;
+                };
+                // After an error too: something may have been missed.
+                writes.send_modify(|n| *n += 1);
+                if let Err(error) = received {
+                    tracing::warn!(%error, "listening for other replicas' writes; reconnecting");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        });
+        Ok(())
     }
 
     fn wrote(&self) {
@@ -212,7 +248,7 @@ impl Store {
         let mut tx = self.pool.begin_with(backend.begin_write()).await?;
         // Taken first: the revision row's lock serialises writers, so what
         // this transaction reads next is not changed under it.
-        let revision = bump_revision(&mut tx).await?;
+        let revision = bump_revision(&mut tx, backend).await?;
         let mut changed = false;
         let mut results = Vec::with_capacity(resources.len());
         let mut endpoints_to_refresh = BTreeSet::new();
@@ -323,7 +359,7 @@ impl Store {
                 });
             }
         }
-        let revision = bump_revision(&mut tx).await?;
+        let revision = bump_revision(&mut tx, backend).await?;
         kinds::remove(&mut tx, kind, existing.namespace(), name).await?;
         record_change(
             &mut tx,
@@ -364,7 +400,7 @@ impl Store {
     ) -> Result<i64, StoreError> {
         let backend = self.backend;
         let mut tx = self.pool.begin_with(backend.begin_write()).await?;
-        let revision = bump_revision(&mut tx).await?;
+        let revision = bump_revision(&mut tx, backend).await?;
         let found =
             endpoints::set_health(&mut tx, backend, service_name, ip, port, healthy, revision)
                 .await?;
@@ -661,12 +697,18 @@ async fn check_unique_addresses(
 /// Moves the global revision on by one and returns it. Being the first
 /// write of a transaction, it also serialises writers: revisions follow
 /// commit order.
-async fn bump_revision(conn: &mut AnyConnection) -> Result<i64, StoreError> {
+async fn bump_revision(conn: &mut AnyConnection, backend: Backend) -> Result<i64, StoreError> {
     let row = sqlx::query(
         "UPDATE mesh_revision SET revision = revision + 1 WHERE id = 1 RETURNING revision",
     )
     .fetch_one(&mut *conn)
     .await?;
+    if backend == Backend::Postgres {
+        // Delivered at commit, dropped with a rollback.
+        sqlx::query(&format!("NOTIFY {WRITES_CHANNEL}"))
+            .execute(&mut *conn)
+            .await?;
+    }
     Ok(row.try_get("revision")?)
 }
 

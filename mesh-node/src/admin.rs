@@ -526,7 +526,7 @@ pub fn render_tunnel_metrics(stats: &crate::hbone::HboneStats) -> String {
          # HELP mesh_tunnel_pooled_connections Pooled HBONE connections open now.\n\
          # TYPE mesh_tunnel_pooled_connections gauge\n\
          mesh_tunnel_pooled_connections {}\n\
-         # HELP mesh_authz_revoked_streams_total Open inbound streams cut because a policy change no longer allows them.\n\
+         # HELP mesh_authz_revoked_streams_total Open inbound tunnel streams and permissive plaintext connections cut because a configuration change no longer allows them.\n\
          # TYPE mesh_authz_revoked_streams_total counter\n\
          mesh_authz_revoked_streams_total {}\n",
         stats.client_handshakes.load(Relaxed),

@@ -684,13 +684,36 @@ async fn relay(
     destination: Option<SocketAddr>,
     direction: Direction,
     pod: &PodContext,
+    permit: OwnedSemaphorePermit,
+) {
+    relay_until(
+        stream,
+        client,
+        destination,
+        direction,
+        pod,
+        permit,
+        std::future::pending(),
+    )
+    .await;
+}
+
+/// [`relay`], cut short when `stop` completes (with the error it gives).
+async fn relay_until(
+    stream: TcpStream,
+    client: SocketAddr,
+    destination: Option<SocketAddr>,
+    direction: Direction,
+    pod: &PodContext,
     _permit: OwnedSemaphorePermit,
+    stop: impl Future<Output = io::Error>,
 ) {
     let outcome = match connect_upstream(stream, client, destination, direction, pod).await {
         Ok((stream, upstream, info)) => {
             pod.connections
                 .count(&pod.name, direction, Outcome::Relayed);
-            copy_plain(stream, upstream, direction, pod.connections.register(info)).await;
+            let open = pod.connections.register(info);
+            copy_plain(stream, upstream, direction, open, stop).await;
             return;
         }
         Err(outcome) => outcome,
@@ -699,21 +722,85 @@ async fn relay(
 }
 
 /// Copies between the application and a plain upstream until both ends
-/// close, then records the bytes.
+/// close or `stop` completes, then records the bytes.
 async fn copy_plain(
     mut stream: TcpStream,
     mut upstream: TcpStream,
     direction: Direction,
     open: OpenConnection,
+    stop: impl Future<Output = io::Error>,
 ) {
-    let result = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
-    let (from_client, from_upstream) = *result.as_ref().unwrap_or(&(0, 0));
+    let from_client = AtomicU64::new(0);
+    let from_upstream = AtomicU64::new(0);
+    let result = {
+        let mut client_side = Counted::new(&mut stream, &from_client);
+        let mut upstream_side = Counted::new(&mut upstream, &from_upstream);
+        tokio::select! {
+            copied = tokio::io::copy_bidirectional(&mut client_side, &mut upstream_side) => copied.map(drop),
+            error = stop => Err(error),
+        }
+    };
+    let (from_client, from_upstream) = (
+        from_client.load(Ordering::Relaxed),
+        from_upstream.load(Ordering::Relaxed),
+    );
     // `sent` counts what the pod's application sent.
     let (sent, received) = match direction {
         Direction::Outbound => (from_client, from_upstream),
         Direction::Inbound => (from_upstream, from_client),
     };
-    open.finish(sent, received, None, &result.map(|_| ()));
+    open.finish(sent, received, None, &result);
+}
+
+/// A stream that counts the bytes read from it.
+struct Counted<'a> {
+    inner: &'a mut TcpStream,
+    read: &'a AtomicU64,
+}
+
+impl<'a> Counted<'a> {
+    fn new(inner: &'a mut TcpStream, read: &'a AtomicU64) -> Self {
+        Self { inner, read }
+    }
+}
+
+impl tokio::io::AsyncRead for Counted<'_> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut *this.inner).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        this.read.fetch_add(read as u64, Ordering::Relaxed);
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted<'_> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut *self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 /// Connects to where an accepted connection was going.

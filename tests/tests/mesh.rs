@@ -549,6 +549,27 @@ fn a_policy_change_cuts_open_streams_it_no_longer_allows() {
     other.send_line("again").unwrap();
     assert_eq!(other.wait_for_line("", READY).unwrap(), "ok");
     assert_eq!(mesh.metric(1, "mesh_authz_revoked_streams_total"), 1);
+
+    // Plaintext let in while the workload was permissive is cut when it
+    // turns strict; the tunnelled stream stays.
+    let shop = |labels: &str| {
+        namespace("shop", labels)
+            .trim_end_matches("---\n")
+            .to_owned()
+    };
+    mesh.apply(&shop("mesh.io/capture: enabled, mesh.io/mtls: permissive"));
+    let mut legacy = hold("legacy/client");
+    legacy.send_line("again").unwrap();
+    assert_eq!(legacy.wait_for_line("", READY).unwrap(), "ok");
+    mesh.apply(&shop("mesh.io/capture: enabled"));
+    wait_until("the plaintext connection is cut", || {
+        mesh.metric(1, "mesh_authz_revoked_streams_total") == 2
+    });
+    legacy.send_line("again").unwrap();
+    let answer = legacy.wait_for_line("", READY).unwrap();
+    assert!(answer.starts_with("failed"), "{answer}");
+    other.send_line("again").unwrap();
+    assert_eq!(other.wait_for_line("", READY).unwrap(), "ok");
 }
 
 /// The version of `name` node `node` holds.

@@ -19,7 +19,8 @@ use tokio::{
 };
 
 use super::{
-    Direction, Outcome, PodContext, Security, canonical, connection_info, dial, lock, relay, reset,
+    Direction, Outcome, PodContext, Security, canonical, connection_info, dial, lock, relay,
+    relay_until, reset,
 };
 use crate::{
     admin::{Holder, SharedTracked},
@@ -53,14 +54,17 @@ pub struct MeshPath {
     /// that never finish their handshake is bounded here, not by the
     /// connection permits every pod's listeners share.
     pub handshakes: Arc<tokio::sync::Semaphore>,
-    /// Inbound tunnel streams open now, re-authorized on policy changes.
+    /// Inbound tunnel streams and permissive plaintext connections open
+    /// now, re-authorized on policy changes.
     pub streams: OpenStreams,
 }
 
-/// The inbound tunnel streams a node carries, with what they were
-/// authorized as: when the configuration changes, each is decided again,
-/// and those no longer allowed are cut (revoking access revokes it for
-/// connections already open, not only for new ones).
+/// The inbound tunnel streams a node carries, and the plaintext
+/// connections it let in because the workload was permissive, with what
+/// they were authorized as: when the configuration changes, each is decided
+/// again, and those no longer allowed are cut — revoking access (or turning
+/// a workload strict) revokes it for connections already open, not only
+/// for new ones.
 #[derive(Debug, Default)]
 pub struct OpenStreams {
     next: std::sync::atomic::AtomicU64,
@@ -70,7 +74,8 @@ pub struct OpenStreams {
 #[derive(Debug)]
 struct OpenStream {
     pod: String,
-    caller: Arc<SpiffeId>,
+    /// `None`: plaintext, accepted because the workload is permissive.
+    caller: Option<Arc<SpiffeId>>,
     port: u16,
     revoke: Arc<tokio::sync::Notify>,
 }
@@ -91,7 +96,7 @@ impl OpenStreams {
     fn register(
         &self,
         pod: &str,
-        caller: Arc<SpiffeId>,
+        caller: Option<Arc<SpiffeId>>,
         port: u16,
     ) -> (StreamRegistration<'_>, Arc<tokio::sync::Notify>) {
         let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -112,15 +117,26 @@ impl OpenStreams {
     /// no longer allows.
     pub fn recheck(&self, directory: &Directory, stats: &hbone::HboneStats) {
         for stream in lock(&self.streams).values() {
-            let decision = directory.authorize(
-                &stream.pod,
-                &Request {
-                    caller: Some(&stream.caller),
-                    port: stream.port,
-                },
-            );
-            if !decision.allowed() {
-                tracing::info!(pod = %stream.pod, caller = %stream.caller, port = stream.port, reason = %decision.reason(), "open tunnel stream cut: no longer authorized");
+            let reason = if stream.caller.is_none()
+                && directory.local(&stream.pod).map(|l| l.mtls) != Some(MtlsMode::Permissive)
+            {
+                Some("the workload no longer accepts plaintext".to_owned())
+            } else {
+                let decision = directory.authorize(
+                    &stream.pod,
+                    &Request {
+                        caller: stream.caller.as_deref(),
+                        port: stream.port,
+                    },
+                );
+                (!decision.allowed()).then(|| decision.reason().to_string())
+            };
+            if let Some(reason) = reason {
+                let caller = stream
+                    .caller
+                    .as_ref()
+                    .map_or_else(|| "plaintext".to_owned(), ToString::to_string);
+                tracing::info!(pod = %stream.pod, caller, port = stream.port, reason, "open connection cut: no longer authorized");
                 stats
                     .streams_revoked
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -144,6 +160,13 @@ impl MeshPath {
             }
         })
     }
+}
+
+fn revoked_error() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::PermissionDenied,
+        "authorization revoked by a policy change",
+    )
 }
 
 /// Tunnel handshakes in progress at once, node-wide.
@@ -232,7 +255,15 @@ pub(super) async fn carry(
                 reset(stream);
                 return count(Outcome::Denied);
             }
-            relay(stream, client, destination, direction, pod, permit).await;
+            // Decided again on every configuration change, like a tunnel
+            // stream.
+            let (_registration, revoke) =
+                mesh.streams.register(&pod.name, None, original_dst.port());
+            let revoked = async move {
+                revoke.notified().await;
+                revoked_error()
+            };
+            relay_until(stream, client, destination, direction, pod, permit, revoked).await;
         }
     }
 }
@@ -500,15 +531,12 @@ async fn tunnel_in(
         remote,
         target,
     ));
-    let (_registration, revoke) = mesh
-        .streams
-        .register(&pod.name, caller.clone(), target.port());
+    let (_registration, revoke) =
+        mesh.streams
+            .register(&pod.name, Some(caller.clone()), target.port());
     let revoked = async move {
         revoke.notified().await;
-        std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            "authorization revoked by a policy change",
-        )
+        revoked_error()
     };
     let (moved, result) = hbone::splice(&mut app, send, recv, revoked).await;
     drop(permit);

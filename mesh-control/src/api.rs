@@ -8,7 +8,7 @@
 //! | `GET /api/v1/{kind}/{name}[?namespace=]` | one resource |
 //! | `DELETE /api/v1/{kind}/{name}[?namespace=]` | delete one resource |
 //! | `GET /api/v1/services/{name}/describe[?namespace=]` | a service with what applies to it |
-//! | `PUT /api/v1/services/{name}/endpoints/health[?namespace=]` | mark one endpoint (`{ip, port, healthy}`) healthy or not |
+//! | `PUT /api/v1/services/{name}/endpoints/health[?namespace=]` | mark one endpoint (`{ip, port, healthy}`) healthy or not (the operator's marking; callers use an endpoint marked healthy that its node observes ready) |
 //! | `GET /api/v1/revision` | the store's revision |
 //! | `GET /api/v1/certificates[?service_name=]` | what the CA issued (never keys) |
 //! | `POST /api/v1/certificates` | issue with a CA-generated key (gateways, VMs) |

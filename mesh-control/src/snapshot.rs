@@ -183,8 +183,8 @@ impl Catalog {
     }
 
     /// Whether `node` runs the workload behind endpoint `ip:port` of
-    /// `service`, and whether the endpoint is marked healthy: what a node
-    /// may report about, and what it would change.
+    /// `service`, and the readiness recorded for it: what a node may report
+    /// about, and what its report would change.
     pub fn endpoint_on(
         &self,
         node: &str,
@@ -201,7 +201,7 @@ impl Catalog {
         let key = (Kind::Workload, Some(service.0.clone()), workload.clone());
         match self.objects.get(&key) {
             Some(Resource::Workload(w)) if w.spec.node == node && w.spec.ip == ip => {
-                Some(endpoint.healthy)
+                Some(endpoint.ready)
             }
             _ => None,
         }
@@ -403,7 +403,8 @@ impl Catalog {
                     ip: e.ip,
                     port: e.port,
                     version: e.version,
-                    healthy: e.healthy,
+                    healthy: e.healthy && e.ready,
+                    ready: e.ready,
                     workload: e.workload,
                 })
                 .collect(),

@@ -30,7 +30,7 @@ use sqlx::{
 
 pub use backend::Backend;
 pub use certificates::{CertificateRow, NewCertificate};
-pub use endpoints::{Endpoint, affected as endpoints_affected_by};
+pub use endpoints::{Endpoint, Mark, affected as endpoints_affected_by};
 pub use nodes::{NodeConfigStatus, now_rfc3339};
 pub use tokens::{MAX_TOKEN_TTL, NewToken, TokenInfo, TokenRejected};
 
@@ -116,7 +116,17 @@ pub struct Store {
     /// [`Store::listen_for_writes`] runs, other replicas' commits), so
     /// followers need not wait for their next poll.
     writes: Arc<tokio::sync::watch::Sender<u64>>,
-    url: Arc<str>,
+    url: StoreUrl,
+}
+
+/// The database URL, shown without its password.
+#[derive(Clone)]
+struct StoreUrl(Arc<str>);
+
+impl std::fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact(&self.0))
+    }
 }
 
 /// The PostgreSQL channel every committed write notifies.
@@ -154,7 +164,7 @@ impl Store {
             pool,
             backend,
             writes: Arc::new(tokio::sync::watch::Sender::new(0)),
-            url: url.into(),
+            url: StoreUrl(url.into()),
         })
     }
 
@@ -173,7 +183,7 @@ impl Store {
         if self.backend != Backend::Postgres {
             return Ok(());
         }
-        let mut listener = sqlx::postgres::PgListener::connect(&self.url).await?;
+        let mut listener = sqlx::postgres::PgListener::connect(&self.url.0).await?;
         listener.listen(WRITES_CHANNEL).await?;
         let writes = Arc::downgrade(&self.writes);
         tokio::spawn(async move {
@@ -390,7 +400,8 @@ impl Store {
         endpoints::list(&mut conn, self.backend, None).await
     }
 
-    /// Marks one endpoint healthy or not; returns the new revision.
+    /// Marks one endpoint healthy or not (the operator's marking); returns
+    /// the new revision.
     pub async fn set_endpoint_health(
         &self,
         service_name: &str,
@@ -398,12 +409,35 @@ impl Store {
         port: u16,
         healthy: bool,
     ) -> Result<i64, StoreError> {
+        self.set_endpoint_mark(service_name, ip, port, (Mark::Healthy, healthy))
+            .await
+    }
+
+    /// Records the readiness the endpoint's node observed; returns the new
+    /// revision.
+    pub async fn set_endpoint_ready(
+        &self,
+        service_name: &str,
+        ip: IpAddr,
+        port: u16,
+        ready: bool,
+    ) -> Result<i64, StoreError> {
+        self.set_endpoint_mark(service_name, ip, port, (Mark::Ready, ready))
+            .await
+    }
+
+    async fn set_endpoint_mark(
+        &self,
+        service_name: &str,
+        ip: IpAddr,
+        port: u16,
+        mark: (Mark, bool),
+    ) -> Result<i64, StoreError> {
         let backend = self.backend;
         let mut tx = self.pool.begin_with(backend.begin_write()).await?;
         let revision = bump_revision(&mut tx, backend).await?;
         let found =
-            endpoints::set_health(&mut tx, backend, service_name, ip, port, healthy, revision)
-                .await?;
+            endpoints::set_mark(&mut tx, backend, service_name, ip, port, mark, revision).await?;
         if !found {
             return Err(StoreError::NotFound(format!(
                 "endpoint {ip}:{port} of {service_name}"

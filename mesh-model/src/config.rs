@@ -22,10 +22,23 @@ pub struct EndpointEntry {
     pub port: u16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// Whether callers may use it: the operator has not marked it down
+    /// and its node observes it ready.
     pub healthy: bool,
+    /// What the node running its workload last observed.
+    #[serde(default = "ready_by_default", skip_serializing_if = "is_ready")]
+    pub ready: bool,
     /// The workload (pod) behind it, by name (in the service's namespace).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<String>,
+}
+
+fn ready_by_default() -> bool {
+    true
+}
+
+fn is_ready(ready: &bool) -> bool {
+    *ready
 }
 
 /// Every endpoint of one service.
@@ -307,7 +320,8 @@ mod tests {
                 port: 9080,
                 version: Some("v2".into()),
                 healthy: true,
-                workload: Some("shop/reviews-1".into()),
+                ready: true,
+                workload: Some("reviews-1".into()),
             }],
         };
         let body = endpoints_body(&set);

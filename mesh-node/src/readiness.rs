@@ -42,7 +42,7 @@ struct Probe {
     service: String,
     workload: String,
     address: SocketAddr,
-    marked_healthy: bool,
+    marked_ready: bool,
 }
 
 /// The endpoints to probe: those of services this node was pushed whose
@@ -66,7 +66,7 @@ fn probes(config: &NodeConfig) -> Vec<Probe> {
                     service: set.service.clone(),
                     workload: workload.clone(),
                     address: SocketAddr::new(endpoint.ip, endpoint.port),
-                    marked_healthy: endpoint.healthy,
+                    marked_ready: endpoint.ready,
                 });
             }
         }
@@ -130,6 +130,13 @@ async fn probe_pod(netns: std::path::PathBuf, probes: Vec<Probe>) -> Vec<(Probe,
     answers
 }
 
+/// What a probe says of an endpoint marked `marked_ready`, after `streak`
+/// failed probes in a row: failures only delay marking it down — they
+/// never mark it up.
+fn observed(answered: bool, streak: u32, marked_ready: bool) -> bool {
+    answered || (marked_ready && streak < FAILURES)
+}
+
 /// Observes until `config` closes, one round every `every`.
 pub async fn observe(
     mut config: watch::Receiver<Arc<NodeConfig>>,
@@ -171,9 +178,9 @@ pub async fn observe(
                 } else {
                     streak.saturating_add(1)
                 };
-                let observed_healthy = answered || *streak < FAILURES;
+                let observed_healthy = observed(answered, *streak, probe.marked_ready);
                 seen.insert(key);
-                if observed_healthy == probe.marked_healthy {
+                if observed_healthy == probe.marked_ready {
                     continue;
                 }
                 tracing::info!(
@@ -215,6 +222,19 @@ mod tests {
     }
 
     #[test]
+    fn failures_mark_down_after_a_streak_and_never_mark_up() {
+        // Marked ready: one failure is tolerated, two are not.
+        assert!(observed(false, 1, true));
+        assert!(!observed(false, FAILURES, true));
+        // Marked down: a failure keeps it down, however short the streak
+        // (a node that just started, or a workload that moved here).
+        assert!(!observed(false, 1, false));
+        // An answer is ready whatever the marking.
+        assert!(observed(true, 0, false));
+        assert!(observed(true, 0, true));
+    }
+
+    #[test]
     fn only_endpoints_of_this_nodes_workloads_are_probed() {
         let config = config(&[
             (
@@ -236,7 +256,7 @@ mod tests {
                 service: "web".into(),
                 workload: "web-1".into(),
                 address: "10.0.0.1:8080".parse().unwrap(),
-                marked_healthy: true,
+                marked_ready: true,
             }]
         );
     }

@@ -498,7 +498,7 @@ async fn a_nodes_readiness_report_marks_its_endpoint_for_callers_and_only_its_ow
     })
     .await;
     let stored = mesh.store.endpoints("reviews.shop").await.unwrap();
-    assert!(!stored[0].healthy, "{stored:?}");
+    assert!(!stored[0].ready && stored[0].healthy, "{stored:?}");
 
     // The caller cannot speak for node2's workload. Its report travels on
     // its own stream ahead of its ACK of the next push, so once that ACK is
@@ -514,7 +514,7 @@ async fn a_nodes_readiness_report_marks_its_endpoint_for_callers_and_only_its_ow
         .await;
     until(&mut caller_config, "the marker", |c| c.revision >= marker).await;
     recorded(&replica, "node1", |s| s.synced_revision >= Some(marker)).await;
-    assert!(!mesh.store.endpoints("reviews.shop").await.unwrap()[0].healthy);
+    assert!(!mesh.store.endpoints("reviews.shop").await.unwrap()[0].ready);
     assert!(!reviews_endpoint(&caller_config.borrow()).healthy);
 
     // The owner says it is back.
@@ -529,6 +529,50 @@ async fn a_nodes_readiness_report_marks_its_endpoint_for_callers_and_only_its_ow
     })
     .await;
     assert!(up.revision > down.revision);
+
+    // An operator's drain holds whatever the node observes: readiness
+    // going down and back up leaves the endpoint out until the operator
+    // puts it back.
+    let ip: std::net::IpAddr = "10.89.1.2".parse().unwrap();
+    mesh.store
+        .set_endpoint_health("reviews.shop", ip, 9080, false)
+        .await
+        .unwrap();
+    until(&mut caller_config, "the drain", |c| {
+        !reviews_endpoint(c).healthy
+    })
+    .await;
+    for ready in [false, true] {
+        owner
+            .xds
+            .health_reports()
+            .send(reviews_health(ready))
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while mesh.store.endpoints("reviews.shop").await.unwrap()[0].ready != ready {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "readiness {ready} never recorded"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let after = mesh.store.revision().await.unwrap();
+    let drained = until(&mut caller_config, "the readiness changes", |c| {
+        c.revision >= after
+    })
+    .await;
+    assert!(!reviews_endpoint(&drained).healthy);
+    assert!(reviews_endpoint(&drained).ready);
+    mesh.store
+        .set_endpoint_health("reviews.shop", ip, 9080, true)
+        .await
+        .unwrap();
+    until(&mut caller_config, "the endpoint put back", |c| {
+        reviews_endpoint(c).healthy
+    })
+    .await;
 }
 
 #[tokio::test]

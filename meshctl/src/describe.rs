@@ -117,10 +117,11 @@ pub fn service(answer: &serde_json::Value) -> anyhow::Result<String> {
             rows.push(vec![
                 format!("  {address}:{}", e["port"]),
                 e["version"].as_str().unwrap_or("-").to_owned(),
-                if e["healthy"].as_bool() == Some(true) {
-                    "healthy"
-                } else {
-                    "unhealthy"
+                // The operator's marking first, then what the node saw.
+                match (e["healthy"].as_bool(), e["ready"].as_bool()) {
+                    (Some(false), _) => "unhealthy",
+                    (_, Some(false)) => "unready",
+                    _ => "healthy",
                 }
                 .to_owned(),
                 e["workload"].as_str().unwrap_or("-").to_owned(),

@@ -603,9 +603,7 @@ fn an_app_that_stops_answering_is_marked_down_for_its_callers_and_up_when_back()
 
     // The app goes away; its node notices and the caller's node is told.
     mesh.server.take().unwrap().terminate().unwrap();
-    wait_until("the endpoint marked unhealthy", || {
-        health(&mesh) == "unhealthy"
-    });
+    wait_until("the endpoint marked unready", || health(&mesh) == "unready");
     wait_until("the caller's node holds the marking", || {
         held_version(&mesh, 0, "endpoints/shop/reviews").is_some_and(|v| v != marked_up)
     });

@@ -155,6 +155,9 @@ impl discovery_server::Discovery for DiscoveryService {
     }
 }
 
+/// Stands for a version a node reported that cannot be read.
+const UNREADABLE_VERSION: u64 = u64::MAX;
+
 /// How much resource body one response part carries at most.
 const PART_BYTES: usize = 256 * 1024;
 
@@ -314,8 +317,11 @@ impl Session {
             versions: first
                 .initial_resource_versions
                 .iter()
-                .filter_map(|(name, version)| {
-                    Some((Arc::from(name.as_str()), parse_version(version)?))
+                .map(|(name, version)| {
+                    // Unreadable: held at a version nothing has, so the
+                    // node gets it again, or its removal.
+                    let version = parse_version(version).unwrap_or(UNREADABLE_VERSION);
+                    (Arc::from(name.as_str()), version)
                 })
                 .collect(),
             at: None,
@@ -375,8 +381,11 @@ impl Session {
                             "pushing"
                         );
                         for part in parts {
-                            if tx.send(Ok(part)).await.is_err() {
-                                return Ok(());
+                            tokio::select! {
+                                sent = tx.send(Ok(part)) => if sent.is_err() { return Ok(()) },
+                                () = async { let _ = stopping.wait_for(|stop| *stop).await; } => {
+                                    return Err(Status::unavailable("the control plane is shutting down; reconnect"));
+                                }
                             }
                         }
                         pending = Some(next);
@@ -476,7 +485,7 @@ impl Session {
                     let key = format!("{}.{}", service.1, service.0);
                     match self
                         .store
-                        .set_endpoint_health(&key, ip, port, report.healthy)
+                        .set_endpoint_ready(&key, ip, port, report.healthy)
                         .await
                     {
                         Ok(revision) => tracing::info!(
@@ -487,7 +496,7 @@ impl Session {
                             port,
                             healthy = report.healthy,
                             revision,
-                            "endpoint health reported by its node"
+                            "endpoint readiness reported by its node"
                         ),
                         Err(error) => {
                             tracing::warn!(%error, node = self.node, "recording a reported endpoint health")

@@ -1,6 +1,7 @@
 //! The seed's ServiceEndpoint table, derived from workloads: every workload
 //! that serves a service contributes one endpoint per service port. The
-//! `healthy` flag is state of its own (readiness), kept across refreshes.
+//! `healthy` (the operator's marking) and `ready` (what the node running the
+//! workload observed) are state of their own, kept across refreshes.
 
 use std::{collections::BTreeMap, net::IpAddr};
 
@@ -21,7 +22,10 @@ pub struct Endpoint {
     pub ip: IpAddr,
     pub port: u16,
     pub version: Option<String>,
+    /// As marked through the API (an operator draining it).
     pub healthy: bool,
+    /// As its node last observed it.
+    pub ready: bool,
     pub workload: Option<String>,
 }
 
@@ -47,7 +51,7 @@ pub(super) async fn list(
     service: Option<&str>,
 ) -> Result<Vec<Endpoint>, StoreError> {
     let mut sql = format!(
-        "SELECT service_name, {}, port, version, healthy, workload FROM ServiceEndpoint",
+        "SELECT service_name, {}, port, version, healthy, ready, workload FROM ServiceEndpoint",
         backend.inet_column("pod_ip")
     );
     let rows = match service {
@@ -74,6 +78,7 @@ pub(super) async fn list(
                 })?,
                 version: c.opt_text("version")?,
                 healthy: c.boolean("healthy")?,
+                ready: c.boolean("ready")?,
                 workload: c.opt_text("workload")?,
             })
         })
@@ -169,18 +174,31 @@ pub(super) async fn refresh(
     Ok(())
 }
 
-/// Sets `healthy` on one endpoint; false when there is no such endpoint.
-pub(super) async fn set_health(
+/// An endpoint's state of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mark {
+    /// The operator's marking.
+    Healthy,
+    /// What its node observed.
+    Ready,
+}
+
+/// Sets `mark` on one endpoint; false when there is no such endpoint.
+pub(super) async fn set_mark(
     conn: &mut AnyConnection,
     backend: Backend,
     service: &str,
     ip: IpAddr,
     port: u16,
-    healthy: bool,
+    (mark, value): (Mark, bool),
     revision: i64,
 ) -> Result<bool, StoreError> {
+    let column = match mark {
+        Mark::Healthy => "healthy",
+        Mark::Ready => "ready",
+    };
     let sql = format!(
-        "UPDATE ServiceEndpoint SET healthy = $4, revision = $5 \
+        "UPDATE ServiceEndpoint SET {column} = $4, revision = $5 \
          WHERE service_name = $1 AND pod_ip = {} AND port = $3",
         backend.inet_param("$2")
     );
@@ -188,7 +206,7 @@ pub(super) async fn set_health(
         .bind(service)
         .bind(ip.to_string())
         .bind(i32::from(port))
-        .bind(healthy)
+        .bind(value)
         .bind(revision)
         .execute(&mut *conn)
         .await?;

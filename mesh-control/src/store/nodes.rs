@@ -23,6 +23,9 @@ pub struct NodeConfigStatus {
     pub last_seen: String,
 }
 
+/// Writes one node's state. A replica's record of a stream that ended does
+/// not overwrite another replica's: the node has moved there, and records
+/// are written in batches, so the two may land in either order.
 pub(super) async fn record(
     conn: &mut AnyConnection,
     b: Backend,
@@ -33,7 +36,8 @@ pub(super) async fn record(
          VALUES ($1, $2, $3, $4, $5, $6, {}) \
          ON CONFLICT (node) DO UPDATE SET replica = excluded.replica, connected = excluded.connected, \
          synced_revision = excluded.synced_revision, nack_revision = excluded.nack_revision, \
-         nack_reason = excluded.nack_reason, last_seen = excluded.last_seen",
+         nack_reason = excluded.nack_reason, last_seen = excluded.last_seen \
+         WHERE excluded.connected OR NodeConfigStatus.replica = excluded.replica",
         b.time_param("$7")
     );
     sqlx::query(&sql)

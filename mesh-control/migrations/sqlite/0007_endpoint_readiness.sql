@@ -1,0 +1,4 @@
+-- What the node running an endpoint's workload last observed of its
+-- readiness (its probes), kept apart from healthy (the operator's marking):
+-- callers use an endpoint only when both say yes.
+ALTER TABLE ServiceEndpoint ADD COLUMN ready INTEGER NOT NULL DEFAULT 1 CHECK (ready IN (0, 1));

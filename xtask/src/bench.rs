@@ -15,6 +15,52 @@ mod datapath;
 /// The benchmarks, by name.
 const BENCHES: &[&str] = &["handshakes", "capture", "datapath", "config-push"];
 
+/// A running control plane, as the benchmarks start it.
+pub(crate) struct Control {
+    pub process: mesh_e2e::process::Process,
+    /// Admin API, `http://host:port`.
+    pub api: String,
+    /// Node API, `host:port`.
+    pub grpc: String,
+}
+
+/// Runs `command` (the release `mesh-control`, placed by the caller) as
+/// `serve` on loopback with a fresh store in `data_dir`, logging warnings
+/// only; returns once it is ready.
+pub(crate) fn serve_control(
+    mut command: Command,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<Control> {
+    let _ = fs::remove_dir_all(data_dir);
+    command
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "warn");
+    let (process, ready) = mesh_e2e::process::Process::spawn_ready(
+        "mesh-control",
+        command,
+        "ready",
+        std::time::Duration::from_secs(30),
+    )?;
+    let field = |name| {
+        mesh_e2e::process::ready_field(&ready, name)
+            .map(str::to_owned)
+            .with_context(|| format!("mesh-control said {ready:?}"))
+    };
+    Ok(Control {
+        api: field("api")?,
+        grpc: field("grpc")?,
+        process,
+    })
+}
+
 pub fn run(name: Option<String>) -> anyhow::Result<()> {
     let selected: Vec<&str> = match &name {
         Some(name) if BENCHES.contains(&name.as_str()) => vec![name.as_str()],

@@ -7,12 +7,9 @@
 use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, ensure};
-use mesh_e2e::process::{Process, ready_field};
 
 use super::capture::release_bin;
 use crate::run::{self, cargo, step};
-
-const READY: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub fn run() -> anyhow::Result<()> {
     step(
@@ -28,30 +25,12 @@ pub fn run() -> anyhow::Result<()> {
         "config_push",
     ]))?;
     let data_dir = std::env::temp_dir().join("mesh-bench-config-push");
-    let _ = std::fs::remove_dir_all(&data_dir);
-    let mut command = Command::new(release_bin("mesh-control"));
-    command
-        .arg("--data-dir")
-        .arg(&data_dir)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--grpc-listen",
-            "127.0.0.1:0",
-        ])
-        .env("RUST_LOG", "warn");
-    let (control, ready) = Process::spawn_ready("mesh-control", command, "ready", READY)?;
-    let field = |name| {
-        ready_field(&ready, name)
-            .map(str::to_owned)
-            .with_context(|| format!("mesh-control said {ready:?}"))
-    };
+    let control = super::serve_control(Command::new(release_bin("mesh-control")), &data_dir)?;
     let output = Command::new(release_bin("examples/config_push"))
-        .args(["--api", &field("api")?, "--grpc", &field("grpc")?])
+        .args(["--api", &control.api, "--grpc", &control.grpc])
         .arg("--data-dir")
         .arg(&data_dir)
-        .args(["--control-pid", &control.id().to_string()])
+        .args(["--control-pid", &control.process.id().to_string()])
         .stderr(Stdio::inherit())
         .output()
         .context("running the config push benchmark")?;

@@ -11,7 +11,7 @@ use anyhow::{Context as _, bail, ensure};
 use mesh_e2e::{
     Cluster, ClusterSpec, PodSpec, cluster,
     control::{node_command, spawn_node},
-    process::{Process, ready_field},
+    process::Process,
 };
 
 use super::capture::release_bin;
@@ -84,27 +84,12 @@ fn up(data_dir: &Path) -> anyhow::Result<Setup> {
         ],
     })?;
     let mut processes = Vec::new();
-    let _ = std::fs::remove_dir_all(data_dir);
-    let mut command = cluster.system_command(release_bin("mesh-control"))?;
-    command
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--grpc-listen",
-            "127.0.0.1:0",
-        ])
-        .env("RUST_LOG", "warn");
-    let (control, ready) = Process::spawn_ready("mesh-control", command, "ready", READY)?;
-    let field = |name| {
-        ready_field(&ready, name)
-            .map(str::to_owned)
-            .with_context(|| format!("mesh-control said {ready:?}"))
-    };
-    let (api, grpc) = (field("api")?, field("grpc")?);
-    processes.push(control);
+    let control = super::serve_control(
+        cluster.system_command(release_bin("mesh-control"))?,
+        data_dir,
+    )?;
+    let (api, grpc) = (control.api, control.grpc);
+    processes.push(control.process);
     let mut objects = String::from(
         "apiVersion: mesh.io/v1\nkind: Namespace\nmetadata: {name: shop, labels: {mesh.io/capture: enabled}}\n---\n\
          apiVersion: mesh.io/v1\nkind: Namespace\nmetadata: {name: direct}\n",

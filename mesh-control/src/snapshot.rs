@@ -31,7 +31,7 @@ use mesh_model::{
     Kind, Object, Resource,
     config::{
         EndpointEntry, EndpointSet, WorkloadAddress, address_body, address_name, endpoints_body,
-        endpoints_name, object_body, object_name_of, version_hash,
+        endpoints_name, object_body, object_name_of, version_hash, version_text,
     },
     namespace::{captured, opted_out},
     workload::WorkloadSpec,
@@ -61,7 +61,7 @@ impl Pushed {
 
     /// The version as sent.
     pub fn version_text(&self) -> String {
-        format!("{:016x}", self.version)
+        version_text(self.version)
     }
 }
 
@@ -220,6 +220,20 @@ impl Catalog {
                 .flat_map(|(_, names)| names.iter().cloned())
                 .collect(),
         )
+    }
+
+    /// A catalog holding `update` as loaded at its revision: the log
+    /// starts after it (loading is not a change anyone needs to hear of).
+    fn loaded(update: Update) -> Self {
+        let revision = update.revision;
+        let mut catalog = Catalog {
+            revision,
+            log_floor: revision,
+            ..Catalog::default()
+        };
+        catalog.apply(update);
+        catalog.log.clear();
+        catalog
     }
 
     fn apply(&mut self, update: Update) {
@@ -458,15 +472,7 @@ async fn load(store: &Store) -> Result<Catalog, StoreError> {
         }
     }
     update.endpoints = by_service.into_iter().collect();
-    let mut catalog = Catalog {
-        revision,
-        log_floor: revision,
-        ..Catalog::default()
-    };
-    catalog.apply(update);
-    // Loading is not a change anyone needs to hear about.
-    catalog.log.clear();
-    Ok(catalog)
+    Ok(Catalog::loaded(update))
 }
 
 /// Reads what changed after the catalog's revision and applies it; true if
@@ -673,21 +679,16 @@ mod tests {
     }
 
     fn catalog_of(yaml: &str) -> Catalog {
-        let mut catalog = Catalog::default();
         let objects = mesh_model::parse_documents(yaml)
             .unwrap()
             .into_iter()
             .map(|r| (key_of(&r), Some(r)))
             .collect();
-        catalog.apply(Update {
+        Catalog::loaded(Update {
             revision: 1,
             objects,
             endpoints: Vec::new(),
-        });
-        // As loaded: the log starts after it.
-        catalog.log.clear();
-        catalog.log_floor = 1;
-        catalog
+        })
     }
 
     const MESH: &str = r#"

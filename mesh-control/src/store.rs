@@ -572,12 +572,6 @@ impl Store {
         tokens::check(&mut conn, self.backend, token, node, now).await
     }
 
-    /// Records where a node's configuration stands.
-    pub async fn record_node_status(&self, status: &NodeConfigStatus) -> Result<(), StoreError> {
-        self.record_node_statuses(std::slice::from_ref(status))
-            .await
-    }
-
     /// Records several nodes' states in one transaction.
     pub async fn record_node_statuses(
         &self,

@@ -172,7 +172,12 @@ pub fn endpoints_name(namespace: &str, service: &str) -> String {
 /// A version for `body`: changes whenever the body does, the same on every
 /// replica (FNV-1a, 64 bits, hex).
 pub fn version_of(body: &[u8]) -> String {
-    format!("{:016x}", version_hash(body))
+    version_text(version_hash(body))
+}
+
+/// A [`version_hash`] as it is sent: 16 hex digits.
+pub fn version_text(hash: u64) -> String {
+    format!("{hash:016x}")
 }
 
 /// The number [`version_of`] writes in hex.

@@ -869,12 +869,7 @@ fn connection_info(
 /// programs leave the socket alone.
 async fn dial(netns: &NetnsThread, to: SocketAddr) -> io::Result<TcpStream> {
     let fd = netns
-        .run(move || {
-            let socket = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))?;
-            socket.set_mark(PROXY_MARK)?;
-            socket.set_nonblocking(true)?;
-            Ok(OwnedFd::from(socket))
-        })
+        .run(move || marked_socket(to).map(OwnedFd::from))
         .await?;
     let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(to))
@@ -882,6 +877,16 @@ async fn dial(netns: &NetnsThread, to: SocketAddr) -> io::Result<TcpStream> {
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// A non-blocking TCP socket for connecting to `to`, made in the calling
+/// thread's network namespace and marked so the capture programs leave it
+/// alone.
+pub(crate) fn marked_socket(to: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_mark(PROXY_MARK)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
 }
 
 /// Closes with a reset, so the client sees the failure rather than an

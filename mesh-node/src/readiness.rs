@@ -20,15 +20,14 @@ use std::{
 };
 
 use mesh_api::v1::EndpointHealth;
-use mesh_common::PROXY_MARK;
 use mesh_model::{
     Resource,
     config::{ConfigResource, NodeConfig},
 };
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use socket2::SockAddr;
 use tokio::{net::TcpSocket, sync::mpsc, sync::watch};
 
-use crate::{capture::netns::in_netns, pods::NetnsTemplate};
+use crate::{capture::netns::in_netns, pods::NetnsTemplate, proxy::marked_socket};
 
 /// Failed probes in a row before an endpoint counts as down.
 pub const FAILURES: u32 = 2;
@@ -81,13 +80,7 @@ fn sockets(netns: &std::path::Path, addresses: Vec<SocketAddr>) -> io::Result<Ve
         addresses
             .iter()
             .map(|address| {
-                let socket = Socket::new(
-                    Domain::for_address(*address),
-                    Type::STREAM,
-                    Some(Protocol::TCP),
-                )?;
-                socket.set_mark(PROXY_MARK)?;
-                socket.set_nonblocking(true)?;
+                let socket = marked_socket(*address)?;
                 socket.bind(&SockAddr::from(SocketAddr::new(address.ip(), 0)))?;
                 Ok(OwnedFd::from(socket))
             })

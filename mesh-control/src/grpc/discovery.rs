@@ -155,6 +155,15 @@ impl discovery_server::Discovery for DiscoveryService {
     }
 }
 
+/// Completes when the server starts shutting down (or is gone).
+async fn stopped(stopping: &mut watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|stop| *stop).await;
+}
+
+fn shutting_down() -> Status {
+    Status::unavailable("the control plane is shutting down; reconnect")
+}
+
 /// Stands for a version a node reported that cannot be read.
 const UNREADABLE_VERSION: u64 = u64::MAX;
 
@@ -337,14 +346,13 @@ impl Session {
             &first.unsubscribe,
         )?;
         let mut revisions = self.catalog.revisions();
+        let mut stopping = self.stopping.clone();
         // Nothing to send before the catalog is loaded.
         tokio::select! {
             loaded = revisions.wait_for(Option::is_some) => {
-                loaded.map_err(|_| Status::unavailable("the control plane is shutting down"))?;
+                loaded.map_err(|_| shutting_down())?;
             }
-            () = async { let _ = self.stopping.clone().wait_for(|stop| *stop).await; } => {
-                return Err(Status::unavailable("the control plane is shutting down; reconnect"));
-            }
+            () = stopped(&mut stopping) => return Err(shutting_down()),
         }
         let mut pending: Option<Pending> = None;
         let mut send = true;
@@ -352,7 +360,6 @@ impl Session {
         let left = (self.expires - OffsetDateTime::now_utc()).max(time::Duration::ZERO);
         let expiry = tokio::time::sleep(left.unsigned_abs());
         tokio::pin!(expiry);
-        let mut stopping = self.stopping.clone();
         loop {
             if send && pending.is_none() {
                 send = false;
@@ -383,9 +390,7 @@ impl Session {
                         for part in parts {
                             tokio::select! {
                                 sent = tx.send(Ok(part)) => if sent.is_err() { return Ok(()) },
-                                () = async { let _ = stopping.wait_for(|stop| *stop).await; } => {
-                                    return Err(Status::unavailable("the control plane is shutting down; reconnect"));
-                                }
+                                () = stopped(&mut stopping) => return Err(shutting_down()),
                             }
                         }
                         pending = Some(next);
@@ -436,13 +441,11 @@ impl Session {
                 }
                 changed = revisions.changed(), if pending.is_none() => {
                     if changed.is_err() {
-                        return Err(Status::unavailable("the control plane is shutting down"));
+                        return Err(shutting_down());
                     }
                     send = true;
                 }
-                () = async { let _ = stopping.wait_for(|stop| *stop).await; } => {
-                    return Err(Status::unavailable("the control plane is shutting down; reconnect"));
-                }
+                () = stopped(&mut stopping) => return Err(shutting_down()),
                 () = &mut expiry => {
                     return Err(Status::unauthenticated(
                         "the node certificate this stream was opened with has expired; reconnect",

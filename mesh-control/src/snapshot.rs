@@ -304,7 +304,10 @@ impl Catalog {
             Some(Resource::Workload(w)) => Some(Scope::Node(w.spec.node.clone())),
             Some(Resource::Namespace(ns)) => Some(Scope::Namespace(ns.name().to_owned())),
             Some(Resource::AuthorizationPolicy(_)) => Some(Scope::Namespace(namespace.clone())),
-            Some(Resource::Service(_) | Resource::ServicePolicy(_)) => {
+            // Every node: a caller anywhere may connect to the service's
+            // address, and its node learns the rest on demand.
+            Some(Resource::Service(_)) => Some(Scope::Everyone),
+            Some(Resource::ServicePolicy(_)) => {
                 Some(Scope::Service((namespace.clone(), name.clone())))
             }
             Some(Resource::TrafficSplit(split)) => Some(Scope::Service((
@@ -739,7 +742,7 @@ spec: {destination: web, v1_weight: 90, v2_weight: 10}
     }
 
     #[test]
-    fn each_node_gets_its_namespaces_its_subscriptions_and_every_address() {
+    fn each_node_gets_its_namespaces_its_subscriptions_and_every_address_and_service() {
         let catalog = catalog_of(MESH);
         let n1 = view(&catalog, "n1", &[]);
         assert_eq!(
@@ -763,6 +766,17 @@ spec: {destination: web, v1_weight: 90, v2_weight: 10}
                 "service/shop/web",
                 "trafficsplit/shop/web-canary",
                 "workload/bank/ledger-1",
+            ]
+        );
+        // A node running nothing of shop still learns the service (callers
+        // there may connect to its address) but not its policy or splits.
+        let n3 = view(&catalog, "n3", &[]);
+        assert_eq!(
+            selection(&catalog, &n3),
+            [
+                "address/bank/ledger-1",
+                "address/shop/web-1",
+                "service/shop/web",
             ]
         );
         // An address says whether its namespace is captured.

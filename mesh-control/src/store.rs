@@ -674,49 +674,59 @@ async fn check_namespace_exists(
     Ok(())
 }
 
-/// Refuses a workload whose address another workload already has: every
-/// node maps addresses to identities, and two claimants would let one
-/// redirect (or downgrade) the other's traffic.
+/// Refuses a workload or service address another workload or service
+/// already has: every node maps addresses to identities and services, and
+/// two claimants would let one redirect (or downgrade) the other's traffic.
 async fn check_unique_addresses(
     conn: &mut AnyConnection,
     backend: Backend,
     resources: &[Resource],
 ) -> Result<(), StoreError> {
-    let applied: Vec<&mesh_model::Object<mesh_model::workload::WorkloadSpec>> = resources
+    let claims: Vec<(&Resource, &str, std::net::IpAddr)> = resources
         .iter()
         .filter_map(|r| match r {
-            Resource::Workload(w) => Some(w),
+            Resource::Workload(w) => Some((r, "spec.ip", w.spec.ip)),
+            Resource::Service(s) => s.spec.vip.map(|vip| (r, "spec.vip", vip)),
             _ => None,
         })
         .collect();
-    if applied.is_empty() {
-        return Ok(());
-    }
-    let sql = format!(
-        "SELECT namespace, name FROM Workload WHERE pod_ip = {}",
-        backend.inet_param("$1")
-    );
-    for workload in applied {
-        let holders = sqlx::query(&sql)
-            .bind(workload.spec.ip.to_string())
-            .fetch_all(&mut *conn)
-            .await?;
-        let mut holder = None;
-        for row in &holders {
-            let namespace: String = row.try_get("namespace")?;
-            let name: String = row.try_get("name")?;
-            if (namespace.as_str(), name.as_str()) != (workload.namespace(), workload.name()) {
-                holder = Some(format!("{namespace}/{name}"));
+    let holders_sql = [
+        (
+            Kind::Workload,
+            format!(
+                "SELECT namespace, name FROM Workload WHERE pod_ip = {}",
+                backend.inet_param("$1")
+            ),
+        ),
+        (
+            Kind::Service,
+            format!(
+                "SELECT namespace, name FROM Service WHERE vip = {}",
+                backend.inet_param("$1")
+            ),
+        ),
+    ];
+    for (resource, field, address) in claims {
+        for (kind, sql) in &holders_sql {
+            let holders = sqlx::query(sql)
+                .bind(address.to_string())
+                .fetch_all(&mut *conn)
+                .await?;
+            for row in &holders {
+                let namespace: String = row.try_get("namespace")?;
+                let name: String = row.try_get("name")?;
+                let itself = *kind == resource.kind()
+                    && Some(namespace.as_str()) == resource.namespace()
+                    && name == resource.name();
+                if !itself {
+                    return Err(StoreError::Conflict {
+                        reference: resource.reference(),
+                        message: format!(
+                            "{field}: {address} is already the address of {kind} {namespace}/{name}"
+                        ),
+                    });
+                }
             }
-        }
-        if let Some(holder) = holder {
-            return Err(StoreError::Conflict {
-                reference: Resource::Workload(workload.clone()).reference(),
-                message: format!(
-                    "spec.ip: {} is already the address of Workload {holder}",
-                    workload.spec.ip
-                ),
-            });
         }
     }
     Ok(())

@@ -81,7 +81,72 @@ conformance!(
     dry_runs_report_and_change_nothing,
     bootstrap_tokens_are_stored_hashed_and_checked,
     two_workloads_cannot_share_an_address,
+    service_addresses_are_unique_among_services_and_workloads,
 );
+
+async fn service_addresses_are_unique_among_services_and_workloads(store: Store) {
+    store.apply(&parse(SHOP)).await.unwrap();
+    let revision = store.revision().await.unwrap();
+    let service = |name: &str, vip: &str| {
+        parse_one(&format!(
+            "apiVersion: mesh.io/v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\n\
+             spec: {{ports: [{{port: 80}}], vip: '{vip}'}}\n"
+        ))
+    };
+    for (claim, expected) in [
+        (
+            service("ratings", "fd00:96:0::a"),
+            "Service/shop/ratings: spec.vip: fd00:96::a is already the address of Service shop/reviews",
+        ),
+        (
+            service("ratings", "10.89.0.2"),
+            "Service/shop/ratings: spec.vip: 10.89.0.2 is already the address of Workload shop/reviews-v1",
+        ),
+        (
+            parse_one(
+                "apiVersion: mesh.io/v1\nkind: Workload\nmetadata: {name: thief, namespace: shop}\n\
+                 spec: {node: node1, ip: 'fd00:96::a', service_account: thief}\n",
+            ),
+            "Workload/shop/thief: spec.ip: fd00:96::a is already the address of Service shop/reviews",
+        ),
+    ] {
+        let error = store.apply(&claim).await.unwrap_err();
+        assert!(error.to_string().contains(expected), "{error}");
+        assert_eq!(store.revision().await.unwrap(), revision);
+    }
+    // Two claimants in one apply: neither lands.
+    let mut both = service("ratings", "10.96.0.7");
+    both.extend(service("details", "10.96.0.7"));
+    let error = store.apply(&both).await.unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("spec.vip: 10.96.0.7 is already the address of Service shop/"),
+        "{error}"
+    );
+    assert_eq!(store.revision().await.unwrap(), revision);
+    // A service keeps its own address, moves to a free one, or drops it.
+    let mut reviews = parse(SHOP);
+    reviews.retain(|r| r.kind() == Kind::Service);
+    reviews[0]
+        .metadata_mut()
+        .labels
+        .insert("tier".into(), "x".into());
+    store.apply(&reviews).await.unwrap();
+    store.apply(&service("reviews", "10.96.0.8")).await.unwrap();
+    let stored = store
+        .get(Kind::Service, Some("shop"), "reviews")
+        .await
+        .unwrap();
+    let Some(Resource::Service(stored)) = stored else {
+        panic!("{stored:?}")
+    };
+    assert_eq!(stored.spec.vip, Some("10.96.0.8".parse().unwrap()));
+    store
+        .apply(&service("ratings", "fd00:96::a"))
+        .await
+        .unwrap();
+}
 
 async fn two_workloads_cannot_share_an_address(store: Store) {
     store.apply(&parse(SHOP)).await.unwrap();
@@ -143,6 +208,7 @@ spec:
   ports: [{name: http, port: 9080, protocol: http}, {name: admin, port: 9090, target_port: 19090}]
   load_balancer: consistent_hash
   hash_header: x-user
+  vip: "fd00:96::a"
 ---
 apiVersion: mesh.io/v1
 kind: Workload

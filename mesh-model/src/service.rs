@@ -1,7 +1,7 @@
 //! Services: their ports and protocols, and how callers balance across
 //! their endpoints.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +24,18 @@ pub struct ServiceSpec {
     /// `consistent_hash`, refused otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash_header: Option<String>,
+    /// The virtual address callers connect to (a Kubernetes ClusterIP):
+    /// the caller's node picks one of the service's healthy endpoints. A
+    /// service without one is reached at its workloads' own addresses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<IpAddr>,
+}
+
+impl ServiceSpec {
+    /// The port `port` of the service, if it declares one.
+    pub fn port(&self, port: u16) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.port == port)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,6 +91,10 @@ impl LoadBalancer {
     }
 }
 
+fn is_broadcast(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
+}
+
 impl Spec for ServiceSpec {
     const KIND: Kind = Kind::Service;
 
@@ -114,6 +130,14 @@ impl Spec for ServiceSpec {
                     }
                 });
             });
+        }
+        if let Some(vip) = self.vip
+            && (vip.is_unspecified()
+                || vip.is_multicast()
+                || vip.is_loopback()
+                || is_broadcast(vip))
+        {
+            errors.add("vip", format!("{vip} cannot be a service's address"));
         }
         match (self.load_balancer, &self.hash_header) {
             (LoadBalancer::ConsistentHash, None) => {

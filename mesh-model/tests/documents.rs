@@ -24,6 +24,7 @@ spec:
   ports: [{name: http, port: 9080, protocol: http}]
   load_balancer: consistent_hash
   hash_header: x-user
+  vip: 10.96.0.20
 ---
 apiVersion: mesh.io/v1
 kind: Workload
@@ -66,6 +67,7 @@ fn every_kind_parses_with_defaults() {
         panic!()
     };
     assert_eq!(svc.spec.load_balancer, LoadBalancer::ConsistentHash);
+    assert_eq!(svc.spec.vip, Some("10.96.0.20".parse().unwrap()));
     // The seed's ServicePolicy defaults.
     let Resource::ServicePolicy(policy) = &resources[3] else {
         panic!()
@@ -310,4 +312,30 @@ fn workload_capture_exclusions_are_checked_field_by_field() {
         found[0].contains("capture.exclude_inbound_ports"),
         "{found:?}"
     );
+}
+
+#[test]
+fn a_service_address_must_be_one_a_caller_can_connect_to() {
+    let service = |vip: &str| {
+        format!(
+            "apiVersion: mesh.io/v1\nkind: Service\nmetadata: {{name: r}}\nspec: {{ports: [{{port: 80}}], vip: '{vip}'}}\n"
+        )
+    };
+    assert!(parse_documents(&service("fd00:96::a")).is_ok());
+    for vip in [
+        "0.0.0.0",
+        "127.0.0.1",
+        "224.0.0.1",
+        "255.255.255.255",
+        "::1",
+    ] {
+        assert_eq!(
+            errors(&service(vip)),
+            vec![format!(
+                "Service/r: spec.vip: {vip} cannot be a service's address"
+            )]
+        );
+    }
+    let found = errors(&service("10.96.0.300"));
+    assert!(found[0].contains("invalid IP address syntax"), "{found:?}");
 }

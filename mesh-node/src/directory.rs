@@ -1,19 +1,21 @@
 //! The node's view of the mesh, rebuilt from each pushed configuration:
-//! where every workload is and who it is (for the outbound side), and for
+//! where every workload is and who it is, which services answer at which
+//! virtual addresses and their endpoints (for the outbound side), and for
 //! the workloads on this node their mTLS mode and the authorization
 //! policies that protect them (for the inbound side).
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
 use mesh_identity::SpiffeId;
 use mesh_model::{
     Resource,
-    config::{ConfigResource, NodeConfig, WorkloadAddress},
+    config::{ConfigResource, EndpointEntry, NodeConfig, WorkloadAddress},
     namespace::MtlsMode,
+    service::ServicePort,
 };
 use tokio::{sync::watch, task::JoinHandle};
 
@@ -26,20 +28,46 @@ pub struct LocalWorkload {
     pub mtls: MtlsMode,
 }
 
+/// A service, by namespace and name.
+pub type ServiceKey = (String, String);
+
+/// A service callers reach at a virtual address.
+#[derive(Clone, Debug)]
+pub struct VirtualService {
+    pub key: ServiceKey,
+    pub ports: Vec<ServicePort>,
+}
+
 /// Everything the data path looks up per connection.
 #[derive(Debug, Default)]
 pub struct Directory {
     pub revision: i64,
     trust_domain: String,
     addresses: HashMap<IpAddr, WorkloadAddress>,
+    services: HashMap<IpAddr, Arc<VirtualService>>,
+    /// The endpoint sets this node holds (pushed as `Endpoints`).
+    endpoints: HashMap<ServiceKey, Arc<ConfigResource>>,
     local: BTreeMap<String, LocalWorkload>,
     policies: Vec<AuthorizationPolicy>,
+}
+
+/// Where a connection to a service's virtual address may go.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ServiceTarget<'a> {
+    /// The healthy endpoints serving the port, in a stable order.
+    Endpoints(Vec<SocketAddr>),
+    /// The service declares no such port.
+    NoPort,
+    /// This node does not hold the service's endpoints (yet).
+    Unknown(&'a ServiceKey),
 }
 
 impl Directory {
     /// The view `config` gives, in `trust_domain`.
     pub fn new(config: &NodeConfig, trust_domain: &str) -> Self {
         let mut addresses = HashMap::new();
+        let mut services = HashMap::new();
+        let mut endpoints = HashMap::new();
         let mut namespaces = BTreeMap::new();
         let mut workloads = Vec::new();
         let mut policies = Vec::new();
@@ -47,6 +75,23 @@ impl Directory {
             match resource.as_ref() {
                 ConfigResource::Address(address) => {
                     addresses.insert(address.ip, address.clone());
+                }
+                ConfigResource::Object(Resource::Service(service)) => {
+                    if let Some(vip) = service.spec.vip {
+                        services.insert(
+                            vip,
+                            Arc::new(VirtualService {
+                                key: (service.namespace().to_owned(), service.name().to_owned()),
+                                ports: service.spec.ports.clone(),
+                            }),
+                        );
+                    }
+                }
+                ConfigResource::Endpoints(set) => {
+                    endpoints.insert(
+                        (set.namespace.clone(), set.service.clone()),
+                        resource.clone(),
+                    );
                 }
                 ConfigResource::Object(Resource::Namespace(ns)) => {
                     namespaces.insert(ns.name().to_owned(), ns.metadata.clone());
@@ -72,6 +117,8 @@ impl Directory {
             revision: config.revision,
             trust_domain: trust_domain.to_owned(),
             addresses,
+            services,
+            endpoints,
             local,
             policies,
         }
@@ -81,6 +128,37 @@ impl Directory {
     /// takes tunnels).
     pub fn mesh_destination(&self, ip: IpAddr) -> Option<&WorkloadAddress> {
         self.addresses.get(&ip).filter(|a| a.mesh)
+    }
+
+    /// The service whose virtual address is `ip`.
+    pub fn service_at(&self, ip: IpAddr) -> Option<&Arc<VirtualService>> {
+        self.services.get(&ip)
+    }
+
+    /// Where a connection to `service`'s port `port` may go.
+    pub fn service_target<'a>(&self, service: &'a VirtualService, port: u16) -> ServiceTarget<'a> {
+        let Some(port) = service.ports.iter().find(|p| p.port == port) else {
+            return ServiceTarget::NoPort;
+        };
+        let Some(endpoints) = self.endpoints_of(&service.key) else {
+            return ServiceTarget::Unknown(&service.key);
+        };
+        let wanted = port.workload_port();
+        ServiceTarget::Endpoints(
+            endpoints
+                .iter()
+                .filter(|e| e.healthy && e.port == wanted)
+                .map(|e| SocketAddr::new(e.ip, e.port))
+                .collect(),
+        )
+    }
+
+    /// The endpoints of `service`, if this node holds them.
+    pub fn endpoints_of(&self, service: &ServiceKey) -> Option<&[EndpointEntry]> {
+        match self.endpoints.get(service).map(AsRef::as_ref) {
+            Some(ConfigResource::Endpoints(set)) => Some(&set.endpoints),
+            _ => None,
+        }
     }
 
     /// The workload at `ip`, captured or not.
@@ -231,5 +309,84 @@ mod tests {
         // c does not serve reviews: the policy does not select it.
         assert!(ask("shop/c", &bank).allowed());
         assert!(!ask("shop/unknown", &shop).allowed());
+    }
+}
+
+#[cfg(test)]
+mod service_tests {
+    use mesh_model::{
+        config::{
+            EndpointSet, endpoints_body, endpoints_name, object_body, object_name, parse_resource,
+        },
+        parse_documents,
+    };
+
+    use super::*;
+
+    fn entry(ip: &str, port: u16, healthy: bool) -> EndpointEntry {
+        EndpointEntry {
+            ip: ip.parse().unwrap(),
+            port,
+            version: None,
+            healthy,
+            ready: healthy,
+            workload: None,
+        }
+    }
+
+    #[test]
+    fn a_virtual_address_maps_ports_to_the_healthy_endpoints_serving_them() {
+        let yaml = "apiVersion: mesh.io/v1\nkind: Service\nmetadata: {name: reviews, namespace: shop}\n\
+            spec: {vip: 10.96.0.10, ports: [{port: 80, target_port: 8080}, {port: 9090}]}\n---\n\
+            apiVersion: mesh.io/v1\nkind: Service\nmetadata: {name: ledger, namespace: bank}\n\
+            spec: {vip: 10.96.0.11, ports: [{port: 80}]}\n---\n\
+            apiVersion: mesh.io/v1\nkind: Service\nmetadata: {name: headless, namespace: shop}\n\
+            spec: {ports: [{port: 80}]}\n";
+        let mut changed = Vec::new();
+        for resource in parse_documents(yaml).unwrap() {
+            let name = object_name(&resource);
+            let parsed = parse_resource(&name, &object_body(&resource)).unwrap();
+            changed.push((name, "v".to_owned(), parsed));
+        }
+        let set = EndpointSet {
+            namespace: "shop".into(),
+            service: "reviews".into(),
+            endpoints: vec![
+                entry("10.89.0.2", 8080, true),
+                entry("10.89.0.2", 9090, true),
+                entry("10.89.1.2", 8080, false),
+                entry("10.89.1.3", 8080, true),
+            ],
+        };
+        let name = endpoints_name("shop", "reviews");
+        let parsed = parse_resource(&name, &endpoints_body(&set)).unwrap();
+        changed.push((name, "v".to_owned(), parsed));
+        let directory = Directory::new(
+            &NodeConfig::default().updated(1, changed, &[]),
+            "cluster.local",
+        );
+
+        let reviews = directory.service_at("10.96.0.10".parse().unwrap()).unwrap();
+        let addrs = |list: &[&str]| list.iter().map(|a| a.parse().unwrap()).collect();
+        assert_eq!(
+            directory.service_target(reviews, 80),
+            ServiceTarget::Endpoints(addrs(&["10.89.0.2:8080", "10.89.1.3:8080"]))
+        );
+        assert_eq!(
+            directory.service_target(reviews, 9090),
+            ServiceTarget::Endpoints(addrs(&["10.89.0.2:9090"]))
+        );
+        assert_eq!(
+            directory.service_target(reviews, 8080),
+            ServiceTarget::NoPort
+        );
+        // Known by address, its endpoints not held here.
+        let ledger = directory.service_at("10.96.0.11".parse().unwrap()).unwrap();
+        assert_eq!(
+            directory.service_target(ledger, 80),
+            ServiceTarget::Unknown(&("bank".to_owned(), "ledger".to_owned()))
+        );
+        // A service without an address is reached at its workloads'.
+        assert!(directory.services.len() == 2);
     }
 }

@@ -245,6 +245,8 @@ async fn main() -> anyhow::Result<()> {
             outside: args.outside_mesh,
             handshakes: Arc::new(tokio::sync::Semaphore::new(proxy::MAX_PENDING_HANDSHAKES)),
             streams: Default::default(),
+            demand: Some(mesh.xds.demand()),
+            balancer: Default::default(),
         })
     });
     let _revoker = mesh_path

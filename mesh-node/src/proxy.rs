@@ -18,7 +18,7 @@
 
 mod mesh;
 
-pub use mesh::{MAX_PENDING_HANDSHAKES, MeshPath, OutsideMesh};
+pub use mesh::{MAX_PENDING_HANDSHAKES, MeshPath, OutsideMesh, RoundRobin};
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -150,6 +150,9 @@ pub enum Outcome {
     /// Addressed to one of the proxy's own ports, or a tunnel asking for a
     /// destination that is not this pod.
     ProxyPort,
+    /// To a service's virtual address, with no healthy endpoint serving
+    /// the port (or none known).
+    NoHealthyEndpoint,
 }
 
 impl Outcome {
@@ -163,6 +166,7 @@ impl Outcome {
             Outcome::OutsideMeshDenied => "outside_mesh_denied",
             Outcome::TunnelFailed => "tunnel_failed",
             Outcome::ProxyPort => "bad_destination",
+            Outcome::NoHealthyEndpoint => "no_healthy_endpoint",
         }
     }
 }

@@ -9,8 +9,16 @@
 //! versions it holds, so a reconnect after missed changes converges to the
 //! same state as a fresh start. Meanwhile the data path keeps reading the
 //! last good configuration: losing the control plane changes nothing.
+//!
+//! Services of namespaces the node runs no workload in come on demand: the
+//! data path asks for one the first time a pod connects to it, and the
+//! subscription is kept for the life of the process (and every reconnect).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use mesh_api::v1::{
     DeltaRequest, DeltaResponse, EndpointHealth, Resource as PushedResource,
@@ -50,7 +58,44 @@ pub struct Xds {
     config: watch::Receiver<Arc<NodeConfig>>,
     status: watch::Receiver<XdsStatus>,
     health: mpsc::Sender<EndpointHealth>,
+    demand: Demand,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// Asks the control plane for services beyond the node's namespaces.
+#[derive(Clone, Debug)]
+pub struct Demand {
+    /// Every service asked for, `namespace/name`: each stream starts by
+    /// subscribing to all of them.
+    wanted: Arc<Mutex<BTreeSet<String>>>,
+    /// Those to ask for on the stream open now.
+    new: mpsc::UnboundedSender<String>,
+}
+
+impl Demand {
+    /// Subscribes to the service `namespace`/`name` (once; asking again is
+    /// free).
+    pub fn want(&self, namespace: &str, name: &str) {
+        let service = format!("{namespace}/{name}");
+        let added = self
+            .wanted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(service.clone());
+        if added {
+            // Gone only with the stream's task; nothing left to ask.
+            let _ = self.new.send(service);
+        }
+    }
+
+    fn all(&self) -> Vec<String> {
+        self.wanted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
 }
 
 impl Drop for Xds {
@@ -72,13 +117,33 @@ impl Xds {
         let (config_tx, config) = watch::channel(held);
         let (status_tx, status) = watch::channel(XdsStatus::default());
         let (health, reports) = mpsc::channel(HEALTH_QUEUE);
-        let task = tokio::spawn(run(control, subscribe, config_tx, status_tx, reports));
+        let (new, asked) = mpsc::unbounded_channel();
+        let demand = Demand {
+            wanted: Arc::new(Mutex::new(subscribe.into_iter().collect())),
+            new,
+        };
+        let task = tokio::spawn(run(
+            control,
+            Subscriptions {
+                demand: demand.clone(),
+                asked,
+            },
+            config_tx,
+            status_tx,
+            reports,
+        ));
         Self {
             config,
             status,
             health,
+            demand,
             task,
         }
+    }
+
+    /// Where the data path asks for services it needs.
+    pub fn demand(&self) -> Demand {
+        self.demand.clone()
     }
 
     /// Where the node's own observations of its endpoints' health go; sent
@@ -105,16 +170,22 @@ fn jitter(delay: Duration) -> Duration {
     delay.mul_f64(0.5 + f64::from(byte[0]) / 510.0)
 }
 
+/// The stream task's side of [`Demand`].
+struct Subscriptions {
+    demand: Demand,
+    asked: mpsc::UnboundedReceiver<String>,
+}
+
 async fn run(
     control: ControlPlane,
-    subscribe: Vec<String>,
+    mut subscriptions: Subscriptions,
     config: watch::Sender<Arc<NodeConfig>>,
     status: watch::Sender<XdsStatus>,
     mut health: mpsc::Receiver<EndpointHealth>,
 ) {
     let mut backoff = MIN_BACKOFF;
     loop {
-        let result = session(&control, &subscribe, &config, &status, &mut health).await;
+        let result = session(&control, &mut subscriptions, &config, &status, &mut health).await;
         let error = match result {
             Ok(()) => "the control plane closed the stream".to_owned(),
             Err(error) => error,
@@ -137,7 +208,7 @@ async fn run(
 
 async fn session(
     control: &ControlPlane,
-    subscribe: &[String],
+    subscriptions: &mut Subscriptions,
     config: &watch::Sender<Arc<NodeConfig>>,
     status: &watch::Sender<XdsStatus>,
     health: &mut mpsc::Receiver<EndpointHealth>,
@@ -146,10 +217,12 @@ async fn session(
     let mut client = DiscoveryClient::new(control.channel()?);
     let (requests, outbound) = mpsc::channel(4);
     let held = config.borrow().versions();
+    // Asked for before now: in the set the first request carries.
+    while subscriptions.asked.try_recv().is_ok() {}
     requests
         .send(DeltaRequest {
             initial_resource_versions: held.into_iter().collect(),
-            subscribe: subscribe.to_vec(),
+            subscribe: subscriptions.demand.all(),
             ..DeltaRequest::default()
         })
         .await
@@ -176,6 +249,21 @@ async fn session(
                 requests
                     .send(DeltaRequest {
                         endpoint_health,
+                        ..DeltaRequest::default()
+                    })
+                    .await
+                    .map_err(|_| "the request stream closed".to_owned())?;
+                continue;
+            }
+            Some(service) = subscriptions.asked.recv() => {
+                let mut subscribe = vec![service];
+                while let Ok(more) = subscriptions.asked.try_recv() {
+                    subscribe.push(more);
+                }
+                tracing::debug!(?subscribe, "asking for services on demand");
+                requests
+                    .send(DeltaRequest {
+                        subscribe,
                         ..DeltaRequest::default()
                     })
                     .await

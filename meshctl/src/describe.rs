@@ -26,6 +26,9 @@ pub fn service(answer: &serde_json::Value) -> anyhow::Result<String> {
         service.name(),
         service.namespace()
     );
+    if let Some(vip) = service.spec.vip {
+        let _ = writeln!(out, "Address (VIP):  {vip}");
+    }
     let ports: Vec<String> = service.spec.ports.iter().map(port).collect();
     let _ = writeln!(out, "Ports:          {}", ports.join(", "));
     let lb = match &service.spec.hash_header {

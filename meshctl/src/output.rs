@@ -55,7 +55,14 @@ fn table(resources: &[Resource]) -> String {
     };
     let header: &[&str] = match first {
         Resource::Namespace(_) => &["NAME", "CAPTURE", "REVISION"],
-        Resource::Service(_) => &["NAMESPACE", "NAME", "PORTS", "LOAD-BALANCER", "REVISION"],
+        Resource::Service(_) => &[
+            "NAMESPACE",
+            "NAME",
+            "VIP",
+            "PORTS",
+            "LOAD-BALANCER",
+            "REVISION",
+        ],
         Resource::Workload(_) => &[
             "NAMESPACE",
             "NAME",
@@ -108,6 +115,9 @@ fn table(resources: &[Resource]) -> String {
             Resource::Service(o) => vec![
                 ns,
                 name,
+                o.spec
+                    .vip
+                    .map_or_else(|| "-".to_owned(), |vip| vip.to_string()),
                 o.spec.ports.iter().map(port).collect::<Vec<_>>().join(","),
                 o.spec.load_balancer.as_str().into(),
                 rev,

@@ -617,3 +617,121 @@ fn an_app_that_stops_answering_is_marked_down_for_its_callers_and_up_when_back()
     });
     assert!(mesh.get("shop/frontend", 3).0);
 }
+
+/// `mesh-pod http` from `pod` to `to`, `count` connections: how often each
+/// body came back (panics unless every request got 200).
+fn answers(mesh: &Mesh, pod: &str, to: &str, count: u32) -> serde_json::Value {
+    let output = mesh
+        .cluster
+        .pod_command(pod, MESH_POD)
+        .unwrap()
+        .args(["http", "--to", to, "--count", &count.to_string()])
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(output.status.success(), "{pod} -> {to}: {summary}");
+    summary["bodies"].clone()
+}
+
+#[test]
+fn a_service_address_spreads_connections_over_its_healthy_endpoints_across_namespaces() {
+    let mesh = mesh("meshvip");
+    let ip = |pod: &str| mesh.cluster.pod(pod).unwrap().ip4;
+    // A second reviews endpoint on the caller's own node, and a service in
+    // a namespace node 1 runs nothing in (so it learns of it on demand),
+    // served by an uncaptured workload.
+    let serve = |pod: &str, body: &str| {
+        let mut server = mesh.cluster.pod_command(pod, MESH_POD).unwrap();
+        server.args(["serve-http", "--listen", "[::]:8080", "--body", body]);
+        Process::spawn_ready(pod, server, "listening", READY)
+            .unwrap()
+            .0
+    };
+    let _other = serve("shop/other", "from-other");
+    let _legacy = serve("legacy/client", "from-legacy");
+    mesh.apply(&format!(
+        "apiVersion: mesh.io/v1\nkind: Service\nmetadata: {{name: reviews, namespace: shop}}\n\
+         spec: {{vip: 10.96.0.10, ports: [{{port: 80, target_port: 8080, protocol: http}}]}}\n---\n\
+         apiVersion: mesh.io/v1\nkind: Service\nmetadata: {{name: records, namespace: legacy}}\n\
+         spec: {{vip: 10.96.0.20, ports: [{{port: 80, target_port: 8080}}]}}\n---\n{}{}",
+        workload("shop", "other", "other", 0, ip("shop/other"), "reviews"),
+        workload(
+            "legacy",
+            "client",
+            "default",
+            0,
+            ip("legacy/client"),
+            "records"
+        ),
+    ));
+
+    // Round robin: new connections alternate between the two endpoints,
+    // through tunnels (the remote one crosses nodes).
+    let tunnelled = |node: usize, pod: &str| {
+        mesh.metric(
+            node,
+            &format!(
+                "mesh_tcp_connections_opened_total{{direction=\"inbound\",pod=\"{pod}\",\
+             peer=\"spiffe://cluster.local/ns/shop/sa/frontend\",security=\"mtls\"}}"
+            ),
+        )
+    };
+    let before = (tunnelled(1, "shop/reviews"), tunnelled(0, "shop/other"));
+    let bodies = answers(&mesh, "shop/frontend", "10.96.0.10:80", 10);
+    assert_eq!(
+        bodies,
+        serde_json::json!({SECRET_BODY: 5, "from-other": 5}),
+        "{bodies}"
+    );
+    assert_eq!(
+        (tunnelled(1, "shop/reviews"), tunnelled(0, "shop/other")),
+        (before.0 + 5, before.1 + 5)
+    );
+
+    // An endpoint the operator marks down gets no new connection.
+    let other = format!("{}:8080", ip("shop/other"));
+    let before = mesh.revision(0);
+    mesh.control.meshctl(
+        &[
+            "endpoint",
+            "health",
+            "reviews",
+            &other,
+            "--healthy",
+            "false",
+            "-n",
+            "shop",
+        ],
+        None,
+    );
+    wait_until("node 0 holds the marking", || mesh.revision(0) > before);
+    let bodies = answers(&mesh, "shop/frontend", "10.96.0.10:80", 6);
+    assert_eq!(bodies, serde_json::json!({SECRET_BODY: 6}), "{bodies}");
+
+    // Node 1 holds nothing of `legacy`: the first connection asks for it
+    // and waits; the endpoint is outside the mesh, so it goes in plaintext.
+    assert_eq!(held_version(&mesh, 1, "endpoints/legacy/records"), None);
+    let bodies = answers(&mesh, "shop/reviews", "10.96.0.20:80", 3);
+    assert_eq!(bodies, serde_json::json!({"from-legacy": 3}), "{bodies}");
+    assert!(held_version(&mesh, 1, "endpoints/legacy/records").is_some());
+
+    // A port the service does not declare, and a service with no healthy
+    // endpoint, are refused: counted, not sent anywhere.
+    let refused = || {
+        mesh.metric(
+            0,
+            "mesh_proxy_connections_total{pod=\"shop/frontend\",direction=\"outbound\",outcome=\"no_healthy_endpoint\"}",
+        )
+    };
+    let before = refused();
+    let output = mesh
+        .cluster
+        .pod_command("shop/frontend", MESH_POD)
+        .unwrap()
+        .args(["http", "--to", "10.96.0.10:81", "--count", "1"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert_eq!(refused(), before + 1);
+}

@@ -35,8 +35,9 @@ fn columns(kind: Kind, b: Backend) -> String {
     match kind {
         Kind::Namespace => format!("name, {}, revision", json("labels")),
         Kind::Service => format!(
-            "namespace, name, {}, load_balancer, hash_header, {}, revision",
+            "namespace, name, {}, load_balancer, hash_header, {}, {}, revision",
             json("ports"),
+            b.inet_column("vip"),
             json("labels")
         ),
         Kind::Workload => format!(
@@ -151,6 +152,7 @@ fn from_row(kind: Kind, row: &AnyRow) -> Result<Resource, StoreError> {
                 ))
                 .map_err(|e| corrupt(&c, "load_balancer", e))?,
                 hash_header: c.opt_text("hash_header")?,
+                vip: c.opt_parse("vip")?,
             },
         }),
         Kind::Workload => Resource::Workload(Object {
@@ -244,13 +246,15 @@ pub(super) async fn write(
         }
         Resource::Service(o) => {
             let sql = format!(
-                "INSERT INTO Service (namespace, name, ports, load_balancer, hash_header, labels, revision, updated_at) \
-                 VALUES ($1, $2, {}, $4, $5, {}, $7, {now}) \
+                "INSERT INTO Service (namespace, name, ports, load_balancer, hash_header, labels, revision, vip, updated_at) \
+                 VALUES ($1, $2, {}, $4, $5, {}, $7, {}, {now}) \
                  ON CONFLICT (namespace, name) DO UPDATE SET ports = excluded.ports, \
                  load_balancer = excluded.load_balancer, hash_header = excluded.hash_header, \
-                 labels = excluded.labels, revision = excluded.revision, updated_at = excluded.updated_at",
+                 labels = excluded.labels, revision = excluded.revision, vip = excluded.vip, \
+                 updated_at = excluded.updated_at",
                 b.json_param("$3"),
-                b.json_param("$6")
+                b.json_param("$6"),
+                b.inet_param("$8")
             );
             sqlx::query(&sql)
                 .bind(namespace)
@@ -260,6 +264,7 @@ pub(super) async fn write(
                 .bind(o.spec.hash_header.clone())
                 .bind(labels)
                 .bind(revision)
+                .bind(o.spec.vip.map(|vip| vip.to_string()))
                 .execute(&mut *conn)
                 .await?;
         }

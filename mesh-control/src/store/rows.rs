@@ -88,6 +88,18 @@ impl<'r> Columns<'r> {
         let text = self.text(column)?;
         text.parse().map_err(|e| self.corrupt(column, e))
     }
+
+    pub(super) fn opt_parse<T: std::str::FromStr>(
+        &self,
+        column: &str,
+    ) -> Result<Option<T>, StoreError>
+    where
+        T::Err: std::fmt::Display,
+    {
+        self.opt_text(column)?
+            .map(|text| text.parse().map_err(|e| self.corrupt(column, e)))
+            .transpose()
+    }
 }
 
 /// Serialises a value bound as a JSON parameter.

@@ -1,12 +1,16 @@
-//! The mesh data path of a captured pod: outbound connections to mesh
-//! workloads leave in HBONE tunnels under the pod's own certificate;
+//! The mesh data path of a captured pod: outbound connections to a
+//! service's virtual address go to one of its healthy endpoints, taken in
+//! turn; those to mesh workloads leave in HBONE tunnels under the pod's own
+//! certificate;
 //! tunnels arriving at the pod's `15008` are verified, authorized and
 //! delivered to the application; plaintext arriving at the pod is refused
 //! unless the workload is permissive.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use http::StatusCode;
@@ -24,10 +28,11 @@ use super::{
 };
 use crate::{
     admin::{Holder, SharedTracked},
-    directory::Directory,
+    directory::{Directory, ServiceKey, ServiceTarget, VirtualService},
     hbone::{self, HBONE_PORT, Incoming, Pool, PoolKey, TunnelError},
     identity::{CertState, tls},
     policy::Request,
+    xds::Demand,
 };
 
 /// What happens to a captured connection whose destination is not a mesh
@@ -57,6 +62,31 @@ pub struct MeshPath {
     /// Inbound tunnel streams and permissive plaintext connections open
     /// now, re-authorized on policy changes.
     pub streams: OpenStreams,
+    /// Where services this node holds no endpoints of are asked for.
+    pub demand: Option<Demand>,
+    pub balancer: RoundRobin,
+}
+
+/// How long a connection to a service waits for its endpoints to arrive
+/// when this node did not hold them yet.
+const ON_DEMAND_WAIT: Duration = Duration::from_secs(3);
+
+/// Each service's next endpoint, taken in turn.
+#[derive(Debug, Default)]
+pub struct RoundRobin(Mutex<HashMap<ServiceKey, usize>>);
+
+impl RoundRobin {
+    /// The index of the next of `count` endpoints of `service`.
+    fn next(&self, service: &ServiceKey, count: usize) -> usize {
+        let mut turns = lock(&self.0);
+        let turn = match turns.get_mut(service) {
+            Some(turn) => turn,
+            None => turns.entry(service.clone()).or_default(),
+        };
+        let index = *turn % count;
+        *turn = turn.wrapping_add(1);
+        index
+    }
 }
 
 /// The inbound tunnel streams a node carries, and the plaintext
@@ -223,19 +253,41 @@ pub(super) async fn carry(
         return relay(stream, client, destination, direction, pod, permit).await;
     };
     match direction {
-        Direction::Outbound => match directory.mesh_destination(original_dst.ip()) {
-            Some(address) => {
-                let identity = directory.identity(address);
-                let peer = format!("{}/{}", address.namespace, address.name);
-                tunnel_out(stream, client, original_dst, identity, peer, pod, mesh).await;
+        Direction::Outbound => {
+            let (directory, target) = match directory.service_at(original_dst.ip()) {
+                Some(service) => match mesh
+                    .pick_endpoint(service.clone(), original_dst.port())
+                    .await
+                {
+                    Ok(picked) => picked,
+                    Err(reason) => {
+                        let service = format!("{}/{}", service.key.0, service.key.1);
+                        tracing::debug!(pod = %pod.name, %original_dst, service, reason, "no endpoint for a service connection");
+                        reset(stream);
+                        return count(Outcome::NoHealthyEndpoint);
+                    }
+                },
+                None => (directory, original_dst),
+            };
+            match directory.mesh_destination(target.ip()) {
+                Some(address) => {
+                    let workload = TunnelTarget {
+                        address: target,
+                        identity: directory.identity(address),
+                        name: format!("{}/{}", address.namespace, address.name),
+                    };
+                    tunnel_out(stream, client, original_dst, workload, pod, mesh).await;
+                }
+                // A service's endpoint is in the mesh's registry, captured
+                // or not.
+                None if mesh.outside == OutsideMesh::Deny && target == original_dst => {
+                    tracing::debug!(pod = %pod.name, %original_dst, "destination outside the mesh refused");
+                    reset(stream);
+                    count(Outcome::OutsideMeshDenied);
+                }
+                None => relay(stream, client, Some(target), direction, pod, permit).await,
             }
-            None if mesh.outside == OutsideMesh::Deny => {
-                tracing::debug!(pod = %pod.name, %original_dst, "destination outside the mesh refused");
-                reset(stream);
-                count(Outcome::OutsideMeshDenied);
-            }
-            None => relay(stream, client, destination, direction, pod, permit).await,
-        },
+        }
         Direction::Inbound => {
             let mode = directory.local(&pod.name).map(|l| l.mtls);
             if mode != Some(MtlsMode::Permissive) {
@@ -268,21 +320,79 @@ pub(super) async fn carry(
     }
 }
 
-/// Opens a tunnel for an outbound connection to a mesh workload and
-/// carries the connection through it.
+impl MeshPath {
+    /// The next healthy endpoint of `service` serving `port`, with the
+    /// directory it was found in (a newer one when the endpoints had to be
+    /// asked for first).
+    async fn pick_endpoint(
+        &self,
+        service: Arc<VirtualService>,
+        port: u16,
+    ) -> Result<(Arc<Directory>, SocketAddr), String> {
+        let mut updates = self.directory.clone();
+        let deadline = tokio::time::Instant::now() + ON_DEMAND_WAIT;
+        loop {
+            let directory = updates.borrow_and_update().clone();
+            match directory.service_target(&service, port) {
+                ServiceTarget::NoPort => {
+                    return Err(format!("the service declares no port {port}"));
+                }
+                ServiceTarget::Endpoints(endpoints) if endpoints.is_empty() => {
+                    return Err(format!("no healthy endpoint serves port {port}"));
+                }
+                ServiceTarget::Endpoints(endpoints) => {
+                    let endpoint = endpoints[self.balancer.next(&service.key, endpoints.len())];
+                    return Ok((directory, endpoint));
+                }
+                ServiceTarget::Unknown((namespace, name)) => {
+                    let Some(demand) = &self.demand else {
+                        return Err("this node holds no endpoints of the service".to_owned());
+                    };
+                    demand.want(namespace, name);
+                    match tokio::time::timeout_at(deadline, updates.changed()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return Err("the configuration is gone".to_owned()),
+                        Err(_) => {
+                            return Err(format!(
+                                "its endpoints did not arrive within {ON_DEMAND_WAIT:?}"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The mesh workload a tunnel goes to.
+struct TunnelTarget {
+    /// Its address and the port asked for.
+    address: SocketAddr,
+    identity: SpiffeId,
+    /// `namespace/name`.
+    name: String,
+}
+
+/// Opens a tunnel to `target` for an outbound connection to `original_dst`
+/// (the workload itself, or a service it serves) and carries the
+/// connection through it.
 async fn tunnel_out(
     mut stream: TcpStream,
     client: SocketAddr,
     original_dst: SocketAddr,
-    identity: SpiffeId,
-    peer: String,
+    target: TunnelTarget,
     pod: &PodContext,
     mesh: &MeshPath,
 ) {
+    let TunnelTarget {
+        address: target,
+        identity,
+        name: peer,
+    } = target;
     let key = PoolKey {
         source: pod.name.clone(),
         destination: identity.clone(),
-        address: SocketAddr::new(original_dst.ip(), HBONE_PORT),
+        address: SocketAddr::new(target.ip(), HBONE_PORT),
     };
     let trace = hbone::new_traceparent();
     let netns = &pod.netns;
@@ -298,7 +408,7 @@ async fn tunnel_out(
         .open(
             &key,
             &serial,
-            original_dst,
+            target,
             &trace,
             || dial(netns, key.address),
             || {

@@ -17,8 +17,8 @@
 //! HTTP/1.1 request (keep-alive) with 200 and TEXT; `mesh-pod http --to
 //! ADDR --path /p --count N` makes N GET requests, each on a new
 //! connection (or all on one with `--keep-alive`), and prints a JSON
-//! summary with the bodies' lengths; it exits non-zero unless every
-//! answer was 200.
+//! summary: bytes, and how often each distinct body came back; it exits
+//! non-zero unless every answer was 200.
 //!
 //! For benchmarks: `bench-http --to ADDR --connections C --requests N`
 //! times N keep-alive GETs over C connections (one thread each) and prints
@@ -437,6 +437,8 @@ fn content_length(head: &str) -> u64 {
 fn http_get(to: SocketAddr, path: &str, count: u32, keep_alive: bool) -> ExitCode {
     let mut failures = Vec::new();
     let mut bytes = 0u64;
+    // Who answered: each distinct body, counted.
+    let mut bodies = std::collections::BTreeMap::<String, u32>::new();
     let mut connection: Option<(io::BufReader<TcpStream>, TcpStream)> = None;
     for attempt in 0..count {
         let result = (|| {
@@ -463,10 +465,15 @@ fn http_get(to: SocketAddr, path: &str, count: u32, keep_alive: bool) -> ExitCod
             if status != "200" {
                 return Err(io::Error::other(format!("status {status}")));
             }
-            Ok(length)
+            Ok(body)
         })();
         match result {
-            Ok(length) => bytes += length,
+            Ok(body) => {
+                bytes += body.len() as u64;
+                *bodies
+                    .entry(String::from_utf8_lossy(&body).into_owned())
+                    .or_default() += 1;
+            }
             Err(error) => {
                 failures.push(format!("request {attempt}: {error}"));
                 connection = None;
@@ -478,6 +485,7 @@ fn http_get(to: SocketAddr, path: &str, count: u32, keep_alive: bool) -> ExitCod
         "attempted": count,
         "ok": count as usize - failures.len(),
         "body_bytes": bytes,
+        "bodies": bodies,
         "failures": failures,
     });
     println!("{summary}");

@@ -73,7 +73,8 @@ pub struct Operation {
     /// HTTP methods (HTTP ports only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub methods: Vec<String>,
-    /// Exact paths, or prefixes ending in `*` (HTTP ports only).
+    /// Exact paths, prefixes ending in `*`, suffixes starting with `*`, or
+    /// `*` (HTTP ports only); matched against the normalised path.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<String>,
 }
@@ -155,16 +156,19 @@ fn check_operation(operation: &Operation, errors: &mut FieldErrors) {
         }
     }
     for (i, path) in operation.paths.iter().enumerate().take(MAX_ITEMS) {
-        let body = path.strip_suffix('*').unwrap_or(path);
-        if !path.starts_with('/')
-            || body.contains('*')
-            || path.len() > 1024
-            || path.chars().any(char::is_control)
-        {
+        // Exact `/a`, prefix `/a*`, suffix `*.css`, or `*`.
+        let body = match path.strip_prefix('*') {
+            Some(suffix) => suffix,
+            None => path.strip_suffix('*').unwrap_or(path),
+        };
+        let shaped = path == "*"
+            || (path.starts_with('/') && !body.contains('*'))
+            || (path.starts_with('*') && !body.is_empty() && !body.contains('*'));
+        if !shaped || path.len() > 1024 || path.chars().any(char::is_control) {
             errors.add(
                 &format!("paths[{i}]"),
                 format!(
-                    "{} must start with '/', at most 1024 characters, '*' only at the end",
+                    "{} must be an exact path ('/a'), a prefix ('/a*'), a suffix ('*.css') or '*', at most 1024 characters",
                     quoted(path)
                 ),
             );

@@ -339,3 +339,25 @@ fn a_service_address_must_be_one_a_caller_can_connect_to() {
     let found = errors(&service("10.96.0.300"));
     assert!(found[0].contains("invalid IP address syntax"), "{found:?}");
 }
+
+#[test]
+fn authorization_paths_are_exact_prefix_suffix_or_any() {
+    let policy = |path: &str| {
+        format!(
+            "apiVersion: mesh.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p}}\n\
+             spec: {{rules: [{{to: [{{paths: ['{path}']}}]}}]}}\n"
+        )
+    };
+    for good in ["/a", "/a/*", "/a*", "*.css", "*", "/"] {
+        assert!(parse_documents(&policy(good)).is_ok(), "{good}");
+    }
+    for bad in ["a", "/a*b", "*a*", "**", "*/a*", "/*/a"] {
+        let found = errors(&policy(bad));
+        assert_eq!(found.len(), 1, "{bad}: {found:?}");
+        assert!(
+            found[0].contains("spec.rules[0].to[0].paths[0]")
+                && found[0].contains("must be an exact path"),
+            "{found:?}"
+        );
+    }
+}

@@ -301,6 +301,7 @@ mod tests {
                 &Request {
                     caller: Some(caller),
                     port: 80,
+                    http: None,
                 },
             )
         };

@@ -9,6 +9,7 @@ pub mod control;
 pub mod directory;
 pub mod hbone;
 pub mod identity;
+pub mod l7;
 pub mod pods;
 pub mod policy;
 pub mod proxy;

@@ -9,8 +9,9 @@
 //! At L4 only the caller and the port are known. A rule that also names
 //! HTTP methods or paths is therefore decided the safe way: an ALLOW rule
 //! with them never matches a TCP connection, a DENY rule with them matches
-//! as if they were absent — as ztunnel does. (The HTTP path decides them
-//! per request.)
+//! as if they were absent — as ztunnel does. An HTTP request is decided
+//! with its method and its normalised path ([`crate::l7::path`]): exact,
+//! `prefix*`, `*suffix` or `*`.
 
 use mesh_identity::SpiffeId;
 use mesh_model::{
@@ -31,6 +32,16 @@ pub struct Request<'a> {
     pub caller: Option<&'a SpiffeId>,
     /// The destination port on the workload.
     pub port: u16,
+    /// For an HTTP request: its method and normalised path.
+    pub http: Option<HttpRequest<'a>>,
+}
+
+/// What an HTTP request adds to a [`Request`].
+#[derive(Clone, Copy, Debug)]
+pub struct HttpRequest<'a> {
+    pub method: &'a str,
+    /// Normalised ([`crate::l7::path::normalize`]).
+    pub path: &'a str,
 }
 
 /// The outcome, naming the policy that decided it.
@@ -137,11 +148,22 @@ fn source_matches(source: &Source, caller: Option<&SpiffeId>) -> bool {
 }
 
 fn operation_matches(operation: &Operation, request: &Request<'_>, action: Action) -> bool {
-    let needs_http = !operation.methods.is_empty() || !operation.paths.is_empty();
-    if needs_http && action == Action::Allow {
-        return false;
+    let port = operation.ports.is_empty() || operation.ports.contains(&request.port);
+    match request.http {
+        Some(http) => {
+            port && (operation.methods.is_empty()
+                || operation.methods.iter().any(|m| m == http.method))
+                && (operation.paths.is_empty()
+                    || operation
+                        .paths
+                        .iter()
+                        .any(|p| crate::l7::path::matches(p, http.path)))
+        }
+        None => {
+            let needs_http = !operation.methods.is_empty() || !operation.paths.is_empty();
+            port && !(needs_http && action == Action::Allow)
+        }
     }
-    operation.ports.is_empty() || operation.ports.contains(&request.port)
 }
 
 #[cfg(test)]
@@ -179,7 +201,15 @@ mod tests {
     }
 
     fn decide(policies: &[AuthorizationPolicy], caller: Option<&SpiffeId>, port: u16) -> Decision {
-        authorize(policies, &workload("reviews"), &Request { caller, port })
+        authorize(
+            policies,
+            &workload("reviews"),
+            &Request {
+                caller,
+                port,
+                http: None,
+            },
+        )
     }
 
     const ONLY_FRONTEND: &str = "apiVersion: mesh.io/v1\nkind: AuthorizationPolicy\n\
@@ -270,5 +300,44 @@ mod tests {
             decide(&deny, Some(&id("shop", "frontend")), 9090),
             Decision::Allow
         );
+    }
+
+    #[test]
+    fn http_requests_are_decided_on_method_and_normalised_path() {
+        let rules = policies(
+            "apiVersion: mesh.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: shop}\n\
+             spec: {action: deny, rules: [{to: [{paths: ['/admin/*', '*.bak']}]}]}\n---\n\
+             apiVersion: mesh.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: reads, namespace: shop}\n\
+             spec: {rules: [{from: [{namespaces: [shop]}], to: [{methods: [GET, HEAD], paths: ['/reviews/*', '/health'], ports: [8080]}]}]}\n",
+        );
+        let frontend = id("shop", "frontend");
+        let ask = |method: &str, raw: &str, port: u16| {
+            let path = crate::l7::path::normalize(raw).unwrap();
+            authorize(
+                &rules,
+                &workload("reviews"),
+                &Request {
+                    caller: Some(&frontend),
+                    port,
+                    http: Some(HttpRequest {
+                        method,
+                        path: &path,
+                    }),
+                },
+            )
+        };
+        let denied = Decision::Denied("shop/no-admin".into());
+        assert_eq!(ask("GET", "/reviews/1", 8080), Decision::Allow);
+        assert_eq!(ask("HEAD", "/health", 8080), Decision::Allow);
+        assert_eq!(ask("GET", "/health/x", 8080), Decision::NotAllowed);
+        assert_eq!(ask("POST", "/reviews/1", 8080), Decision::NotAllowed);
+        assert_eq!(ask("GET", "/reviews/1", 9090), Decision::NotAllowed);
+        assert_eq!(ask("GET", "/admin/users", 8080), denied);
+        assert_eq!(ask("GET", "/reviews/../admin/users", 8080), denied);
+        assert_eq!(ask("GET", "/%61dmin/users", 8080), denied);
+        assert_eq!(ask("GET", "//admin//users", 8080), denied);
+        assert_eq!(ask("GET", "/reviews/db.bak", 8080), denied);
+        // DENY first, whatever ALLOW says.
+        assert_eq!(ask("GET", "/reviews/../admin/x", 8080), denied);
     }
 }

@@ -157,6 +157,7 @@ impl OpenStreams {
                     &Request {
                         caller: stream.caller.as_deref(),
                         port: stream.port,
+                        http: None,
                     },
                 );
                 (!decision.allowed()).then(|| decision.reason().to_string())
@@ -300,6 +301,7 @@ pub(super) async fn carry(
                 &Request {
                     caller: None,
                     port: original_dst.port(),
+                    http: None,
                 },
             );
             if !decision.allowed() {
@@ -607,6 +609,7 @@ async fn tunnel_in(
         &Request {
             caller: Some(caller.as_ref()),
             port: target.port(),
+            http: None,
         },
     );
     if !decision.allowed() {

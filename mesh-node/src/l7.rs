@@ -1,0 +1,13 @@
+//! L7 traffic management at the source node: the decisions an HTTP request
+//! goes through before and after it leaves — which endpoint
+//! ([`balance`]), whether the service is failing ([`breaker`]), whether and
+//! when to try again ([`retry`]) — and at the destination, the path an
+//! authorization rule is matched against ([`path`]).
+//!
+//! Each module is a pure policy over explicit inputs (time, random rolls,
+//! observed outcomes) so it can be tested exhaustively with paused time.
+
+pub mod balance;
+pub mod breaker;
+pub mod path;
+pub mod retry;

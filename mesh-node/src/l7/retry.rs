@@ -1,0 +1,271 @@
+//! Whether a failed attempt is tried again, after how long, and whether
+//! the service's retry budget allows it.
+//!
+//! Retried: a connection that could not be made (the request never left,
+//! whatever its method), a 503, and the retriable 4xx statuses (409 by
+//! default) — the last two, and a connection lost mid-request, only for
+//! idempotent methods unless the policy opts in. A timeout is not retried:
+//! the caller's time is spent. Waits grow exponentially with full jitter
+//! (AWS's "full jitter": uniform between zero and the capped exponential),
+//! and a budget caps retries at a share of requests so that retries cannot
+//! multiply an outage (as Linkerd's retry budgets).
+
+use std::{collections::VecDeque, sync::Mutex, time::Duration};
+
+use http::Method;
+use tokio::time::Instant;
+
+/// How one attempt ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attempt {
+    /// No connection to the endpoint: nothing was sent.
+    ConnectFailed,
+    /// The connection was lost after the request (or part of it) left.
+    Reset,
+    /// The upstream answered with this status.
+    Status(u16),
+    /// The request's time ran out.
+    TimedOut,
+}
+
+/// A service's retry settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt (`ServicePolicy.retry_attempts`).
+    pub retries: u32,
+    /// 4xx statuses worth another try.
+    pub retriable_4xx: Vec<u16>,
+    /// Retry non-idempotent methods (POST, PATCH) too.
+    pub non_idempotent: bool,
+    /// First wait's upper bound; doubled per retry up to `cap`.
+    pub base: Duration,
+    pub cap: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            retries: 3,
+            retriable_4xx: vec![409],
+            non_idempotent: false,
+            base: Duration::from_millis(25),
+            cap: Duration::from_millis(250),
+        }
+    }
+}
+
+/// RFC 9110 §9.2.2: repeating these has the effect of doing it once.
+pub fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+impl RetryPolicy {
+    /// Whether an attempt of `method` that ended as `attempt`, after
+    /// `retried` retries already, is worth another.
+    pub fn should_retry(&self, method: &Method, attempt: Attempt, retried: u32) -> bool {
+        if retried >= self.retries {
+            return false;
+        }
+        let repeatable = self.non_idempotent || idempotent(method);
+        match attempt {
+            Attempt::ConnectFailed => true,
+            Attempt::Reset | Attempt::Status(503) => repeatable,
+            Attempt::Status(status) => repeatable && self.retriable_4xx.contains(&status),
+            Attempt::TimedOut => false,
+        }
+    }
+
+    /// How long to wait before retry number `retry` (0 for the first):
+    /// `roll` (uniform in `[0, 1)`) times the capped exponential.
+    pub fn backoff(&self, retry: u32, roll: f64) -> Duration {
+        let ceiling = self
+            .base
+            .checked_mul(1u32.checked_shl(retry).unwrap_or(u32::MAX))
+            .unwrap_or(self.cap)
+            .min(self.cap);
+        ceiling.mul_f64(roll.clamp(0.0, 1.0))
+    }
+}
+
+/// Caps retries to a share of a service's requests over a sliding window,
+/// with a floor so a quiet service can still retry.
+#[derive(Debug)]
+pub struct RetryBudget {
+    /// Retries allowed per request.
+    ratio: f64,
+    /// Retries allowed per second whatever the traffic.
+    min_per_second: u32,
+    window: Duration,
+    /// Per-second buckets: (second, requests, retries), oldest first.
+    buckets: Mutex<VecDeque<(u64, u32, u32)>>,
+    epoch: Instant,
+}
+
+impl RetryBudget {
+    /// A budget of `ratio` retries per request (and at least
+    /// `min_per_second`) over the last `window`.
+    pub fn new(ratio: f64, min_per_second: u32, window: Duration) -> Self {
+        Self {
+            ratio,
+            min_per_second,
+            window: window.max(Duration::from_secs(1)),
+            buckets: Mutex::new(VecDeque::new()),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Counts a first attempt.
+    pub fn request(&self) {
+        self.with_current(|bucket| bucket.1 += 1);
+    }
+
+    /// Takes a retry from the budget if it has one.
+    pub fn try_retry(&self) -> bool {
+        let mut buckets = self.current();
+        let (requests, retries) = buckets.iter().fold((0u64, 0u64), |(q, r), b| {
+            (q + u64::from(b.1), r + u64::from(b.2))
+        });
+        let floor = u64::from(self.min_per_second) * self.window.as_secs();
+        let allowed = floor.max((self.ratio * requests as f64) as u64);
+        if retries >= allowed {
+            return false;
+        }
+        if let Some(bucket) = buckets.back_mut() {
+            bucket.2 += 1;
+        }
+        true
+    }
+
+    fn with_current(&self, change: impl FnOnce(&mut (u64, u32, u32))) {
+        let mut buckets = self.current();
+        if let Some(bucket) = buckets.back_mut() {
+            change(bucket);
+        }
+    }
+
+    /// The buckets, with this second's at the back and none older than
+    /// the window.
+    fn current(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, u32, u32)>> {
+        let second = Instant::now().duration_since(self.epoch).as_secs();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let oldest = second.saturating_sub(self.window.as_secs() - 1);
+        while buckets.front().is_some_and(|b| b.0 < oldest) {
+            buckets.pop_front();
+        }
+        if buckets.back().is_none_or(|b| b.0 != second) {
+            buckets.push_back((second, 0, 0));
+        }
+        buckets
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eligibility_by_method_outcome_and_count() {
+        use Attempt::*;
+        let policy = RetryPolicy::default();
+        // (method, outcome, retried?) for a policy with the defaults.
+        let table: &[(Method, Attempt, bool)] = &[
+            (Method::GET, ConnectFailed, true),
+            (Method::POST, ConnectFailed, true),
+            (Method::GET, Status(503), true),
+            (Method::PUT, Status(503), true),
+            (Method::DELETE, Status(503), true),
+            (Method::POST, Status(503), false),
+            (Method::PATCH, Status(503), false),
+            (Method::GET, Status(409), true),
+            (Method::POST, Status(409), false),
+            (Method::GET, Status(500), false),
+            (Method::GET, Status(502), false),
+            (Method::GET, Status(404), false),
+            (Method::GET, Status(429), false),
+            (Method::GET, Status(200), false),
+            (Method::GET, Reset, true),
+            (Method::HEAD, Reset, true),
+            (Method::POST, Reset, false),
+            (Method::GET, TimedOut, false),
+            (Method::POST, TimedOut, false),
+        ];
+        for (method, attempt, expected) in table {
+            assert_eq!(
+                policy.should_retry(method, *attempt, 0),
+                *expected,
+                "{method} {attempt:?}"
+            );
+        }
+        // The attempts run out.
+        assert!(policy.should_retry(&Method::GET, Status(503), 2));
+        assert!(!policy.should_retry(&Method::GET, Status(503), 3));
+        assert!(!policy.should_retry(&Method::GET, ConnectFailed, 3));
+        let none = RetryPolicy {
+            retries: 0,
+            ..RetryPolicy::default()
+        };
+        assert!(!none.should_retry(&Method::GET, ConnectFailed, 0));
+        // Opting in makes POST repeatable; other statuses join the list.
+        let opted = RetryPolicy {
+            non_idempotent: true,
+            retriable_4xx: vec![409, 425],
+            ..RetryPolicy::default()
+        };
+        assert!(opted.should_retry(&Method::POST, Status(503), 0));
+        assert!(opted.should_retry(&Method::PATCH, Status(425), 0));
+        assert!(!opted.should_retry(&Method::POST, TimedOut, 0));
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_under_a_capped_exponential() {
+        let policy = RetryPolicy::default();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        // The ceiling: 25, 50, 100, 200, then 250 for good.
+        for (retry, ceiling) in [
+            (0, 25.0),
+            (1, 50.0),
+            (2, 100.0),
+            (3, 200.0),
+            (4, 250.0),
+            (40, 250.0),
+        ] {
+            assert_eq!(ms(policy.backoff(retry, 0.0)), 0.0);
+            assert!(
+                (ms(policy.backoff(retry, 0.999_999)) - ceiling).abs() < 0.01,
+                "retry {retry}"
+            );
+            assert!((ms(policy.backoff(retry, 0.5)) - ceiling / 2.0).abs() < 0.01);
+        }
+        // Random rolls stay within the bounds.
+        let mut rng = fastrand::Rng::with_seed(1);
+        for retry in 0..8 {
+            let wait = policy.backoff(retry, rng.f64());
+            assert!(wait <= Duration::from_millis(250));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_allows_a_share_of_requests_with_a_floor() {
+        // 20 % of requests, at least 3 per second, over 10 seconds.
+        let budget = RetryBudget::new(0.2, 3, Duration::from_secs(10));
+        // Quiet: the floor, 30 in the window.
+        let granted = (0..100).filter(|_| budget.try_retry()).count();
+        assert_eq!(granted, 30);
+        // The window slides: after 10 s the old retries no longer count.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        // Busy: 1,000 requests allow 200 retries.
+        for _ in 0..1000 {
+            budget.request();
+        }
+        let granted = (0..1000).filter(|_| budget.try_retry()).count();
+        assert_eq!(granted, 200);
+        // Half the window later the requests still count; the retries too.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(!budget.try_retry());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(budget.try_retry());
+    }
+}

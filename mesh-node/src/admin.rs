@@ -88,6 +88,9 @@ pub struct AdminState {
     pub connections: Option<Arc<crate::proxy::Connections>>,
     /// The HBONE tunnels' counts; `None` without a control plane.
     pub tunnels: Option<Arc<crate::hbone::HboneStats>>,
+    /// The mesh data path (for the HTTP path's counts); `None` without a
+    /// control plane or capture.
+    pub mesh: Option<Arc<crate::proxy::MeshPath>>,
     /// The node's and its workloads' certificate managers, as they come
     /// and go.
     pub certificates: SharedTracked,
@@ -276,6 +279,9 @@ async fn metrics(State(state): State<AdminState>) -> Response {
     }
     if let Some(tunnels) = &state.tunnels {
         text.push_str(&render_tunnel_metrics(tunnels));
+    }
+    if let Some(mesh) = &state.mesh {
+        text.push_str(&render_http_metrics(&mesh.http.stats));
     }
     text.push_str(&render_certificate_metrics(&reports(&state.certificates)));
     if let Some((config, status)) = &state.config {
@@ -537,6 +543,39 @@ pub fn render_tunnel_metrics(stats: &crate::hbone::HboneStats) -> String {
         stats.pooled_connections.load(Relaxed),
         stats.streams_revoked.load(Relaxed),
     )
+}
+
+/// Renders the HTTP path's request, retry and local-answer counts.
+pub fn render_http_metrics(stats: &crate::proxy::HttpStats) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out = format!(
+        "# HELP mesh_http_requests_total Requests the HTTP path routed to services.\n\
+         # TYPE mesh_http_requests_total counter\n\
+         mesh_http_requests_total {}\n\
+         # HELP mesh_http_retries_total Attempts repeated after a retriable failure.\n\
+         # TYPE mesh_http_retries_total counter\n\
+         mesh_http_retries_total {}\n\
+         # HELP mesh_http_local_responses_total Requests the proxy answered itself, by response flag.\n\
+         # TYPE mesh_http_local_responses_total counter\n",
+        stats.requests.load(Relaxed),
+        stats.retries.load(Relaxed),
+    );
+    let mut local: Vec<(crate::proxy::Flag, u64)> = stats
+        .local
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(flag, count)| (*flag, *count))
+        .collect();
+    local.sort();
+    for (flag, count) in local {
+        let _ = writeln!(
+            out,
+            "mesh_http_local_responses_total{{flag=\"{}\"}} {count}",
+            flag.code()
+        );
+    }
+    out
 }
 
 /// Escapes a label value as the exposition format requires.

@@ -15,7 +15,9 @@ use mesh_model::{
     Resource,
     config::{ConfigResource, EndpointEntry, NodeConfig, WorkloadAddress},
     namespace::MtlsMode,
-    service::ServicePort,
+    policy::ServicePolicySpec,
+    service::{LoadBalancer, ServicePort},
+    split::SplitRule,
 };
 use tokio::{sync::watch, task::JoinHandle};
 
@@ -36,6 +38,20 @@ pub type ServiceKey = (String, String);
 pub struct VirtualService {
     pub key: ServiceKey,
     pub ports: Vec<ServicePort>,
+    pub load_balancer: LoadBalancer,
+    pub hash_header: Option<String>,
+}
+
+/// A traffic split as the HTTP path applies it.
+#[derive(Clone, Debug)]
+pub struct Split {
+    /// `namespace/name`, for logs.
+    pub name: String,
+    /// Only for callers serving this service (in the split's namespace).
+    pub source: Option<String>,
+    pub rule: SplitRule,
+    /// The store revision it last changed at: the latest wins a tie.
+    pub revision: i64,
 }
 
 /// Everything the data path looks up per connection.
@@ -47,6 +63,8 @@ pub struct Directory {
     services: HashMap<IpAddr, Arc<VirtualService>>,
     /// The endpoint sets this node holds (pushed as `Endpoints`).
     endpoints: HashMap<ServiceKey, Arc<ConfigResource>>,
+    splits: HashMap<ServiceKey, Vec<Split>>,
+    service_policies: HashMap<ServiceKey, ServicePolicySpec>,
     local: BTreeMap<String, LocalWorkload>,
     policies: Vec<AuthorizationPolicy>,
 }
@@ -68,6 +86,8 @@ impl Directory {
         let mut addresses = HashMap::new();
         let mut services = HashMap::new();
         let mut endpoints = HashMap::new();
+        let mut splits: HashMap<ServiceKey, Vec<Split>> = HashMap::new();
+        let mut service_policies = HashMap::new();
         let mut namespaces = BTreeMap::new();
         let mut workloads = Vec::new();
         let mut policies = Vec::new();
@@ -83,9 +103,34 @@ impl Directory {
                             Arc::new(VirtualService {
                                 key: (service.namespace().to_owned(), service.name().to_owned()),
                                 ports: service.spec.ports.clone(),
+                                load_balancer: service.spec.load_balancer,
+                                hash_header: service.spec.hash_header.clone(),
                             }),
                         );
                     }
+                }
+                ConfigResource::Object(Resource::TrafficSplit(split)) => {
+                    let name = format!("{}/{}", split.namespace(), split.name());
+                    match SplitRule::new(&split.spec) {
+                        Ok(rule) => splits
+                            .entry((split.namespace().to_owned(), split.spec.destination.clone()))
+                            .or_default()
+                            .push(Split {
+                                name,
+                                source: split.spec.source.clone(),
+                                rule,
+                                revision: split.metadata.resource_version.unwrap_or(0),
+                            }),
+                        // Validated before it was stored; a regex this
+                        // build cannot compile leaves the service unsplit.
+                        Err(error) => tracing::warn!(split = name, %error, "traffic split ignored"),
+                    }
+                }
+                ConfigResource::Object(Resource::ServicePolicy(policy)) => {
+                    service_policies.insert(
+                        (policy.namespace().to_owned(), policy.name().to_owned()),
+                        policy.spec.clone(),
+                    );
                 }
                 ConfigResource::Endpoints(set) => {
                     endpoints.insert(
@@ -100,7 +145,6 @@ impl Directory {
                 ConfigResource::Object(Resource::AuthorizationPolicy(p)) => {
                     policies.push(p.clone());
                 }
-                _ => {}
             }
         }
         let local = workloads
@@ -119,6 +163,8 @@ impl Directory {
             addresses,
             services,
             endpoints,
+            splits,
+            service_policies,
             local,
             policies,
         }
@@ -161,6 +207,38 @@ impl Directory {
         }
     }
 
+    /// The split that applies to a call from `caller` (a workload of this
+    /// node) to `service`: one for a service the caller serves wins over one
+    /// for every caller; among equals, the latest.
+    pub fn split_for(
+        &self,
+        service: &ServiceKey,
+        caller: Option<&LocalWorkload>,
+    ) -> Option<&Split> {
+        let candidates = self.splits.get(service)?;
+        let serves = |source: &str| {
+            caller.is_some_and(|c| {
+                c.workload.namespace() == service.0
+                    && c.workload.spec.services.iter().any(|s| s == source)
+            })
+        };
+        latest(
+            candidates
+                .iter()
+                .filter(|s| s.source.as_deref().is_some_and(serves)),
+        )
+        .or_else(|| latest(candidates.iter().filter(|s| s.source.is_none())))
+    }
+
+    /// The policy for calls to `service`: its ServicePolicy, or the seed's
+    /// defaults.
+    pub fn service_policy(&self, service: &ServiceKey) -> ServicePolicySpec {
+        self.service_policies
+            .get(service)
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// The workload at `ip`, captured or not.
     pub fn workload_at(&self, ip: IpAddr) -> Option<&WorkloadAddress> {
         self.addresses.get(&ip)
@@ -188,6 +266,11 @@ impl Directory {
             None => Decision::NotAllowed,
         }
     }
+}
+
+/// The split that changed last (by name on a tie).
+fn latest<'a>(splits: impl Iterator<Item = &'a Split>) -> Option<&'a Split> {
+    splits.max_by(|a, b| a.revision.cmp(&b.revision).then(b.name.cmp(&a.name)))
 }
 
 /// Keeps a [`Directory`] in step with the configuration until dropped.

@@ -671,6 +671,100 @@ pub async fn splice(
     )
 }
 
+/// A tunnel stream as a byte stream, for protocols spoken over it (the
+/// HTTP path's upstream connections). The receive window is given back as
+/// the reader takes the bytes.
+#[derive(Debug)]
+pub struct TunnelIo {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// Received and not yet read.
+    pending: Bytes,
+    ended: bool,
+    _guard: StreamGuard,
+}
+
+impl From<Tunnel> for TunnelIo {
+    fn from(tunnel: Tunnel) -> Self {
+        Self {
+            send: tunnel.send,
+            recv: tunnel.recv,
+            pending: Bytes::new(),
+            ended: false,
+            _guard: tunnel.guard,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for TunnelIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        use std::task::Poll;
+        while self.pending.is_empty() && !self.ended {
+            match self.recv.poll_data(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => self.ended = true,
+                Poll::Ready(Some(Err(error))) => return Poll::Ready(Err(h2_io(error))),
+                Poll::Ready(Some(Ok(data))) => self.pending = data,
+            }
+        }
+        let n = self.pending.len().min(buf.remaining());
+        let taken = self.pending.split_to(n);
+        buf.put_slice(&taken);
+        let _ = self.recv.flow_control().release_capacity(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for TunnelIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        use std::task::Poll;
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        self.send.reserve_capacity(buf.len());
+        loop {
+            match self.send.poll_capacity(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+                Poll::Ready(Some(Err(error))) => return Poll::Ready(Err(h2_io(error))),
+                // Granted nothing yet: ask again (registers the waker).
+                Poll::Ready(Some(Ok(0))) => continue,
+                Poll::Ready(Some(Ok(capacity))) => {
+                    let n = capacity.min(buf.len());
+                    self.send
+                        .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                        .map_err(h2_io)?;
+                    return Poll::Ready(Ok(n));
+                }
+            }
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        // Ending twice (a repeated shutdown) is not an error here.
+        let _ = self.send.send_data(Bytes::new(), true);
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 fn h2_io(error: h2::Error) -> io::Error {
     if error.is_io() {
         error.into_io().unwrap_or_else(|| io::Error::other("h2"))

@@ -276,8 +276,10 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
             streams: Default::default(),
             demand: Some(mesh.xds.demand()),
             balancer: Default::default(),
+            http: Default::default(),
         })
     });
+    let http_path = mesh_path.clone();
     let _revoker = mesh_path
         .as_ref()
         .map(|mesh| AbortOnDrop(mesh.enforce_policy_changes()));
@@ -341,6 +343,7 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
         capture: proxy.as_ref().map(|p| p.capture()),
         connections: proxy.as_ref().map(|p| p.connections()),
         tunnels: mesh.as_ref().map(|_| tunnel_stats.clone()),
+        mesh: http_path,
         certificates,
         config: mesh.as_ref().map(|m| (m.xds.config(), m.xds.status())),
     };

@@ -16,8 +16,10 @@
 //! tunnels with authorization and refuses plaintext unless the workload is
 //! permissive.
 
+mod http;
 mod mesh;
 
+pub use http::{FLAGS_HEADER, Flag, HttpState, HttpStats, REPLAY_LIMIT};
 pub use mesh::{MAX_PENDING_HANDSHAKES, MeshPath, OutsideMesh, RoundRobin};
 
 use std::{
@@ -99,6 +101,9 @@ pub enum Security {
     Mtls,
     /// Plain TCP: outside the mesh, or no control plane.
     Plaintext,
+    /// HTTP to a service, request by request: each request takes its own
+    /// upstream (a tunnel to a mesh workload, plain TCP otherwise).
+    Http,
 }
 
 impl Security {
@@ -106,6 +111,7 @@ impl Security {
         match self {
             Security::Mtls => "mtls",
             Security::Plaintext => "plaintext",
+            Security::Http => "http",
         }
     }
 }
@@ -344,6 +350,14 @@ struct PodContext {
     connections: Arc<Connections>,
     /// One per carried connection, shared by every pod of the node.
     permits: Arc<Semaphore>,
+    /// Upstream HTTP clients, made on the pod's first HTTP connection.
+    http: std::sync::OnceLock<http::Clients>,
+}
+
+impl PodContext {
+    fn http_clients(&self, mesh: &Arc<MeshPath>) -> &http::Clients {
+        self.http.get_or_init(|| http::Clients::new(self, mesh))
+    }
 }
 
 /// One captured pod as the proxy holds it.
@@ -493,6 +507,7 @@ impl Proxy {
             original,
             connections: self.connections.clone(),
             permits: self.permits.clone(),
+            http: std::sync::OnceLock::new(),
         });
         let mut accept = JoinSet::new();
         for (listener, direction) in [

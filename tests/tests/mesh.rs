@@ -652,7 +652,7 @@ fn a_service_address_spreads_connections_over_its_healthy_endpoints_across_names
     let _legacy = serve("legacy/client", "from-legacy");
     mesh.apply(&format!(
         "apiVersion: mesh.io/v1\nkind: Service\nmetadata: {{name: reviews, namespace: shop}}\n\
-         spec: {{vip: 10.96.0.10, ports: [{{port: 80, target_port: 8080, protocol: http}}]}}\n---\n\
+         spec: {{vip: 10.96.0.10, ports: [{{port: 80, target_port: 8080}}]}}\n---\n\
          apiVersion: mesh.io/v1\nkind: Service\nmetadata: {{name: records, namespace: legacy}}\n\
          spec: {{vip: 10.96.0.20, ports: [{{port: 80, target_port: 8080}}]}}\n---\n{}{}",
         workload("shop", "other", "other", 0, ip("shop/other"), "reviews"),
@@ -734,4 +734,168 @@ fn a_service_address_spreads_connections_over_its_healthy_endpoints_across_names
         .unwrap();
     assert!(!output.status.success());
     assert_eq!(refused(), before + 1);
+}
+
+/// `mesh-pod http` from `pod`: the whole JSON summary, whatever the
+/// statuses.
+fn summary(mesh: &Mesh, pod: &str, args: &[&str]) -> serde_json::Value {
+    let output = mesh
+        .cluster
+        .pod_command(pod, MESH_POD)
+        .unwrap()
+        .arg("http")
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)))
+}
+
+/// How many requests the server at `addr` (`ip:8080`) has had, asked
+/// directly from shop/frontend.
+fn hits(mesh: &Mesh, addr: &str) -> u64 {
+    let answer = summary(mesh, "shop/frontend", &["--to", addr, "--path", "/hits"]);
+    let bodies = answer["bodies"].as_object().unwrap();
+    assert_eq!(bodies.len(), 1, "{answer}");
+    bodies.keys().next().unwrap().parse().unwrap()
+}
+
+fn count(summary: &serde_json::Value, field: &str, key: &str) -> u64 {
+    summary[field][key].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request() {
+    let mesh = mesh("meshl7");
+    let ip = |pod: &str| mesh.cluster.pod(pod).unwrap().ip4;
+    let serve = |mesh: &Mesh, faults: &[&str]| {
+        let mut server = mesh.cluster.pod_command("shop/other", MESH_POD).unwrap();
+        server.args(["serve-http", "--listen", "[::]:8080", "--body", "v2"]);
+        server.args(faults);
+        Process::spawn_ready("shop/other", server, "listening", READY)
+            .unwrap()
+            .0
+    };
+    let mut v2 = serve(&mesh, &[]);
+    let v1_addr = mesh.reviews();
+    let v2_addr = format!("{}:8080", ip("shop/other"));
+    mesh.apply(&format!(
+        "apiVersion: mesh.io/v1\nkind: Service\nmetadata: {{name: reviews, namespace: shop}}\n\
+         spec: {{vip: 10.96.0.10, ports: [{{port: 80, target_port: 8080, protocol: http}}]}}\n---\n\
+         apiVersion: mesh.io/v1\nkind: TrafficSplit\nmetadata: {{name: canary, namespace: shop}}\n\
+         spec: {{destination: reviews, v1_weight: 95, v2_weight: 5, header_match: {{x-canary: 'true'}}}}\n---\n{}",
+        workload("shop", "other", "other", 0, ip("shop/other"), "reviews")
+            .replace("services: [reviews]}", "services: [reviews], version: v2}"),
+    ));
+    let vip = "10.96.0.10:80";
+
+    // 95/5 over 10,000 requests on one connection: v2's share within the
+    // binomial interval (±4.6 standard deviations: 5 % ± 1 %).
+    let split = summary(
+        &mesh,
+        "shop/frontend",
+        &["--to", vip, "--count", "10000", "--keep-alive"],
+    );
+    assert_eq!(count(&split, "statuses", "200"), 10_000, "{split}");
+    let canary = count(&split, "bodies", "v2");
+    eprintln!("canary share: {canary} of 10000");
+    assert!(
+        (400..=600).contains(&canary),
+        "v2 got {canary} of 10000: {split}"
+    );
+    assert_eq!(count(&split, "bodies", SECRET_BODY), 10_000 - canary);
+    // The header overrides the weights.
+    let forced = summary(
+        &mesh,
+        "shop/frontend",
+        &[
+            "--to",
+            vip,
+            "--count",
+            "200",
+            "--keep-alive",
+            "--header",
+            "x-canary: true",
+        ],
+    );
+    assert_eq!(count(&forced, "bodies", "v2"), 200, "{forced}");
+
+    // Without the split, round robin; v2 fails 60 % of its requests and
+    // GETs are retried on v1: every GET succeeds.
+    mesh.change(&["delete", "trafficsplit", "canary", "-n", "shop"], None);
+    v2.terminate().unwrap();
+    v2 = serve(&mesh, &["--fail-percent", "60", "--hang"]);
+    let retries = mesh.metric(0, "mesh_http_retries_total");
+    let gets = summary(&mesh, "shop/frontend", &["--to", vip, "--count", "100"]);
+    assert_eq!(count(&gets, "statuses", "200"), 100, "{gets}");
+    assert!(mesh.metric(0, "mesh_http_retries_total") > retries);
+
+    // A POST is never repeated: every POST reaches a server exactly once,
+    // and those v2 failed come back failed.
+    let before = hits(&mesh, &v1_addr) + hits(&mesh, &v2_addr);
+    let posts = summary(
+        &mesh,
+        "shop/frontend",
+        &["--to", vip, "--count", "40", "--method", "POST"],
+    );
+    let after = hits(&mesh, &v1_addr) + hits(&mesh, &v2_addr);
+    assert_eq!(after - before, 40, "{posts}");
+    assert!(count(&posts, "statuses", "503") > 0, "{posts}");
+    assert_eq!(
+        count(&posts, "statuses", "503") + count(&posts, "statuses", "200"),
+        40
+    );
+
+    // A hung upstream: 504 once the policy's timeout passes.
+    mesh.apply(
+        "apiVersion: mesh.io/v1\nkind: ServicePolicy\nmetadata: {name: reviews, namespace: shop}\n\
+         spec: {timeout_ms: 300, retry_attempts: 0, cb_threshold: 50, cb_window_sec: 30, cb_recovery_timeout_ms: 1000}\n",
+    );
+    let started = Instant::now();
+    let hung = summary(
+        &mesh,
+        "shop/frontend",
+        &["--to", vip, "--path", "/hang", "--count", "2"],
+    );
+    let took = started.elapsed();
+    eprintln!("a hung request and one more answered in {took:?}: {hung}");
+    assert_eq!(count(&hung, "flags", "UT"), 1, "{hung}");
+    assert_eq!(count(&hung, "statuses", "504"), 1, "{hung}");
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+
+    // Only the failing v2 left: the circuit opens and requests fail fast
+    // without reaching it; once v2 recovers, probes close it again.
+    mesh.control.meshctl(
+        &[
+            "endpoint",
+            "health",
+            "reviews",
+            &v1_addr,
+            "--healthy",
+            "false",
+            "-n",
+            "shop",
+        ],
+        None,
+    );
+    wait_until("node 0 routes to v2 only", || {
+        let probe = summary(&mesh, "shop/frontend", &["--to", vip, "--count", "20"]);
+        count(&probe, "bodies", SECRET_BODY) == 0 && count(&probe, "flags", "UO") > 0
+    });
+    let reached = hits(&mesh, &v2_addr);
+    let open = summary(&mesh, "shop/frontend", &["--to", vip, "--count", "50"]);
+    assert_eq!(count(&open, "flags", "UO"), 50, "{open}");
+    assert_eq!(
+        hits(&mesh, &v2_addr),
+        reached,
+        "an open circuit let requests through"
+    );
+    v2.terminate().unwrap();
+    let _v2 = serve(&mesh, &[]);
+    wait_until("the circuit closes again", || {
+        let probe = summary(&mesh, "shop/frontend", &["--to", vip, "--count", "5"]);
+        count(&probe, "bodies", "v2") == 5
+    });
+    assert!(mesh.metric(0, "mesh_http_local_responses_total{flag=\"UO\"}") >= 50);
 }

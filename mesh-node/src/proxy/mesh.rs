@@ -15,7 +15,7 @@ use std::{
 
 use http::StatusCode;
 use mesh_identity::{SpiffeId, TrustBundle, svid::check_leaf};
-use mesh_model::{names::SYSTEM_NAMESPACE, namespace::MtlsMode};
+use mesh_model::{names::SYSTEM_NAMESPACE, namespace::MtlsMode, service::Protocol};
 use rustls::ServerConfig;
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -23,8 +23,8 @@ use tokio::{
 };
 
 use super::{
-    Direction, Outcome, PodContext, Security, canonical, connection_info, dial, lock, relay,
-    relay_until, reset,
+    Direction, NetnsThread, Outcome, PodContext, Security, canonical, connection_info, dial, lock,
+    relay, relay_until, reset,
 };
 use crate::{
     admin::{Holder, SharedTracked},
@@ -65,6 +65,8 @@ pub struct MeshPath {
     /// Where services this node holds no endpoints of are asked for.
     pub demand: Option<Demand>,
     pub balancer: RoundRobin,
+    /// The HTTP path's breakers, budgets and load, per service.
+    pub http: super::http::HttpState,
 }
 
 /// How long a connection to a service waits for its endpoints to arrive
@@ -77,7 +79,7 @@ pub struct RoundRobin(Mutex<HashMap<ServiceKey, usize>>);
 
 impl RoundRobin {
     /// The index of the next of `count` endpoints of `service`.
-    fn next(&self, service: &ServiceKey, count: usize) -> usize {
+    pub(super) fn next(&self, service: &ServiceKey, count: usize) -> usize {
         let mut turns = lock(&self.0);
         let turn = match turns.get_mut(service) {
             Some(turn) => turn,
@@ -244,8 +246,8 @@ pub(super) async fn carry(
     client: SocketAddr,
     destination: Option<SocketAddr>,
     direction: Direction,
-    pod: &PodContext,
-    mesh: &MeshPath,
+    pod: &Arc<PodContext>,
+    mesh: &Arc<MeshPath>,
     permit: OwnedSemaphorePermit,
 ) {
     let directory = mesh.directory.borrow().clone();
@@ -255,6 +257,25 @@ pub(super) async fn carry(
     };
     match direction {
         Direction::Outbound => {
+            // A service port that speaks HTTP: routed request by request.
+            if let Some(service) = directory.service_at(original_dst.ip())
+                && let Some(port) = service.ports.iter().find(|p| p.port == original_dst.port())
+                && port.protocol != Protocol::Tcp
+            {
+                let (service, protocol) = (service.clone(), port.protocol);
+                drop(directory);
+                let _permit = permit;
+                return super::http::serve(
+                    stream,
+                    client,
+                    original_dst,
+                    service,
+                    protocol,
+                    pod,
+                    mesh,
+                )
+                .await;
+            }
             let (directory, target) = match directory.service_at(original_dst.ip()) {
                 Some(service) => match mesh
                     .pick_endpoint(service.clone(), original_dst.port())
@@ -366,13 +387,52 @@ impl MeshPath {
     }
 }
 
+/// Opens a tunnel stream from the workload `pod` (dialling from inside
+/// its namespace, presenting its certificate) to `target`.
+pub(super) async fn open_tunnel(
+    pod: &str,
+    netns: &NetnsThread,
+    mesh: &MeshPath,
+    target: &TunnelTarget,
+    trace: &str,
+) -> Result<hbone::Tunnel, TunnelError> {
+    let key = PoolKey {
+        source: pod.to_owned(),
+        destination: target.identity.clone(),
+        address: SocketAddr::new(target.address.ip(), HBONE_PORT),
+    };
+    let state = mesh
+        .certificate(pod)
+        .filter(|s| s.borrow().current.is_some());
+    let serial = state
+        .as_ref()
+        .and_then(|s| s.borrow().current.as_ref().map(|c| c.serial.clone()))
+        .unwrap_or_default();
+    mesh.pool
+        .open(
+            &key,
+            &serial,
+            target.address,
+            trace,
+            || dial(netns, key.address),
+            || {
+                let state = state.clone().ok_or(TunnelError::NoCertificate)?;
+                let config =
+                    tls::client_config(state, mesh.bundle.clone(), target.identity.clone())
+                        .map_err(|e| TunnelError::Tls(key.address, std::io::Error::other(e)))?;
+                Ok(hbone::client_tls(Arc::unwrap_or_clone(config)))
+            },
+        )
+        .await
+}
+
 /// The mesh workload a tunnel goes to.
-struct TunnelTarget {
+pub(super) struct TunnelTarget {
     /// Its address and the port asked for.
-    address: SocketAddr,
-    identity: SpiffeId,
+    pub address: SocketAddr,
+    pub identity: SpiffeId,
     /// `namespace/name`.
-    name: String,
+    pub name: String,
 }
 
 /// Opens a tunnel to `target` for an outbound connection to `original_dst`
@@ -386,41 +446,13 @@ async fn tunnel_out(
     pod: &PodContext,
     mesh: &MeshPath,
 ) {
+    let trace = hbone::new_traceparent();
+    let opened = open_tunnel(&pod.name, &pod.netns, mesh, &target, &trace).await;
     let TunnelTarget {
-        address: target,
         identity,
         name: peer,
+        ..
     } = target;
-    let key = PoolKey {
-        source: pod.name.clone(),
-        destination: identity.clone(),
-        address: SocketAddr::new(target.ip(), HBONE_PORT),
-    };
-    let trace = hbone::new_traceparent();
-    let netns = &pod.netns;
-    let state = mesh
-        .certificate(&pod.name)
-        .filter(|s| s.borrow().current.is_some());
-    let serial = state
-        .as_ref()
-        .and_then(|s| s.borrow().current.as_ref().map(|c| c.serial.clone()))
-        .unwrap_or_default();
-    let opened = mesh
-        .pool
-        .open(
-            &key,
-            &serial,
-            target,
-            &trace,
-            || dial(netns, key.address),
-            || {
-                let state = state.clone().ok_or(TunnelError::NoCertificate)?;
-                let config = tls::client_config(state, mesh.bundle.clone(), identity.clone())
-                    .map_err(|e| TunnelError::Tls(key.address, std::io::Error::other(e)))?;
-                Ok(hbone::client_tls(Arc::unwrap_or_clone(config)))
-            },
-        )
-        .await;
     let tunnel = match opened {
         Ok(tunnel) => tunnel,
         Err(error) => {

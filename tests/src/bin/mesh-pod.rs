@@ -14,11 +14,14 @@
 //! returns, before its first round trip.
 //!
 //! `mesh-pod serve-http --listen [::]:8080 --body TEXT` answers every
-//! HTTP/1.1 request (keep-alive) with 200 and TEXT; `mesh-pod http --to
-//! ADDR --path /p --count N` makes N GET requests, each on a new
-//! connection (or all on one with `--keep-alive`), and prints a JSON
-//! summary: bytes, and how often each distinct body came back; it exits
-//! non-zero unless every answer was 200.
+//! HTTP/1.1 request (keep-alive) with 200 and TEXT (or, on purpose, 503
+//! for `--fail-percent` of them, or never for `/hang…` with `--hang`;
+//! `GET /hits` counts the others); `mesh-pod http --to ADDR --path /p
+//! --count N [--method M] [--header 'k: v']` makes N requests, each on a
+//! new connection (or all on one with `--keep-alive`), and prints a JSON
+//! summary: statuses, the proxy's `x-mesh-flags`, bytes, and how often
+//! each distinct body came back; it exits non-zero unless every answer
+//! was 200.
 //!
 //! For benchmarks: `bench-http --to ADDR --connections C --requests N`
 //! times N keep-alive GETs over C connections (one thread each) and prints
@@ -55,8 +58,10 @@ enum Command {
         listen: SocketAddr,
         #[arg(long, default_value = "hello from mesh-pod")]
         body: String,
+        #[command(flatten)]
+        faults: Faults,
     },
-    /// GET PATH from TO, COUNT times.
+    /// Send METHOD PATH to TO, COUNT times.
     Http {
         #[arg(long)]
         to: SocketAddr,
@@ -67,6 +72,11 @@ enum Command {
         /// All requests on one connection.
         #[arg(long)]
         keep_alive: bool,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// An extra request header, `name: value` (repeatable).
+        #[arg(long)]
+        header: Vec<String>,
     },
     /// Time REQUESTS keep-alive GETs over CONNECTIONS connections.
     BenchHttp {
@@ -127,7 +137,11 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::ServeHttp { listen, body } => match serve_http(listen, body) {
+        Command::ServeHttp {
+            listen,
+            body,
+            faults,
+        } => match serve_http(listen, body, faults) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
                 eprintln!("mesh-pod serve-http: {error}");
@@ -139,7 +153,9 @@ fn main() -> ExitCode {
             path,
             count,
             keep_alive,
-        } => http_get(to, &path, count, keep_alive),
+            method,
+            header,
+        } => http_get(to, &format!("{method} {path}"), &header, count, keep_alive),
         Command::BenchHttp {
             to,
             connections,
@@ -371,23 +387,44 @@ fn exchange(stream: &mut TcpStream, attempt: u32) -> io::Result<()> {
     Ok(())
 }
 
-fn serve_http(listen: SocketAddr, body: String) -> io::Result<()> {
+/// What `serve-http` does wrong on purpose, for the tests of callers'
+/// retries, timeouts and circuit breaking. `GET /hits` always answers the
+/// number of other requests received so far.
+#[derive(clap::Args, Clone, Copy, Debug, Default)]
+struct Faults {
+    /// Answer this share (percent) of requests 503, spread evenly.
+    #[arg(long, default_value_t = 0)]
+    fail_percent: u64,
+    /// Never answer requests whose path starts with `/hang`.
+    #[arg(long)]
+    hang: bool,
+}
+
+fn serve_http(listen: SocketAddr, body: String, faults: Faults) -> io::Result<()> {
     let listener = TcpListener::bind(listen)?;
     println!("listening {}", listener.local_addr()?);
     io::stdout().flush()?;
     let body: std::sync::Arc<str> = body.into();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     for stream in listener.incoming() {
         let stream = stream?;
         let body = body.clone();
+        let hits = hits.clone();
         thread::spawn(move || {
-            let _ = answer_http(stream, &body);
+            let _ = answer_http(stream, &body, faults, &hits);
         });
     }
     Ok(())
 }
 
 /// Answers requests on one connection until the client closes it.
-fn answer_http(stream: TcpStream, body: &str) -> io::Result<()> {
+fn answer_http(
+    stream: TcpStream,
+    body: &str,
+    faults: Faults,
+    hits: &std::sync::atomic::AtomicU64,
+) -> io::Result<()> {
+    use std::sync::atomic::Ordering::SeqCst;
     stream.set_nodelay(true)?;
     let mut reader = io::BufReader::new(stream.try_clone()?);
     let mut writer = stream;
@@ -397,11 +434,30 @@ fn answer_http(stream: TcpStream, body: &str) -> io::Result<()> {
         };
         let length = content_length(&head);
         io::copy(&mut (&mut reader).take(length), &mut io::sink())?;
+        let target = head.split(' ').nth(1).unwrap_or("/");
+        let (status, text) = if head.starts_with("GET /hits ") {
+            ("200 OK", hits.load(SeqCst).to_string())
+        } else {
+            let n = hits.fetch_add(1, SeqCst);
+            if faults.hang && target.starts_with("/hang") {
+                // Read on until the caller gives up and closes.
+                io::copy(&mut reader, &mut io::sink())?;
+                return Ok(());
+            }
+            // Request n fails when the running share of failures would
+            // fall below the percentage: 60 % fails 3 of every 5.
+            let failing = (n + 1) * faults.fail_percent / 100 > n * faults.fail_percent / 100;
+            if failing {
+                ("503 Service Unavailable", "failing on purpose".to_owned())
+            } else {
+                ("200 OK", body.to_owned())
+            }
+        };
         // One write per answer: a message split over several segments
         // would time the segments, not the path.
         let answer = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
+            "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{text}",
+            text.len()
         );
         writer.write_all(answer.as_bytes())?;
     }
@@ -434,14 +490,27 @@ fn content_length(head: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn http_get(to: SocketAddr, path: &str, count: u32, keep_alive: bool) -> ExitCode {
+/// Sends `request_line` (`METHOD /path`) with `headers` `count` times and
+/// prints what came back: statuses, the proxy's flags, and each distinct
+/// body of the 200s.
+fn http_get(
+    to: SocketAddr,
+    request_line: &str,
+    headers: &[String],
+    count: u32,
+    keep_alive: bool,
+) -> ExitCode {
+    use std::collections::BTreeMap;
     let mut failures = Vec::new();
+    let mut failed = 0u32;
     let mut bytes = 0u64;
-    // Who answered: each distinct body, counted.
-    let mut bodies = std::collections::BTreeMap::<String, u32>::new();
+    let mut bodies = BTreeMap::<String, u32>::new();
+    let mut statuses = BTreeMap::<String, u32>::new();
+    let mut flags = BTreeMap::<String, u32>::new();
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
     let mut connection: Option<(io::BufReader<TcpStream>, TcpStream)> = None;
     for attempt in 0..count {
-        let result = (|| {
+        let result: io::Result<_> = (|| {
             let (reader, writer) = match &mut connection {
                 Some(open) if keep_alive => open,
                 _ => {
@@ -456,26 +525,47 @@ fn http_get(to: SocketAddr, path: &str, count: u32, keep_alive: bool) -> ExitCod
                     connection.insert((io::BufReader::new(stream.try_clone()?), stream))
                 }
             };
-            writer.write_all(format!("GET {path} HTTP/1.1\r\nhost: {to}\r\n\r\n").as_bytes())?;
+            writer.write_all(
+                format!(
+                    "{request_line} HTTP/1.1\r\nhost: {to}\r\n{extra}content-length: 0\r\n\r\n"
+                )
+                .as_bytes(),
+            )?;
             let head = read_head(reader)?.ok_or(io::ErrorKind::UnexpectedEof)?;
             let status = head.split(' ').nth(1).unwrap_or("").to_owned();
+            let flag = head
+                .lines()
+                .filter_map(|line| line.split_once(':'))
+                .find(|(name, _)| name.trim().eq_ignore_ascii_case("x-mesh-flags"))
+                .map(|(_, value)| value.trim().to_owned());
             let length = content_length(&head);
             let mut body = vec![0u8; usize::try_from(length).unwrap_or(0)];
             io::Read::read_exact(reader, &mut body)?;
-            if status != "200" {
-                return Err(io::Error::other(format!("status {status}")));
-            }
-            Ok(body)
+            Ok((status, flag, body))
         })();
         match result {
-            Ok(body) => {
-                bytes += body.len() as u64;
-                *bodies
-                    .entry(String::from_utf8_lossy(&body).into_owned())
-                    .or_default() += 1;
+            Ok((status, flag, body)) => {
+                *statuses.entry(status.clone()).or_default() += 1;
+                if let Some(flag) = flag {
+                    *flags.entry(flag).or_default() += 1;
+                }
+                if status == "200" {
+                    bytes += body.len() as u64;
+                    *bodies
+                        .entry(String::from_utf8_lossy(&body).into_owned())
+                        .or_default() += 1;
+                } else {
+                    failed += 1;
+                    if failures.len() < 20 {
+                        failures.push(format!("request {attempt}: status {status}"));
+                    }
+                }
             }
             Err(error) => {
-                failures.push(format!("request {attempt}: {error}"));
+                failed += 1;
+                if failures.len() < 20 {
+                    failures.push(format!("request {attempt}: {error}"));
+                }
                 connection = None;
             }
         }
@@ -483,13 +573,15 @@ fn http_get(to: SocketAddr, path: &str, count: u32, keep_alive: bool) -> ExitCod
     let summary = serde_json::json!({
         "to": to.to_string(),
         "attempted": count,
-        "ok": count as usize - failures.len(),
+        "ok": count - failed,
         "body_bytes": bytes,
         "bodies": bodies,
+        "statuses": statuses,
+        "flags": flags,
         "failures": failures,
     });
     println!("{summary}");
-    if failures.is_empty() {
+    if failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -1,0 +1,686 @@
+//! HTTP at the source node: a connection to a service's virtual address on
+//! a port declared `http`, `http2` or `grpc` is served request by request
+//! (HTTP/1.1, or HTTP/2 with prior knowledge), and each request is routed
+//! on its own.
+//!
+//! Per request, in order: the service's traffic split picks a version
+//! (a split for a service the caller serves wins over one for every
+//! caller; a header match wins over the weights); the healthy endpoints of
+//! that version serving the port are the candidates (none: 503, flag
+//! `UH`); the service's circuit breaker admits it or fails it fast (503,
+//! `UO`); the service's balancer picks an endpoint; the request goes over
+//! the pod's pooled upstream connections (each an HBONE tunnel stream to a
+//! mesh workload, plain TCP otherwise). A failed attempt is retried per
+//! [`crate::l7::retry`] on another endpoint when there is one, within the
+//! service's retry budget, if its body could be kept for replay (at most
+//! [`REPLAY_LIMIT`]). The whole exchange up to the response head has the
+//! policy's timeout (504, `UT`). Answers the proxy makes itself carry
+//! [`FLAGS_HEADER`], as Envoy's response flags.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    future::Future,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
+use http_body_util::{BodyExt as _, Full, Limited, combinators::UnsyncBoxBody};
+use hyper::body::{Body as _, Incoming};
+use hyper_util::{
+    client::legacy::{
+        Client,
+        connect::{Connected, Connection},
+    },
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use mesh_model::{
+    service::{LoadBalancer, Protocol},
+    split::Version,
+};
+use serde::Serialize;
+use tokio::net::TcpStream;
+
+use super::{
+    Direction, Outcome, PodContext, Security, connection_info, dial,
+    mesh::{MeshPath, TunnelTarget, open_tunnel},
+};
+use crate::{
+    capture::netns::NetnsThread,
+    directory::{Directory, ServiceKey, VirtualService},
+    hbone::{self, TunnelIo},
+    l7::{
+        balance::{self, HashRing, InFlight},
+        breaker::{Breaker, BreakerSettings},
+        retry::{Attempt, RetryBudget, RetryPolicy},
+    },
+};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Request bodies up to this size are kept so a failed attempt can be
+/// repeated; a larger (or unsized) body goes once.
+pub const REPLAY_LIMIT: u64 = 64 << 10;
+/// Names why the proxy answered a request itself.
+pub const FLAGS_HEADER: &str = "x-mesh-flags";
+
+/// Why the proxy answered a request itself (Envoy's response flags).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum Flag {
+    /// No healthy endpoint for the chosen version and port.
+    NoHealthyUpstream,
+    /// The service's circuit is open.
+    CircuitOpen,
+    /// The policy's timeout passed before the response head came.
+    Timeout,
+    /// No connection to an endpoint could be made (after retries).
+    ConnectFailed,
+    /// The request could not be read.
+    BadRequest,
+}
+
+impl Flag {
+    pub const fn code(self) -> &'static str {
+        match self {
+            Flag::NoHealthyUpstream => "UH",
+            Flag::CircuitOpen => "UO",
+            Flag::Timeout => "UT",
+            Flag::ConnectFailed => "UF",
+            Flag::BadRequest => "DPE",
+        }
+    }
+
+    fn status(self) -> StatusCode {
+        match self {
+            Flag::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Flag::BadRequest => StatusCode::BAD_REQUEST,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+/// What the HTTP path keeps across configuration changes, node-wide.
+#[derive(Debug, Default)]
+pub struct HttpState {
+    breakers: Mutex<HashMap<ServiceKey, Arc<Breaker>>>,
+    budgets: Mutex<HashMap<ServiceKey, Arc<RetryBudget>>>,
+    /// Each hashing service's ring, with the endpoints it was built from.
+    rings: Mutex<HashMap<ServiceKey, BuiltRing>>,
+    in_flight: InFlight,
+    pub stats: HttpStats,
+}
+
+type BuiltRing = (Vec<SocketAddr>, Arc<HashRing>);
+
+/// Counters for the node's metrics.
+#[derive(Debug, Default)]
+pub struct HttpStats {
+    pub requests: AtomicU64,
+    pub retries: AtomicU64,
+    /// Answered by the proxy, by flag.
+    pub local: Mutex<HashMap<Flag, u64>>,
+}
+
+impl HttpState {
+    /// The breaker of `service`, replaced (closed) when its settings change.
+    fn breaker(&self, service: &ServiceKey, settings: BreakerSettings) -> Arc<Breaker> {
+        let mut breakers = super::lock(&self.breakers);
+        match breakers.get(service) {
+            Some(breaker) if *breaker.settings() == settings => breaker.clone(),
+            _ => {
+                let breaker = Arc::new(Breaker::new(settings));
+                breakers.insert(service.clone(), breaker.clone());
+                breaker
+            }
+        }
+    }
+
+    /// Retries ≤ 20 % of requests, at least 3 a second, over 10 s.
+    fn budget(&self, service: &ServiceKey) -> Arc<RetryBudget> {
+        super::lock(&self.budgets)
+            .entry(service.clone())
+            .or_insert_with(|| Arc::new(RetryBudget::new(0.2, 3, Duration::from_secs(10))))
+            .clone()
+    }
+
+    fn ring(&self, service: &ServiceKey, endpoints: &[SocketAddr]) -> Arc<HashRing> {
+        let mut rings = super::lock(&self.rings);
+        if let Some((list, ring)) = rings.get(service)
+            && list == endpoints
+        {
+            return ring.clone();
+        }
+        let ring = Arc::new(HashRing::new(endpoints));
+        rings.insert(service.clone(), (endpoints.to_vec(), ring.clone()));
+        ring
+    }
+
+    fn answered(&self, flag: Flag) {
+        *super::lock(&self.stats.local).entry(flag).or_default() += 1;
+    }
+}
+
+/// A pod's upstream clients (HTTP/1.1 and HTTP/2), pooling connections per
+/// endpoint.
+#[derive(Debug)]
+pub(super) struct Clients {
+    http1: Client<Connector, Body>,
+    http2: Client<Connector, Body>,
+}
+
+impl Clients {
+    pub(super) fn new(pod: &PodContext, mesh: &Arc<MeshPath>) -> Self {
+        let connector = Connector {
+            pod: pod.name.clone(),
+            netns: pod.netns.clone(),
+            mesh: mesh.clone(),
+        };
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(32);
+        let http1 = builder.build(connector.clone());
+        let http2 = builder.http2_only(true).build(connector);
+        Self { http1, http2 }
+    }
+}
+
+/// Opens upstream connections from inside the pod: a tunnel stream to a
+/// mesh workload, plain TCP to anything else.
+#[derive(Clone, Debug)]
+struct Connector {
+    pod: String,
+    netns: NetnsThread,
+    mesh: Arc<MeshPath>,
+}
+
+impl tower::Service<Uri> for Connector {
+    type Response = TokioIo<Upstream>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connector = self.clone();
+        Box::pin(async move {
+            let address: SocketAddr = uri
+                .authority()
+                .and_then(|a| a.as_str().parse().ok())
+                .ok_or_else(|| io::Error::other(format!("{uri} names no endpoint address")))?;
+            let directory = connector.mesh.directory.borrow().clone();
+            let upstream = match directory.mesh_destination(address.ip()) {
+                Some(workload) => {
+                    let target = TunnelTarget {
+                        address,
+                        identity: directory.identity(workload),
+                        name: format!("{}/{}", workload.namespace, workload.name),
+                    };
+                    let trace = hbone::new_traceparent();
+                    let tunnel = open_tunnel(
+                        &connector.pod,
+                        &connector.netns,
+                        &connector.mesh,
+                        &target,
+                        &trace,
+                    )
+                    .await
+                    .map_err(|e| io::Error::new(io::ErrorKind::ConnectionRefused, e))?;
+                    Upstream::Tunnel(TunnelIo::from(tunnel))
+                }
+                None => Upstream::Plain(dial(&connector.netns, address).await?),
+            };
+            Ok(TokioIo::new(upstream))
+        })
+    }
+}
+
+/// An upstream connection.
+#[derive(Debug)]
+enum Upstream {
+    Tunnel(TunnelIo),
+    Plain(TcpStream),
+}
+
+impl Connection for Upstream {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl tokio::io::AsyncRead for Upstream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tunnel(io) => Pin::new(io).poll_read(cx, buf),
+            Upstream::Plain(io) => Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Upstream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Tunnel(io) => Pin::new(io).poll_write(cx, buf),
+            Upstream::Plain(io) => Pin::new(io).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tunnel(io) => Pin::new(io).poll_flush(cx),
+            Upstream::Plain(io) => Pin::new(io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Tunnel(io) => Pin::new(io).poll_shutdown(cx),
+            Upstream::Plain(io) => Pin::new(io).poll_shutdown(cx),
+        }
+    }
+}
+
+/// What every request of one downstream connection shares.
+struct Route {
+    pod: Arc<PodContext>,
+    mesh: Arc<MeshPath>,
+    service: Arc<VirtualService>,
+    /// The service port the client connected to.
+    port: u16,
+    protocol: Protocol,
+}
+
+/// Serves a captured connection to `original_dst` (a port of `service`
+/// declared `protocol`) request by request.
+pub(super) async fn serve(
+    stream: TcpStream,
+    client: SocketAddr,
+    original_dst: SocketAddr,
+    service: Arc<VirtualService>,
+    protocol: Protocol,
+    pod: &Arc<PodContext>,
+    mesh: &Arc<MeshPath>,
+) {
+    pod.connections
+        .count(&pod.name, Direction::Outbound, Outcome::Relayed);
+    let open = pod.connections.register(connection_info(
+        pod,
+        Direction::Outbound,
+        Some(format!("{}/{}", service.key.0, service.key.1)),
+        Security::Http,
+        client,
+        original_dst,
+    ));
+    let route = Arc::new(Route {
+        pod: pod.clone(),
+        mesh: mesh.clone(),
+        service,
+        port: original_dst.port(),
+        protocol,
+    });
+    let handler = hyper::service::service_fn(move |request| {
+        let route = route.clone();
+        async move { Ok::<_, Infallible>(handle(&route, request).await) }
+    });
+    let result = auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(stream), handler)
+        .await
+        .map_err(io::Error::other);
+    if let Err(error) = &result {
+        tracing::debug!(pod = %pod.name, %client, %error, "HTTP connection ended with an error");
+    }
+    open.finish(0, 0, None, &result);
+}
+
+/// An answer the proxy makes itself.
+fn local(state: &HttpState, flag: Flag, detail: &str) -> Response<Body> {
+    state.answered(flag);
+    let mut response = Response::new(
+        Full::new(Bytes::from(format!("{detail}\n")))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *response.status_mut() = flag.status();
+    response
+        .headers_mut()
+        .insert(FLAGS_HEADER, HeaderValue::from_static(flag.code()));
+    response
+}
+
+async fn handle(route: &Route, request: Request<Incoming>) -> Response<Body> {
+    let mesh = &route.mesh;
+    let state = &mesh.http;
+    state.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let directory = mesh.directory.borrow().clone();
+    let key = &route.service.key;
+    let policy = directory.service_policy(key);
+
+    let split = directory.split_for(key, directory.local(&route.pod.name));
+    let version = split.map(|split| {
+        let total = split.rule.total_weight();
+        let roll = if total == 0 {
+            0
+        } else {
+            fastrand::u32(1..=total)
+        };
+        split.rule.choose(
+            |name| request.headers().get(name).and_then(|v| v.to_str().ok()),
+            roll,
+        )
+    });
+    let candidates = candidates(&directory, &route.service, route.port, version);
+    if candidates.is_empty() {
+        let which = version.map_or(String::new(), |v| format!(" of version {}", v.as_str()));
+        return local(
+            state,
+            Flag::NoHealthyUpstream,
+            &format!("no healthy endpoint{which} serves port {}", route.port),
+        );
+    }
+    let breaker = state.breaker(key, BreakerSettings::from_policy(&policy));
+    let Some(ticket) = breaker.admit() else {
+        return local(state, Flag::CircuitOpen, "the service's circuit is open");
+    };
+
+    let (parts, body) = request.into_parts();
+    let replay = match body.size_hint().upper() {
+        Some(size) if size <= REPLAY_LIMIT => {
+            match Limited::new(body, REPLAY_LIMIT as usize).collect().await {
+                Ok(collected) => Replay::Kept(collected.to_bytes()),
+                Err(error) => {
+                    breaker.record(ticket, true);
+                    return local(
+                        state,
+                        Flag::BadRequest,
+                        &format!("reading the request: {error}"),
+                    );
+                }
+            }
+        }
+        _ => Replay::Once(Some(body)),
+    };
+    let retry = RetryPolicy {
+        retries: policy.retry_attempts.max(0) as u32,
+        ..RetryPolicy::default()
+    };
+    let budget = state.budget(key);
+    budget.request();
+    let timeout = Duration::from_millis(policy.timeout_ms.max(1) as u64);
+    let exchange = Exchange {
+        route,
+        state,
+        parts: &parts,
+        candidates: &candidates,
+        retry: &retry,
+        budget: &budget,
+    };
+    match tokio::time::timeout(timeout, exchange.run(replay)).await {
+        Err(_) => {
+            breaker.record(ticket, false);
+            local(
+                state,
+                Flag::Timeout,
+                &format!("no response within {} ms", policy.timeout_ms),
+            )
+        }
+        Ok(Err(error)) => {
+            breaker.record(ticket, false);
+            local(state, Flag::ConnectFailed, &error)
+        }
+        Ok(Ok(response)) => {
+            breaker.record(ticket, !response.status().is_server_error());
+            response.map(|body| body.map_err(BoxError::from).boxed_unsync())
+        }
+    }
+}
+
+/// The healthy endpoints of `service` serving `port`, of `version` when a
+/// split chose one.
+fn candidates(
+    directory: &Directory,
+    service: &VirtualService,
+    port: u16,
+    version: Option<Version>,
+) -> Vec<SocketAddr> {
+    let Some(port) = service.ports.iter().find(|p| p.port == port) else {
+        return Vec::new();
+    };
+    let wanted = port.workload_port();
+    directory
+        .endpoints_of(&service.key)
+        .unwrap_or_default()
+        .iter()
+        .filter(|e| e.healthy && e.port == wanted)
+        .filter(|e| version.is_none_or(|v| e.version.as_deref() == Some(v.as_str())))
+        .map(|e| SocketAddr::new(e.ip, e.port))
+        .collect()
+}
+
+/// A request body: kept for replay, or sent once.
+enum Replay {
+    Kept(Bytes),
+    Once(Option<Incoming>),
+}
+
+impl Replay {
+    /// The body for the next attempt; `None` once a one-shot body is gone.
+    fn next(&mut self) -> Option<Body> {
+        match self {
+            Replay::Kept(bytes) => Some(
+                Full::new(bytes.clone())
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            ),
+            Replay::Once(body) => body
+                .take()
+                .map(|b| b.map_err(BoxError::from).boxed_unsync()),
+        }
+    }
+}
+
+/// One request's attempts.
+struct Exchange<'a> {
+    route: &'a Route,
+    state: &'a HttpState,
+    parts: &'a http::request::Parts,
+    candidates: &'a [SocketAddr],
+    retry: &'a RetryPolicy,
+    budget: &'a RetryBudget,
+}
+
+impl Exchange<'_> {
+    async fn run(&self, mut replay: Replay) -> Result<Response<Incoming>, String> {
+        let method = &self.parts.method;
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut retried = 0;
+        loop {
+            let endpoint = self.pick(&tried);
+            tried.push(endpoint);
+            let body = replay.next().ok_or("the request body was already sent")?;
+            let request = self.upstream_request(endpoint, body)?;
+            let client = &self.route.pod.http_clients(&self.route.mesh);
+            let client = match self.route.protocol {
+                Protocol::Http2 | Protocol::Grpc => &client.http2,
+                Protocol::Http | Protocol::Tcp => &client.http1,
+            };
+            let in_flight = self.state.in_flight.start(endpoint);
+            let sent = client.request(request).await;
+            drop(in_flight);
+            let (attempt, outcome) = match sent {
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    if !self
+                        .retry
+                        .should_retry(method, Attempt::Status(status), retried)
+                    {
+                        return Ok(response);
+                    }
+                    (Attempt::Status(status), Ok(response))
+                }
+                Err(error) => {
+                    let attempt = if error.is_connect() {
+                        Attempt::ConnectFailed
+                    } else {
+                        Attempt::Reset
+                    };
+                    let why = format!("{endpoint}: {}", super::error_chain(&error));
+                    tracing::debug!(pod = %self.route.pod.name, why, "upstream attempt failed");
+                    (attempt, Err(why))
+                }
+            };
+            let again = matches!(replay, Replay::Kept(_))
+                && self.retry.should_retry(method, attempt, retried)
+                && self.budget.try_retry();
+            if !again {
+                return outcome;
+            }
+            self.state.stats.retries.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(self.retry.backoff(retried, fastrand::f64())).await;
+            retried += 1;
+        }
+    }
+
+    /// The endpoint for the next attempt: by the service's balancer at
+    /// first, then in turn among those not tried yet (all again when every
+    /// one was).
+    fn pick(&self, tried: &[SocketAddr]) -> SocketAddr {
+        let service = &self.route.service;
+        let key = &service.key;
+        let fresh: Vec<SocketAddr> = self
+            .candidates
+            .iter()
+            .copied()
+            .filter(|e| !tried.contains(e))
+            .collect();
+        let pool = if fresh.is_empty() {
+            self.candidates
+        } else {
+            &fresh
+        };
+        let balancer = &self.route.mesh.balancer;
+        if !tried.is_empty() {
+            return pool[balancer.next(key, pool.len())];
+        }
+        match service.load_balancer {
+            LoadBalancer::RoundRobin => pool[balancer.next(key, pool.len())],
+            LoadBalancer::LeastRequest => {
+                pool[balance::least_request(
+                    pool.len(),
+                    |i| self.state.in_flight.load(pool[i]),
+                    |n| fastrand::usize(..n),
+                )]
+            }
+            LoadBalancer::ConsistentHash => {
+                let value = service
+                    .hash_header
+                    .as_deref()
+                    .and_then(|name| self.parts.headers.get(name));
+                match value {
+                    Some(value) => {
+                        let ring = self.state.ring(key, pool);
+                        pool[ring.pick(value.as_bytes()).unwrap_or(0)]
+                    }
+                    // No key: spread like round robin.
+                    None => pool[balancer.next(key, pool.len())],
+                }
+            }
+        }
+    }
+
+    /// The request as it goes to `endpoint`: the client's method, path,
+    /// headers (less hop-by-hop ones) and body.
+    fn upstream_request(&self, endpoint: SocketAddr, body: Body) -> Result<Request<Body>, String> {
+        let path = self.parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let uri: Uri = format!("http://{endpoint}{path}")
+            .parse()
+            .map_err(|e| format!("the request path {path:?}: {e}"))?;
+        let mut request = Request::new(body);
+        *request.method_mut() = self.parts.method.clone();
+        *request.uri_mut() = uri;
+        *request.headers_mut() = forwarded_headers(&self.parts.headers);
+        if matches!(self.route.protocol, Protocol::Http2 | Protocol::Grpc) {
+            *request.version_mut() = http::Version::HTTP_2;
+        }
+        Ok(request)
+    }
+}
+
+/// `headers` without the hop-by-hop ones (RFC 9110 §7.6.1), which describe
+/// the client's connection, not the request; `te: trailers` stays (gRPC
+/// needs it).
+fn forwarded_headers(headers: &HeaderMap) -> HeaderMap {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    let mut forwarded = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let hop = matches!(
+            name.as_str(),
+            "connection"
+                | "keep-alive"
+                | "proxy-connection"
+                | "transfer-encoding"
+                | "upgrade"
+                | "trailer"
+        ) || (name == header::TE && value != "trailers")
+            || named.contains(name);
+        if !hop {
+            forwarded.append(name.clone(), value.clone());
+        }
+    }
+    forwarded
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_stay_behind() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("host", "reviews"),
+            ("connection", "keep-alive, x-private"),
+            ("keep-alive", "timeout=5"),
+            ("x-private", "1"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("te", "trailers"),
+            ("x-canary", "true"),
+            ("content-length", "2"),
+        ] {
+            headers.append(name, HeaderValue::from_static(value));
+        }
+        let forwarded = forwarded_headers(&headers);
+        let names: Vec<&str> = forwarded.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["host", "te", "x-canary", "content-length"]);
+        let mut gzip = HeaderMap::new();
+        gzip.insert("te", HeaderValue::from_static("gzip"));
+        assert!(forwarded_headers(&gzip).is_empty());
+    }
+}

@@ -86,6 +86,8 @@ pub enum Flag {
     Timeout,
     /// No connection to an endpoint could be made (after retries).
     ConnectFailed,
+    /// The upstream's connection ended in the middle of its response.
+    UpstreamReset,
     /// The request could not be read.
     BadRequest,
 }
@@ -97,6 +99,7 @@ impl Flag {
             Flag::CircuitOpen => "UO",
             Flag::Timeout => "UT",
             Flag::ConnectFailed => "UF",
+            Flag::UpstreamReset => "UC",
             Flag::BadRequest => "DPE",
         }
     }
@@ -435,7 +438,16 @@ async fn handle(route: &Route, request: Request<Incoming>) -> Response<Body> {
         retry: &retry,
         budget: &budget,
     };
-    match tokio::time::timeout(timeout, exchange.run(replay)).await {
+    let exchanged = tokio::time::timeout(timeout, async {
+        let response = exchange
+            .run(replay)
+            .await
+            .map_err(|e| (Flag::ConnectFailed, e))?;
+        whole_if_small(response)
+            .await
+            .map_err(|e| (Flag::UpstreamReset, e))
+    });
+    match exchanged.await {
         Err(_) => {
             breaker.record(ticket, false);
             local(
@@ -444,15 +456,40 @@ async fn handle(route: &Route, request: Request<Incoming>) -> Response<Body> {
                 &format!("no response within {} ms", policy.timeout_ms),
             )
         }
-        Ok(Err(error)) => {
+        Ok(Err((flag, error))) => {
             breaker.record(ticket, false);
-            local(state, Flag::ConnectFailed, &error)
+            local(state, flag, &error)
         }
         Ok(Ok(response)) => {
             breaker.record(ticket, !response.status().is_server_error());
-            response.map(|body| body.map_err(BoxError::from).boxed_unsync())
+            response
         }
     }
+}
+
+/// Bodies of at most this size (by `content-length`) are read whole before
+/// the response goes on, so head and body leave in one write.
+const WHOLE_BODY: u64 = 16 << 10;
+
+/// `response`, its body read whole when it is small and sized (it is
+/// almost always already here: one write to the client instead of two),
+/// else streamed.
+async fn whole_if_small(response: Response<Incoming>) -> Result<Response<Body>, String> {
+    let (parts, body) = response.into_parts();
+    let body = match body.size_hint().exact() {
+        Some(size) if size <= WHOLE_BODY => {
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| format!("the upstream's response broke off: {e}"))?
+                .to_bytes();
+            Full::new(bytes)
+                .map_err(|never| match never {})
+                .boxed_unsync()
+        }
+        _ => body.map_err(BoxError::from).boxed_unsync(),
+    };
+    Ok(Response::from_parts(parts, body))
 }
 
 /// The healthy endpoints of `service` serving `port`, of `version` when a

@@ -29,6 +29,8 @@ const RUNS: usize = 3;
 const REQUESTS_C1: usize = 5000;
 const REQUESTS_C16: usize = 32000;
 const BULK_BYTES: u64 = 512 << 20;
+/// The address of the server's HTTP service (the L7 path).
+const L7_VIP: &str = "10.96.0.80";
 
 fn json(output: std::process::Output, what: &str) -> anyhow::Result<serde_json::Value> {
     ensure!(
@@ -97,10 +99,20 @@ fn up(data_dir: &Path) -> anyhow::Result<Setup> {
     for pod in &cluster.layout().pods {
         objects.push_str(&format!(
             "---\napiVersion: mesh.io/v1\nkind: Workload\nmetadata: {{name: {}, namespace: {}}}\n\
-             spec: {{node: node{}, ip: {}, service_account: {}}}\n",
-            pod.name, pod.namespace, pod.node, pod.ip4, pod.name
+             spec: {{node: node{}, ip: {}, service_account: {}, services: [{}]}}\n",
+            pod.name,
+            pod.namespace,
+            pod.node,
+            pod.ip4,
+            pod.name,
+            if pod.name == "server" { "web" } else { "" }
         ));
     }
+    // The same server as an HTTP service: requests through the L7 path.
+    objects.push_str(&format!(
+        "---\napiVersion: mesh.io/v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\n\
+         spec: {{vip: {L7_VIP}, ports: [{{port: 80, target_port: 8080, protocol: http}}]}}\n"
+    ));
     meshctl_at(
         &release_bin("meshctl"),
         &api,
@@ -171,11 +183,17 @@ struct Side {
     cpu_per_request: Vec<f64>,
 }
 
-fn measure(cluster: &Cluster, namespace: &str, proxies: &[u32]) -> anyhow::Result<Side> {
+/// The numbers of one path: `label` for the table, `namespace`'s client
+/// calling `http` (and, for bulk, `sink`).
+fn measure(
+    cluster: &Cluster,
+    label: &str,
+    namespace: &str,
+    http: &str,
+    sink: Option<&str>,
+    proxies: &[u32],
+) -> anyhow::Result<Side> {
     let client = format!("{namespace}/client");
-    let server = cluster.pod(&format!("{namespace}/server"))?.ip4;
-    let http = SocketAddr::from((server, 8080)).to_string();
-    let sink = SocketAddr::from((server, 9000)).to_string();
     let (p50, c1) = median_of(
         || {
             pod_run(
@@ -184,7 +202,7 @@ fn measure(cluster: &Cluster, namespace: &str, proxies: &[u32]) -> anyhow::Resul
                 &[
                     "bench-http",
                     "--to",
-                    &http,
+                    http,
                     "--requests",
                     &REQUESTS_C1.to_string(),
                 ],
@@ -205,7 +223,7 @@ fn measure(cluster: &Cluster, namespace: &str, proxies: &[u32]) -> anyhow::Resul
                 &[
                     "bench-http",
                     "--to",
-                    &http,
+                    http,
                     "--connections",
                     "16",
                     "--requests",
@@ -222,18 +240,29 @@ fn measure(cluster: &Cluster, namespace: &str, proxies: &[u32]) -> anyhow::Resul
         .zip(&cpu_before)
         .map(|(p, before)| Ok((cpu_micros(*p)? - before) / requests))
         .collect::<anyhow::Result<Vec<f64>>>()?;
-    let (gbit, _) = median_of(
-        || {
-            pod_run(
-                cluster,
-                &client,
-                &["bulk", "--to", &sink, "--bytes", &BULK_BYTES.to_string()],
-            )
-        },
-        "gbit_per_second",
-    )?;
+    let gbit = match sink {
+        Some(sink) => {
+            median_of(
+                || {
+                    pod_run(
+                        cluster,
+                        &client,
+                        &["bulk", "--to", sink, "--bytes", &BULK_BYTES.to_string()],
+                    )
+                },
+                "gbit_per_second",
+            )?
+            .0
+        }
+        None => f64::NAN,
+    };
+    let bulk = if gbit.is_nan() {
+        String::new()
+    } else {
+        format!("   bulk {gbit:.2} Gbit/s")
+    };
     println!(
-        "    {namespace:<7} c=1 p50 {p50:>7.1} µs p99 {p99:>7.1} µs   c=16 {rps_c16:>8.0} req/s   bulk {gbit:.2} Gbit/s"
+        "    {label:<7} c=1 p50 {p50:>7.1} µs p99 {p99:>7.1} µs   c=16 {rps_c16:>8.0} req/s{bulk}"
     );
     Ok(Side {
         p50,
@@ -300,7 +329,15 @@ pub fn run() -> anyhow::Result<()> {
         idle[0], idle[1]
     );
     let pids: Vec<u32> = setup.nodes.iter().map(Process::id).collect();
-    let direct = measure(cluster, "direct", &[])?;
+    let endpoints = |namespace: &str| -> anyhow::Result<(String, String)> {
+        let server = cluster.pod(&format!("{namespace}/server"))?.ip4;
+        Ok((
+            SocketAddr::from((server, 8080)).to_string(),
+            SocketAddr::from((server, 9000)).to_string(),
+        ))
+    };
+    let (http, sink) = endpoints("direct")?;
+    let direct = measure(cluster, "direct", "direct", &http, Some(&sink), &[])?;
     // MESH_BENCH_PERF=FILE: record node0's proxy with perf while the mesh
     // side runs (`perf report -i FILE`), to see where its time goes.
     let perf = match std::env::var_os("MESH_BENCH_PERF") {
@@ -315,7 +352,8 @@ pub fn run() -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let mesh = measure(cluster, "shop", &pids)?;
+    let (http, sink) = endpoints("shop")?;
+    let mesh = measure(cluster, "mesh L4", "shop", &http, Some(&sink), &pids)?;
     if let Some(mut perf) = perf {
         // perf writes its file on SIGINT.
         std::process::Command::new("kill")
@@ -323,9 +361,20 @@ pub fn run() -> anyhow::Result<()> {
             .status()?;
         perf.wait()?;
     }
+    let l7 = measure(
+        cluster,
+        "mesh L7",
+        "shop",
+        &format!("{L7_VIP}:80"),
+        None,
+        &pids,
+    )?;
     println!(
-        "    proxy CPU per request at c=16: node0 {:.1} µs, node1 {:.1} µs",
-        mesh.cpu_per_request[0], mesh.cpu_per_request[1]
+        "    proxy CPU per request at c=16: node0 {:.1} µs, node1 {:.1} µs (L4); {:.1} / {:.1} µs (L7)",
+        mesh.cpu_per_request[0],
+        mesh.cpu_per_request[1],
+        l7.cpu_per_request[0],
+        l7.cpu_per_request[1]
     );
     let loaded: Vec<f64> = setup
         .nodes
@@ -337,23 +386,54 @@ pub fn run() -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&data_dir);
 
     let added = mesh.p50 - direct.p50;
+    let ratio = |a: f64, b: f64| a / b;
+    let table = format!(
+        "| | direct | mesh L4 | mesh L7 | L4 − direct | L4 ratio | L7 − direct | L7 ratio |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n\
+         | c=1 p50 µs | {:.1} | {:.1} | {:.1} | {:+.1} | {:.2} | {:+.1} | {:.2} |\n\
+         | c=1 p99 µs | {:.1} | {:.1} | {:.1} | {:+.1} | {:.2} | {:+.1} | {:.2} |\n\
+         | c=16 requests/s | {:.0} | {:.0} | {:.0} | | {:.2} | | {:.2} |\n\
+         | bulk Gbit/s | {:.2} | {:.2} | — | | {:.2} | | |\n",
+        direct.p50,
+        mesh.p50,
+        l7.p50,
+        mesh.p50 - direct.p50,
+        ratio(mesh.p50, direct.p50),
+        l7.p50 - direct.p50,
+        ratio(l7.p50, direct.p50),
+        direct.p99,
+        mesh.p99,
+        l7.p99,
+        mesh.p99 - direct.p99,
+        ratio(mesh.p99, direct.p99),
+        l7.p99 - direct.p99,
+        ratio(l7.p99, direct.p99),
+        direct.rps_c16,
+        mesh.rps_c16,
+        l7.rps_c16,
+        ratio(mesh.rps_c16, direct.rps_c16),
+        ratio(l7.rps_c16, direct.rps_c16),
+        direct.gbit,
+        mesh.gbit,
+        ratio(mesh.gbit, direct.gbit),
+    );
     let body = format!(
         "A client pod on node0 calls a server pod on node1 of a local netns cluster\n\
-         (veth, bridges, a fabric bridge; one machine), once in a captured namespace —\n\
-         client's node proxy → HBONE (HTTP/2 CONNECT over mTLS, pooled) → the server's\n\
-         node proxy → server — and once in an uncaptured namespace (direct). Release\n\
-         builds, access logs off, median of {RUNS} runs. HTTP/1.1 keep-alive GETs with a\n\
-         2-byte body: c=1 {REQUESTS_C1} requests on one connection; c=16 {REQUESTS_C16} over\n\
-         16 connections; bulk: {} MiB on one TCP connection to a sink.\n\n\
-         | | direct | mesh | mesh − direct | ratio |\n|---|---:|---:|---:|---:|\n\
-         | c=1 p50 µs | {:.1} | {:.1} | {added:+.1} | {:.2} |\n\
-         | c=1 p99 µs | {:.1} | {:.1} | {:+.1} | {:.2} |\n\
-         | c=16 requests/s | {:.0} | {:.0} | | {:.2} |\n\
-         | bulk Gbit/s | {:.2} | {:.2} | | {:.2} |\n\n\
-         Added per proxy hop at p50 (two proxies on the path): {:.1} µs (target ≤ 20).\n\
+         (veth, bridges, a fabric bridge; one machine): in an uncaptured namespace\n\
+         (direct); in a captured one at the server's own address (mesh L4: client's\n\
+         node proxy → HBONE, HTTP/2 CONNECT over mTLS, pooled → the server's node\n\
+         proxy → server); and at the address of a service the server serves, port\n\
+         declared `http` (mesh L7: the client's node proxy parses each request,\n\
+         applies split, breaker, balancer, retry and timeout, and sends it over a\n\
+         pooled upstream connection riding an HBONE stream). Release builds, access\n\
+         logs off, median of {RUNS} runs. HTTP/1.1 keep-alive GETs with a 2-byte body:\n\
+         c=1 {REQUESTS_C1} requests on one connection; c=16 {REQUESTS_C16} over 16\n\
+         connections; bulk: {} MiB on one TCP connection to a sink.\n\n\
+         {table}\n\
+         Added per proxy hop at p50 (two proxies on the path), L4: {:.1} µs (target ≤ 20).\n\
          CPU each proxy spent per request at c=16 (user + system, from /proc):\n\
-         client side {:.1} µs, server side {:.1} µs.\n\
-         Throughput ratio: requests {:.2}, bulk {:.2} (target ≥ 0.5). mesh-node RSS idle with its captured\n\
+         L4 client side {:.1} µs, server side {:.1} µs; L7 client side {:.1} µs, server side {:.1} µs.\n\
+         Throughput ratio (L4): requests {:.2}, bulk {:.2} (target ≥ 0.5). mesh-node RSS idle with its captured\n\
          pods: node0 {:.1} MiB, node1 {:.1} MiB (target ≤ 15); after the runs {:.1} / {:.1} MiB.\n\
          Both proxies, the client, the server and the kernel's forwarding share the\n\
          machine's 2 cores, so the mesh rows also pay for the proxies' CPU time\n\
@@ -372,22 +452,11 @@ pub fn run() -> anyhow::Result<()> {
          the pod's socket and the proxy's) is the next lever, but the wakes remain.\n\n\
          Machine: {}. Reproduce: `cargo xtask bench datapath` (root).",
         BULK_BYTES >> 20,
-        direct.p50,
-        mesh.p50,
-        mesh.p50 / direct.p50,
-        direct.p99,
-        mesh.p99,
-        mesh.p99 - direct.p99,
-        mesh.p99 / direct.p99,
-        direct.rps_c16,
-        mesh.rps_c16,
-        mesh.rps_c16 / direct.rps_c16,
-        direct.gbit,
-        mesh.gbit,
-        mesh.gbit / direct.gbit,
         added / 2.0,
         mesh.cpu_per_request[0],
         mesh.cpu_per_request[1],
+        l7.cpu_per_request[0],
+        l7.cpu_per_request[1],
         mesh.rps_c16 / direct.rps_c16,
         mesh.gbit / direct.gbit,
         idle[0],

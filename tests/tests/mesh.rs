@@ -739,11 +739,17 @@ fn a_service_address_spreads_connections_over_its_healthy_endpoints_across_names
 /// `mesh-pod http` from `pod`: the whole JSON summary, whatever the
 /// statuses.
 fn summary(mesh: &Mesh, pod: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["http"];
+    all.extend_from_slice(args);
+    summary_of(mesh, pod, &all)
+}
+
+/// `mesh-pod ARGS` in `pod`: the JSON it printed.
+fn summary_of(mesh: &Mesh, pod: &str, args: &[&str]) -> serde_json::Value {
     let output = mesh
         .cluster
         .pod_command(pod, MESH_POD)
         .unwrap()
-        .arg("http")
         .args(args)
         .stderr(Stdio::inherit())
         .output()
@@ -898,4 +904,100 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
         count(&probe, "bodies", "v2") == 5
     });
     assert!(mesh.metric(0, "mesh_http_local_responses_total{flag=\"UO\"}") >= 50);
+
+    // Requests that could be read two ways are refused at the source and
+    // never reach the upstream.
+    let raw = |request: &str| -> String {
+        let answer = summary_of(
+            &mesh,
+            "shop/frontend",
+            &["raw", "--to", vip, "--request", request],
+        );
+        answer["status_line"].as_str().unwrap().to_owned()
+    };
+    let reached = hits(&mesh, &v2_addr);
+    assert!(raw("GET / HTTP/1.1\\r\\nhost: r\\r\\n\\r\\n").starts_with("HTTP/1.1 200"));
+    assert_eq!(
+        hits(&mesh, &v2_addr),
+        reached + 1,
+        "the well-formed request went through"
+    );
+    let big = "x".repeat(100 << 10);
+    let many: String = (0..200).map(|i| format!("x-h{i}: v\\r\\n")).collect();
+    let post = |headers: &str, body: &str| {
+        format!("POST / HTTP/1.1\\r\\nhost: r\\r\\n{headers}\\r\\n{body}")
+    };
+    for (case, request, status) in [
+        (
+            "two transfer-encodings",
+            post(
+                "transfer-encoding: chunked\\r\\ntransfer-encoding: chunked\\r\\n",
+                "0\\r\\n\\r\\n",
+            ),
+            "400",
+        ),
+        (
+            "chunked twice",
+            post("transfer-encoding: chunked, chunked\\r\\n", "0\\r\\n\\r\\n"),
+            "400",
+        ),
+        (
+            "chunked not last",
+            post(
+                "transfer-encoding: chunked, identity\\r\\n",
+                "0\\r\\n\\r\\n",
+            ),
+            "400",
+        ),
+        (
+            "conflicting lengths",
+            post("content-length: 4\\r\\ncontent-length: 5\\r\\n", "abcde"),
+            "400",
+        ),
+        (
+            "obs-fold",
+            "GET / HTTP/1.1\\r\\nhost: r\\r\\nx-a: b\\r\\n c\\r\\n\\r\\n".to_owned(),
+            "400",
+        ),
+        (
+            "space in a header name",
+            "GET / HTTP/1.1\\r\\nhost: r\\r\\nx a: b\\r\\n\\r\\n".to_owned(),
+            "400",
+        ),
+        (
+            "space before the colon",
+            post("content-length : 4\\r\\n", "abcd"),
+            "400",
+        ),
+        (
+            "a 100 KiB header",
+            format!("GET / HTTP/1.1\\r\\nhost: r\\r\\nx-big: {big}\\r\\n\\r\\n"),
+            "431",
+        ),
+        (
+            "200 headers",
+            format!("GET / HTTP/1.1\\r\\nhost: r\\r\\n{many}\\r\\n"),
+            "431",
+        ),
+    ] {
+        let answer = raw(&request);
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{case}: {answer:?}"
+        );
+    }
+    assert_eq!(
+        hits(&mesh, &v2_addr),
+        reached + 1,
+        "a malformed request reached the upstream"
+    );
+    // Both content-length and chunked: read as chunked (RFC 9112 §6.1, the
+    // connection closed after it) and sent on with one length of our own,
+    // so the upstream reads exactly the request the proxy read.
+    let both = post(
+        "content-length: 4\\r\\ntransfer-encoding: chunked\\r\\n",
+        "0\\r\\n\\r\\n",
+    );
+    assert!(raw(&both).starts_with("HTTP/1.1 200 "));
+    assert_eq!(hits(&mesh, &v2_addr), reached + 2);
 }

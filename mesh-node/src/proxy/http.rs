@@ -72,6 +72,8 @@ type Body = UnsyncBoxBody<Bytes, BoxError>;
 /// Request bodies up to this size are kept so a failed attempt can be
 /// repeated; a larger (or unsized) body goes once.
 pub const REPLAY_LIMIT: u64 = 64 << 10;
+/// The largest request header section read.
+const MAX_HEADER_BYTES: usize = 64 << 10;
 /// Names why the proxy answered a request itself.
 pub const FLAGS_HEADER: &str = "x-mesh-flags";
 
@@ -346,7 +348,12 @@ pub(super) async fn serve(
         let route = route.clone();
         async move { Ok::<_, Infallible>(handle(&route, request).await) }
     });
-    let result = auto::Builder::new(TokioExecutor::new())
+    let mut server = auto::Builder::new(TokioExecutor::new());
+    // Header sections past 64 KiB or 100 fields get 431, as Envoy's
+    // defaults (60 KiB, 100).
+    server.http1().max_buf_size(MAX_HEADER_BYTES);
+    server.http2().max_header_list_size(MAX_HEADER_BYTES as u32);
+    let result = server
         .serve_connection(TokioIo::new(stream), handler)
         .await
         .map_err(io::Error::other);
@@ -375,6 +382,9 @@ async fn handle(route: &Route, request: Request<Incoming>) -> Response<Body> {
     let mesh = &route.mesh;
     let state = &mesh.http;
     state.stats.requests.fetch_add(1, Ordering::Relaxed);
+    if let Err(why) = unambiguous_framing(request.headers()) {
+        return local(state, Flag::BadRequest, why);
+    }
     let directory = mesh.directory.borrow().clone();
     let key = &route.service.key;
     let policy = directory.service_policy(key);
@@ -663,9 +673,34 @@ impl Exchange<'_> {
     }
 }
 
+/// Refuses a request whose body could be delimited two ways (RFC 9112
+/// §6.3: the shapes request smuggling rides on). hyper already refuses
+/// conflicting `content-length`s, obs-fold, and bad header names; it
+/// accepts `transfer-encoding` beside `content-length` (preferring the
+/// first), repeated `transfer-encoding` and `chunked, chunked`, which a
+/// server behind us might read differently.
+fn unambiguous_framing(headers: &HeaderMap) -> Result<(), &'static str> {
+    let mut encodings = headers.get_all(header::TRANSFER_ENCODING).iter();
+    let Some(encoding) = encodings.next() else {
+        return Ok(());
+    };
+    if encodings.next().is_some() {
+        return Err("transfer-encoding is given more than once");
+    }
+    if headers.contains_key(header::CONTENT_LENGTH) {
+        return Err("both content-length and transfer-encoding are given");
+    }
+    if !encoding.as_bytes().eq_ignore_ascii_case(b"chunked") {
+        return Err("transfer-encoding must be exactly \"chunked\"");
+    }
+    Ok(())
+}
+
 /// `headers` without the hop-by-hop ones (RFC 9110 §7.6.1), which describe
-/// the client's connection, not the request; `te: trailers` stays (gRPC
-/// needs it).
+/// the client's connection, not the request (`te: trailers` stays: gRPC
+/// needs it), and without `content-length`: hyper frames the body it
+/// sends from the body itself, so the length sent is always the length of
+/// what follows.
 fn forwarded_headers(headers: &HeaderMap) -> HeaderMap {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -682,6 +717,7 @@ fn forwarded_headers(headers: &HeaderMap) -> HeaderMap {
                 | "keep-alive"
                 | "proxy-connection"
                 | "transfer-encoding"
+                | "content-length"
                 | "upgrade"
                 | "trailer"
         ) || (name == header::TE && value != "trailers")
@@ -696,6 +732,37 @@ fn forwarded_headers(headers: &HeaderMap) -> HeaderMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_body_must_be_delimited_one_way() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in pairs {
+                map.append(*name, HeaderValue::from_static(value));
+            }
+            map
+        };
+        for ok in [
+            headers(&[]),
+            headers(&[("content-length", "4")]),
+            headers(&[("transfer-encoding", "chunked")]),
+            headers(&[("transfer-encoding", "Chunked")]),
+        ] {
+            assert_eq!(unambiguous_framing(&ok), Ok(()), "{ok:?}");
+        }
+        for bad in [
+            headers(&[("transfer-encoding", "chunked"), ("content-length", "4")]),
+            headers(&[
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "chunked"),
+            ]),
+            headers(&[("transfer-encoding", "chunked, chunked")]),
+            headers(&[("transfer-encoding", "gzip, chunked")]),
+            headers(&[("transfer-encoding", "identity")]),
+        ] {
+            assert!(unambiguous_framing(&bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn hop_by_hop_headers_stay_behind() {
@@ -715,7 +782,7 @@ mod tests {
         }
         let forwarded = forwarded_headers(&headers);
         let names: Vec<&str> = forwarded.keys().map(HeaderName::as_str).collect();
-        assert_eq!(names, ["host", "te", "x-canary", "content-length"]);
+        assert_eq!(names, ["host", "te", "x-canary"]);
         let mut gzip = HeaderMap::new();
         gzip.insert("te", HeaderValue::from_static("gzip"));
         assert!(forwarded_headers(&gzip).is_empty());

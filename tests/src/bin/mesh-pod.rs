@@ -87,6 +87,15 @@ enum Command {
         #[arg(long, default_value_t = 10000)]
         requests: usize,
     },
+    /// Send REQUEST (with `\r`, `\n` and `\t` escapes) as it is, then
+    /// print the first line of the answer as JSON (`status_line`, empty when
+    /// the connection closed without one).
+    Raw {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        request: String,
+    },
     /// Read every connection to its end; answer with the byte count.
     Sink {
         #[arg(long, default_value = "[::]:9000")]
@@ -162,6 +171,7 @@ fn main() -> ExitCode {
             requests,
         } => report("bench-http", bench_http(to, connections, requests)),
         Command::Sink { listen } => report("sink", sink(listen)),
+        Command::Raw { to, request } => report("raw", raw(to, &request)),
         Command::Bulk { to, bytes } => report("bulk", bulk(to, bytes)),
         Command::BenchConnect { to, count } => match bench_connect(to, count) {
             Ok(()) => ExitCode::SUCCESS,
@@ -432,8 +442,12 @@ fn answer_http(
         let Some(head) = read_head(&mut reader)? else {
             return Ok(());
         };
-        let length = content_length(&head);
-        io::copy(&mut (&mut reader).take(length), &mut io::sink())?;
+        if chunked(&head) {
+            skip_chunks(&mut reader)?;
+        } else {
+            let length = content_length(&head);
+            io::copy(&mut (&mut reader).take(length), &mut io::sink())?;
+        }
         let target = head.split(' ').nth(1).unwrap_or("/");
         let (status, text) = if head.starts_with("GET /hits ") {
             ("200 OK", hits.load(SeqCst).to_string())
@@ -463,6 +477,29 @@ fn answer_http(
     }
 }
 
+/// Sends `request` (escapes decoded) and prints the answer's first line.
+fn raw(to: SocketAddr, request: &str) -> io::Result<()> {
+    let bytes = request
+        .replace("\\r", "\r")
+        .replace("\\n", "\n")
+        .replace("\\t", "\t");
+    let mut stream = open(
+        to,
+        Client {
+            mark: None,
+            local_port: None,
+        },
+    )?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(bytes.as_bytes())?;
+    let mut reader = io::BufReader::new(stream);
+    let mut line = String::new();
+    // A reset is an answer too: the request went nowhere.
+    let _ = io::BufRead::read_line(&mut reader, &mut line);
+    println!("{}", serde_json::json!({ "status_line": line.trim_end() }));
+    Ok(())
+}
+
 /// Reads a message head (through the blank line); `None` at a clean end.
 fn read_head(reader: &mut impl io::BufRead) -> io::Result<Option<String>> {
     let mut head = String::new();
@@ -480,6 +517,39 @@ fn read_head(reader: &mut impl io::BufRead) -> io::Result<Option<String>> {
         }
         head.push_str(&line);
     }
+}
+
+fn chunked(head: &str) -> bool {
+    head.lines()
+        .filter_map(|line| line.split_once(':'))
+        .any(|(name, value)| {
+            name.trim().eq_ignore_ascii_case("transfer-encoding")
+                && value.trim().eq_ignore_ascii_case("chunked")
+        })
+}
+
+/// Reads a chunked body through its last chunk and trailers.
+fn skip_chunks(reader: &mut impl io::BufRead) -> io::Result<()> {
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let size = line.trim().split(';').next().unwrap_or("");
+        let size = u64::from_str_radix(size, 16)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad chunk size"))?;
+        if size == 0 {
+            // Trailers, then the blank line.
+            while read_line_of(reader)? {}
+            return Ok(());
+        }
+        io::copy(&mut reader.take(size + 2), &mut io::sink())?;
+    }
+}
+
+/// Reads one line; false once it is the blank line (or the end).
+fn read_line_of(reader: &mut impl io::BufRead) -> io::Result<bool> {
+    let mut line = String::new();
+    let n = reader.read_line(&mut line)?;
+    Ok(n > 0 && line.trim_end() != "")
 }
 
 fn content_length(head: &str) -> u64 {

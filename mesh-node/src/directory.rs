@@ -16,7 +16,7 @@ use mesh_model::{
     config::{ConfigResource, EndpointEntry, NodeConfig, WorkloadAddress},
     namespace::MtlsMode,
     policy::ServicePolicySpec,
-    service::{LoadBalancer, ServicePort},
+    service::{LoadBalancer, Protocol, ServicePort},
     split::SplitRule,
 };
 use tokio::{sync::watch, task::JoinHandle};
@@ -61,6 +61,8 @@ pub struct Directory {
     trust_domain: String,
     addresses: HashMap<IpAddr, WorkloadAddress>,
     services: HashMap<IpAddr, Arc<VirtualService>>,
+    /// Every service's ports, with or without an address.
+    service_ports: HashMap<ServiceKey, Vec<ServicePort>>,
     /// The endpoint sets this node holds (pushed as `Endpoints`).
     endpoints: HashMap<ServiceKey, Arc<ConfigResource>>,
     splits: HashMap<ServiceKey, Vec<Split>>,
@@ -85,6 +87,7 @@ impl Directory {
     pub fn new(config: &NodeConfig, trust_domain: &str) -> Self {
         let mut addresses = HashMap::new();
         let mut services = HashMap::new();
+        let mut service_ports = HashMap::new();
         let mut endpoints = HashMap::new();
         let mut splits: HashMap<ServiceKey, Vec<Split>> = HashMap::new();
         let mut service_policies = HashMap::new();
@@ -97,6 +100,10 @@ impl Directory {
                     addresses.insert(address.ip, address.clone());
                 }
                 ConfigResource::Object(Resource::Service(service)) => {
+                    service_ports.insert(
+                        (service.namespace().to_owned(), service.name().to_owned()),
+                        service.spec.ports.clone(),
+                    );
                     if let Some(vip) = service.spec.vip {
                         services.insert(
                             vip,
@@ -162,6 +169,7 @@ impl Directory {
             trust_domain: trust_domain.to_owned(),
             addresses,
             services,
+            service_ports,
             endpoints,
             splits,
             service_policies,
@@ -228,6 +236,30 @@ impl Directory {
                 .filter(|s| s.source.as_deref().is_some_and(serves)),
         )
         .or_else(|| latest(candidates.iter().filter(|s| s.source.is_none())))
+    }
+
+    /// What the workload `pod` of this node speaks on its port `port`: the
+    /// protocol a service it serves declares for that port (the first
+    /// that is not plain TCP), else TCP.
+    pub fn inbound_protocol(&self, pod: &str, port: u16) -> Protocol {
+        let Some(local) = self.local.get(pod) else {
+            return Protocol::Tcp;
+        };
+        let namespace = local.workload.namespace().to_owned();
+        local
+            .workload
+            .spec
+            .services
+            .iter()
+            .filter_map(|service| {
+                self.service_ports
+                    .get(&(namespace.clone(), service.clone()))
+            })
+            .flatten()
+            .filter(|p| p.workload_port() == port && p.protocol != Protocol::Tcp)
+            .map(|p| p.protocol)
+            .next()
+            .unwrap_or(Protocol::Tcp)
     }
 
     /// The policy for calls to `service`: its ServicePolicy, or the seed's
@@ -384,7 +416,7 @@ mod tests {
                 &Request {
                     caller: Some(caller),
                     port: 80,
-                    http: None,
+                    http: crate::policy::Http::No,
                 },
             )
         };

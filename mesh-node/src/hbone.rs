@@ -681,7 +681,8 @@ pub struct TunnelIo {
     /// Received and not yet read.
     pending: Bytes,
     ended: bool,
-    _guard: StreamGuard,
+    /// The client side's hold on its pooled connection.
+    _guard: Option<StreamGuard>,
 }
 
 impl From<Tunnel> for TunnelIo {
@@ -691,7 +692,20 @@ impl From<Tunnel> for TunnelIo {
             recv: tunnel.recv,
             pending: Bytes::new(),
             ended: false,
-            _guard: tunnel.guard,
+            _guard: Some(tunnel.guard),
+        }
+    }
+}
+
+impl TunnelIo {
+    /// An accepted stream's halves, at the destination.
+    pub fn accepted(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        Self {
+            send,
+            recv,
+            pending: Bytes::new(),
+            ended: false,
+            _guard: None,
         }
     }
 }

@@ -9,9 +9,10 @@
 //! At L4 only the caller and the port are known. A rule that also names
 //! HTTP methods or paths is therefore decided the safe way: an ALLOW rule
 //! with them never matches a TCP connection, a DENY rule with them matches
-//! as if they were absent — as ztunnel does. An HTTP request is decided
-//! with its method and its normalised path ([`crate::l7::path`]): exact,
-//! `prefix*`, `*suffix` or `*`.
+//! as if they were absent — as ztunnel does. A connection to an HTTP port
+//! is let in when some request of the caller could be allowed ([`Http::Any`]),
+//! and each request is then decided with its method and its normalised
+//! path ([`crate::l7::path`]): exact, `prefix*`, `*suffix` or `*`.
 
 use mesh_identity::SpiffeId;
 use mesh_model::{
@@ -32,8 +33,22 @@ pub struct Request<'a> {
     pub caller: Option<&'a SpiffeId>,
     /// The destination port on the workload.
     pub port: u16,
-    /// For an HTTP request: its method and normalised path.
-    pub http: Option<HttpRequest<'a>>,
+    /// What is known of HTTP.
+    pub http: Http<'a>,
+}
+
+/// What an authorization decision knows of HTTP.
+#[derive(Clone, Copy, Debug)]
+pub enum Http<'a> {
+    /// A TCP connection: rules naming methods or paths fail closed (an
+    /// ALLOW never matches, a DENY matches as if they were absent).
+    No,
+    /// A connection to an HTTP port, before its requests: could any of
+    /// them be allowed? ALLOW rules naming methods or paths may match, DENY
+    /// rules naming them may not (each request is decided later).
+    Any,
+    /// One request.
+    Request(HttpRequest<'a>),
 }
 
 /// What an HTTP request adds to a [`Request`].
@@ -149,8 +164,9 @@ fn source_matches(source: &Source, caller: Option<&SpiffeId>) -> bool {
 
 fn operation_matches(operation: &Operation, request: &Request<'_>, action: Action) -> bool {
     let port = operation.ports.is_empty() || operation.ports.contains(&request.port);
+    let needs_http = !operation.methods.is_empty() || !operation.paths.is_empty();
     match request.http {
-        Some(http) => {
+        Http::Request(http) => {
             port && (operation.methods.is_empty()
                 || operation.methods.iter().any(|m| m == http.method))
                 && (operation.paths.is_empty()
@@ -159,10 +175,8 @@ fn operation_matches(operation: &Operation, request: &Request<'_>, action: Actio
                         .iter()
                         .any(|p| crate::l7::path::matches(p, http.path)))
         }
-        None => {
-            let needs_http = !operation.methods.is_empty() || !operation.paths.is_empty();
-            port && !(needs_http && action == Action::Allow)
-        }
+        Http::No => port && !(needs_http && action == Action::Allow),
+        Http::Any => port && !(needs_http && action == Action::Deny),
     }
 }
 
@@ -207,7 +221,7 @@ mod tests {
             &Request {
                 caller,
                 port,
-                http: None,
+                http: Http::No,
             },
         )
     }
@@ -319,7 +333,7 @@ mod tests {
                 &Request {
                     caller: Some(&frontend),
                     port,
-                    http: Some(HttpRequest {
+                    http: Http::Request(HttpRequest {
                         method,
                         path: &path,
                     }),

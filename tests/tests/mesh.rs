@@ -1000,4 +1000,55 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
     );
     assert!(raw(&both).starts_with("HTTP/1.1 200 "));
     assert_eq!(hits(&mesh, &v2_addr), reached + 2);
+
+    // At the destination each request is authorized on its method and its
+    // normalised path: spellings of /admin cannot slip past the DENY.
+    mesh.apply(
+        "apiVersion: mesh.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: shop}\n\
+         spec: {target: reviews, action: deny, rules: [{to: [{paths: ['/admin/*']}]}]}\n---\n\
+         apiVersion: mesh.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: reads, namespace: shop}\n\
+         spec: {target: reviews, rules: [{from: [{namespaces: [shop]}], to: [{methods: [GET], paths: ['/reviews/*', '/hits']}]}]}\n",
+    );
+    let reached = hits(&mesh, &v2_addr);
+    for (method, path, status) in [
+        ("GET", "/reviews/1", "200"),
+        ("GET", "/admin/users", "403"),
+        ("GET", "/reviews/../admin/users", "403"),
+        ("GET", "/%61dmin/users", "403"),
+        ("GET", "//admin//users", "403"),
+        ("POST", "/reviews/1", "403"),
+        ("GET", "/elsewhere", "403"),
+        ("GET", "/admin%2fusers", "400"),
+    ] {
+        for to in [vip, v2_addr.as_str()] {
+            let answer = summary(
+                &mesh,
+                "shop/frontend",
+                &["--to", to, "--method", method, "--path", path],
+            );
+            assert_eq!(
+                count(&answer, "statuses", status),
+                1,
+                "{method} {path} to {to}: {answer}"
+            );
+            if status == "403" {
+                assert_eq!(count(&answer, "flags", "RBAC"), 1, "{answer}");
+            }
+        }
+    }
+    assert_eq!(
+        hits(&mesh, &v2_addr),
+        reached + 2,
+        "a refused request reached the app"
+    );
+    mesh.change(
+        &["delete", "authorizationpolicy", "reads", "-n", "shop"],
+        None,
+    );
+    let answer = summary(
+        &mesh,
+        "shop/frontend",
+        &["--to", vip, "--path", "/elsewhere"],
+    );
+    assert_eq!(count(&answer, "statuses", "200"), 1, "{answer}");
 }

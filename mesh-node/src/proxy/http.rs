@@ -92,6 +92,8 @@ pub enum Flag {
     UpstreamReset,
     /// The request could not be read.
     BadRequest,
+    /// Refused by authorization at the destination.
+    Denied,
 }
 
 impl Flag {
@@ -103,6 +105,7 @@ impl Flag {
             Flag::ConnectFailed => "UF",
             Flag::UpstreamReset => "UC",
             Flag::BadRequest => "DPE",
+            Flag::Denied => "RBAC",
         }
     }
 
@@ -110,6 +113,7 @@ impl Flag {
         match self {
             Flag::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Flag::BadRequest => StatusCode::BAD_REQUEST,
+            Flag::Denied => StatusCode::FORBIDDEN,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -182,6 +186,9 @@ impl HttpState {
 pub(super) struct Clients {
     http1: Client<Connector, Body>,
     http2: Client<Connector, Body>,
+    /// To the pod's own application, for requests tunnelled to it.
+    app_http1: Client<Connector, Body>,
+    app_http2: Client<Connector, Body>,
 }
 
 impl Clients {
@@ -190,24 +197,51 @@ impl Clients {
             pod: pod.name.clone(),
             netns: pod.netns.clone(),
             mesh: mesh.clone(),
+            local: false,
+        };
+        let app = Connector {
+            local: true,
+            ..connector.clone()
         };
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(32);
         let http1 = builder.build(connector.clone());
-        let http2 = builder.http2_only(true).build(connector);
-        Self { http1, http2 }
+        let app_http1 = builder.build(app.clone());
+        builder.http2_only(true);
+        Self {
+            http1,
+            http2: builder.build(connector),
+            app_http1,
+            app_http2: builder.build(app),
+        }
+    }
+
+    fn outbound(&self, protocol: Protocol) -> &Client<Connector, Body> {
+        match protocol {
+            Protocol::Http2 | Protocol::Grpc => &self.http2,
+            Protocol::Http | Protocol::Tcp => &self.http1,
+        }
+    }
+
+    fn app(&self, protocol: Protocol) -> &Client<Connector, Body> {
+        match protocol {
+            Protocol::Http2 | Protocol::Grpc => &self.app_http2,
+            Protocol::Http | Protocol::Tcp => &self.app_http1,
+        }
     }
 }
 
 /// Opens upstream connections from inside the pod: a tunnel stream to a
-/// mesh workload, plain TCP to anything else.
+/// mesh workload, plain TCP to anything else (and always to the pod's own
+/// application when `local`).
 #[derive(Clone, Debug)]
 struct Connector {
     pod: String,
     netns: NetnsThread,
     mesh: Arc<MeshPath>,
+    local: bool,
 }
 
 impl tower::Service<Uri> for Connector {
@@ -227,7 +261,12 @@ impl tower::Service<Uri> for Connector {
                 .and_then(|a| a.as_str().parse().ok())
                 .ok_or_else(|| io::Error::other(format!("{uri} names no endpoint address")))?;
             let directory = connector.mesh.directory.borrow().clone();
-            let upstream = match directory.mesh_destination(address.ip()) {
+            let tunnelled = if connector.local {
+                None
+            } else {
+                directory.mesh_destination(address.ip())
+            };
+            let upstream = match tunnelled {
                 Some(workload) => {
                     let target = TunnelTarget {
                         address,
@@ -361,6 +400,91 @@ pub(super) async fn serve(
         tracing::debug!(pod = %pod.name, %client, %error, "HTTP connection ended with an error");
     }
     open.finish(0, 0, None, &result);
+}
+
+/// Serves the requests of a tunnel stream to `target` (the pod's own port
+/// `target.port()`, declared `protocol`) one by one: each is authorized
+/// with its method and normalised path under the policies of the moment
+/// (403 `RBAC` when refused, 400 for a path that cannot be normalised) and
+/// sent on to the application over the pod's own connections to it.
+pub(super) async fn serve_inbound(
+    stream: TunnelIo,
+    caller: Arc<mesh_identity::SpiffeId>,
+    target: SocketAddr,
+    protocol: Protocol,
+    pod: &Arc<PodContext>,
+    mesh: &Arc<MeshPath>,
+) -> io::Result<()> {
+    let (pod, mesh) = (pod.clone(), mesh.clone());
+    let handler = hyper::service::service_fn(move |request| {
+        let (pod, mesh, caller) = (pod.clone(), mesh.clone(), caller.clone());
+        async move {
+            Ok::<_, Infallible>(
+                authorize_and_send(&pod, &mesh, &caller, target, protocol, request).await,
+            )
+        }
+    });
+    let mut server = auto::Builder::new(TokioExecutor::new());
+    server.http1().max_buf_size(MAX_HEADER_BYTES);
+    server.http2().max_header_list_size(MAX_HEADER_BYTES as u32);
+    server
+        .serve_connection(TokioIo::new(stream), handler)
+        .await
+        .map_err(io::Error::other)
+}
+
+async fn authorize_and_send(
+    pod: &Arc<PodContext>,
+    mesh: &Arc<MeshPath>,
+    caller: &mesh_identity::SpiffeId,
+    target: SocketAddr,
+    protocol: Protocol,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    let state = &mesh.http;
+    if let Err(why) = unambiguous_framing(request.headers()) {
+        return local(state, Flag::BadRequest, why);
+    }
+    let path = match crate::l7::path::normalize(request.uri().path()) {
+        Ok(path) => path,
+        Err(error) => return local(state, Flag::BadRequest, &error.to_string()),
+    };
+    let decision = mesh.directory.borrow().authorize(
+        &pod.name,
+        &crate::policy::Request {
+            caller: Some(caller),
+            port: target.port(),
+            http: crate::policy::Http::Request(crate::policy::HttpRequest {
+                method: request.method().as_str(),
+                path: &path,
+            }),
+        },
+    );
+    if !decision.allowed() {
+        tracing::info!(pod = %pod.name, %caller, method = %request.method(), path, reason = %decision.reason(), "request refused");
+        return local(state, Flag::Denied, &decision.reason());
+    }
+    let (parts, body) = request.into_parts();
+    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let uri: Uri = match format!("http://{target}{path_and_query}").parse() {
+        Ok(uri) => uri,
+        Err(error) => return local(state, Flag::BadRequest, &error.to_string()),
+    };
+    let mut upstream = Request::new(body.map_err(BoxError::from).boxed_unsync());
+    *upstream.method_mut() = parts.method;
+    *upstream.uri_mut() = uri;
+    *upstream.headers_mut() = forwarded_headers(&parts.headers);
+    if matches!(protocol, Protocol::Http2 | Protocol::Grpc) {
+        *upstream.version_mut() = http::Version::HTTP_2;
+    }
+    match pod.http_clients(mesh).app(protocol).request(upstream).await {
+        Ok(response) => response.map(|body| body.map_err(BoxError::from).boxed_unsync()),
+        Err(error) => local(
+            state,
+            Flag::ConnectFailed,
+            &format!("the application: {}", super::error_chain(&error)),
+        ),
+    }
 }
 
 /// An answer the proxy makes itself.
@@ -566,11 +690,11 @@ impl Exchange<'_> {
             tried.push(endpoint);
             let body = replay.next().ok_or("the request body was already sent")?;
             let request = self.upstream_request(endpoint, body)?;
-            let client = &self.route.pod.http_clients(&self.route.mesh);
-            let client = match self.route.protocol {
-                Protocol::Http2 | Protocol::Grpc => &client.http2,
-                Protocol::Http | Protocol::Tcp => &client.http1,
-            };
+            let client = self
+                .route
+                .pod
+                .http_clients(&self.route.mesh)
+                .outbound(self.route.protocol);
             let in_flight = self.state.in_flight.start(endpoint);
             let sent = client.request(request).await;
             drop(in_flight);

@@ -31,7 +31,7 @@ use crate::{
     directory::{Directory, ServiceKey, ServiceTarget, VirtualService},
     hbone::{self, HBONE_PORT, Incoming, Pool, PoolKey, TunnelError},
     identity::{CertState, tls},
-    policy::Request,
+    policy::{Http, Request},
     xds::Demand,
 };
 
@@ -109,6 +109,9 @@ struct OpenStream {
     /// `None`: plaintext, accepted because the workload is permissive.
     caller: Option<Arc<SpiffeId>>,
     port: u16,
+    /// Served request by request: cut only when no request of the caller
+    /// could be allowed any more (each request is decided anyway).
+    http: bool,
     revoke: Arc<tokio::sync::Notify>,
 }
 
@@ -130,6 +133,7 @@ impl OpenStreams {
         pod: &str,
         caller: Option<Arc<SpiffeId>>,
         port: u16,
+        http: bool,
     ) -> (StreamRegistration<'_>, Arc<tokio::sync::Notify>) {
         let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let revoke = Arc::new(tokio::sync::Notify::new());
@@ -139,6 +143,7 @@ impl OpenStreams {
                 pod: pod.to_owned(),
                 caller,
                 port,
+                http,
                 revoke: revoke.clone(),
             },
         );
@@ -159,7 +164,7 @@ impl OpenStreams {
                     &Request {
                         caller: stream.caller.as_deref(),
                         port: stream.port,
-                        http: None,
+                        http: if stream.http { Http::Any } else { Http::No },
                     },
                 );
                 (!decision.allowed()).then(|| decision.reason().to_string())
@@ -322,7 +327,7 @@ pub(super) async fn carry(
                 &Request {
                     caller: None,
                     port: original_dst.port(),
-                    http: None,
+                    http: Http::No,
                 },
             );
             if !decision.allowed() {
@@ -333,7 +338,8 @@ pub(super) async fn carry(
             // Decided again on every configuration change, like a tunnel
             // stream.
             let (_registration, revoke) =
-                mesh.streams.register(&pod.name, None, original_dst.port());
+                mesh.streams
+                    .register(&pod.name, None, original_dst.port(), false);
             let revoked = async move {
                 revoke.notified().await;
                 revoked_error()
@@ -610,8 +616,8 @@ async fn tunnel_in(
     incoming: Incoming,
     caller: &Arc<SpiffeId>,
     remote: SocketAddr,
-    pod: &PodContext,
-    mesh: &MeshPath,
+    pod: &Arc<PodContext>,
+    mesh: &Arc<MeshPath>,
 ) {
     let count = |outcome| {
         pod.connections
@@ -636,18 +642,29 @@ async fn tunnel_in(
     }
     let trace = incoming.traceparent().map(str::to_owned);
     let directory = mesh.directory.borrow().clone();
+    // An HTTP port is authorized request by request (method and path);
+    // the stream is refused only when no request of this caller could be.
+    let protocol = directory.inbound_protocol(&pod.name, target.port());
     let decision = directory.authorize(
         &pod.name,
         &Request {
             caller: Some(caller.as_ref()),
             port: target.port(),
-            http: None,
+            http: if protocol == Protocol::Tcp {
+                Http::No
+            } else {
+                Http::Any
+            },
         },
     );
     if !decision.allowed() {
         tracing::info!(pod = %pod.name, %caller, %target, reason = %decision.reason(), trace = trace.as_deref().unwrap_or(""), "tunnel refused");
         count(Outcome::Denied);
         return incoming.refuse(StatusCode::FORBIDDEN);
+    }
+    if protocol != Protocol::Tcp {
+        drop(directory);
+        return tunnel_in_http(incoming, caller, remote, target, protocol, trace, pod, mesh).await;
     }
     let Ok(permit) = pod.permits.clone().try_acquire_owned() else {
         return incoming.refuse(StatusCode::SERVICE_UNAVAILABLE);
@@ -678,7 +695,7 @@ async fn tunnel_in(
     ));
     let (_registration, revoke) =
         mesh.streams
-            .register(&pod.name, Some(caller.clone()), target.port());
+            .register(&pod.name, Some(caller.clone()), target.port(), false);
     let revoked = async move {
         revoke.notified().await;
         revoked_error()
@@ -686,4 +703,49 @@ async fn tunnel_in(
     let (moved, result) = hbone::splice(&mut app, send, recv, revoked).await;
     drop(permit);
     open.finish(moved.sent, moved.received, trace.as_deref(), &result);
+}
+
+/// A tunnel stream to an HTTP port of the pod: accepted, then served
+/// request by request ([`super::http::serve_inbound`]).
+#[allow(clippy::too_many_arguments)]
+async fn tunnel_in_http(
+    incoming: Incoming,
+    caller: &Arc<SpiffeId>,
+    remote: SocketAddr,
+    target: SocketAddr,
+    protocol: Protocol,
+    trace: Option<String>,
+    pod: &Arc<PodContext>,
+    mesh: &Arc<MeshPath>,
+) {
+    let Ok(permit) = pod.permits.clone().try_acquire_owned() else {
+        return incoming.refuse(StatusCode::SERVICE_UNAVAILABLE);
+    };
+    let (send, recv) = match incoming.accept() {
+        Ok(halves) => halves,
+        Err(error) => {
+            tracing::debug!(pod = %pod.name, %error, "tunnel stream ended before it was answered");
+            return;
+        }
+    };
+    pod.connections
+        .count(&pod.name, Direction::Inbound, Outcome::Relayed);
+    let open = pod.connections.register(connection_info(
+        pod,
+        Direction::Inbound,
+        Some(caller.to_string()),
+        Security::Mtls,
+        remote,
+        target,
+    ));
+    let (_registration, revoke) =
+        mesh.streams
+            .register(&pod.name, Some(caller.clone()), target.port(), true);
+    let stream = hbone::TunnelIo::accepted(send, recv);
+    let result = tokio::select! {
+        result = super::http::serve_inbound(stream, caller.clone(), target, protocol, pod, mesh) => result,
+        () = revoke.notified() => Err(revoked_error()),
+    };
+    drop(permit);
+    open.finish(0, 0, trace.as_deref(), &result);
 }

@@ -168,7 +168,10 @@ fn operation_matches(operation: &Operation, request: &Request<'_>, action: Actio
     match request.http {
         Http::Request(http) => {
             port && (operation.methods.is_empty()
-                || operation.methods.iter().any(|m| m == http.method))
+                || operation
+                    .methods
+                    .iter()
+                    .any(|m| m.eq_ignore_ascii_case(http.method)))
                 && (operation.paths.is_empty()
                     || operation
                         .paths

@@ -654,7 +654,7 @@ fn a_service_address_spreads_connections_over_its_healthy_endpoints_across_names
         "apiVersion: mesh.io/v1\nkind: Service\nmetadata: {{name: reviews, namespace: shop}}\n\
          spec: {{vip: 10.96.0.10, ports: [{{port: 80, target_port: 8080}}]}}\n---\n\
          apiVersion: mesh.io/v1\nkind: Service\nmetadata: {{name: records, namespace: legacy}}\n\
-         spec: {{vip: 10.96.0.20, ports: [{{port: 80, target_port: 8080}}]}}\n---\n{}{}",
+         spec: {{vip: 10.96.0.20, ports: [{{port: 80, target_port: 8080, protocol: http}}]}}\n---\n{}{}",
         workload("shop", "other", "other", 0, ip("shop/other"), "reviews"),
         workload(
             "legacy",
@@ -709,8 +709,9 @@ fn a_service_address_spreads_connections_over_its_healthy_endpoints_across_names
     let bodies = answers(&mesh, "shop/frontend", "10.96.0.10:80", 6);
     assert_eq!(bodies, serde_json::json!({SECRET_BODY: 6}), "{bodies}");
 
-    // Node 1 holds nothing of `legacy`: the first connection asks for it
-    // and waits; the endpoint is outside the mesh, so it goes in plaintext.
+    // Node 1 holds nothing of `legacy`: the first request asks for it and
+    // waits; the port speaks HTTP, so requests are routed one by one, and
+    // the endpoint is outside the mesh, so they go in plaintext.
     assert_eq!(held_version(&mesh, 1, "endpoints/legacy/records"), None);
     let bodies = answers(&mesh, "shop/reviews", "10.96.0.20:80", 3);
     assert_eq!(bodies, serde_json::json!({"from-legacy": 3}), "{bodies}");

@@ -97,11 +97,30 @@ pub struct Breaker {
 }
 
 /// Permission for one request; report how it went with [`Breaker::record`].
+/// A ticket dropped unreported (the client went away, the request was
+/// never sent) counts as nothing, and gives its probe slot back.
 #[derive(Debug)]
 #[must_use = "report the outcome with Breaker::record"]
 pub struct Ticket {
+    breaker: std::sync::Arc<Breaker>,
     generation: u64,
     probe: bool,
+    reported: bool,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.reported || !self.probe {
+            return;
+        }
+        let mut inner = self.breaker.lock();
+        if inner.generation != self.generation {
+            return;
+        }
+        if let Phase::HalfOpen { in_flight, .. } = &mut inner.phase {
+            *in_flight = in_flight.saturating_sub(1);
+        }
+    }
 }
 
 impl Breaker {
@@ -122,7 +141,7 @@ impl Breaker {
     }
 
     /// Whether a request may go now; `None`: fail it fast.
-    pub fn admit(&self) -> Option<Ticket> {
+    pub fn admit(self: &std::sync::Arc<Self>) -> Option<Ticket> {
         let now = Instant::now();
         let mut inner = self.lock();
         if let Phase::Open { until, recovery } = inner.phase {
@@ -138,8 +157,10 @@ impl Breaker {
         let generation = inner.generation;
         match &mut inner.phase {
             Phase::Closed => Some(Ticket {
+                breaker: self.clone(),
                 generation,
                 probe: false,
+                reported: false,
             }),
             Phase::HalfOpen {
                 in_flight,
@@ -151,8 +172,10 @@ impl Breaker {
                 }
                 *in_flight += 1;
                 Some(Ticket {
+                    breaker: self.clone(),
                     generation,
                     probe: true,
+                    reported: false,
                 })
             }
             Phase::Open { .. } => unreachable!("an open circuit past its time half-opened above"),
@@ -160,7 +183,8 @@ impl Breaker {
     }
 
     /// Reports how an admitted request went.
-    pub fn record(&self, ticket: Ticket, success: bool) {
+    pub fn record(&self, mut ticket: Ticket, success: bool) {
+        ticket.reported = true;
         let now = Instant::now();
         let second = now.duration_since(self.epoch).as_secs();
         let mut inner = self.lock();
@@ -248,18 +272,18 @@ impl Inner {
 mod tests {
     use super::*;
 
-    fn breaker() -> Breaker {
-        Breaker::new(BreakerSettings {
+    fn breaker() -> std::sync::Arc<Breaker> {
+        std::sync::Arc::new(Breaker::new(BreakerSettings {
             threshold_percent: 50,
             window: Duration::from_secs(30),
             min_requests: 10,
             recovery: Duration::from_secs(10),
             max_recovery: Duration::from_secs(40),
             probes: 3,
-        })
+        }))
     }
 
-    fn run(breaker: &Breaker, successes: u32, failures: u32) {
+    fn run(breaker: &std::sync::Arc<Breaker>, successes: u32, failures: u32) {
         for i in 0..successes + failures {
             let ticket = breaker.admit().expect("admitted");
             breaker.record(ticket, i < successes);
@@ -340,6 +364,20 @@ mod tests {
         assert_eq!(b.state(), State::Open);
         b.record(late, true);
         assert_eq!(b.state(), State::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_dropped_unreported_gives_its_slot_back() {
+        let b = breaker();
+        run(&b, 0, 10);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let probes: Vec<Ticket> = (0..3).map(|_| b.admit().expect("a probe")).collect();
+        assert!(b.admit().is_none());
+        // The clients went away: no outcome, the slots come back.
+        drop(probes);
+        assert_eq!(b.state(), State::HalfOpen);
+        run(&b, 3, 0);
+        assert_eq!(b.state(), State::Closed);
     }
 
     #[test]

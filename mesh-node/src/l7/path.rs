@@ -4,12 +4,18 @@
 //!
 //! In order: the query is set aside; `%XX` escapes must be well formed,
 //! and those of unreserved characters (RFC 3986 §2.3) are decoded while
-//! the others stay encoded with upper-case digits; an encoded `/` or `\`
-//! is refused (whether it separates segments is for the application to
-//! say, so no rule can be sure), as are a raw `\`, control characters and
-//! a path not starting with `/`; runs of `/` merge; `.` and `..` segments
-//! are resolved (never above the root). Envoy's `normalize_path`,
-//! `merge_slashes` and `REJECT_REQUEST` for escaped slashes, together.
+//! the others stay encoded with upper-case digits, and raw non-ASCII bytes
+//! are encoded the same way (so `/café` and `/caf%C3%A9` are one path); an
+//! encoded `/` or `\` is refused (whether it separates segments is for the
+//! application to say, so no rule can be sure), as are a raw `\`, a `;`
+//! (path parameters, which some servers strip before routing: `/a;x/b`
+//! and `/public/..;/admin`), control characters and a path not starting
+//! with `/`; `.` and `..` segments are resolved as RFC 3986 §5.2.4 does
+//! (an empty segment counts: `/a//../b` is `/a/b`, never above the root);
+//! then runs of `/` merge. Envoy's `normalize_path`, `merge_slashes` and
+//! `REJECT_REQUEST` for escaped slashes, together. The HTTP path sends the
+//! normalised path on, so the application reads the path that was
+//! authorized.
 
 /// Why a path was refused (the request gets 400).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -24,6 +30,8 @@ pub enum PathError {
     Backslash,
     #[error("the path has a control character")]
     Control,
+    #[error("the path has a ';' (path parameters are not accepted)")]
+    Parameters,
 }
 
 /// The normalised form of `target`'s path (its query, if any, dropped).
@@ -56,13 +64,15 @@ pub fn normalize(target: &str) -> Result<String, PathError> {
                 i += 3;
             }
             b'\\' => return Err(PathError::Backslash),
+            b';' => return Err(PathError::Parameters),
             b if b < 0x20 || b == 0x7f => return Err(PathError::Control),
-            _ => {
-                // Multi-byte UTF-8 passes through whole: `path` is a str.
-                let len = utf8_len(byte);
-                decoded.push_str(&path[i..i + len]);
-                i += len;
-                continue;
+            b if b >= 0x80 => {
+                decoded.push_str(&format!("%{b:02X}"));
+                i += 1;
+            }
+            b => {
+                decoded.push(char::from(b));
+                i += 1;
             }
         }
     }
@@ -77,27 +87,18 @@ fn hex_value(digit: u8) -> u8 {
     }
 }
 
-fn utf8_len(first: u8) -> usize {
-    match first {
-        0x00..=0x7f => 1,
-        0xc0..=0xdf => 2,
-        0xe0..=0xef => 3,
-        _ => 4,
-    }
-}
-
 fn unreserved(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~')
 }
 
-/// Merges slashes and resolves dot segments of an absolute path.
+/// Resolves dot segments of an absolute path (RFC 3986 §5.2.4: an empty
+/// segment is a segment), then merges runs of slashes.
 fn resolve(path: &str) -> String {
     let mut segments: Vec<&str> = Vec::new();
     let mut trailing = false;
     for segment in path.split('/').skip(1) {
         trailing = false;
         match segment {
-            "" => trailing = true,
             "." => trailing = true,
             ".." => {
                 segments.pop();
@@ -106,12 +107,16 @@ fn resolve(path: &str) -> String {
             other => segments.push(other),
         }
     }
+    // `/a/` ends in an empty segment: the trailing slash it stands for.
+    if segments.last() == Some(&"") {
+        trailing = true;
+    }
     let mut out = String::with_capacity(path.len());
-    for segment in &segments {
+    for segment in segments.iter().filter(|s| !s.is_empty()) {
         out.push('/');
         out.push_str(segment);
     }
-    if trailing || segments.is_empty() {
+    if trailing || out.is_empty() {
         out.push('/');
     }
     out
@@ -128,7 +133,8 @@ pub fn matches(pattern: &str, path: &str) -> bool {
         return path.starts_with(prefix);
     }
     if let Some(suffix) = pattern.strip_prefix('*') {
-        return path.ends_with(suffix);
+        // `/db.bak/` is `/db.bak` to most servers.
+        return path.trim_end_matches('/').ends_with(suffix) || path.ends_with(suffix);
     }
     pattern == path
 }
@@ -159,7 +165,12 @@ mod tests {
             ("/a/b/..", "/a/"),
             ("/a%20b", "/a%20b"),
             ("/a%3fb", "/a%3Fb"),
-            ("/caf\u{e9}", "/caf\u{e9}"),
+            ("/caf\u{e9}", "/caf%C3%A9"),
+            ("/caf%c3%a9", "/caf%C3%A9"),
+            ("/admin//../secrets", "/admin/secrets"),
+            ("/a/b//../c", "/a/b/c"),
+            ("/a//b", "/a/b"),
+            ("/a/b/", "/a/b/"),
             ("/%7euser", "/~user"),
         ] {
             assert_eq!(normalize(raw).as_deref(), Ok(normal), "{raw}");
@@ -178,6 +189,8 @@ mod tests {
             ("/admin%zz", PathError::BadEscape),
             ("/admin%+1", PathError::BadEscape),
             ("/admin\u{0}", PathError::Control),
+            ("/public/..;/admin", PathError::Parameters),
+            ("/admin;x/users", PathError::Parameters),
             ("/admin\t", PathError::Control),
             ("admin", PathError::NotAbsolute),
             ("", PathError::NotAbsolute),
@@ -197,6 +210,7 @@ mod tests {
         assert!(!matches("/reviews/*", "/reviewsx/1"));
         assert!(matches("*.css", "/static/site.css"));
         assert!(!matches("*.css", "/static/site.css.map"));
+        assert!(matches("*.bak", "/db.bak/"));
         assert!(matches("*", "/anything"));
         // A rule on the normal form catches every spelling of it.
         let deny = "/admin/*";

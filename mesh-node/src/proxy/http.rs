@@ -41,7 +41,7 @@ use hyper_util::{
         Client,
         connect::{Connected, Connection},
     },
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
 use mesh_model::{
@@ -125,7 +125,7 @@ pub struct HttpState {
     breakers: Mutex<HashMap<ServiceKey, Arc<Breaker>>>,
     budgets: Mutex<HashMap<ServiceKey, Arc<RetryBudget>>>,
     /// Each hashing service's ring, with the endpoints it was built from.
-    rings: Mutex<HashMap<ServiceKey, BuiltRing>>,
+    rings: Mutex<HashMap<(ServiceKey, Option<&'static str>), BuiltRing>>,
     in_flight: InFlight,
     pub stats: HttpStats,
 }
@@ -163,15 +163,22 @@ impl HttpState {
             .clone()
     }
 
-    fn ring(&self, service: &ServiceKey, endpoints: &[SocketAddr]) -> Arc<HashRing> {
+    /// The ring over `endpoints` (one per service and split version).
+    fn ring(
+        &self,
+        service: &ServiceKey,
+        version: Option<Version>,
+        endpoints: &[SocketAddr],
+    ) -> Arc<HashRing> {
+        let key = (service.clone(), version.map(Version::as_str));
         let mut rings = super::lock(&self.rings);
-        if let Some((list, ring)) = rings.get(service)
+        if let Some((list, ring)) = rings.get(&key)
             && list == endpoints
         {
             return ring.clone();
         }
         let ring = Arc::new(HashRing::new(endpoints));
-        rings.insert(service.clone(), (endpoints.to_vec(), ring.clone()));
+        rings.insert(key, (endpoints.to_vec(), ring.clone()));
         ring
     }
 
@@ -204,7 +211,10 @@ impl Clients {
             ..connector.clone()
         };
         let mut builder = Client::builder(TokioExecutor::new());
+        // The timer lets idle connections close (and free the tunnel
+        // streams and destination permits they hold).
         builder
+            .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(32);
         let http1 = builder.build(connector.clone());
@@ -387,12 +397,7 @@ pub(super) async fn serve(
         let route = route.clone();
         async move { Ok::<_, Infallible>(handle(&route, request).await) }
     });
-    let mut server = auto::Builder::new(TokioExecutor::new());
-    // Header sections past 64 KiB or 100 fields get 431, as Envoy's
-    // defaults (60 KiB, 100).
-    server.http1().max_buf_size(MAX_HEADER_BYTES);
-    server.http2().max_header_list_size(MAX_HEADER_BYTES as u32);
-    let result = server
+    let result = server()
         .serve_connection(TokioIo::new(stream), handler)
         .await
         .map_err(io::Error::other);
@@ -424,10 +429,7 @@ pub(super) async fn serve_inbound(
             )
         }
     });
-    let mut server = auto::Builder::new(TokioExecutor::new());
-    server.http1().max_buf_size(MAX_HEADER_BYTES);
-    server.http2().max_header_list_size(MAX_HEADER_BYTES as u32);
-    server
+    server()
         .serve_connection(TokioIo::new(stream), handler)
         .await
         .map_err(io::Error::other)
@@ -465,8 +467,9 @@ async fn authorize_and_send(
         return local(state, Flag::Denied, &decision.reason());
     }
     let (parts, body) = request.into_parts();
-    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let uri: Uri = match format!("http://{target}{path_and_query}").parse() {
+    // The application gets the path that was authorized.
+    let query = parts.uri.query().map_or(String::new(), |q| format!("?{q}"));
+    let uri: Uri = match format!("http://{target}{path}{query}").parse() {
         Ok(uri) => uri,
         Err(error) => return local(state, Flag::BadRequest, &error.to_string()),
     };
@@ -485,6 +488,24 @@ async fn authorize_and_send(
             &format!("the application: {}", super::error_chain(&error)),
         ),
     }
+}
+
+/// How both ends serve HTTP: header sections past 64 KiB or 100 fields
+/// get 431 (Envoy's defaults are 60 KiB and 100); a request head must
+/// arrive within 30 s (hyper's default, which needs the timer), HTTP/2
+/// connections are pinged when idle.
+fn server() -> auto::Builder<TokioExecutor> {
+    let mut server = auto::Builder::new(TokioExecutor::new());
+    server
+        .http1()
+        .timer(TokioTimer::new())
+        .max_buf_size(MAX_HEADER_BYTES);
+    server
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
+    server
 }
 
 /// An answer the proxy makes itself.
@@ -509,9 +530,50 @@ async fn handle(route: &Route, request: Request<Incoming>) -> Response<Body> {
     if let Err(why) = unambiguous_framing(request.headers()) {
         return local(state, Flag::BadRequest, why);
     }
-    let directory = mesh.directory.borrow().clone();
     let key = &route.service.key;
+    // Endpoints, policy and splits of a service of another namespace come
+    // on demand.
+    let directory = match mesh.service_config(key).await {
+        Ok(directory) => directory,
+        Err(why) => return local(state, Flag::NoHealthyUpstream, &why),
+    };
     let policy = directory.service_policy(key);
+    let timeout = Duration::from_millis(policy.timeout_ms.max(1) as u64);
+
+    // The body first, within the timeout: a client that cannot send it is
+    // no verdict on the service.
+    let (mut parts, body) = request.into_parts();
+    let replay = match body.size_hint().upper() {
+        Some(size) if size <= REPLAY_LIMIT => {
+            let read = Limited::new(body, REPLAY_LIMIT as usize).collect();
+            match tokio::time::timeout(timeout, read).await {
+                Ok(Ok(collected)) => Replay::Kept(collected.to_bytes()),
+                Ok(Err(error)) => {
+                    return local(
+                        state,
+                        Flag::BadRequest,
+                        &format!("reading the request: {error}"),
+                    );
+                }
+                Err(_) => {
+                    return local(
+                        state,
+                        Flag::Timeout,
+                        "the request body did not arrive in time",
+                    );
+                }
+            }
+        }
+        _ => Replay::Once(Some(body)),
+    };
+    // HTTP/2 carries the host in the authority; an HTTP/1.1 upstream
+    // needs it as a header.
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(authority) = parts.uri.authority()
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        parts.headers.insert(header::HOST, host);
+    }
 
     let split = directory.split_for(key, directory.local(&route.pod.name));
     let version = split.map(|split| {
@@ -522,7 +584,7 @@ async fn handle(route: &Route, request: Request<Incoming>) -> Response<Body> {
             fastrand::u32(1..=total)
         };
         split.rule.choose(
-            |name| request.headers().get(name).and_then(|v| v.to_str().ok()),
+            |name| parts.headers.get(name).and_then(|v| v.to_str().ok()),
             roll,
         )
     });
@@ -540,31 +602,14 @@ async fn handle(route: &Route, request: Request<Incoming>) -> Response<Body> {
         return local(state, Flag::CircuitOpen, "the service's circuit is open");
     };
 
-    let (parts, body) = request.into_parts();
-    let replay = match body.size_hint().upper() {
-        Some(size) if size <= REPLAY_LIMIT => {
-            match Limited::new(body, REPLAY_LIMIT as usize).collect().await {
-                Ok(collected) => Replay::Kept(collected.to_bytes()),
-                Err(error) => {
-                    breaker.record(ticket, true);
-                    return local(
-                        state,
-                        Flag::BadRequest,
-                        &format!("reading the request: {error}"),
-                    );
-                }
-            }
-        }
-        _ => Replay::Once(Some(body)),
-    };
     let retry = RetryPolicy {
         retries: policy.retry_attempts.max(0) as u32,
         ..RetryPolicy::default()
     };
     let budget = state.budget(key);
     budget.request();
-    let timeout = Duration::from_millis(policy.timeout_ms.max(1) as u64);
     let exchange = Exchange {
+        version,
         route,
         state,
         parts: &parts,
@@ -612,12 +657,10 @@ async fn whole_if_small(response: Response<Incoming>) -> Result<Response<Body>, 
     let (parts, body) = response.into_parts();
     let body = match body.size_hint().exact() {
         Some(size) if size <= WHOLE_BODY => {
-            let bytes = body
-                .collect()
+            // Collected keeps the trailers (gRPC's status) after the data.
+            body.collect()
                 .await
                 .map_err(|e| format!("the upstream's response broke off: {e}"))?
-                .to_bytes();
-            Full::new(bytes)
                 .map_err(|never| match never {})
                 .boxed_unsync()
         }
@@ -672,6 +715,7 @@ impl Replay {
 
 /// One request's attempts.
 struct Exchange<'a> {
+    version: Option<Version>,
     route: &'a Route,
     state: &'a HttpState,
     parts: &'a http::request::Parts,
@@ -769,7 +813,7 @@ impl Exchange<'_> {
                     .and_then(|name| self.parts.headers.get(name));
                 match value {
                     Some(value) => {
-                        let ring = self.state.ring(key, pool);
+                        let ring = self.state.ring(key, self.version, pool);
                         pool[ring.pick(value.as_bytes()).unwrap_or(0)]
                     }
                     // No key: spread like round robin.

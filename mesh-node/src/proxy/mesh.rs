@@ -350,6 +350,35 @@ pub(super) async fn carry(
 }
 
 impl MeshPath {
+    /// The directory once it holds the endpoints of `service` (asking the
+    /// control plane for them, and waiting, when it does not yet).
+    pub(super) async fn service_config(
+        &self,
+        service: &ServiceKey,
+    ) -> Result<Arc<Directory>, String> {
+        let mut updates = self.directory.clone();
+        let deadline = tokio::time::Instant::now() + ON_DEMAND_WAIT;
+        loop {
+            let directory = updates.borrow_and_update().clone();
+            if directory.endpoints_of(service).is_some() {
+                return Ok(directory);
+            }
+            let Some(demand) = &self.demand else {
+                return Err("this node holds no endpoints of the service".to_owned());
+            };
+            demand.want(&service.0, &service.1);
+            match tokio::time::timeout_at(deadline, updates.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err("the configuration is gone".to_owned()),
+                Err(_) => {
+                    return Err(format!(
+                        "the service's endpoints did not arrive within {ON_DEMAND_WAIT:?}"
+                    ));
+                }
+            }
+        }
+    }
+
     /// The next healthy endpoint of `service` serving `port`, with the
     /// directory it was found in (a newer one when the endpoints had to be
     /// asked for first).
@@ -358,36 +387,18 @@ impl MeshPath {
         service: Arc<VirtualService>,
         port: u16,
     ) -> Result<(Arc<Directory>, SocketAddr), String> {
-        let mut updates = self.directory.clone();
-        let deadline = tokio::time::Instant::now() + ON_DEMAND_WAIT;
-        loop {
-            let directory = updates.borrow_and_update().clone();
-            match directory.service_target(&service, port) {
-                ServiceTarget::NoPort => {
-                    return Err(format!("the service declares no port {port}"));
-                }
-                ServiceTarget::Endpoints(endpoints) if endpoints.is_empty() => {
-                    return Err(format!("no healthy endpoint serves port {port}"));
-                }
-                ServiceTarget::Endpoints(endpoints) => {
-                    let endpoint = endpoints[self.balancer.next(&service.key, endpoints.len())];
-                    return Ok((directory, endpoint));
-                }
-                ServiceTarget::Unknown((namespace, name)) => {
-                    let Some(demand) = &self.demand else {
-                        return Err("this node holds no endpoints of the service".to_owned());
-                    };
-                    demand.want(namespace, name);
-                    match tokio::time::timeout_at(deadline, updates.changed()).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) => return Err("the configuration is gone".to_owned()),
-                        Err(_) => {
-                            return Err(format!(
-                                "its endpoints did not arrive within {ON_DEMAND_WAIT:?}"
-                            ));
-                        }
-                    }
-                }
+        let directory = self.service_config(&service.key).await?;
+        match directory.service_target(&service, port) {
+            ServiceTarget::NoPort => Err(format!("the service declares no port {port}")),
+            ServiceTarget::Endpoints(endpoints) if endpoints.is_empty() => {
+                Err(format!("no healthy endpoint serves port {port}"))
+            }
+            ServiceTarget::Endpoints(endpoints) => {
+                let endpoint = endpoints[self.balancer.next(&service.key, endpoints.len())];
+                Ok((directory, endpoint))
+            }
+            ServiceTarget::Unknown(_) => {
+                Err("this node holds no endpoints of the service".to_owned())
             }
         }
     }

@@ -34,6 +34,34 @@ pub struct ServicePolicySpec {
     /// How long an open circuit waits before letting a probe through.
     #[serde(default = "d_cb_recovery_timeout_ms")]
     pub cb_recovery_timeout_ms: i32,
+    /// A limit on the requests each workload of the service accepts (its
+    /// HTTP ports), enforced at the workload's node; none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// Largest rate or burst accepted.
+pub const MAX_RATE: u32 = 1_000_000;
+
+/// A token bucket: `requests_per_second` sustained, `burst` at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub requests_per_second: u32,
+    /// Requests let through at once on top of the rate; absent: one
+    /// second's worth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// One bucket per caller identity rather than one for all callers.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub per_source: bool,
+}
+
+impl RateLimit {
+    /// The bucket's size.
+    pub fn capacity(&self) -> u32 {
+        self.burst.unwrap_or(self.requests_per_second)
+    }
 }
 
 fn d_retry_attempts() -> i32 {
@@ -60,6 +88,7 @@ impl Default for ServicePolicySpec {
             cb_threshold: DEFAULT_CB_THRESHOLD,
             cb_window_sec: DEFAULT_CB_WINDOW_SEC,
             cb_recovery_timeout_ms: DEFAULT_CB_RECOVERY_TIMEOUT_MS,
+            rate_limit: None,
         }
     }
 }
@@ -78,5 +107,18 @@ impl Spec for ServicePolicySpec {
             1,
             MAX_DURATION_MS,
         );
+        if let Some(limit) = &self.rate_limit {
+            errors.nested("rate_limit", |errors| {
+                errors.range(
+                    "requests_per_second",
+                    i64::from(limit.requests_per_second),
+                    1,
+                    i64::from(MAX_RATE),
+                );
+                if let Some(burst) = limit.burst {
+                    errors.range("burst", i64::from(burst), 1, i64::from(MAX_RATE));
+                }
+            });
+        }
     }
 }

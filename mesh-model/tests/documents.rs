@@ -361,3 +361,28 @@ fn authorization_paths_are_exact_prefix_suffix_or_any() {
         );
     }
 }
+
+#[test]
+fn a_rate_limit_names_what_is_out_of_range() {
+    let policy = |limit: &str| {
+        format!(
+            "apiVersion: mesh.io/v1\nkind: ServicePolicy\nmetadata: {{name: p}}\nspec: {{rate_limit: {limit}}}\n"
+        )
+    };
+    let resources = parse_documents(&policy("{requests_per_second: 100}")).unwrap();
+    let Resource::ServicePolicy(parsed) = &resources[0] else {
+        panic!()
+    };
+    let limit = parsed.spec.rate_limit.unwrap();
+    assert_eq!((limit.capacity(), limit.per_source), (100, false));
+    assert_eq!(
+        errors(&policy("{requests_per_second: 0, burst: 2000000}")),
+        vec![
+            "ServicePolicy/p: spec.rate_limit.requests_per_second: must be >= 1 (got 0)\n\
+             ServicePolicy/p: spec.rate_limit.burst: must be <= 1000000 (got 2000000)"
+                .to_owned()
+        ]
+    );
+    let found = errors(&policy("{requests_per_second: 5, per_caller: true}"));
+    assert!(found[0].contains("unknown field `per_caller`"), "{found:?}");
+}

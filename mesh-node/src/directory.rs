@@ -239,27 +239,21 @@ impl Directory {
     }
 
     /// What the workload `pod` of this node speaks on its port `port`: the
-    /// protocol a service it serves declares for that port (the first
-    /// that is not plain TCP), else TCP.
-    pub fn inbound_protocol(&self, pod: &str, port: u16) -> Protocol {
-        let Some(local) = self.local.get(pod) else {
-            return Protocol::Tcp;
-        };
-        let namespace = local.workload.namespace().to_owned();
-        local
-            .workload
-            .spec
-            .services
-            .iter()
-            .filter_map(|service| {
-                self.service_ports
-                    .get(&(namespace.clone(), service.clone()))
-            })
-            .flatten()
-            .filter(|p| p.workload_port() == port && p.protocol != Protocol::Tcp)
-            .map(|p| p.protocol)
-            .next()
-            .unwrap_or(Protocol::Tcp)
+    /// first service it serves that declares that port other than plain
+    /// TCP, with the protocol; `None`: TCP.
+    pub fn inbound_service(&self, pod: &str, port: u16) -> Option<(ServiceKey, Protocol)> {
+        let local = self.local.get(pod)?;
+        let namespace = local.workload.namespace();
+        local.workload.spec.services.iter().find_map(|service| {
+            let key = (namespace.to_owned(), service.clone());
+            let protocol = self
+                .service_ports
+                .get(&key)?
+                .iter()
+                .find(|p| p.workload_port() == port && p.protocol != Protocol::Tcp)?
+                .protocol;
+            Some((key, protocol))
+        })
     }
 
     /// The policy for calls to `service`: its ServicePolicy, or the seed's

@@ -2,7 +2,8 @@
 //! goes through before and after it leaves — which endpoint
 //! ([`balance`]), whether the service is failing ([`breaker`]), whether and
 //! when to try again ([`retry`]) — and at the destination, the path an
-//! authorization rule is matched against ([`path`]).
+//! authorization rule is matched against ([`path`]) and the workload's
+//! rate limit ([`ratelimit`]).
 //!
 //! Each module is a pure policy over explicit inputs (time, random rolls,
 //! observed outcomes) so it can be tested exhaustively with paused time.
@@ -10,4 +11,5 @@
 pub mod balance;
 pub mod breaker;
 pub mod path;
+pub mod ratelimit;
 pub mod retry;

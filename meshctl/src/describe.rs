@@ -51,6 +51,15 @@ pub fn service(answer: &serde_json::Value) -> anyhow::Result<String> {
         policy.timeout_ms,
         circuit(&policy)
     );
+    if let Some(limit) = &policy.rate_limit {
+        let _ = writeln!(
+            out,
+            "Rate limit:     {}/s per workload{}, burst {}",
+            limit.requests_per_second,
+            if limit.per_source { " and caller" } else { "" },
+            limit.capacity()
+        );
+    }
 
     let _ = writeln!(out, "Traffic splits:");
     let splits = answer["traffic_splits"]

@@ -1052,4 +1052,32 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
         &["--to", vip, "--path", "/elsewhere"],
     );
     assert_eq!(count(&answer, "statuses", "200"), 1, "{answer}");
+
+    // A rate limit at the destination: a flood as fast as the client goes
+    // gets the burst and then 100 a second; the rest get 429.
+    mesh.apply(
+        "apiVersion: mesh.io/v1\nkind: ServicePolicy\nmetadata: {name: reviews, namespace: shop}\n\
+         spec: {rate_limit: {requests_per_second: 100, burst: 10}}\n",
+    );
+    let started = Instant::now();
+    let flood = summary(
+        &mesh,
+        "shop/frontend",
+        &["--to", &v2_addr, "--count", "1500", "--keep-alive"],
+    );
+    let took = started.elapsed().as_secs_f64();
+    let admitted = count(&flood, "statuses", "200") as f64;
+    let expected = 10.0 + 100.0 * took;
+    eprintln!(
+        "rate limit: {admitted} of 1500 admitted in {took:.2} s (expected about {expected:.0})"
+    );
+    assert!(
+        1500.0 / took > 200.0,
+        "the flood was too slow to test a limit: {took:.2} s"
+    );
+    assert!(
+        admitted >= 0.9 * expected && admitted <= 1.1 * expected + 1.0,
+        "{admitted} admitted in {took:.2} s: {flood}"
+    );
+    assert_eq!(count(&flood, "flags", "RL") as f64, 1500.0 - admitted);
 }

@@ -62,6 +62,7 @@ use crate::{
     l7::{
         balance::{self, HashRing, InFlight},
         breaker::{Breaker, BreakerSettings},
+        ratelimit::TokenBucket,
         retry::{Attempt, RetryBudget, RetryPolicy},
     },
 };
@@ -94,6 +95,8 @@ pub enum Flag {
     BadRequest,
     /// Refused by authorization at the destination.
     Denied,
+    /// Over the workload's rate limit.
+    RateLimited,
 }
 
 impl Flag {
@@ -106,6 +109,7 @@ impl Flag {
             Flag::UpstreamReset => "UC",
             Flag::BadRequest => "DPE",
             Flag::Denied => "RBAC",
+            Flag::RateLimited => "RL",
         }
     }
 
@@ -114,6 +118,7 @@ impl Flag {
             Flag::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Flag::BadRequest => StatusCode::BAD_REQUEST,
             Flag::Denied => StatusCode::FORBIDDEN,
+            Flag::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -127,8 +132,12 @@ pub struct HttpState {
     /// Each hashing service's ring, with the endpoints it was built from.
     rings: Mutex<HashMap<(ServiceKey, Option<&'static str>), BuiltRing>>,
     in_flight: InFlight,
+    /// Inbound rate limits: (pod, service, caller when per source).
+    buckets: Mutex<HashMap<BucketKey, TokenBucket>>,
     pub stats: HttpStats,
 }
+
+type BucketKey = (String, ServiceKey, Option<String>);
 
 type BuiltRing = (Vec<SocketAddr>, Arc<HashRing>);
 
@@ -180,6 +189,25 @@ impl HttpState {
         let ring = Arc::new(HashRing::new(endpoints));
         rings.insert(key, (endpoints.to_vec(), ring.clone()));
         ring
+    }
+
+    /// Takes a token from the bucket of `pod`'s `service` (and `source`);
+    /// a changed limit starts a full bucket.
+    fn take_token(
+        &self,
+        pod: &str,
+        service: &ServiceKey,
+        source: Option<String>,
+        limit: mesh_model::policy::RateLimit,
+    ) -> bool {
+        let mut buckets = super::lock(&self.buckets);
+        let bucket = buckets
+            .entry((pod.to_owned(), service.clone(), source))
+            .or_insert_with(|| TokenBucket::new(limit));
+        if bucket.limit() != limit {
+            *bucket = TokenBucket::new(limit);
+        }
+        bucket.try_take()
     }
 
     fn answered(&self, flag: Flag) {
@@ -416,18 +444,21 @@ pub(super) async fn serve_inbound(
     stream: TunnelIo,
     caller: Arc<mesh_identity::SpiffeId>,
     target: SocketAddr,
-    protocol: Protocol,
+    service: (ServiceKey, Protocol),
     pod: &Arc<PodContext>,
     mesh: &Arc<MeshPath>,
 ) -> io::Result<()> {
-    let (pod, mesh) = (pod.clone(), mesh.clone());
+    let inbound = Arc::new(Inbound {
+        pod: pod.clone(),
+        mesh: mesh.clone(),
+        caller,
+        target,
+        service: service.0,
+        protocol: service.1,
+    });
     let handler = hyper::service::service_fn(move |request| {
-        let (pod, mesh, caller) = (pod.clone(), mesh.clone(), caller.clone());
-        async move {
-            Ok::<_, Infallible>(
-                authorize_and_send(&pod, &mesh, &caller, target, protocol, request).await,
-            )
-        }
+        let inbound = inbound.clone();
+        async move { Ok::<_, Infallible>(authorize_and_send(&inbound, request).await) }
     });
     server()
         .serve_connection(TokioIo::new(stream), handler)
@@ -435,14 +466,27 @@ pub(super) async fn serve_inbound(
         .map_err(io::Error::other)
 }
 
-async fn authorize_and_send(
-    pod: &Arc<PodContext>,
-    mesh: &Arc<MeshPath>,
-    caller: &mesh_identity::SpiffeId,
+/// What every request of one inbound tunnel stream shares.
+struct Inbound {
+    pod: Arc<PodContext>,
+    mesh: Arc<MeshPath>,
+    caller: Arc<mesh_identity::SpiffeId>,
     target: SocketAddr,
+    /// The service whose port this is (its policy holds the rate limit).
+    service: ServiceKey,
     protocol: Protocol,
-    request: Request<Incoming>,
-) -> Response<Body> {
+}
+
+async fn authorize_and_send(inbound: &Inbound, request: Request<Incoming>) -> Response<Body> {
+    let Inbound {
+        pod,
+        mesh,
+        caller,
+        target,
+        service,
+        protocol,
+    } = inbound;
+    let (target, protocol) = (*target, *protocol);
     let state = &mesh.http;
     if let Err(why) = unambiguous_framing(request.headers()) {
         return local(state, Flag::BadRequest, why);
@@ -451,7 +495,8 @@ async fn authorize_and_send(
         Ok(path) => path,
         Err(error) => return local(state, Flag::BadRequest, &error.to_string()),
     };
-    let decision = mesh.directory.borrow().authorize(
+    let directory = mesh.directory.borrow().clone();
+    let decision = directory.authorize(
         &pod.name,
         &crate::policy::Request {
             caller: Some(caller),
@@ -465,6 +510,16 @@ async fn authorize_and_send(
     if !decision.allowed() {
         tracing::info!(pod = %pod.name, %caller, method = %request.method(), path, reason = %decision.reason(), "request refused");
         return local(state, Flag::Denied, &decision.reason());
+    }
+    if let Some(limit) = directory.service_policy(service).rate_limit {
+        let source = limit.per_source.then(|| caller.to_string());
+        if !state.take_token(&pod.name, service, source, limit) {
+            return local(
+                state,
+                Flag::RateLimited,
+                &format!("over {} requests a second", limit.requests_per_second),
+            );
+        }
     }
     let (parts, body) = request.into_parts();
     // The application gets the path that was authorized.

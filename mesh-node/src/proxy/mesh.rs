@@ -655,7 +655,8 @@ async fn tunnel_in(
     let directory = mesh.directory.borrow().clone();
     // An HTTP port is authorized request by request (method and path);
     // the stream is refused only when no request of this caller could be.
-    let protocol = directory.inbound_protocol(&pod.name, target.port());
+    let service = directory.inbound_service(&pod.name, target.port());
+    let protocol = service.as_ref().map_or(Protocol::Tcp, |(_, p)| *p);
     let decision = directory.authorize(
         &pod.name,
         &Request {
@@ -675,7 +676,7 @@ async fn tunnel_in(
     }
     if protocol != Protocol::Tcp {
         drop(directory);
-        return tunnel_in_http(incoming, caller, remote, target, protocol, trace, pod, mesh).await;
+        return tunnel_in_http(incoming, caller, remote, target, service, trace, pod, mesh).await;
     }
     let Ok(permit) = pod.permits.clone().try_acquire_owned() else {
         return incoming.refuse(StatusCode::SERVICE_UNAVAILABLE);
@@ -724,11 +725,14 @@ async fn tunnel_in_http(
     caller: &Arc<SpiffeId>,
     remote: SocketAddr,
     target: SocketAddr,
-    protocol: Protocol,
+    service: Option<(ServiceKey, Protocol)>,
     trace: Option<String>,
     pod: &Arc<PodContext>,
     mesh: &Arc<MeshPath>,
 ) {
+    let Some(service) = service else {
+        return incoming.refuse(StatusCode::INTERNAL_SERVER_ERROR);
+    };
     let Ok(permit) = pod.permits.clone().try_acquire_owned() else {
         return incoming.refuse(StatusCode::SERVICE_UNAVAILABLE);
     };
@@ -754,7 +758,7 @@ async fn tunnel_in_http(
             .register(&pod.name, Some(caller.clone()), target.port(), true);
     let stream = hbone::TunnelIo::accepted(send, recv);
     let result = tokio::select! {
-        result = super::http::serve_inbound(stream, caller.clone(), target, protocol, pod, mesh) => result,
+        result = super::http::serve_inbound(stream, caller.clone(), target, service, pod, mesh) => result,
         () = revoke.notified() => Err(revoked_error()),
     };
     drop(permit);

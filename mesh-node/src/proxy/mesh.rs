@@ -674,20 +674,22 @@ async fn tunnel_in(
         count(Outcome::Denied);
         return incoming.refuse(StatusCode::FORBIDDEN);
     }
-    if protocol != Protocol::Tcp {
-        drop(directory);
-        return tunnel_in_http(incoming, caller, remote, target, service, trace, pod, mesh).await;
-    }
+    drop(directory);
     let Ok(permit) = pod.permits.clone().try_acquire_owned() else {
         return incoming.refuse(StatusCode::SERVICE_UNAVAILABLE);
     };
-    let mut app = match dial(&pod.netns, target).await {
-        Ok(app) => app,
-        Err(error) => {
-            tracing::debug!(pod = %pod.name, %target, %error, "application connect failed");
-            count(Outcome::UpstreamFailed);
-            return incoming.refuse(StatusCode::SERVICE_UNAVAILABLE);
-        }
+    // A TCP port: the application is dialled before the stream is
+    // answered, so a refusal reaches the caller as 503.
+    let upstream = match service {
+        Some(service) => Inner::Http(service),
+        None => match dial(&pod.netns, target).await {
+            Ok(app) => Inner::Tcp(app),
+            Err(error) => {
+                tracing::debug!(pod = %pod.name, %target, %error, "application connect failed");
+                count(Outcome::UpstreamFailed);
+                return incoming.refuse(StatusCode::SERVICE_UNAVAILABLE);
+            }
+        },
     };
     let (send, recv) = match incoming.accept() {
         Ok(halves) => halves,
@@ -705,62 +707,37 @@ async fn tunnel_in(
         remote,
         target,
     ));
+    let http = matches!(upstream, Inner::Http(_));
     let (_registration, revoke) =
         mesh.streams
-            .register(&pod.name, Some(caller.clone()), target.port(), false);
+            .register(&pod.name, Some(caller.clone()), target.port(), http);
     let revoked = async move {
         revoke.notified().await;
         revoked_error()
     };
-    let (moved, result) = hbone::splice(&mut app, send, recv, revoked).await;
-    drop(permit);
-    open.finish(moved.sent, moved.received, trace.as_deref(), &result);
-}
-
-/// A tunnel stream to an HTTP port of the pod: accepted, then served
-/// request by request ([`super::http::serve_inbound`]).
-#[allow(clippy::too_many_arguments)]
-async fn tunnel_in_http(
-    incoming: Incoming,
-    caller: &Arc<SpiffeId>,
-    remote: SocketAddr,
-    target: SocketAddr,
-    service: Option<(ServiceKey, Protocol)>,
-    trace: Option<String>,
-    pod: &Arc<PodContext>,
-    mesh: &Arc<MeshPath>,
-) {
-    let Some(service) = service else {
-        return incoming.refuse(StatusCode::INTERNAL_SERVER_ERROR);
-    };
-    let Ok(permit) = pod.permits.clone().try_acquire_owned() else {
-        return incoming.refuse(StatusCode::SERVICE_UNAVAILABLE);
-    };
-    let (send, recv) = match incoming.accept() {
-        Ok(halves) => halves,
-        Err(error) => {
-            tracing::debug!(pod = %pod.name, %error, "tunnel stream ended before it was answered");
-            return;
+    let (sent, received, result) = match upstream {
+        // Served request by request, each authorized on method and path.
+        Inner::Http(service) => {
+            let stream = hbone::TunnelIo::accepted(send, recv);
+            let result = tokio::select! {
+                result = super::http::serve_inbound(stream, caller.clone(), target, service, pod, mesh) => result,
+                error = revoked => Err(error),
+            };
+            (0, 0, result)
+        }
+        Inner::Tcp(mut app) => {
+            let (moved, result) = hbone::splice(&mut app, send, recv, revoked).await;
+            (moved.sent, moved.received, result)
         }
     };
-    pod.connections
-        .count(&pod.name, Direction::Inbound, Outcome::Relayed);
-    let open = pod.connections.register(connection_info(
-        pod,
-        Direction::Inbound,
-        Some(caller.to_string()),
-        Security::Mtls,
-        remote,
-        target,
-    ));
-    let (_registration, revoke) =
-        mesh.streams
-            .register(&pod.name, Some(caller.clone()), target.port(), true);
-    let stream = hbone::TunnelIo::accepted(send, recv);
-    let result = tokio::select! {
-        result = super::http::serve_inbound(stream, caller.clone(), target, service, pod, mesh) => result,
-        () = revoke.notified() => Err(revoked_error()),
-    };
     drop(permit);
-    open.finish(0, 0, trace.as_deref(), &result);
+    open.finish(sent, received, trace.as_deref(), &result);
+}
+
+/// What an accepted tunnel stream is carried to.
+enum Inner {
+    /// An HTTP port of this service.
+    Http((ServiceKey, Protocol)),
+    /// The application's connection.
+    Tcp(TcpStream),
 }

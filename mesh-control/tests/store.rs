@@ -223,7 +223,10 @@ spec: {node: node1, ip: "fd00:89:1::2", services: [reviews], version: v2, servic
 apiVersion: mesh.io/v1
 kind: ServicePolicy
 metadata: {name: reviews, namespace: shop}
-spec: {timeout_ms: 250, rate_limit: {requests_per_second: 100, burst: 20, per_source: true}}
+spec:
+  timeout_ms: 250
+  rate_limit: {requests_per_second: 100, burst: 20, per_source: true}
+  retry: {on_statuses: [409, 502], non_idempotent: true, backoff_max_ms: 1000}
 ---
 apiVersion: mesh.io/v1
 kind: TrafficSplit

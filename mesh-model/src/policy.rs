@@ -38,6 +38,116 @@ pub struct ServicePolicySpec {
     /// HTTP ports), enforced at the workload's node; none by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// What is retried and how (beyond the number of retries); absent: the
+    /// seed's defaults, `RetrySettings::default()`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetrySettings>,
+}
+
+/// How callers retry a service's requests. Connection failures (nothing
+/// was sent) and 503 are always retried; the statuses listed here are
+/// retried too.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySettings {
+    /// Statuses besides 503 worth another try: 409 by default (Envoy's
+    /// "retriable-4xx"). Each from 400 to 599.
+    #[serde(default = "d_retry_statuses")]
+    pub on_statuses: Vec<u16>,
+    /// Retry POST and PATCH too; they are retried only when the connection
+    /// failed before anything was sent otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub non_idempotent: bool,
+    /// Upper bound of the first wait; each retry doubles it, up to
+    /// `backoff_max_ms`. The wait is uniform below the bound (full jitter).
+    #[serde(default = "d_backoff_base_ms")]
+    pub backoff_base_ms: u32,
+    #[serde(default = "d_backoff_max_ms")]
+    pub backoff_max_ms: u32,
+    /// Retries allowed, in percent of the service's requests over the last
+    /// 10 s, per calling node.
+    #[serde(default = "d_budget_percent")]
+    pub budget_percent: u32,
+    /// Retries allowed per second whatever the traffic.
+    #[serde(default = "d_budget_min_per_second")]
+    pub budget_min_per_second: u32,
+}
+
+pub const DEFAULT_RETRY_STATUSES: [u16; 1] = [409];
+pub const DEFAULT_BACKOFF_BASE_MS: u32 = 25;
+pub const DEFAULT_BACKOFF_MAX_MS: u32 = 250;
+pub const DEFAULT_BUDGET_PERCENT: u32 = 20;
+pub const DEFAULT_BUDGET_MIN_PER_SECOND: u32 = 3;
+/// Longest backoff accepted: a minute.
+pub const MAX_BACKOFF_MS: u32 = 60_000;
+/// Most retriable statuses listed.
+pub const MAX_RETRY_STATUSES: usize = 32;
+
+fn d_retry_statuses() -> Vec<u16> {
+    DEFAULT_RETRY_STATUSES.to_vec()
+}
+fn d_backoff_base_ms() -> u32 {
+    DEFAULT_BACKOFF_BASE_MS
+}
+fn d_backoff_max_ms() -> u32 {
+    DEFAULT_BACKOFF_MAX_MS
+}
+fn d_budget_percent() -> u32 {
+    DEFAULT_BUDGET_PERCENT
+}
+fn d_budget_min_per_second() -> u32 {
+    DEFAULT_BUDGET_MIN_PER_SECOND
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        Self {
+            on_statuses: d_retry_statuses(),
+            non_idempotent: false,
+            backoff_base_ms: DEFAULT_BACKOFF_BASE_MS,
+            backoff_max_ms: DEFAULT_BACKOFF_MAX_MS,
+            budget_percent: DEFAULT_BUDGET_PERCENT,
+            budget_min_per_second: DEFAULT_BUDGET_MIN_PER_SECOND,
+        }
+    }
+}
+
+impl RetrySettings {
+    fn validate(&self, errors: &mut FieldErrors) {
+        if self.on_statuses.len() > MAX_RETRY_STATUSES {
+            errors.add(
+                "on_statuses",
+                format!(
+                    "at most {MAX_RETRY_STATUSES} statuses (got {})",
+                    self.on_statuses.len()
+                ),
+            );
+        }
+        errors.nested("on_statuses", |errors| {
+            for (i, status) in self.on_statuses.iter().enumerate() {
+                errors.range(&format!("[{i}]"), *status, 400, 599);
+            }
+        });
+        errors.range("backoff_base_ms", self.backoff_base_ms, 1, MAX_BACKOFF_MS);
+        if self.backoff_max_ms < self.backoff_base_ms {
+            errors.add(
+                "backoff_max_ms",
+                format!(
+                    "must be >= backoff_base_ms ({}) (got {})",
+                    self.backoff_base_ms, self.backoff_max_ms
+                ),
+            );
+        } else {
+            errors.range("backoff_max_ms", self.backoff_max_ms, 1, MAX_BACKOFF_MS);
+        }
+        errors.range("budget_percent", self.budget_percent, 0, 100);
+        errors.range(
+            "budget_min_per_second",
+            self.budget_min_per_second,
+            0,
+            MAX_RATE,
+        );
+    }
 }
 
 /// Largest rate or burst accepted.
@@ -89,6 +199,7 @@ impl Default for ServicePolicySpec {
             cb_window_sec: DEFAULT_CB_WINDOW_SEC,
             cb_recovery_timeout_ms: DEFAULT_CB_RECOVERY_TIMEOUT_MS,
             rate_limit: None,
+            retry: None,
         }
     }
 }
@@ -119,6 +230,9 @@ impl Spec for ServicePolicySpec {
                     errors.range("burst", i64::from(burst), 1, i64::from(MAX_RATE));
                 }
             });
+        }
+        if let Some(retry) = &self.retry {
+            errors.nested("retry", |errors| retry.validate(errors));
         }
     }
 }

@@ -386,3 +386,43 @@ fn a_rate_limit_names_what_is_out_of_range() {
     let found = errors(&policy("{requests_per_second: 5, per_caller: true}"));
     assert!(found[0].contains("unknown field `per_caller`"), "{found:?}");
 }
+
+#[test]
+fn retry_settings_default_per_field_and_name_what_is_wrong() {
+    let policy = |retry: &str| {
+        format!(
+            "apiVersion: mesh.io/v1\nkind: ServicePolicy\nmetadata: {{name: p}}\nspec: {{retry: {retry}}}\n"
+        )
+    };
+    let resources =
+        parse_documents(&policy("{on_statuses: [409, 429], backoff_max_ms: 400}")).unwrap();
+    let Resource::ServicePolicy(parsed) = &resources[0] else {
+        panic!()
+    };
+    let retry = parsed.spec.retry.clone().unwrap();
+    assert_eq!(retry.on_statuses, [409, 429]);
+    assert_eq!(
+        (
+            retry.backoff_base_ms,
+            retry.backoff_max_ms,
+            retry.budget_percent
+        ),
+        (25, 400, 20)
+    );
+    assert!(!retry.non_idempotent);
+
+    assert_eq!(
+        errors(&policy(
+            "{on_statuses: [409, 200, 600], backoff_base_ms: 100, backoff_max_ms: 50, budget_percent: 101}"
+        )),
+        vec![
+            "ServicePolicy/p: spec.retry.on_statuses[1]: must be >= 400 (got 200)\n\
+             ServicePolicy/p: spec.retry.on_statuses[2]: must be <= 599 (got 600)\n\
+             ServicePolicy/p: spec.retry.backoff_max_ms: must be >= backoff_base_ms (100) (got 50)\n\
+             ServicePolicy/p: spec.retry.budget_percent: must be <= 100 (got 101)"
+                .to_owned()
+        ]
+    );
+    let found = errors(&policy("{retry_on: [409]}"));
+    assert!(found[0].contains("unknown field `retry_on`"), "{found:?}");
+}

@@ -51,6 +51,25 @@ pub fn service(answer: &serde_json::Value) -> anyhow::Result<String> {
         policy.timeout_ms,
         circuit(&policy)
     );
+    let retry = policy.retry.clone().unwrap_or_default();
+    let statuses: Vec<String> = retry.on_statuses.iter().map(u16::to_string).collect();
+    let _ = writeln!(
+        out,
+        "Retries on:     connect failure, 503{}{}; backoff {}-{}ms; budget {}% (min {}/s)",
+        statuses
+            .iter()
+            .map(|s| format!(", {s}"))
+            .collect::<String>(),
+        if retry.non_idempotent {
+            "; POST and PATCH too"
+        } else {
+            ""
+        },
+        retry.backoff_base_ms,
+        retry.backoff_max_ms,
+        retry.budget_percent,
+        retry.budget_min_per_second,
+    );
     if let Some(limit) = &policy.rate_limit {
         let _ = writeln!(
             out,

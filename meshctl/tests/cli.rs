@@ -172,6 +172,13 @@ fn apply_get_describe_delete() {
         "{}",
         out.stdout
     );
+    assert!(
+        out.stdout.contains(
+            "Retries on:     connect failure, 503, 409; backoff 25-250ms; budget 20% (min 3/s)"
+        ),
+        "{}",
+        out.stdout
+    );
     assert!(out.stdout.contains("10.89.1.2:9080"), "{}", out.stdout);
 
     let out = cp.meshctl(&["delete", "ts", "reviews-canary", "-n", "shop"]);

@@ -854,6 +854,23 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
         40
     );
 
+    // Unless the policy opts in: then the POSTs v2 failed are repeated on
+    // v1 and all succeed. (A new budget comes with the new limits, so the
+    // GETs' retries above do not count against it.)
+    mesh.apply(
+        "apiVersion: mesh.io/v1\nkind: ServicePolicy\nmetadata: {name: reviews, namespace: shop}\n\
+         spec: {retry: {non_idempotent: true, budget_percent: 100}}\n",
+    );
+    let before = hits(&mesh, &v1_addr) + hits(&mesh, &v2_addr);
+    let posts = summary(
+        &mesh,
+        "shop/frontend",
+        &["--to", vip, "--count", "40", "--method", "POST"],
+    );
+    let after = hits(&mesh, &v1_addr) + hits(&mesh, &v2_addr);
+    assert_eq!(count(&posts, "statuses", "200"), 40, "{posts}");
+    assert!(after - before > 40, "{} hits: {posts}", after - before);
+
     // A hung upstream: 504 once the policy's timeout passes.
     mesh.apply(
         "apiVersion: mesh.io/v1\nkind: ServicePolicy\nmetadata: {name: reviews, namespace: shop}\n\

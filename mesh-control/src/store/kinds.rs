@@ -49,8 +49,9 @@ fn columns(kind: Kind, b: Backend) -> String {
         ),
         Kind::ServicePolicy => format!(
             "namespace, name, retry_attempts, timeout_ms, cb_threshold, cb_window_sec, \
-             cb_recovery_timeout_ms, {}, {}, revision",
+             cb_recovery_timeout_ms, {}, {}, {}, revision",
             json("rate_limit"),
+            json("retry"),
             json("labels")
         ),
         Kind::TrafficSplit => format!(
@@ -176,6 +177,7 @@ fn from_row(kind: Kind, row: &AnyRow) -> Result<Resource, StoreError> {
                 cb_window_sec: c.int32("cb_window_sec")?,
                 cb_recovery_timeout_ms: c.int32("cb_recovery_timeout_ms")?,
                 rate_limit: c.opt_json("rate_limit")?,
+                retry: c.opt_json("retry")?,
             },
         }),
         Kind::TrafficSplit => Resource::TrafficSplit(Object {
@@ -301,15 +303,16 @@ pub(super) async fn write(
             // The seed's apply_policy upsert, keyed by service_name.
             let sql = format!(
                 "INSERT INTO ServicePolicy (service_name, retry_attempts, timeout_ms, cb_threshold, cb_window_sec, \
-                 cb_recovery_timeout_ms, namespace, name, labels, revision, rate_limit, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, {}, $10, {}, {now}) \
+                 cb_recovery_timeout_ms, namespace, name, labels, revision, rate_limit, retry, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, {}, $10, {}, {}, {now}) \
                  ON CONFLICT (service_name) DO UPDATE SET retry_attempts = excluded.retry_attempts, \
                  timeout_ms = excluded.timeout_ms, cb_threshold = excluded.cb_threshold, \
                  cb_window_sec = excluded.cb_window_sec, cb_recovery_timeout_ms = excluded.cb_recovery_timeout_ms, \
                  labels = excluded.labels, revision = excluded.revision, rate_limit = excluded.rate_limit, \
-                 updated_at = excluded.updated_at",
+                 retry = excluded.retry, updated_at = excluded.updated_at",
                 b.json_param("$9"),
-                b.json_param("$11")
+                b.json_param("$11"),
+                b.json_param("$12")
             );
             sqlx::query(&sql)
                 .bind(service_name(&namespace, &name))
@@ -323,6 +326,7 @@ pub(super) async fn write(
                 .bind(labels)
                 .bind(revision)
                 .bind(o.spec.rate_limit.as_ref().map(to_json))
+                .bind(o.spec.retry.as_ref().map(to_json))
                 .execute(&mut *conn)
                 .await?;
         }

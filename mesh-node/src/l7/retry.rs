@@ -13,6 +13,7 @@
 use std::{collections::VecDeque, sync::Mutex, time::Duration};
 
 use http::Method;
+use mesh_model::policy::{RetrySettings, ServicePolicySpec};
 use tokio::time::Instant;
 
 /// How one attempt ended.
@@ -33,7 +34,7 @@ pub enum Attempt {
 pub struct RetryPolicy {
     /// Retries after the first attempt (`ServicePolicy.retry_attempts`).
     pub retries: u32,
-    /// 4xx statuses worth another try.
+    /// Statuses besides 503 worth another try.
     pub retriable_4xx: Vec<u16>,
     /// Retry non-idempotent methods (POST, PATCH) too.
     pub non_idempotent: bool,
@@ -63,6 +64,19 @@ pub fn idempotent(method: &Method) -> bool {
 }
 
 impl RetryPolicy {
+    /// The policy a ServicePolicy asks for (its `retry` settings, or their
+    /// defaults).
+    pub fn from_policy(policy: &ServicePolicySpec) -> Self {
+        let settings = policy.retry.clone().unwrap_or_default();
+        Self {
+            retries: policy.retry_attempts.max(0) as u32,
+            retriable_4xx: settings.on_statuses,
+            non_idempotent: settings.non_idempotent,
+            base: Duration::from_millis(settings.backoff_base_ms.into()),
+            cap: Duration::from_millis(settings.backoff_max_ms.into()),
+        }
+    }
+
     /// Whether an attempt of `method` that ended as `attempt`, after
     /// `retried` retries already, is worth another.
     pub fn should_retry(&self, method: &Method, attempt: Attempt, retried: u32) -> bool {
@@ -90,14 +104,29 @@ impl RetryPolicy {
     }
 }
 
+/// How many retries a budget allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BudgetLimits {
+    /// Retries allowed per hundred requests.
+    pub percent: u32,
+    /// Retries allowed per second whatever the traffic.
+    pub min_per_second: u32,
+}
+
+impl From<&RetrySettings> for BudgetLimits {
+    fn from(settings: &RetrySettings) -> Self {
+        Self {
+            percent: settings.budget_percent,
+            min_per_second: settings.budget_min_per_second,
+        }
+    }
+}
+
 /// Caps retries to a share of a service's requests over a sliding window,
 /// with a floor so a quiet service can still retry.
 #[derive(Debug)]
 pub struct RetryBudget {
-    /// Retries allowed per request.
-    ratio: f64,
-    /// Retries allowed per second whatever the traffic.
-    min_per_second: u32,
+    limits: BudgetLimits,
     window: Duration,
     /// Per-second buckets: (second, requests, retries), oldest first.
     buckets: Mutex<VecDeque<(u64, u32, u32)>>,
@@ -105,16 +134,18 @@ pub struct RetryBudget {
 }
 
 impl RetryBudget {
-    /// A budget of `ratio` retries per request (and at least
-    /// `min_per_second`) over the last `window`.
-    pub fn new(ratio: f64, min_per_second: u32, window: Duration) -> Self {
+    /// A budget of `limits` over the last `window`.
+    pub fn new(limits: BudgetLimits, window: Duration) -> Self {
         Self {
-            ratio,
-            min_per_second,
+            limits,
             window: window.max(Duration::from_secs(1)),
             buckets: Mutex::new(VecDeque::new()),
             epoch: Instant::now(),
         }
+    }
+
+    pub fn limits(&self) -> BudgetLimits {
+        self.limits
     }
 
     /// Counts a first attempt.
@@ -128,8 +159,8 @@ impl RetryBudget {
         let (requests, retries) = buckets.iter().fold((0u64, 0u64), |(q, r), b| {
             (q + u64::from(b.1), r + u64::from(b.2))
         });
-        let floor = u64::from(self.min_per_second) * self.window.as_secs();
-        let allowed = floor.max((self.ratio * requests as f64) as u64);
+        let floor = u64::from(self.limits.min_per_second) * self.window.as_secs();
+        let allowed = floor.max(requests * u64::from(self.limits.percent) / 100);
         if retries >= allowed {
             return false;
         }
@@ -248,9 +279,54 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_policys_settings_reach_every_decision() {
+        let policy = ServicePolicySpec {
+            retry_attempts: 2,
+            retry: Some(RetrySettings {
+                on_statuses: vec![502],
+                non_idempotent: true,
+                backoff_base_ms: 10,
+                backoff_max_ms: 40,
+                budget_percent: 0,
+                budget_min_per_second: 0,
+            }),
+            ..ServicePolicySpec::default()
+        };
+        let retry = RetryPolicy::from_policy(&policy);
+        assert!(retry.should_retry(&Method::POST, Attempt::Status(503), 0));
+        assert!(retry.should_retry(&Method::PATCH, Attempt::Reset, 1));
+        assert!(retry.should_retry(&Method::GET, Attempt::Status(502), 1));
+        assert!(!retry.should_retry(&Method::GET, Attempt::Status(502), 2));
+        // The default 409 is gone once the list is given.
+        assert!(!retry.should_retry(&Method::GET, Attempt::Status(409), 0));
+        assert_eq!(retry.backoff(0, 0.999_999).as_micros(), 9_999);
+        assert_eq!(retry.backoff(9, 0.999_999).as_micros(), 39_999);
+
+        // A budget of nothing grants nothing, however quiet.
+        let budget = RetryBudget::new(
+            BudgetLimits::from(policy.retry.as_ref().unwrap()),
+            Duration::from_secs(10),
+        );
+        for _ in 0..100 {
+            budget.request();
+        }
+        assert!(!budget.try_retry());
+
+        // Without settings: the defaults, as the seed says.
+        let defaults = RetryPolicy::from_policy(&ServicePolicySpec::default());
+        assert_eq!(defaults, RetryPolicy::default());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn the_budget_allows_a_share_of_requests_with_a_floor() {
         // 20 % of requests, at least 3 per second, over 10 seconds.
-        let budget = RetryBudget::new(0.2, 3, Duration::from_secs(10));
+        let budget = RetryBudget::new(
+            BudgetLimits {
+                percent: 20,
+                min_per_second: 3,
+            },
+            Duration::from_secs(10),
+        );
         // Quiet: the floor, 30 in the window.
         let granted = (0..100).filter(|_| budget.try_retry()).count();
         assert_eq!(granted, 30);

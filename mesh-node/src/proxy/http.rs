@@ -63,7 +63,7 @@ use crate::{
         balance::{self, HashRing, InFlight},
         breaker::{Breaker, BreakerSettings},
         ratelimit::TokenBucket,
-        retry::{Attempt, RetryBudget, RetryPolicy},
+        retry::{Attempt, BudgetLimits, RetryBudget, RetryPolicy},
     },
 };
 
@@ -164,12 +164,18 @@ impl HttpState {
         }
     }
 
-    /// Retries ≤ 20 % of requests, at least 3 a second, over 10 s.
-    fn budget(&self, service: &ServiceKey) -> Arc<RetryBudget> {
-        super::lock(&self.budgets)
-            .entry(service.clone())
-            .or_insert_with(|| Arc::new(RetryBudget::new(0.2, 3, Duration::from_secs(10))))
-            .clone()
+    /// The retry budget of `service` over the last 10 s, replaced (full)
+    /// when its limits change.
+    fn budget(&self, service: &ServiceKey, limits: BudgetLimits) -> Arc<RetryBudget> {
+        let mut budgets = super::lock(&self.budgets);
+        match budgets.get(service) {
+            Some(budget) if budget.limits() == limits => budget.clone(),
+            _ => {
+                let budget = Arc::new(RetryBudget::new(limits, Duration::from_secs(10)));
+                budgets.insert(service.clone(), budget.clone());
+                budget
+            }
+        }
     }
 
     /// The ring over `endpoints` (one per service and split version).
@@ -657,11 +663,11 @@ async fn handle(route: &Route, request: Request<Incoming>) -> Response<Body> {
         return local(state, Flag::CircuitOpen, "the service's circuit is open");
     };
 
-    let retry = RetryPolicy {
-        retries: policy.retry_attempts.max(0) as u32,
-        ..RetryPolicy::default()
-    };
-    let budget = state.budget(key);
+    let retry = RetryPolicy::from_policy(&policy);
+    let budget = state.budget(
+        key,
+        BudgetLimits::from(&policy.retry.clone().unwrap_or_default()),
+    );
     budget.request();
     let exchange = Exchange {
         version,

@@ -117,6 +117,12 @@ struct Args {
     #[arg(long, env = "MESH_NODE_TUNNEL_MAX_STREAMS", default_value = "100", value_parser = clap::value_parser!(u16).range(1..))]
     tunnel_max_streams: u16,
 
+    /// How long an HTTP client may take to send a request head, and how
+    /// long an HTTP/1.1 connection may idle between requests, before the
+    /// proxy closes it (slow-header attacks).
+    #[arg(long, env = "MESH_NODE_HTTP_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_idle_timeout)]
+    http_header_timeout: std::time::Duration,
+
     /// Address of the admin endpoint (/healthz, /capture, /certificates,
     /// /metrics).
     #[arg(long, env = "MESH_NODE_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
@@ -276,7 +282,7 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
             streams: Default::default(),
             demand: Some(mesh.xds.demand()),
             balancer: Default::default(),
-            http: Default::default(),
+            http: proxy::HttpState::new(args.http_header_timeout),
         })
     });
     let http_path = mesh_path.clone();

@@ -14,7 +14,7 @@ use std::{
 
 use mesh_e2e::{
     Cluster, ClusterSpec, PodSpec, cluster,
-    control::{ControlPlane, start_node},
+    control::{ControlPlane, node_command, spawn_node},
     http, netns,
     process::{Process, workspace_binary},
     sniff::{self, Sniffer},
@@ -25,6 +25,9 @@ use rustls::pki_types::pem::PemObject as _;
 const MESH_POD: &str = env!("CARGO_BIN_EXE_mesh-pod");
 const READY: Duration = Duration::from_secs(30);
 /// What the server answers: must never cross the fabric in the clear.
+/// The nodes' `--http-header-timeout`: short, so slow clients are cut off
+/// within the test.
+const HEADER_TIMEOUT: &str = "3s";
 const SECRET_BODY: &str = "the-reviews-body-4f1c9e";
 const SECRET_PATH: &str = "/private-path-83ab27";
 
@@ -109,13 +112,16 @@ fn mesh_with(name: &str, ttl: Option<&str>) -> Mesh {
 
     let nodes = (0..2)
         .map(|node| {
-            start_node(
+            let mut command = node_command(
                 &cluster,
                 node,
-                &control,
+                &control.grpc,
+                &control.data_dir,
                 &workspace_binary("mesh-node").unwrap(),
             )
-            .unwrap()
+            .unwrap();
+            command.args(["--http-header-timeout", HEADER_TIMEOUT]);
+            spawn_node(node, command).unwrap()
         })
         .collect();
     let mesh = Mesh {
@@ -1018,6 +1024,56 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
     );
     assert!(raw(&both).starts_with("HTTP/1.1 200 "));
     assert_eq!(hits(&mesh, &v2_addr), reached + 2);
+
+    // HTTP/2 floods: the proxy hangs up on the attacker with
+    // ENHANCE_YOUR_CALM (0xb), long before the attacker is done, and
+    // serves the next caller as before.
+    for attack in ["rapid-reset", "continuation"] {
+        let before = hits(&mesh, &v1_addr) + hits(&mesh, &v2_addr);
+        let flood = summary_of(
+            &mesh,
+            "shop/frontend",
+            &["h2-flood", "--to", vip, "--attack", attack],
+        );
+        let reached = hits(&mesh, &v1_addr) + hits(&mesh, &v2_addr) - before;
+        eprintln!("{attack}: {flood}, {reached} reached the servers");
+        assert_eq!(flood["goaway"], 0xb, "{attack}: {flood}");
+        assert_eq!(flood["gave_up"], false, "{attack}: {flood}");
+    }
+    let after = summary(&mesh, "shop/frontend", &["--to", vip, "--count", "5"]);
+    assert_eq!(count(&after, "statuses", "200"), 5, "{after}");
+
+    // Slow clients: a request head trickled a byte at a time, or nothing
+    // at all, is cut off at the node's header timeout.
+    for (case, request, interval) in [
+        (
+            "a slow head",
+            "GET / HTTP/1.1\\r\\nhost: r\\r\\nx-slow: ",
+            "100",
+        ),
+        ("an idle connection", "", "0"),
+    ] {
+        let slow = summary_of(
+            &mesh,
+            "shop/frontend",
+            &[
+                "slow",
+                "--to",
+                vip,
+                "--request",
+                request,
+                "--interval-ms",
+                interval,
+                "--max-secs",
+                "20",
+            ],
+        );
+        eprintln!("{case}: {slow}");
+        let closed = slow["closed_after_ms"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{case}: never cut off: {slow}"));
+        assert!(closed >= 2_900, "{case}: cut off early: {slow}");
+    }
 
     // At the destination each request is authorized on its method and its
     // normalised path: spellings of /admin cannot slip past the DENY.

@@ -124,9 +124,15 @@ impl Flag {
     }
 }
 
+/// How long a client may take to send a request head (and how long an
+/// HTTP/1.1 connection may idle between requests) unless the node says.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// What the HTTP path keeps across configuration changes, node-wide.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct HttpState {
+    /// See [`DEFAULT_HEADER_TIMEOUT`].
+    header_timeout: Duration,
     breakers: Mutex<HashMap<ServiceKey, Arc<Breaker>>>,
     budgets: Mutex<HashMap<ServiceKey, Arc<RetryBudget>>>,
     /// Each hashing service's ring, with the endpoints it was built from.
@@ -135,6 +141,26 @@ pub struct HttpState {
     /// Inbound rate limits: (pod, service, caller when per source).
     buckets: Mutex<HashMap<BucketKey, TokenBucket>>,
     pub stats: HttpStats,
+}
+
+impl Default for HttpState {
+    fn default() -> Self {
+        Self::new(DEFAULT_HEADER_TIMEOUT)
+    }
+}
+
+impl HttpState {
+    pub fn new(header_timeout: Duration) -> Self {
+        Self {
+            header_timeout,
+            breakers: Default::default(),
+            budgets: Default::default(),
+            rings: Default::default(),
+            in_flight: Default::default(),
+            buckets: Default::default(),
+            stats: Default::default(),
+        }
+    }
 }
 
 type BucketKey = (String, ServiceKey, Option<String>);
@@ -246,10 +272,13 @@ impl Clients {
         };
         let mut builder = Client::builder(TokioExecutor::new());
         // The timer lets idle connections close (and free the tunnel
-        // streams and destination permits they hold).
+        // streams and destination permits they hold). A destination node
+        // closes an HTTP/1.1 connection idle for its header timeout: give
+        // ours up well before, so a request is never sent on a connection
+        // the other end is closing.
         builder
             .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(mesh.http.header_timeout / 2)
             .pool_max_idle_per_host(32);
         let http1 = builder.build(connector.clone());
         let app_http1 = builder.build(app.clone());
@@ -431,10 +460,20 @@ pub(super) async fn serve(
         let route = route.clone();
         async move { Ok::<_, Infallible>(handle(&route, request).await) }
     });
-    let result = server()
-        .serve_connection(TokioIo::new(stream), handler)
-        .await
-        .map_err(io::Error::other);
+    // hyper's header timeout runs once it knows the protocol, which it
+    // learns from the first bytes: a client that sends none is cut off
+    // here instead.
+    let header_timeout = mesh.http.header_timeout;
+    let result = match tokio::time::timeout(header_timeout, stream.peek(&mut [0; 1])).await {
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no request within {header_timeout:?}"),
+        )),
+        Ok(_) => server(header_timeout)
+            .serve_connection(TokioIo::new(stream), handler)
+            .await
+            .map_err(io::Error::other),
+    };
     if let Err(error) = &result {
         tracing::debug!(pod = %pod.name, %client, %error, "HTTP connection ended with an error");
     }
@@ -466,7 +505,7 @@ pub(super) async fn serve_inbound(
         let inbound = inbound.clone();
         async move { Ok::<_, Infallible>(authorize_and_send(&inbound, request).await) }
     });
-    server()
+    server(mesh.http.header_timeout)
         .serve_connection(TokioIo::new(stream), handler)
         .await
         .map_err(io::Error::other)
@@ -552,19 +591,28 @@ async fn authorize_and_send(inbound: &Inbound, request: Request<Incoming>) -> Re
 }
 
 /// How both ends serve HTTP: header sections past 64 KiB or 100 fields
-/// get 431 (Envoy's defaults are 60 KiB and 100); a request head must
-/// arrive within 30 s (hyper's default, which needs the timer), HTTP/2
-/// connections are pinged when idle.
-fn server() -> auto::Builder<TokioExecutor> {
+/// get 431 (Envoy's defaults are 60 KiB and 100). An HTTP/1.1 request
+/// head must arrive within `header_timeout` of the connection (or its
+/// previous response) being ready for it, so a slow or idle client cannot
+/// hold a connection. HTTP/2 connections are pinged when idle; a client
+/// that resets more than 20 streams before they are served (rapid reset)
+/// or whose own streams keep failing (1,024 errors), or that sends more
+/// CONTINUATION frames than the header list size needs, gets GOAWAY
+/// ENHANCE_YOUR_CALM (h2's limits, set here so they cannot drift).
+fn server(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
     let mut server = auto::Builder::new(TokioExecutor::new());
     server
         .http1()
         .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
         .max_buf_size(MAX_HEADER_BYTES);
     server
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(30))
+        .max_concurrent_streams(200)
+        .max_pending_accept_reset_streams(20)
+        .max_local_error_reset_streams(1024)
         .max_header_list_size(MAX_HEADER_BYTES as u32);
     server
 }

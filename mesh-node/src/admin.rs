@@ -4,7 +4,7 @@
 
 use std::{
     fmt::Write as _,
-    sync::{Arc, RwLock},
+    sync::{Arc, RwLock, atomic::Ordering},
 };
 
 use axum::{
@@ -109,6 +109,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/capture", get(capture_state))
         .route("/connections", get(connections))
         .route("/ebpf-logs", get(ebpf_logs).put(set_ebpf_logs))
+        .route(
+            "/http-access-log",
+            get(http_access_log).put(set_http_access_log),
+        )
         .route("/certificates", get(certificates))
         .route("/config", get(config))
         .route("/metrics", get(metrics))
@@ -196,11 +200,25 @@ async fn capture_state(State(state): State<AdminState>) -> Response {
     }
 }
 
-/// The body of `GET`/`PUT /ebpf-logs`.
+/// The body of `GET`/`PUT /ebpf-logs` and `/http-access-log`.
 #[derive(Debug, Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct EbpfLogs {
+pub struct Switch {
     pub enabled: bool,
+}
+
+/// A `PUT` of a [`Switch`], or the message of the 400 that says what was
+/// expected.
+fn switch(
+    body: Result<Json<Switch>, axum::extract::rejection::JsonRejection>,
+) -> Result<bool, String> {
+    body.map(|Json(switch)| switch.enabled)
+        .map_err(|rejection| {
+            format!(
+                "expected {{\"enabled\": true|false}}: {}\n",
+                rejection.body_text()
+            )
+        })
 }
 
 async fn ebpf_logs(State(state): State<AdminState>) -> Response {
@@ -212,7 +230,7 @@ async fn ebpf_logs(State(state): State<AdminState>) -> Response {
         .unwrap_or_else(|e| e.into_inner())
         .debug_logs();
     match enabled {
-        Ok(enabled) => Json(EbpfLogs { enabled }).into_response(),
+        Ok(enabled) => Json(Switch { enabled }).into_response(),
         Err(error) => internal_error(error.to_string()),
     }
 }
@@ -221,31 +239,61 @@ async fn ebpf_logs(State(state): State<AdminState>) -> Response {
 /// off at once, without reloading anything.
 async fn set_ebpf_logs(
     State(state): State<AdminState>,
-    body: Result<Json<EbpfLogs>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<Switch>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Some(switch) = &state.ebpf_logs else {
+    let Some(toggle) = &state.ebpf_logs else {
         return capture_off();
     };
-    let Json(request) = match body {
-        Ok(body) => body,
-        Err(rejection) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "expected {{\"enabled\": true|false}}: {}\n",
-                    rejection.body_text()
-                ),
-            )
-                .into_response();
-        }
+    let enabled = match switch(body) {
+        Ok(enabled) => enabled,
+        Err(why) => return (StatusCode::BAD_REQUEST, why).into_response(),
     };
-    match (switch.0)(request.enabled) {
+    match (toggle.0)(enabled) {
         Ok(()) => {
-            tracing::info!(enabled = request.enabled, "eBPF debug records switched");
-            Json(request).into_response()
+            tracing::info!(enabled, "eBPF debug records switched");
+            Json(Switch { enabled }).into_response()
         }
         Err(error) => internal_error(error),
     }
+}
+
+/// `GET /http-access-log`: whether each HTTP request is logged (target
+/// `mesh_http_access`: pod, direction, service or caller, method, path,
+/// status, flags, time to the response head).
+async fn http_access_log(State(state): State<AdminState>) -> Response {
+    match &state.mesh {
+        Some(mesh) => Json(Switch {
+            enabled: mesh.http.access_log.load(Ordering::Relaxed),
+        })
+        .into_response(),
+        None => no_mesh_path(),
+    }
+}
+
+/// `PUT /http-access-log {"enabled": true}`: the records on or off at
+/// once.
+async fn set_http_access_log(
+    State(state): State<AdminState>,
+    body: Result<Json<Switch>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Some(mesh) = &state.mesh else {
+        return no_mesh_path();
+    };
+    let enabled = match switch(body) {
+        Ok(enabled) => enabled,
+        Err(why) => return (StatusCode::BAD_REQUEST, why).into_response(),
+    };
+    mesh.http.access_log.store(enabled, Ordering::Relaxed);
+    tracing::info!(enabled, "HTTP access records switched");
+    Json(Switch { enabled }).into_response()
+}
+
+fn no_mesh_path() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        "this node carries no mesh traffic (mesh-node runs without --cgroup or --control-plane)\n",
+    )
+        .into_response()
 }
 
 fn capture_off() -> Response {

@@ -123,7 +123,14 @@ struct Args {
     #[arg(long, env = "MESH_NODE_HTTP_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_idle_timeout)]
     http_header_timeout: std::time::Duration,
 
-    /// Address of the admin endpoint (/healthz, /capture, /certificates,
+    /// Log each HTTP request the proxy routes or receives (target
+    /// `mesh_http_access`); switchable at run time with `PUT
+    /// /http-access-log {"enabled": true|false}` on the admin endpoint.
+    #[arg(long, env = "MESH_NODE_HTTP_ACCESS_LOG")]
+    http_access_log: bool,
+
+    /// Address of the admin endpoint (/healthz, /capture, /connections,
+    /// /ebpf-logs, /http-access-log, /certificates, /config,
     /// /metrics).
     #[arg(long, env = "MESH_NODE_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
@@ -230,7 +237,13 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
         use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _};
         tracing_subscriber::registry()
             .with(filter_layer)
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    // Colours only for a person at a terminal, not in
+                    // collected logs.
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
             .init();
     }
     // The eBPF programs' records arrive through `log`; the filter above
@@ -282,7 +295,12 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
             streams: Default::default(),
             demand: Some(mesh.xds.demand()),
             balancer: Default::default(),
-            http: proxy::HttpState::new(args.http_header_timeout),
+            http: {
+                let http = proxy::HttpState::new(args.http_header_timeout);
+                http.access_log
+                    .store(args.http_access_log, std::sync::atomic::Ordering::Relaxed);
+                http
+            },
         })
     });
     let http_path = mesh_path.clone();

@@ -780,7 +780,7 @@ fn count(summary: &serde_json::Value, field: &str, key: &str) -> u64 {
 
 #[test]
 fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request() {
-    let mesh = mesh("meshl7");
+    let mut mesh = mesh("meshl7");
     let ip = |pod: &str| mesh.cluster.pod(pod).unwrap().ip4;
     let serve = |mesh: &Mesh, faults: &[&str]| {
         let mut server = mesh.cluster.pod_command("shop/other", MESH_POD).unwrap();
@@ -877,6 +877,18 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
     assert_eq!(count(&posts, "statuses", "200"), 40, "{posts}");
     assert!(after - before > 40, "{} hits: {posts}", after - before);
 
+    // The access log, switched on at run time, records each request at
+    // both ends with its status and flags.
+    for node in [0, 1] {
+        let on = http::put_json(
+            mesh.nodes[node].1,
+            "/http-access-log",
+            r#"{"enabled": true}"#,
+        )
+        .unwrap();
+        assert_eq!(on.status, 200, "{}", on.body);
+    }
+
     // A hung upstream: 504 once the policy's timeout passes.
     mesh.apply(
         "apiVersion: mesh.io/v1\nkind: ServicePolicy\nmetadata: {name: reviews, namespace: shop}\n\
@@ -893,6 +905,16 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
     assert_eq!(count(&hung, "flags", "UT"), 1, "{hung}");
     assert_eq!(count(&hung, "statuses", "504"), 1, "{hung}");
     assert!(took >= Duration::from_millis(300), "{took:?}");
+    let record = mesh.nodes[0]
+        .0
+        .wait_for_log("status=504 flags=\"UT\"", READY)
+        .unwrap();
+    assert!(
+        record.contains("mesh_http_access")
+            && record.contains("direction=\"outbound\"")
+            && record.contains("path=\"/hang\""),
+        "{record}"
+    );
 
     // Only the failing v2 left: the circuit opens and requests fail fast
     // without reaching it; once v2 recovers, probes close it again.
@@ -913,6 +935,15 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
         let probe = summary(&mesh, "shop/frontend", &["--to", vip, "--count", "20"]);
         count(&probe, "bodies", SECRET_BODY) == 0 && count(&probe, "flags", "UO") > 0
     });
+    // v2 (shop/other) runs on node 0 too: its side of those requests.
+    let record = mesh.nodes[0]
+        .0
+        .wait_for_log(
+            "direction=\"inbound\" peer=\"spiffe://cluster.local/ns/shop/sa/frontend\" method=GET path=\"/\"",
+            READY,
+        )
+        .unwrap();
+    assert!(record.contains("pod=shop/other"), "{record}");
     let reached = hits(&mesh, &v2_addr);
     let open = summary(&mesh, "shop/frontend", &["--to", vip, "--count", "50"]);
     assert_eq!(count(&open, "flags", "UO"), 50, "{open}");

@@ -26,7 +26,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -133,6 +133,9 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct HttpState {
     /// See [`DEFAULT_HEADER_TIMEOUT`].
     header_timeout: Duration,
+    /// Whether each request's access record is logged (target
+    /// `mesh_http_access`); switched at run time from the admin endpoint.
+    pub access_log: AtomicBool,
     breakers: Mutex<HashMap<ServiceKey, Arc<Breaker>>>,
     budgets: Mutex<HashMap<ServiceKey, Arc<RetryBudget>>>,
     /// Each hashing service's ring, with the endpoints it was built from.
@@ -153,6 +156,7 @@ impl HttpState {
     pub fn new(header_timeout: Duration) -> Self {
         Self {
             header_timeout,
+            access_log: AtomicBool::new(false),
             breakers: Default::default(),
             budgets: Default::default(),
             rings: Default::default(),
@@ -503,7 +507,15 @@ pub(super) async fn serve_inbound(
     });
     let handler = hyper::service::service_fn(move |request| {
         let inbound = inbound.clone();
-        async move { Ok::<_, Infallible>(authorize_and_send(&inbound, request).await) }
+        async move {
+            let access = Access::start(&inbound.mesh.http, &request);
+            let response = authorize_and_send(&inbound, request).await;
+            if let Some(access) = access {
+                let caller = inbound.caller.to_string();
+                access.log(&inbound.pod.name, Direction::Inbound, &caller, &response);
+            }
+            Ok::<_, Infallible>(response)
+        }
     });
     server(mesh.http.header_timeout)
         .serve_connection(TokioIo::new(stream), handler)
@@ -633,6 +645,69 @@ fn local(state: &HttpState, flag: Flag, detail: &str) -> Response<Body> {
 }
 
 async fn handle(route: &Route, request: Request<Incoming>) -> Response<Body> {
+    let access = Access::start(&route.mesh.http, &request);
+    let response = route_request(route, request).await;
+    if let Some(access) = access {
+        let (namespace, name) = &route.service.key;
+        access.log(
+            &route.pod.name,
+            Direction::Outbound,
+            &format!("{namespace}/{name}"),
+            &response,
+        );
+    }
+    response
+}
+
+/// One request's access record, logged once its response head is ready.
+struct Access {
+    method: http::Method,
+    path: String,
+    started: std::time::Instant,
+}
+
+/// The longest path an access record keeps.
+const LOGGED_PATH: usize = 256;
+
+impl Access {
+    /// The record of `request`, if the node logs them.
+    fn start<B>(state: &HttpState, request: &Request<B>) -> Option<Self> {
+        if !state.access_log.load(Ordering::Relaxed) {
+            return None;
+        }
+        let path = request.uri().path();
+        Some(Self {
+            method: request.method().clone(),
+            // A URI path is ASCII: any length is a character boundary.
+            path: path[..path.len().min(LOGGED_PATH)].to_owned(),
+            started: std::time::Instant::now(),
+        })
+    }
+
+    /// `peer`: the service called (outbound) or the caller (inbound).
+    fn log(self, pod: &str, direction: Direction, peer: &str, response: &Response<Body>) {
+        let flags = response
+            .headers()
+            .get(FLAGS_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or("");
+        tracing::info!(
+            target: "mesh_http_access",
+            pod = %pod,
+            direction = direction.name(),
+            peer,
+            method = %self.method,
+            path = self.path,
+            status = response.status().as_u16(),
+            flags,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            "request"
+        );
+    }
+}
+
+/// Routes one request of a captured connection to a service.
+async fn route_request(route: &Route, request: Request<Incoming>) -> Response<Body> {
     let mesh = &route.mesh;
     let state = &mesh.http;
     state.stats.requests.fetch_add(1, Ordering::Relaxed);

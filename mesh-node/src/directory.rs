@@ -338,13 +338,21 @@ mod tests {
         parse_documents,
     };
 
+    /// The pushed form of each document of `yaml`.
+    fn pushed(yaml: &str) -> Vec<(String, String, mesh_model::config::ConfigResource)> {
+        parse_documents(yaml)
+            .unwrap()
+            .into_iter()
+            .map(|resource| {
+                let name = object_name(&resource);
+                let parsed = parse_resource(&name, &object_body(&resource)).unwrap();
+                (name, "v".to_owned(), parsed)
+            })
+            .collect()
+    }
+
     fn config(yaml: &str, addresses: &[WorkloadAddress]) -> NodeConfig {
-        let mut changed = Vec::new();
-        for resource in parse_documents(yaml).unwrap() {
-            let name = object_name(&resource);
-            let parsed = parse_resource(&name, &object_body(&resource)).unwrap();
-            changed.push((name, "v".to_owned(), parsed));
-        }
+        let mut changed = pushed(yaml);
         for address in addresses {
             let name = address_name(&address.namespace, &address.name);
             let parsed = parse_resource(&name, &address_body(address)).unwrap();
@@ -419,6 +427,58 @@ mod tests {
         // c does not serve reviews: the policy does not select it.
         assert!(ask("shop/c", &bank).allowed());
         assert!(!ask("shop/unknown", &shop).allowed());
+    }
+
+    #[test]
+    fn a_split_for_the_caller_wins_over_one_for_everyone_then_the_latest() {
+        let split = |name: &str, extra: &str, version: i64| {
+            let yaml = format!(
+                "apiVersion: mesh.io/v1\nkind: TrafficSplit\nmetadata: {{name: {name}, namespace: shop}}\n\
+                 spec: {{destination: reviews, v1_weight: 50, v2_weight: 50{extra}}}\n"
+            );
+            let mut resource = parse_documents(&yaml).unwrap().remove(0);
+            resource.metadata_mut().resource_version = Some(version);
+            let name = object_name(&resource);
+            let parsed = parse_resource(&name, &object_body(&resource)).unwrap();
+            (name, version.to_string(), parsed)
+        };
+        let workloads = "apiVersion: mesh.io/v1\nkind: Workload\nmetadata: {name: fe, namespace: shop}\n\
+            spec: {node: n1, ip: 10.89.1.2, services: [frontend]}\n---\n\
+            apiVersion: mesh.io/v1\nkind: Workload\nmetadata: {name: batch, namespace: shop}\n\
+            spec: {node: n1, ip: 10.89.1.3, services: [batch]}\n";
+        let mut changed = pushed(workloads);
+        // Two for everyone (the later wins among them) and an older one
+        // for frontend's calls, which wins for those whatever its age.
+        changed.push(split("everyone", "", 5));
+        changed.push(split("everyone-later", "", 7));
+        changed.push(split("from-frontend", ", source: frontend", 2));
+        changed.push(split("from-elsewhere", ", source: elsewhere", 9));
+        let directory = Directory::new(
+            &NodeConfig::default().updated(3, changed, &[]),
+            "cluster.local",
+        );
+        let reviews = ("shop".to_owned(), "reviews".to_owned());
+        let chosen = |pod: Option<&str>| {
+            let caller = pod.map(|pod| directory.local(pod).unwrap());
+            directory
+                .split_for(&reviews, caller)
+                .map(|s| s.name.clone())
+        };
+        assert_eq!(
+            chosen(Some("shop/fe")).as_deref(),
+            Some("shop/from-frontend")
+        );
+        assert_eq!(
+            chosen(Some("shop/batch")).as_deref(),
+            Some("shop/everyone-later")
+        );
+        assert_eq!(chosen(None).as_deref(), Some("shop/everyone-later"));
+        let other = ("shop".to_owned(), "ratings".to_owned());
+        assert!(
+            directory
+                .split_for(&other, directory.local("shop/fe"))
+                .is_none()
+        );
     }
 }
 

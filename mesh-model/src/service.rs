@@ -65,8 +65,22 @@ pub enum Protocol {
     Http,
     Http2,
     Grpc,
-    #[default]
     Tcp,
+    /// Not declared: the caller's node reads the client's first bytes (no
+    /// round trip) and routes HTTP/1.1 or HTTP/2 request by request, and
+    /// anything else, or a client that waits for the server to speak
+    /// first, as TCP. Declare `tcp` for server-first protocols (they wait
+    /// out the detection first) and an HTTP protocol for L7 policy at the
+    /// destination (a sniffed port is authorized there at L4).
+    #[default]
+    Auto,
+}
+
+impl Protocol {
+    /// Declared as one of the HTTP protocols.
+    pub const fn is_http(self) -> bool {
+        matches!(self, Protocol::Http | Protocol::Http2 | Protocol::Grpc)
+    }
 }
 
 /// How a caller picks one of a service's healthy endpoints.

@@ -426,3 +426,28 @@ fn retry_settings_default_per_field_and_name_what_is_wrong() {
     let found = errors(&policy("{retry_on: [409]}"));
     assert!(found[0].contains("unknown field `retry_on`"), "{found:?}");
 }
+
+#[test]
+fn a_port_without_a_protocol_is_detected_and_says_so() {
+    use mesh_model::service::Protocol;
+    let resources = parse_documents(
+        "apiVersion: mesh.io/v1\nkind: Service\nmetadata: {name: r}\n\
+         spec: {ports: [{port: 80}, {port: 5432, protocol: tcp}, {port: 81, protocol: grpc}]}\n",
+    )
+    .unwrap();
+    let Resource::Service(service) = &resources[0] else {
+        panic!()
+    };
+    let protocols: Vec<Protocol> = service.spec.ports.iter().map(|p| p.protocol).collect();
+    assert_eq!(protocols, [Protocol::Auto, Protocol::Tcp, Protocol::Grpc]);
+    assert_eq!(
+        protocols.iter().map(|p| p.is_http()).collect::<Vec<_>>(),
+        [false, false, true]
+    );
+    let written = serde_json::to_value(&service.spec.ports[0]).unwrap();
+    assert_eq!(written["protocol"], "auto");
+    let found = errors(
+        "apiVersion: mesh.io/v1\nkind: Service\nmetadata: {name: r}\nspec: {ports: [{port: 80, protocol: sniff}]}\n",
+    );
+    assert!(found[0].contains("unknown variant `sniff`"), "{found:?}");
+}

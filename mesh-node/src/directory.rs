@@ -239,8 +239,9 @@ impl Directory {
     }
 
     /// What the workload `pod` of this node speaks on its port `port`: the
-    /// first service it serves that declares that port other than plain
-    /// TCP, with the protocol; `None`: TCP.
+    /// first service it serves that declares that port an HTTP protocol,
+    /// with the protocol; `None`: TCP (a port whose protocol is detected
+    /// is detected at the caller's node only).
     pub fn inbound_service(&self, pod: &str, port: u16) -> Option<(ServiceKey, Protocol)> {
         let local = self.local.get(pod)?;
         let namespace = local.workload.namespace();
@@ -250,7 +251,7 @@ impl Directory {
                 .service_ports
                 .get(&key)?
                 .iter()
-                .find(|p| p.workload_port() == port && p.protocol != Protocol::Tcp)?
+                .find(|p| p.workload_port() == port && p.protocol.is_http())?
                 .protocol;
             Some((key, protocol))
         })

@@ -3,7 +3,8 @@
 //! ([`balance`]), whether the service is failing ([`breaker`]), whether and
 //! when to try again ([`retry`]) — and at the destination, the path an
 //! authorization rule is matched against ([`path`]) and the workload's
-//! rate limit ([`ratelimit`]).
+//! rate limit ([`ratelimit`]); and for a port that declares no protocol,
+//! whether the client speaks HTTP ([`sniff`]).
 //!
 //! Each module is a pure policy over explicit inputs (time, random rolls,
 //! observed outcomes) so it can be tested exhaustively with paused time.
@@ -13,3 +14,4 @@ pub mod breaker;
 pub mod path;
 pub mod ratelimit;
 pub mod retry;
+pub mod sniff;

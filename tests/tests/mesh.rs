@@ -658,7 +658,7 @@ fn a_service_address_spreads_connections_over_its_healthy_endpoints_across_names
     let _legacy = serve("legacy/client", "from-legacy");
     mesh.apply(&format!(
         "apiVersion: mesh.io/v1\nkind: Service\nmetadata: {{name: reviews, namespace: shop}}\n\
-         spec: {{vip: 10.96.0.10, ports: [{{port: 80, target_port: 8080}}]}}\n---\n\
+         spec: {{vip: 10.96.0.10, ports: [{{port: 80, target_port: 8080, protocol: tcp}}]}}\n---\n\
          apiVersion: mesh.io/v1\nkind: Service\nmetadata: {{name: records, namespace: legacy}}\n\
          spec: {{vip: 10.96.0.20, ports: [{{port: 80, target_port: 8080, protocol: http}}]}}\n---\n{}{}",
         workload("shop", "other", "other", 0, ip("shop/other"), "reviews"),
@@ -714,6 +714,65 @@ fn a_service_address_spreads_connections_over_its_healthy_endpoints_across_names
     wait_until("node 0 holds the marking", || mesh.revision(0) > before);
     let bodies = answers(&mesh, "shop/frontend", "10.96.0.10:80", 6);
     assert_eq!(bodies, serde_json::json!({SECRET_BODY: 6}), "{bodies}");
+
+    // A port that declares no protocol: HTTP is detected from the client's
+    // first bytes and routed request by request; anything else, or a
+    // client that waits for the server to speak first, is carried as TCP.
+    mesh.apply(
+        "apiVersion: mesh.io/v1\nkind: Service\nmetadata: {name: reviews, namespace: shop}\n\
+         spec: {vip: 10.96.0.10, ports: [{port: 80, target_port: 8080}]}\n",
+    );
+    let routed = || mesh.metric(0, "mesh_http_requests_total");
+    let before = routed();
+    let bodies = answers(&mesh, "shop/frontend", "10.96.0.10:80", 4);
+    assert_eq!(bodies, serde_json::json!({SECRET_BODY: 4}), "{bodies}");
+    assert_eq!(routed(), before + 4, "HTTP was not detected");
+    let (before, carried) = (routed(), tunnelled(1, "shop/reviews"));
+    let answer = summary_of(
+        &mesh,
+        "shop/frontend",
+        &[
+            "raw",
+            "--to",
+            "10.96.0.10:80",
+            "--request",
+            "hello\\r\\n\\r\\n",
+        ],
+    );
+    // The server's own answer to bytes it got as they were sent.
+    assert!(
+        answer["status_line"]
+            .as_str()
+            .unwrap()
+            .starts_with("HTTP/1.1 200"),
+        "{answer}"
+    );
+    assert_eq!(routed(), before, "not HTTP, yet routed as HTTP");
+    assert_eq!(tunnelled(1, "shop/reviews"), carried + 1);
+    let silent = summary_of(
+        &mesh,
+        "shop/frontend",
+        &[
+            "slow",
+            "--to",
+            "10.96.0.10:80",
+            "--interval-ms",
+            "0",
+            "--max-secs",
+            "2",
+        ],
+    );
+    assert_eq!(
+        silent["closed_after_ms"],
+        serde_json::Value::Null,
+        "{silent}"
+    );
+    assert_eq!(routed(), before);
+    assert_eq!(
+        tunnelled(1, "shop/reviews"),
+        carried + 2,
+        "a silent client was not carried as TCP"
+    );
 
     // Node 1 holds nothing of `legacy`: the first request asks for it and
     // waits; the port speaks HTTP, so requests are routed one by one, and

@@ -298,14 +298,14 @@ impl Clients {
     fn outbound(&self, protocol: Protocol) -> &Client<Connector, Body> {
         match protocol {
             Protocol::Http2 | Protocol::Grpc => &self.http2,
-            Protocol::Http | Protocol::Tcp => &self.http1,
+            Protocol::Http | Protocol::Tcp | Protocol::Auto => &self.http1,
         }
     }
 
     fn app(&self, protocol: Protocol) -> &Client<Connector, Body> {
         match protocol {
             Protocol::Http2 | Protocol::Grpc => &self.app_http2,
-            Protocol::Http | Protocol::Tcp => &self.app_http1,
+            Protocol::Http | Protocol::Tcp | Protocol::Auto => &self.app_http1,
         }
     }
 }
@@ -430,6 +430,38 @@ struct Route {
     /// The service port the client connected to.
     port: u16,
     protocol: Protocol,
+}
+
+/// How long a client of a port that declares no protocol has to send the
+/// bytes that tell whether it speaks HTTP before it is carried as TCP: a
+/// server-first protocol (the client waits for a greeting) waits this out
+/// once per connection.
+pub const DETECT_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Whether the client of `stream` speaks HTTP, from its first bytes
+/// (peeked, not consumed): the protocol to route it with, or `None` to
+/// carry it as TCP (not HTTP, silent past [`DETECT_TIMEOUT`], or gone).
+pub(super) async fn detect(stream: &TcpStream) -> Option<Protocol> {
+    use crate::l7::sniff::{NEEDED, Sniffed, sniff};
+    let deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
+    let mut first = [0; NEEDED];
+    loop {
+        let peeked = match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
+            Ok(Ok(peeked)) if peeked > 0 => peeked,
+            _ => return None,
+        };
+        match sniff(&first[..peeked]) {
+            Sniffed::Http1 => return Some(Protocol::Http),
+            Sniffed::Http2 => return Some(Protocol::Http2),
+            Sniffed::Other => return None,
+            // The rest of a request line is on its way: peek again soon (a
+            // peek of the same bytes would return at once).
+            Sniffed::NeedMore if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Sniffed::NeedMore => return None,
+        }
+    }
 }
 
 /// Serves a captured connection to `original_dst` (a port of `service`

@@ -262,12 +262,23 @@ pub(super) async fn carry(
     };
     match direction {
         Direction::Outbound => {
-            // A service port that speaks HTTP: routed request by request.
-            if let Some(service) = directory.service_at(original_dst.ip())
-                && let Some(port) = service.ports.iter().find(|p| p.port == original_dst.port())
-                && port.protocol != Protocol::Tcp
-            {
-                let (service, protocol) = (service.clone(), port.protocol);
+            // A service port that speaks HTTP, declared or detected:
+            // routed request by request.
+            let declared = directory.service_at(original_dst.ip()).and_then(|service| {
+                let port = service
+                    .ports
+                    .iter()
+                    .find(|p| p.port == original_dst.port())?;
+                Some((service.clone(), port.protocol))
+            });
+            let http = match declared {
+                Some((service, protocol)) if protocol.is_http() => Some((service, protocol)),
+                Some((service, Protocol::Auto)) => super::http::detect(&stream)
+                    .await
+                    .map(|protocol| (service, protocol)),
+                _ => None,
+            };
+            if let Some((service, protocol)) = http {
                 drop(directory);
                 let _permit = permit;
                 return super::http::serve(

@@ -727,6 +727,12 @@ fn a_service_address_spreads_connections_over_its_healthy_endpoints_across_names
     let bodies = answers(&mesh, "shop/frontend", "10.96.0.10:80", 4);
     assert_eq!(bodies, serde_json::json!({SECRET_BODY: 4}), "{bodies}");
     assert_eq!(routed(), before + 4, "HTTP was not detected");
+    let upgraded = summary_of(
+        &mesh,
+        "shop/frontend",
+        &["upgrade", "--to", "10.96.0.10:80", "--message", "sniffed"],
+    );
+    assert_eq!(upgraded["echoed"], "sniffed", "{upgraded}");
     let (before, carried) = (routed(), tunnelled(1, "shop/reviews"));
     let answer = summary_of(
         &mesh,
@@ -920,8 +926,8 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
     );
 
     // Unless the policy opts in: then the POSTs v2 failed are repeated on
-    // v1 and all succeed. (A new budget comes with the new limits, so the
-    // GETs' retries above do not count against it.)
+    // v1 and all succeed. (A budget of 100 % of requests leaves room for
+    // them beside the GETs' retries above.)
     mesh.apply(
         "apiVersion: mesh.io/v1\nkind: ServicePolicy\nmetadata: {name: reviews, namespace: shop}\n\
          spec: {retry: {non_idempotent: true, budget_percent: 100}}\n",
@@ -946,6 +952,21 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
         )
         .unwrap();
         assert_eq!(on.status, 200, "{}", on.body);
+    }
+
+    // A WebSocket-style upgrade goes through both proxies: the upstream's
+    // 101 comes back and the switched connection carries bytes both ways.
+    for _ in 0..2 {
+        let upgraded = summary_of(
+            &mesh,
+            "shop/frontend",
+            &["upgrade", "--to", vip, "--message", "over the mesh"],
+        );
+        assert_eq!(
+            upgraded["status_line"], "HTTP/1.1 101 Switching Protocols",
+            "{upgraded}"
+        );
+        assert_eq!(upgraded["echoed"], "over the mesh", "{upgraded}");
     }
 
     // A hung upstream: 504 once the policy's timeout passes.
@@ -1129,35 +1150,41 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
         eprintln!("{attack}: {flood}, {reached} reached the servers");
         assert_eq!(flood["goaway"], 0xb, "{attack}: {flood}");
         assert_eq!(flood["gave_up"], false, "{attack}: {flood}");
+        // Streams reset before they are served go nowhere (hyper may have
+        // handed a few to the proxy before their reset was read).
+        assert!(reached <= 20, "{attack}: {reached} reached the servers");
     }
     let after = summary(&mesh, "shop/frontend", &["--to", vip, "--count", "5"]);
     assert_eq!(count(&after, "statuses", "200"), 5, "{after}");
 
-    // Slow clients: a request head trickled a byte at a time, or nothing
-    // at all, is cut off at the node's header timeout.
-    for (case, request, interval) in [
+    // Slow clients: a request head trickled a byte at a time, nothing at
+    // all, or the start of the HTTP/2 preface and then nothing, is cut off
+    // at the node's header timeout.
+    for (case, request, interval, stall) in [
         (
             "a slow head",
             "GET / HTTP/1.1\\r\\nhost: r\\r\\nx-slow: ",
             "100",
+            false,
         ),
-        ("an idle connection", "", "0"),
+        ("an idle connection", "", "0", false),
+        ("a stalled HTTP/2 preface", "PRI * HTTP/2", "10", true),
     ] {
-        let slow = summary_of(
-            &mesh,
-            "shop/frontend",
-            &[
-                "slow",
-                "--to",
-                vip,
-                "--request",
-                request,
-                "--interval-ms",
-                interval,
-                "--max-secs",
-                "20",
-            ],
-        );
+        let mut args = vec![
+            "slow",
+            "--to",
+            vip,
+            "--request",
+            request,
+            "--interval-ms",
+            interval,
+            "--max-secs",
+            "20",
+        ];
+        if stall {
+            args.push("--stall");
+        }
+        let slow = summary_of(&mesh, "shop/frontend", &args);
         eprintln!("{case}: {slow}");
         let closed = slow["closed_after_ms"]
             .as_u64()

@@ -83,7 +83,10 @@ impl RetryPolicy {
         if retried >= self.retries {
             return false;
         }
-        let repeatable = self.non_idempotent || idempotent(method);
+        // Opting in makes POST and PATCH repeatable; CONNECT and methods
+        // of extensions never are.
+        let repeatable = idempotent(method)
+            || (self.non_idempotent && matches!(*method, Method::POST | Method::PATCH));
         match attempt {
             Attempt::ConnectFailed => true,
             Attempt::Reset | Attempt::Status(503) => repeatable,
@@ -126,70 +129,75 @@ impl From<&RetrySettings> for BudgetLimits {
 /// with a floor so a quiet service can still retry.
 #[derive(Debug)]
 pub struct RetryBudget {
-    limits: BudgetLimits,
     window: Duration,
-    /// Per-second buckets: (second, requests, retries), oldest first.
-    buckets: Mutex<VecDeque<(u64, u32, u32)>>,
+    state: Mutex<Window>,
     epoch: Instant,
+}
+
+#[derive(Debug)]
+struct Window {
+    limits: BudgetLimits,
+    /// Per-second buckets: (second, requests, retries), oldest first.
+    buckets: VecDeque<(u64, u32, u32)>,
 }
 
 impl RetryBudget {
     /// A budget of `limits` over the last `window`.
     pub fn new(limits: BudgetLimits, window: Duration) -> Self {
         Self {
-            limits,
             window: window.max(Duration::from_secs(1)),
-            buckets: Mutex::new(VecDeque::new()),
+            state: Mutex::new(Window {
+                limits,
+                buckets: VecDeque::new(),
+            }),
             epoch: Instant::now(),
         }
     }
 
-    pub fn limits(&self) -> BudgetLimits {
-        self.limits
+    /// Applies `limits` from now on, to the requests and retries already
+    /// counted: a policy change neither refills nor empties the budget.
+    pub fn set_limits(&self, limits: BudgetLimits) {
+        self.current().limits = limits;
     }
 
     /// Counts a first attempt.
     pub fn request(&self) {
-        self.with_current(|bucket| bucket.1 += 1);
+        if let Some(bucket) = self.current().buckets.back_mut() {
+            bucket.1 += 1;
+        }
     }
 
     /// Takes a retry from the budget if it has one.
     pub fn try_retry(&self) -> bool {
-        let mut buckets = self.current();
-        let (requests, retries) = buckets.iter().fold((0u64, 0u64), |(q, r), b| {
+        let mut state = self.current();
+        let (requests, retries) = state.buckets.iter().fold((0u64, 0u64), |(q, r), b| {
             (q + u64::from(b.1), r + u64::from(b.2))
         });
-        let floor = u64::from(self.limits.min_per_second) * self.window.as_secs();
-        let allowed = floor.max(requests * u64::from(self.limits.percent) / 100);
+        let floor = u64::from(state.limits.min_per_second) * self.window.as_secs();
+        let allowed = floor.max(requests * u64::from(state.limits.percent) / 100);
         if retries >= allowed {
             return false;
         }
-        if let Some(bucket) = buckets.back_mut() {
+        if let Some(bucket) = state.buckets.back_mut() {
             bucket.2 += 1;
         }
         true
     }
 
-    fn with_current(&self, change: impl FnOnce(&mut (u64, u32, u32))) {
-        let mut buckets = self.current();
-        if let Some(bucket) = buckets.back_mut() {
-            change(bucket);
-        }
-    }
-
-    /// The buckets, with this second's at the back and none older than
-    /// the window.
-    fn current(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, u32, u32)>> {
+    /// The window, with this second's bucket at the back and none older
+    /// than the window.
+    fn current(&self) -> std::sync::MutexGuard<'_, Window> {
         let second = Instant::now().duration_since(self.epoch).as_secs();
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let oldest = second.saturating_sub(self.window.as_secs() - 1);
+        let buckets = &mut state.buckets;
         while buckets.front().is_some_and(|b| b.0 < oldest) {
             buckets.pop_front();
         }
         if buckets.back().is_none_or(|b| b.0 != second) {
             buckets.push_back((second, 0, 0));
         }
-        buckets
+        state
     }
 }
 
@@ -248,6 +256,10 @@ mod tests {
         assert!(opted.should_retry(&Method::POST, Status(503), 0));
         assert!(opted.should_retry(&Method::PATCH, Status(425), 0));
         assert!(!opted.should_retry(&Method::POST, TimedOut, 0));
+        // Only POST and PATCH: not CONNECT, nor an extension's method.
+        assert!(!opted.should_retry(&Method::CONNECT, Status(503), 0));
+        let extension = Method::from_bytes(b"PURGE").unwrap();
+        assert!(!opted.should_retry(&extension, Status(503), 0));
     }
 
     #[test]
@@ -343,5 +355,24 @@ mod tests {
         assert!(!budget.try_retry());
         tokio::time::advance(Duration::from_secs(5)).await;
         assert!(budget.try_retry());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn new_limits_apply_to_what_was_counted() {
+        let limits = |percent| BudgetLimits {
+            percent,
+            min_per_second: 0,
+        };
+        let budget = RetryBudget::new(limits(10), Duration::from_secs(10));
+        for _ in 0..100 {
+            budget.request();
+        }
+        assert_eq!((0..100).filter(|_| budget.try_retry()).count(), 10);
+        // Raised: the 10 already taken count against the new 30.
+        budget.set_limits(limits(30));
+        assert_eq!((0..100).filter(|_| budget.try_retry()).count(), 20);
+        // Lowered below what was taken: nothing more, not a fresh start.
+        budget.set_limits(limits(5));
+        assert!(!budget.try_retry());
     }
 }

@@ -1,6 +1,8 @@
 //! Whether a client speaks HTTP, from its first bytes: an HTTP/1.x request
-//! line starts with a method and a space, an HTTP/2 connection with the
-//! client preface (RFC 9113 §3.4, prior knowledge). Nothing is sent to the
+//! line is a method, a space, a target, and ` HTTP/1.1` or ` HTTP/1.0`
+//! (so RTSP, SIP or a Redis inline command, which also start with a verb,
+//! are not taken for it); an HTTP/2 connection starts with the client
+//! preface (RFC 9113 §3.4, prior knowledge). Nothing is sent to the
 //! client to find out, so detection costs no round trip — only the wait
 //! for the bytes a client-first protocol sends anyway.
 
@@ -31,8 +33,9 @@ const METHODS: [&[u8]; 9] = [
     b"PATCH ",
 ];
 
-/// The most bytes [`sniff`] needs to decide.
-pub const NEEDED: usize = H2_PREFACE.len();
+/// The most bytes [`sniff`] looks at: a request line longer than this
+/// (a long target) is taken for HTTP once its method is known.
+pub const NEEDED: usize = 1024;
 
 /// Decides from `first`, the bytes the client sent so far.
 pub fn sniff(first: &[u8]) -> Sniffed {
@@ -52,13 +55,31 @@ pub fn sniff(first: &[u8]) -> Sniffed {
     }
     for method in METHODS {
         match against(method) {
-            Some(true) => return Sniffed::Http1,
+            Some(true) => return request_line(first),
             Some(false) => undecided = true,
             None => {}
         }
     }
     if undecided {
         Sniffed::NeedMore
+    } else {
+        Sniffed::Other
+    }
+}
+
+/// `first` starts with a method: HTTP if its line ends with the version.
+fn request_line(first: &[u8]) -> Sniffed {
+    let Some(end) = first.iter().position(|&b| b == b'\n') else {
+        return if first.len() >= NEEDED {
+            Sniffed::Http1
+        } else {
+            Sniffed::NeedMore
+        };
+    };
+    let line = &first[..end];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0") {
+        Sniffed::Http1
     } else {
         Sniffed::Other
     }
@@ -72,9 +93,9 @@ mod tests {
     fn first_bytes_decide_or_ask_for_more() {
         for (first, expected) in [
             (&b"GET / HTTP/1.1\r\n"[..], Sniffed::Http1),
-            (b"GET ", Sniffed::Http1),
+            (b"GET / HTTP/1.0\nhost: a\n", Sniffed::Http1),
             (b"OPTIONS * HTTP/1.1\r\n", Sniffed::Http1),
-            (b"PATCH /x HTTP/1.1", Sniffed::Http1),
+            (b"PATCH /x HTTP/1.1\r\nhost", Sniffed::Http1),
             (H2_PREFACE, Sniffed::Http2),
             (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00", Sniffed::Http2),
             // Prefixes of several candidates: P could be POST, PUT, PATCH
@@ -83,6 +104,8 @@ mod tests {
             (b"P", Sniffed::NeedMore),
             (b"PRI * HTTP/2", Sniffed::NeedMore),
             (b"GET", Sniffed::NeedMore),
+            (b"GET ", Sniffed::NeedMore),
+            (b"PATCH /x HTTP/1.1", Sniffed::NeedMore),
             (b"DELE", Sniffed::NeedMore),
             // Not HTTP.
             (b"\x16\x03\x01\x02\x00", Sniffed::Other),
@@ -92,6 +115,11 @@ mod tests {
             (b"PRI * HTTP/1.1\r\n", Sniffed::Other),
             (b"SSH-2.0-OpenSSH_9.2\r\n", Sniffed::Other),
             (b"*3\r\n$3\r\nSET\r\n", Sniffed::Other),
+            // A verb, but not HTTP's request line.
+            (b"OPTIONS rtsp://cam/1 RTSP/1.0\r\n", Sniffed::Other),
+            (b"OPTIONS sip:a@b SIP/2.0\r\n", Sniffed::Other),
+            (b"GET session:42\r\n", Sniffed::Other),
+            (b"GET / HTTP/2.0\r\n", Sniffed::Other),
         ] {
             assert_eq!(
                 sniff(first),
@@ -103,7 +131,20 @@ mod tests {
     }
 
     #[test]
+    fn a_request_line_longer_than_what_is_peeked_is_http() {
+        let mut long = b"GET /".to_vec();
+        long.resize(NEEDED - 1, b'a');
+        assert_eq!(sniff(&long), Sniffed::NeedMore);
+        long.push(b'a');
+        assert_eq!(sniff(&long), Sniffed::Http1);
+        let mut not = b"HEAD".to_vec();
+        not.resize(NEEDED, b'a');
+        assert_eq!(sniff(&not), Sniffed::Other);
+    }
+
+    #[test]
     fn the_longest_candidate_fits_what_is_peeked() {
         assert!(METHODS.iter().all(|m| m.len() <= NEEDED));
+        assert!(H2_PREFACE.len() <= NEEDED);
     }
 }

@@ -64,6 +64,7 @@ use crate::{
         breaker::{Breaker, BreakerSettings},
         ratelimit::TokenBucket,
         retry::{Attempt, BudgetLimits, RetryBudget, RetryPolicy},
+        sniff::H2_PREFACE,
     },
 };
 
@@ -194,18 +195,15 @@ impl HttpState {
         }
     }
 
-    /// The retry budget of `service` over the last 10 s, replaced (full)
-    /// when its limits change.
+    /// The retry budget of `service` over the last 10 s; changed limits
+    /// apply to what it counted already.
     fn budget(&self, service: &ServiceKey, limits: BudgetLimits) -> Arc<RetryBudget> {
-        let mut budgets = super::lock(&self.budgets);
-        match budgets.get(service) {
-            Some(budget) if budget.limits() == limits => budget.clone(),
-            _ => {
-                let budget = Arc::new(RetryBudget::new(limits, Duration::from_secs(10)));
-                budgets.insert(service.clone(), budget.clone());
-                budget
-            }
-        }
+        let budget = super::lock(&self.budgets)
+            .entry(service.clone())
+            .or_insert_with(|| Arc::new(RetryBudget::new(limits, Duration::from_secs(10))))
+            .clone();
+        budget.set_limits(limits);
+        budget
     }
 
     /// The ring over `endpoints` (one per service and split version).
@@ -444,23 +442,44 @@ pub const DETECT_TIMEOUT: Duration = Duration::from_millis(100);
 pub(super) async fn detect(stream: &TcpStream) -> Option<Protocol> {
     use crate::l7::sniff::{NEEDED, Sniffed, sniff};
     let deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
-    let mut first = [0; NEEDED];
+    let decided = peek_until(stream, deadline, NEEDED, |first| match sniff(first) {
+        Sniffed::Http1 => Some(Some(Protocol::Http)),
+        Sniffed::Http2 => Some(Some(Protocol::Http2)),
+        Sniffed::Other => Some(None),
+        Sniffed::NeedMore => None,
+    })
+    .await;
+    decided.ok().flatten().flatten()
+}
+
+/// Peeks at the first bytes of `stream` (at most `most`) until `decide`
+/// makes up its mind: `Ok(None)` when the client closed first, `TimedOut`
+/// past `deadline`. A peek returns at once while the same bytes wait, so
+/// between peeks it sleeps, from 1 ms doubling to 32 ms: a client that
+/// stalls mid-way costs a few wake-ups, not a busy loop.
+async fn peek_until<T>(
+    stream: &TcpStream,
+    deadline: tokio::time::Instant,
+    most: usize,
+    mut decide: impl FnMut(&[u8]) -> Option<T>,
+) -> io::Result<Option<T>> {
+    let mut first = vec![0; most];
+    let mut pause = Duration::from_millis(1);
     loop {
-        let peeked = match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
-            Ok(Ok(peeked)) if peeked > 0 => peeked,
-            _ => return None,
-        };
-        match sniff(&first[..peeked]) {
-            Sniffed::Http1 => return Some(Protocol::Http),
-            Sniffed::Http2 => return Some(Protocol::Http2),
-            Sniffed::Other => return None,
-            // The rest of a request line is on its way: peek again soon (a
-            // peek of the same bytes would return at once).
-            Sniffed::NeedMore if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            Sniffed::NeedMore => return None,
+        let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut first))
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+        if peeked == 0 {
+            return Ok(None);
         }
+        if let Some(decided) = decide(&first[..peeked]) {
+            return Ok(Some(decided));
+        }
+        if tokio::time::Instant::now() + pause >= deadline {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(32));
     }
 }
 
@@ -497,16 +516,23 @@ pub(super) async fn serve(
         async move { Ok::<_, Infallible>(handle(&route, request).await) }
     });
     // hyper's header timeout runs once it knows the protocol, which it
-    // learns from the first bytes: a client that sends none is cut off
+    // learns from up to 24 first bytes (the HTTP/2 preface or not): a
+    // client that sends none, or stops inside the preface, is cut off
     // here instead.
     let header_timeout = mesh.http.header_timeout;
-    let result = match tokio::time::timeout(header_timeout, stream.peek(&mut [0; 1])).await {
-        Err(_) => Err(io::Error::new(
+    let deadline = tokio::time::Instant::now() + header_timeout;
+    let known = peek_until(&stream, deadline, H2_PREFACE.len(), |first| {
+        let n = first.len();
+        (n == H2_PREFACE.len() || first != &H2_PREFACE[..n]).then_some(())
+    });
+    let result = match known.await {
+        Err(error) if error.kind() == io::ErrorKind::TimedOut => Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("no request within {header_timeout:?}"),
         )),
+        Err(error) => Err(error),
         Ok(_) => server(header_timeout)
-            .serve_connection(TokioIo::new(stream), handler)
+            .serve_connection_with_upgrades(TokioIo::new(stream), handler)
             .await
             .map_err(io::Error::other),
     };
@@ -550,7 +576,7 @@ pub(super) async fn serve_inbound(
         }
     });
     server(mesh.http.header_timeout)
-        .serve_connection(TokioIo::new(stream), handler)
+        .serve_connection_with_upgrades(TokioIo::new(stream), handler)
         .await
         .map_err(io::Error::other)
 }
@@ -566,7 +592,7 @@ struct Inbound {
     protocol: Protocol,
 }
 
-async fn authorize_and_send(inbound: &Inbound, request: Request<Incoming>) -> Response<Body> {
+async fn authorize_and_send(inbound: &Inbound, mut request: Request<Incoming>) -> Response<Body> {
     let Inbound {
         pod,
         mesh,
@@ -610,6 +636,7 @@ async fn authorize_and_send(inbound: &Inbound, request: Request<Incoming>) -> Re
             );
         }
     }
+    let upgrade = Upgrade::take(&mut request, protocol);
     let (parts, body) = request.into_parts();
     // The application gets the path that was authorized.
     let query = parts.uri.query().map_or(String::new(), |q| format!("?{q}"));
@@ -621,11 +648,20 @@ async fn authorize_and_send(inbound: &Inbound, request: Request<Incoming>) -> Re
     *upstream.method_mut() = parts.method;
     *upstream.uri_mut() = uri;
     *upstream.headers_mut() = forwarded_headers(&parts.headers);
+    if let Some(upgrade) = &upgrade {
+        upgrade.ask(upstream.headers_mut());
+    }
     if matches!(protocol, Protocol::Http2 | Protocol::Grpc) {
         *upstream.version_mut() = http::Version::HTTP_2;
     }
     match pod.http_clients(mesh).app(protocol).request(upstream).await {
-        Ok(response) => response.map(|body| body.map_err(BoxError::from).boxed_unsync()),
+        Ok(response) => {
+            let mut response = response.map(|body| body.map_err(BoxError::from).boxed_unsync());
+            if let Some(upgrade) = upgrade {
+                upgrade.splice(&mut response, &pod.name);
+            }
+            response
+        }
         Err(error) => local(
             state,
             Flag::ConnectFailed,
@@ -707,11 +743,9 @@ impl Access {
         if !state.access_log.load(Ordering::Relaxed) {
             return None;
         }
-        let path = request.uri().path();
         Some(Self {
             method: request.method().clone(),
-            // A URI path is ASCII: any length is a character boundary.
-            path: path[..path.len().min(LOGGED_PATH)].to_owned(),
+            path: clipped(request.uri().path(), LOGGED_PATH).to_owned(),
             started: std::time::Instant::now(),
         })
     }
@@ -738,14 +772,25 @@ impl Access {
     }
 }
 
+/// `text` cut to at most `most` bytes, at a character boundary (hyper
+/// lets UTF-8 through in a path).
+fn clipped(text: &str, most: usize) -> &str {
+    let mut end = text.len().min(most);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// Routes one request of a captured connection to a service.
-async fn route_request(route: &Route, request: Request<Incoming>) -> Response<Body> {
+async fn route_request(route: &Route, mut request: Request<Incoming>) -> Response<Body> {
     let mesh = &route.mesh;
     let state = &mesh.http;
     state.stats.requests.fetch_add(1, Ordering::Relaxed);
     if let Err(why) = unambiguous_framing(request.headers()) {
         return local(state, Flag::BadRequest, why);
     }
+    let upgrade = Upgrade::take(&mut request, route.protocol);
     let key = &route.service.key;
     // Endpoints, policy and splits of a service of another namespace come
     // on demand.
@@ -832,6 +877,7 @@ async fn route_request(route: &Route, request: Request<Incoming>) -> Response<Bo
         candidates: &candidates,
         retry: &retry,
         budget: &budget,
+        upgrade: upgrade.as_ref(),
     };
     let exchanged = tokio::time::timeout(timeout, async {
         let response = exchange
@@ -855,8 +901,11 @@ async fn route_request(route: &Route, request: Request<Incoming>) -> Response<Bo
             breaker.record(ticket, false);
             local(state, flag, &error)
         }
-        Ok(Ok(response)) => {
+        Ok(Ok(mut response)) => {
             breaker.record(ticket, !response.status().is_server_error());
+            if let Some(upgrade) = upgrade {
+                upgrade.splice(&mut response, &route.pod.name);
+            }
             response
         }
     }
@@ -938,6 +987,7 @@ struct Exchange<'a> {
     candidates: &'a [SocketAddr],
     retry: &'a RetryPolicy,
     budget: &'a RetryBudget,
+    upgrade: Option<&'a Upgrade>,
 }
 
 impl Exchange<'_> {
@@ -1050,10 +1100,83 @@ impl Exchange<'_> {
         *request.method_mut() = self.parts.method.clone();
         *request.uri_mut() = uri;
         *request.headers_mut() = forwarded_headers(&self.parts.headers);
+        if let Some(upgrade) = self.upgrade {
+            upgrade.ask(request.headers_mut());
+        }
         if matches!(self.route.protocol, Protocol::Http2 | Protocol::Grpc) {
             *request.version_mut() = http::Version::HTTP_2;
         }
         Ok(request)
+    }
+}
+
+/// An HTTP/1.1 request to switch protocols (WebSocket and the like): the
+/// protocol asked for, and the client's side of the switch. The request
+/// goes on with `connection: upgrade` and its `upgrade` header; when the
+/// upstream agrees (101), the two connections are joined byte for byte.
+/// HTTP/2 has no upgrades (RFC 9113 §8.6), and `h2c` is refused here: the
+/// proxy speaks HTTP/2 to an upstream only when the port says so.
+struct Upgrade {
+    protocol: HeaderValue,
+    client: hyper::upgrade::OnUpgrade,
+}
+
+impl Upgrade {
+    /// The upgrade `request` asks for, if it goes on to an HTTP/1.1
+    /// upstream (`protocol`).
+    fn take(request: &mut Request<Incoming>, protocol: Protocol) -> Option<Self> {
+        if request.version() != http::Version::HTTP_11
+            || matches!(protocol, Protocol::Http2 | Protocol::Grpc)
+        {
+            return None;
+        }
+        let headers = request.headers();
+        let asked = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+        let protocol = headers.get(header::UPGRADE)?.clone();
+        let h2c = protocol
+            .to_str()
+            .map_or(true, |p| p.to_ascii_lowercase().contains("h2c"));
+        if !asked || h2c {
+            return None;
+        }
+        let client = hyper::upgrade::on(request);
+        Some(Self { protocol, client })
+    }
+
+    /// Asks the upstream for the same switch.
+    fn ask(&self, headers: &mut HeaderMap) {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, self.protocol.clone());
+    }
+
+    /// Joins the client to the upstream once both switch, when `response`
+    /// is the upstream's agreement; otherwise the client's side is dropped
+    /// and the connection goes on with HTTP.
+    fn splice(self, response: &mut Response<Body>, pod: &str) {
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return;
+        }
+        let upstream = hyper::upgrade::on(response);
+        let pod = pod.to_owned();
+        tokio::spawn(async move {
+            let joined = async {
+                let (client, upstream) =
+                    tokio::try_join!(self.client, upstream).map_err(io::Error::other)?;
+                let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+                tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+            };
+            match joined.await {
+                Ok((sent, received)) => {
+                    tracing::debug!(pod, sent, received, "upgraded connection closed")
+                }
+                Err(error) => tracing::debug!(pod, %error, "upgraded connection failed"),
+            }
+        });
     }
 }
 
@@ -1146,6 +1269,16 @@ mod tests {
         ] {
             assert!(unambiguous_framing(&bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn logged_paths_are_cut_between_characters() {
+        assert_eq!(clipped("/abc", 256), "/abc");
+        assert_eq!(clipped("/abc", 2), "/a");
+        // "é" is two bytes: a cut inside it backs off before it.
+        assert_eq!(clipped("/é", 2), "/");
+        assert_eq!(clipped("/é", 3), "/é");
+        assert_eq!(clipped("/ü€x", 5), "/ü");
     }
 
     #[test]

@@ -107,6 +107,16 @@ enum Command {
         #[arg(long)]
         request: String,
     },
+    /// Ask to switch the connection to the `mesh-echo` protocol (as a
+    /// WebSocket client does), then send MESSAGE on the switched connection;
+    /// prints the answer's first line and what came back as JSON
+    /// (`status_line`, `echoed`).
+    Upgrade {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value = "ping")]
+        message: String,
+    },
     /// Abuse an HTTP/2 connection until the peer hangs up.
     H2Flood {
         #[arg(long)]
@@ -129,6 +139,9 @@ enum Command {
         interval_ms: u64,
         #[arg(long, default_value_t = 30)]
         max_secs: u64,
+        /// Send nothing after REQUEST (and keep the connection open).
+        #[arg(long)]
+        stall: bool,
     },
     /// Read every connection to its end; answer with the byte count.
     Sink {
@@ -206,11 +219,13 @@ fn main() -> ExitCode {
         } => report("bench-http", bench_http(to, connections, requests)),
         Command::Sink { listen } => report("sink", sink(listen)),
         Command::Raw { to, request } => report("raw", raw(to, &request)),
+        Command::Upgrade { to, message } => report("upgrade", upgrade(to, &message)),
         Command::Slow {
             to,
             request,
             interval_ms,
             max_secs,
+            stall,
         } => report(
             "slow",
             slow(
@@ -218,6 +233,7 @@ fn main() -> ExitCode {
                 &request,
                 Duration::from_millis(interval_ms),
                 Duration::from_secs(max_secs),
+                stall,
             ),
         ),
         Command::H2Flood {
@@ -501,6 +517,17 @@ fn answer_http(
             let length = content_length(&head);
             io::copy(&mut (&mut reader).take(length), &mut io::sink())?;
         }
+        if head
+            .lines()
+            .any(|line| line.eq_ignore_ascii_case("upgrade: mesh-echo"))
+        {
+            // Switched: echo until the client closes.
+            writer.write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: mesh-echo\r\n\r\n",
+            )?;
+            io::copy(&mut reader, &mut writer)?;
+            return Ok(());
+        }
         let target = head.split(' ').nth(1).unwrap_or("/");
         let (status, text) = if head.starts_with("GET /hits ") {
             ("200 OK", hits.load(SeqCst).to_string())
@@ -553,7 +580,43 @@ fn raw(to: SocketAddr, request: &str) -> io::Result<()> {
     Ok(())
 }
 
-fn slow(to: SocketAddr, request: &str, interval: Duration, max: Duration) -> io::Result<()> {
+fn upgrade(to: SocketAddr, message: &str) -> io::Result<()> {
+    let mut stream = open(
+        to,
+        Client {
+            mark: None,
+            local_port: None,
+        },
+    )?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(
+        format!(
+            "GET /chat HTTP/1.1\r\nhost: {to}\r\nconnection: upgrade\r\nupgrade: mesh-echo\r\n\r\n"
+        )
+        .as_bytes(),
+    )?;
+    let mut reader = io::BufReader::new(stream.try_clone()?);
+    let head = read_head(&mut reader)?.unwrap_or_default();
+    let status_line = head.lines().next().unwrap_or("").to_owned();
+    let mut echoed = String::new();
+    if status_line.starts_with("HTTP/1.1 101 ") {
+        stream.write_all(format!("{message}\n").as_bytes())?;
+        io::BufRead::read_line(&mut reader, &mut echoed)?;
+    }
+    println!(
+        "{}",
+        serde_json::json!({ "status_line": status_line, "echoed": echoed.trim_end() })
+    );
+    Ok(())
+}
+
+fn slow(
+    to: SocketAddr,
+    request: &str,
+    interval: Duration,
+    max: Duration,
+    stall: bool,
+) -> io::Result<()> {
     let prefix = request.replace("\\r", "\r").replace("\\n", "\n");
     let stream = open(
         to,
@@ -576,11 +639,12 @@ fn slow(to: SocketAddr, request: &str, interval: Duration, max: Duration) -> io:
         })
     };
     let mut writer = &stream;
-    let mut bytes = prefix.bytes().chain(std::iter::repeat(b'a'));
+    let filler = std::iter::repeat_n(b'a', if stall { 0 } else { usize::MAX });
+    let mut bytes = prefix.bytes().chain(filler).peekable();
     let mut sent = 0u64;
     while !reader.is_finished() && started.elapsed() < max {
         // An interval of zero: an idle client, sending nothing.
-        if interval.is_zero() {
+        if interval.is_zero() || bytes.peek().is_none() {
             thread::sleep(Duration::from_millis(20));
             continue;
         }
@@ -649,6 +713,8 @@ fn h2_flood(to: SocketAddr, attack: Attack, max_bytes: u64) -> io::Result<()> {
         },
     )?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    // A peer that stops reading without hanging up must not hold us.
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
     let hung_up = Arc::new(AtomicBool::new(false));
     let reader = {
         let mut stream = stream.try_clone()?;
@@ -679,6 +745,8 @@ fn h2_flood(to: SocketAddr, attack: Attack, max_bytes: u64) -> io::Result<()> {
 
     let mut writer = &stream;
     let mut sent = 0u64;
+    // A write that timed out: the peer stopped reading but stayed.
+    let mut stalled = false;
     let mut send = |bytes: &[u8]| -> bool {
         if hung_up.load(Ordering::SeqCst) || sent >= max_bytes {
             return false;
@@ -688,7 +756,13 @@ fn h2_flood(to: SocketAddr, attack: Attack, max_bytes: u64) -> io::Result<()> {
                 sent += bytes.len() as u64;
                 true
             }
-            Err(_) => false,
+            Err(error) => {
+                stalled = matches!(
+                    error.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                );
+                false
+            }
         }
     };
     let mut preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
@@ -741,7 +815,7 @@ fn h2_flood(to: SocketAddr, attack: Attack, max_bytes: u64) -> io::Result<()> {
             "sent_bytes": sent,
             "streams": streams,
             "responses": responses,
-            "gave_up": sent >= max_bytes,
+            "gave_up": sent >= max_bytes || stalled,
         })
     );
     Ok(())

@@ -37,7 +37,10 @@ use axum::{
     middleware::from_fn_with_state,
     routing::{get, post},
 };
-use mesh_model::{Document, Kind, Resource, parse_documents, resource::DEFAULT_NAMESPACE};
+use mesh_model::{
+    Document, Kind, Resource, parse_documents_checked, resource::DEFAULT_NAMESPACE,
+    service::ServiceRanges,
+};
 use serde::{Deserialize, Serialize};
 
 pub use auth::generate_token;
@@ -58,6 +61,8 @@ pub struct AppState {
     pub token: Arc<str>,
     /// The CA, for `/api/v1/certificates`; without it those routes answer 503.
     pub identity: Option<Arc<Identity>>,
+    /// Where services' addresses may come from.
+    pub service_ranges: Arc<ServiceRanges>,
 }
 
 /// The API's routes.
@@ -233,7 +238,8 @@ async fn apply(
     }
     let text = std::str::from_utf8(&body)
         .map_err(|e| ApiError::BadRequest(format!("the body is not UTF-8: {e}")))?;
-    let resources = parse_documents(text).map_err(ApiError::Invalid)?;
+    let resources = parse_documents_checked(text, |resource| state.service_ranges.check(resource))
+        .map_err(ApiError::Invalid)?;
     if resources.is_empty() {
         return Err(ApiError::BadRequest("the body holds no documents".into()));
     }

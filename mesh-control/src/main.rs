@@ -17,6 +17,7 @@ use mesh_control::{
     grpc::{self, GrpcConfig, RateLimit},
     store::Store,
 };
+use mesh_model::service::{DEFAULT_SERVICE_RANGES, ServiceRanges};
 
 /// The mesh's control plane: desired state in SQL, served to meshctl over
 /// the admin API.
@@ -78,6 +79,11 @@ enum Command {
         /// Certificate requests per second a node may send in the long run.
         #[arg(long, env = "MESH_CSR_RATE", default_value_t = RateLimit::default().per_second)]
         csr_rate: f64,
+
+        /// The ranges service addresses (`vip`) must come from, comma
+        /// separated: the cluster's service CIDRs.
+        #[arg(long, env = "MESH_SERVICE_CIDR", default_value = DEFAULT_SERVICE_RANGES)]
+        service_cidr: ServiceRanges,
     },
     /// Bring the database schema up to date, then exit.
     ///
@@ -124,6 +130,7 @@ async fn main() -> anyhow::Result<()> {
             csr_burst,
             csr_rate,
             certificate_ttl,
+            service_cidr,
         }) => {
             let grpc = GrpcConfig {
                 csr_limit: RateLimit {
@@ -132,28 +139,24 @@ async fn main() -> anyhow::Result<()> {
                 },
                 ..GrpcConfig::default()
             };
-            serve(
-                &data_dir,
-                &cli.trust_domain,
-                &database_url,
+            let serving = Serving {
                 listen,
                 grpc_listen,
                 grpc,
                 certificate_ttl,
-            )
-            .await
+                service_ranges: service_cidr,
+            };
+            serve(&data_dir, &cli.trust_domain, &database_url, serving).await
         }
         None => {
-            serve(
-                &data_dir,
-                &cli.trust_domain,
-                &database_url,
-                "127.0.0.1:15100".parse()?,
-                "127.0.0.1:15012".parse()?,
-                GrpcConfig::default(),
-                mesh_identity::ca::DEFAULT_TTL,
-            )
-            .await
+            let serving = Serving {
+                listen: "127.0.0.1:15100".parse()?,
+                grpc_listen: "127.0.0.1:15012".parse()?,
+                grpc: GrpcConfig::default(),
+                certificate_ttl: mesh_identity::ca::DEFAULT_TTL,
+                service_ranges: ServiceRanges::default(),
+            };
+            serve(&data_dir, &cli.trust_domain, &database_url, serving).await
         }
     }
 }
@@ -258,15 +261,28 @@ fn read_token(path: &Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
+/// How `serve` serves.
+struct Serving {
+    listen: SocketAddr,
+    grpc_listen: SocketAddr,
+    grpc: GrpcConfig,
+    certificate_ttl: std::time::Duration,
+    service_ranges: ServiceRanges,
+}
+
 async fn serve(
     data_dir: &Path,
     trust_domain: &str,
     database_url: &str,
-    listen: SocketAddr,
-    grpc_listen: SocketAddr,
-    grpc_config: GrpcConfig,
-    certificate_ttl: std::time::Duration,
+    serving: Serving,
 ) -> anyhow::Result<()> {
+    let Serving {
+        listen,
+        grpc_listen,
+        grpc: grpc_config,
+        certificate_ttl,
+        service_ranges,
+    } = serving;
     let token = init(data_dir, trust_domain, database_url).await?;
     let (ca, kek) = CaFiles::in_data_dir(data_dir)
         .load()
@@ -295,6 +311,7 @@ async fn serve(
         store: store.clone(),
         token: Arc::from(token),
         identity: Some(identity.clone()),
+        service_ranges: Arc::new(service_ranges),
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

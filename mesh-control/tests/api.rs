@@ -26,6 +26,7 @@ impl Server {
             store,
             token: Arc::from(TOKEN),
             identity: None,
+            service_ranges: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -132,6 +133,37 @@ async fn invalid_documents_are_refused_with_every_problem_and_change_nothing() {
         server.get("/api/v1/services?namespace=shop").await.1["items"],
         Value::Array(vec![])
     );
+}
+
+#[tokio::test]
+async fn a_service_address_outside_the_service_ranges_is_refused() {
+    let server = Server::start().await;
+    let service = |vip: &str| {
+        format!(
+            "{SHOP}---\napiVersion: mesh.io/v1\nkind: Service\nmetadata: {{name: ratings, namespace: shop}}\n\
+             spec: {{vip: {vip}, ports: [{{port: 80}}]}}\n"
+        )
+    };
+    // A real host's address: every captured pod's connections to it would
+    // go to the service.
+    let (status, body) = server.apply(service("93.184.215.14")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let problems = body["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{body}");
+    assert_eq!(problems[0]["document"], 5);
+    assert_eq!(problems[0]["resource"], "Service/ratings");
+    assert_eq!(problems[0]["errors"][0]["field"], "spec.vip");
+    let message = problems[0]["errors"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("outside the cluster's service ranges (10.96.0.0/12, fd00:10:96::/112)")
+            && message.contains("--service-cidr"),
+        "{message}"
+    );
+    assert_eq!(server.revision().await, 0, "nothing of the apply was kept");
+    for vip in ["10.96.0.40", "fd00:10:96::28"] {
+        let (status, body) = server.apply(service(vip)).await;
+        assert_eq!(status, StatusCode::OK, "{vip}: {body}");
+    }
 }
 
 #[tokio::test]

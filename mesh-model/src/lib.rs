@@ -20,7 +20,10 @@ pub mod split;
 mod validate;
 pub mod workload;
 
-pub use resource::{Document, Kind, Metadata, Object, ParseError, Resource, parse_documents};
+pub use resource::{
+    Document, Kind, Metadata, Object, ParseError, Resource, parse_documents,
+    parse_documents_checked,
+};
 pub use validate::{FieldError, FieldErrors};
 
 /// The `apiVersion` of every resource.

@@ -412,6 +412,16 @@ impl fmt::Display for ParseError {
 /// into validated resources. Either every document is valid, or the
 /// problems of every invalid document are returned.
 pub fn parse_documents(text: &str) -> Result<Vec<Resource>, Vec<ParseError>> {
+    parse_documents_checked(text, |_| Vec::new())
+}
+
+/// [`parse_documents`], with `check` adding the problems a valid resource
+/// has in the setting it is applied to (a server's own limits), reported
+/// like every other problem, under the document's number.
+pub fn parse_documents_checked(
+    text: &str,
+    check: impl Fn(&Resource) -> Vec<FieldError>,
+) -> Result<Vec<Resource>, Vec<ParseError>> {
     if let Some(problem) = too_deep(text) {
         return Err(vec![ParseError {
             document: 1,
@@ -465,7 +475,14 @@ pub fn parse_documents(text: &str) -> Result<Vec<Resource>, Vec<ParseError>> {
                 continue;
             }
         };
-        match Resource::from_document(document) {
+        match Resource::from_document(document).and_then(|resource| {
+            let errors = check(&resource);
+            if errors.is_empty() {
+                Ok(resource)
+            } else {
+                Err(errors)
+            }
+        }) {
             Ok(resource) => resources.push(resource),
             Err(errors) => problems.push(ParseError {
                 document: number,

@@ -176,3 +176,78 @@ impl Spec for ServiceSpec {
         }
     }
 }
+
+/// Where service addresses (`vip`) may come from: the cluster's service
+/// ranges, as `--service-cidr` of `mesh-control` (Kubernetes'
+/// `--service-cluster-ip-range`). A `vip` anywhere else could claim a real
+/// host's address, and every captured pod's connections to it would go to
+/// the service instead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceRanges(Vec<(IpAddr, u8)>);
+
+/// Kubernetes' default IPv4 service range and kind's IPv6 one.
+pub const DEFAULT_SERVICE_RANGES: &str = "10.96.0.0/12,fd00:10:96::/112";
+
+impl std::str::FromStr for ServiceRanges {
+    type Err = String;
+
+    /// Comma-separated `ADDRESS/PREFIX`es.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let ranges = text
+            .split(',')
+            .map(|range| crate::workload::parse_cidr(range.trim()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self(ranges))
+    }
+}
+
+impl std::fmt::Display for ServiceRanges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (address, prefix)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{address}/{prefix}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Default for ServiceRanges {
+    fn default() -> Self {
+        DEFAULT_SERVICE_RANGES
+            .parse()
+            .expect("the default service ranges parse")
+    }
+}
+
+impl ServiceRanges {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let bits = |ip: IpAddr| match ip {
+            IpAddr::V4(v4) => u128::from(u32::from(v4)) << 96,
+            IpAddr::V6(v6) => u128::from(v6),
+        };
+        self.0.iter().any(|&(network, prefix)| {
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            network.is_ipv4() == ip.is_ipv4() && bits(network) == bits(ip) & mask
+        })
+    }
+
+    /// The problems of `resource` under these ranges: a service's `vip`
+    /// outside them.
+    pub fn check(&self, resource: &crate::Resource) -> Vec<crate::FieldError> {
+        let crate::Resource::Service(service) = resource else {
+            return Vec::new();
+        };
+        match service.spec.vip {
+            Some(vip) if !self.contains(vip) => vec![crate::FieldError {
+                field: "spec.vip".into(),
+                message: format!(
+                    "{vip} is outside the cluster's service ranges ({self}); pick an address \
+                     in them, or start mesh-control with --service-cidr covering it"
+                ),
+            }],
+            _ => Vec::new(),
+        }
+    }
+}

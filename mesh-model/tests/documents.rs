@@ -451,3 +451,49 @@ fn a_port_without_a_protocol_is_detected_and_says_so() {
     );
     assert!(found[0].contains("unknown variant `sniff`"), "{found:?}");
 }
+
+#[test]
+fn service_addresses_come_from_the_service_ranges() {
+    use mesh_model::service::ServiceRanges;
+    let ranges = ServiceRanges::default();
+    assert_eq!(ranges.to_string(), "10.96.0.0/12, fd00:10:96::/112");
+    for (ip, inside) in [
+        ("10.96.0.1", true),
+        ("10.111.255.254", true),
+        ("10.112.0.1", false),
+        ("10.95.255.255", false),
+        ("8.8.8.8", false),
+        ("fd00:10:96::a", true),
+        ("fd00:10:96::1:0", false),
+        // The IPv4-mapped spelling of an IPv4 range is not in it.
+        ("::ffff:10.96.0.1", false),
+    ] {
+        assert_eq!(ranges.contains(ip.parse().unwrap()), inside, "{ip}");
+    }
+    let service = |vip: &str| {
+        format!(
+            "apiVersion: mesh.io/v1\nkind: Service\nmetadata: {{name: r}}\n\
+             spec: {{vip: {vip}, ports: [{{port: 80}}]}}\n"
+        )
+    };
+    let text = format!("{}---\n---\n{}", service("10.96.0.10"), service("8.8.8.8"));
+    let check = |r: &mesh_model::Resource| ranges.check(r);
+    let problems = mesh_model::parse_documents_checked(&text, check).unwrap_err();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    // The empty document between them still counts.
+    assert_eq!(problems[0].document, 3);
+    assert_eq!(problems[0].errors[0].field, "spec.vip");
+    assert!(
+        problems[0].errors[0].message.starts_with(
+            "8.8.8.8 is outside the cluster's service ranges (10.96.0.0/12, fd00:10:96::/112)"
+        ),
+        "{problems:?}"
+    );
+    assert!(mesh_model::parse_documents_checked(&service("10.96.0.10"), check).is_ok());
+    for bad in ["10.96.0.1/12", "10.96.0.0", "10.96.0.0/12,", "x/8"] {
+        assert!(bad.parse::<ServiceRanges>().is_err(), "{bad}");
+    }
+    let custom: ServiceRanges = "172.20.0.0/16, fd00::/64".parse().unwrap();
+    assert!(custom.contains("172.20.3.4".parse().unwrap()));
+    assert!(!custom.contains("10.96.0.1".parse().unwrap()));
+}

@@ -43,6 +43,7 @@ impl ControlPlane {
                     store,
                     token: Arc::from(TOKEN),
                     identity: Some(Arc::new(identity)),
+                    service_ranges: Default::default(),
                 });
                 axum::serve(listener, app).await.unwrap();
             });

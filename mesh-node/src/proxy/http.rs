@@ -61,7 +61,7 @@ use crate::{
     hbone::{self, TunnelIo},
     l7::{
         balance::{self, HashRing, InFlight},
-        breaker::{Breaker, BreakerSettings},
+        breaker::{Breaker, BreakerSettings, Ticket},
         ratelimit::TokenBucket,
         retry::{Attempt, BudgetLimits, RetryBudget, RetryPolicy},
         sniff::H2_PREFACE,
@@ -879,7 +879,7 @@ async fn route_request(route: &Route, mut request: Request<Incoming>) -> Respons
         budget: &budget,
         upgrade: upgrade.as_ref(),
     };
-    let exchanged = tokio::time::timeout(timeout, async {
+    let exchanged = guarded(&breaker, ticket, timeout, async {
         let response = exchange
             .run(replay)
             .await
@@ -889,26 +889,38 @@ async fn route_request(route: &Route, mut request: Request<Incoming>) -> Respons
             .map_err(|e| (Flag::UpstreamReset, e))
     });
     match exchanged.await {
-        Err(_) => {
-            breaker.record(ticket, false);
-            local(
-                state,
-                Flag::Timeout,
-                &format!("no response within {} ms", policy.timeout_ms),
-            )
-        }
-        Ok(Err((flag, error))) => {
-            breaker.record(ticket, false);
-            local(state, flag, &error)
-        }
-        Ok(Ok(mut response)) => {
-            breaker.record(ticket, !response.status().is_server_error());
+        Err((flag, detail)) => local(state, flag, &detail),
+        Ok(mut response) => {
             if let Some(upgrade) = upgrade {
                 upgrade.splice(&mut response, &route.pod.name);
             }
             response
         }
     }
+}
+
+/// Runs `exchange` (the attempts up to a response head) within `timeout`,
+/// and tells `breaker` how it went: a timeout, an error or a 5xx response
+/// is a failure.
+async fn guarded(
+    breaker: &Breaker,
+    ticket: Ticket,
+    timeout: Duration,
+    exchange: impl Future<Output = Result<Response<Body>, (Flag, String)>>,
+) -> Result<Response<Body>, (Flag, String)> {
+    let outcome = tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or_else(|_| {
+            Err((
+                Flag::Timeout,
+                format!("no response within {} ms", timeout.as_millis()),
+            ))
+        });
+    let success = outcome
+        .as_ref()
+        .is_ok_and(|response| !response.status().is_server_error());
+    breaker.record(ticket, success);
+    outcome
 }
 
 /// Bodies of at most this size (by `content-length`) are read whole before
@@ -1269,6 +1281,63 @@ mod tests {
         ] {
             assert!(unambiguous_framing(&bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_request_gets_504_at_its_timeout_and_counts_as_a_failure() {
+        use crate::l7::breaker::State;
+        let policy = mesh_model::policy::ServicePolicySpec::default();
+        let breaker = Arc::new(Breaker::new(BreakerSettings::from_policy(&policy)));
+        let timeout = Duration::from_millis(300);
+        let ok = || {
+            Ok(Response::new(
+                Full::new(Bytes::new())
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            ))
+        };
+
+        // An upstream that never answers: 504's flag, exactly at the
+        // timeout.
+        let started = tokio::time::Instant::now();
+        let ticket = breaker.admit().unwrap();
+        let hung = guarded(&breaker, ticket, timeout, std::future::pending()).await;
+        assert_eq!(started.elapsed(), timeout);
+        let (flag, detail) = hung.unwrap_err();
+        assert_eq!(
+            (flag, flag.status()),
+            (Flag::Timeout, StatusCode::GATEWAY_TIMEOUT)
+        );
+        assert_eq!(detail, "no response within 300 ms");
+
+        // An answer just inside the timeout goes through.
+        let started = tokio::time::Instant::now();
+        let ticket = breaker.admit().unwrap();
+        let answer = async {
+            tokio::time::sleep(timeout - Duration::from_millis(1)).await;
+            ok()
+        };
+        assert!(guarded(&breaker, ticket, timeout, answer).await.is_ok());
+        assert_eq!(started.elapsed(), timeout - Duration::from_millis(1));
+
+        // Timeouts are failures to the breaker (default: 50 % over at least
+        // 10 requests). One of each so far; 4 more successes, then 4 more
+        // timeouts make 5 failures of 10, which opens it.
+        for _ in 0..4 {
+            let ticket = breaker.admit().unwrap();
+            assert!(
+                guarded(&breaker, ticket, timeout, async { ok() })
+                    .await
+                    .is_ok()
+            );
+        }
+        assert_eq!(breaker.state(), State::Closed);
+        for _ in 0..4 {
+            let ticket = breaker.admit().unwrap();
+            let _ = guarded(&breaker, ticket, timeout, std::future::pending()).await;
+        }
+        assert_eq!(breaker.state(), State::Open, "5 timeouts of 10 requests");
+        assert!(breaker.admit().is_none());
     }
 
     #[test]

@@ -432,6 +432,11 @@ fn certificates_rotate_under_traffic_without_a_failed_request() {
         );
         requests += 50;
     }
+    // Traffic after the last rotation too: the loop may end right after
+    // it, before any stream needed a connection with the new certificate.
+    let (ok, output) = mesh.get("shop/frontend", 50);
+    assert!(ok, "a request failed after the rotations: {output}");
+    requests += 50;
     // Each rotation of the client's certificate moved new streams to a
     // new connection, presenting the new certificate.
     let more = mesh.metric(0, "mesh_tls_handshakes_total{side=\"client\"}") - handshakes;

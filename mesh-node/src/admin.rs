@@ -623,6 +623,7 @@ pub fn render_http_metrics(stats: &crate::proxy::HttpStats) -> String {
             flag.code()
         );
     }
+    out.push_str(&stats.by_route.render());
     out
 }
 

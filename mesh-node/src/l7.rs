@@ -4,13 +4,15 @@
 //! when to try again ([`retry`]) — and at the destination, the path an
 //! authorization rule is matched against ([`path`]) and the workload's
 //! rate limit ([`ratelimit`]); and for a port that declares no protocol,
-//! whether the client speaks HTTP ([`sniff`]).
+//! whether the client speaks HTTP ([`sniff`]). Each request is counted
+//! and timed at both ends ([`metrics`]).
 //!
 //! Each module is a pure policy over explicit inputs (time, random rolls,
 //! observed outcomes) so it can be tested exhaustively with paused time.
 
 pub mod balance;
 pub mod breaker;
+pub mod metrics;
 pub mod path;
 pub mod ratelimit;
 pub mod retry;

@@ -7,7 +7,7 @@ use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     path::Path,
-    process::Stdio,
+    process::{Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -178,6 +178,28 @@ impl Mesh {
             .lines()
             .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
             .map_or(0, |value| value.trim().parse().unwrap())
+    }
+
+    /// The sum of `family`'s series on `node` whose labels include every
+    /// one of `labels` (`name="value"`).
+    fn metric_sum(&self, node: usize, family: &str, labels: &[&str]) -> u64 {
+        let response = http::get(self.nodes[node].1, "/metrics").unwrap();
+        response
+            .body
+            .lines()
+            .filter_map(|line| line.strip_prefix(family)?.strip_prefix('{'))
+            .filter_map(|rest| rest.rsplit_once("} "))
+            .filter(|(series, _)| {
+                let pairs: Vec<&str> = series.split("\",").collect();
+                labels.iter().all(|wanted| {
+                    let wanted = wanted.trim_end_matches('"');
+                    pairs
+                        .iter()
+                        .any(|pair| pair.trim_end_matches('"') == wanted)
+                })
+            })
+            .map(|(_, value)| value.trim().parse::<u64>().unwrap())
+            .sum()
     }
 
     fn revision(&self, node: usize) -> i64 {
@@ -813,6 +835,35 @@ fn a_service_address_spreads_connections_over_its_healthy_endpoints_across_names
     assert_eq!(refused(), before + 1);
 }
 
+/// The 200s from shop/frontend to reviews of `version` (served by
+/// shop/reviews for v1 and shop/other for v2, on `node`): counted at the
+/// source, in the source's latency histogram, and at the destination.
+fn route_counts(mesh: &Mesh, version: &str, node: usize) -> [u64; 3] {
+    let workload = if version == "v1" { "reviews" } else { "other" };
+    let version = format!("destination_version=\"{version}\"");
+    let workload = format!("destination_workload=\"{workload}\"");
+    let labels = |reporter: &'static str| {
+        [
+            reporter,
+            "source_principal=\"spiffe://cluster.local/ns/shop/sa/frontend\"",
+            "destination_service=\"reviews.shop\"",
+            "response_code=\"200\"",
+            version.as_str(),
+            workload.as_str(),
+        ]
+    };
+    let source = labels("reporter=\"source\"");
+    [
+        mesh.metric_sum(0, "mesh_requests_total", &source),
+        mesh.metric_sum(0, "mesh_request_duration_seconds_count", &source),
+        mesh.metric_sum(
+            node,
+            "mesh_requests_total",
+            &labels("reporter=\"destination\""),
+        ),
+    ]
+}
+
 /// `mesh-pod http` from `pod`: the whole JSON summary, whatever the
 /// statuses.
 fn summary(mesh: &Mesh, pod: &str, args: &[&str]) -> serde_json::Value {
@@ -873,6 +924,7 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
     ));
     let vip = "10.96.0.10:80";
 
+    let counted = [route_counts(&mesh, "v1", 1), route_counts(&mesh, "v2", 0)];
     // 95/5 over 10,000 requests on one connection: v2's share within the
     // binomial interval (±4.6 standard deviations: 5 % ± 1 %).
     let split = summary(
@@ -888,6 +940,45 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
         "v2 got {canary} of 10000: {split}"
     );
     assert_eq!(count(&split, "bodies", SECRET_BODY), 10_000 - canary);
+    // Both ends counted every request in its series: the caller's node by
+    // the version that answered, each destination's node by the caller's
+    // identity; the latency histogram holds each once.
+    let after = [route_counts(&mesh, "v1", 1), route_counts(&mesh, "v2", 0)];
+    for ((version, served), (was, is)) in [("v1", 10_000 - canary), ("v2", canary)]
+        .into_iter()
+        .zip(counted.into_iter().zip(after))
+    {
+        for (i, what) in ["source count", "source histogram", "destination count"]
+            .iter()
+            .enumerate()
+        {
+            assert_eq!(is[i] - was[i], served, "{version}: {what}");
+        }
+    }
+    // Both nodes' exposition passes Prometheus' own checker.
+    for node in [0, 1] {
+        let metrics = http::get(mesh.nodes[node].1, "/metrics").unwrap().body;
+        let mut promtool = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("promtool (Debian package prometheus; cargo xtask test installs it)");
+        promtool
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(metrics.as_bytes())
+            .unwrap();
+        let checked = promtool.wait_with_output().unwrap();
+        assert!(
+            checked.status.success(),
+            "promtool on node {node}: {}{}",
+            String::from_utf8_lossy(&checked.stdout),
+            String::from_utf8_lossy(&checked.stderr)
+        );
+    }
     // The header overrides the weights.
     let forced = summary(
         &mesh,

@@ -17,7 +17,8 @@ use anyhow::{Context as _, bail};
 use crate::run::{self, output, step};
 
 /// Debian packages the build and the tests use.
-const APT_PACKAGES: &[&str] = &["iproute2", "postgresql"];
+/// (`prometheus` for `promtool`, which checks the nodes' metrics.)
+const APT_PACKAGES: &[&str] = &["iproute2", "postgresql", "prometheus"];
 /// The bpf-linker release the eBPF build is verified with.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

@@ -62,6 +62,7 @@ use crate::{
     l7::{
         balance::{self, HashRing, InFlight},
         breaker::{Breaker, BreakerSettings, Ticket},
+        metrics::{Reporter, RequestLabels, RequestMetrics},
         ratelimit::TokenBucket,
         retry::{Attempt, BudgetLimits, RetryBudget, RetryPolicy},
         sniff::H2_PREFACE,
@@ -101,6 +102,17 @@ pub enum Flag {
 }
 
 impl Flag {
+    pub const ALL: [Flag; 8] = [
+        Flag::NoHealthyUpstream,
+        Flag::CircuitOpen,
+        Flag::Timeout,
+        Flag::ConnectFailed,
+        Flag::UpstreamReset,
+        Flag::BadRequest,
+        Flag::Denied,
+        Flag::RateLimited,
+    ];
+
     pub const fn code(self) -> &'static str {
         match self {
             Flag::NoHealthyUpstream => "UH",
@@ -176,6 +188,9 @@ type BuiltRing = (Vec<SocketAddr>, Arc<HashRing>);
 #[derive(Debug, Default)]
 pub struct HttpStats {
     pub requests: AtomicU64,
+    /// Each request, by source, destination, status and flags, with its
+    /// latency (both ends).
+    pub by_route: RequestMetrics,
     pub retries: AtomicU64,
     /// Answered by the proxy, by flag.
     pub local: Mutex<HashMap<Flag, u64>>,
@@ -566,8 +581,12 @@ pub(super) async fn serve_inbound(
     let handler = hyper::service::service_fn(move |request| {
         let inbound = inbound.clone();
         async move {
+            let started = std::time::Instant::now();
             let access = Access::start(&inbound.mesh.http, &request);
             let response = authorize_and_send(&inbound, request).await;
+            let labels = destination_labels(&inbound, &response);
+            let stats = &inbound.mesh.http.stats;
+            stats.by_route.record(labels, started.elapsed());
             if let Some(access) = access {
                 let caller = inbound.caller.to_string();
                 access.log(&inbound.pod.name, Direction::Inbound, &caller, &response);
@@ -579,6 +598,29 @@ pub(super) async fn serve_inbound(
         .serve_connection_with_upgrades(TokioIo::new(stream), handler)
         .await
         .map_err(io::Error::other)
+}
+
+/// The series a request that reached `inbound`'s pod counts in.
+fn destination_labels(inbound: &Inbound, response: &Response<Body>) -> RequestLabels {
+    let directory = inbound.mesh.directory.borrow().clone();
+    let (namespace, name) = &inbound.service;
+    let (pod_namespace, pod_name) = workload_of(&inbound.pod.name);
+    let version = directory
+        .local(&inbound.pod.name)
+        .map(|local| local.workload.spec.version.clone());
+    RequestLabels {
+        reporter: Reporter::Destination,
+        // The caller is known by its certificate, not by its workload.
+        source_workload: UNKNOWN.into(),
+        source_workload_namespace: inbound.caller.namespace.clone(),
+        source_principal: inbound.caller.to_string(),
+        destination_workload: pod_name.to_owned(),
+        destination_workload_namespace: pod_namespace.to_owned(),
+        destination_service: format!("{name}.{namespace}"),
+        destination_version: version.unwrap_or_else(|| UNKNOWN.into()),
+        response_code: response.status().as_u16(),
+        response_flags: flags_of(response),
+    }
 }
 
 /// What every request of one inbound tunnel stream shares.
@@ -713,8 +755,13 @@ fn local(state: &HttpState, flag: Flag, detail: &str) -> Response<Body> {
 }
 
 async fn handle(route: &Route, request: Request<Incoming>) -> Response<Body> {
+    let started = std::time::Instant::now();
     let access = Access::start(&route.mesh.http, &request);
-    let response = route_request(route, request).await;
+    let mut endpoint = None;
+    let response = route_request(route, request, &mut endpoint).await;
+    let labels = source_labels(route, endpoint, &response);
+    let stats = &route.mesh.http.stats;
+    stats.by_route.record(labels, started.elapsed());
     if let Some(access) = access {
         let (namespace, name) = &route.service.key;
         access.log(
@@ -725,6 +772,64 @@ async fn handle(route: &Route, request: Request<Incoming>) -> Response<Body> {
         );
     }
     response
+}
+
+/// The series a request routed from `route`'s pod counts in: the
+/// destination is the endpoint that answered, when one did.
+fn source_labels(
+    route: &Route,
+    endpoint: Option<SocketAddr>,
+    response: &Response<Body>,
+) -> RequestLabels {
+    let directory = route.mesh.directory.borrow().clone();
+    let (namespace, name) = &route.service.key;
+    let source = route
+        .pod
+        .addresses
+        .first()
+        .and_then(|ip| directory.workload_at(*ip));
+    let destination = endpoint.and_then(|e| directory.workload_at(e.ip()));
+    let version = endpoint.and_then(|e| {
+        directory
+            .endpoints_of(&route.service.key)?
+            .iter()
+            .find(|entry| entry.ip == e.ip() && entry.port == e.port())?
+            .version
+            .clone()
+    });
+    let (source_namespace, source_name) = workload_of(&route.pod.name);
+    RequestLabels {
+        reporter: Reporter::Source,
+        source_workload: source_name.to_owned(),
+        source_workload_namespace: source_namespace.to_owned(),
+        source_principal: source.map_or(UNKNOWN.into(), |a| directory.identity(a).to_string()),
+        destination_workload: destination.map_or(UNKNOWN.into(), |a| a.name.clone()),
+        destination_workload_namespace: destination.map_or(UNKNOWN.into(), |a| a.namespace.clone()),
+        destination_service: format!("{name}.{namespace}"),
+        destination_version: version.unwrap_or_else(|| UNKNOWN.into()),
+        response_code: response.status().as_u16(),
+        response_flags: flags_of(response),
+    }
+}
+
+/// A label value nothing is known of.
+const UNKNOWN: &str = "unknown";
+
+/// `namespace/name` as (namespace, name).
+fn workload_of(pod: &str) -> (&str, &str) {
+    pod.split_once('/').unwrap_or((UNKNOWN, pod))
+}
+
+/// The response flag `response` carries, as a label (`-`: none).
+fn flags_of(response: &Response<Body>) -> &'static str {
+    let Some(value) = response.headers().get(FLAGS_HEADER) else {
+        return "-";
+    };
+    Flag::ALL
+        .iter()
+        .map(|flag| flag.code())
+        .find(|code| value == *code)
+        .unwrap_or("-")
 }
 
 /// One request's access record, logged once its response head is ready.
@@ -783,7 +888,12 @@ fn clipped(text: &str, most: usize) -> &str {
 }
 
 /// Routes one request of a captured connection to a service.
-async fn route_request(route: &Route, mut request: Request<Incoming>) -> Response<Body> {
+/// `endpoint`: set to the endpoint that answered, when one did.
+async fn route_request(
+    route: &Route,
+    mut request: Request<Incoming>,
+    endpoint: &mut Option<SocketAddr>,
+) -> Response<Body> {
     let mesh = &route.mesh;
     let state = &mesh.http;
     state.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -880,10 +990,11 @@ async fn route_request(route: &Route, mut request: Request<Incoming>) -> Respons
         upgrade: upgrade.as_ref(),
     };
     let exchanged = guarded(&breaker, ticket, timeout, async {
-        let response = exchange
+        let (response, answered) = exchange
             .run(replay)
             .await
             .map_err(|e| (Flag::ConnectFailed, e))?;
+        *endpoint = Some(answered);
         whole_if_small(response)
             .await
             .map_err(|e| (Flag::UpstreamReset, e))
@@ -1003,7 +1114,8 @@ struct Exchange<'a> {
 }
 
 impl Exchange<'_> {
-    async fn run(&self, mut replay: Replay) -> Result<Response<Incoming>, String> {
+    /// The response, and the endpoint that gave it.
+    async fn run(&self, mut replay: Replay) -> Result<(Response<Incoming>, SocketAddr), String> {
         let method = &self.parts.method;
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut retried = 0;
@@ -1027,9 +1139,9 @@ impl Exchange<'_> {
                         .retry
                         .should_retry(method, Attempt::Status(status), retried)
                     {
-                        return Ok(response);
+                        return Ok((response, endpoint));
                     }
-                    (Attempt::Status(status), Ok(response))
+                    (Attempt::Status(status), Ok((response, endpoint)))
                 }
                 Err(error) => {
                     let attempt = if error.is_connect() {

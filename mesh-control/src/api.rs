@@ -54,6 +54,27 @@ pub const MAX_BODY: usize = 1 << 20;
 /// Most documents one apply may carry.
 pub const MAX_DOCUMENTS: usize = 1000;
 
+/// `Query`, refused with the API's JSON error (an unknown or malformed
+/// parameter names itself) instead of axum's plain text.
+#[derive(Debug)]
+pub struct ApiQuery<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        let Query(value) = Query::<T>::from_request_parts(parts, state).await?;
+        Ok(Self(value))
+    }
+}
+
 /// What the handlers share.
 #[derive(Clone, Debug)]
 pub struct AppState {
@@ -80,6 +101,7 @@ pub fn router(state: AppState) -> Router {
             get(certificates::list).post(certificates::issue),
         )
         .route("/proxy-status", get(proxy_status))
+        .route("/stats", get(stats))
         .route("/ca", get(ca::get))
         .route("/ca/rotate-root", post(ca::rotate))
         .route("/ca/retire-root", post(ca::retire))
@@ -121,6 +143,56 @@ pub struct ProxyStatus {
     pub reason: Option<String>,
     pub replica: String,
     pub last_seen: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatsQuery {
+    /// How far back: a duration like `60s` or `5m` (at most `1h`).
+    window: Option<String>,
+    /// `service` (the default) or `edge` (per calling workload).
+    by: Option<String>,
+    namespace: Option<String>,
+    service: Option<String>,
+}
+
+/// `GET /api/v1/stats`: golden signals summed from the nodes' reports.
+async fn stats(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<StatsQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let window = match query.window.as_deref() {
+        None => std::time::Duration::from_secs(60),
+        Some(text) => mesh_model::duration::parse_duration(text)
+            .map_err(|why| ApiError::BadRequest(format!("window: {why}")))?,
+    };
+    if window < std::time::Duration::from_secs(1) || window > std::time::Duration::from_secs(3600) {
+        return Err(ApiError::BadRequest(
+            "window: must be 1s to 1h (reports are kept an hour)".into(),
+        ));
+    }
+    let by_edge = match query.by.as_deref() {
+        None | Some("service") => false,
+        Some("edge") => true,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "by: {other:?} is not one of service, edge"
+            )));
+        }
+    };
+    let items: Vec<crate::store::Signals> = state
+        .store
+        .request_signals(window, by_edge)
+        .await?
+        .into_iter()
+        .filter(|s| query.namespace.as_ref().is_none_or(|n| *n == s.namespace))
+        .filter(|s| query.service.as_ref().is_none_or(|n| *n == s.service))
+        .collect();
+    Ok(Json(serde_json::json!({
+        "window_seconds": window.as_secs(),
+        "by": if by_edge { "edge" } else { "service" },
+        "items": items,
+    })))
 }
 
 async fn proxy_status(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
@@ -211,7 +283,7 @@ impl ApplyResponse {
 
 async fn apply(
     State(state): State<AppState>,
-    Query(query): Query<ApplyQuery>,
+    ApiQuery(query): ApiQuery<ApplyQuery>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<ApplyResponse>, ApiError> {
@@ -270,7 +342,7 @@ struct List {
 async fn list(
     State(state): State<AppState>,
     Path(kind_name): Path<String>,
-    Query(scope): Query<Scope>,
+    ApiQuery(scope): ApiQuery<Scope>,
 ) -> Result<Json<List>, ApiError> {
     let kind = kind(&kind_name)?;
     let namespace = if kind.namespaced() {
@@ -287,7 +359,7 @@ async fn list(
 async fn get_one(
     State(state): State<AppState>,
     Path((kind_name, name)): Path<(String, String)>,
-    Query(scope): Query<Scope>,
+    ApiQuery(scope): ApiQuery<Scope>,
 ) -> Result<Json<Document>, ApiError> {
     let kind = kind(&kind_name)?;
     let namespace = namespace_of(kind, &scope);
@@ -302,7 +374,7 @@ async fn get_one(
 async fn delete(
     State(state): State<AppState>,
     Path((kind_name, name)): Path<(String, String)>,
-    Query(scope): Query<Scope>,
+    ApiQuery(scope): ApiQuery<Scope>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let kind = kind(&kind_name)?;
     let namespace = namespace_of(kind, &scope);
@@ -342,7 +414,7 @@ struct EndpointHealth {
 async fn set_endpoint_health(
     State(state): State<AppState>,
     Path(name): Path<String>,
-    Query(scope): Query<Scope>,
+    ApiQuery(scope): ApiQuery<Scope>,
     Json(request): Json<EndpointHealth>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let namespace = scope.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
@@ -368,7 +440,7 @@ async fn set_endpoint_health(
 async fn describe_service(
     State(state): State<AppState>,
     Path(name): Path<String>,
-    Query(scope): Query<Scope>,
+    ApiQuery(scope): ApiQuery<Scope>,
 ) -> Result<Json<ServiceDescription>, ApiError> {
     let namespace = scope.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
     let store = &state.store;

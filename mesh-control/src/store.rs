@@ -14,6 +14,7 @@ mod endpoints;
 mod kinds;
 mod nodes;
 mod rows;
+mod stats;
 mod tokens;
 
 use std::{collections::BTreeSet, net::IpAddr, sync::Arc, time::Duration};
@@ -32,6 +33,7 @@ pub use backend::Backend;
 pub use certificates::{CertificateRow, NewCertificate};
 pub use endpoints::{Endpoint, Mark, affected as endpoints_affected_by};
 pub use nodes::{NodeConfigStatus, now_rfc3339};
+pub use stats::{EdgeReport, Signals};
 pub use tokens::{MAX_TOKEN_TTL, NewToken, TokenInfo, TokenRejected};
 
 /// Why a store operation failed.
@@ -585,6 +587,33 @@ impl Store {
         Ok(())
     }
 
+    /// Keeps what `node` reported of its workloads' requests, and prunes
+    /// reports older than an hour.
+    pub async fn record_request_stats(
+        &self,
+        node: &str,
+        reports: &[EdgeReport],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin_with(self.backend.begin_write()).await?;
+        stats::record(&mut tx, node, now_ms(), reports).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Golden signals over the last `window` (at most an hour), per
+    /// service, or per calling workload and service when `by_edge`.
+    pub async fn request_signals(
+        &self,
+        window: std::time::Duration,
+        by_edge: bool,
+    ) -> Result<Vec<Signals>, StoreError> {
+        let window = window.min(std::time::Duration::from_millis(stats::KEPT_MS as u64));
+        let since = now_ms() - i64::try_from(window.as_millis()).unwrap_or(stats::KEPT_MS);
+        let mut conn = self.pool.acquire().await?;
+        let reports = stats::since(&mut conn, since).await?;
+        Ok(stats::summarize(&reports, window.as_secs_f64(), by_edge))
+    }
+
     /// Every node's configuration state, by node name.
     pub async fn node_statuses(&self) -> Result<Vec<NodeConfigStatus>, StoreError> {
         let mut conn = self.pool.acquire().await?;
@@ -730,6 +759,14 @@ async fn check_unique_addresses(
         }
     }
     Ok(())
+}
+
+/// The control plane's clock, in Unix milliseconds.
+fn now_ms() -> i64 {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// Moves the global revision on by one and returns it. Being the first

@@ -14,6 +14,7 @@ const TOKEN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789a
 struct Server {
     addr: SocketAddr,
     http: Client,
+    store: Store,
     _dir: tempfile::TempDir,
 }
 
@@ -23,7 +24,7 @@ impl Server {
         let url = format!("sqlite://{}?mode=rwc", dir.path().join("mesh.db").display());
         let store = Store::open(&url).await.unwrap();
         let app = api::router(AppState {
-            store,
+            store: store.clone(),
             token: Arc::from(TOKEN),
             identity: None,
             service_ranges: Default::default(),
@@ -34,6 +35,7 @@ impl Server {
         Self {
             addr,
             http: Client::new(),
+            store,
             _dir: dir,
         }
     }
@@ -163,6 +165,69 @@ async fn a_service_address_outside_the_service_ranges_is_refused() {
     for vip in ["10.96.0.40", "fd00:10:96::28"] {
         let (status, body) = server.apply(service(vip)).await;
         assert_eq!(status, StatusCode::OK, "{vip}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn golden_signals_are_summed_from_the_nodes_reports() {
+    use mesh_control::store::EdgeReport;
+    let server = Server::start().await;
+    let report = |node_share: u64, source: &str, service: &str, errors: u64| {
+        let mut latency = vec![0; mesh_model::stats::LATENCY_BOUNDS.len() + 1];
+        latency[6] = node_share; // (0.75, 1] ms
+        EdgeReport {
+            source_namespace: "shop".into(),
+            source_workload: source.into(),
+            namespace: "shop".into(),
+            service: service.into(),
+            requests: node_share,
+            errors,
+            latency,
+            interval_ms: 10_000,
+        }
+    };
+    let store = &server.store;
+    store
+        .record_request_stats("node0", &[report(600, "frontend", "reviews", 6)])
+        .await
+        .unwrap();
+    store
+        .record_request_stats(
+            "node1",
+            &[
+                report(400, "frontend", "reviews", 4),
+                report(50, "web", "ratings", 0),
+            ],
+        )
+        .await
+        .unwrap();
+
+    let (status, body) = server.get("/api/v1/stats?window=60s&namespace=shop").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["window_seconds"], 60);
+    let reviews = &body["items"][0];
+    assert_eq!(reviews["service"], "reviews", "{body}");
+    assert_eq!(reviews["requests"], 1000);
+    assert!((reviews["requests_per_second"].as_f64().unwrap() - 1000.0 / 60.0).abs() < 1e-9);
+    assert!((reviews["error_rate"].as_f64().unwrap() - 0.01).abs() < 1e-9);
+    let p50 = reviews["p50_ms"].as_f64().unwrap();
+    assert!(p50 > 0.75 && p50 <= 1.0, "{p50}");
+    assert!(reviews.get("source").is_none());
+
+    let (_, one) = server.get("/api/v1/stats?service=ratings").await;
+    assert_eq!(one["items"].as_array().unwrap().len(), 1, "{one}");
+    let (_, edges) = server.get("/api/v1/stats?by=edge").await;
+    let sources: Vec<&str> = edges["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["source"].as_str().unwrap())
+        .collect();
+    assert_eq!(sources, ["shop/frontend", "shop/web"]);
+
+    for bad in ["window=0s", "window=2h", "window=soon", "by=pod", "other=1"] {
+        let (status, body) = server.get(&format!("/api/v1/stats?{bad}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
     }
 }
 

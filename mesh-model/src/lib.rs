@@ -17,6 +17,7 @@ pub mod policy;
 pub mod resource;
 pub mod service;
 pub mod split;
+pub mod stats;
 mod validate;
 pub mod workload;
 

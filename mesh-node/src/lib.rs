@@ -14,5 +14,6 @@ pub mod pods;
 pub mod policy;
 pub mod proxy;
 pub mod readiness;
+pub mod stats;
 pub mod workloads;
 pub mod xds;

@@ -108,6 +108,12 @@ struct Args {
     #[arg(long, env = "MESH_NODE_READINESS_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     readiness_interval: std::time::Duration,
 
+    /// How often the node reports its workloads' request counts and
+    /// latencies to the control plane (`meshctl stat`, `meshctl top`); 0s
+    /// turns it off.
+    #[arg(long, env = "MESH_NODE_STATS_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    stats_interval: std::time::Duration,
+
     /// How long a pooled tunnel connection without streams stays open.
     #[arg(long, env = "MESH_NODE_TUNNEL_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_idle_timeout)]
     tunnel_idle_timeout: std::time::Duration,
@@ -304,6 +310,16 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
         })
     });
     let http_path = mesh_path.clone();
+    let _stats_reporter = match (&mesh, &mesh_path) {
+        (Some(mesh), Some(path)) if !args.stats_interval.is_zero() => {
+            Some(AbortOnDrop(tokio::spawn(mesh_node::stats::report(
+                path.clone(),
+                mesh.xds.stats_reports(),
+                args.stats_interval,
+            ))))
+        }
+        _ => None,
+    };
     let _revoker = mesh_path
         .as_ref()
         .map(|mesh| AbortOnDrop(mesh.enforce_policy_changes()));

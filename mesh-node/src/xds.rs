@@ -21,7 +21,7 @@ use std::{
 };
 
 use mesh_api::v1::{
-    DeltaRequest, DeltaResponse, EndpointHealth, Resource as PushedResource,
+    DeltaRequest, DeltaResponse, EndpointHealth, RequestStats, Resource as PushedResource,
     discovery_client::DiscoveryClient,
 };
 use mesh_model::config::{ConfigResource, NodeConfig, parse_resource};
@@ -47,6 +47,8 @@ pub struct XdsStatus {
 
 /// Health reports waiting to be sent.
 const HEALTH_QUEUE: usize = 256;
+/// Request statistics reports waiting to be sent.
+const STATS_QUEUE: usize = 2;
 
 /// Reconnect delays: 100 ms doubling to 15 s, jittered.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -58,8 +60,15 @@ pub struct Xds {
     config: watch::Receiver<Arc<NodeConfig>>,
     status: watch::Receiver<XdsStatus>,
     health: mpsc::Sender<EndpointHealth>,
+    stats: mpsc::Sender<Vec<RequestStats>>,
     demand: Demand,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// What the node tells the control plane beside its answers to pushes.
+struct Reports {
+    health: mpsc::Receiver<EndpointHealth>,
+    stats: mpsc::Receiver<Vec<RequestStats>>,
 }
 
 /// Asks the control plane for services beyond the node's namespaces.
@@ -116,7 +125,8 @@ impl Xds {
     pub fn resume(control: ControlPlane, subscribe: Vec<String>, held: Arc<NodeConfig>) -> Self {
         let (config_tx, config) = watch::channel(held);
         let (status_tx, status) = watch::channel(XdsStatus::default());
-        let (health, reports) = mpsc::channel(HEALTH_QUEUE);
+        let (health, health_reports) = mpsc::channel(HEALTH_QUEUE);
+        let (stats, stats_reports) = mpsc::channel(STATS_QUEUE);
         let (new, asked) = mpsc::unbounded_channel();
         let demand = Demand {
             wanted: Arc::new(Mutex::new(subscribe.into_iter().collect())),
@@ -130,12 +140,16 @@ impl Xds {
             },
             config_tx,
             status_tx,
-            reports,
+            Reports {
+                health: health_reports,
+                stats: stats_reports,
+            },
         ));
         Self {
             config,
             status,
             health,
+            stats,
             demand,
             task,
         }
@@ -151,6 +165,11 @@ impl Xds {
     /// observer repeats what still differs from the pushed configuration).
     pub fn health_reports(&self) -> mpsc::Sender<EndpointHealth> {
         self.health.clone()
+    }
+
+    /// Where the node's request statistics go (see [`crate::stats`]).
+    pub fn stats_reports(&self) -> mpsc::Sender<Vec<RequestStats>> {
+        self.stats.clone()
     }
 
     /// The configuration the data path reads.
@@ -181,11 +200,11 @@ async fn run(
     mut subscriptions: Subscriptions,
     config: watch::Sender<Arc<NodeConfig>>,
     status: watch::Sender<XdsStatus>,
-    mut health: mpsc::Receiver<EndpointHealth>,
+    mut reports: Reports,
 ) {
     let mut backoff = MIN_BACKOFF;
     loop {
-        let result = session(&control, &mut subscriptions, &config, &status, &mut health).await;
+        let result = session(&control, &mut subscriptions, &config, &status, &mut reports).await;
         let error = match result {
             Ok(()) => "the control plane closed the stream".to_owned(),
             Err(error) => error,
@@ -211,8 +230,9 @@ async fn session(
     subscriptions: &mut Subscriptions,
     config: &watch::Sender<Arc<NodeConfig>>,
     status: &watch::Sender<XdsStatus>,
-    health: &mut mpsc::Receiver<EndpointHealth>,
+    reports: &mut Reports,
 ) -> Result<(), String> {
+    let Reports { health, stats } = reports;
     control.node_certificate(NODE_CERTIFICATE_WAIT).await?;
     let mut client = DiscoveryClient::new(control.channel()?);
     let (requests, outbound) = mpsc::channel(4);
@@ -249,6 +269,16 @@ async fn session(
                 requests
                     .send(DeltaRequest {
                         endpoint_health,
+                        ..DeltaRequest::default()
+                    })
+                    .await
+                    .map_err(|_| "the request stream closed".to_owned())?;
+                continue;
+            }
+            Some(request_stats) = stats.recv() => {
+                requests
+                    .send(DeltaRequest {
+                        request_stats,
                         ..DeltaRequest::default()
                     })
                     .await

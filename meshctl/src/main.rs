@@ -97,6 +97,41 @@ enum Command {
         #[arg(short, long, default_value = DEFAULT_NAMESPACE)]
         namespace: String,
     },
+    /// Golden signals per service: requests, rate, success rate, P50 and
+    /// P99 latency over a recent window, as the callers' node proxies
+    /// measured them (HTTP ports only).
+    ///
+    /// Example: meshctl stat reviews -n shop --window 5m
+    Stat {
+        /// One service; all services when left out.
+        service: Option<String>,
+        /// The service's namespace; all namespaces when left out.
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// How far back: 1s to 1h.
+        #[arg(long, default_value = "1m")]
+        window: String,
+        /// Print again every 2 s until interrupted.
+        #[arg(short, long)]
+        watch: bool,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// The busiest edges: each calling workload and service it calls, with
+    /// the same signals as `stat`, busiest first.
+    ///
+    /// Example: meshctl top --window 5m
+    Top {
+        /// Edges into this namespace's services only.
+        #[arg(short, long)]
+        namespace: Option<String>,
+        #[arg(long, default_value = "1m")]
+        window: String,
+        #[arg(short, long)]
+        watch: bool,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Format,
+    },
     /// Certificates: list what the CA issued, or issue one with a
     /// CA-generated key for a workload outside the mesh.
     ///
@@ -464,6 +499,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Stat {
+            service,
+            namespace,
+            window,
+            watch,
+            output,
+        } => {
+            let ask = stat::Ask {
+                by_edge: false,
+                namespace: namespace.as_deref(),
+                service: service.as_deref(),
+                window: &window,
+                format: output,
+            };
+            show_signals(&client()?, &ask, watch)
+        }
+        Command::Top {
+            namespace,
+            window,
+            watch,
+            output,
+        } => {
+            let ask = stat::Ask {
+                by_edge: true,
+                namespace: namespace.as_deref(),
+                service: None,
+                window: &window,
+                format: output,
+            };
+            show_signals(&client()?, &ask, watch)
+        }
         Command::ProxyStatus { output } => {
             let answer = client()?.get_json("/api/v1/proxy-status", &[])?;
             match output {
@@ -493,6 +559,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 mod cert;
 mod describe;
+mod stat;
+
+/// Prints the signals once, or every 2 s (clearing the terminal) with
+/// `watch`.
+fn show_signals(client: &Client, ask: &stat::Ask<'_>, watch: bool) -> anyhow::Result<()> {
+    loop {
+        let text = stat::once(client, ask)?;
+        if watch {
+            print!("\x1b[2J\x1b[H");
+        }
+        print!("{text}");
+        if !watch {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
+}
 
 fn parse_kind(kind: &str) -> anyhow::Result<Kind> {
     Kind::from_cli(kind).with_context(|| {

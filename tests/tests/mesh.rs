@@ -121,6 +121,7 @@ fn mesh_with(name: &str, ttl: Option<&str>) -> Mesh {
             )
             .unwrap();
             command.args(["--http-header-timeout", HEADER_TIMEOUT]);
+            command.args(["--stats-interval", "1s"]);
             spawn_node(node, command).unwrap()
         })
         .collect();
@@ -994,6 +995,32 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
         ],
     );
     assert_eq!(count(&forced, "bodies", "v2"), 200, "{forced}");
+
+    // The control plane sums the nodes' reports: every request through the
+    // service so far, all successful, from the one caller.
+    let stat = |args: &[&str]| -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["-o", "json", "--window", "10m"]);
+        serde_json::from_str(&mesh.control.meshctl(&all, None)).unwrap()
+    };
+    wait_until("the control plane holds every request", || {
+        stat(&["stat", "reviews", "-n", "shop"])["items"][0]["requests"] == 10_200
+    });
+    let reviews = &stat(&["stat", "reviews", "-n", "shop"])["items"][0];
+    assert_eq!(reviews["error_rate"], 0.0, "{reviews}");
+    let (p50, p99) = (
+        reviews["p50_ms"].as_f64().unwrap(),
+        reviews["p99_ms"].as_f64().unwrap(),
+    );
+    assert!(p50 > 0.0 && p50 <= p99, "{reviews}");
+    let top = stat(&["top"]);
+    assert_eq!(top["items"][0]["source"], "shop/frontend", "{top}");
+    assert_eq!(top["items"][0]["requests"], 10_200, "{top}");
+    let table = mesh
+        .control
+        .meshctl(&["stat", "--window", "10m", "-n", "shop"], None);
+    eprintln!("{table}");
+    assert!(table.contains("shop/reviews   10200"), "{table}");
 
     // Without the split, round robin; v2 fails 60 % of its requests and
     // GETs are retried on v1: every GET succeeds.

@@ -5,10 +5,7 @@
 
 use std::sync::Arc;
 
-use axum::{
-    Json,
-    extract::{Query, State},
-};
+use axum::{Json, extract::State};
 use mesh_identity::SpiffeId;
 use mesh_model::names::check_dns_label;
 use serde::{Deserialize, Serialize};
@@ -144,7 +141,7 @@ pub struct CertificateSummary {
 
 pub async fn list(
     State(state): State<AppState>,
-    Query(query): Query<ListQuery>,
+    super::ApiQuery(query): super::ApiQuery<ListQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let now = OffsetDateTime::now_utc();
     let items: Vec<CertificateSummary> = state

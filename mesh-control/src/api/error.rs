@@ -103,6 +103,14 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A query string that does not parse (an unknown or malformed parameter)
+/// gets the API's JSON error, not axum's plain text.
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(rejection: axum::extract::rejection::QueryRejection) -> Self {
+        ApiError::BadRequest(rejection.body_text())
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         match error {

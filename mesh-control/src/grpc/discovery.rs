@@ -18,7 +18,8 @@ use std::{
 };
 
 use mesh_api::v1::{
-    DeltaRequest, DeltaResponse, EndpointHealth, Resource as PushedResource, discovery_server,
+    DeltaRequest, DeltaResponse, EndpointHealth, RequestStats, Resource as PushedResource,
+    discovery_server,
 };
 use mesh_identity::components;
 use time::OffsetDateTime;
@@ -29,7 +30,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::tls::Peer;
 use crate::{
     snapshot::{NodeView, ServiceRef, SharedCatalog, delta, delta_of_touched, parse_version},
-    store::{NodeConfigStatus, Store},
+    store::{EdgeReport, NodeConfigStatus, Store},
 };
 
 use super::status::StatusBook;
@@ -401,6 +402,7 @@ impl Session {
                 message = inbound.message() => {
                     let Some(request) = message? else { return Ok(()) };
                     self.endpoint_health(&request.endpoint_health).await;
+                    self.request_stats(&request.request_stats).await;
                     if !request.subscribe.is_empty() || !request.unsubscribe.is_empty() {
                         self.subscribe(&mut held.view.subscribed, &request.subscribe, &request.unsubscribe)?;
                         // What the node may hold changed: select afresh.
@@ -507,6 +509,38 @@ impl Session {
                     }
                 }
             }
+        }
+    }
+
+    /// Keeps what the node reported of its workloads' requests.
+    async fn request_stats(&self, reports: &[RequestStats]) {
+        if reports.is_empty() {
+            return;
+        }
+        let shape = mesh_model::stats::LATENCY_BOUNDS.len() + 1;
+        let kept: Vec<EdgeReport> = reports
+            .iter()
+            .filter(|r| r.latency_buckets.len() == shape)
+            .map(|r| EdgeReport {
+                source_namespace: r.source_namespace.clone(),
+                source_workload: r.source_workload.clone(),
+                namespace: r.namespace.clone(),
+                service: r.service.clone(),
+                requests: r.requests,
+                errors: r.errors,
+                latency: r.latency_buckets.clone(),
+                interval_ms: r.interval_ms,
+            })
+            .collect();
+        if kept.len() < reports.len() {
+            tracing::warn!(
+                node = self.node,
+                ignored = reports.len() - kept.len(),
+                "ignored request statistics with another latency histogram"
+            );
+        }
+        if let Err(error) = self.store.record_request_stats(&self.node, &kept).await {
+            tracing::warn!(%error, node = self.node, "recording request statistics");
         }
     }
 

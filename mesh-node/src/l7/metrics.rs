@@ -18,12 +18,9 @@ use std::{
     time::Duration,
 };
 
-/// Upper bounds of the latency buckets, in seconds: fine below a
-/// millisecond, where a hop through the node proxy lands, and out to 30 s.
-pub const BUCKETS: [f64; 24] = [
-    0.00005, 0.0001, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075,
-    0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
+/// The latency buckets' upper bounds, in seconds (shared with the control
+/// plane, which sums the nodes' reports over the same buckets).
+pub use mesh_model::stats::LATENCY_BOUNDS as BUCKETS;
 
 /// The most series kept.
 pub const MAX_SERIES: usize = 10_000;
@@ -86,6 +83,34 @@ impl RequestLabels {
     }
 }
 
+/// A calling workload and the service it called.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Edge {
+    pub source_namespace: String,
+    pub source_workload: String,
+    pub namespace: String,
+    pub service: String,
+}
+
+/// An edge's requests, of them those answered 5xx, and their latency
+/// histogram (requests per bucket).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EdgeTotals {
+    pub requests: u64,
+    pub errors: u64,
+    pub buckets: [u64; BUCKETS.len() + 1],
+}
+
+impl Default for EdgeTotals {
+    fn default() -> Self {
+        Self {
+            requests: 0,
+            errors: 0,
+            buckets: [0; BUCKETS.len() + 1],
+        }
+    }
+}
+
 /// A label value as the text format needs it.
 fn escape(value: &str) -> std::borrow::Cow<'_, str> {
     if value.contains(['\\', '"', '\n']) {
@@ -121,11 +146,7 @@ impl RequestMetrics {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let seconds = duration.as_secs_f64();
-        let bucket = BUCKETS
-            .iter()
-            .position(|&bound| seconds <= bound)
-            .unwrap_or(BUCKETS.len());
+        let bucket = mesh_model::stats::bucket_of(duration.as_secs_f64());
         series.buckets[bucket].fetch_add(1, Ordering::Relaxed);
         let micros = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
         series.sum_micros.fetch_add(micros, Ordering::Relaxed);
@@ -142,6 +163,39 @@ impl RequestMetrics {
             return None;
         }
         Some(write.entry(labels).or_default().clone())
+    }
+
+    /// What each caller asked of each service since the node started, as
+    /// its own node saw it (the source reporter's series, summed over
+    /// destinations, versions, statuses and flags).
+    pub fn edges(&self) -> HashMap<Edge, EdgeTotals> {
+        let series = self.series.read().unwrap_or_else(|e| e.into_inner());
+        let mut edges: HashMap<Edge, EdgeTotals> = HashMap::new();
+        for (labels, series) in series.iter() {
+            if labels.reporter != Reporter::Source {
+                continue;
+            }
+            let (name, namespace) = labels
+                .destination_service
+                .split_once('.')
+                .unwrap_or((&labels.destination_service, ""));
+            let edge = Edge {
+                source_namespace: labels.source_workload_namespace.clone(),
+                source_workload: labels.source_workload.clone(),
+                namespace: namespace.to_owned(),
+                service: name.to_owned(),
+            };
+            let totals = edges.entry(edge).or_default();
+            for (sum, bucket) in totals.buckets.iter_mut().zip(&series.buckets) {
+                let count = bucket.load(Ordering::Relaxed);
+                *sum += count;
+                totals.requests += count;
+                if labels.response_code >= 500 {
+                    totals.errors += count;
+                }
+            }
+        }
+        edges
     }
 
     /// The series in the Prometheus text format, in label order.
@@ -260,9 +314,7 @@ mod tests {
         assert!(text.contains(&format!(
             "mesh_request_duration_seconds_sum{{{ok}}} 40.00229\n"
         )));
-        assert!(text.contains(&format!(
-            "mesh_request_duration_seconds_count{{{ok}}} 6\n"
-        )));
+        assert!(text.contains(&format!("mesh_request_duration_seconds_count{{{ok}}} 6\n")));
         assert!(text.contains("response_code=\"503\"} 1\n"));
         assert!(text.contains("mesh_request_series_dropped_total 0\n"));
     }

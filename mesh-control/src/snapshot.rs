@@ -207,6 +207,13 @@ impl Catalog {
         }
     }
 
+    /// Whether workload `namespace/name` runs on `node`: whose requests a
+    /// node may report.
+    pub fn workload_on(&self, node: &str, namespace: &str, name: &str) -> bool {
+        let key = (Kind::Workload, Some(namespace.to_owned()), name.to_owned());
+        matches!(self.objects.get(&key), Some(Resource::Workload(w)) if w.spec.node == node)
+    }
+
     /// Pushed names touched after `revision`; `None` when the log no
     /// longer reaches back that far.
     pub fn touched_since(&self, revision: i64) -> Option<BTreeSet<Arc<str>>> {

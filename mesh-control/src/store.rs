@@ -607,11 +607,13 @@ impl Store {
         window: std::time::Duration,
         by_edge: bool,
     ) -> Result<Vec<Signals>, StoreError> {
-        let window = window.min(std::time::Duration::from_millis(stats::KEPT_MS as u64));
-        let since = now_ms() - i64::try_from(window.as_millis()).unwrap_or(stats::KEPT_MS);
+        let window_ms = i64::try_from(window.as_millis())
+            .unwrap_or(stats::KEPT_MS)
+            .min(stats::KEPT_MS);
+        let now = now_ms();
         let mut conn = self.pool.acquire().await?;
-        let reports = stats::since(&mut conn, since).await?;
-        Ok(stats::summarize(&reports, window.as_secs_f64(), by_edge))
+        let reports = stats::since(&mut conn, now - window_ms).await?;
+        Ok(stats::summarize(&reports, now, window_ms, by_edge))
     }
 
     /// Every node's configuration state, by node name.

@@ -195,7 +195,7 @@ impl std::str::FromStr for ServiceRanges {
     fn from_str(text: &str) -> Result<Self, String> {
         let ranges = text
             .split(',')
-            .map(|range| crate::workload::parse_cidr(range.trim()))
+            .map(|range| crate::workload::parse_network(range.trim()))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self(ranges))
     }

@@ -28,14 +28,14 @@ pub fn quantile(q: f64, buckets: &[u64]) -> Option<f64> {
     if buckets.len() != LATENCY_BOUNDS.len() + 1 {
         return None;
     }
-    let total: u64 = buckets.iter().sum();
+    let total = buckets.iter().fold(0u64, |sum, n| sum.saturating_add(*n));
     if total == 0 {
         return None;
     }
     let rank = q.clamp(0.0, 1.0) * total as f64;
     let mut below = 0u64;
     for (i, &count) in buckets.iter().enumerate() {
-        if count > 0 && (below + count) as f64 >= rank {
+        if count > 0 && below.saturating_add(count) as f64 >= rank {
             let Some(&upper) = LATENCY_BOUNDS.get(i) else {
                 return LATENCY_BOUNDS.last().copied();
             };
@@ -43,7 +43,7 @@ pub fn quantile(q: f64, buckets: &[u64]) -> Option<f64> {
             let within = ((rank - below as f64) / count as f64).clamp(0.0, 1.0);
             return Some(lower + (upper - lower) * within);
         }
-        below += count;
+        below = below.saturating_add(count);
     }
     LATENCY_BOUNDS.last().copied()
 }

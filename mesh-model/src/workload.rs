@@ -102,8 +102,22 @@ impl CaptureExclusions {
     }
 }
 
-/// Parses `address/prefix` with no host bits set.
+/// Parses `address/prefix` with no host bits set, for a workload's
+/// capture exclusions.
 pub fn parse_cidr(text: &str) -> Result<(IpAddr, u8), String> {
+    parse_network(text).map_err(|why| {
+        if why.starts_with("prefix") {
+            format!(
+                "{why} (to leave all traffic alone, label the workload mesh.io/capture: disabled)"
+            )
+        } else {
+            why
+        }
+    })
+}
+
+/// Parses `address/prefix` (prefix 1 or more) with no host bits set.
+pub fn parse_network(text: &str) -> Result<(IpAddr, u8), String> {
     let (address, prefix) = text
         .split_once('/')
         .ok_or_else(|| format!("{text:?} is not ADDRESS/PREFIX"))?;
@@ -115,11 +129,7 @@ pub fn parse_cidr(text: &str) -> Result<(IpAddr, u8), String> {
         .parse()
         .ok()
         .filter(|p| (1..=max).contains(p))
-        .ok_or_else(|| {
-            format!(
-                "prefix {prefix:?} must be 1 to {max} (to leave all traffic alone, label the workload mesh.io/capture: disabled)"
-            )
-        })?;
+        .ok_or_else(|| format!("prefix {prefix:?} must be 1 to {max}"))?;
     let bits = match address {
         IpAddr::V4(v4) => u128::from(u32::from(v4)) << 96,
         IpAddr::V6(v6) => u128::from(v6),

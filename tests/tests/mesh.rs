@@ -683,7 +683,7 @@ fn a_service_address_spreads_connections_over_its_healthy_endpoints_across_names
             .0
     };
     let _other = serve("shop/other", "from-other");
-    let _legacy = serve("legacy/client", "from-legacy");
+    let legacy = serve("legacy/client", "from-legacy");
     mesh.apply(&format!(
         "apiVersion: mesh.io/v1\nkind: Service\nmetadata: {{name: reviews, namespace: shop}}\n\
          spec: {{vip: 10.96.0.10, ports: [{{port: 80, target_port: 8080, protocol: tcp}}]}}\n---\n\
@@ -760,6 +760,7 @@ fn a_service_address_spreads_connections_over_its_healthy_endpoints_across_names
         "shop/frontend",
         &["upgrade", "--to", "10.96.0.10:80", "--message", "sniffed"],
     );
+    assert_eq!(upgraded["status_line"], "HTTP/1.1 101 Switching Protocols");
     assert_eq!(upgraded["echoed"], "sniffed", "{upgraded}");
     let (before, carried) = (routed(), tunnelled(1, "shop/reviews"));
     let answer = summary_of(
@@ -834,6 +835,42 @@ fn a_service_address_spreads_connections_over_its_healthy_endpoints_across_names
         .unwrap();
     assert!(!output.status.success());
     assert_eq!(refused(), before + 1);
+
+    // A known mix, summed by the control plane: 200 requests to a server
+    // that answers every tenth 503 after 20 ms, with retries off.
+    legacy.terminate().unwrap();
+    let mut server = mesh.cluster.pod_command("legacy/client", MESH_POD).unwrap();
+    server.args(["serve-http", "--listen", "[::]:8080", "--body", "slow"]);
+    server.args(["--fail-percent", "10", "--delay-ms", "20"]);
+    let _legacy = Process::spawn_ready("legacy/client", server, "listening", READY)
+        .unwrap()
+        .0;
+    mesh.apply(
+        "apiVersion: mesh.io/v1\nkind: ServicePolicy\nmetadata: {name: records, namespace: legacy}\n\
+         spec: {retry_attempts: 0}\n",
+    );
+    let mix = summary(
+        &mesh,
+        "shop/reviews",
+        &["--to", "10.96.0.20:80", "--count", "200"],
+    );
+    assert_eq!(count(&mix, "statuses", "503"), 20, "{mix}");
+    let stat = || -> serde_json::Value {
+        let args = [
+            "stat", "records", "-n", "legacy", "-o", "json", "--window", "10m",
+        ];
+        serde_json::from_str(&mesh.control.meshctl(&args, None)).unwrap()
+    };
+    // With the 3 earlier requests, all 200.
+    wait_until("the control plane holds the mix", || {
+        stat()["items"][0]["requests"] == 203
+    });
+    let records = &stat()["items"][0];
+    let error_rate = records["error_rate"].as_f64().unwrap();
+    assert!((error_rate - 20.0 / 203.0).abs() < 1e-9, "{records}");
+    // 200 of 203 took 20 ms and more: P50 in the bucket around 20 ms.
+    let p50 = records["p50_ms"].as_f64().unwrap();
+    assert!((15.0..=25.0).contains(&p50), "{records}");
 }
 
 /// The 200s from shop/frontend to reviews of `version` (served by
@@ -1091,6 +1128,40 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
         );
         assert_eq!(upgraded["echoed"], "over the mesh", "{upgraded}");
     }
+    // Only to WebSocket: another protocol is not asked of the upstream,
+    // which answers the request as plain HTTP.
+    let other = summary_of(
+        &mesh,
+        "shop/frontend",
+        &["upgrade", "--to", vip, "--protocol", "mesh-echo"],
+    );
+    assert_eq!(other["status_line"], "HTTP/1.1 200 OK", "{other}");
+    // An upgraded connection belongs to its tunnel stream: a policy that
+    // no longer allows the caller cuts it, as it cuts a TCP stream.
+    let mut held = mesh.cluster.pod_command("shop/frontend", MESH_POD).unwrap();
+    held.args(["upgrade", "--to", vip, "--hold"]);
+    let (mut held, first) = Process::spawn_ready("upgraded", held, "{", READY).unwrap();
+    assert!(first.contains("\"echoed\":\"ping\""), "{first}");
+    held.send_line("still here").unwrap();
+    assert_eq!(held.wait_for_line("", READY).unwrap(), "ok");
+    let revoked = || {
+        mesh.metric(0, "mesh_authz_revoked_streams_total")
+            + mesh.metric(1, "mesh_authz_revoked_streams_total")
+    };
+    let before = revoked();
+    mesh.apply(
+        "apiVersion: mesh.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-frontend, namespace: shop}\n\
+         spec: {target: reviews, action: deny, rules: [{from: [{principals: ['spiffe://cluster.local/ns/shop/sa/frontend']}]}]}\n",
+    );
+    // (Pooled upstream connections of earlier requests go too.)
+    wait_until("the upgraded connection is cut", || revoked() > before);
+    held.send_line("after").unwrap();
+    let answer = held.wait_for_line("", READY).unwrap();
+    assert!(answer.starts_with("failed"), "{answer}");
+    mesh.change(
+        &["delete", "authorizationpolicy", "no-frontend", "-n", "shop"],
+        None,
+    );
 
     // A hung upstream: 504 once the policy's timeout passes.
     mesh.apply(

@@ -40,6 +40,31 @@ use super::status::StatusBook;
 /// writes are seen at once.
 pub const DEFAULT_POLL: Duration = Duration::from_millis(100);
 
+/// The most edges one stats report may carry.
+const MAX_STATS_PER_REPORT: usize = 10_000;
+
+/// Names that could be the mesh's, counts that add up: errors within the
+/// requests, the histogram of the expected shape holding every request.
+fn stats_report_is_sound(report: &RequestStats) -> bool {
+    use mesh_model::names::check_dns_label;
+    let names = [
+        &report.source_namespace,
+        &report.source_workload,
+        &report.namespace,
+        &report.service,
+    ];
+    let histogram = report.latency_buckets.len() == mesh_model::stats::LATENCY_BOUNDS.len() + 1
+        && report
+            .latency_buckets
+            .iter()
+            .try_fold(0u64, |sum, n| sum.checked_add(*n))
+            == Some(report.requests);
+    names.iter().all(|name| check_dns_label(name).is_ok())
+        && report.requests > 0
+        && report.errors <= report.requests
+        && histogram
+}
+
 /// Follows the store's revision: read every `every`, and right after each
 /// write through this process.
 pub fn watch_revision(store: Store, every: Duration) -> watch::Receiver<i64> {
@@ -512,32 +537,43 @@ impl Session {
         }
     }
 
-    /// Keeps what the node reported of its workloads' requests.
+    /// Keeps what the node reported of its workloads' requests. A node
+    /// speaks only for workloads it runs, with consistent counts; anything
+    /// else is left out (and logged).
     async fn request_stats(&self, reports: &[RequestStats]) {
         if reports.is_empty() {
             return;
         }
-        let shape = mesh_model::stats::LATENCY_BOUNDS.len() + 1;
-        let kept: Vec<EdgeReport> = reports
-            .iter()
-            .filter(|r| r.latency_buckets.len() == shape)
-            .map(|r| EdgeReport {
-                source_namespace: r.source_namespace.clone(),
-                source_workload: r.source_workload.clone(),
-                namespace: r.namespace.clone(),
-                service: r.service.clone(),
-                requests: r.requests,
-                errors: r.errors,
-                latency: r.latency_buckets.clone(),
-                interval_ms: r.interval_ms,
-            })
-            .collect();
+        let kept: Vec<EdgeReport> = {
+            let catalog = self.catalog.read();
+            reports
+                .iter()
+                .take(MAX_STATS_PER_REPORT)
+                .filter(|r| {
+                    stats_report_is_sound(r)
+                        && catalog.workload_on(&self.node, &r.source_namespace, &r.source_workload)
+                })
+                .map(|r| EdgeReport {
+                    source_namespace: r.source_namespace.clone(),
+                    source_workload: r.source_workload.clone(),
+                    namespace: r.namespace.clone(),
+                    service: r.service.clone(),
+                    requests: r.requests,
+                    errors: r.errors,
+                    latency: r.latency_buckets.clone(),
+                    interval_ms: r.interval_ms,
+                })
+                .collect()
+        };
         if kept.len() < reports.len() {
             tracing::warn!(
                 node = self.node,
                 ignored = reports.len() - kept.len(),
-                "ignored request statistics with another latency histogram"
+                "ignored request statistics about workloads not on this node, or inconsistent"
             );
+        }
+        if kept.is_empty() {
+            return;
         }
         if let Err(error) = self.store.record_request_stats(&self.node, &kept).await {
             tracing::warn!(%error, node = self.node, "recording request statistics");
@@ -562,6 +598,58 @@ impl Session {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod stats_tests {
+    use super::*;
+
+    #[test]
+    fn only_consistent_stats_reports_are_kept() {
+        let sound = || {
+            let mut latency_buckets = vec![0; mesh_model::stats::LATENCY_BOUNDS.len() + 1];
+            latency_buckets[3] = 7;
+            latency_buckets[9] = 3;
+            RequestStats {
+                source_namespace: "shop".into(),
+                source_workload: "frontend".into(),
+                namespace: "shop".into(),
+                service: "reviews".into(),
+                requests: 10,
+                errors: 2,
+                latency_buckets,
+                interval_ms: 10_000,
+            }
+        };
+        assert!(stats_report_is_sound(&sound()));
+        type Breakage = (&'static str, fn(&mut RequestStats));
+        let broken: [Breakage; 7] = [
+            ("more errors than requests", |r| r.errors = 11),
+            ("no requests", |r| {
+                r.requests = 0;
+                r.errors = 0;
+                r.latency_buckets.iter_mut().for_each(|n| *n = 0);
+            }),
+            ("a histogram short of the count", |r| {
+                r.latency_buckets[3] = 6
+            }),
+            ("a histogram of another shape", |r| {
+                r.latency_buckets.push(0)
+            }),
+            ("a histogram that overflows", |r| {
+                r.latency_buckets[0] = u64::MAX;
+            }),
+            ("a name that is no DNS label", |r| {
+                r.service = "Reviews!".into()
+            }),
+            ("an overlong name", |r| r.source_workload = "a".repeat(64)),
+        ];
+        for (case, change) in broken {
+            let mut report = sound();
+            change(&mut report);
+            assert!(!stats_report_is_sound(&report), "{case}");
+        }
     }
 }
 

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use mesh_model::stats::{LATENCY_BOUNDS, quantile};
 use serde::Serialize;
 use sqlx::AnyConnection;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use super::{StoreError, rows::Columns};
 
@@ -70,21 +71,33 @@ pub(super) async fn record(
         .execute(&mut *conn)
         .await?;
     }
-    sqlx::query("DELETE FROM RequestStats WHERE reported_at < $1")
-        .bind(now_ms - KEPT_MS)
-        .execute(&mut *conn)
-        .await?;
+    // Pruned at most once a minute per replica, not with every report.
+    let last = LAST_PRUNE_MS.load(Ordering::Relaxed);
+    if now_ms - last >= PRUNE_EVERY_MS
+        && LAST_PRUNE_MS
+            .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        sqlx::query("DELETE FROM RequestStats WHERE reported_at < $1")
+            .bind(now_ms - KEPT_MS)
+            .execute(&mut *conn)
+            .await?;
+    }
     Ok(())
 }
 
-/// The reports received after `since_ms`.
+/// When this process last pruned old reports (Unix milliseconds).
+static LAST_PRUNE_MS: AtomicI64 = AtomicI64::new(0);
+const PRUNE_EVERY_MS: i64 = 60_000;
+
+/// The reports received after `since_ms`, with when each was.
 pub(super) async fn since(
     conn: &mut AnyConnection,
     since_ms: i64,
-) -> Result<Vec<EdgeReport>, StoreError> {
+) -> Result<Vec<(i64, EdgeReport)>, StoreError> {
     let rows = sqlx::query(
-        "SELECT source_namespace, source_workload, namespace, service, requests, errors, \
-         latency, interval_ms FROM RequestStats WHERE reported_at > $1",
+        "SELECT reported_at, source_namespace, source_workload, namespace, service, requests, \
+         errors, latency, interval_ms FROM RequestStats WHERE reported_at > $1",
     )
     .bind(since_ms)
     .fetch_all(&mut *conn)
@@ -94,7 +107,7 @@ pub(super) async fn since(
             let c = Columns::new(row, "RequestStats".into());
             let count = |column: &str| c.int(column).map(|n| u64::try_from(n).unwrap_or(0));
             let latency = c.text("latency")?;
-            Ok(EdgeReport {
+            let report = EdgeReport {
                 source_namespace: c.text("source_namespace")?,
                 source_workload: c.text("source_workload")?,
                 namespace: c.text("namespace")?,
@@ -106,50 +119,71 @@ pub(super) async fn since(
                     message: format!("latency: {e}"),
                 })?,
                 interval_ms: count("interval_ms")?,
-            })
+            };
+            Ok((c.int("reported_at")?, report))
         })
         .collect()
 }
 
-/// Sums `reports` (those of a window of `window_seconds`) per service, or
-/// per calling workload and service when `by_edge`, busiest first.
-pub fn summarize(reports: &[EdgeReport], window_seconds: f64, by_edge: bool) -> Vec<Signals> {
+/// Sums `reports` (each with when it was received) over the window of
+/// `window_ms` before `now_ms`, per service, or per calling workload and
+/// service when `by_edge`, busiest first. A report covers the
+/// `interval_ms` before it was received; its requests count towards the
+/// rate in proportion to how much of that falls in the window.
+pub fn summarize(
+    reports: &[(i64, EdgeReport)],
+    now_ms: i64,
+    window_ms: i64,
+    by_edge: bool,
+) -> Vec<Signals> {
     type Key = (Option<String>, String, String);
-    let mut sums: BTreeMap<Key, (u64, u64, Vec<u64>)> = BTreeMap::new();
-    for report in reports {
+    #[derive(Default)]
+    struct Sum {
+        requests: u64,
+        in_window: f64,
+        errors: u64,
+        latency: Vec<u64>,
+    }
+    let start = now_ms - window_ms;
+    let mut sums: BTreeMap<Key, Sum> = BTreeMap::new();
+    for (at, report) in reports {
         if report.latency.len() != LATENCY_BOUNDS.len() + 1 {
             continue;
         }
+        let interval = i64::try_from(report.interval_ms).unwrap_or(i64::MAX).max(1);
+        let covered = (at.min(&now_ms) - (at - interval).max(start)).clamp(0, interval);
+        let share = covered as f64 / interval as f64;
         let source =
             by_edge.then(|| format!("{}/{}", report.source_namespace, report.source_workload));
         let key = (source, report.namespace.clone(), report.service.clone());
-        let (requests, errors, latency) = sums
-            .entry(key)
-            .or_insert_with(|| (0, 0, vec![0; LATENCY_BOUNDS.len() + 1]));
-        *requests += report.requests;
-        *errors += report.errors;
-        for (sum, n) in latency.iter_mut().zip(&report.latency) {
-            *sum += n;
+        let sum = sums.entry(key).or_insert_with(|| Sum {
+            latency: vec![0; LATENCY_BOUNDS.len() + 1],
+            ..Sum::default()
+        });
+        sum.requests = sum.requests.saturating_add(report.requests);
+        sum.in_window += share * report.requests as f64;
+        sum.errors = sum.errors.saturating_add(report.errors);
+        for (total, n) in sum.latency.iter_mut().zip(&report.latency) {
+            *total = total.saturating_add(*n);
         }
     }
+    let seconds = (window_ms as f64 / 1000.0).max(1.0);
     let mut signals: Vec<Signals> = sums
         .into_iter()
-        .map(
-            |((source, namespace, service), (requests, errors, latency))| Signals {
-                source,
-                namespace,
-                service,
-                requests,
-                requests_per_second: requests as f64 / window_seconds.max(1.0),
-                error_rate: if requests == 0 {
-                    0.0
-                } else {
-                    errors as f64 / requests as f64
-                },
-                p50_ms: quantile(0.5, &latency).map(|s| s * 1000.0),
-                p99_ms: quantile(0.99, &latency).map(|s| s * 1000.0),
+        .map(|((source, namespace, service), sum)| Signals {
+            source,
+            namespace,
+            service,
+            requests: sum.requests,
+            requests_per_second: sum.in_window / seconds,
+            error_rate: if sum.requests == 0 {
+                0.0
+            } else {
+                sum.errors as f64 / sum.requests as f64
             },
-        )
+            p50_ms: quantile(0.5, &sum.latency).map(|s| s * 1000.0),
+            p99_ms: quantile(0.99, &sum.latency).map(|s| s * 1000.0),
+        })
         .collect();
     signals.sort_by_key(|s| std::cmp::Reverse(s.requests));
     signals
@@ -194,7 +228,9 @@ mod tests {
                 ..report("odd", "reviews", 5, 0, 0)
             },
         ];
-        let services = summarize(&reports, 60.0, false);
+        let now = 1_000_000;
+        let reports: Vec<(i64, EdgeReport)> = reports.into_iter().map(|r| (now, r)).collect();
+        let services = summarize(&reports, now, 60_000, false);
         assert_eq!(services.len(), 2);
         let reviews = &services[0];
         assert_eq!(
@@ -210,7 +246,7 @@ mod tests {
         assert_eq!(reviews.source, None);
         assert_eq!(services[1].error_rate, 1.0);
 
-        let edges = summarize(&reports, 60.0, true);
+        let edges = summarize(&reports, now, 60_000, true);
         let listed: Vec<(Option<&str>, &str, u64)> = edges
             .iter()
             .map(|e| (e.source.as_deref(), e.service.as_str(), e.requests))
@@ -223,6 +259,14 @@ mod tests {
                 (Some("shop/frontend"), "ratings", 30),
             ]
         );
-        assert!(summarize(&[], 60.0, false).is_empty());
+        assert!(summarize(&[], now, 60_000, false).is_empty());
+
+        // A report received 55 s ago covers the 10 s before it: half of
+        // that lies in a 60 s window, so half its requests count towards
+        // the rate; all of them towards the count.
+        let old = [(now - 55_000, report("frontend", "reviews", 600, 0, 6))];
+        let signals = &summarize(&old, now, 60_000, false)[0];
+        assert_eq!(signals.requests, 600);
+        assert!((signals.requests_per_second - 300.0 / 60.0).abs() < 1e-9);
     }
 }

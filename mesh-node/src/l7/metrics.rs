@@ -208,42 +208,44 @@ impl RequestMetrics {
             "# HELP mesh_requests_total HTTP requests, by reporter, source, destination, status and flags.\n\
              # TYPE mesh_requests_total counter\n",
         );
+        // Each series read once, so its buckets, count and +Inf agree
+        // even while requests land.
+        let snapshots: Vec<(&RequestLabels, [u64; BUCKETS.len() + 1], u64)> = sorted
+            .iter()
+            .map(|(key, series)| {
+                let buckets = std::array::from_fn(|i| series.buckets[i].load(Ordering::Relaxed));
+                (*key, buckets, series.sum_micros.load(Ordering::Relaxed))
+            })
+            .collect();
         let mut labels = String::new();
-        let mut counts = Vec::with_capacity(sorted.len());
-        for (key, series) in &sorted {
+        for (key, buckets, _) in &snapshots {
             labels.clear();
             key.render(&mut labels);
-            let count: u64 = series
-                .buckets
-                .iter()
-                .map(|b| b.load(Ordering::Relaxed))
-                .sum();
-            counts.push(count);
+            let count: u64 = buckets.iter().sum();
             let _ = writeln!(out, "mesh_requests_total{{{labels}}} {count}");
         }
         out.push_str(
             "# HELP mesh_request_duration_seconds Time from a request's arrival at the node proxy to its response head.\n\
              # TYPE mesh_request_duration_seconds histogram\n",
         );
-        for ((key, series), count) in sorted.iter().zip(counts) {
+        for (key, buckets, sum_micros) in &snapshots {
             labels.clear();
             key.render(&mut labels);
             let mut cumulative = 0;
-            for (bound, bucket) in BUCKETS.iter().zip(&series.buckets) {
-                cumulative += bucket.load(Ordering::Relaxed);
+            for (bound, bucket) in BUCKETS.iter().zip(buckets) {
+                cumulative += bucket;
                 let _ = writeln!(
                     out,
                     "mesh_request_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {cumulative}"
                 );
             }
-            // Counted apart from the buckets' loads above, so +Inf always
-            // equals the count even while requests land.
+            let count = cumulative + buckets[BUCKETS.len()];
             let _ = writeln!(
                 out,
                 "mesh_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {count}\n\
                  mesh_request_duration_seconds_sum{{{labels}}} {}\n\
                  mesh_request_duration_seconds_count{{{labels}}} {count}",
-                series.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+                *sum_micros as f64 / 1e6
             );
         }
         let _ = write!(

@@ -443,6 +443,7 @@ struct Route {
     /// The service port the client connected to.
     port: u16,
     protocol: Protocol,
+    handoffs: Handoffs,
 }
 
 /// How long a client of a port that declares no protocol has to send the
@@ -519,12 +520,14 @@ pub(super) async fn serve(
         client,
         original_dst,
     ));
+    let handoffs = Handoffs::default();
     let route = Arc::new(Route {
         pod: pod.clone(),
         mesh: mesh.clone(),
         service,
         port: original_dst.port(),
         protocol,
+        handoffs: handoffs.clone(),
     });
     let handler = hyper::service::service_fn(move |request| {
         let route = route.clone();
@@ -551,10 +554,18 @@ pub(super) async fn serve(
             .await
             .map_err(io::Error::other),
     };
+    // Upgraded connections are this connection's until they close.
+    let (result, (sent, received)) = match result {
+        Ok(()) => match handoffs.finish().await {
+            Ok(moved) => (Ok(()), moved),
+            Err(error) => (Err(error), (0, 0)),
+        },
+        Err(error) => (Err(error), (0, 0)),
+    };
     if let Err(error) = &result {
         tracing::debug!(pod = %pod.name, %client, %error, "HTTP connection ended with an error");
     }
-    open.finish(0, 0, None, &result);
+    open.finish(sent, received, None, &result);
 }
 
 /// Serves the requests of a tunnel stream to `target` (the pod's own port
@@ -562,6 +573,7 @@ pub(super) async fn serve(
 /// with its method and normalised path under the policies of the moment
 /// (403 `RBAC` when refused, 400 for a path that cannot be normalised) and
 /// sent on to the application over the pod's own connections to it.
+/// Returns the bytes upgraded connections carried each way.
 pub(super) async fn serve_inbound(
     stream: TunnelIo,
     caller: Arc<mesh_identity::SpiffeId>,
@@ -569,7 +581,8 @@ pub(super) async fn serve_inbound(
     service: (ServiceKey, Protocol),
     pod: &Arc<PodContext>,
     mesh: &Arc<MeshPath>,
-) -> io::Result<()> {
+) -> io::Result<(u64, u64)> {
+    let handoffs = Handoffs::default();
     let inbound = Arc::new(Inbound {
         pod: pod.clone(),
         mesh: mesh.clone(),
@@ -577,6 +590,7 @@ pub(super) async fn serve_inbound(
         target,
         service: service.0,
         protocol: service.1,
+        handoffs: handoffs.clone(),
     });
     let handler = hyper::service::service_fn(move |request| {
         let inbound = inbound.clone();
@@ -597,7 +611,10 @@ pub(super) async fn serve_inbound(
     server(mesh.http.header_timeout)
         .serve_connection_with_upgrades(TokioIo::new(stream), handler)
         .await
-        .map_err(io::Error::other)
+        .map_err(io::Error::other)?;
+    // Upgraded connections are this stream's until they close: cut with
+    // it when a policy change no longer allows the caller.
+    handoffs.finish().await
 }
 
 /// The series a request that reached `inbound`'s pod counts in.
@@ -632,6 +649,7 @@ struct Inbound {
     /// The service whose port this is (its policy holds the rate limit).
     service: ServiceKey,
     protocol: Protocol,
+    handoffs: Handoffs,
 }
 
 async fn authorize_and_send(inbound: &Inbound, mut request: Request<Incoming>) -> Response<Body> {
@@ -642,6 +660,7 @@ async fn authorize_and_send(inbound: &Inbound, mut request: Request<Incoming>) -
         target,
         service,
         protocol,
+        handoffs,
     } = inbound;
     let (target, protocol) = (*target, *protocol);
     let state = &mesh.http;
@@ -699,8 +718,10 @@ async fn authorize_and_send(inbound: &Inbound, mut request: Request<Incoming>) -
     match pod.http_clients(mesh).app(protocol).request(upstream).await {
         Ok(response) => {
             let mut response = response.map(|body| body.map_err(BoxError::from).boxed_unsync());
+            // Only this node says why it answered itself.
+            response.headers_mut().remove(FLAGS_HEADER);
             if let Some(upgrade) = upgrade {
-                upgrade.splice(&mut response, &pod.name);
+                upgrade.splice(&mut response, handoffs);
             }
             response
         }
@@ -1003,7 +1024,7 @@ async fn route_request(
         Err((flag, detail)) => local(state, flag, &detail),
         Ok(mut response) => {
             if let Some(upgrade) = upgrade {
-                upgrade.splice(&mut response, &route.pod.name);
+                upgrade.splice(&mut response, &route.handoffs);
             }
             response
         }
@@ -1234,14 +1255,16 @@ impl Exchange<'_> {
     }
 }
 
-/// An HTTP/1.1 request to switch protocols (WebSocket and the like): the
-/// protocol asked for, and the client's side of the switch. The request
-/// goes on with `connection: upgrade` and its `upgrade` header; when the
-/// upstream agrees (101), the two connections are joined byte for byte.
-/// HTTP/2 has no upgrades (RFC 9113 §8.6), and `h2c` is refused here: the
-/// proxy speaks HTTP/2 to an upstream only when the port says so.
+/// An HTTP/1.1 request to switch to WebSocket (RFC 6455): the client's
+/// side of the switch. The request goes on with `connection: upgrade` and
+/// `upgrade: websocket`; when the upstream agrees (101), the two
+/// connections are joined byte for byte. The upgrade request is what
+/// authorization sees: what follows on the switched connection is not
+/// HTTP to the proxy. Other protocols are not switched to (as Envoy's
+/// default): an application answering 101 to any token would let a
+/// caller step around per-request authorization. HTTP/2 has no upgrades
+/// (RFC 9113 §8.6).
 struct Upgrade {
-    protocol: HeaderValue,
     client: hyper::upgrade::OnUpgrade,
 }
 
@@ -1261,46 +1284,73 @@ impl Upgrade {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-        let protocol = headers.get(header::UPGRADE)?.clone();
-        let h2c = protocol
-            .to_str()
-            .map_or(true, |p| p.to_ascii_lowercase().contains("h2c"));
-        if !asked || h2c {
+        let websocket = headers
+            .get(header::UPGRADE)
+            .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"websocket"));
+        if !asked || !websocket {
             return None;
         }
         let client = hyper::upgrade::on(request);
-        Some(Self { protocol, client })
+        Some(Self { client })
     }
 
     /// Asks the upstream for the same switch.
     fn ask(&self, headers: &mut HeaderMap) {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, self.protocol.clone());
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     }
 
     /// Joins the client to the upstream once both switch, when `response`
     /// is the upstream's agreement; otherwise the client's side is dropped
     /// and the connection goes on with HTTP.
-    fn splice(self, response: &mut Response<Body>, pod: &str) {
+    fn splice(self, response: &mut Response<Body>, handoffs: &Handoffs) {
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
             return;
         }
         let upstream = hyper::upgrade::on(response);
-        let pod = pod.to_owned();
-        tokio::spawn(async move {
-            let joined = async {
-                let (client, upstream) =
-                    tokio::try_join!(self.client, upstream).map_err(io::Error::other)?;
-                let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-                tokio::io::copy_bidirectional(&mut client, &mut upstream).await
-            };
-            match joined.await {
-                Ok((sent, received)) => {
-                    tracing::debug!(pod, sent, received, "upgraded connection closed")
-                }
-                Err(error) => tracing::debug!(pod, %error, "upgraded connection failed"),
-            }
+        let joined = tokio::spawn(async move {
+            let (client, upstream) =
+                tokio::try_join!(self.client, upstream).map_err(io::Error::other)?;
+            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+            tokio::io::copy_bidirectional(&mut client, &mut upstream).await
         });
+        super::lock(&handoffs.0).push(Spliced(joined));
+    }
+}
+
+/// The upgraded connections one served connection handed off. They stay
+/// its own: it waits for them before it counts as closed, so they hold
+/// its connection slot and its place in the policy re-checks, and they
+/// are cut when it is (a policy change that no longer allows the caller,
+/// a drain).
+#[derive(Clone, Debug, Default)]
+pub(super) struct Handoffs(Arc<Mutex<Vec<Spliced>>>);
+
+/// A joined pair of upgraded connections: (bytes client → upstream,
+/// upstream → client) when both closed. Aborted when dropped.
+#[derive(Debug)]
+pub(super) struct Spliced(tokio::task::JoinHandle<io::Result<(u64, u64)>>);
+
+impl Drop for Spliced {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Handoffs {
+    /// Waits for every handed-off connection to close: the bytes they
+    /// carried each way, or the first error.
+    async fn finish(&self) -> io::Result<(u64, u64)> {
+        let spliced = std::mem::take(&mut *super::lock(&self.0));
+        let mut moved = (0, 0);
+        for mut pair in spliced {
+            let (sent, received) = (&mut pair.0)
+                .await
+                .map_err(|e| io::Error::other(format!("an upgraded connection's task: {e}")))??;
+            moved.0 += sent;
+            moved.1 += received;
+        }
+        Ok(moved)
     }
 }
 

@@ -734,7 +734,10 @@ async fn tunnel_in(
                 result = super::http::serve_inbound(stream, caller.clone(), target, service, pod, mesh) => result,
                 error = revoked => Err(error),
             };
-            (0, 0, result)
+            match result {
+                Ok((sent, received)) => (sent, received, Ok(())),
+                Err(error) => (0, 0, Err(error)),
+            }
         }
         Inner::Tcp(mut app) => {
             let (moved, result) = hbone::splice(&mut app, send, recv, revoked).await;

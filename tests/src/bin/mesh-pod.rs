@@ -107,15 +107,21 @@ enum Command {
         #[arg(long)]
         request: String,
     },
-    /// Ask to switch the connection to the `mesh-echo` protocol (as a
-    /// WebSocket client does), then send MESSAGE on the switched connection;
-    /// prints the answer's first line and what came back as JSON
-    /// (`status_line`, `echoed`).
+    /// Ask to switch the connection to PROTOCOL (as a WebSocket client
+    /// does), then send MESSAGE on the switched connection; prints the
+    /// answer's first line and what came back as JSON (`status_line`,
+    /// `echoed`). `serve-http` echoes on a switched connection.
     Upgrade {
         #[arg(long)]
         to: SocketAddr,
         #[arg(long, default_value = "ping")]
         message: String,
+        #[arg(long, default_value = "websocket")]
+        protocol: String,
+        /// Keep the switched connection and round-trip on it per stdin
+        /// line, printing `ok` or `failed ...`.
+        #[arg(long)]
+        hold: bool,
     },
     /// Abuse an HTTP/2 connection until the peer hangs up.
     H2Flood {
@@ -219,7 +225,12 @@ fn main() -> ExitCode {
         } => report("bench-http", bench_http(to, connections, requests)),
         Command::Sink { listen } => report("sink", sink(listen)),
         Command::Raw { to, request } => report("raw", raw(to, &request)),
-        Command::Upgrade { to, message } => report("upgrade", upgrade(to, &message)),
+        Command::Upgrade {
+            to,
+            message,
+            protocol,
+            hold,
+        } => report("upgrade", upgrade(to, &message, &protocol, hold)),
         Command::Slow {
             to,
             request,
@@ -477,6 +488,9 @@ struct Faults {
     /// Never answer requests whose path starts with `/hang`.
     #[arg(long)]
     hang: bool,
+    /// Wait this long before answering each request.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
 }
 
 fn serve_http(listen: SocketAddr, body: String, faults: Faults) -> io::Result<()> {
@@ -517,13 +531,18 @@ fn answer_http(
             let length = content_length(&head);
             io::copy(&mut (&mut reader).take(length), &mut io::sink())?;
         }
-        if head
-            .lines()
-            .any(|line| line.eq_ignore_ascii_case("upgrade: mesh-echo"))
-        {
+        let asked = head.lines().find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("upgrade")
+                .then(|| value.trim().to_owned())
+        });
+        if let Some(protocol) = asked {
             // Switched: echo until the client closes.
             writer.write_all(
-                b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: mesh-echo\r\n\r\n",
+                format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: {protocol}\r\n\r\n"
+                )
+                .as_bytes(),
             )?;
             io::copy(&mut reader, &mut writer)?;
             return Ok(());
@@ -547,6 +566,9 @@ fn answer_http(
                 ("200 OK", body.to_owned())
             }
         };
+        if faults.delay_ms > 0 {
+            thread::sleep(Duration::from_millis(faults.delay_ms));
+        }
         // One write per answer: a message split over several segments
         // would time the segments, not the path.
         let answer = format!(
@@ -580,7 +602,7 @@ fn raw(to: SocketAddr, request: &str) -> io::Result<()> {
     Ok(())
 }
 
-fn upgrade(to: SocketAddr, message: &str) -> io::Result<()> {
+fn upgrade(to: SocketAddr, message: &str, protocol: &str, hold: bool) -> io::Result<()> {
     let mut stream = open(
         to,
         Client {
@@ -591,22 +613,45 @@ fn upgrade(to: SocketAddr, message: &str) -> io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.write_all(
         format!(
-            "GET /chat HTTP/1.1\r\nhost: {to}\r\nconnection: upgrade\r\nupgrade: mesh-echo\r\n\r\n"
+            "GET /chat HTTP/1.1\r\nhost: {to}\r\nconnection: upgrade\r\nupgrade: {protocol}\r\n\r\n"
         )
         .as_bytes(),
     )?;
     let mut reader = io::BufReader::new(stream.try_clone()?);
     let head = read_head(&mut reader)?.unwrap_or_default();
     let status_line = head.lines().next().unwrap_or("").to_owned();
-    let mut echoed = String::new();
-    if status_line.starts_with("HTTP/1.1 101 ") {
+    let switched = status_line.starts_with("HTTP/1.1 101 ");
+    let mut round_trip = |message: &str| -> io::Result<String> {
         stream.write_all(format!("{message}\n").as_bytes())?;
-        io::BufRead::read_line(&mut reader, &mut echoed)?;
-    }
+        let mut echoed = String::new();
+        if io::BufRead::read_line(&mut reader, &mut echoed)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(echoed.trim_end().to_owned())
+    };
+    let echoed = if switched {
+        round_trip(message)?
+    } else {
+        String::new()
+    };
     println!(
         "{}",
-        serde_json::json!({ "status_line": status_line, "echoed": echoed.trim_end() })
+        serde_json::json!({ "status_line": status_line, "echoed": echoed })
     );
+    io::stdout().flush()?;
+    if !(hold && switched) {
+        return Ok(());
+    }
+    let mut line = String::new();
+    while io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {
+        match round_trip(line.trim_end()) {
+            Ok(echoed) if echoed == line.trim_end() => println!("ok"),
+            Ok(other) => println!("failed: {other:?} came back"),
+            Err(error) => println!("failed {error}"),
+        }
+        io::stdout().flush()?;
+        line.clear();
+    }
     Ok(())
 }
 

@@ -113,6 +113,7 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
         .route("/version", get(version))
         .nest("/api/v1", api)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
@@ -195,6 +196,57 @@ async fn stats(
     })))
 }
 
+/// The node states `proxy-status` shows, in its order.
+const NODE_STATES: [&str; 4] = ["SYNCED", "STALE", "NACKED", "DISCONNECTED"];
+
+/// Where node `n` stands against `revision`.
+fn node_state(n: &crate::store::NodeConfigStatus, revision: i64) -> &'static str {
+    if !n.connected {
+        "DISCONNECTED"
+    } else if n.nack_revision.is_some() {
+        "NACKED"
+    } else if n.synced_revision == Some(revision) {
+        "SYNCED"
+    } else {
+        "STALE"
+    }
+}
+
+/// `GET /metrics` (no token, as `/healthz`): the control plane's state in
+/// the Prometheus text format.
+async fn metrics(State(state): State<AppState>) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse as _;
+    use std::fmt::Write as _;
+    let revision = state.store.revision().await?;
+    let nodes = state.store.node_statuses().await?;
+    let mut text = format!(
+        "# HELP mesh_control_revision The store's configuration revision.\n\
+         # TYPE mesh_control_revision gauge\n\
+         mesh_control_revision {revision}\n\
+         # HELP mesh_control_nodes Nodes known to the control plane, by where their configuration stands.\n\
+         # TYPE mesh_control_nodes gauge\n"
+    );
+    for name in NODE_STATES {
+        let count = nodes
+            .iter()
+            .filter(|n| node_state(n, revision) == name)
+            .count();
+        let _ = writeln!(
+            text,
+            "mesh_control_nodes{{state=\"{}\"}} {count}",
+            name.to_ascii_lowercase()
+        );
+    }
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
 async fn proxy_status(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     let revision = state.store.revision().await?;
     let nodes: Vec<ProxyStatus> = state
@@ -203,15 +255,7 @@ async fn proxy_status(State(state): State<AppState>) -> Result<Json<serde_json::
         .await?
         .into_iter()
         .map(|n| ProxyStatus {
-            state: if !n.connected {
-                "DISCONNECTED"
-            } else if n.nack_revision.is_some() {
-                "NACKED"
-            } else if n.synced_revision == Some(revision) {
-                "SYNCED"
-            } else {
-                "STALE"
-            },
+            state: node_state(&n, revision),
             node: n.node,
             synced_revision: n.synced_revision,
             reason: n.nack_reason,

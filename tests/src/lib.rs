@@ -12,6 +12,7 @@ mod ip;
 pub mod netns;
 pub mod postgres;
 pub mod process;
+pub mod prometheus;
 pub mod sniff;
 
 pub use cluster::{Cluster, ClusterError, ClusterSpec, PodSpec};

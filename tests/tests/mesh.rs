@@ -17,6 +17,7 @@ use mesh_e2e::{
     control::{ControlPlane, node_command, spawn_node},
     http, netns,
     process::{Process, workspace_binary},
+    prometheus::Prometheus,
     sniff::{self, Sniffer},
 };
 use mesh_identity::{CertificateAuthority, SpiffeId, SpiffeVerifier, TrustBundle};
@@ -871,6 +872,57 @@ fn a_service_address_spreads_connections_over_its_healthy_endpoints_across_names
     // 200 of 203 took 20 ms and more: P50 in the bucket around 20 ms.
     let p50 = records["p50_ms"].as_f64().unwrap();
     assert!((15.0..=25.0).contains(&p50), "{records}");
+
+    // A real Prometheus scraping both nodes and the control plane finds
+    // the same: the P50 of records as its callers saw it, and the 503s.
+    let control: SocketAddr = mesh
+        .control
+        .api
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    promtool_check(
+        &http::get(control, "/metrics").unwrap().body,
+        "the control plane",
+    );
+    let prometheus = Prometheus::start(&[mesh.nodes[0].1, mesh.nodes[1].1, control]).unwrap();
+    let query = |expr: &str| prometheus.query(expr).unwrap();
+    let p50 = "histogram_quantile(0.5, sum by (le) (mesh_request_duration_seconds_bucket\
+               {reporter=\"source\",destination_service=\"records.legacy\"}))";
+    wait_until("prometheus has scraped the nodes", || query(p50).is_some());
+    let seconds = query(p50).unwrap();
+    assert!((0.015..=0.025).contains(&seconds), "P50 {seconds} s");
+    let failed = "sum(mesh_requests_total{reporter=\"source\",\
+                  destination_service=\"records.legacy\",response_code=\"503\"})";
+    assert_eq!(query(failed), Some(20.0));
+    // (Node states are written in batches: a scrape may see them stale.)
+    wait_until("prometheus sees both nodes synced", || {
+        query("mesh_control_nodes{state=\"synced\"}") == Some(2.0)
+    });
+}
+
+/// `promtool check metrics` passes on `metrics` (from `what`).
+fn promtool_check(metrics: &str, what: &str) {
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; cargo xtask test installs it)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool on {what}: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
 }
 
 /// The 200s from shop/frontend to reviews of `version` (served by
@@ -996,26 +1048,7 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
     // Both nodes' exposition passes Prometheus' own checker.
     for node in [0, 1] {
         let metrics = http::get(mesh.nodes[node].1, "/metrics").unwrap().body;
-        let mut promtool = Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("promtool (Debian package prometheus; cargo xtask test installs it)");
-        promtool
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(metrics.as_bytes())
-            .unwrap();
-        let checked = promtool.wait_with_output().unwrap();
-        assert!(
-            checked.status.success(),
-            "promtool on node {node}: {}{}",
-            String::from_utf8_lossy(&checked.stdout),
-            String::from_utf8_lossy(&checked.stderr)
-        );
+        promtool_check(&metrics, &format!("node {node}"));
     }
     // The header overrides the weights.
     let forced = summary(

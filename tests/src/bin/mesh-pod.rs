@@ -439,6 +439,14 @@ fn round_trip(to: SocketAddr, attempt: u32, client: Client) -> io::Result<()> {
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
+impl Client {
+    /// No mark, any local port.
+    const PLAIN: Client = Client {
+        mark: None,
+        local_port: None,
+    };
+}
+
 fn open(to: SocketAddr, client: Client) -> io::Result<TcpStream> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(to),
@@ -585,13 +593,7 @@ fn raw(to: SocketAddr, request: &str) -> io::Result<()> {
         .replace("\\r", "\r")
         .replace("\\n", "\n")
         .replace("\\t", "\t");
-    let mut stream = open(
-        to,
-        Client {
-            mark: None,
-            local_port: None,
-        },
-    )?;
+    let mut stream = open(to, Client::PLAIN)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.write_all(bytes.as_bytes())?;
     let mut reader = io::BufReader::new(stream);
@@ -603,13 +605,7 @@ fn raw(to: SocketAddr, request: &str) -> io::Result<()> {
 }
 
 fn upgrade(to: SocketAddr, message: &str, protocol: &str, hold: bool) -> io::Result<()> {
-    let mut stream = open(
-        to,
-        Client {
-            mark: None,
-            local_port: None,
-        },
-    )?;
+    let mut stream = open(to, Client::PLAIN)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.write_all(
         format!(
@@ -663,13 +659,7 @@ fn slow(
     stall: bool,
 ) -> io::Result<()> {
     let prefix = request.replace("\\r", "\r").replace("\\n", "\n");
-    let stream = open(
-        to,
-        Client {
-            mark: None,
-            local_port: None,
-        },
-    )?;
+    let stream = open(to, Client::PLAIN)?;
     // Only the peer ends the wait.
     stream.set_read_timeout(None)?;
     let started = std::time::Instant::now();
@@ -750,13 +740,7 @@ fn h2_flood(to: SocketAddr, attack: Attack, max_bytes: u64) -> io::Result<()> {
     // :authority "r" (literal, indexed name 1, not indexed).
     const REQUEST: [u8; 6] = [0x82, 0x86, 0x84, 0x01, 0x01, b'r'];
 
-    let stream = open(
-        to,
-        Client {
-            mark: None,
-            local_port: None,
-        },
-    )?;
+    let stream = open(to, Client::PLAIN)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     // A peer that stops reading without hanging up must not hold us.
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
@@ -950,13 +934,7 @@ fn http_get(
             let (reader, writer) = match &mut connection {
                 Some(open) if keep_alive => open,
                 _ => {
-                    let stream = open(
-                        to,
-                        Client {
-                            mark: None,
-                            local_port: None,
-                        },
-                    )?;
+                    let stream = open(to, Client::PLAIN)?;
                     stream.set_nodelay(true)?;
                     connection.insert((io::BufReader::new(stream.try_clone()?), stream))
                 }
@@ -1057,13 +1035,7 @@ fn bench_http(to: SocketAddr, connections: usize, requests: usize) -> io::Result
     let workers: Vec<_> = (0..connections)
         .map(|_| {
             thread::spawn(move || -> io::Result<Vec<Duration>> {
-                let mut writer = open(
-                    to,
-                    Client {
-                        mark: None,
-                        local_port: None,
-                    },
-                )?;
+                let mut writer = open(to, Client::PLAIN)?;
                 writer.set_nodelay(true)?;
                 let mut reader = io::BufReader::new(writer.try_clone()?);
                 // Warm-up: the tunnel, the pooled connection, the caches.
@@ -1125,13 +1097,7 @@ fn sink(listen: SocketAddr) -> io::Result<()> {
 }
 
 fn bulk(to: SocketAddr, bytes: u64) -> io::Result<()> {
-    let mut stream = open(
-        to,
-        Client {
-            mark: None,
-            local_port: None,
-        },
-    )?;
+    let mut stream = open(to, Client::PLAIN)?;
     stream.set_read_timeout(Some(Duration::from_secs(120)))?;
     let chunk = vec![0x5au8; 256 << 10];
     let started = std::time::Instant::now();

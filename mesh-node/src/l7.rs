@@ -5,7 +5,8 @@
 //! authorization rule is matched against ([`path`]) and the workload's
 //! rate limit ([`ratelimit`]); and for a port that declares no protocol,
 //! whether the client speaks HTTP ([`sniff`]). Each request is counted
-//! and timed at both ends ([`metrics`]).
+//! and timed at both ends ([`metrics`]), and carries its trace on with a
+//! span of the proxy's own ([`trace`]).
 //!
 //! Each module is a pure policy over explicit inputs (time, random rolls,
 //! observed outcomes) so it can be tested exhaustively with paused time.
@@ -17,3 +18,4 @@ pub mod path;
 pub mod ratelimit;
 pub mod retry;
 pub mod sniff;
+pub mod trace;

@@ -114,6 +114,12 @@ struct Args {
     #[arg(long, env = "MESH_NODE_STATS_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     stats_interval: std::time::Duration,
 
+    /// The share of new traces (requests that arrive without a W3C or B3
+    /// trace context) marked sampled, 0 to 1; a request's own decision is
+    /// kept.
+    #[arg(long, env = "MESH_NODE_TRACE_SAMPLE_RATIO", default_value_t = 0.01, value_parser = parse_ratio)]
+    trace_sample_ratio: f64,
+
     /// How long a pooled tunnel connection without streams stays open.
     #[arg(long, env = "MESH_NODE_TUNNEL_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_idle_timeout)]
     tunnel_idle_timeout: std::time::Duration,
@@ -195,6 +201,13 @@ fn parse_idle_timeout(value: &str) -> Result<std::time::Duration, String> {
         return Err(format!("{value:?}: must be at least 1s"));
     }
     Ok(timeout)
+}
+
+fn parse_ratio(text: &str) -> Result<f64, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|r| (0.0..=1.0).contains(r))
+        .ok_or_else(|| format!("{text:?} is not a ratio from 0 to 1"))
 }
 
 fn parse_duration(value: &str) -> Result<std::time::Duration, String> {
@@ -302,7 +315,8 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
             demand: Some(mesh.xds.demand()),
             balancer: Default::default(),
             http: {
-                let http = proxy::HttpState::new(args.http_header_timeout);
+                let mut http = proxy::HttpState::new(args.http_header_timeout);
+                http.trace_sample_ratio = args.trace_sample_ratio;
                 http.access_log
                     .store(args.http_access_log, std::sync::atomic::Ordering::Relaxed);
                 http

@@ -1196,6 +1196,47 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
         None,
     );
 
+    // The trace goes on through both proxies: the application sees the
+    // client's trace id, with a parent span of the destination proxy's,
+    // in W3C and B3 both, whichever format the client used.
+    const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const CLIENT_SPAN: &str = "00f067aa0ba902b7";
+    let traceparent = format!("traceparent: 00-{TRACE_ID}-{CLIENT_SPAN}-01");
+    let b3 = [
+        format!("x-b3-traceid: {TRACE_ID}"),
+        format!("x-b3-spanid: {CLIENT_SPAN}"),
+        "x-b3-sampled: 1".to_owned(),
+    ];
+    for (format, headers) in [("w3c", vec![traceparent]), ("b3", b3.to_vec())] {
+        let mut args = vec!["--to", vip, "--path", "/headers"];
+        for header in &headers {
+            args.extend(["--header", header.as_str()]);
+        }
+        let seen = summary(&mesh, "shop/frontend", &args);
+        let bodies = seen["bodies"].as_object().unwrap();
+        let fields = bodies.keys().next().unwrap();
+        let field = |name: &str| {
+            fields
+                .lines()
+                .find_map(|line| line.strip_prefix(&format!("{name}: ")))
+                .unwrap_or_else(|| panic!("{format}: no {name} in {fields:?}"))
+                .to_owned()
+        };
+        let w3c: Vec<String> = field("traceparent").split('-').map(str::to_owned).collect();
+        assert_eq!(w3c[1], TRACE_ID, "{format}: {fields}");
+        assert_ne!(w3c[2], CLIENT_SPAN, "{format}: {fields}");
+        assert_eq!(w3c[3], "01", "{format}: the sampling decision is kept");
+        assert_eq!(field("x-b3-traceid"), TRACE_ID, "{format}: {fields}");
+        assert_eq!(field("x-b3-spanid"), w3c[2], "{format}: {fields}");
+        // The destination's span is the child of the source's, which is
+        // the child of the client's.
+        let parent = field("x-b3-parentspanid");
+        assert!(
+            parent != CLIENT_SPAN && parent != w3c[2],
+            "{format}: {fields}"
+        );
+    }
+
     // A hung upstream: 504 once the policy's timeout passes.
     mesh.apply(
         "apiVersion: mesh.io/v1\nkind: ServicePolicy\nmetadata: {name: reviews, namespace: shop}\n\

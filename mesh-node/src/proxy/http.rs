@@ -66,6 +66,7 @@ use crate::{
         ratelimit::TokenBucket,
         retry::{Attempt, BudgetLimits, RetryBudget, RetryPolicy},
         sniff::H2_PREFACE,
+        trace,
     },
 };
 
@@ -141,11 +142,18 @@ impl Flag {
 /// HTTP/1.1 connection may idle between requests) unless the node says.
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The share of new traces marked sampled unless the node says (Istio's
+/// default is 1 %).
+pub const DEFAULT_TRACE_SAMPLE_RATIO: f64 = 0.01;
+
 /// What the HTTP path keeps across configuration changes, node-wide.
 #[derive(Debug)]
 pub struct HttpState {
     /// See [`DEFAULT_HEADER_TIMEOUT`].
     header_timeout: Duration,
+    /// The share of new traces marked sampled (0 to 1); a request's own
+    /// decision is kept.
+    pub trace_sample_ratio: f64,
     /// Whether each request's access record is logged (target
     /// `mesh_http_access`); switched at run time from the admin endpoint.
     pub access_log: AtomicBool,
@@ -169,6 +177,7 @@ impl HttpState {
     pub fn new(header_timeout: Duration) -> Self {
         Self {
             header_timeout,
+            trace_sample_ratio: DEFAULT_TRACE_SAMPLE_RATIO,
             access_log: AtomicBool::new(false),
             breakers: Default::default(),
             budgets: Default::default(),
@@ -257,6 +266,19 @@ impl HttpState {
             *bucket = TokenBucket::new(limit);
         }
         bucket.try_take()
+    }
+
+    /// Carries the trace of a request with `headers` on from a span of this
+    /// proxy's own (see [`crate::l7::trace`]).
+    fn continue_trace(&self, headers: &mut HeaderMap) {
+        let incoming = trace::extract(headers);
+        let span = trace::continue_trace(
+            incoming.as_ref(),
+            self.trace_sample_ratio,
+            fastrand::f64(),
+            || fastrand::u64(..),
+        );
+        trace::inject(headers, span, incoming.as_ref());
     }
 
     fn answered(&self, flag: Flag) {
@@ -698,7 +720,8 @@ async fn authorize_and_send(inbound: &Inbound, mut request: Request<Incoming>) -
         }
     }
     let upgrade = Upgrade::take(&mut request, protocol);
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
+    state.continue_trace(&mut parts.headers);
     // The application gets the path that was authorized.
     let query = parts.uri.query().map_or(String::new(), |q| format!("?{q}"));
     let uri: Uri = match format!("http://{target}{path}{query}").parse() {
@@ -966,6 +989,9 @@ async fn route_request(
     {
         parts.headers.insert(header::HOST, host);
     }
+
+    // The trace goes on from this proxy's span.
+    state.continue_trace(&mut parts.headers);
 
     let split = directory.split_for(key, directory.local(&route.pod.name));
     let version = split.map(|split| {

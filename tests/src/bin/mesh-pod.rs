@@ -487,7 +487,8 @@ fn exchange(stream: &mut TcpStream, attempt: u32) -> io::Result<()> {
 
 /// What `serve-http` does wrong on purpose, for the tests of callers'
 /// retries, timeouts and circuit breaking. `GET /hits` always answers the
-/// number of other requests received so far.
+/// number of other requests received so far; `GET /headers` answers the
+/// request's header fields as they arrived.
 #[derive(clap::Args, Clone, Copy, Debug, Default)]
 struct Faults {
     /// Answer this share (percent) of requests 503, spread evenly.
@@ -558,6 +559,10 @@ fn answer_http(
         let target = head.split(' ').nth(1).unwrap_or("/");
         let (status, text) = if head.starts_with("GET /hits ") {
             ("200 OK", hits.load(SeqCst).to_string())
+        } else if target.starts_with("/headers") {
+            // The request head as it arrived, less the request line.
+            let fields = head.split_once('\n').map_or("", |(_, rest)| rest);
+            ("200 OK", fields.replace("\r\n", "\n"))
         } else {
             let n = hits.fetch_add(1, SeqCst);
             if faults.hang && target.starts_with("/hang") {

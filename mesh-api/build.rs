@@ -2,7 +2,11 @@
 //! building needs no `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["mesh/v1/identity.proto", "mesh/v1/discovery.proto"];
+    let files = [
+        "mesh/v1/identity.proto",
+        "mesh/v1/discovery.proto",
+        "opentelemetry/proto/trace/v1/trace.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed=proto/{file}");
     }

@@ -10,5 +10,12 @@ pub mod v1 {
     tonic::include_proto!("mesh.v1");
 }
 
+/// The OTLP trace messages the node proxy exports spans with (a subset of
+/// opentelemetry-proto, same field numbers).
+#[allow(missing_debug_implementations, clippy::all)]
+pub mod otlp {
+    tonic::include_proto!("opentelemetry.proto.trace.v1");
+}
+
 /// The metadata key carrying a bootstrap token (`Bearer <id>.<secret>`).
 pub const AUTHORIZATION: &str = "authorization";

@@ -330,6 +330,20 @@ async fn metrics(State(state): State<AdminState>) -> Response {
     }
     if let Some(mesh) = &state.mesh {
         text.push_str(&render_http_metrics(&mesh.http.stats));
+        if let Some(spans) = &mesh.http.spans {
+            use std::sync::atomic::Ordering::Relaxed;
+            let _ = write!(
+                text,
+                "# HELP mesh_trace_spans_exported_total Spans the OTLP receiver accepted.\n\
+                 # TYPE mesh_trace_spans_exported_total counter\n\
+                 mesh_trace_spans_exported_total {}\n\
+                 # HELP mesh_trace_spans_dropped_total Spans dropped: the queue was full, or the receiver failed or did not answer.\n\
+                 # TYPE mesh_trace_spans_dropped_total counter\n\
+                 mesh_trace_spans_dropped_total {}\n",
+                spans.exported.load(Relaxed),
+                spans.dropped.load(Relaxed)
+            );
+        }
     }
     text.push_str(&render_certificate_metrics(&reports(&state.certificates)));
     if let Some((config, status)) = &state.config {

@@ -14,6 +14,7 @@ pub mod pods;
 pub mod policy;
 pub mod proxy;
 pub mod readiness;
+pub mod spans;
 pub mod stats;
 pub mod workloads;
 pub mod xds;

@@ -120,6 +120,13 @@ struct Args {
     #[arg(long, env = "MESH_NODE_TRACE_SAMPLE_RATIO", default_value_t = 0.01, value_parser = parse_ratio)]
     trace_sample_ratio: f64,
 
+    /// Where sampled spans are exported: an OTLP/HTTP receiver
+    /// (`http://collector:4318`; spans are POSTed to `/v1/traces` as
+    /// protobuf). Without it, trace context is carried on but no span is
+    /// recorded.
+    #[arg(long, env = "MESH_NODE_TRACE_ENDPOINT")]
+    trace_endpoint: Option<String>,
+
     /// How long a pooled tunnel connection without streams stays open.
     #[arg(long, env = "MESH_NODE_TUNNEL_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_idle_timeout)]
     tunnel_idle_timeout: std::time::Duration,
@@ -297,6 +304,13 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
     let certificates = SharedTracked::default();
     let mesh = join_mesh(&args, &certificates)?;
     let tunnel_stats = Arc::new(HboneStats::default());
+    let trace_exporter = match &args.trace_endpoint {
+        Some(endpoint) => Some(
+            mesh_node::spans::Exporter::start(endpoint, args.node.as_deref().unwrap_or("node"))
+                .map_err(|why| anyhow::anyhow!("--trace-endpoint: {why}"))?,
+        ),
+        None => None,
+    };
     let mesh_path = mesh.as_ref().map(|mesh| {
         Arc::new(MeshPath {
             directory: mesh.directory.directory(),
@@ -317,6 +331,7 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
             http: {
                 let mut http = proxy::HttpState::new(args.http_header_timeout);
                 http.trace_sample_ratio = args.trace_sample_ratio;
+                http.spans = trace_exporter.clone();
                 http.access_log
                     .store(args.http_access_log, std::sync::atomic::Ordering::Relaxed);
                 http

@@ -16,6 +16,7 @@ use mesh_e2e::{
     Cluster, ClusterSpec, PodSpec, cluster,
     control::{ControlPlane, node_command, spawn_node},
     http, netns,
+    phoenix::Phoenix,
     process::{Process, workspace_binary},
     prometheus::Prometheus,
     sniff::{self, Sniffer},
@@ -63,11 +64,12 @@ fn namespace(name: &str, labels: &str) -> String {
 /// Up: cluster, control plane with the shop's objects, a node proxy per
 /// node, the HTTP server in shop/reviews.
 fn mesh(name: &str) -> Mesh {
-    mesh_with(name, None)
+    mesh_with(name, None, &[])
 }
 
-/// [`mesh`], with workload certificates living `ttl`.
-fn mesh_with(name: &str, ttl: Option<&str>) -> Mesh {
+/// [`mesh`], with workload certificates living `ttl`, and `node_args` for
+/// every node proxy.
+fn mesh_with(name: &str, ttl: Option<&str>, node_args: &[&str]) -> Mesh {
     mesh_e2e::require_root().expect("the mesh tests need root: run `cargo xtask test`");
     cluster::teardown(name).expect("clearing leftovers");
     let cluster = Cluster::up(&ClusterSpec {
@@ -123,6 +125,7 @@ fn mesh_with(name: &str, ttl: Option<&str>) -> Mesh {
             .unwrap();
             command.args(["--http-header-timeout", HEADER_TIMEOUT]);
             command.args(["--stats-interval", "1s"]);
+            command.args(node_args);
             spawn_node(node, command).unwrap()
         })
         .collect();
@@ -434,7 +437,7 @@ fn tunnels_need_a_certificate_from_the_mesh_ca() {
 #[test]
 fn certificates_rotate_under_traffic_without_a_failed_request() {
     // 12 s certificates renew every ~10 s on both ends.
-    let mesh = mesh_with("e2erotate", Some("12s"));
+    let mesh = mesh_with("e2erotate", Some("12s"), &[]);
     let rotations = |node: usize, pod: &str| {
         mesh.metric(
             node,
@@ -952,6 +955,86 @@ fn route_counts(mesh: &Mesh, version: &str, node: usize) -> [u64; 3] {
             &labels("reporter=\"destination\""),
         ),
     ]
+}
+
+#[test]
+fn a_sampled_request_leaves_its_client_and_server_spans_in_a_trace_store() {
+    let mut phoenix = Phoenix::start().unwrap();
+    let endpoint = phoenix.otlp_endpoint();
+    let mesh = mesh_with("meshtrace", None, &["--trace-endpoint", &endpoint]);
+    mesh.apply(
+        "apiVersion: mesh.io/v1\nkind: Service\nmetadata: {name: reviews, namespace: shop}\n\
+         spec: {vip: 10.96.0.10, ports: [{port: 80, target_port: 8080, protocol: http}]}\n",
+    );
+    const TRACE_ID: &str = "0af7651916cd43dd8448eb211c80319c";
+    const CLIENT_SPAN: &str = "b7ad6b7169203331";
+    let request = |flags: &str, trace: &str| {
+        let header = format!("traceparent: 00-{trace}-{CLIENT_SPAN}-{flags}");
+        summary(
+            &mesh,
+            "shop/frontend",
+            &["--to", "10.96.0.10:80", "--header", &header],
+        )
+    };
+    // Not sampled: carried on, not recorded.
+    let quiet = "1af7651916cd43dd8448eb211c80319c";
+    assert_eq!(count(&request("00", quiet), "statuses", "200"), 1);
+    let sampled = request("01", TRACE_ID);
+    assert_eq!(count(&sampled, "statuses", "200"), 1, "{sampled}");
+
+    // The caller's node sent a client span, the destination's a server
+    // span: same trace, the client's span the parent of the proxy's.
+    let of_trace = |trace: &str| -> Vec<serde_json::Value> {
+        phoenix
+            .spans()
+            .unwrap()
+            .into_iter()
+            .filter(|s| s["context"]["trace_id"] == trace)
+            .collect()
+    };
+    wait_until("phoenix holds both spans", || of_trace(TRACE_ID).len() == 2);
+    let spans = of_trace(TRACE_ID);
+    // (phoenix shows its own span kinds, not OTLP's: the names tell the
+    // ends apart, by the port each proxy saw.)
+    let named = |name: &str| {
+        spans
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no span {name} in {spans:#?}"))
+    };
+    let (client, server) = (named("reviews.shop:80/*"), named("reviews.shop:8080/*"));
+    assert_eq!(client["parent_id"], CLIENT_SPAN, "{client:#}");
+    assert_eq!(
+        server["parent_id"], client["context"]["span_id"],
+        "{server:#}"
+    );
+    assert_eq!(client["status_code"], "UNSET", "{client:#}");
+    assert!(
+        of_trace(quiet).is_empty(),
+        "an unsampled request was recorded"
+    );
+
+    // With the store gone, requests are served as before and the spans
+    // are dropped, counted.
+    phoenix.stop().unwrap();
+    let dropped = || mesh.metric(0, "mesh_trace_spans_dropped_total");
+    let before = dropped();
+    let more = summary(
+        &mesh,
+        "shop/frontend",
+        &[
+            "--to",
+            "10.96.0.10:80",
+            "--count",
+            "20",
+            "--header",
+            &format!("traceparent: 00-{TRACE_ID}-{CLIENT_SPAN}-01"),
+        ],
+    );
+    assert_eq!(count(&more, "statuses", "200"), 20, "{more}");
+    wait_until("the node counts its spans dropped", || {
+        dropped() >= before + 20
+    });
 }
 
 /// `mesh-pod http` from `pod`: the whole JSON summary, whatever the

@@ -53,7 +53,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Setup => setup::run(),
+        Command::Setup => setup::for_tests(),
         Command::BuildEbpf => setup::run().and_then(|()| ebpf::build()),
         Command::Test => test::run(),
         Command::Cluster { command } => cluster::run(command),

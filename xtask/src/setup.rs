@@ -31,6 +31,52 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every set-up step, and what only the tests use.
+pub fn for_tests() -> anyhow::Result<()> {
+    run()?;
+    phoenix()
+}
+
+/// The arize-phoenix release the tracing test reads spans back from.
+const PHOENIX_VERSION: &str = "20.26.1";
+
+/// Where the trace backend the tests use lives: a Python venv outside
+/// `target/`, so `cargo clean` keeps it. The tests look for it here too.
+pub fn phoenix_venv() -> anyhow::Result<PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    Ok(Path::new(&home).join(".cache/mesh/phoenix"))
+}
+
+/// arize-phoenix from PyPI: a real OpenTelemetry trace store with a
+/// query API, for the tracing test (about 850 MB, 90 s, once).
+fn phoenix() -> anyhow::Result<()> {
+    let venv = phoenix_venv()?;
+    let pip = venv.join("bin/pip");
+    let installed = Command::new(&pip)
+        .args(["show", "arize-phoenix"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .is_some_and(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l == format!("Version: {PHOENIX_VERSION}"))
+        });
+    if installed {
+        println!("    arize-phoenix {PHOENIX_VERSION}: present");
+        return Ok(());
+    }
+    step(&format!(
+        "installing arize-phoenix {PHOENIX_VERSION} (the trace store the tracing test reads; about 90 s, once)"
+    ));
+    run::run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    run::run(
+        Command::new(&pip)
+            .args(["install", "-q", "--disable-pip-version-check"])
+            .arg(format!("arize-phoenix=={PHOENIX_VERSION}")),
+    )
+}
+
 fn apt_packages() -> anyhow::Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
         .iter()

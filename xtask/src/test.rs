@@ -18,7 +18,7 @@ const TEST_CLUSTER_PREFIX: &str = "e2e";
 
 pub fn run() -> anyhow::Result<()> {
     let start = Instant::now();
-    setup::run()?;
+    setup::for_tests()?;
     ebpf::build()?;
 
     step("cargo fmt --check");

@@ -68,6 +68,7 @@ use crate::{
         sniff::H2_PREFACE,
         trace,
     },
+    spans,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -146,6 +147,22 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// default is 1 %).
 pub const DEFAULT_TRACE_SAMPLE_RATIO: f64 = 0.01;
 
+/// A sampled request's span at this proxy, until it ends.
+#[derive(Clone, Copy, Debug)]
+struct Hop {
+    context: trace::SpanContext,
+    parent_span_id: Option<u64>,
+    start: std::time::SystemTime,
+}
+
+/// What routing a request found out, for its metrics and span.
+#[derive(Debug, Default)]
+struct Served {
+    /// The endpoint that answered, when one did.
+    endpoint: Option<SocketAddr>,
+    hop: Option<Hop>,
+}
+
 /// What the HTTP path keeps across configuration changes, node-wide.
 #[derive(Debug)]
 pub struct HttpState {
@@ -154,6 +171,8 @@ pub struct HttpState {
     /// The share of new traces marked sampled (0 to 1); a request's own
     /// decision is kept.
     pub trace_sample_ratio: f64,
+    /// Where sampled spans go; none are recorded without it.
+    pub spans: Option<Arc<spans::Exporter>>,
     /// Whether each request's access record is logged (target
     /// `mesh_http_access`); switched at run time from the admin endpoint.
     pub access_log: AtomicBool,
@@ -178,6 +197,7 @@ impl HttpState {
         Self {
             header_timeout,
             trace_sample_ratio: DEFAULT_TRACE_SAMPLE_RATIO,
+            spans: None,
             access_log: AtomicBool::new(false),
             breakers: Default::default(),
             budgets: Default::default(),
@@ -269,8 +289,9 @@ impl HttpState {
     }
 
     /// Carries the trace of a request with `headers` on from a span of this
-    /// proxy's own (see [`crate::l7::trace`]).
-    fn continue_trace(&self, headers: &mut HeaderMap) {
+    /// proxy's own (see [`crate::l7::trace`]); the span, when it is
+    /// sampled and spans are exported.
+    fn continue_trace(&self, headers: &mut HeaderMap) -> Option<Hop> {
         let incoming = trace::extract(headers);
         let span = trace::continue_trace(
             incoming.as_ref(),
@@ -279,6 +300,41 @@ impl HttpState {
             || fastrand::u64(..),
         );
         trace::inject(headers, span, incoming.as_ref());
+        (span.sampled && self.spans.is_some()).then(|| Hop {
+            context: span,
+            parent_span_id: incoming.map(|i| i.parent.span_id),
+            start: std::time::SystemTime::now(),
+        })
+    }
+
+    /// Exports the span of `hop`, ended now with `response`.
+    fn record_span(
+        &self,
+        hop: Hop,
+        kind: spans::Kind,
+        name: String,
+        response: &Response<Body>,
+        mut attributes: Vec<(&'static str, spans::Value)>,
+    ) {
+        let Some(exporter) = &self.spans else {
+            return;
+        };
+        let flags = flags_of(response);
+        attributes.push((
+            "http.response.status_code",
+            spans::Value::Int(response.status().as_u16().into()),
+        ));
+        attributes.push(("mesh.response_flags", spans::Value::Text(flags.into())));
+        exporter.record(spans::Span {
+            context: hop.context,
+            parent_span_id: hop.parent_span_id,
+            kind,
+            name,
+            start: hop.start,
+            end: std::time::SystemTime::now(),
+            attributes,
+            error: response.status().is_server_error() || flags != "-",
+        });
     }
 
     fn answered(&self, flag: Flag) {
@@ -619,10 +675,25 @@ pub(super) async fn serve_inbound(
         async move {
             let started = std::time::Instant::now();
             let access = Access::start(&inbound.mesh.http, &request);
-            let response = authorize_and_send(&inbound, request).await;
+            let mut hop = None;
+            let response = authorize_and_send(&inbound, request, &mut hop).await;
             let labels = destination_labels(&inbound, &response);
-            let stats = &inbound.mesh.http.stats;
-            stats.by_route.record(labels, started.elapsed());
+            let state = &inbound.mesh.http;
+            if let Some(hop) = hop {
+                let attributes = vec![
+                    (
+                        "mesh.source_principal",
+                        spans::Value::Text(inbound.caller.to_string()),
+                    ),
+                    (
+                        "mesh.destination_workload",
+                        spans::Value::Text(inbound.pod.name.clone()),
+                    ),
+                ];
+                let name = format!("{}:{}/*", labels.destination_service, inbound.target.port());
+                state.record_span(hop, spans::Kind::Server, name, &response, attributes);
+            }
+            state.stats.by_route.record(labels, started.elapsed());
             if let Some(access) = access {
                 let caller = inbound.caller.to_string();
                 access.log(&inbound.pod.name, Direction::Inbound, &caller, &response);
@@ -674,7 +745,12 @@ struct Inbound {
     handoffs: Handoffs,
 }
 
-async fn authorize_and_send(inbound: &Inbound, mut request: Request<Incoming>) -> Response<Body> {
+/// `hop`: set to this proxy's span of the request once it is authorized.
+async fn authorize_and_send(
+    inbound: &Inbound,
+    mut request: Request<Incoming>,
+    hop: &mut Option<Hop>,
+) -> Response<Body> {
     let Inbound {
         pod,
         mesh,
@@ -721,7 +797,7 @@ async fn authorize_and_send(inbound: &Inbound, mut request: Request<Incoming>) -
     }
     let upgrade = Upgrade::take(&mut request, protocol);
     let (mut parts, body) = request.into_parts();
-    state.continue_trace(&mut parts.headers);
+    *hop = state.continue_trace(&mut parts.headers);
     // The application gets the path that was authorized.
     let query = parts.uri.query().map_or(String::new(), |q| format!("?{q}"));
     let uri: Uri = match format!("http://{target}{path}{query}").parse() {
@@ -801,11 +877,28 @@ fn local(state: &HttpState, flag: Flag, detail: &str) -> Response<Body> {
 async fn handle(route: &Route, request: Request<Incoming>) -> Response<Body> {
     let started = std::time::Instant::now();
     let access = Access::start(&route.mesh.http, &request);
-    let mut endpoint = None;
-    let response = route_request(route, request, &mut endpoint).await;
-    let labels = source_labels(route, endpoint, &response);
-    let stats = &route.mesh.http.stats;
-    stats.by_route.record(labels, started.elapsed());
+    let mut served = Served::default();
+    let response = route_request(route, request, &mut served).await;
+    let labels = source_labels(route, served.endpoint, &response);
+    let state = &route.mesh.http;
+    if let Some(hop) = served.hop {
+        let mut attributes = vec![
+            (
+                "mesh.source_workload",
+                spans::Value::Text(route.pod.name.clone()),
+            ),
+            (
+                "mesh.destination_service",
+                spans::Value::Text(labels.destination_service.clone()),
+            ),
+        ];
+        if let Some(endpoint) = served.endpoint {
+            attributes.push(("server.address", spans::Value::Text(endpoint.to_string())));
+        }
+        let name = format!("{}:{}/*", labels.destination_service, route.port);
+        state.record_span(hop, spans::Kind::Client, name, &response, attributes);
+    }
+    state.stats.by_route.record(labels, started.elapsed());
     if let Some(access) = access {
         let (namespace, name) = &route.service.key;
         access.log(
@@ -932,11 +1025,11 @@ fn clipped(text: &str, most: usize) -> &str {
 }
 
 /// Routes one request of a captured connection to a service.
-/// `endpoint`: set to the endpoint that answered, when one did.
+/// `served`: what routing found out, for the request's metrics and span.
 async fn route_request(
     route: &Route,
     mut request: Request<Incoming>,
-    endpoint: &mut Option<SocketAddr>,
+    served: &mut Served,
 ) -> Response<Body> {
     let mesh = &route.mesh;
     let state = &mesh.http;
@@ -991,7 +1084,7 @@ async fn route_request(
     }
 
     // The trace goes on from this proxy's span.
-    state.continue_trace(&mut parts.headers);
+    served.hop = state.continue_trace(&mut parts.headers);
 
     let split = directory.split_for(key, directory.local(&route.pod.name));
     let version = split.map(|split| {
@@ -1041,7 +1134,7 @@ async fn route_request(
             .run(replay)
             .await
             .map_err(|e| (Flag::ConnectFailed, e))?;
-        *endpoint = Some(answered);
+        served.endpoint = Some(answered);
         whole_if_small(response)
             .await
             .map_err(|e| (Flag::UpstreamReset, e))

@@ -1,0 +1,312 @@
+//! The node proxy's spans (a client span at the caller's node, a server
+//! span at the destination's, for each sampled HTTP request), exported in
+//! batches over OTLP/HTTP with protobuf (`POST {endpoint}/v1/traces`), the
+//! format every OpenTelemetry receiver reads. Recording never waits: spans
+//! go into a bounded queue, and when it is full, or the collector is down
+//! or slow, they are dropped and counted.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use mesh_api::otlp::{
+    AnyValue, ExportTraceServiceRequest, InstrumentationScope, KeyValue, Resource, ResourceSpans,
+    ScopeSpans, Span as OtlpSpan, Status, any_value, span::SpanKind, status::StatusCode,
+};
+use prost::Message as _;
+use tokio::sync::mpsc;
+
+use crate::l7::trace::SpanContext;
+
+/// Spans waiting for export; past this they are dropped.
+const QUEUE: usize = 4096;
+/// Most spans per export request.
+const BATCH: usize = 512;
+/// How long a span may wait for its batch to fill.
+const LINGER: Duration = Duration::from_secs(1);
+/// How long an export request may take.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Which end of the hop a span is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Client,
+    Server,
+}
+
+/// One finished span.
+#[derive(Clone, Debug)]
+pub struct Span {
+    pub context: SpanContext,
+    pub parent_span_id: Option<u64>,
+    pub kind: Kind,
+    pub name: String,
+    pub start: SystemTime,
+    pub end: SystemTime,
+    pub attributes: Vec<(&'static str, Value)>,
+    /// A 5xx answer, or one the proxy gave itself.
+    pub error: bool,
+}
+
+#[derive(Clone, Debug)]
+pub enum Value {
+    Text(String),
+    Int(i64),
+}
+
+/// Where spans go.
+#[derive(Debug)]
+pub struct Exporter {
+    queue: mpsc::Sender<Span>,
+    pub exported: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+impl Exporter {
+    /// Starts exporting to `endpoint` (`http://host:port`), naming this
+    /// node in each batch's resource.
+    pub fn start(endpoint: &str, node: &str) -> Result<Arc<Self>, String> {
+        let url: http::Uri = format!("{}/v1/traces", endpoint.trim_end_matches('/'))
+            .parse()
+            .map_err(|e| format!("trace endpoint {endpoint:?}: {e}"))?;
+        if url.scheme_str() != Some("http") {
+            return Err(format!(
+                "trace endpoint {endpoint:?}: only http:// (OTLP/HTTP) is supported"
+            ));
+        }
+        let (queue, spans) = mpsc::channel(QUEUE);
+        let exporter = Arc::new(Self {
+            queue,
+            exported: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        });
+        tokio::spawn(export(
+            Arc::downgrade(&exporter),
+            spans,
+            url,
+            node.to_owned(),
+        ));
+        Ok(exporter)
+    }
+
+    /// Queues `span` for export, or drops it (counted) when the queue is
+    /// full.
+    pub fn record(&self, span: Span) {
+        if self.queue.try_send(span).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn export(
+    exporter: std::sync::Weak<Exporter>,
+    mut spans: mpsc::Receiver<Span>,
+    url: http::Uri,
+    node: String,
+) {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        // The first span of a batch, then whatever comes within LINGER.
+        let Some(first) = spans.recv().await else {
+            return;
+        };
+        batch.push(first);
+        let deadline = tokio::time::Instant::now() + LINGER;
+        while batch.len() < BATCH {
+            match tokio::time::timeout_at(deadline, spans.recv()).await {
+                Ok(Some(span)) => batch.push(span),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let count = batch.len() as u64;
+        let body = encode(&node, batch.drain(..)).encode_to_vec();
+        let request = http::Request::post(url.clone())
+            .header(http::header::CONTENT_TYPE, "application/x-protobuf")
+            .body(Full::new(Bytes::from(body)))
+            .expect("a valid request");
+        let sent = tokio::time::timeout(EXPORT_TIMEOUT, client.request(request)).await;
+        let Some(exporter) = exporter.upgrade() else {
+            return;
+        };
+        match sent {
+            Ok(Ok(response)) if response.status().is_success() => {
+                exporter.exported.fetch_add(count, Ordering::Relaxed);
+            }
+            outcome => {
+                let why = match outcome {
+                    Ok(Ok(response)) => format!("answered {}", response.status()),
+                    Ok(Err(error)) => error.to_string(),
+                    Err(_) => format!("no answer within {EXPORT_TIMEOUT:?}"),
+                };
+                tracing::debug!(%url, why, spans = count, "span export failed; spans dropped");
+                exporter.dropped.fetch_add(count, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The OTLP request for `spans` from `node`.
+fn encode(node: &str, spans: impl Iterator<Item = Span>) -> ExportTraceServiceRequest {
+    let text = |key: &str, value: &str| KeyValue {
+        key: key.to_owned(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value.to_owned())),
+        }),
+    };
+    let nanos = |at: SystemTime| {
+        at.duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+    };
+    let spans = spans
+        .map(|span| OtlpSpan {
+            trace_id: span.context.trace_id.to_be_bytes().to_vec(),
+            span_id: span.context.span_id.to_be_bytes().to_vec(),
+            trace_state: String::new(),
+            parent_span_id: span
+                .parent_span_id
+                .map_or_else(Vec::new, |id| id.to_be_bytes().to_vec()),
+            name: span.name,
+            kind: match span.kind {
+                Kind::Client => SpanKind::Client,
+                Kind::Server => SpanKind::Server,
+            } as i32,
+            start_time_unix_nano: nanos(span.start),
+            end_time_unix_nano: nanos(span.end),
+            attributes: span
+                .attributes
+                .into_iter()
+                .map(|(key, value)| match value {
+                    Value::Text(value) => text(key, &value),
+                    Value::Int(value) => KeyValue {
+                        key: key.to_owned(),
+                        value: Some(AnyValue {
+                            value: Some(any_value::Value::IntValue(value)),
+                        }),
+                    },
+                })
+                .collect(),
+            status: Some(Status {
+                message: String::new(),
+                code: if span.error {
+                    StatusCode::Error
+                } else {
+                    StatusCode::Unset
+                } as i32,
+            }),
+        })
+        .collect();
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![text("service.name", "mesh-node"), text("host.name", node)],
+            }),
+            scope_spans: vec![ScopeSpans {
+                scope: Some(InstrumentationScope {
+                    name: "mesh-node".into(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                }),
+                spans,
+            }],
+        }],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_encode_as_otlp() {
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let span = Span {
+            context: SpanContext {
+                trace_id: 0x4bf92f3577b34da6a3ce929d0e0e4736,
+                span_id: 7,
+                sampled: true,
+            },
+            parent_span_id: Some(0x00f067aa0ba902b7),
+            kind: Kind::Client,
+            name: "reviews.shop:80/*".into(),
+            start,
+            end: start + Duration::from_millis(3),
+            attributes: vec![
+                ("http.response.status_code", Value::Int(503)),
+                ("mesh.response_flags", Value::Text("UO".into())),
+            ],
+            error: true,
+        };
+        let request = encode("node0", std::iter::once(span));
+        // What a receiver decodes from the bytes sent.
+        let decoded =
+            ExportTraceServiceRequest::decode(request.encode_to_vec().as_slice()).unwrap();
+        let resource = &decoded.resource_spans[0];
+        let host = &resource.resource.as_ref().unwrap().attributes[1];
+        assert_eq!(host.key, "host.name");
+        let span = &resource.scope_spans[0].spans[0];
+        assert_eq!(
+            span.trace_id,
+            0x4bf92f3577b34da6a3ce929d0e0e4736u128.to_be_bytes()
+        );
+        assert_eq!(span.span_id, 7u64.to_be_bytes());
+        assert_eq!(span.parent_span_id, 0x00f067aa0ba902b7u64.to_be_bytes());
+        assert_eq!(span.kind, SpanKind::Client as i32);
+        assert_eq!(
+            span.end_time_unix_nano - span.start_time_unix_nano,
+            3_000_000
+        );
+        assert_eq!(span.status.as_ref().unwrap().code, StatusCode::Error as i32);
+        assert_eq!(span.attributes.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_collector_that_is_down_only_costs_dropped_spans() {
+        // Nothing listens on the port: every export fails, and is counted.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let exporter = Exporter::start(&format!("http://127.0.0.1:{port}"), "node0").unwrap();
+        let span = Span {
+            context: SpanContext {
+                trace_id: 1,
+                span_id: 2,
+                sampled: true,
+            },
+            parent_span_id: None,
+            kind: Kind::Server,
+            name: "x".into(),
+            start: SystemTime::now(),
+            end: SystemTime::now(),
+            attributes: Vec::new(),
+            error: false,
+        };
+        for _ in 0..QUEUE + 10 {
+            exporter.record(span.clone());
+        }
+        // The queue took what it could at once; the rest were dropped.
+        assert!(exporter.dropped.load(Ordering::Relaxed) >= 10);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while exporter.dropped.load(Ordering::Relaxed) < (QUEUE + 10) as u64 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "exports did not fail"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(exporter.exported.load(Ordering::Relaxed), 0);
+        assert!(Exporter::start("https://collector:4318", "node0").is_err());
+    }
+}

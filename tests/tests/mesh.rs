@@ -1343,7 +1343,18 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
     assert!(
         record.contains("mesh_http_access")
             && record.contains("direction=\"outbound\"")
+            && record.contains("authority=\"10.96.0.10:80\"")
             && record.contains("path=\"/hang\""),
+        "{record}"
+    );
+    // With the request's trace id (a new trace: the client sent none).
+    let trace_id = record
+        .split("trace_id=\"")
+        .nth(1)
+        .and_then(|rest| rest.get(..32))
+        .unwrap_or_else(|| panic!("no trace id in {record}"));
+    assert!(
+        trace_id.bytes().all(|b| b.is_ascii_hexdigit()) && trace_id != "0".repeat(32),
         "{record}"
     );
 
@@ -1370,7 +1381,7 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
     let record = mesh.nodes[0]
         .0
         .wait_for_log(
-            "direction=\"inbound\" peer=\"spiffe://cluster.local/ns/shop/sa/frontend\" method=GET path=\"/\"",
+            "direction=\"inbound\" peer=\"spiffe://cluster.local/ns/shop/sa/frontend\" method=GET authority=\"10.96.0.10:80\" path=\"/\"",
             READY,
         )
         .unwrap();

@@ -155,11 +155,14 @@ struct Hop {
     start: std::time::SystemTime,
 }
 
-/// What routing a request found out, for its metrics and span.
+/// What serving a request found out, for its metrics, span and record.
 #[derive(Debug, Default)]
 struct Served {
-    /// The endpoint that answered, when one did.
+    /// The endpoint that answered, when one did (at the source).
     endpoint: Option<SocketAddr>,
+    /// The request's trace, once its context was read.
+    trace_id: Option<u128>,
+    /// This proxy's span, when it is sampled and exported.
     hop: Option<Hop>,
 }
 
@@ -290,8 +293,8 @@ impl HttpState {
 
     /// Carries the trace of a request with `headers` on from a span of this
     /// proxy's own (see [`crate::l7::trace`]); the span, when it is
-    /// sampled and spans are exported.
-    fn continue_trace(&self, headers: &mut HeaderMap) -> Option<Hop> {
+    /// sampled and spans are exported; the trace id into `served`.
+    fn continue_trace(&self, headers: &mut HeaderMap, served: &mut Served) {
         let incoming = trace::extract(headers);
         let span = trace::continue_trace(
             incoming.as_ref(),
@@ -300,11 +303,12 @@ impl HttpState {
             || fastrand::u64(..),
         );
         trace::inject(headers, span, incoming.as_ref());
-        (span.sampled && self.spans.is_some()).then(|| Hop {
+        served.trace_id = Some(span.trace_id);
+        served.hop = (span.sampled && self.spans.is_some()).then(|| Hop {
             context: span,
             parent_span_id: incoming.map(|i| i.parent.span_id),
             start: std::time::SystemTime::now(),
-        })
+        });
     }
 
     /// Exports the span of `hop`, ended now with `response`.
@@ -675,11 +679,11 @@ pub(super) async fn serve_inbound(
         async move {
             let started = std::time::Instant::now();
             let access = Access::start(&inbound.mesh.http, &request);
-            let mut hop = None;
-            let response = authorize_and_send(&inbound, request, &mut hop).await;
+            let mut served = Served::default();
+            let response = authorize_and_send(&inbound, request, &mut served).await;
             let labels = destination_labels(&inbound, &response);
             let state = &inbound.mesh.http;
-            if let Some(hop) = hop {
+            if let Some(hop) = served.hop {
                 let attributes = vec![
                     (
                         "mesh.source_principal",
@@ -696,7 +700,8 @@ pub(super) async fn serve_inbound(
             state.stats.by_route.record(labels, started.elapsed());
             if let Some(access) = access {
                 let caller = inbound.caller.to_string();
-                access.log(&inbound.pod.name, Direction::Inbound, &caller, &response);
+                let pod = &inbound.pod.name;
+                access.log(pod, Direction::Inbound, &caller, &response, served.trace_id);
             }
             Ok::<_, Infallible>(response)
         }
@@ -745,11 +750,12 @@ struct Inbound {
     handoffs: Handoffs,
 }
 
-/// `hop`: set to this proxy's span of the request once it is authorized.
+/// `served`: the request's trace and this proxy's span, once it is
+/// authorized.
 async fn authorize_and_send(
     inbound: &Inbound,
     mut request: Request<Incoming>,
-    hop: &mut Option<Hop>,
+    served: &mut Served,
 ) -> Response<Body> {
     let Inbound {
         pod,
@@ -797,7 +803,7 @@ async fn authorize_and_send(
     }
     let upgrade = Upgrade::take(&mut request, protocol);
     let (mut parts, body) = request.into_parts();
-    *hop = state.continue_trace(&mut parts.headers);
+    state.continue_trace(&mut parts.headers, served);
     // The application gets the path that was authorized.
     let query = parts.uri.query().map_or(String::new(), |q| format!("?{q}"));
     let uri: Uri = match format!("http://{target}{path}{query}").parse() {
@@ -906,6 +912,7 @@ async fn handle(route: &Route, request: Request<Incoming>) -> Response<Body> {
             Direction::Outbound,
             &format!("{namespace}/{name}"),
             &response,
+            served.trace_id,
         );
     }
     response
@@ -972,6 +979,7 @@ fn flags_of(response: &Response<Body>) -> &'static str {
 /// One request's access record, logged once its response head is ready.
 struct Access {
     method: http::Method,
+    authority: String,
     path: String,
     started: std::time::Instant,
 }
@@ -985,29 +993,43 @@ impl Access {
         if !state.access_log.load(Ordering::Relaxed) {
             return None;
         }
+        let authority = match request.uri().authority() {
+            Some(authority) => authority.as_str(),
+            None => request
+                .headers()
+                .get(header::HOST)
+                .and_then(|host| host.to_str().ok())
+                .unwrap_or(""),
+        };
         Some(Self {
             method: request.method().clone(),
+            authority: clipped(authority, LOGGED_PATH).to_owned(),
             path: clipped(request.uri().path(), LOGGED_PATH).to_owned(),
             started: std::time::Instant::now(),
         })
     }
 
     /// `peer`: the service called (outbound) or the caller (inbound).
-    fn log(self, pod: &str, direction: Direction, peer: &str, response: &Response<Body>) {
-        let flags = response
-            .headers()
-            .get(FLAGS_HEADER)
-            .and_then(|value| value.to_str().ok())
-            .unwrap_or("");
+    fn log(
+        self,
+        pod: &str,
+        direction: Direction,
+        peer: &str,
+        response: &Response<Body>,
+        trace_id: Option<u128>,
+    ) {
+        let trace_id = trace_id.map_or(String::new(), |id| format!("{id:032x}"));
         tracing::info!(
             target: "mesh_http_access",
             pod = %pod,
             direction = direction.name(),
             peer,
             method = %self.method,
+            authority = self.authority,
             path = self.path,
             status = response.status().as_u16(),
-            flags,
+            flags = flags_of(response),
+            trace_id,
             duration_ms = self.started.elapsed().as_millis() as u64,
             "request"
         );
@@ -1084,7 +1106,7 @@ async fn route_request(
     }
 
     // The trace goes on from this proxy's span.
-    served.hop = state.continue_trace(&mut parts.headers);
+    state.continue_trace(&mut parts.headers, served);
 
     let split = directory.split_for(key, directory.local(&route.pod.name));
     let version = split.map(|split| {

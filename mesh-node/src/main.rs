@@ -114,16 +114,17 @@ struct Args {
     #[arg(long, env = "MESH_NODE_STATS_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     stats_interval: std::time::Duration,
 
-    /// The share of new traces (requests that arrive without a W3C or B3
-    /// trace context) marked sampled, 0 to 1; a request's own decision is
-    /// kept.
+    /// With --trace-endpoint: the share of requests that arrive without a
+    /// sampling decision (no W3C or B3 context, or B3 deferring) that are
+    /// sampled, 0 to 1; a request's own decision is kept.
     #[arg(long, env = "MESH_NODE_TRACE_SAMPLE_RATIO", default_value_t = 0.01, value_parser = parse_ratio)]
     trace_sample_ratio: f64,
 
     /// Where sampled spans are exported: an OTLP/HTTP receiver
     /// (`http://collector:4318`; spans are POSTed to `/v1/traces` as
-    /// protobuf). Without it, trace context is carried on but no span is
-    /// recorded.
+    /// protobuf). With it, each proxy continues requests' traces (W3C and
+    /// B3) with spans of its own; without it, trace headers pass through
+    /// untouched.
     #[arg(long, env = "MESH_NODE_TRACE_ENDPOINT")]
     trace_endpoint: Option<String>,
 

@@ -961,7 +961,9 @@ fn route_counts(mesh: &Mesh, version: &str, node: usize) -> [u64; 3] {
 fn a_sampled_request_leaves_its_client_and_server_spans_in_a_trace_store() {
     let mut phoenix = Phoenix::start().unwrap();
     let endpoint = phoenix.otlp_endpoint();
-    let mesh = mesh_with("meshtrace", None, &["--trace-endpoint", &endpoint]);
+    // Only requests that arrive sampled are recorded.
+    let args = ["--trace-endpoint", &endpoint, "--trace-sample-ratio", "0"];
+    let mesh = mesh_with("meshtrace", None, &args);
     mesh.apply(
         "apiVersion: mesh.io/v1\nkind: Service\nmetadata: {name: reviews, namespace: shop}\n\
          spec: {vip: 10.96.0.10, ports: [{port: 80, target_port: 8080, protocol: http}]}\n",
@@ -1009,6 +1011,49 @@ fn a_sampled_request_leaves_its_client_and_server_spans_in_a_trace_store() {
         "{server:#}"
     );
     assert_eq!(client["status_code"], "UNSET", "{client:#}");
+    // Each node exported exactly the spans of that one sampled request.
+    assert_eq!(mesh.metric(0, "mesh_trace_spans_exported_total"), 1);
+    assert_eq!(mesh.metric(1, "mesh_trace_spans_exported_total"), 1);
+    for node in [0, 1] {
+        let metrics = http::get(mesh.nodes[node].1, "/metrics").unwrap().body;
+        promtool_check(&metrics, &format!("node {node}, exporting spans"));
+    }
+
+    // The trace goes on to the application through both proxies, with the
+    // client's trace id and a parent span of the destination proxy's, in
+    // W3C and B3 both, B3 in the form the client used.
+    let vip = "10.96.0.10:80";
+    let client_span = |fields: &str| -> String {
+        let w3c: Vec<&str> = header_field(fields, "traceparent").split('-').collect();
+        assert_eq!(w3c[1], TRACE_ID, "{fields}");
+        assert_ne!(w3c[2], CLIENT_SPAN, "{fields}");
+        assert_eq!(w3c[3], "01", "the sampling decision is kept: {fields}");
+        w3c[2].to_owned()
+    };
+    let traceparent = format!("traceparent: 00-{TRACE_ID}-{CLIENT_SPAN}-01");
+    let fields = headers_seen(&mesh, vip, &[&traceparent, "tracestate: vendor=opaque"]);
+    let span = client_span(&fields);
+    assert_eq!(header_field(&fields, "tracestate"), "vendor=opaque");
+    assert_eq!(header_field(&fields, "x-b3-traceid"), TRACE_ID);
+    assert_eq!(header_field(&fields, "x-b3-spanid"), span);
+    // The destination's span is the child of the source's, which is the
+    // child of the client's.
+    let parent = header_field(&fields, "x-b3-parentspanid");
+    assert!(parent != CLIENT_SPAN && parent != span, "{fields}");
+    let multi = [
+        format!("x-b3-traceid: {TRACE_ID}"),
+        format!("x-b3-spanid: {CLIENT_SPAN}"),
+        "x-b3-sampled: 1".to_owned(),
+    ];
+    let multi: Vec<&str> = multi.iter().map(String::as_str).collect();
+    let fields = headers_seen(&mesh, vip, &multi);
+    assert_eq!(header_field(&fields, "x-b3-spanid"), client_span(&fields));
+    let single = format!("b3: {TRACE_ID}-{CLIENT_SPAN}-1");
+    let fields = headers_seen(&mesh, vip, &[&single]);
+    let span = client_span(&fields);
+    assert_eq!(header_field(&fields, "b3"), format!("{TRACE_ID}-{span}-1"));
+    assert!(!fields.contains("x-b3-"), "{fields}");
+
     assert!(
         of_trace(quiet).is_empty(),
         "an unsampled request was recorded"
@@ -1035,6 +1080,31 @@ fn a_sampled_request_leaves_its_client_and_server_spans_in_a_trace_store() {
     wait_until("the node counts its spans dropped", || {
         dropped() >= before + 20
     });
+}
+
+/// The header fields a request from shop/frontend to `to` with
+/// `headers` arrived at the application with (`GET /headers`).
+fn headers_seen(mesh: &Mesh, to: &str, headers: &[&str]) -> String {
+    let mut args = vec!["--to", to, "--path", "/headers"];
+    for header in headers {
+        args.extend(["--header", header]);
+    }
+    let seen = summary(mesh, "shop/frontend", &args);
+    let bodies = seen["bodies"].as_object().unwrap();
+    assert_eq!(bodies.len(), 1, "{seen}");
+    bodies.keys().next().unwrap().clone()
+}
+
+/// The value of the one field `name` in `fields` (`name: value` lines).
+fn header_field<'a>(fields: &'a str, name: &str) -> &'a str {
+    let mut found = fields
+        .lines()
+        .filter_map(|line| line.strip_prefix(name)?.strip_prefix(": "));
+    let value = found
+        .next()
+        .unwrap_or_else(|| panic!("no {name} in {fields:?}"));
+    assert!(found.next().is_none(), "{name} twice in {fields:?}");
+    value
 }
 
 /// `mesh-pod http` from `pod`: the whole JSON summary, whatever the
@@ -1279,46 +1349,18 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
         None,
     );
 
-    // The trace goes on through both proxies: the application sees the
-    // client's trace id, with a parent span of the destination proxy's,
-    // in W3C and B3 both, whichever format the client used.
-    const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
-    const CLIENT_SPAN: &str = "00f067aa0ba902b7";
-    let traceparent = format!("traceparent: 00-{TRACE_ID}-{CLIENT_SPAN}-01");
-    let b3 = [
-        format!("x-b3-traceid: {TRACE_ID}"),
-        format!("x-b3-spanid: {CLIENT_SPAN}"),
-        "x-b3-sampled: 1".to_owned(),
-    ];
-    for (format, headers) in [("w3c", vec![traceparent]), ("b3", b3.to_vec())] {
-        let mut args = vec!["--to", vip, "--path", "/headers"];
-        for header in &headers {
-            args.extend(["--header", header.as_str()]);
-        }
-        let seen = summary(&mesh, "shop/frontend", &args);
-        let bodies = seen["bodies"].as_object().unwrap();
-        let fields = bodies.keys().next().unwrap();
-        let field = |name: &str| {
-            fields
-                .lines()
-                .find_map(|line| line.strip_prefix(&format!("{name}: ")))
-                .unwrap_or_else(|| panic!("{format}: no {name} in {fields:?}"))
-                .to_owned()
-        };
-        let w3c: Vec<String> = field("traceparent").split('-').map(str::to_owned).collect();
-        assert_eq!(w3c[1], TRACE_ID, "{format}: {fields}");
-        assert_ne!(w3c[2], CLIENT_SPAN, "{format}: {fields}");
-        assert_eq!(w3c[3], "01", "{format}: the sampling decision is kept");
-        assert_eq!(field("x-b3-traceid"), TRACE_ID, "{format}: {fields}");
-        assert_eq!(field("x-b3-spanid"), w3c[2], "{format}: {fields}");
-        // The destination's span is the child of the source's, which is
-        // the child of the client's.
-        let parent = field("x-b3-parentspanid");
-        assert!(
-            parent != CLIENT_SPAN && parent != w3c[2],
-            "{format}: {fields}"
-        );
-    }
+    // Without span export (these nodes have no --trace-endpoint), trace
+    // headers reach the application untouched: its own tracing sees its
+    // caller's span as the parent.
+    const TRACEPARENT: &str =
+        "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let fields = headers_seen(&mesh, vip, &[TRACEPARENT]);
+    assert_eq!(
+        header_field(&fields, "traceparent"),
+        &TRACEPARENT[13..],
+        "{fields}"
+    );
+    assert!(!fields.contains("x-b3-"), "{fields}");
 
     // A hung upstream: 504 once the policy's timeout passes.
     mesh.apply(
@@ -1329,7 +1371,16 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
     let hung = summary(
         &mesh,
         "shop/frontend",
-        &["--to", vip, "--path", "/hang", "--count", "2"],
+        &[
+            "--to",
+            vip,
+            "--path",
+            "/hang",
+            "--count",
+            "2",
+            "--header",
+            TRACEPARENT,
+        ],
     );
     let took = started.elapsed();
     eprintln!("a hung request and one more answered in {took:?}: {hung}");
@@ -1347,14 +1398,9 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
             && record.contains("path=\"/hang\""),
         "{record}"
     );
-    // With the request's trace id (a new trace: the client sent none).
-    let trace_id = record
-        .split("trace_id=\"")
-        .nth(1)
-        .and_then(|rest| rest.get(..32))
-        .unwrap_or_else(|| panic!("no trace id in {record}"));
+    // With the trace id the request came with.
     assert!(
-        trace_id.bytes().all(|b| b.is_ascii_hexdigit()) && trace_id != "0".repeat(32),
+        record.contains("trace_id=\"4bf92f3577b34da6a3ce929d0e0e4736\""),
         "{record}"
     );
 

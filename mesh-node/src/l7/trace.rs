@@ -1,11 +1,11 @@
-//! Trace context across the hop: each node proxy continues the trace a
-//! request arrives with — W3C `traceparent`/`tracestate`, B3 in one header
-//! (`b3`) or several (`x-b3-*`) — as a span of its own, and sends the
-//! request on with the same trace id and its span as the parent, in W3C
-//! and in B3 both, so an application that reads either format sees the
-//! trace go on. A request without a valid context starts a trace, sampled
-//! at the node's ratio; a sampled parent's decision is kept
-//! (parent-based).
+//! Trace context across the hop, when the node exports spans: each node
+//! proxy continues the trace a request arrives with (W3C `traceparent`
+//! and `tracestate`, B3 in one header, `b3`, or several, `x-b3-*`) as a
+//! span of its own, and sends the request on with the same trace id and
+//! its span as the parent, in W3C and in B3 both, so an application that
+//! reads either format sees the trace go on. A request without a
+//! decision (no context, or B3 deferring) is decided at the node's ratio;
+//! a decision that came is kept (parent-based).
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -24,48 +24,107 @@ pub struct SpanContext {
     pub trace_id: u128,
     pub span_id: u64,
     pub sampled: bool,
+    /// B3's debug decision: sampled, and to be kept whatever the ratios.
+    pub debug: bool,
 }
 
-/// The context a request arrived with, and in which format.
+/// A trace id and a span id.
+type Ids = (u128, u64);
+
+/// A sampling decision as it arrived.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Incoming {
-    pub parent: SpanContext,
-    /// It came as the single `b3` header: it goes on as one too.
-    pub b3_single: bool,
+pub enum Sampling {
+    Accept,
+    Deny,
+    /// B3's `d` or `x-b3-flags: 1`.
+    Debug,
+    /// No decision (B3 without one): this proxy decides, at its ratio.
+    Defer,
 }
 
-/// Reads the context of `headers`: `traceparent` first, then `b3`, then
-/// `x-b3-*`. A malformed one is ignored (the request starts a trace).
+/// The context a request arrived with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Incoming {
+    /// The trace and parent span, when the request named them (B3 may
+    /// carry a decision alone).
+    pub parent: Option<Ids>,
+    pub sampling: Sampling,
+    /// A `b3` header came: the context goes on as one too.
+    pub b3_single: bool,
+    /// The B3 trace id was 64 bits: it goes on as 64 bits in B3.
+    pub b3_narrow: bool,
+    /// The `tracestate` of a valid `traceparent` (several field lines
+    /// joined); dropped with any other source, as W3C requires.
+    pub tracestate: Option<HeaderValue>,
+}
+
+/// Reads the context of `headers`: one valid `traceparent` first, then
+/// `b3`, then `x-b3-*`. Malformed ones are ignored; `None` when no usable
+/// context or decision came.
 pub fn extract(headers: &HeaderMap) -> Option<Incoming> {
     let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
-    if let Some(parent) = text(&TRACEPARENT).and_then(parse_traceparent) {
+    let b3_single = headers.contains_key(&B3);
+    // Two traceparent lines are no context (W3C's test suite).
+    let traceparents = headers.get_all(&TRACEPARENT).iter().count();
+    if traceparents == 1
+        && let Some((trace_id, span_id, sampled)) = text(&TRACEPARENT).and_then(parse_traceparent)
+    {
         return Some(Incoming {
-            parent,
-            b3_single: false,
+            parent: Some((trace_id, span_id)),
+            sampling: if sampled {
+                Sampling::Accept
+            } else {
+                Sampling::Deny
+            },
+            b3_single,
+            b3_narrow: false,
+            tracestate: joined(headers.get_all(&TRACESTATE)),
         });
     }
-    if let Some(parent) = text(&B3).and_then(parse_b3_single) {
+    if let Some((parent, sampling, b3_narrow)) = text(&B3).and_then(parse_b3_single) {
         return Some(Incoming {
             parent,
-            b3_single: true,
+            sampling,
+            b3_single,
+            b3_narrow,
+            tracestate: None,
         });
     }
-    let trace_id = text(&B3_TRACE_ID).and_then(parse_trace_id)?;
-    let span_id = text(&B3_SPAN_ID).and_then(parse_span_id)?;
-    let sampled = text(&B3_FLAGS) == Some("1") || text(&B3_SAMPLED) == Some("1");
+    let sampling = match (text(&B3_FLAGS), text(&B3_SAMPLED)) {
+        (Some("1"), _) => Sampling::Debug,
+        (_, Some("1" | "true")) => Sampling::Accept,
+        (_, Some("0" | "false")) => Sampling::Deny,
+        _ => Sampling::Defer,
+    };
+    let trace = text(&B3_TRACE_ID).and_then(parse_trace_id);
+    let span = text(&B3_SPAN_ID).and_then(parse_span_id);
+    let parent = trace
+        .zip(span)
+        .map(|((trace_id, _), span_id)| (trace_id, span_id));
+    if parent.is_none() && sampling == Sampling::Defer {
+        return None;
+    }
     Some(Incoming {
-        parent: SpanContext {
-            trace_id,
-            span_id,
-            sampled,
-        },
-        b3_single: false,
+        parent,
+        sampling,
+        b3_single,
+        b3_narrow: trace.is_some_and(|(_, narrow)| narrow),
+        tracestate: None,
     })
+}
+
+/// Every `tracestate` field line, joined with commas (W3C §3.3.1).
+fn joined(values: http::header::GetAll<'_, HeaderValue>) -> Option<HeaderValue> {
+    let parts: Vec<&str> = values.iter().filter_map(|v| v.to_str().ok()).collect();
+    if parts.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&parts.join(",")).ok()
 }
 
 /// W3C Trace Context §3.2: `00-<32 hex>-<16 hex>-<2 hex>`, ids not zero.
 /// A later version is read for its first four fields, as the spec asks.
-fn parse_traceparent(value: &str) -> Option<SpanContext> {
+fn parse_traceparent(value: &str) -> Option<(u128, u64, bool)> {
     let mut fields = value.trim().split('-');
     let version = fields.next()?;
     let (trace, span, flags) = (fields.next()?, fields.next()?, fields.next()?);
@@ -74,34 +133,47 @@ fn parse_traceparent(value: &str) -> Option<SpanContext> {
         return None;
     }
     let flags = u8::from_str_radix(hex_exact(flags, 2)?, 16).ok()?;
-    Some(SpanContext {
-        trace_id: nonzero(u128::from_str_radix(hex_exact(trace, 32)?, 16).ok()?)?,
-        span_id: nonzero(u64::from_str_radix(hex_exact(span, 16)?, 16).ok()?)?,
-        sampled: flags & 1 == 1,
-    })
+    Some((
+        nonzero(u128::from_str_radix(hex_exact(trace, 32)?, 16).ok()?)?,
+        nonzero(u64::from_str_radix(hex_exact(span, 16)?, 16).ok()?)?,
+        flags & 1 == 1,
+    ))
 }
 
-/// `{trace}-{span}[-{sampling}[-{parent}]]`; a bare sampling decision
-/// (`0`, `1`, `d`) carries no context.
-fn parse_b3_single(value: &str) -> Option<SpanContext> {
-    let mut fields = value.trim().split('-');
-    let trace_id = parse_trace_id(fields.next()?)?;
+/// `{trace}-{span}[-{sampling}[-{parent}]]`, or a decision alone (`0`,
+/// `1`, `d`): (ids, decision, 64-bit trace id).
+fn parse_b3_single(value: &str) -> Option<(Option<Ids>, Sampling, bool)> {
+    let decision = |text: &str| match text {
+        "1" => Some(Sampling::Accept),
+        "0" => Some(Sampling::Deny),
+        "d" => Some(Sampling::Debug),
+        _ => None,
+    };
+    let value = value.trim();
+    if let Some(sampling) = decision(value) {
+        return Some((None, sampling, false));
+    }
+    let mut fields = value.split('-');
+    let (trace_id, narrow) = parse_trace_id(fields.next()?)?;
     let span_id = parse_span_id(fields.next()?)?;
-    let sampled = matches!(fields.next(), Some("1" | "d"));
-    Some(SpanContext {
-        trace_id,
-        span_id,
-        sampled,
-    })
+    let sampling = match fields.next() {
+        None => Sampling::Defer,
+        Some(text) => decision(text)?,
+    };
+    Some((Some((trace_id, span_id)), sampling, narrow))
 }
 
-/// A B3 trace id: 16 or 32 lowercase hex digits, not zero.
-fn parse_trace_id(text: &str) -> Option<u128> {
+/// A B3 trace id: 16 or 32 lowercase hex digits, not zero; and whether it
+/// was 16.
+fn parse_trace_id(text: &str) -> Option<(u128, bool)> {
     let text = text.trim();
     if !(text.len() == 16 || text.len() == 32) || !is_lower_hex(text) {
         return None;
     }
-    nonzero(u128::from_str_radix(text, 16).ok()?)
+    Some((
+        nonzero(u128::from_str_radix(text, 16).ok()?)?,
+        text.len() == 16,
+    ))
 }
 
 fn parse_span_id(text: &str) -> Option<u64> {
@@ -121,8 +193,9 @@ fn nonzero<T: PartialEq + Default>(value: T) -> Option<T> {
 }
 
 /// This proxy's span for a request that arrived with `incoming`: the same
-/// trace and decision, a new span id; or a new trace, sampled when
-/// `roll` (uniform in `[0, 1)`) falls under `ratio`.
+/// trace, a new span id, the decision kept; a deferred or absent decision
+/// is made here, sampled when `roll` (uniform in `[0, 1)`) falls under
+/// `ratio`.
 pub fn continue_trace(
     incoming: Option<&Incoming>,
     ratio: f64,
@@ -130,47 +203,35 @@ pub fn continue_trace(
     random: impl FnMut() -> u64,
 ) -> SpanContext {
     let mut random = random;
-    let span_id = loop {
+    let mut nonzero_random = || loop {
         let id = random();
         if id != 0 {
             break id;
         }
     };
-    match incoming {
-        Some(incoming) => SpanContext {
-            trace_id: incoming.parent.trace_id,
-            span_id,
-            sampled: incoming.parent.sampled,
+    let span_id = nonzero_random();
+    let trace_id = match incoming.and_then(|i| i.parent) {
+        Some((trace_id, _)) => trace_id,
+        None => (u128::from(nonzero_random()) << 64) | u128::from(nonzero_random()),
+    };
+    let sampling = incoming.map_or(Sampling::Defer, |i| i.sampling);
+    SpanContext {
+        trace_id,
+        span_id,
+        sampled: match sampling {
+            Sampling::Accept | Sampling::Debug => true,
+            Sampling::Deny => false,
+            Sampling::Defer => roll < ratio,
         },
-        None => {
-            let trace_id = loop {
-                let id = (u128::from(random()) << 64) | u128::from(random());
-                if id != 0 {
-                    break id;
-                }
-            };
-            SpanContext {
-                trace_id,
-                span_id,
-                sampled: roll < ratio,
-            }
-        }
+        debug: sampling == Sampling::Debug,
     }
 }
 
-/// Sets the trace headers of a request going on from `span` (its parent
-/// span, when there was one, is `parent`): W3C always, with the incoming
-/// `tracestate` kept; B3 in the form it came in (several headers unless
-/// it came as one).
-pub fn inject(headers: &mut HeaderMap, span: SpanContext, parent: Option<&Incoming>) {
-    let sampled = if span.sampled { "1" } else { "0" };
-    let traceparent = format!(
-        "00-{:032x}-{:016x}-{}",
-        span.trace_id,
-        span.span_id,
-        if span.sampled { "01" } else { "00" }
-    );
-    let tracestate = headers.get(&TRACESTATE).cloned();
+/// Sets the trace headers of a request going on from `span`: W3C always
+/// (with the incoming `tracestate` when it came with a `traceparent`); B3
+/// as one `b3` header when one came, else as `x-b3-*`, the trace id as
+/// wide as it came.
+pub fn inject(headers: &mut HeaderMap, span: SpanContext, incoming: Option<&Incoming>) {
     for name in [
         &TRACEPARENT,
         &TRACESTATE,
@@ -184,28 +245,47 @@ pub fn inject(headers: &mut HeaderMap, span: SpanContext, parent: Option<&Incomi
         headers.remove(name);
     }
     let value = |text: String| HeaderValue::from_str(&text).expect("hex and dashes");
-    headers.insert(TRACEPARENT, value(traceparent));
-    if let Some(tracestate) = tracestate {
+    headers.insert(
+        TRACEPARENT,
+        value(format!(
+            "00-{:032x}-{:016x}-{}",
+            span.trace_id,
+            span.span_id,
+            if span.sampled { "01" } else { "00" }
+        )),
+    );
+    if let Some(tracestate) = incoming.and_then(|i| i.tracestate.clone()) {
         headers.insert(TRACESTATE, tracestate);
     }
-    if parent.is_some_and(|p| p.b3_single) {
+    let narrow = incoming.is_some_and(|i| i.b3_narrow) && span.trace_id >> 64 == 0;
+    let b3_trace = if narrow {
+        format!("{:016x}", span.trace_id)
+    } else {
+        format!("{:032x}", span.trace_id)
+    };
+    let decision = if span.debug {
+        "d"
+    } else if span.sampled {
+        "1"
+    } else {
+        "0"
+    };
+    if incoming.is_some_and(|i| i.b3_single) {
         headers.insert(
             B3,
-            value(format!(
-                "{:032x}-{:016x}-{sampled}",
-                span.trace_id, span.span_id
-            )),
+            value(format!("{b3_trace}-{:016x}-{decision}", span.span_id)),
         );
+        return;
+    }
+    headers.insert(B3_TRACE_ID, value(b3_trace));
+    headers.insert(B3_SPAN_ID, value(format!("{:016x}", span.span_id)));
+    if let Some((_, parent)) = incoming.and_then(|i| i.parent) {
+        headers.insert(B3_PARENT_SPAN_ID, value(format!("{parent:016x}")));
+    }
+    if span.debug {
+        headers.insert(B3_FLAGS, HeaderValue::from_static("1"));
     } else {
-        headers.insert(B3_TRACE_ID, value(format!("{:032x}", span.trace_id)));
-        headers.insert(B3_SPAN_ID, value(format!("{:016x}", span.span_id)));
-        if let Some(parent) = parent {
-            headers.insert(
-                B3_PARENT_SPAN_ID,
-                value(format!("{:016x}", parent.parent.span_id)),
-            );
-        }
-        headers.insert(B3_SAMPLED, HeaderValue::from_static(sampled));
+        headers.insert(B3_SAMPLED, HeaderValue::from_static(decision));
     }
 }
 
@@ -215,6 +295,7 @@ mod tests {
 
     const TRACE: u128 = 0x4bf92f3577b34da6a3ce929d0e0e4736;
     const SPAN: u64 = 0x00f067aa0ba902b7;
+    const TRACEPARENT_01: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
@@ -224,61 +305,100 @@ mod tests {
         map
     }
 
+    fn incoming(parent: Option<(u128, u64)>, sampling: Sampling) -> Incoming {
+        Incoming {
+            parent,
+            sampling,
+            b3_single: false,
+            b3_narrow: false,
+            tracestate: None,
+        }
+    }
+
     #[test]
     fn every_format_is_read() {
-        let sampled = SpanContext {
-            trace_id: TRACE,
-            span_id: SPAN,
-            sampled: true,
-        };
-        for (case, map, b3_single) in [
+        let ids = Some((TRACE, SPAN));
+        for (case, map, expected) in [
             (
                 "w3c",
-                headers(&[(
-                    "traceparent",
-                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-                )]),
-                false,
+                headers(&[("traceparent", TRACEPARENT_01)]),
+                incoming(ids, Sampling::Accept),
             ),
             (
                 "b3 single",
                 headers(&[("b3", "4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1")]),
-                true,
+                Incoming {
+                    b3_single: true,
+                    ..incoming(ids, Sampling::Accept)
+                },
+            ),
+            (
+                "b3 single, no decision",
+                headers(&[("b3", "4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7")]),
+                Incoming {
+                    b3_single: true,
+                    ..incoming(ids, Sampling::Defer)
+                },
+            ),
+            (
+                "b3 single, a decision alone",
+                headers(&[("b3", "0")]),
+                Incoming {
+                    b3_single: true,
+                    ..incoming(None, Sampling::Deny)
+                },
             ),
             (
                 "b3 multi",
                 headers(&[
                     ("x-b3-traceid", "4bf92f3577b34da6a3ce929d0e0e4736"),
                     ("x-b3-spanid", "00f067aa0ba902b7"),
-                    ("x-b3-sampled", "1"),
+                    ("x-b3-sampled", "true"),
                 ]),
-                false,
+                incoming(ids, Sampling::Accept),
             ),
             (
-                "w3c wins over b3",
+                "b3 multi, debug",
+                headers(&[
+                    ("x-b3-traceid", "4bf92f3577b34da6a3ce929d0e0e4736"),
+                    ("x-b3-spanid", "00f067aa0ba902b7"),
+                    ("x-b3-flags", "1"),
+                ]),
+                incoming(ids, Sampling::Debug),
+            ),
+            (
+                "b3 multi, a decision alone",
+                headers(&[("x-b3-sampled", "0")]),
+                incoming(None, Sampling::Deny),
+            ),
+            (
+                "w3c wins, and a b3 header is kept as one",
                 headers(&[
                     ("b3", "0000000000000001-0000000000000002-0"),
-                    (
-                        "traceparent",
-                        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-                    ),
+                    ("traceparent", TRACEPARENT_01),
+                    ("tracestate", "a=1"),
+                    ("tracestate", "b=2"),
                 ]),
-                false,
+                Incoming {
+                    b3_single: true,
+                    tracestate: Some(HeaderValue::from_static("a=1,b=2")),
+                    ..incoming(ids, Sampling::Accept)
+                },
             ),
         ] {
-            assert_eq!(
-                extract(&map),
-                Some(Incoming {
-                    parent: sampled,
-                    b3_single
-                }),
-                "{case}"
-            );
+            assert_eq!(extract(&map), Some(expected), "{case}");
         }
         // A 64-bit B3 trace id is the low half of a 128-bit one.
         let short = extract(&headers(&[("b3", "a3ce929d0e0e4736-00f067aa0ba902b7")])).unwrap();
-        assert_eq!(short.parent.trace_id, 0xa3ce929d0e0e4736);
-        assert!(!short.parent.sampled);
+        assert_eq!(short.parent, Some((0xa3ce929d0e0e4736, SPAN)));
+        assert!(short.b3_narrow);
+        // A tracestate without a valid traceparent is not kept.
+        let orphan = headers(&[
+            ("tracestate", "a=1"),
+            ("x-b3-traceid", "4bf92f3577b34da6a3ce929d0e0e4736"),
+            ("x-b3-spanid", "00f067aa0ba902b7"),
+        ]);
+        assert_eq!(extract(&orphan).unwrap().tracestate, None);
     }
 
     #[test]
@@ -295,13 +415,24 @@ mod tests {
             let map = headers(&[("traceparent", value)]);
             assert_eq!(extract(&map), None, "{value}");
         }
+        // Two traceparent lines are no context.
+        let twice = headers(&[
+            ("traceparent", TRACEPARENT_01),
+            ("traceparent", TRACEPARENT_01),
+        ]);
+        assert_eq!(extract(&twice), None);
         // A later version with more fields is read for the four it knows.
         let later = headers(&[(
             "traceparent",
             "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-next",
         )]);
         assert!(extract(&later).is_some());
-        for value in ["1", "d", "0", "xyz-00f067aa0ba902b7", "4bf92f3577b34da6-0"] {
+        for value in [
+            "x",
+            "xyz-00f067aa0ba902b7",
+            "4bf92f3577b34da6-0",
+            "4bf92f3577b34da6-00f067aa0ba902b7-2",
+        ] {
             assert_eq!(extract(&headers(&[("b3", value)])), None, "{value}");
         }
         let no_span = headers(&[("x-b3-traceid", "4bf92f3577b34da6a3ce929d0e0e4736")]);
@@ -311,30 +442,24 @@ mod tests {
     #[test]
     fn a_hop_keeps_the_trace_with_its_own_span() {
         let mut ids = [7u64, 0, 9].into_iter().cycle();
-        let incoming = extract(&headers(&[(
-            "traceparent",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-        )]))
-        .unwrap();
-        let span = continue_trace(Some(&incoming), 0.0, 0.5, || ids.next().unwrap());
+        let mut map = headers(&[
+            ("traceparent", TRACEPARENT_01),
+            ("tracestate", "vendor=opaque"),
+            ("x-b3-flags", "1"),
+        ]);
+        let came = extract(&map).unwrap();
+        let span = continue_trace(Some(&came), 0.0, 0.5, || ids.next().unwrap());
         assert_eq!(
             span,
             SpanContext {
                 trace_id: TRACE,
                 span_id: 7,
-                sampled: true
+                sampled: true,
+                debug: false,
             }
         );
-        let mut out = headers(&[
-            (
-                "traceparent",
-                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            ),
-            ("tracestate", "vendor=opaque"),
-            ("x-b3-flags", "1"),
-        ]);
-        inject(&mut out, span, Some(&incoming));
-        let get = |name: &str| out.get(name).map(|v| v.to_str().unwrap().to_owned());
+        inject(&mut map, span, Some(&came));
+        let get = |name: &str| map.get(name).map(|v| v.to_str().unwrap().to_owned());
         assert_eq!(
             get("traceparent").as_deref(),
             Some("00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000007-01")
@@ -353,20 +478,17 @@ mod tests {
         assert_eq!(get("x-b3-flags"), None);
         assert_eq!(get("b3"), None);
 
-        // Single-header B3 goes on as one; a zero id from the generator is
-        // never used.
-        let single = extract(&headers(&[(
-            "b3",
-            "4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0",
-        )]))
-        .unwrap();
-        let span = continue_trace(Some(&single), 1.0, 0.0, || ids.next().unwrap());
+        // Single-header B3 goes on as one, 64 bits wide as it came, debug
+        // kept; a zero id from the generator is never used.
+        let single = extract(&headers(&[("b3", "a3ce929d0e0e4736-00f067aa0ba902b7-d")])).unwrap();
+        let span = continue_trace(Some(&single), 0.0, 0.5, || ids.next().unwrap());
         assert_eq!(span.span_id, 9);
+        assert!(span.sampled && span.debug);
         let mut out = HeaderMap::new();
         inject(&mut out, span, Some(&single));
         assert_eq!(
             out.get("b3").unwrap(),
-            "4bf92f3577b34da6a3ce929d0e0e4736-0000000000000009-0"
+            "a3ce929d0e0e4736-0000000000000009-d"
         );
         assert!(out.get("x-b3-traceid").is_none());
         assert!(
@@ -374,12 +496,25 @@ mod tests {
                 .unwrap()
                 .to_str()
                 .unwrap()
-                .ends_with("-00")
+                .ends_with("-01")
         );
+
+        // Debug in several headers goes on as x-b3-flags.
+        let debug = extract(&headers(&[
+            ("x-b3-traceid", "4bf92f3577b34da6a3ce929d0e0e4736"),
+            ("x-b3-spanid", "00f067aa0ba902b7"),
+            ("x-b3-flags", "1"),
+        ]))
+        .unwrap();
+        let span = continue_trace(Some(&debug), 0.0, 0.5, || 5);
+        let mut out = HeaderMap::new();
+        inject(&mut out, span, Some(&debug));
+        assert_eq!(out.get("x-b3-flags").unwrap(), "1");
+        assert!(out.get("x-b3-sampled").is_none());
     }
 
     #[test]
-    fn a_new_trace_is_sampled_at_the_ratio() {
+    fn deferred_and_new_traces_are_decided_at_the_ratio() {
         let mut next = 0u64;
         let mut counter = || {
             next += 1;
@@ -393,5 +528,13 @@ mod tests {
         inject(&mut out, root, None);
         assert!(out.get("x-b3-parentspanid").is_none());
         assert_eq!(out.get("x-b3-sampled").unwrap(), "1");
+        // B3 without a decision: this proxy decides, in the same trace.
+        let deferred = incoming(Some((TRACE, SPAN)), Sampling::Defer);
+        let kept = continue_trace(Some(&deferred), 0.25, 0.2, &mut counter);
+        assert_eq!((kept.trace_id, kept.sampled), (TRACE, true));
+        assert!(!continue_trace(Some(&deferred), 0.25, 0.9, &mut counter).sampled);
+        // A decision alone starts a trace and keeps it.
+        let denied = incoming(None, Sampling::Deny);
+        assert!(!continue_trace(Some(&denied), 1.0, 0.0, &mut counter).sampled);
     }
 }

@@ -291,11 +291,20 @@ impl HttpState {
         bucket.try_take()
     }
 
-    /// Carries the trace of a request with `headers` on from a span of this
-    /// proxy's own (see [`crate::l7::trace`]); the span, when it is
-    /// sampled and spans are exported; the trace id into `served`.
+    /// With spans exported (`--trace-endpoint`), carries the trace of a
+    /// request with `headers` on from a span of this proxy's own (see
+    /// [`crate::l7::trace`]), kept in `served` when it is sampled. Without,
+    /// the headers go on untouched, so applications' own tracing sees its
+    /// own spans as parents; the request's trace id, when it came with
+    /// one, is kept for its record either way.
     fn continue_trace(&self, headers: &mut HeaderMap, served: &mut Served) {
         let incoming = trace::extract(headers);
+        if self.spans.is_none() {
+            served.trace_id = incoming
+                .and_then(|i| i.parent)
+                .map(|(trace_id, _)| trace_id);
+            return;
+        }
         let span = trace::continue_trace(
             incoming.as_ref(),
             self.trace_sample_ratio,
@@ -304,9 +313,9 @@ impl HttpState {
         );
         trace::inject(headers, span, incoming.as_ref());
         served.trace_id = Some(span.trace_id);
-        served.hop = (span.sampled && self.spans.is_some()).then(|| Hop {
+        served.hop = span.sampled.then(|| Hop {
             context: span,
-            parent_span_id: incoming.map(|i| i.parent.span_id),
+            parent_span_id: incoming.and_then(|i| i.parent).map(|(_, span_id)| span_id),
             start: std::time::SystemTime::now(),
         });
     }
@@ -768,6 +777,8 @@ async fn authorize_and_send(
     } = inbound;
     let (target, protocol) = (*target, *protocol);
     let state = &mesh.http;
+    // This proxy's span, also for a request it refuses.
+    state.continue_trace(request.headers_mut(), served);
     if let Err(why) = unambiguous_framing(request.headers()) {
         return local(state, Flag::BadRequest, why);
     }
@@ -802,8 +813,7 @@ async fn authorize_and_send(
         }
     }
     let upgrade = Upgrade::take(&mut request, protocol);
-    let (mut parts, body) = request.into_parts();
-    state.continue_trace(&mut parts.headers, served);
+    let (parts, body) = request.into_parts();
     // The application gets the path that was authorized.
     let query = parts.uri.query().map_or(String::new(), |q| format!("?{q}"));
     let uri: Uri = match format!("http://{target}{path}{query}").parse() {
@@ -1056,6 +1066,9 @@ async fn route_request(
     let mesh = &route.mesh;
     let state = &mesh.http;
     state.stats.requests.fetch_add(1, Ordering::Relaxed);
+    // The trace goes on from this proxy's span, also for an answer the
+    // proxy gives itself.
+    state.continue_trace(request.headers_mut(), served);
     if let Err(why) = unambiguous_framing(request.headers()) {
         return local(state, Flag::BadRequest, why);
     }
@@ -1104,9 +1117,6 @@ async fn route_request(
     {
         parts.headers.insert(header::HOST, host);
     }
-
-    // The trace goes on from this proxy's span.
-    state.continue_trace(&mut parts.headers, served);
 
     let split = directory.split_for(key, directory.local(&route.pod.name));
     let version = split.map(|split| {

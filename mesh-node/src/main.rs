@@ -438,6 +438,10 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
             "stopped accepting; pods stay captured until the next run"
         );
     }
+    // The spans of the last requests, too.
+    if let Some(exporter) = trace_exporter {
+        exporter.flush(std::time::Duration::from_secs(5)).await;
+    }
     Ok(())
 }
 

@@ -68,6 +68,8 @@ pub enum Value {
 #[derive(Debug)]
 pub struct Exporter {
     queue: mpsc::Sender<Span>,
+    /// Asks the export task to send what is queued now, and say when done.
+    flushes: mpsc::Sender<tokio::sync::oneshot::Sender<()>>,
     pub exported: AtomicU64,
     pub dropped: AtomicU64,
 }
@@ -85,18 +87,30 @@ impl Exporter {
             ));
         }
         let (queue, spans) = mpsc::channel(QUEUE);
+        let (flushes, flush_requests) = mpsc::channel(1);
         let exporter = Arc::new(Self {
             queue,
+            flushes,
             exported: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
         });
         tokio::spawn(export(
             Arc::downgrade(&exporter),
-            spans,
+            (spans, flush_requests),
             url,
             node.to_owned(),
         ));
         Ok(exporter)
+    }
+
+    /// Sends every span queued now, without waiting for batches to fill,
+    /// within `limit` (for a node that is stopping); what cannot be sent
+    /// is counted dropped.
+    pub async fn flush(&self, limit: Duration) {
+        let (done, finished) = tokio::sync::oneshot::channel();
+        if self.flushes.send(done).await.is_ok() {
+            let _ = tokio::time::timeout(limit, finished).await;
+        }
     }
 
     /// Queues `span` for export, or drops it (counted) when the queue is
@@ -108,9 +122,11 @@ impl Exporter {
     }
 }
 
+type Flush = tokio::sync::oneshot::Sender<()>;
+
 async fn export(
     exporter: std::sync::Weak<Exporter>,
-    mut spans: mpsc::Receiver<Span>,
+    (mut spans, mut flushes): (mpsc::Receiver<Span>, mpsc::Receiver<Flush>),
     url: http::Uri,
     node: String,
 ) {
@@ -118,41 +134,70 @@ async fn export(
         Client::builder(TokioExecutor::new()).build_http();
     let mut batch = Vec::with_capacity(BATCH);
     loop {
-        // The first span of a batch, then whatever comes within LINGER.
-        let Some(first) = spans.recv().await else {
-            return;
-        };
-        batch.push(first);
-        let deadline = tokio::time::Instant::now() + LINGER;
-        while batch.len() < BATCH {
-            match tokio::time::timeout_at(deadline, spans.recv()).await {
-                Ok(Some(span)) => batch.push(span),
-                Ok(None) | Err(_) => break,
+        // The first span of a batch, then whatever comes within LINGER;
+        // or, on a flush, everything queued at once.
+        let flush = tokio::select! {
+            first = spans.recv() => {
+                let Some(first) = first else { return };
+                batch.push(first);
+                let deadline = tokio::time::Instant::now() + LINGER;
+                while batch.len() < BATCH {
+                    match tokio::time::timeout_at(deadline, spans.recv()).await {
+                        Ok(Some(span)) => batch.push(span),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                None
             }
+            Some(done) = flushes.recv() => {
+                while let Ok(span) = spans.try_recv() {
+                    batch.push(span);
+                }
+                Some(done)
+            }
+        };
+        let mut queued = std::mem::take(&mut batch);
+        while !queued.is_empty() {
+            let rest = queued.split_off(queued.len().min(BATCH));
+            let Some(exporter) = exporter.upgrade() else {
+                return;
+            };
+            send(&client, &url, &node, queued, &exporter).await;
+            queued = rest;
         }
-        let count = batch.len() as u64;
-        let body = encode(&node, batch.drain(..)).encode_to_vec();
-        let request = http::Request::post(url.clone())
-            .header(http::header::CONTENT_TYPE, "application/x-protobuf")
-            .body(Full::new(Bytes::from(body)))
-            .expect("a valid request");
-        let sent = tokio::time::timeout(EXPORT_TIMEOUT, client.request(request)).await;
-        let Some(exporter) = exporter.upgrade() else {
-            return;
-        };
-        match sent {
-            Ok(Ok(response)) if response.status().is_success() => {
-                exporter.exported.fetch_add(count, Ordering::Relaxed);
-            }
-            outcome => {
-                let why = match outcome {
-                    Ok(Ok(response)) => format!("answered {}", response.status()),
-                    Ok(Err(error)) => error.to_string(),
-                    Err(_) => format!("no answer within {EXPORT_TIMEOUT:?}"),
-                };
-                tracing::debug!(%url, why, spans = count, "span export failed; spans dropped");
-                exporter.dropped.fetch_add(count, Ordering::Relaxed);
-            }
+        if let Some(done) = flush {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// Sends one batch; counts it exported or dropped.
+async fn send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    url: &http::Uri,
+    node: &str,
+    batch: Vec<Span>,
+    exporter: &Exporter,
+) {
+    let count = batch.len() as u64;
+    let body = encode(node, batch.into_iter()).encode_to_vec();
+    let request = http::Request::post(url.clone())
+        .header(http::header::CONTENT_TYPE, "application/x-protobuf")
+        .body(Full::new(Bytes::from(body)))
+        .expect("a valid request");
+    let sent = tokio::time::timeout(EXPORT_TIMEOUT, client.request(request)).await;
+    match sent {
+        Ok(Ok(response)) if response.status().is_success() => {
+            exporter.exported.fetch_add(count, Ordering::Relaxed);
+        }
+        outcome => {
+            let why = match outcome {
+                Ok(Ok(response)) => format!("answered {}", response.status()),
+                Ok(Err(error)) => error.to_string(),
+                Err(_) => format!("no answer within {EXPORT_TIMEOUT:?}"),
+            };
+            tracing::debug!(%url, why, spans = count, "span export failed; spans dropped");
+            exporter.dropped.fetch_add(count, Ordering::Relaxed);
         }
     }
 }
@@ -310,5 +355,14 @@ mod tests {
         }
         assert_eq!(exporter.exported.load(Ordering::Relaxed), 0);
         assert!(Exporter::start("https://collector:4318", "node0").is_err());
+
+        // A flush sends what is queued at once, without the batch's wait:
+        // when it returns, every span has had its export attempt.
+        let before = exporter.dropped.load(Ordering::Relaxed);
+        for _ in 0..3 {
+            exporter.record(span.clone());
+        }
+        exporter.flush(Duration::from_secs(10)).await;
+        assert_eq!(exporter.dropped.load(Ordering::Relaxed), before + 3);
     }
 }

@@ -294,6 +294,30 @@ mod tests {
             error: true,
         };
         let request = encode("node0", std::iter::once(span));
+        // The bytes are what upstream opentelemetry-proto writes for the
+        // same request (Python's opentelemetry-proto 1.x, the scope's
+        // version left out so the bytes do not change with ours).
+        let mut versionless = request.clone();
+        versionless.resource_spans[0].scope_spans[0]
+            .scope
+            .as_mut()
+            .unwrap()
+            .version
+            .clear();
+        let hex: String = versionless
+            .encode_to_vec()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(
+            hex,
+            "0ad8010a330a1b0a0c736572766963652e6e616d65120b0a096d6573682d6e6f64650a140a09686f73742e\
+             6e616d6512070a056e6f64653012a0010a0b0a096d6573682d6e6f64651290010a104bf92f3577b34da6a3\
+             ce929d0e0e473612080000000000000007220800f067aa0ba902b72a11726576696577732e73686f703a38\
+             302f2a30033900002a36fe9c971741c0c65736fe9c97174a200a19687474702e726573706f6e73652e7374\
+             617475735f636f6465120318f7034a1b0a136d6573682e726573706f6e73655f666c61677312040a02554f\
+             7a021802"
+        );
         // What a receiver decodes from the bytes sent.
         let decoded =
             ExportTraceServiceRequest::decode(request.encode_to_vec().as_slice()).unwrap();

@@ -575,3 +575,66 @@ fn endpoint_health_is_set_by_service_and_address() {
     assert!(!out.ok);
     assert!(out.stderr.contains("not found"), "{out:?}");
 }
+
+#[test]
+fn stat_and_top_show_the_nodes_reports() {
+    use mesh_control::store::EdgeReport;
+    let control = ControlPlane::start();
+    // Empty: says so, and what feeds it.
+    let empty = control.meshctl(&["stat"]);
+    assert!(empty.ok, "{empty:?}");
+    assert!(
+        empty.stdout.starts_with("No requests in the last 60 s."),
+        "{empty:?}"
+    );
+
+    // What node0 would report: 1,000 requests from shop/frontend to
+    // reviews, 100 of them 503, about a millisecond each.
+    let mut latency = vec![0; mesh_model::stats::LATENCY_BOUNDS.len() + 1];
+    latency[6] = 1000;
+    let report = EdgeReport {
+        source_namespace: "shop".into(),
+        source_workload: "frontend".into(),
+        namespace: "shop".into(),
+        service: "reviews".into(),
+        requests: 1000,
+        errors: 100,
+        latency,
+        interval_ms: 10_000,
+    };
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        control._dir.path().join("mesh.db").display()
+    );
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let store = Store::open(&url).await.unwrap();
+        store
+            .record_request_stats("node0", &[report])
+            .await
+            .unwrap();
+    });
+
+    let json = control.meshctl(&["stat", "reviews", "-n", "shop", "-o", "json"]);
+    assert!(json.ok, "{json:?}");
+    let answer: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    let reviews = &answer["items"][0];
+    assert_eq!(reviews["requests"], 1000, "{answer}");
+    assert!(
+        (reviews["error_rate"].as_f64().unwrap() - 0.1).abs() < 1e-9,
+        "{answer}"
+    );
+    let table = control.meshctl(&["stat", "-n", "shop"]);
+    assert!(table.ok, "{table:?}");
+    assert!(
+        table.stdout.contains("shop/reviews") && table.stdout.contains("90.00%"),
+        "{}",
+        table.stdout
+    );
+    let top = control.meshctl(&["top"]);
+    assert!(
+        top.ok && top.stdout.contains("shop/frontend   shop/reviews   1000"),
+        "{top:?}"
+    );
+    let bad = control.meshctl(&["stat", "--window", "2h"]);
+    assert!(!bad.ok && bad.stderr.contains("window"), "{bad:?}");
+}

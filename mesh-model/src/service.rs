@@ -223,10 +223,7 @@ impl Default for ServiceRanges {
 
 impl ServiceRanges {
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let bits = |ip: IpAddr| match ip {
-            IpAddr::V4(v4) => u128::from(u32::from(v4)) << 96,
-            IpAddr::V6(v6) => u128::from(v6),
-        };
+        use crate::workload::address_bits as bits;
         self.0.iter().any(|&(network, prefix)| {
             let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
             network.is_ipv4() == ip.is_ipv4() && bits(network) == bits(ip) & mask

@@ -116,6 +116,15 @@ pub fn parse_cidr(text: &str) -> Result<(IpAddr, u8), String> {
     })
 }
 
+/// `ip` as 128 bits, an IPv4 address in the top 32, so a prefix length
+/// counts from the top in both families.
+pub(crate) fn address_bits(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)) << 96,
+        IpAddr::V6(v6) => u128::from(v6),
+    }
+}
+
 /// Parses `address/prefix` (prefix 1 or more) with no host bits set.
 pub fn parse_network(text: &str) -> Result<(IpAddr, u8), String> {
     let (address, prefix) = text
@@ -130,11 +139,9 @@ pub fn parse_network(text: &str) -> Result<(IpAddr, u8), String> {
         .ok()
         .filter(|p| (1..=max).contains(p))
         .ok_or_else(|| format!("prefix {prefix:?} must be 1 to {max}"))?;
-    let bits = match address {
-        IpAddr::V4(v4) => u128::from(u32::from(v4)) << 96,
-        IpAddr::V6(v6) => u128::from(v6),
-    };
-    let host = bits.checked_shl(u32::from(prefix)).unwrap_or(0);
+    let host = address_bits(address)
+        .checked_shl(u32::from(prefix))
+        .unwrap_or(0);
     if host != 0 {
         return Err(format!("{text:?} has host bits set"));
     }

@@ -1429,12 +1429,7 @@ impl Upgrade {
             return None;
         }
         let headers = request.headers();
-        let asked = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+        let asked = connection_options(headers).any(|token| token.eq_ignore_ascii_case("upgrade"));
         let websocket = headers
             .get(header::UPGRADE)
             .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"websocket"));
@@ -1528,18 +1523,24 @@ fn unambiguous_framing(headers: &HeaderMap) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// The options of every `connection` field (RFC 9110 §7.6.1), trimmed.
+fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+}
+
 /// `headers` without the hop-by-hop ones (RFC 9110 §7.6.1), which describe
 /// the client's connection, not the request (`te: trailers` stays: gRPC
 /// needs it), and without `content-length`: hyper frames the body it
 /// sends from the body itself, so the length sent is always the length of
 /// what follows.
 fn forwarded_headers(headers: &HeaderMap) -> HeaderMap {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+    let named: Vec<HeaderName> = connection_options(headers)
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
     let mut forwarded = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {

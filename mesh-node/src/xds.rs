@@ -182,6 +182,14 @@ impl Xds {
     }
 }
 
+/// Sends `request` on the stream being opened or served.
+async fn send(requests: &mpsc::Sender<DeltaRequest>, request: DeltaRequest) -> Result<(), String> {
+    requests
+        .send(request)
+        .await
+        .map_err(|_| "the request stream closed".to_owned())
+}
+
 fn jitter(delay: Duration) -> Duration {
     let mut byte = [0u8; 1];
     let _ = getrandom::getrandom(&mut byte);
@@ -239,14 +247,15 @@ async fn session(
     let held = config.borrow().versions();
     // Asked for before now: in the set the first request carries.
     while subscriptions.asked.try_recv().is_ok() {}
-    requests
-        .send(DeltaRequest {
+    send(
+        &requests,
+        DeltaRequest {
             initial_resource_versions: held.into_iter().collect(),
             subscribe: subscriptions.demand.all(),
             ..DeltaRequest::default()
-        })
-        .await
-        .map_err(|_| "the request stream closed".to_owned())?;
+        },
+    )
+    .await?;
     let mut inbound = client
         .delta(ReceiverStream::new(outbound))
         .await
@@ -266,23 +275,19 @@ async fn session(
                 while let Ok(more) = health.try_recv() {
                     endpoint_health.push(more);
                 }
-                requests
-                    .send(DeltaRequest {
-                        endpoint_health,
-                        ..DeltaRequest::default()
-                    })
-                    .await
-                    .map_err(|_| "the request stream closed".to_owned())?;
+                let request = DeltaRequest {
+                    endpoint_health,
+                    ..DeltaRequest::default()
+                };
+                send(&requests, request).await?;
                 continue;
             }
             Some(request_stats) = stats.recv() => {
-                requests
-                    .send(DeltaRequest {
-                        request_stats,
-                        ..DeltaRequest::default()
-                    })
-                    .await
-                    .map_err(|_| "the request stream closed".to_owned())?;
+                let request = DeltaRequest {
+                    request_stats,
+                    ..DeltaRequest::default()
+                };
+                send(&requests, request).await?;
                 continue;
             }
             Some(service) = subscriptions.asked.recv() => {
@@ -291,13 +296,11 @@ async fn session(
                     subscribe.push(more);
                 }
                 tracing::debug!(?subscribe, "asking for services on demand");
-                requests
-                    .send(DeltaRequest {
-                        subscribe,
-                        ..DeltaRequest::default()
-                    })
-                    .await
-                    .map_err(|_| "the request stream closed".to_owned())?;
+                let request = DeltaRequest {
+                    subscribe,
+                    ..DeltaRequest::default()
+                };
+                send(&requests, request).await?;
                 continue;
             }
             response = inbound.message() => response,
@@ -356,10 +359,7 @@ async fn session(
                 }
             }
         };
-        requests
-            .send(answer)
-            .await
-            .map_err(|_| "the request stream closed".to_owned())?;
+        send(&requests, answer).await?;
     }
 }
 

@@ -209,18 +209,17 @@ impl RequestMetrics {
              # TYPE mesh_requests_total counter\n",
         );
         // Each series read once, so its buckets, count and +Inf agree
-        // even while requests land.
-        let snapshots: Vec<(&RequestLabels, [u64; BUCKETS.len() + 1], u64)> = sorted
+        // even while requests land; its labels written once.
+        let snapshots: Vec<(String, [u64; BUCKETS.len() + 1], u64)> = sorted
             .iter()
             .map(|(key, series)| {
+                let mut labels = String::new();
+                key.render(&mut labels);
                 let buckets = std::array::from_fn(|i| series.buckets[i].load(Ordering::Relaxed));
-                (*key, buckets, series.sum_micros.load(Ordering::Relaxed))
+                (labels, buckets, series.sum_micros.load(Ordering::Relaxed))
             })
             .collect();
-        let mut labels = String::new();
-        for (key, buckets, _) in &snapshots {
-            labels.clear();
-            key.render(&mut labels);
+        for (labels, buckets, _) in &snapshots {
             let count: u64 = buckets.iter().sum();
             let _ = writeln!(out, "mesh_requests_total{{{labels}}} {count}");
         }
@@ -228,9 +227,7 @@ impl RequestMetrics {
             "# HELP mesh_request_duration_seconds Time from a request's arrival at the node proxy to its response head.\n\
              # TYPE mesh_request_duration_seconds histogram\n",
         );
-        for (key, buckets, sum_micros) in &snapshots {
-            labels.clear();
-            key.render(&mut labels);
+        for (labels, buckets, sum_micros) in &snapshots {
             let mut cumulative = 0;
             for (bound, bucket) in BUCKETS.iter().zip(buckets) {
                 cumulative += bucket;

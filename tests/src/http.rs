@@ -24,6 +24,28 @@ pub fn put_json(addr: SocketAddr, path: &str, body: &str) -> io::Result<Response
     request(addr, "PUT", path, Some(body))
 }
 
+/// Waits until `GET path` from `addr` answers 200 (`what` names the
+/// server in the error), polling every `every`, for at most `limit`.
+pub fn wait_for_ok(
+    addr: SocketAddr,
+    path: &str,
+    what: &str,
+    every: Duration,
+    limit: Duration,
+) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + limit;
+    while !get(addr, path).is_ok_and(|r| r.status == 200) {
+        if std::time::Instant::now() > deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{what} did not answer {path} within {limit:?}"),
+            ));
+        }
+        std::thread::sleep(every);
+    }
+    Ok(())
+}
+
 fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> io::Result<Response> {
     let timeout = Duration::from_secs(10);
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;

@@ -2,15 +2,12 @@
 //! test` into `~/.cache/mesh/phoenix`), taking OTLP/HTTP on `/v1/traces`
 //! and answering what it stored on its own REST API.
 
-use std::{
-    io,
-    net::{SocketAddr, TcpListener},
-    path::PathBuf,
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::{io, net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 
-use crate::{http, process::Process};
+use crate::{
+    http,
+    process::{Process, free_port},
+};
 
 #[derive(Debug)]
 pub struct Phoenix {
@@ -39,10 +36,6 @@ fn executable() -> io::Result<PathBuf> {
     }
 }
 
-fn free_port() -> io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 impl Phoenix {
     /// Starts phoenix with an empty store; returns once it answers.
     pub fn start() -> io::Result<Self> {
@@ -58,16 +51,13 @@ impl Phoenix {
             .env("PHOENIX_TELEMETRY_ENABLED", "false");
         let process = Process::spawn("phoenix", command)?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !http::get(addr, "/healthz").is_ok_and(|r| r.status == 200) {
-            if Instant::now() > deadline {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "phoenix did not answer within 120 s",
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        http::wait_for_ok(
+            addr,
+            "/healthz",
+            "phoenix",
+            Duration::from_millis(250),
+            Duration::from_secs(120),
+        )?;
         Ok(Self {
             process: Some(process),
             addr,

@@ -7,12 +7,13 @@
 use std::{
     ffi::CString,
     fs, io,
-    net::TcpListener,
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
+
+use crate::process::free_port;
 
 /// A running test server.
 #[derive(Debug)]
@@ -189,10 +190,6 @@ fn as_user(command: &mut Command, user: Option<(u32, u32)>) {
     if let Some((uid, gid)) = user {
         command.uid(uid).gid(gid).current_dir("/");
     }
-}
-
-fn free_port() -> io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 fn unique() -> u128 {

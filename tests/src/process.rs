@@ -314,6 +314,14 @@ pub fn workspace_binary(name: &str) -> io::Result<std::path::PathBuf> {
     }
 }
 
+/// A loopback port nothing listens on now, for a server that cannot report
+/// the one it picked itself (another process may take it first; rarely).
+pub fn free_port() -> io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

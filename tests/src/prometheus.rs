@@ -1,14 +1,12 @@
 //! A real Prometheus server (Debian package `prometheus`) scraping the
 //! given targets every second, queried through its own HTTP API.
 
-use std::{
-    io,
-    net::{SocketAddr, TcpListener},
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::{io, net::SocketAddr, process::Command, time::Duration};
 
-use crate::{http, process::Process};
+use crate::{
+    http,
+    process::{Process, free_port},
+};
 
 #[derive(Debug)]
 pub struct Prometheus {
@@ -32,9 +30,7 @@ impl Prometheus {
                 targets.join(", ")
             ),
         )?;
-        // A port nothing listens on now (Prometheus cannot report one it
-        // picked itself).
-        let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let mut command = Command::new("prometheus");
         command
             .arg(format!("--config.file={}", config.display()))
@@ -45,16 +41,13 @@ impl Prometheus {
             .arg(format!("--web.listen-address={addr}"))
             .arg("--log.level=warn");
         let process = Process::spawn("prometheus", command)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !http::get(addr, "/-/ready").is_ok_and(|r| r.status == 200) {
-            if Instant::now() > deadline {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "prometheus did not become ready in 30 s",
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        http::wait_for_ok(
+            addr,
+            "/-/ready",
+            "prometheus",
+            Duration::from_millis(100),
+            Duration::from_secs(30),
+        )?;
         Ok(Self {
             _process: process,
             addr,

@@ -463,7 +463,17 @@ impl tower::Service<Uri> for Connector {
                         &trace,
                     )
                     .await
-                    .map_err(|e| io::Error::new(io::ErrorKind::ConnectionRefused, e))?;
+                    .map_err(|e| {
+                        // A refusal by the destination's authorization is
+                        // told apart from a failed connection (see
+                        // `refused_by_policy`).
+                        let kind = if e.denied() {
+                            io::ErrorKind::PermissionDenied
+                        } else {
+                            io::ErrorKind::ConnectionRefused
+                        };
+                        io::Error::new(kind, e)
+                    })?;
                     Upstream::Tunnel(TunnelIo::from(tunnel))
                 }
                 None => Upstream::Plain(dial(&connector.netns, address).await?),
@@ -1162,10 +1172,7 @@ async fn route_request(
         upgrade: upgrade.as_ref(),
     };
     let exchanged = guarded(&breaker, ticket, timeout, async {
-        let (response, answered) = exchange
-            .run(replay)
-            .await
-            .map_err(|e| (Flag::ConnectFailed, e))?;
+        let (response, answered) = exchange.run(replay).await?;
         served.endpoint = Some(answered);
         whole_if_small(response)
             .await
@@ -1184,7 +1191,7 @@ async fn route_request(
 
 /// Runs `exchange` (the attempts up to a response head) within `timeout`,
 /// and tells `breaker` how it went: a timeout, an error or a 5xx response
-/// is a failure.
+/// is a failure; a refusal by the destination's policy is not.
 async fn guarded(
     breaker: &Breaker,
     ticket: Ticket,
@@ -1199,11 +1206,30 @@ async fn guarded(
                 format!("no response within {} ms", timeout.as_millis()),
             ))
         });
-    let success = outcome
-        .as_ref()
-        .is_ok_and(|response| !response.status().is_server_error());
+    // A refusal by the destination's policy says the upstream is there
+    // and answering, as any 4xx does.
+    let success = match &outcome {
+        Ok(response) => !response.status().is_server_error(),
+        Err((flag, _)) => *flag == Flag::Denied,
+    };
     breaker.record(ticket, success);
     outcome
+}
+
+/// Whether an upstream attempt failed because the destination's
+/// authorization refused the tunnel (the connector's `PermissionDenied`).
+fn refused_by_policy(error: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if cause
+            .downcast_ref::<io::Error>()
+            .is_some_and(|e| e.kind() == io::ErrorKind::PermissionDenied)
+        {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// Bodies of at most this size (by `content-length`) are read whole before
@@ -1286,21 +1312,27 @@ struct Exchange<'a> {
 }
 
 impl Exchange<'_> {
-    /// The response, and the endpoint that gave it.
-    async fn run(&self, mut replay: Replay) -> Result<(Response<Incoming>, SocketAddr), String> {
+    /// The response, and the endpoint that gave it; or why there is none:
+    /// the destination's authorization refused the caller (not retried:
+    /// another endpoint would refuse it too), or no attempt got a
+    /// response.
+    async fn run(
+        &self,
+        mut replay: Replay,
+    ) -> Result<(Response<Incoming>, SocketAddr), (Flag, String)> {
         let method = &self.parts.method;
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut retried = 0;
         loop {
             let endpoint = self.pick(&tried);
             tried.push(endpoint);
-            let body = replay.next().ok_or("the request body was already sent")?;
-            let request = self.upstream_request(endpoint, body)?;
-            let client = self
-                .route
-                .pod
-                .http_clients(&self.route.mesh)
-                .outbound(self.route.protocol);
+            let failed = |why: String| (Flag::ConnectFailed, why);
+            let body = replay
+                .next()
+                .ok_or_else(|| failed("the request body was already sent".into()))?;
+            let request = self.upstream_request(endpoint, body).map_err(failed)?;
+            let clients = self.route.pod.http_clients(&self.route.mesh);
+            let client = clients.outbound(self.route.protocol);
             let in_flight = self.state.in_flight.start(endpoint);
             let sent = client.request(request).await;
             drop(in_flight);
@@ -1316,14 +1348,17 @@ impl Exchange<'_> {
                     (Attempt::Status(status), Ok((response, endpoint)))
                 }
                 Err(error) => {
+                    let why = format!("{endpoint}: {}", super::error_chain(&error));
+                    if refused_by_policy(&error) {
+                        return Err((Flag::Denied, why));
+                    }
                     let attempt = if error.is_connect() {
                         Attempt::ConnectFailed
                     } else {
                         Attempt::Reset
                     };
-                    let why = format!("{endpoint}: {}", super::error_chain(&error));
                     tracing::debug!(pod = %self.route.pod.name, why, "upstream attempt failed");
-                    (attempt, Err(why))
+                    (attempt, Err((Flag::ConnectFailed, why)))
                 }
             };
             let again = matches!(replay, Replay::Kept(_))

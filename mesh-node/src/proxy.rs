@@ -350,13 +350,28 @@ struct PodContext {
     connections: Arc<Connections>,
     /// One per carried connection, shared by every pod of the node.
     permits: Arc<Semaphore>,
-    /// Upstream HTTP clients, made on the pod's first HTTP connection.
-    http: std::sync::OnceLock<http::Clients>,
+    /// Upstream HTTP clients, made on the pod's first HTTP request, with
+    /// the serial of the pod's certificate they were made under.
+    http: std::sync::Mutex<Option<(String, Arc<http::Clients>)>>,
 }
 
 impl PodContext {
-    fn http_clients(&self, mesh: &Arc<MeshPath>) -> &http::Clients {
-        self.http.get_or_init(|| http::Clients::new(self, mesh))
+    /// The pod's upstream HTTP clients. Their pooled connections are
+    /// tunnel streams, which would keep the TLS connection they ride (and
+    /// the certificate it authenticated with) in use for as long as
+    /// requests keep coming; so a rotated certificate gets new clients,
+    /// and the old ones close their connections as their requests end.
+    fn http_clients(&self, mesh: &Arc<MeshPath>) -> Arc<http::Clients> {
+        let serial = mesh::certificate_serial(mesh, &self.name);
+        let mut held = self.http.lock().unwrap_or_else(|e| e.into_inner());
+        match &*held {
+            Some((made_under, clients)) if *made_under == serial => clients.clone(),
+            _ => {
+                let clients = Arc::new(http::Clients::new(self, mesh));
+                *held = Some((serial, clients.clone()));
+                clients
+            }
+        }
     }
 }
 
@@ -507,7 +522,7 @@ impl Proxy {
             original,
             connections: self.connections.clone(),
             permits: self.permits.clone(),
-            http: std::sync::OnceLock::new(),
+            http: std::sync::Mutex::new(None),
         });
         let mut accept = JoinSet::new();
         for (listener, direction) in [

@@ -417,6 +417,13 @@ impl MeshPath {
 
 /// Opens a tunnel stream from the workload `pod` (dialling from inside
 /// its namespace, presenting its certificate) to `target`.
+/// The serial of `pod`'s current certificate; empty while it has none.
+pub(super) fn certificate_serial(mesh: &MeshPath, pod: &str) -> String {
+    mesh.certificate(pod)
+        .and_then(|s| s.borrow().current.as_ref().map(|c| c.serial.clone()))
+        .unwrap_or_default()
+}
+
 pub(super) async fn open_tunnel(
     pod: &str,
     netns: &NetnsThread,
@@ -432,10 +439,7 @@ pub(super) async fn open_tunnel(
     let state = mesh
         .certificate(pod)
         .filter(|s| s.borrow().current.is_some());
-    let serial = state
-        .as_ref()
-        .and_then(|s| s.borrow().current.as_ref().map(|c| c.serial.clone()))
-        .unwrap_or_default();
+    let serial = certificate_serial(mesh, pod);
     mesh.pool
         .open(
             &key,

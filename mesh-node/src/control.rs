@@ -118,6 +118,11 @@ impl ControlPlane {
         Ok(IdentityClient::new(self.channel()?))
     }
 
+    /// Follows the node certificate's state, once its manager runs.
+    pub fn node_certificate_state(&self) -> Option<watch::Receiver<CertState>> {
+        self.inner.node_state.get().cloned()
+    }
+
     /// Waits (up to `limit`) until the node holds its own certificate.
     pub async fn node_certificate(&self, limit: std::time::Duration) -> Result<(), String> {
         let Some(mut node) = self.inner.node_state.get().cloned() else {

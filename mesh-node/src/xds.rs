@@ -29,7 +29,10 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::control::{ControlPlane, NODE_CERTIFICATE_WAIT};
+use crate::{
+    control::{ControlPlane, NODE_CERTIFICATE_WAIT},
+    identity::CertState,
+};
 
 /// How the stream is doing.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -214,7 +217,14 @@ async fn run(
     loop {
         let result = session(&control, &mut subscriptions, &config, &status, &mut reports).await;
         let error = match result {
-            Ok(()) => "the control plane closed the stream".to_owned(),
+            Ok(Ended::Renewed) => {
+                tracing::info!(
+                    "node certificate renewed; reopening the configuration stream with it"
+                );
+                backoff = MIN_BACKOFF;
+                continue;
+            }
+            Ok(Ended::Closed) => "the control plane closed the stream".to_owned(),
             Err(error) => error,
         };
         // A session that got as far as an ACK resets the backoff.
@@ -233,15 +243,43 @@ async fn run(
     }
 }
 
+/// How a session ended without an error.
+enum Ended {
+    /// The control plane closed the stream.
+    Closed,
+    /// The node certificate the stream was opened with was renewed: the
+    /// control plane would cut the stream when that certificate expires,
+    /// so the node reopens it with the new one first.
+    Renewed,
+}
+
+/// Resolves once the node certificate's serial is no longer `serial`.
+async fn renewed(state: Option<watch::Receiver<CertState>>, serial: Option<String>) {
+    let Some(mut state) = state else {
+        return std::future::pending().await;
+    };
+    let current = |s: &CertState| s.current.as_ref().map(|c| c.serial.clone());
+    // The manager lives as long as the node; if it is gone, so is renewal.
+    if state.wait_for(|s| current(s) != serial).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 async fn session(
     control: &ControlPlane,
     subscriptions: &mut Subscriptions,
     config: &watch::Sender<Arc<NodeConfig>>,
     status: &watch::Sender<XdsStatus>,
     reports: &mut Reports,
-) -> Result<(), String> {
+) -> Result<Ended, String> {
     let Reports { health, stats } = reports;
     control.node_certificate(NODE_CERTIFICATE_WAIT).await?;
+    let node_state = control.node_certificate_state();
+    let opened_with = node_state
+        .as_ref()
+        .and_then(|s| s.borrow().current.as_ref().map(|c| c.serial.clone()));
+    let renewal = renewed(node_state, opened_with);
+    tokio::pin!(renewal);
     let mut client = DiscoveryClient::new(control.channel()?);
     let (requests, outbound) = mpsc::channel(4);
     let held = config.borrow().versions();
@@ -303,11 +341,12 @@ async fn session(
                 send(&requests, request).await?;
                 continue;
             }
+            () = &mut renewal => return Ok(Ended::Renewed),
             response = inbound.message() => response,
         };
         let response = response.map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
         let Some(mut response) = response else {
-            return Ok(());
+            return Ok(Ended::Closed);
         };
         // A push in parts is applied whole, once its last part is here.
         if let Some(first) = parts.first()

@@ -104,6 +104,11 @@ struct Mesh {
 }
 
 async fn mesh(store_url: Option<String>) -> Mesh {
+    mesh_issuing(store_url, None).await
+}
+
+/// [`mesh`], its CA issuing certificates that live `ttl` when given.
+async fn mesh_issuing(store_url: Option<String>, ttl: Option<Duration>) -> Mesh {
     let dir = tempfile::tempdir().unwrap();
     let url = store_url
         .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", dir.path().join("mesh.db").display()));
@@ -111,7 +116,10 @@ async fn mesh(store_url: Option<String>) -> Mesh {
     store.apply(&parse_documents(BASE).unwrap()).await.unwrap();
     let files = CaFiles::in_data_dir(&dir.path().join("control"));
     files.create("cluster.local").unwrap();
-    let (ca, kek) = files.load().unwrap();
+    let (mut ca, kek) = files.load().unwrap();
+    if let Some(ttl) = ttl {
+        ca = ca.with_ttl(ttl).unwrap();
+    }
     let bundle = ca.bundle();
     Mesh {
         store,
@@ -124,7 +132,7 @@ async fn mesh(store_url: Option<String>) -> Mesh {
 /// A node joined to `replica`, following its configuration.
 struct Node {
     xds: Xds,
-    _identity: CertManager,
+    identity: CertManager,
 }
 
 impl Mesh {
@@ -147,10 +155,7 @@ impl Mesh {
             Some(config) => Xds::resume(control, Vec::new(), config),
             None => Xds::start(control, Vec::new()),
         };
-        Node {
-            xds,
-            _identity: identity,
-        }
+        Node { xds, identity }
     }
 
     async fn apply(&self, yaml: &str) -> i64 {
@@ -292,6 +297,41 @@ async fn updates_and_removals_reach_the_node_and_it_sees_only_its_part() {
         removed.versions().get("workload/shop/frontend-1"),
         versions.get("workload/shop/frontend-1")
     );
+    recorded(&replica, "node1", |s| s.synced_revision >= Some(revision)).await;
+}
+
+#[tokio::test]
+async fn a_renewed_node_certificate_moves_the_stream_before_the_old_one_expires() {
+    // The CA's shortest life, 10 s, renewed at about 8 s: the second
+    // renewal comes after the first certificate has expired.
+    let mesh = mesh_issuing(None, Some(Duration::from_secs(10))).await;
+    let replica = replica(&mesh.store, &mesh.identity, "a").await;
+    let node = mesh.node(&replica, "node1", None).await;
+    let mut config = node.xds.config();
+    until(&mut config, "the first push", |c| c.revision > 0).await;
+
+    let mut identity = node.identity.subscribe();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        identity.wait_for(|s| s.rotations >= 2),
+    )
+    .await
+    .expect("two renewals within 30 s")
+    .unwrap();
+    // The control plane cuts a stream when the certificate it was opened
+    // with expires: the node moved it to each new certificate first.
+    let status = node.xds.status().borrow().clone();
+    assert_eq!(status.last_error, None, "{status:?}");
+    assert_eq!(status.reconnects, 0, "{status:?}");
+    let revision = mesh
+        .apply(
+            "apiVersion: mesh.io/v1\nkind: TrafficSplit\nmetadata: {name: reviews, namespace: shop}\nspec: {destination: reviews, v1_weight: 90, v2_weight: 10}\n",
+        )
+        .await;
+    until(&mut config, "a change after the renewals", |c| {
+        c.revision >= revision
+    })
+    .await;
     recorded(&replica, "node1", |s| s.synced_revision >= Some(revision)).await;
 }
 

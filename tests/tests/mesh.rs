@@ -445,6 +445,7 @@ fn certificates_rotate_under_traffic_without_a_failed_request() {
         )
     };
     let handshakes = mesh.metric(0, "mesh_tls_handshakes_total{side=\"client\"}");
+    let rotated_before = rotations(0, "shop/frontend");
     let mut requests = 0;
     let deadline = Instant::now() + Duration::from_secs(90);
     while rotations(0, "shop/frontend") < 2 || rotations(1, "shop/reviews") < 2 {
@@ -465,10 +466,16 @@ fn certificates_rotate_under_traffic_without_a_failed_request() {
     assert!(ok, "a request failed after the rotations: {output}");
     requests += 50;
     // Each rotation of the client's certificate moved new streams to a
-    // new connection, presenting the new certificate.
+    // new connection, presenting the new certificate, even though the
+    // traffic never paused long enough for a pooled upstream connection
+    // (and the tunnel stream under it) to idle out.
     let more = mesh.metric(0, "mesh_tls_handshakes_total{side=\"client\"}") - handshakes;
-    eprintln!("{requests} requests across two rotations, {more} new tunnel handshakes");
-    assert!(more >= 2, "only {more} new handshakes across two rotations");
+    let rotated = rotations(0, "shop/frontend") - rotated_before;
+    eprintln!("{requests} requests across {rotated} rotations, {more} new tunnel handshakes");
+    assert!(
+        more >= rotated,
+        "only {more} new handshakes across {rotated} rotations"
+    );
 }
 
 #[test]
@@ -1344,6 +1351,16 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
     held.send_line("after").unwrap();
     let answer = held.wait_for_line("", READY).unwrap();
     assert!(answer.starts_with("failed"), "{answer}");
+    // A caller the policy refuses gets 403 from its own node, not retried
+    // on another endpoint, and not taken for a failing service by the
+    // circuit breaker, which the node's other callers share.
+    let retried = mesh.metric(0, "mesh_http_retries_total");
+    let denied = summary(&mesh, "shop/frontend", &["--to", vip, "--count", "20"]);
+    assert_eq!(count(&denied, "statuses", "403"), 20, "{denied}");
+    assert_eq!(count(&denied, "flags", "RBAC"), 20, "{denied}");
+    assert_eq!(mesh.metric(0, "mesh_http_retries_total"), retried);
+    let allowed = summary(&mesh, "shop/other", &["--to", vip, "--count", "10"]);
+    assert_eq!(count(&allowed, "statuses", "200"), 10, "{allowed}");
     mesh.change(
         &["delete", "authorizationpolicy", "no-frontend", "-n", "shop"],
         None,

@@ -10,6 +10,7 @@ pub mod control;
 pub mod http;
 mod ip;
 pub mod netns;
+pub mod otlp;
 pub mod phoenix;
 pub mod postgres;
 pub mod process;

@@ -3,7 +3,7 @@
 
 use std::{
     fs::{self, File},
-    io::{self, BufRead as _, BufReader},
+    io::{self, BufRead as _, BufReader, Write as _},
     os::{
         fd::{AsRawFd as _, OwnedFd},
         unix::process::CommandExt as _,
@@ -27,9 +27,23 @@ pub struct Process {
     stdout: Option<mpsc::Receiver<String>>,
 }
 
+/// Where a process's stderr (its log) goes, besides [`Process::wait_for_log`].
+#[derive(Debug)]
+pub enum Logs {
+    /// To this process's stderr.
+    Inherit,
+    /// Appended to a file.
+    File(std::fs::File),
+}
+
 impl Process {
     /// Starts `command` with stdout captured line by line.
-    pub fn spawn(name: &str, mut command: Command) -> io::Result<Self> {
+    pub fn spawn(name: &str, command: Command) -> io::Result<Self> {
+        Self::spawn_with(name, command, Logs::Inherit)
+    }
+
+    /// [`Process::spawn`], its log going to `logs`.
+    pub fn spawn_with(name: &str, mut command: Command, logs: Logs) -> io::Result<Self> {
         let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -43,10 +57,16 @@ impl Process {
         // Stderr (logs) is passed through, and also offered to
         // `wait_for_log`.
         let logs_tx = lines_tx.clone();
+        let mut logs = logs;
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                eprintln!("{line}");
+                match &mut logs {
+                    Logs::Inherit => eprintln!("{line}"),
+                    Logs::File(file) => {
+                        let _ = writeln!(file, "{line}");
+                    }
+                }
                 if logs_tx.send(format!("{LOG_MARK}{line}")).is_err() {
                     break;
                 }
@@ -77,7 +97,18 @@ impl Process {
         ready_prefix: &str,
         timeout: Duration,
     ) -> io::Result<(Self, String)> {
-        let mut process = Self::spawn(name, command)?;
+        Self::spawn_ready_with(name, command, ready_prefix, timeout, Logs::Inherit)
+    }
+
+    /// [`Process::spawn_ready`], its log going to `logs`.
+    pub fn spawn_ready_with(
+        name: &str,
+        command: Command,
+        ready_prefix: &str,
+        timeout: Duration,
+        logs: Logs,
+    ) -> io::Result<(Self, String)> {
+        let mut process = Self::spawn_with(name, command, logs)?;
         let line = process.wait_for_line(ready_prefix, timeout)?;
         Ok((process, line))
     }

@@ -1,14 +1,14 @@
 //! `cargo xtask test`: every check and test the project has, in the order
-//! that fails fastest. The root-only tests (eBPF in the kernel, network
-//! namespaces) run serially, and the run fails if they leave a namespace
-//! or cgroup behind.
+//! that fails fastest, and last the demo. The root-only tests (eBPF in the
+//! kernel, network namespaces) run serially, and the run fails if they or
+//! the demo leave a namespace or cgroup behind.
 
 use std::time::Instant;
 
 use anyhow::{Context as _, bail};
 
 use crate::{
-    ebpf, run,
+    demo, ebpf, run,
     run::{Tally, cargo, cargo_nightly, root, step},
     setup,
 };
@@ -89,6 +89,13 @@ pub fn run() -> anyhow::Result<()> {
     );
     let leftovers = sweep_test_clusters()?;
     result?;
+
+    // The README's main command, so it cannot rot: every step checks what
+    // it shows, and it must leave nothing behind either.
+    step("the demo, end to end (`cargo xtask demo`)");
+    demo::run(demo::Args::default()).context("the demo failed")?;
+    tally.passed += 1;
+
     let namespaces_after = mesh_e2e::netns::list("").context("listing network namespaces")?;
     if leftovers > 0 || namespaces_after != namespaces_before {
         bail!(

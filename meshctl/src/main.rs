@@ -20,13 +20,11 @@ use crate::{client::Client, output::Format};
 const DEFAULT_SERVER: &str = "http://127.0.0.1:15100";
 
 /// Operate the mesh.
-///
-/// Examples:
-///   meshctl apply -f shop.yaml
-///   meshctl get trafficsplits -n shop
-///   meshctl describe service reviews -n shop
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(
+    version,
+    after_help = "Examples:\n  meshctl check\n  meshctl apply -f shop.yaml\n  meshctl get trafficsplits -n shop\n  meshctl describe service reviews -n shop\n  meshctl stat -n shop --watch\n  meshctl completions bash > /etc/bash_completion.d/meshctl"
+)]
 struct Cli {
     /// The control plane's admin API [default: the config file's `server`,
     /// else http://127.0.0.1:15100].
@@ -148,6 +146,20 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Check the mesh's health: the control plane, its store and token,
+    /// the CA's roots, every node's configuration, every service's
+    /// endpoints and canaries; for each problem, what to do. Exits 1 when
+    /// it finds an error.
+    ///
+    /// Example: meshctl check -o json
+    Check {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Print a shell completion script.
+    ///
+    /// Example: meshctl completions bash > /etc/bash_completion.d/meshctl
+    Completions { shell: clap_complete::Shell },
     /// Each node's configuration against the current revision: SYNCED,
     /// STALE, NACKED (with the node's reason) or DISCONNECTED, and the
     /// replica serving it.
@@ -530,6 +542,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             show_signals(&client()?, &ask, watch)
         }
+        Command::Check { output } => {
+            let findings = check::run(&client()?, &server, time::OffsetDateTime::now_utc());
+            match output {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&findings)?),
+                Format::Yaml => print!("{}", serde_yaml_ng::to_string(&findings)?),
+                Format::Table => print!("{}", check::render(&findings)),
+            }
+            if findings.iter().any(|f| f.level == check::Level::Error) {
+                bail!("the check found errors");
+            }
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "meshctl",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
         Command::ProxyStatus { output } => {
             let answer = client()?.get_json("/api/v1/proxy-status", &[])?;
             match output {
@@ -558,6 +592,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 mod cert;
+mod check;
 mod describe;
 mod stat;
 

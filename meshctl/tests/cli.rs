@@ -282,6 +282,10 @@ fn every_command_has_an_example_in_its_help() {
         vec!["node", "token", "create"],
         vec!["node", "token", "list"],
         vec!["node", "token", "delete"],
+        vec!["stat"],
+        vec!["top"],
+        vec!["check"],
+        vec!["completions"],
     ] {
         let output = Command::new(env!("CARGO_BIN_EXE_meshctl"))
             .args(&command)
@@ -574,6 +578,80 @@ fn endpoint_health_is_set_by_service_and_address() {
     ]);
     assert!(!out.ok);
     assert!(out.stderr.contains("not found"), "{out:?}");
+}
+
+#[test]
+fn check_names_each_problem_with_what_to_do_and_fails_on_errors() {
+    let cp = ControlPlane::start();
+    let shop = file(SHOP);
+    assert!(
+        cp.meshctl(&["apply", "-f", shop.path().to_str().unwrap()])
+            .ok
+    );
+    // The canary's v1 has no endpoint: 95 % of reviews' requests would
+    // get 503.
+    let out = cp.meshctl(&["check"]);
+    assert!(!out.ok, "{out:?}");
+    assert!(out.stderr.contains("the check found errors"), "{out:?}");
+    for line in [
+        "control plane\n  ok   mesh-control",
+        "ok   the admin token is accepted; the store is at revision 1",
+        "certificate authority\n  ok   signing root",
+        "nodes\n  WARN no node has connected\n       -> start mesh-node",
+        "FAIL shop/reviews: TrafficSplit reviews-canary sends 95 % to v1, which has no healthy endpoint",
+        "-> those requests get 503 (flag UH)",
+    ] {
+        assert!(out.stdout.contains(line), "{line:?} not in\n{}", out.stdout);
+    }
+    let v1 = file(
+        "apiVersion: mesh.io/v1\nkind: Workload\nmetadata: {name: reviews-v1, namespace: shop}\nspec: {node: node1, ip: 10.89.1.3, services: [reviews]}\n",
+    );
+    assert!(cp.meshctl(&["apply", "-f", v1.path().to_str().unwrap()]).ok);
+    let out = cp.meshctl(&["check", "-o", "json"]);
+    assert!(out.ok, "warnings alone pass: {out:?}");
+    let findings: Vec<serde_json::Value> = serde_json::from_str(&out.stdout).unwrap();
+    let services: Vec<_> = findings
+        .iter()
+        .filter(|f| f["group"] == "services")
+        .collect();
+    assert_eq!(services.len(), 1, "{findings:?}");
+    assert_eq!(services[0]["level"], "pass");
+    assert_eq!(
+        services[0]["what"],
+        "shop/reviews: 2 of 2 endpoints healthy"
+    );
+
+    let out = cp.meshctl_with_token(
+        Some("0000000000000000000000000000000000000000000000000000000000000000"),
+        &["check"],
+    );
+    assert!(!out.ok);
+    assert!(
+        out.stdout.contains("FAIL the admin token was refused"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn completions_cover_every_command() {
+    let output = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let script = String::from_utf8(output.stdout).unwrap();
+    for word in [
+        "_meshctl",
+        "proxy-status",
+        "rotate-root",
+        "completions",
+        "check",
+    ] {
+        assert!(
+            script.contains(word),
+            "{word} missing from the bash completion"
+        );
+    }
 }
 
 #[test]

@@ -818,6 +818,14 @@ fn what_the_nodes_hold(mesh: &Mesh) -> anyhow::Result<()> {
     for line in mesh.meshctl(&["proxy-status"], "")?.lines() {
         println!("      {line}");
     }
+    println!("    meshctl check:");
+    for line in mesh
+        .meshctl(&["check"], "")
+        .context("meshctl check found errors")?
+        .lines()
+    {
+        println!("      {line}");
+    }
     Ok(())
 }
 

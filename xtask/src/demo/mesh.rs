@@ -227,8 +227,12 @@ pub(crate) fn meshctl_at(
         .context("meshctl's stdin")?
         .write_all(input.as_bytes())?;
     let output = child.wait_with_output()?;
-    ensure!(output.status.success(), "meshctl {args:?} failed");
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    ensure!(
+        output.status.success(),
+        "meshctl {args:?} failed:\n{stdout}"
+    );
+    Ok(stdout)
 }
 
 /// Polls `done` every 100 ms until it holds (30 s at most); `what` names

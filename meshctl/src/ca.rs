@@ -4,37 +4,32 @@
 use crate::{
     CaCommand,
     client::Client,
-    output::{Format, align},
+    output::{Format, align, show},
 };
 
 fn print_status(answer: &serde_json::Value, output: Format) -> anyhow::Result<()> {
-    match output {
-        Format::Json => println!("{}", serde_json::to_string_pretty(answer)?),
-        Format::Yaml => print!("{}", serde_yaml_ng::to_string(answer)?),
-        Format::Table => {
-            println!(
-                "trust domain {}, certificates live {} s",
-                answer["trust_domain"].as_str().unwrap_or("?"),
-                answer["certificate_ttl_seconds"]
-            );
-            let mut rows = vec![
-                ["SERIAL", "STATE", "NOT-BEFORE", "NOT-AFTER"]
-                    .map(str::to_owned)
-                    .to_vec(),
-            ];
-            for root in answer["roots"].as_array().into_iter().flatten() {
-                let text = |k: &str| root[k].as_str().unwrap_or("-").to_owned();
-                rows.push(vec![
-                    text("serial"),
-                    text("state"),
-                    text("not_before"),
-                    text("not_after"),
-                ]);
-            }
-            print!("{}", align(&rows));
+    show(answer, output, || {
+        let heading = format!(
+            "trust domain {}, certificates live {} s\n",
+            answer["trust_domain"].as_str().unwrap_or("?"),
+            answer["certificate_ttl_seconds"]
+        );
+        let mut rows = vec![
+            ["SERIAL", "STATE", "NOT-BEFORE", "NOT-AFTER"]
+                .map(str::to_owned)
+                .to_vec(),
+        ];
+        for root in answer["roots"].as_array().into_iter().flatten() {
+            let text = |k: &str| root[k].as_str().unwrap_or("-").to_owned();
+            rows.push(vec![
+                text("serial"),
+                text("state"),
+                text("not_before"),
+                text("not_after"),
+            ]);
         }
-    }
-    Ok(())
+        Ok(heading + &align(&rows))
+    })
 }
 
 pub fn run(client: &Client, command: CaCommand) -> anyhow::Result<()> {

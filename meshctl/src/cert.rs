@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use crate::{
     CertCommand,
     client::Client,
-    output::{Format, align},
+    output::{align, show},
 };
 
 pub fn run(client: &Client, command: CertCommand) -> anyhow::Result<()> {
@@ -30,40 +30,37 @@ pub fn run(client: &Client, command: CertCommand) -> anyhow::Result<()> {
                 .collect();
             let answer = client.get_json("/api/v1/certificates", &query)?;
             let items = answer["items"].as_array().cloned().unwrap_or_default();
-            match output {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
-                Format::Yaml => print!("{}", serde_yaml_ng::to_string(&answer)?),
-                Format::Table if items.is_empty() => println!("No certificates issued."),
-                Format::Table => {
-                    let mut rows = vec![
-                        [
-                            "SERVICE",
-                            "SPIFFE-ID",
-                            "SERIAL",
-                            "NOT-AFTER",
-                            "STATE",
-                            "KEY",
-                            "NODE",
-                        ]
-                        .map(str::to_owned)
-                        .to_vec(),
-                    ];
-                    for item in &items {
-                        let text = |k: &str| item[k].as_str().unwrap_or("-").to_owned();
-                        rows.push(vec![
-                            text("service_name"),
-                            text("spiffe_id"),
-                            text("serial"),
-                            text("not_after"),
-                            text("state"),
-                            text("key"),
-                            text("node"),
-                        ]);
-                    }
-                    print!("{}", align(&rows));
+            show(&answer, output, || {
+                if items.is_empty() {
+                    return Ok("No certificates issued.\n".into());
                 }
-            }
-            Ok(())
+                let mut rows = vec![
+                    [
+                        "SERVICE",
+                        "SPIFFE-ID",
+                        "SERIAL",
+                        "NOT-AFTER",
+                        "STATE",
+                        "KEY",
+                        "NODE",
+                    ]
+                    .map(str::to_owned)
+                    .to_vec(),
+                ];
+                for item in &items {
+                    let text = |k: &str| item[k].as_str().unwrap_or("-").to_owned();
+                    rows.push(vec![
+                        text("service_name"),
+                        text("spiffe_id"),
+                        text("serial"),
+                        text("not_after"),
+                        text("state"),
+                        text("key"),
+                        text("node"),
+                    ]);
+                }
+                Ok(align(&rows))
+            })
         }
         CertCommand::Issue {
             namespace,

@@ -94,6 +94,8 @@ enum Command {
         name: String,
         #[arg(short, long, default_value = DEFAULT_NAMESPACE)]
         namespace: String,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Format,
     },
     /// Golden signals per service: requests, rate, success rate, P50 and
     /// P99 latency over a recent window, as the callers' node proxies
@@ -318,12 +320,13 @@ enum TokenCommand {
     Delete { id: String },
 }
 
-fn print_proxy_status(answer: &serde_json::Value) {
+fn proxy_status_table(answer: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
     let nodes = answer["nodes"].as_array().cloned().unwrap_or_default();
-    println!("current revision {}", answer["revision"]);
+    let mut out = format!("current revision {}\n", answer["revision"]);
     if nodes.is_empty() {
-        println!("No node has connected.");
-        return;
+        out.push_str("No node has connected.\n");
+        return out;
     }
     let mut rows = vec![
         ["NODE", "STATE", "REVISION", "REPLICA", "LAST-SEEN"]
@@ -342,12 +345,13 @@ fn print_proxy_status(answer: &serde_json::Value) {
             text("last_seen"),
         ]);
     }
-    print!("{}", output::align(&rows));
+    out.push_str(&output::align(&rows));
     for node in &nodes {
         if let Some(reason) = node["reason"].as_str() {
-            println!("{}: {reason}", node["node"].as_str().unwrap_or("?"));
+            let _ = writeln!(out, "{}: {reason}", node["node"].as_str().unwrap_or("?"));
         }
     }
+    out
 }
 
 fn main() -> ExitCode {
@@ -544,11 +548,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Check { output } => {
             let findings = check::run(&client()?, &server, time::OffsetDateTime::now_utc());
-            match output {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&findings)?),
-                Format::Yaml => print!("{}", serde_yaml_ng::to_string(&findings)?),
-                Format::Table => print!("{}", check::render(&findings)),
-            }
+            output::show(&findings, output, || Ok(check::render(&findings)))?;
             if findings.iter().any(|f| f.level == check::Level::Error) {
                 bail!("the check found errors");
             }
@@ -566,17 +566,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::ProxyStatus { output } => {
             let answer = client()?.get_json("/api/v1/proxy-status", &[])?;
-            match output {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
-                Format::Yaml => print!("{}", serde_yaml_ng::to_string(&answer)?),
-                Format::Table => print_proxy_status(&answer),
-            }
-            Ok(())
+            output::show(&answer, output, || Ok(proxy_status_table(&answer)))
         }
         Command::Describe {
             kind,
             name,
             namespace,
+            output,
         } => {
             if parse_kind(&kind)? != Kind::Service {
                 bail!("describe supports services only (meshctl describe service NAME)");
@@ -585,8 +581,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &format!("/api/v1/services/{name}/describe"),
                 &[("namespace", namespace.as_str())],
             )?;
-            print!("{}", describe::service(&answer)?);
-            Ok(())
+            output::show(&answer, output, || describe::service(&answer))
         }
     }
 }

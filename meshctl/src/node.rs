@@ -4,7 +4,7 @@
 use crate::{
     NodeCommand, TokenCommand,
     client::Client,
-    output::{Format, align},
+    output::{align, show},
 };
 
 pub fn run(client: &Client, command: NodeCommand) -> anyhow::Result<()> {
@@ -40,29 +40,26 @@ pub fn run(client: &Client, command: NodeCommand) -> anyhow::Result<()> {
         TokenCommand::List { output } => {
             let answer = client.get_json("/api/v1/nodes/tokens", &[])?;
             let items = answer.as_array().cloned().unwrap_or_default();
-            match output {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
-                Format::Yaml => print!("{}", serde_yaml_ng::to_string(&answer)?),
-                Format::Table if items.is_empty() => println!("No bootstrap tokens."),
-                Format::Table => {
-                    let mut rows = vec![
-                        ["ID", "NODE", "EXPIRES", "DESCRIPTION"]
-                            .map(str::to_owned)
-                            .to_vec(),
-                    ];
-                    for item in &items {
-                        let text = |k: &str| item[k].as_str().unwrap_or("-").to_owned();
-                        rows.push(vec![
-                            text("id"),
-                            item["node"].as_str().unwrap_or("<any>").to_owned(),
-                            text("expires_at"),
-                            text("description"),
-                        ]);
-                    }
-                    print!("{}", align(&rows));
+            show(&answer, output, || {
+                if items.is_empty() {
+                    return Ok("No bootstrap tokens.\n".into());
                 }
-            }
-            Ok(())
+                let mut rows = vec![
+                    ["ID", "NODE", "EXPIRES", "DESCRIPTION"]
+                        .map(str::to_owned)
+                        .to_vec(),
+                ];
+                for item in &items {
+                    let text = |k: &str| item[k].as_str().unwrap_or("-").to_owned();
+                    rows.push(vec![
+                        text("id"),
+                        item["node"].as_str().unwrap_or("<any>").to_owned(),
+                        text("expires_at"),
+                        text("description"),
+                    ]);
+                }
+                Ok(align(&rows))
+            })
         }
         TokenCommand::Delete { id } => {
             client.delete_empty(&format!("/api/v1/nodes/tokens/{id}"))?;

@@ -19,6 +19,20 @@ pub enum Format {
     Json,
 }
 
+/// Prints `value` as JSON or YAML, or `table()` for people.
+pub fn show<T: serde::Serialize>(
+    value: &T,
+    format: Format,
+    table: impl FnOnce() -> anyhow::Result<String>,
+) -> anyhow::Result<()> {
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Format::Yaml => print!("{}", serde_yaml_ng::to_string(value)?),
+        Format::Table => print!("{}", table()?),
+    }
+    Ok(())
+}
+
 /// Renders documents: a table (one kind), a YAML stream or JSON.
 pub fn render(documents: &[Document], format: Format, single: bool) -> anyhow::Result<String> {
     Ok(match format {

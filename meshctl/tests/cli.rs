@@ -173,6 +173,13 @@ fn apply_get_describe_delete() {
         "{}",
         out.stdout
     );
+    let described = cp.meshctl(&["describe", "service", "reviews", "-n", "shop", "-o", "json"]);
+    let json: serde_json::Value = serde_json::from_str(&described.stdout).unwrap();
+    assert_eq!(
+        json["traffic_splits"][0]["metadata"]["name"],
+        "reviews-canary"
+    );
+    assert_eq!(json["endpoints"][0]["ip"], "10.89.1.2", "{json}");
     assert!(
         out.stdout.contains(
             "Retries on:     connect failure, 503, 409; backoff 25-250ms; budget 20% (min 3/s)"

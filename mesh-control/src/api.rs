@@ -144,6 +144,8 @@ pub struct ProxyStatus {
     pub reason: Option<String>,
     pub replica: String,
     pub last_seen: String,
+    /// Where the node's admin endpoint listens, as it reported.
+    pub admin: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -261,6 +263,7 @@ async fn proxy_status(State(state): State<AppState>) -> Result<Json<serde_json::
             reason: n.nack_reason,
             replica: n.replica,
             last_seen: n.last_seen,
+            admin: n.admin_address,
         })
         .collect();
     Ok(Json(

@@ -49,6 +49,9 @@ struct Inner {
     /// since the server knows a connection by the certificate it was opened
     /// with.
     channel: Mutex<Option<(Vec<u8>, Channel)>>,
+    /// Where this node's admin endpoint listens, told to the control plane
+    /// for `meshctl proxy-config`.
+    admin_address: OnceLock<std::net::SocketAddr>,
 }
 
 impl ControlPlane {
@@ -68,8 +71,19 @@ impl ControlPlane {
                 bundle: RwLock::new(bundle),
                 node_state: OnceLock::new(),
                 channel: Mutex::new(None),
+                admin_address: OnceLock::new(),
             }),
         })
+    }
+
+    /// Records where the node's admin endpoint listens (once).
+    pub fn set_admin_address(&self, address: std::net::SocketAddr) {
+        let _ = self.inner.admin_address.set(address);
+    }
+
+    /// Where the node's admin endpoint listens, when set.
+    pub fn admin_address(&self) -> Option<std::net::SocketAddr> {
+        self.inner.admin_address.get().copied()
     }
 
     /// The trust bundle as last received.

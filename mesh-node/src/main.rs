@@ -303,7 +303,12 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
     // Certificates and configuration are followed for as long as `mesh`
     // is held.
     let certificates = SharedTracked::default();
-    let mesh = join_mesh(&args, &certificates)?;
+    // Bound first: the node tells the control plane where it is.
+    let listener = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("binding the admin endpoint to {}", args.admin_addr))?;
+    let admin_addr = listener.local_addr()?;
+    let mesh = join_mesh(&args, &certificates, admin_addr)?;
     let tunnel_stats = Arc::new(HboneStats::default());
     let trace_exporter = match &args.trace_endpoint {
         Some(endpoint) => Some(
@@ -373,10 +378,6 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
         _ => None,
     };
 
-    let listener = tokio::net::TcpListener::bind(args.admin_addr)
-        .await
-        .with_context(|| format!("binding the admin endpoint to {}", args.admin_addr))?;
-    let admin_addr = listener.local_addr()?;
     tracing::info!(%admin_addr, "admin endpoint listening");
     // One line on stdout tells a supervisor (the demo, tests) we are ready.
     let mut stdout = std::io::stdout().lock();
@@ -543,7 +544,11 @@ struct Mesh {
 
 /// Joins the mesh: a certificate manager for the node, the configuration
 /// stream, and a certificate manager for each workload on the node.
-fn join_mesh(args: &Args, tracked: &SharedTracked) -> anyhow::Result<Option<Mesh>> {
+fn join_mesh(
+    args: &Args,
+    tracked: &SharedTracked,
+    admin_addr: SocketAddr,
+) -> anyhow::Result<Option<Mesh>> {
     let Some(address) = &args.control_plane else {
         if !args.workloads.is_empty() {
             bail!("--workload needs --control-plane (where certificates come from)");
@@ -586,6 +591,7 @@ fn join_mesh(args: &Args, tracked: &SharedTracked) -> anyhow::Result<Option<Mesh
         fixed.insert(workload);
     }
     tracing::info!(%address, node, "joining the mesh");
+    control.set_admin_address(admin_addr);
     let xds = Xds::start(control.clone(), Vec::new());
     let workloads = Workloads::follow(
         control,

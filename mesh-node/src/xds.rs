@@ -290,6 +290,10 @@ async fn session(
         DeltaRequest {
             initial_resource_versions: held.into_iter().collect(),
             subscribe: subscriptions.demand.all(),
+            admin_address: control
+                .admin_address()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
             ..DeltaRequest::default()
         },
     )

@@ -55,6 +55,9 @@ metadata: {name: reviews, namespace: shop}
 spec: {ports: [{port: 9080, protocol: http}]}
 "#;
 
+/// Where the test nodes say their admin endpoint is.
+const ADMIN: &str = "127.0.0.1:15000";
+
 /// A control plane replica serving the node API.
 struct Replica {
     addr: String,
@@ -150,6 +153,7 @@ impl Mesh {
             .token;
         let control =
             ControlPlane::new(&replica.addr, name, self.bundle.clone(), Some(token)).unwrap();
+        control.set_admin_address(ADMIN.parse().unwrap());
         let identity = control.start_node_identity(RotationConfig::default(), Clock::system());
         let xds = match initial {
             Some(config) => Xds::resume(control, Vec::new(), config),
@@ -297,7 +301,8 @@ async fn updates_and_removals_reach_the_node_and_it_sees_only_its_part() {
         removed.versions().get("workload/shop/frontend-1"),
         versions.get("workload/shop/frontend-1")
     );
-    recorded(&replica, "node1", |s| s.synced_revision >= Some(revision)).await;
+    let status = recorded(&replica, "node1", |s| s.synced_revision >= Some(revision)).await;
+    assert_eq!(status.admin_address.as_deref(), Some(ADMIN));
 }
 
 #[tokio::test]
@@ -487,8 +492,10 @@ async fn with_two_replicas_on_postgres_a_change_through_one_reaches_a_node_on_th
         s.synced_revision == Some(updated.revision)
     })
     .await;
-    // Recorded in the shared store by the replica serving the node.
+    // Recorded in the shared store by the replica serving the node, with
+    // where to reach the node's admin endpoint.
     assert_eq!(status.replica, "b");
+    assert_eq!(status.admin_address.as_deref(), Some(ADMIN));
     assert_eq!(replica_a.store.node_statuses().await.unwrap(), [status]);
 }
 

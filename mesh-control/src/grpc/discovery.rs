@@ -167,6 +167,7 @@ impl discovery_server::Discovery for DiscoveryService {
                 nack_revision: None,
                 nack_reason: None,
                 last_seen: String::new(),
+                admin_address: None,
             },
             node,
             remote: peer.remote.to_string(),
@@ -348,6 +349,12 @@ impl Session {
         let Some(first) = inbound.message().await? else {
             return Ok(());
         };
+        // Kept only when it is an address: it is shown to operators.
+        self.status.admin_address = first
+            .admin_address
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|a| a.to_string());
         let mut held = Held {
             versions: first
                 .initial_resource_versions

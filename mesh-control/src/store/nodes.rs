@@ -21,6 +21,8 @@ pub struct NodeConfigStatus {
     pub nack_revision: Option<i64>,
     pub nack_reason: Option<String>,
     pub last_seen: String,
+    /// Where the node's admin endpoint listens, as it reported.
+    pub admin_address: Option<String>,
 }
 
 /// Writes one node's state. A replica's record of a stream that ended does
@@ -32,11 +34,12 @@ pub(super) async fn record(
     status: &NodeConfigStatus,
 ) -> Result<(), StoreError> {
     let sql = format!(
-        "INSERT INTO NodeConfigStatus (node, replica, connected, synced_revision, nack_revision, nack_reason, last_seen) \
-         VALUES ($1, $2, $3, $4, $5, $6, {}) \
+        "INSERT INTO NodeConfigStatus (node, replica, connected, synced_revision, nack_revision, nack_reason, last_seen, admin_address) \
+         VALUES ($1, $2, $3, $4, $5, $6, {}, $8) \
          ON CONFLICT (node) DO UPDATE SET replica = excluded.replica, connected = excluded.connected, \
          synced_revision = excluded.synced_revision, nack_revision = excluded.nack_revision, \
-         nack_reason = excluded.nack_reason, last_seen = excluded.last_seen \
+         nack_reason = excluded.nack_reason, last_seen = excluded.last_seen, \
+         admin_address = excluded.admin_address \
          WHERE excluded.connected OR NodeConfigStatus.replica = excluded.replica",
         b.time_param("$7")
     );
@@ -48,6 +51,7 @@ pub(super) async fn record(
         .bind(status.nack_revision)
         .bind(status.nack_reason.as_deref())
         .bind(&status.last_seen)
+        .bind(status.admin_address.as_deref())
         .execute(&mut *conn)
         .await?;
     Ok(())
@@ -58,7 +62,7 @@ pub(super) async fn list(
     b: Backend,
 ) -> Result<Vec<NodeConfigStatus>, StoreError> {
     let sql = format!(
-        "SELECT node, replica, connected, synced_revision, nack_revision, nack_reason, {} \
+        "SELECT node, replica, connected, synced_revision, nack_revision, nack_reason, {}, admin_address \
          FROM NodeConfigStatus ORDER BY node",
         b.time_column("last_seen")
     );
@@ -74,6 +78,7 @@ pub(super) async fn list(
                 nack_revision: c.opt_int("nack_revision")?,
                 nack_reason: c.opt_text("nack_reason")?,
                 last_seen: c.text("last_seen")?,
+                admin_address: c.opt_text("admin_address")?,
             })
         })
         .collect()

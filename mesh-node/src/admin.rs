@@ -115,6 +115,7 @@ pub fn router(state: AdminState) -> Router {
         )
         .route("/certificates", get(certificates))
         .route("/config", get(config))
+        .route("/config/dump", get(config_dump))
         .route("/metrics", get(metrics))
         .with_state(state)
 }
@@ -174,6 +175,41 @@ async fn config(State(state): State<AdminState>) -> Response {
         "revision": config.revision,
         "resources": config.versions(),
         "stream": status,
+    }))
+    .into_response()
+}
+
+/// `GET /config/dump`: the revision and every resource the node holds,
+/// with its version and content (`meshctl proxy-config` reads it).
+async fn config_dump(State(state): State<AdminState>) -> Response {
+    use mesh_model::config::ConfigResource;
+    let Some((config, _)) = &state.config else {
+        return (
+            StatusCode::NOT_FOUND,
+            "no configuration: mesh-node runs without --control-plane\n",
+        )
+            .into_response();
+    };
+    let config = config.borrow().clone();
+    let resources: serde_json::Map<String, serde_json::Value> = config
+        .resources
+        .iter()
+        .map(|(name, (version, resource))| {
+            let content = match resource.as_ref() {
+                ConfigResource::Object(object) => serde_json::to_value(object.to_document()),
+                ConfigResource::Endpoints(set) => serde_json::to_value(set),
+                ConfigResource::Address(address) => serde_json::to_value(address),
+            }
+            .unwrap_or_else(|e| serde_json::Value::String(format!("unprintable: {e}")));
+            (
+                name.clone(),
+                serde_json::json!({ "version": version, "resource": content }),
+            )
+        })
+        .collect();
+    Json(serde_json::json!({
+        "revision": config.revision,
+        "resources": resources,
     }))
     .into_response()
 }

@@ -6,9 +6,9 @@ use std::fmt::Write as _;
 use anyhow::Context as _;
 use mesh_model::{Document, Resource, policy::ServicePolicySpec};
 
-use crate::output::{align, circuit, header_match, port};
+use crate::output::{align, circuit, port, split};
 
-fn resource(value: &serde_json::Value) -> anyhow::Result<Resource> {
+pub(crate) fn resource(value: &serde_json::Value) -> anyhow::Result<Resource> {
     let document: Document = serde_json::from_value(value.clone()).context("reading a resource")?;
     Resource::from_document(document)
         .map_err(|e| anyhow::anyhow!("the control plane sent an invalid resource: {e:?}"))
@@ -90,15 +90,7 @@ pub fn service(answer: &serde_json::Value) -> anyhow::Result<String> {
     }
     for value in &splits {
         if let Resource::TrafficSplit(s) = resource(value)? {
-            let _ = writeln!(
-                out,
-                "  {}: v1 {} / v2 {}, from {}, header match {}",
-                s.name(),
-                s.spec.v1_weight,
-                s.spec.v2_weight,
-                s.spec.source.as_deref().unwrap_or("every caller"),
-                header_match(&s.spec)
-            );
+            let _ = writeln!(out, "  {}", split(s.name(), &s.spec));
         }
     }
 

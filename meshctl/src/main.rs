@@ -158,6 +158,23 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Format,
     },
+    /// What one node proxy holds, read from the node itself: its services
+    /// (clusters), their policies and splits (routes), their endpoints,
+    /// and its certificates (secrets).
+    ///
+    /// Example: meshctl proxy-config node1 --type routes
+    ProxyConfig {
+        /// The node, as meshctl proxy-status lists it.
+        node: String,
+        #[arg(long = "type", value_enum, default_value = "all")]
+        part: proxy_config::Part,
+        /// The node's admin endpoint (HOST:PORT), instead of the address it
+        /// reported (e.g. a kubectl port-forward).
+        #[arg(long)]
+        admin: Option<String>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Format,
+    },
     /// Print a shell completion script.
     ///
     /// Example: meshctl completions bash > /etc/bash_completion.d/meshctl
@@ -329,7 +346,7 @@ fn proxy_status_table(answer: &serde_json::Value) -> String {
         return out;
     }
     let mut rows = vec![
-        ["NODE", "STATE", "REVISION", "REPLICA", "LAST-SEEN"]
+        ["NODE", "STATE", "REVISION", "REPLICA", "LAST-SEEN", "ADMIN"]
             .map(str::to_owned)
             .to_vec(),
     ];
@@ -343,6 +360,7 @@ fn proxy_status_table(answer: &serde_json::Value) -> String {
                 .map_or("-".to_owned(), |r| r.to_string()),
             text("replica"),
             text("last_seen"),
+            text("admin"),
         ]);
     }
     out.push_str(&output::align(&rows));
@@ -554,6 +572,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::ProxyConfig {
+            node,
+            part,
+            admin,
+            output,
+        } => proxy_config::run(&client()?, &node, admin, part, output),
         Command::Completions { shell } => {
             use clap::CommandFactory as _;
             clap_complete::generate(
@@ -589,6 +613,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 mod cert;
 mod check;
 mod describe;
+mod proxy_config;
 mod stat;
 
 /// Prints the signals once, or every 2 s (clearing the terminal) with

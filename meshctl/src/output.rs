@@ -221,6 +221,17 @@ pub fn circuit(spec: &ServicePolicySpec) -> String {
     )
 }
 
+/// One traffic split in a line: weights, callers, header match.
+pub fn split(name: &str, spec: &TrafficSplitSpec) -> String {
+    format!(
+        "{name}: v1 {} / v2 {}, from {}, header match {}",
+        spec.v1_weight,
+        spec.v2_weight,
+        spec.source.as_deref().unwrap_or("every caller"),
+        header_match(spec)
+    )
+}
+
 pub fn header_match(spec: &TrafficSplitSpec) -> String {
     let Some(matches) = &spec.header_match else {
         return "-".into();

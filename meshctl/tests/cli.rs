@@ -282,6 +282,7 @@ fn every_command_has_an_example_in_its_help() {
         vec!["ca", "rotate-root"],
         vec!["ca", "retire-root"],
         vec!["proxy-status"],
+        vec!["proxy-config"],
         vec!["endpoint"],
         vec!["endpoint", "health"],
         vec!["node"],

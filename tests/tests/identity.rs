@@ -31,7 +31,17 @@ spec: {node: node1, ip: 10.89.0.2, service_account: frontend}
 apiVersion: mesh.io/v1
 kind: Workload
 metadata: {name: reviews-1, namespace: shop}
-spec: {node: node2, ip: 10.89.1.2, service_account: reviews}
+spec: {node: node2, ip: 10.89.1.2, service_account: reviews, services: [reviews]}
+---
+apiVersion: mesh.io/v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec: {ports: [{port: 9080, protocol: http}]}
+---
+apiVersion: mesh.io/v1
+kind: ServicePolicy
+metadata: {name: reviews, namespace: shop}
+spec: {retry_attempts: 2, timeout_ms: 1000}
 "#;
 
 fn start_control_plane(data_dir: &Path) -> (Process, String, String) {
@@ -176,6 +186,7 @@ fn a_node_joins_and_holds_only_its_own_workloads_certificates() {
         if node["state"] == "SYNCED" {
             assert_eq!(node["node"], "node1");
             assert_eq!(node["synced_revision"], status["revision"]);
+            assert_eq!(node["admin"], admin.to_string(), "{status}");
             break;
         }
         assert!(Instant::now() < deadline, "node1 never SYNCED: {status}");
@@ -185,6 +196,57 @@ fn a_node_joins_and_holds_only_its_own_workloads_certificates() {
     assert!(
         table.contains("node1") && table.contains("SYNCED"),
         "{table}"
+    );
+
+    // What the node holds, read from the node at the address it reported.
+    let held: Value = serde_json::from_str(&meshctl(
+        &api,
+        &data_dir,
+        &["proxy-config", "node1", "-o", "json"],
+        None,
+    ))
+    .unwrap();
+    assert_eq!(held["revision"], config["revision"], "{held}");
+    assert_eq!(
+        held["clusters"]["service/shop/reviews"]["resource"]["spec"]["ports"][0]["port"], 9080,
+        "{held}"
+    );
+    assert_eq!(
+        held["routes"]["servicepolicy/shop/reviews"]["resource"]["spec"]["timeout_ms"], 1000,
+        "{held}"
+    );
+    assert_eq!(
+        held["endpoints"]["endpoints/shop/reviews"]["resource"]["endpoints"][0]["ip"], "10.89.1.2",
+        "{held}"
+    );
+    let secrets = held["secrets"].as_array().unwrap();
+    assert!(
+        secrets
+            .iter()
+            .any(|c| c["spiffe_id"] == "spiffe://cluster.local/ns/shop/sa/frontend"),
+        "{held}"
+    );
+    let routes = meshctl(
+        &api,
+        &data_dir,
+        &["proxy-config", "node1", "--type", "routes"],
+        None,
+    );
+    assert!(
+        routes.contains(
+            "shop/reviews: 2 retries, timeout 1000ms, circuit 50% over 30s, recover 10000ms (ServicePolicy)\n  no split: every request to v1"
+        ),
+        "{routes}"
+    );
+    let endpoints = meshctl(
+        &api,
+        &data_dir,
+        &["proxy-config", "node1", "--type", "endpoints"],
+        None,
+    );
+    assert!(
+        endpoints.contains("shop/reviews   10.89.1.2:9080   v1        yes       reviews-1"),
+        "{endpoints}"
     );
 
     // The operator's view of one workload.

@@ -818,6 +818,13 @@ fn what_the_nodes_hold(mesh: &Mesh) -> anyhow::Result<()> {
     for line in mesh.meshctl(&["proxy-status"], "")?.lines() {
         println!("      {line}");
     }
+    println!("    meshctl proxy-config node0 --type routes (read from node0's admin endpoint):");
+    for line in mesh
+        .meshctl(&["proxy-config", "node0", "--type", "routes"], "")?
+        .lines()
+    {
+        println!("      {line}");
+    }
     println!("    meshctl check:");
     for line in mesh
         .meshctl(&["check"], "")

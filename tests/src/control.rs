@@ -87,7 +87,24 @@ impl ControlPlane {
 /// control plane whose data is in `data_dir`; panics with its output if it
 /// fails.
 pub fn meshctl(api: &str, data_dir: &Path, args: &[&str], stdin: Option<&str>) -> String {
-    let mut child = Command::new(workspace_binary("meshctl").expect("meshctl is built"))
+    let binary = workspace_binary("meshctl").expect("meshctl is built");
+    let output =
+        run_meshctl(&binary, api, data_dir, args, stdin.unwrap_or("")).expect("running meshctl");
+    assert!(output.status.success(), "meshctl {args:?}: {output:?}");
+    String::from_utf8(output.stdout).expect("meshctl prints UTF-8")
+}
+
+/// Runs the meshctl at `binary` with `args` against the control plane at
+/// `api` whose data (and admin token) is in `data_dir`, `stdin` on its
+/// standard input; returns what it printed, whether it succeeded or not.
+pub fn run_meshctl(
+    binary: &Path,
+    api: &str,
+    data_dir: &Path,
+    args: &[&str],
+    stdin: &str,
+) -> io::Result<std::process::Output> {
+    let mut child = Command::new(binary)
         .args(["--server", api])
         .args(args)
         .env("MESH_DATA_DIR", data_dir)
@@ -95,16 +112,11 @@ pub fn meshctl(api: &str, data_dir: &Path, args: &[&str], stdin: Option<&str>) -
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting meshctl");
+        .spawn()?;
     let mut input = child.stdin.take().expect("stdin is piped");
-    input
-        .write_all(stdin.unwrap_or("").as_bytes())
-        .expect("writing meshctl's stdin");
+    input.write_all(stdin.as_bytes())?;
     drop(input);
-    let output = child.wait_with_output().expect("waiting for meshctl");
-    assert!(output.status.success(), "meshctl {args:?}: {output:?}");
-    String::from_utf8(output.stdout).expect("meshctl prints UTF-8")
+    child.wait_with_output()
 }
 
 /// The `mesh-node` (`binary`) command for node `index` of `cluster`,

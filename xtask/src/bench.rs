@@ -5,6 +5,7 @@
 use std::{fs, process::Command};
 
 use anyhow::{Context as _, bail};
+use mesh_e2e::process::Logs;
 
 use crate::run::{self, cargo, root, step};
 
@@ -24,30 +25,31 @@ pub(crate) struct Control {
     pub grpc: String,
 }
 
-/// Runs `command` (the release `mesh-control`, placed by the caller) as
-/// `serve` on loopback with a fresh store in `data_dir`, logging warnings
-/// only; returns once it is ready.
+/// Runs `command` (a `mesh-control`, placed by the caller) as `serve` on
+/// loopback with a fresh store in `data_dir`, its log going to `logs`
+/// (warnings only when that is the terminal); returns once it is ready.
 pub(crate) fn serve_control(
     mut command: Command,
     data_dir: &std::path::Path,
+    logs: Logs,
 ) -> anyhow::Result<Control> {
     let _ = fs::remove_dir_all(data_dir);
-    command
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--grpc-listen",
-            "127.0.0.1:0",
-        ])
-        .env("RUST_LOG", "warn");
-    let (process, ready) = mesh_e2e::process::Process::spawn_ready(
+    command.arg("--data-dir").arg(data_dir).args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--grpc-listen",
+        "127.0.0.1:0",
+    ]);
+    if matches!(logs, Logs::Inherit) {
+        command.env("RUST_LOG", "warn");
+    }
+    let (process, ready) = mesh_e2e::process::Process::spawn_ready_with(
         "mesh-control",
         command,
         "ready",
         std::time::Duration::from_secs(30),
+        logs,
     )?;
     let field = |name| {
         mesh_e2e::process::ready_field(&ready, name)

@@ -186,19 +186,6 @@ fn start(data_dir: &std::path::Path) -> anyhow::Result<Mesh> {
         3,
         "the control plane: SQLite store, its own CA, the node API",
     );
-    let _ = std::fs::remove_dir_all(data_dir);
-    let mut command = cluster.system_command(bin("mesh-control"))?;
-    command
-        .env("MESH_CERTIFICATE_TTL", CERTIFICATE_TTL)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--grpc-listen",
-            "127.0.0.1:0",
-        ]);
     let logs = logs_dir();
     let _ = std::fs::remove_dir_all(&logs);
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
@@ -206,19 +193,13 @@ fn start(data_dir: &std::path::Path) -> anyhow::Result<Mesh> {
         "    the processes' logs go to {} (removed at the end unless something failed)",
         logs.display()
     );
-    let (control, ready) = Process::spawn_ready_with(
-        "mesh-control",
-        command,
-        "ready",
-        Duration::from_secs(30),
-        log_file("mesh-control")?,
-    )?;
-    let field = |key| {
-        ready_field(&ready, key)
-            .map(str::to_owned)
-            .with_context(|| format!("mesh-control said {ready:?}"))
-    };
-    let (api, grpc) = (field("api")?, field("grpc")?);
+    let mut command = cluster.system_command(bin("mesh-control"))?;
+    command.env("MESH_CERTIFICATE_TTL", CERTIFICATE_TTL);
+    let crate::bench::Control {
+        process: control,
+        api,
+        grpc,
+    } = crate::bench::serve_control(command, data_dir, log_file("mesh-control")?)?;
     println!(
         "    mesh-control pid {} admin API {api}, node API {grpc}",
         control.id()

@@ -25,7 +25,11 @@ pub fn run() -> anyhow::Result<()> {
         "config_push",
     ]))?;
     let data_dir = std::env::temp_dir().join("mesh-bench-config-push");
-    let control = super::serve_control(Command::new(release_bin("mesh-control")), &data_dir)?;
+    let control = super::serve_control(
+        Command::new(release_bin("mesh-control")),
+        &data_dir,
+        mesh_e2e::process::Logs::Inherit,
+    )?;
     let output = Command::new(release_bin("examples/config_push"))
         .args(["--api", &control.api, "--grpc", &control.grpc])
         .arg("--data-dir")

@@ -89,6 +89,7 @@ fn up(data_dir: &Path) -> anyhow::Result<Setup> {
     let control = super::serve_control(
         cluster.system_command(release_bin("mesh-control"))?,
         data_dir,
+        mesh_e2e::process::Logs::Inherit,
     )?;
     let (api, grpc) = (control.api, control.grpc);
     processes.push(control.process);

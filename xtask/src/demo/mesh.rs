@@ -202,7 +202,8 @@ impl Mesh {
 }
 
 /// Runs the `meshctl` binary at `path` against the control plane at `api`
-/// whose data is in `data_dir`, with `input` on stdin.
+/// whose data is in `data_dir`, with `input` on stdin; fails with what it
+/// printed unless it succeeds.
 pub(crate) fn meshctl_at(
     path: &Path,
     api: &str,
@@ -210,27 +211,13 @@ pub(crate) fn meshctl_at(
     args: &[&str],
     input: &str,
 ) -> anyhow::Result<String> {
-    use std::io::Write as _;
-    let mut child = std::process::Command::new(path)
-        .args(["--server", api])
-        .args(args)
-        .env("MESH_DATA_DIR", data_dir)
-        .env_remove("MESH_TOKEN")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting meshctl")?;
-    child
-        .stdin
-        .take()
-        .context("meshctl's stdin")?
-        .write_all(input.as_bytes())?;
-    let output = child.wait_with_output()?;
+    let output = mesh_e2e::control::run_meshctl(path, api, data_dir, args, input)
+        .context("running meshctl")?;
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     ensure!(
         output.status.success(),
-        "meshctl {args:?} failed:\n{stdout}"
+        "meshctl {args:?} failed: {}\n{stdout}",
+        String::from_utf8_lossy(&output.stderr).trim()
     );
     Ok(stdout)
 }

@@ -265,36 +265,24 @@ fn missing_or_wrong_tokens_say_what_to_do() {
     assert!(String::from_utf8_lossy(&down.stderr).contains("is mesh-control running?"));
 }
 
+/// The subcommands `help` lists under `Commands:` (less `help` itself).
+fn subcommands(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|line| !line.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|line| line.starts_with("  "))
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .map(str::to_owned)
+        .collect()
+}
+
 #[test]
 fn every_command_has_an_example_in_its_help() {
-    for command in [
-        vec![],
-        vec!["apply"],
-        vec!["get"],
-        vec!["delete"],
-        vec!["describe"],
-        vec!["version"],
-        vec!["cert"],
-        vec!["cert", "list"],
-        vec!["cert", "issue"],
-        vec!["ca"],
-        vec!["ca", "status"],
-        vec!["ca", "rotate-root"],
-        vec!["ca", "retire-root"],
-        vec!["proxy-status"],
-        vec!["proxy-config"],
-        vec!["endpoint"],
-        vec!["endpoint", "health"],
-        vec!["node"],
-        vec!["node", "token"],
-        vec!["node", "token", "create"],
-        vec!["node", "token", "list"],
-        vec!["node", "token", "delete"],
-        vec!["stat"],
-        vec!["top"],
-        vec!["check"],
-        vec!["completions"],
-    ] {
+    // Every command and subcommand, found by walking the help itself.
+    let mut pending = vec![Vec::<String>::new()];
+    let mut seen = 0;
+    while let Some(command) = pending.pop() {
         let output = Command::new(env!("CARGO_BIN_EXE_meshctl"))
             .args(&command)
             .arg("--help")
@@ -305,7 +293,15 @@ fn every_command_has_an_example_in_its_help() {
             help.contains("Example"),
             "meshctl {command:?} --help has no example:\n{help}"
         );
+        seen += 1;
+        for sub in subcommands(&help) {
+            let mut next = command.clone();
+            next.push(sub);
+            pending.push(next);
+        }
     }
+    // The walk did find the tree: the commands, and their subcommands.
+    assert!(seen >= 25, "only {seen} commands found");
 }
 
 #[test]

@@ -143,6 +143,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             println!("    cluster {CLUSTER} torn down: {report}");
             Ok(())
         }
+        // Ctrl-C also stops the processes a step was waiting on: what that
+        // step says about it is noise.
+        (Err(_), Ok(report)) if INTERRUPTED.load(Ordering::SeqCst) => {
+            let _ = std::fs::remove_dir_all(logs_dir());
+            bail!("interrupted; cluster {CLUSTER} torn down: {report}")
+        }
         (Err(error), _) | (Ok(()), Err(error)) => Err(error.context(format!(
             "the processes' logs are kept in {}",
             logs_dir().display()

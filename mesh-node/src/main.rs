@@ -128,6 +128,12 @@ struct Args {
     #[arg(long, env = "MESH_NODE_TRACE_ENDPOINT")]
     trace_endpoint: Option<String>,
 
+    /// How spans are sent to --trace-endpoint: `otlp` (protobuf to
+    /// `/v1/traces`) or `zipkin` (v2 JSON to `/api/v2/spans`, for Zipkin
+    /// and Jaeger's or Tempo's Zipkin receivers).
+    #[arg(long, env = "MESH_NODE_TRACE_PROTOCOL", default_value = "otlp")]
+    trace_protocol: mesh_node::spans::Protocol,
+
     /// How long a pooled tunnel connection without streams stays open.
     #[arg(long, env = "MESH_NODE_TUNNEL_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_idle_timeout)]
     tunnel_idle_timeout: std::time::Duration,
@@ -312,8 +318,12 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
     let tunnel_stats = Arc::new(HboneStats::default());
     let trace_exporter = match &args.trace_endpoint {
         Some(endpoint) => Some(
-            mesh_node::spans::Exporter::start(endpoint, args.node.as_deref().unwrap_or("node"))
-                .map_err(|why| anyhow::anyhow!("--trace-endpoint: {why}"))?,
+            mesh_node::spans::Exporter::start(
+                endpoint,
+                args.node.as_deref().unwrap_or("node"),
+                args.trace_protocol,
+            )
+            .map_err(|why| anyhow::anyhow!("--trace-endpoint: {why}"))?,
         ),
         None => None,
     };

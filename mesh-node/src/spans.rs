@@ -1,7 +1,8 @@
 //! The node proxy's spans (a client span at the caller's node, a server
 //! span at the destination's, for each sampled HTTP request), exported in
 //! batches over OTLP/HTTP with protobuf (`POST {endpoint}/v1/traces`), the
-//! format every OpenTelemetry receiver reads. Recording never waits: spans
+//! format every OpenTelemetry receiver reads, or as Zipkin v2 JSON (`POST
+//! {endpoint}/api/v2/spans`) for Zipkin and what speaks its API. Recording never waits: spans
 //! go into a bounded queue, and when it is full, or the collector is down
 //! or slow, they are dropped and counted.
 
@@ -36,6 +37,50 @@ const BATCH: usize = 512;
 const LINGER: Duration = Duration::from_secs(1);
 /// How long an export request may take.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The format spans are exported in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// OTLP/HTTP, protobuf, to `{endpoint}/v1/traces`.
+    Otlp,
+    /// Zipkin v2 JSON, to `{endpoint}/api/v2/spans`.
+    Zipkin,
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "otlp" => Ok(Self::Otlp),
+            "zipkin" => Ok(Self::Zipkin),
+            other => Err(format!("{other:?}: expected otlp or zipkin")),
+        }
+    }
+}
+
+impl Protocol {
+    fn path(self) -> &'static str {
+        match self {
+            Protocol::Otlp => "/v1/traces",
+            Protocol::Zipkin => "/api/v2/spans",
+        }
+    }
+
+    fn content_type(self) -> &'static str {
+        match self {
+            Protocol::Otlp => "application/x-protobuf",
+            Protocol::Zipkin => "application/json",
+        }
+    }
+
+    fn body(self, node: &str, spans: Vec<Span>) -> Vec<u8> {
+        match self {
+            Protocol::Otlp => encode(node, spans.into_iter()).encode_to_vec(),
+            Protocol::Zipkin => encode_zipkin(node, spans.into_iter()),
+        }
+    }
+}
 
 /// Which end of the hop a span is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,15 +120,15 @@ pub struct Exporter {
 }
 
 impl Exporter {
-    /// Starts exporting to `endpoint` (`http://host:port`), naming this
-    /// node in each batch's resource.
-    pub fn start(endpoint: &str, node: &str) -> Result<Arc<Self>, String> {
-        let url: http::Uri = format!("{}/v1/traces", endpoint.trim_end_matches('/'))
+    /// Starts exporting to `endpoint` (`http://host:port`) with
+    /// `protocol`, naming this node in each span.
+    pub fn start(endpoint: &str, node: &str, protocol: Protocol) -> Result<Arc<Self>, String> {
+        let url: http::Uri = format!("{}{}", endpoint.trim_end_matches('/'), protocol.path())
             .parse()
             .map_err(|e| format!("trace endpoint {endpoint:?}: {e}"))?;
         if url.scheme_str() != Some("http") {
             return Err(format!(
-                "trace endpoint {endpoint:?}: only http:// (OTLP/HTTP) is supported"
+                "trace endpoint {endpoint:?}: only http:// is supported"
             ));
         }
         let (queue, spans) = mpsc::channel(QUEUE);
@@ -97,7 +142,7 @@ impl Exporter {
         tokio::spawn(export(
             Arc::downgrade(&exporter),
             (spans, flush_requests),
-            url,
+            (url, protocol),
             node.to_owned(),
         ));
         Ok(exporter)
@@ -127,7 +172,7 @@ type Flush = tokio::sync::oneshot::Sender<()>;
 async fn export(
     exporter: std::sync::Weak<Exporter>,
     (mut spans, mut flushes): (mpsc::Receiver<Span>, mpsc::Receiver<Flush>),
-    url: http::Uri,
+    (url, protocol): (http::Uri, Protocol),
     node: String,
 ) {
     let client: Client<HttpConnector, Full<Bytes>> =
@@ -162,7 +207,7 @@ async fn export(
             let Some(exporter) = exporter.upgrade() else {
                 return;
             };
-            send(&client, &url, &node, queued, &exporter).await;
+            send(&client, (&url, protocol), &node, queued, &exporter).await;
             queued = rest;
         }
         if let Some(done) = flush {
@@ -174,15 +219,15 @@ async fn export(
 /// Sends one batch; counts it exported or dropped.
 async fn send(
     client: &Client<HttpConnector, Full<Bytes>>,
-    url: &http::Uri,
+    (url, protocol): (&http::Uri, Protocol),
     node: &str,
     batch: Vec<Span>,
     exporter: &Exporter,
 ) {
     let count = batch.len() as u64;
-    let body = encode(node, batch.into_iter()).encode_to_vec();
+    let body = protocol.body(node, batch);
     let request = http::Request::post(url.clone())
-        .header(http::header::CONTENT_TYPE, "application/x-protobuf")
+        .header(http::header::CONTENT_TYPE, protocol.content_type())
         .body(Full::new(Bytes::from(body)))
         .expect("a valid request");
     let sent = tokio::time::timeout(EXPORT_TIMEOUT, client.request(request)).await;
@@ -268,31 +313,59 @@ fn encode(node: &str, spans: impl Iterator<Item = Span>) -> ExportTraceServiceRe
     }
 }
 
+/// The Zipkin v2 JSON for `spans` from `node`: ids in hex, times in
+/// microseconds, every attribute a string tag, and `error` set on a failed
+/// span as Zipkin marks one.
+fn encode_zipkin(node: &str, spans: impl Iterator<Item = Span>) -> Vec<u8> {
+    let micros = |at: SystemTime| {
+        at.duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+    };
+    let spans: Vec<serde_json::Value> = spans
+        .map(|span| {
+            let mut tags = serde_json::Map::new();
+            tags.insert("host.name".into(), node.into());
+            for (key, value) in span.attributes {
+                let value = match value {
+                    Value::Text(text) => text,
+                    Value::Int(number) => number.to_string(),
+                };
+                tags.insert(key.into(), value.into());
+            }
+            if span.error {
+                tags.insert("error".into(), "true".into());
+            }
+            let start = micros(span.start);
+            let mut json = serde_json::json!({
+                "traceId": format!("{:032x}", span.context.trace_id),
+                "id": format!("{:016x}", span.context.span_id),
+                "name": span.name,
+                "kind": match span.kind {
+                    Kind::Client => "CLIENT",
+                    Kind::Server => "SERVER",
+                },
+                "timestamp": start,
+                // Zipkin wants at least a microsecond.
+                "duration": micros(span.end).saturating_sub(start).max(1),
+                "localEndpoint": {"serviceName": "mesh-node"},
+                "tags": tags,
+            });
+            if let Some(parent) = span.parent_span_id {
+                json["parentId"] = format!("{parent:016x}").into();
+            }
+            json
+        })
+        .collect();
+    serde_json::to_vec(&spans).expect("JSON values serialize")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn spans_encode_as_otlp() {
-        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        let span = Span {
-            context: SpanContext {
-                trace_id: 0x4bf92f3577b34da6a3ce929d0e0e4736,
-                span_id: 7,
-                sampled: true,
-                debug: false,
-            },
-            parent_span_id: Some(0x00f067aa0ba902b7),
-            kind: Kind::Client,
-            name: "reviews.shop:80/*".into(),
-            start,
-            end: start + Duration::from_millis(3),
-            attributes: vec![
-                ("http.response.status_code", Value::Int(503)),
-                ("mesh.response_flags", Value::Text("UO".into())),
-            ],
-            error: true,
-        };
+        let span = failed_client_span();
         let request = encode("node0", std::iter::once(span));
         // The bytes are what upstream opentelemetry-proto writes for the
         // same request (Python's opentelemetry-proto 1.x, the scope's
@@ -340,6 +413,106 @@ mod tests {
         assert_eq!(span.attributes.len(), 2);
     }
 
+    fn failed_client_span() -> Span {
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        Span {
+            context: SpanContext {
+                trace_id: 0x4bf92f3577b34da6a3ce929d0e0e4736,
+                span_id: 7,
+                sampled: true,
+                debug: false,
+            },
+            parent_span_id: Some(0x00f067aa0ba902b7),
+            kind: Kind::Client,
+            name: "reviews.shop:80/*".into(),
+            start,
+            end: start + Duration::from_millis(3),
+            attributes: vec![
+                ("http.response.status_code", Value::Int(503)),
+                ("mesh.response_flags", Value::Text("UO".into())),
+            ],
+            error: true,
+        }
+    }
+
+    #[test]
+    fn spans_encode_as_zipkin_v2_json() {
+        let json = encode_zipkin("node0", std::iter::once(failed_client_span()));
+        let value: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(
+            value,
+            serde_json::json!([{
+                "traceId": "4bf92f3577b34da6a3ce929d0e0e4736",
+                "id": "0000000000000007",
+                "parentId": "00f067aa0ba902b7",
+                "name": "reviews.shop:80/*",
+                "kind": "CLIENT",
+                "timestamp": 1_700_000_000_000_000u64,
+                "duration": 3000,
+                "localEndpoint": {"serviceName": "mesh-node"},
+                "tags": {
+                    "host.name": "node0",
+                    "http.response.status_code": "503",
+                    "mesh.response_flags": "UO",
+                    "error": "true",
+                },
+            }])
+        );
+        // A root span has no parent; an instant one lasts a microsecond.
+        let mut root = failed_client_span();
+        root.parent_span_id = None;
+        root.end = root.start;
+        let value: serde_json::Value =
+            serde_json::from_slice(&encode_zipkin("n", std::iter::once(root))).unwrap();
+        assert!(value[0].get("parentId").is_none(), "{value}");
+        assert_eq!(value[0]["duration"], 1);
+    }
+
+    #[tokio::test]
+    async fn zipkin_export_posts_json_batches_to_the_spans_api() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        // A receiver speaking Zipkin's API (Zipkin itself cannot be
+        // installed here): the request line, content type and body.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut buffer = [0u8; 4096];
+            loop {
+                let n = stream.read(&mut buffer).await.unwrap();
+                request.extend_from_slice(&buffer[..n]);
+                let text = String::from_utf8_lossy(&request).into_owned();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if body.len() >= length {
+                        stream
+                            .write_all(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n")
+                            .await
+                            .unwrap();
+                        return (head.to_owned(), body.to_owned());
+                    }
+                }
+            }
+        });
+        let exporter =
+            Exporter::start(&format!("http://{addr}"), "node1", Protocol::Zipkin).unwrap();
+        exporter.record(failed_client_span());
+        exporter.flush(Duration::from_secs(10)).await;
+        let (head, body) = received.await.unwrap();
+        assert!(head.starts_with("POST /api/v2/spans HTTP/1.1"), "{head}");
+        assert!(head.contains("content-type: application/json"), "{head}");
+        let spans: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(spans[0]["traceId"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(spans[0]["tags"]["host.name"], "node1");
+        assert_eq!(exporter.exported.load(Ordering::Relaxed), 1);
+        assert!("jaeger".parse::<Protocol>().is_err());
+    }
+
     #[tokio::test]
     async fn a_collector_that_is_down_only_costs_dropped_spans() {
         // Nothing listens on the port: every export fails, and is counted.
@@ -348,7 +521,8 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let exporter = Exporter::start(&format!("http://127.0.0.1:{port}"), "node0").unwrap();
+        let exporter =
+            Exporter::start(&format!("http://127.0.0.1:{port}"), "node0", Protocol::Otlp).unwrap();
         let span = Span {
             context: SpanContext {
                 trace_id: 1,
@@ -378,7 +552,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(exporter.exported.load(Ordering::Relaxed), 0);
-        assert!(Exporter::start("https://collector:4318", "node0").is_err());
+        assert!(Exporter::start("https://collector:4318", "node0", Protocol::Otlp).is_err());
 
         // A flush sends what is queued at once, without the batch's wait:
         // when it returns, every span has had its export attempt.

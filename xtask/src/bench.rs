@@ -12,9 +12,16 @@ use crate::run::{self, cargo, root, step};
 mod capture;
 mod config_push;
 mod datapath;
+mod tracing;
 
 /// The benchmarks, by name.
-const BENCHES: &[&str] = &["handshakes", "capture", "datapath", "config-push"];
+const BENCHES: &[&str] = &[
+    "handshakes",
+    "capture",
+    "datapath",
+    "tracing",
+    "config-push",
+];
 
 /// A running control plane, as the benchmarks start it.
 pub(crate) struct Control {
@@ -74,6 +81,7 @@ pub fn run(name: Option<String>) -> anyhow::Result<()> {
             "handshakes" => handshakes()?,
             "capture" => capture::run()?,
             "datapath" => datapath::run()?,
+            "tracing" => tracing::run()?,
             "config-push" => config_push::run()?,
             _ => unreachable!("listed in BENCHES"),
         }

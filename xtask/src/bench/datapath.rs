@@ -30,7 +30,7 @@ const REQUESTS_C1: usize = 5000;
 const REQUESTS_C16: usize = 32000;
 const BULK_BYTES: u64 = 512 << 20;
 /// The address of the server's HTTP service (the L7 path).
-const L7_VIP: &str = "10.96.0.80";
+pub(super) const L7_VIP: &str = "10.96.0.80";
 
 fn json(output: std::process::Output, what: &str) -> anyhow::Result<serde_json::Value> {
     ensure!(
@@ -67,13 +67,17 @@ fn rss_mib(pid: u32) -> anyhow::Result<f64> {
     Ok(kib / 1024.0)
 }
 
-struct Setup {
-    cluster: Cluster,
-    nodes: Vec<Process>,
+pub(super) struct Setup {
+    pub cluster: Cluster,
+    pub nodes: Vec<Process>,
+    /// The node proxies' admin addresses.
+    pub admins: Vec<SocketAddr>,
     _processes: Vec<Process>,
 }
 
-fn up(data_dir: &Path) -> anyhow::Result<Setup> {
+/// The cluster, control plane, servers and node proxies (each given
+/// `node_args` too), ready once a request crosses the mesh.
+pub(super) fn up(data_dir: &Path, node_args: &[&str]) -> anyhow::Result<Setup> {
     cluster::teardown(CLUSTER)?;
     let cluster = Cluster::up(&ClusterSpec {
         name: CLUSTER.into(),
@@ -132,18 +136,70 @@ fn up(data_dir: &Path) -> anyhow::Result<Setup> {
         }
     }
     let mut nodes = Vec::new();
+    let mut admins = Vec::new();
     for node in 0..2 {
         let mut command = node_command(&cluster, node, &grpc, data_dir, &release_bin("mesh-node"))?;
         command
             .args(["--drain-timeout", "1s"])
+            .args(node_args)
             .env("RUST_LOG", "warn");
-        nodes.push(spawn_node(node, command)?.0);
+        let (process, admin) = spawn_node(node, command)?;
+        nodes.push(process);
+        admins.push(admin);
     }
+    wait_ready(&cluster)?;
     Ok(Setup {
         cluster,
         nodes,
+        admins,
         _processes: processes,
     })
+}
+
+/// Waits until a request crosses the mesh (pods captured, certificates
+/// issued on both nodes).
+fn wait_ready(cluster: &Cluster) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + READY;
+    let server = cluster.pod("shop/server")?.ip4;
+    let first = loop {
+        let attempt = pod_run(
+            cluster,
+            "shop/client",
+            &[
+                "bench-http",
+                "--to",
+                &SocketAddr::from((server, 8080)).to_string(),
+                "--requests",
+                "10",
+            ],
+        );
+        match attempt {
+            Ok(result) => break result,
+            Err(error) if std::time::Instant::now() > deadline => return Err(error),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    ensure!(first["requests"] == 10, "the mesh is not carrying requests");
+    Ok(())
+}
+
+/// The release binaries the data path benchmarks run.
+pub(super) fn build() -> anyhow::Result<()> {
+    setup::run()?;
+    ebpf::build()?;
+    run::run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "mesh-node",
+        "-p",
+        "mesh-control",
+        "-p",
+        "meshctl",
+        "-p",
+        "mesh-e2e",
+        "--bins",
+    ]))
 }
 
 fn pod_run(cluster: &Cluster, pod: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
@@ -175,18 +231,18 @@ fn cpu_micros(pid: u32) -> anyhow::Result<f64> {
 
 /// One side's numbers.
 #[derive(Debug)]
-struct Side {
-    p50: f64,
-    p99: f64,
-    rps_c16: f64,
-    gbit: f64,
+pub(super) struct Side {
+    pub p50: f64,
+    pub p99: f64,
+    pub rps_c16: f64,
+    pub gbit: f64,
     /// CPU µs each proxy spent per request in the c=16 runs.
-    cpu_per_request: Vec<f64>,
+    pub cpu_per_request: Vec<f64>,
 }
 
 /// The numbers of one path: `label` for the table, `namespace`'s client
 /// calling `http` (and, for bulk, `sink`).
-fn measure(
+pub(super) fn measure(
     cluster: &Cluster,
     label: &str,
     namespace: &str,
@@ -279,47 +335,10 @@ pub fn run() -> anyhow::Result<()> {
     if !run::is_root() {
         bail!("the data path benchmark builds network namespaces and loads eBPF: run it as root");
     }
-    setup::run()?;
-    ebpf::build()?;
-    run::run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "mesh-node",
-        "-p",
-        "mesh-control",
-        "-p",
-        "meshctl",
-        "-p",
-        "mesh-e2e",
-        "--bins",
-    ]))?;
+    build()?;
     let data_dir = std::env::temp_dir().join("mesh-bench-datapath");
-    let setup = up(&data_dir)?;
+    let setup = up(&data_dir, &[])?;
     let cluster = &setup.cluster;
-    // Ready when a request crosses the mesh (pods captured, certificates
-    // issued on both nodes).
-    let deadline = std::time::Instant::now() + READY;
-    let server = cluster.pod("shop/server")?.ip4;
-    let first = loop {
-        let attempt = pod_run(
-            cluster,
-            "shop/client",
-            &[
-                "bench-http",
-                "--to",
-                &SocketAddr::from((server, 8080)).to_string(),
-                "--requests",
-                "10",
-            ],
-        );
-        match attempt {
-            Ok(result) => break result,
-            Err(error) if std::time::Instant::now() > deadline => return Err(error),
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    };
-    ensure!(first["requests"] == 10, "the mesh is not carrying requests");
     let idle: Vec<f64> = setup
         .nodes
         .iter()

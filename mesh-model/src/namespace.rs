@@ -62,11 +62,32 @@ impl MtlsMode {
     }
 }
 
-/// Checks the capture and mTLS labels' values, if present.
+/// The label that logs every HTTP request of a workload at its node
+/// (`enabled` or `disabled`): on a namespace for all its workloads, on a
+/// workload to override its namespace's. The node's own switch
+/// (`--http-access-log`, `PUT /http-access-log`) logs every workload.
+pub const ACCESS_LOG_LABEL: &str = "mesh.io/access-log";
+
+/// Whether a workload's requests are logged: its own label, else its
+/// namespace's, else not.
+pub fn access_logged(workload: &Metadata, namespace: Option<&Metadata>) -> bool {
+    let label = |metadata: &Metadata| {
+        metadata
+            .labels
+            .get(ACCESS_LOG_LABEL)
+            .map(|value| value == "enabled")
+    };
+    label(workload)
+        .or_else(|| namespace.and_then(label))
+        .unwrap_or(false)
+}
+
+/// Checks the capture, mTLS and access-log labels' values, if present.
 pub fn check_mesh_labels(metadata: &Metadata, errors: &mut FieldErrors) {
     for (label, allowed) in [
         (CAPTURE_LABEL, ["enabled", "disabled"]),
         (MTLS_LABEL, ["strict", "permissive"]),
+        (ACCESS_LOG_LABEL, ["enabled", "disabled"]),
     ] {
         if let Some(value) = metadata.labels.get(label)
             && !allowed.contains(&value.as_str())

@@ -292,12 +292,13 @@ fn workload_capture_exclusions_are_checked_field_by_field() {
     );
 
     let found = errors(&workload(
-        "mesh.io/capture: maybe",
+        "mesh.io/capture: maybe, mesh.io/access-log: verbose",
         "exclude_outbound_ports: [0, 1, 2, 3, 4, 5, 6, 7, 8], exclude_outbound_cidrs: [10.0.0.1/8, 10.0.0.0/33, nonsense, '::/0']",
     ));
     let text = found.join("\n");
     for expected in [
         "metadata.labels[\"mesh.io/capture\"]: must be \"enabled\" or \"disabled\"",
+        "metadata.labels[\"mesh.io/access-log\"]: must be \"enabled\" or \"disabled\" (got \"verbose\")",
         "capture.exclude_outbound_ports: at most 8 ports (got 9)",
         "capture.exclude_outbound_ports[0]: must be 1 to 65535 (got 0)",
         "capture.exclude_outbound_cidrs[0]: \"10.0.0.1/8\" has host bits set",

@@ -14,7 +14,7 @@ use mesh_identity::SpiffeId;
 use mesh_model::{
     Resource,
     config::{ConfigResource, EndpointEntry, NodeConfig, WorkloadAddress},
-    namespace::MtlsMode,
+    namespace::{MtlsMode, access_logged},
     policy::ServicePolicySpec,
     service::{LoadBalancer, Protocol, ServicePort},
     split::SplitRule,
@@ -28,6 +28,8 @@ use crate::policy::{self, AuthorizationPolicy, Decision, Request, Workload};
 pub struct LocalWorkload {
     pub workload: Workload,
     pub mtls: MtlsMode,
+    /// Its HTTP requests are logged (`mesh.io/access-log`).
+    pub access_log: bool,
 }
 
 /// A service, by namespace and name.
@@ -157,10 +159,16 @@ impl Directory {
         let local = workloads
             .into_iter()
             .map(|workload| {
-                let mtls = MtlsMode::of(&workload.metadata, namespaces.get(workload.namespace()));
+                let namespace = namespaces.get(workload.namespace());
+                let mtls = MtlsMode::of(&workload.metadata, namespace);
+                let access_log = access_logged(&workload.metadata, namespace);
                 (
                     format!("{}/{}", workload.namespace(), workload.name()),
-                    LocalWorkload { workload, mtls },
+                    LocalWorkload {
+                        workload,
+                        mtls,
+                        access_log,
+                    },
                 )
             })
             .collect();
@@ -365,10 +373,10 @@ mod tests {
     #[test]
     fn destinations_local_modes_and_policies() {
         let yaml = "apiVersion: mesh.io/v1\nkind: Namespace\n\
-            metadata: {name: shop, labels: {mesh.io/capture: enabled, mesh.io/mtls: permissive}}\n---\n\
+            metadata: {name: shop, labels: {mesh.io/capture: enabled, mesh.io/mtls: permissive, mesh.io/access-log: enabled}}\n---\n\
             apiVersion: mesh.io/v1\nkind: Workload\nmetadata: {name: b, namespace: shop}\n\
             spec: {node: n1, ip: 10.89.1.2, services: [reviews]}\n---\n\
-            apiVersion: mesh.io/v1\nkind: Workload\nmetadata: {name: c, namespace: shop, labels: {mesh.io/mtls: strict}}\n\
+            apiVersion: mesh.io/v1\nkind: Workload\nmetadata: {name: c, namespace: shop, labels: {mesh.io/mtls: strict, mesh.io/access-log: disabled}}\n\
             spec: {node: n1, ip: 10.89.1.3}\n---\n\
             apiVersion: mesh.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\n\
             spec: {target: reviews, rules: [{from: [{namespaces: [shop]}]}]}\n";
@@ -410,6 +418,9 @@ mod tests {
             MtlsMode::Permissive
         );
         assert_eq!(directory.local("shop/c").unwrap().mtls, MtlsMode::Strict);
+        // The namespace logs its workloads' requests; c opted out.
+        assert!(directory.local("shop/b").unwrap().access_log);
+        assert!(!directory.local("shop/c").unwrap().access_log);
 
         let shop = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/x").unwrap();
         let bank = SpiffeId::parse("spiffe://cluster.local/ns/bank/sa/x").unwrap();

@@ -970,7 +970,7 @@ fn a_sampled_request_leaves_its_client_and_server_spans_in_a_trace_store() {
     let endpoint = phoenix.otlp_endpoint();
     // Only requests that arrive sampled are recorded.
     let args = ["--trace-endpoint", &endpoint, "--trace-sample-ratio", "0"];
-    let mesh = mesh_with("meshtrace", None, &args);
+    let mut mesh = mesh_with("meshtrace", None, &args);
     mesh.apply(
         "apiVersion: mesh.io/v1\nkind: Service\nmetadata: {name: reviews, namespace: shop}\n\
          spec: {vip: 10.96.0.10, ports: [{port: 80, target_port: 8080, protocol: http}]}\n",
@@ -1087,6 +1087,43 @@ fn a_sampled_request_leaves_its_client_and_server_spans_in_a_trace_store() {
     wait_until("the node counts its spans dropped", || {
         dropped() >= before + 20
     });
+
+    // An access log asked for by a workload's label: its node logs its
+    // requests from then on (these nodes log none otherwise).
+    let request = |mesh: &Mesh, path: &str| {
+        let sent = summary(
+            mesh,
+            "shop/frontend",
+            &["--to", "10.96.0.10:80", "--path", path],
+        );
+        assert_eq!(count(&sent, "statuses", "200"), 1, "{sent}");
+    };
+    request(&mesh, "/before-the-label");
+    let ip = mesh.cluster.pod("shop/frontend").unwrap().ip4;
+    let labelled = workload("shop", "frontend", "frontend", 0, ip, "").replace(
+        "namespace: shop}",
+        "namespace: shop, labels: {mesh.io/access-log: enabled}}",
+    );
+    // Only frontend's node is sent its workload.
+    let before = mesh.revision(0);
+    mesh.control.meshctl(&["apply", "-f", "-"], Some(&labelled));
+    wait_until("node0 holds the label", || mesh.revision(0) > before);
+    // (The node applies the label just after it holds the revision.)
+    let deadline = Instant::now() + READY;
+    let first = loop {
+        assert!(Instant::now() < deadline, "no request was logged");
+        request(&mesh, "/after-the-label");
+        if let Ok(line) = mesh.nodes[0]
+            .0
+            .wait_for_log("mesh_http_access", Duration::from_secs(1))
+        {
+            break line;
+        }
+    };
+    assert!(
+        first.contains("pod=shop/frontend") && first.contains("path=\"/after-the-label\""),
+        "the first request logged: {first}"
+    );
 }
 
 /// The header fields a request from shop/frontend to `to` with

@@ -697,7 +697,7 @@ pub(super) async fn serve_inbound(
         let inbound = inbound.clone();
         async move {
             let started = std::time::Instant::now();
-            let access = Access::start(&inbound.mesh.http, &request);
+            let access = Access::start(access_logged(&inbound.mesh, &inbound.pod.name), &request);
             let mut served = Served::default();
             let response = authorize_and_send(&inbound, request, &mut served).await;
             let labels = destination_labels(&inbound, &response);
@@ -902,7 +902,7 @@ fn local(state: &HttpState, flag: Flag, detail: &str) -> Response<Body> {
 
 async fn handle(route: &Route, request: Request<Incoming>) -> Response<Body> {
     let started = std::time::Instant::now();
-    let access = Access::start(&route.mesh.http, &request);
+    let access = Access::start(access_logged(&route.mesh, &route.pod.name), &request);
     let mut served = Served::default();
     let response = route_request(route, request, &mut served).await;
     let labels = source_labels(route, served.endpoint, &response);
@@ -1007,10 +1007,21 @@ struct Access {
 /// The longest path an access record keeps.
 const LOGGED_PATH: usize = 256;
 
+/// Whether `pod`'s requests are logged: the node logs every pod's, or
+/// the pod's workload (or its namespace) asks with `mesh.io/access-log`.
+fn access_logged(mesh: &MeshPath, pod: &str) -> bool {
+    mesh.http.access_log.load(Ordering::Relaxed)
+        || mesh
+            .directory
+            .borrow()
+            .local(pod)
+            .is_some_and(|local| local.access_log)
+}
+
 impl Access {
-    /// The record of `request`, if the node logs them.
-    fn start<B>(state: &HttpState, request: &Request<B>) -> Option<Self> {
-        if !state.access_log.load(Ordering::Relaxed) {
+    /// The record of `request`, if it is `logged`.
+    fn start<B>(logged: bool, request: &Request<B>) -> Option<Self> {
+        if !logged {
             return None;
         }
         let authority = match request.uri().authority() {

@@ -92,10 +92,12 @@ pub fn run() -> anyhow::Result<()> {
          Recording a span only queues it (4096 at most, then dropped and\n\
          counted); a background task sends them in batches of up to 512, a\n\
          batch waiting at most 1 s to fill, one export request at a time (5 s\n\
-         at most each), so a down or slow collector costs spans, never request\n\
-         time. The\n\
-         differences between the rows are of the size of the run-to-run spread\n\
-         on this shared 2-core machine.\n\n\
+         at most each): no request waits for an export. Read `down` against\n\
+         `up` for what a down collector does to requests, and both against\n\
+         `off` for what recording every request's spans costs (the default\n\
+         samples 1 %). The collector runs inside the benchmark's own process,\n\
+         on the same 2 cores as the proxies, client and server, decoding every\n\
+         batch: with it up, that work competes with the proxies.\n\n\
          Machine: {}. Reproduce: `cargo xtask bench tracing` (root).",
         super::machine()
     );

@@ -463,17 +463,8 @@ impl tower::Service<Uri> for Connector {
                         &trace,
                     )
                     .await
-                    .map_err(|e| {
-                        // A refusal by the destination's authorization is
-                        // told apart from a failed connection (see
-                        // `refused_by_policy`).
-                        let kind = if e.denied() {
-                            io::ErrorKind::PermissionDenied
-                        } else {
-                            io::ErrorKind::ConnectionRefused
-                        };
-                        io::Error::new(kind, e)
-                    })?;
+                    // `refused_by_policy` finds the tunnel error inside.
+                    .map_err(|e| io::Error::new(io::ErrorKind::ConnectionRefused, e))?;
                     Upstream::Tunnel(TunnelIo::from(tunnel))
                 }
                 None => Upstream::Plain(dial(&connector.netns, address).await?),
@@ -1202,7 +1193,7 @@ async fn route_request(
 
 /// Runs `exchange` (the attempts up to a response head) within `timeout`,
 /// and tells `breaker` how it went: a timeout, an error or a 5xx response
-/// is a failure; a refusal by the destination's policy is not.
+/// is a failure; a refusal by the destination's policy is not counted.
 async fn guarded(
     breaker: &Breaker,
     ticket: Ticket,
@@ -1217,26 +1208,28 @@ async fn guarded(
                 format!("no response within {} ms", timeout.as_millis()),
             ))
         });
-    // A refusal by the destination's policy says the upstream is there
-    // and answering, as any 4xx does.
-    let success = match &outcome {
-        Ok(response) => !response.status().is_server_error(),
-        Err((flag, _)) => *flag == Flag::Denied,
-    };
-    breaker.record(ticket, success);
+    match &outcome {
+        // A refusal by the destination's policy says nothing of the
+        // upstream's health: not counted (a probe's slot is given back).
+        Err((Flag::Denied, _)) => drop(ticket),
+        Ok(response) => breaker.record(ticket, !response.status().is_server_error()),
+        Err(_) => breaker.record(ticket, false),
+    }
     outcome
 }
 
 /// Whether an upstream attempt failed because the destination's
-/// authorization refused the tunnel (the connector's `PermissionDenied`).
+/// authorization refused the tunnel: the connector's error (the first
+/// `io::Error` in the chain) carries the tunnel's 403. Nothing else counts,
+/// not even a permission error deeper down (a dial the kernel refused).
 fn refused_by_policy(error: &hyper_util::client::legacy::Error) -> bool {
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {
-        if cause
-            .downcast_ref::<io::Error>()
-            .is_some_and(|e| e.kind() == io::ErrorKind::PermissionDenied)
-        {
-            return true;
+        if let Some(connector) = cause.downcast_ref::<io::Error>() {
+            return connector
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<crate::hbone::TunnelError>())
+                .is_some_and(crate::hbone::TunnelError::denied);
         }
         source = cause.source();
     }

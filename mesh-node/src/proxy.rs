@@ -362,8 +362,10 @@ impl PodContext {
     /// requests keep coming; so a rotated certificate gets new clients,
     /// and the old ones close their connections as their requests end.
     fn http_clients(&self, mesh: &Arc<MeshPath>) -> Arc<http::Clients> {
-        let serial = mesh::certificate_serial(mesh, &self.name);
         let mut held = self.http.lock().unwrap_or_else(|e| e.into_inner());
+        // Read under the lock: a caller with an older serial cannot
+        // replace clients made for a newer one.
+        let serial = mesh::certificate_serial(mesh, &self.name);
         match &*held {
             Some((made_under, clients)) if *made_under == serial => clients.clone(),
             _ => {

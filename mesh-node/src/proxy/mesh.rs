@@ -415,8 +415,6 @@ impl MeshPath {
     }
 }
 
-/// Opens a tunnel stream from the workload `pod` (dialling from inside
-/// its namespace, presenting its certificate) to `target`.
 /// The serial of `pod`'s current certificate; empty while it has none.
 pub(super) fn certificate_serial(mesh: &MeshPath, pod: &str) -> String {
     mesh.certificate(pod)
@@ -424,6 +422,8 @@ pub(super) fn certificate_serial(mesh: &MeshPath, pod: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Opens a tunnel stream from the workload `pod` (dialling from inside
+/// its namespace, presenting its certificate) to `target`.
 pub(super) async fn open_tunnel(
     pod: &str,
     netns: &NetnsThread,

@@ -52,6 +52,21 @@ pub fn run(
     let held = fetch(&admin).with_context(|| {
         format!("reading {node}'s configuration from its admin endpoint {admin}")
     })?;
+    // A reported address may be a loopback one, right only on the node's
+    // own machine: the node's certificate says whose endpoint answered.
+    let answered = held
+        .certificates
+        .iter()
+        .find(|c| c["holder"] == "node")
+        .and_then(|c| c["name"].as_str());
+    if answered != Some(node) {
+        bail!(
+            "the admin endpoint at {admin} is {}, not {node}'s; reach {node}'s with --admin HOST:PORT (e.g. through a port-forward)",
+            answered.map_or("a node without a certificate".to_owned(), |n| format!(
+                "{n}'s"
+            ))
+        );
+    }
     let wanted = |p: Part| part == Part::All || part == p;
     let mut json = serde_json::json!({ "node": node, "admin": admin, "revision": held.revision });
     let of_kinds = |kinds: &[&str]| -> serde_json::Value {
@@ -216,7 +231,7 @@ fn routes(held: &Held) -> anyhow::Result<String> {
             }
         }
         if !split_any {
-            let _ = writeln!(out, "  no split: every request to v1");
+            let _ = writeln!(out, "  no split: every version, by the load balancer");
         }
     }
     if out.is_empty() {

@@ -12,7 +12,7 @@ use std::{
 };
 
 use mesh_e2e::{
-    control::{ControlPlane, meshctl},
+    control::{ControlPlane, meshctl, run_meshctl},
     http,
     process::{Process, ready_field, workspace_binary},
 };
@@ -234,7 +234,7 @@ fn a_node_joins_and_holds_only_its_own_workloads_certificates() {
     );
     assert!(
         routes.contains(
-            "shop/reviews: 2 retries, timeout 1000ms, circuit 50% over 30s, recover 10000ms (ServicePolicy)\n  no split: every request to v1"
+            "shop/reviews: 2 retries, timeout 1000ms, circuit 50% over 30s, recover 10000ms (ServicePolicy)\n  no split: every version, by the load balancer"
         ),
         "{routes}"
     );
@@ -247,6 +247,23 @@ fn a_node_joins_and_holds_only_its_own_workloads_certificates() {
     assert!(
         endpoints.contains("shop/reviews   10.89.1.2:9080   v1        yes       reviews-1"),
         "{endpoints}"
+    );
+    // An endpoint that is another node's is named as such, not shown.
+    let wrong = run_meshctl(
+        &workspace_binary("meshctl").unwrap(),
+        &api,
+        &data_dir,
+        &["proxy-config", "node2", "--admin", &admin.to_string()],
+        "",
+    )
+    .unwrap();
+    assert!(!wrong.status.success());
+    let said = String::from_utf8_lossy(&wrong.stderr);
+    assert!(
+        said.contains(&format!(
+            "the admin endpoint at {admin} is node1's, not node2's"
+        )),
+        "{said}"
     );
 
     // The operator's view of one workload.

@@ -182,6 +182,20 @@ impl discovery_server::Discovery for DiscoveryService {
     }
 }
 
+/// Where a node's admin endpoint is, from what it reported and where its
+/// stream comes from: kept only when it is an address (it is shown to
+/// operators); a wildcard address (`0.0.0.0`, `::`) is the node's own
+/// address as the control plane sees it.
+fn admin_address(reported: &str, remote: &str) -> Option<String> {
+    let mut address: std::net::SocketAddr = reported.parse().ok()?;
+    if address.ip().is_unspecified()
+        && let Ok(peer) = remote.parse::<std::net::SocketAddr>()
+    {
+        address.set_ip(peer.ip());
+    }
+    Some(address.to_string())
+}
+
 /// Completes when the server starts shutting down (or is gone).
 async fn stopped(stopping: &mut watch::Receiver<bool>) {
     let _ = stopping.wait_for(|stop| *stop).await;
@@ -349,12 +363,7 @@ impl Session {
         let Some(first) = inbound.message().await? else {
             return Ok(());
         };
-        // Kept only when it is an address: it is shown to operators.
-        self.status.admin_address = first
-            .admin_address
-            .parse::<std::net::SocketAddr>()
-            .ok()
-            .map(|a| a.to_string());
+        self.status.admin_address = admin_address(&first.admin_address, &self.remote);
         let mut held = Held {
             versions: first
                 .initial_resource_versions
@@ -663,6 +672,25 @@ mod stats_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wildcard_admin_address_becomes_the_nodes_own() {
+        let remote = "10.0.0.7:51234";
+        assert_eq!(
+            admin_address("127.0.0.1:15000", remote).as_deref(),
+            Some("127.0.0.1:15000")
+        );
+        assert_eq!(
+            admin_address("0.0.0.0:15000", remote).as_deref(),
+            Some("10.0.0.7:15000")
+        );
+        assert_eq!(
+            admin_address("[::]:15000", "[fd00::7]:4000").as_deref(),
+            Some("[fd00::7]:15000")
+        );
+        assert_eq!(admin_address("", remote), None);
+        assert_eq!(admin_address("node1:15000", remote), None);
+    }
 
     #[test]
     fn a_large_push_goes_in_parts_that_only_the_last_closes() {

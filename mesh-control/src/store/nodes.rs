@@ -39,7 +39,7 @@ pub(super) async fn record(
          ON CONFLICT (node) DO UPDATE SET replica = excluded.replica, connected = excluded.connected, \
          synced_revision = excluded.synced_revision, nack_revision = excluded.nack_revision, \
          nack_reason = excluded.nack_reason, last_seen = excluded.last_seen, \
-         admin_address = excluded.admin_address \
+         admin_address = COALESCE(excluded.admin_address, NodeConfigStatus.admin_address) \
          WHERE excluded.connected OR NodeConfigStatus.replica = excluded.replica",
         b.time_param("$7")
     );

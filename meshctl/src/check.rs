@@ -190,7 +190,13 @@ fn roots(ca: &serde_json::Value, now: OffsetDateTime) -> Vec<Finding> {
             };
             let days = (not_after - now).whole_days();
             let what = format!("{state} root {short} valid until {until} ({days} days)");
-            if not_after <= now {
+            if not_after <= now && state == "retiring" {
+                error(
+                    GROUP,
+                    format!("{state} root {short} expired on {until}"),
+                    &format!("nothing it signed is valid any more: meshctl ca retire-root {serial}"),
+                )
+            } else if not_after <= now {
                 error(
                     GROUP,
                     format!("{state} root {short} expired on {until}"),
@@ -238,7 +244,10 @@ fn nodes(status: &serde_json::Value) -> Vec<Finding> {
                 ),
                 "STALE" => warning(
                     GROUP,
-                    format!("{name} holds revision {synced}, behind {revision}"),
+                    match synced.as_i64() {
+                        Some(synced) => format!("{name} holds revision {synced}, behind {revision}"),
+                        None => format!("{name} holds no revision yet, the store is at {revision}"),
+                    },
                     "it may be catching up; if it stays behind, read that node's mesh-node log",
                 ),
                 other => warning(
@@ -405,6 +414,11 @@ mod tests {
                 ),
             ]
         );
+        // An expired retiring root is retired, not rotated.
+        assert_eq!(
+            found[3].hint.as_deref(),
+            Some("nothing it signed is valid any more: meshctl ca retire-root dddd")
+        );
         assert_eq!(roots(&json!({"roots": []}), now)[0].level, Level::Error);
     }
 
@@ -415,6 +429,7 @@ mod tests {
             {"node": "b", "state": "STALE", "synced_revision": 9},
             {"node": "c", "state": "NACKED", "synced_revision": 9, "reason": "service/shop/x: bad port"},
             {"node": "d", "state": "DISCONNECTED", "synced_revision": 12, "last_seen": "2026-11-27T06:00:00Z"},
+            {"node": "e", "state": "STALE", "synced_revision": null},
         ]});
         assert_eq!(
             levels(&nodes(&status)),
@@ -425,6 +440,10 @@ mod tests {
                 (
                     Level::Warning,
                     "d is DISCONNECTED (last seen 2026-11-27T06:00:00Z)"
+                ),
+                (
+                    Level::Warning,
+                    "e holds no revision yet, the store is at 12"
                 ),
             ]
         );

@@ -86,7 +86,7 @@ pub fn service(answer: &serde_json::Value) -> anyhow::Result<String> {
         .cloned()
         .unwrap_or_default();
     if splits.is_empty() {
-        let _ = writeln!(out, "  none: every request goes to v1");
+        let _ = writeln!(out, "  none: every version, by the load balancer");
     }
     for value in &splits {
         if let Resource::TrafficSplit(s) = resource(value)? {

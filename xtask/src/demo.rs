@@ -117,6 +117,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Err(error) => {
             // What did start was dropped and so stopped.
             let _ = std::fs::remove_dir_all(&data_dir);
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                let _ = std::fs::remove_dir_all(logs_dir());
+                bail!("interrupted; cluster {CLUSTER} torn down");
+            }
             return Err(error.context(format!(
                 "the processes' logs are in {}",
                 logs_dir().display()

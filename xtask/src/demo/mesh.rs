@@ -112,7 +112,8 @@ impl Mesh {
     }
 
     /// Runs the meshctl command that changes the configuration; returns
-    /// once every node holds the new revision.
+    /// once every node holds the new revision. (Every demo node runs a
+    /// `shop` workload, so every change there reaches every node.)
     pub fn change(&self, args: &[&str], input: &str) -> anyhow::Result<()> {
         let mut before = 0;
         for node in 0..self.nodes.len() {

@@ -38,11 +38,7 @@ use mesh_e2e::{
     sniff::Sniffer,
 };
 
-use crate::{
-    ebpf,
-    run::{self, cargo, root},
-    setup,
-};
+use crate::run::{self, root};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -95,20 +91,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
 
     heading(1, "set-up and build");
-    setup::run()?;
-    ebpf::build()?;
-    run::run(cargo().args([
-        "build",
-        "-p",
-        "mesh-node",
-        "-p",
-        "mesh-control",
-        "-p",
-        "meshctl",
-        "-p",
-        "mesh-e2e",
-        "--bins",
-    ]))?;
+    run::build_binaries(false, &["mesh-node", "mesh-control", "meshctl", "mesh-e2e"])?;
     check_interrupted()?;
 
     let data_dir = std::env::temp_dir().join("mesh-demo-control");

@@ -107,6 +107,22 @@ pub fn output(command: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// The set-up, the eBPF object, then the binaries of `packages` (release
+/// builds when `release`): what the demo and the benchmarks run.
+pub fn build_binaries(release: bool, packages: &[&str]) -> anyhow::Result<()> {
+    crate::setup::run()?;
+    crate::ebpf::build()?;
+    let mut command = cargo();
+    command.arg("build");
+    if release {
+        command.arg("--release");
+    }
+    for package in packages {
+        command.args(["-p", package]);
+    }
+    run(command.arg("--bins"))
+}
+
 /// `cargo` as invoked by the user (the `CARGO` cargo set for xtask).
 pub fn cargo() -> Command {
     let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));

@@ -19,11 +19,7 @@ use std::{path::PathBuf, process::Stdio, time::Duration};
 use anyhow::{Context as _, bail};
 use mesh_e2e::{Cluster, ClusterSpec, PodSpec, cluster, process::Process};
 
-use crate::{
-    ebpf,
-    run::{self, cargo, root, step},
-    setup,
-};
+use crate::run::{self, root, step};
 
 const CLUSTER: &str = "benchconn";
 const CLIENT: &str = "shop/client";
@@ -111,17 +107,7 @@ pub fn run() -> anyhow::Result<()> {
     if !run::is_root() {
         bail!("the capture benchmark builds network namespaces and loads eBPF: run it as root");
     }
-    setup::run()?;
-    ebpf::build()?;
-    run::run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "mesh-node",
-        "-p",
-        "mesh-e2e",
-        "--bins",
-    ]))?;
+    run::build_binaries(true, &["mesh-node", "mesh-e2e"])?;
     cluster::teardown(CLUSTER)?;
     let cluster = Cluster::up(&ClusterSpec {
         name: CLUSTER.into(),

@@ -17,9 +17,7 @@ use mesh_e2e::{
 use super::capture::release_bin;
 use crate::{
     demo::meshctl_at,
-    ebpf,
-    run::{self, cargo, step},
-    setup,
+    run::{self, step},
 };
 
 const CLUSTER: &str = "benchhbone";
@@ -185,21 +183,7 @@ fn wait_ready(cluster: &Cluster) -> anyhow::Result<()> {
 
 /// The release binaries the data path benchmarks run.
 pub(super) fn build() -> anyhow::Result<()> {
-    setup::run()?;
-    ebpf::build()?;
-    run::run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "mesh-node",
-        "-p",
-        "mesh-control",
-        "-p",
-        "meshctl",
-        "-p",
-        "mesh-e2e",
-        "--bins",
-    ]))
+    run::build_binaries(true, &["mesh-node", "mesh-control", "meshctl", "mesh-e2e"])
 }
 
 fn pod_run(cluster: &Cluster, pod: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {

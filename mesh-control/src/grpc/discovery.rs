@@ -289,11 +289,14 @@ impl Session {
             remote = self.remote,
             "node connected for configuration"
         );
+        let session = self.book.begin(&self.node);
         self.record(|_| {});
         if let Err(status) = self.serve(&mut inbound, &tx).await {
             let _ = tx.send(Err(status)).await;
         }
-        self.record(|s| s.connected = false);
+        self.status.connected = false;
+        self.status.last_seen = crate::store::now_rfc3339();
+        self.book.record_end(session, self.status.clone());
         tracing::info!(node = self.node, "configuration stream ended");
     }
 

@@ -24,6 +24,10 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(250);
 pub struct StatusBook {
     store: Store,
     dirty: Arc<Mutex<HashMap<String, NodeConfigStatus>>>,
+    /// Each node's latest session on this replica: a session that ended
+    /// after a newer one began (a node reopening its stream) must not mark
+    /// the node disconnected.
+    sessions: Arc<Mutex<HashMap<String, u64>>>,
     wake: Arc<Notify>,
 }
 
@@ -34,6 +38,7 @@ impl StatusBook {
         let book = Self {
             store,
             dirty: Arc::default(),
+            sessions: Arc::default(),
             wake: Arc::new(Notify::new()),
         };
         let dirty = Arc::downgrade(&book.dirty);
@@ -60,6 +65,27 @@ impl StatusBook {
         self.wake.notify_one();
     }
 
+    /// Notes that a session for `node` begins; returns its number, for
+    /// [`StatusBook::record_end`].
+    pub fn begin(&self, node: &str) -> u64 {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let session = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        lock(&self.sessions).insert(node.to_owned(), session);
+        session
+    }
+
+    /// Records the last `status` of `session`, unless a newer session for
+    /// the node has begun since (its records stand).
+    pub fn record_end(&self, session: u64, status: NodeConfigStatus) {
+        let mut sessions = lock(&self.sessions);
+        if sessions.get(&status.node) != Some(&session) {
+            return;
+        }
+        sessions.remove(&status.node);
+        drop(sessions);
+        self.record(status);
+    }
+
     /// Writes what is waiting, now: the last records of a replica going
     /// down.
     pub async fn flush(&self) {
@@ -70,7 +96,11 @@ impl StatusBook {
 fn take(
     dirty: &Mutex<HashMap<String, NodeConfigStatus>>,
 ) -> std::sync::MutexGuard<'_, HashMap<String, NodeConfigStatus>> {
-    dirty.lock().unwrap_or_else(|e| e.into_inner())
+    lock(dirty)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Writes what is waiting; false if the store failed (it waits again).
@@ -89,4 +119,46 @@ async fn flush(store: &Store, dirty: &Mutex<HashMap<String, NodeConfigStatus>>) 
         waiting.entry(status.node.clone()).or_insert(status);
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(node: &str, connected: bool) -> NodeConfigStatus {
+        NodeConfigStatus {
+            node: node.into(),
+            replica: "a".into(),
+            connected,
+            synced_revision: Some(1),
+            nack_revision: None,
+            nack_reason: None,
+            last_seen: crate::store::now_rfc3339(),
+            admin_address: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_session_that_ends_after_its_successor_began_leaves_the_node_connected() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("m.db").display());
+        let store = Store::open(&url).await.unwrap();
+        let book = StatusBook::start(store.clone());
+
+        // node1 reopens its stream: the old session ends after the new
+        // one has begun and recorded.
+        let old = book.begin("node1");
+        book.record(status("node1", true));
+        let new = book.begin("node1");
+        book.record(status("node1", true));
+        book.record_end(old, status("node1", false));
+        book.flush().await;
+        let nodes = store.node_statuses().await.unwrap();
+        assert!(nodes[0].connected, "{nodes:?}");
+
+        // The latest session's end does count.
+        book.record_end(new, status("node1", false));
+        book.flush().await;
+        assert!(!store.node_statuses().await.unwrap()[0].connected);
+    }
 }

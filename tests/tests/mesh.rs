@@ -460,8 +460,10 @@ fn certificates_rotate_under_traffic_without_a_failed_request() {
         );
         requests += 50;
     }
-    // Traffic after the last rotation too: the loop may end right after
-    // it, before any stream needed a connection with the new certificate.
+    // Counted before the last traffic, so each rotation counted has
+    // traffic after it: the loop may end right after one, before any
+    // stream needed a connection with the new certificate.
+    let rotated = rotations(0, "shop/frontend") - rotated_before;
     let (ok, output) = mesh.get("shop/frontend", 50);
     assert!(ok, "a request failed after the rotations: {output}");
     requests += 50;
@@ -470,7 +472,6 @@ fn certificates_rotate_under_traffic_without_a_failed_request() {
     // traffic never paused long enough for a pooled upstream connection
     // (and the tunnel stream under it) to idle out.
     let more = mesh.metric(0, "mesh_tls_handshakes_total{side=\"client\"}") - handshakes;
-    let rotated = rotations(0, "shop/frontend") - rotated_before;
     eprintln!("{requests} requests across {rotated} rotations, {more} new tunnel handshakes");
     assert!(
         more >= rotated,

@@ -91,7 +91,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
 
     heading(1, "set-up and build");
-    run::build_binaries(false, &["mesh-node", "mesh-control", "meshctl", "mesh-e2e"])?;
+    run::build_binaries(false, &[])?;
     check_interrupted()?;
 
     let data_dir = std::env::temp_dir().join("mesh-demo-control");

@@ -108,7 +108,10 @@ pub fn output(command: &mut Command) -> anyhow::Result<String> {
 }
 
 /// The set-up, the eBPF object, then the binaries of `packages` (release
-/// builds when `release`): what the demo and the benchmarks run.
+/// builds when `release`), or of the whole workspace when none are named:
+/// what the demo and the benchmarks run. The whole workspace resolves
+/// features as `cargo xtask test` does, so after the tests it builds
+/// nothing again.
 pub fn build_binaries(release: bool, packages: &[&str]) -> anyhow::Result<()> {
     crate::setup::run()?;
     crate::ebpf::build()?;
@@ -116,6 +119,9 @@ pub fn build_binaries(release: bool, packages: &[&str]) -> anyhow::Result<()> {
     command.arg("build");
     if release {
         command.arg("--release");
+    }
+    if packages.is_empty() {
+        command.arg("--workspace");
     }
     for package in packages {
         command.args(["-p", package]);

@@ -102,28 +102,32 @@ pub fn run(client: &Client, server: &str, now: OffsetDateTime) -> Vec<Finding> {
             return findings;
         }
     }
-    let mut ask =
-        |path: &str, group: &'static str, then: &mut dyn FnMut(&serde_json::Value)| match client
-            .get_json(path, &[])
-        {
-            Ok(answer) => then(&answer),
-            Err(e) => findings.push(error(
+    // An answer, or the finding that says it could not be had.
+    let ask = |path: &str, query: &[(&str, &str)], group: &'static str, what: String| {
+        client.get_json(path, query).map_err(|e| {
+            error(
                 group,
-                format!("asking for {path} failed: {e:#}"),
+                format!("{what} failed: {e:#}"),
                 "see mesh-control's log",
-            )),
-        };
-    let mut found = Vec::new();
-    ask("/api/v1/ca", "certificate authority", &mut |ca| {
-        found.extend(roots(ca, now));
-    });
-    ask("/api/v1/proxy-status", "nodes", &mut |status| {
-        found.extend(nodes(status));
-    });
-    let mut services = Vec::new();
-    ask("/api/v1/services", "services", &mut |list| {
-        services = list["items"].as_array().cloned().unwrap_or_default();
-    });
+            )
+        })
+    };
+    let asked = |path: &str, group| ask(path, &[], group, format!("asking for {path}"));
+    match asked("/api/v1/ca", "certificate authority") {
+        Ok(ca) => findings.extend(roots(&ca, now)),
+        Err(finding) => findings.push(finding),
+    }
+    match asked("/api/v1/proxy-status", "nodes") {
+        Ok(status) => findings.extend(nodes(&status)),
+        Err(finding) => findings.push(finding),
+    }
+    let services = match asked("/api/v1/services", "services") {
+        Ok(list) => list["items"].as_array().cloned().unwrap_or_default(),
+        Err(finding) => {
+            findings.push(finding);
+            Vec::new()
+        }
+    };
     for service in services {
         let (namespace, name) = (
             service["metadata"]["namespace"]
@@ -132,16 +136,12 @@ pub fn run(client: &Client, server: &str, now: OffsetDateTime) -> Vec<Finding> {
             service["metadata"]["name"].as_str().unwrap_or(""),
         );
         let path = format!("/api/v1/services/{name}/describe");
-        match client.get_json(&path, &[("namespace", namespace)]) {
-            Ok(description) => found.extend(service_health(&description)),
-            Err(e) => found.push(error(
-                "services",
-                format!("describing {namespace}/{name} failed: {e:#}"),
-                "see mesh-control's log",
-            )),
+        let what = format!("describing {namespace}/{name}");
+        match ask(&path, &[("namespace", namespace)], "services", what) {
+            Ok(description) => findings.extend(service_health(&description)),
+            Err(finding) => findings.push(finding),
         }
     }
-    findings.extend(found);
     findings
 }
 
@@ -190,18 +190,13 @@ fn roots(ca: &serde_json::Value, now: OffsetDateTime) -> Vec<Finding> {
             };
             let days = (not_after - now).whole_days();
             let what = format!("{state} root {short} valid until {until} ({days} days)");
-            if not_after <= now && state == "retiring" {
-                error(
-                    GROUP,
-                    format!("{state} root {short} expired on {until}"),
-                    &format!("nothing it signed is valid any more: meshctl ca retire-root {serial}"),
-                )
-            } else if not_after <= now {
-                error(
-                    GROUP,
-                    format!("{state} root {short} expired on {until}"),
-                    "certificates it signed are refused: rotate now (meshctl ca rotate-root, then --activate)",
-                )
+            if not_after <= now {
+                let hint = if state == "retiring" {
+                    format!("nothing it signed is valid any more: meshctl ca retire-root {serial}")
+                } else {
+                    "certificates it signed are refused: rotate now (meshctl ca rotate-root, then --activate)".to_owned()
+                };
+                error(GROUP, format!("{state} root {short} expired on {until}"), &hint)
             } else if days < ROOT_WARNING_DAYS && state != "retiring" {
                 warning(
                     GROUP,

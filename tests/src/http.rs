@@ -24,6 +24,23 @@ pub fn put_json(addr: SocketAddr, path: &str, body: &str) -> io::Result<Response
     request(addr, "PUT", path, Some(body))
 }
 
+/// The value of `series` (a metric's name and labels, exactly as exposed)
+/// on `addr`'s `/metrics`, as text; `None` when no such series is there.
+pub fn metric(addr: SocketAddr, series: &str) -> io::Result<Option<String>> {
+    let response = get(addr, "/metrics")?;
+    if response.status != 200 {
+        return Err(io::Error::other(format!(
+            "{addr}/metrics answered {}",
+            response.status
+        )));
+    }
+    Ok(response
+        .body
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .map(|value| value.trim().to_owned()))
+}
+
 /// Waits until `GET path` from `addr` answers 200 (`what` names the
 /// server in the error), polling every `every`, for at most `limit`.
 pub fn wait_for_ok(

@@ -176,13 +176,9 @@ impl Mesh {
     }
 
     fn metric(&self, node: usize, series: &str) -> u64 {
-        let response = http::get(self.nodes[node].1, "/metrics").unwrap();
-        assert_eq!(response.status, 200);
-        response
-            .body
-            .lines()
-            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-            .map_or(0, |value| value.trim().parse().unwrap())
+        http::metric(self.nodes[node].1, series)
+            .unwrap()
+            .map_or(0, |value| value.parse().unwrap())
     }
 
     /// The sum of `family`'s series on `node` whose labels include every

@@ -12,12 +12,12 @@ use crate::run::step;
 
 /// A counter on a node proxy's `/metrics`; 0 when absent.
 fn counter(admin: std::net::SocketAddr, name: &str) -> anyhow::Result<f64> {
-    let body = http::get(admin, "/metrics")?.body;
-    Ok(body
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or(0.0))
+    match http::metric(admin, name)? {
+        Some(value) => value
+            .parse()
+            .with_context(|| format!("{admin}'s {name} is {value:?}")),
+        None => Ok(0.0),
+    }
 }
 
 pub fn run() -> anyhow::Result<()> {

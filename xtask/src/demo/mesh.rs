@@ -140,12 +140,13 @@ impl Mesh {
     /// The value of the series `series` (name and labels, exactly as
     /// exposed) on `node`'s `/metrics`; 0 when absent.
     pub fn metric(&self, node: usize, series: &str) -> anyhow::Result<u64> {
-        let body = http::get(self.nodes[node].1, "/metrics")?.body;
-        Ok(body
-            .lines()
-            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-            .and_then(|value| value.trim().parse::<f64>().ok())
-            .map_or(0, |value| value as u64))
+        match http::metric(self.nodes[node].1, series)? {
+            Some(value) => Ok(value
+                .parse::<f64>()
+                .with_context(|| format!("node{node}'s {series} is {value:?}"))?
+                as u64),
+            None => Ok(0),
+        }
     }
 
     /// `mesh-pod http --to TO ARGS` in pod `from`: what came back.

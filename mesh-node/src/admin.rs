@@ -163,11 +163,7 @@ fn report(tracked: &Tracked) -> CertificateReport {
 /// stream's state.
 async fn config(State(state): State<AdminState>) -> Response {
     let Some((config, status)) = &state.config else {
-        return (
-            StatusCode::NOT_FOUND,
-            "no configuration: mesh-node runs without --control-plane\n",
-        )
-            .into_response();
+        return no_config();
     };
     let config = config.borrow().clone();
     let status = status.borrow().clone();
@@ -179,16 +175,22 @@ async fn config(State(state): State<AdminState>) -> Response {
     .into_response()
 }
 
+/// The answer of the configuration's routes on a node without a control
+/// plane.
+fn no_config() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        "no configuration: mesh-node runs without --control-plane\n",
+    )
+        .into_response()
+}
+
 /// `GET /config/dump`: the revision and every resource the node holds,
 /// with its version and content (`meshctl proxy-config` reads it).
 async fn config_dump(State(state): State<AdminState>) -> Response {
     use mesh_model::config::ConfigResource;
     let Some((config, _)) = &state.config else {
-        return (
-            StatusCode::NOT_FOUND,
-            "no configuration: mesh-node runs without --control-plane\n",
-        )
-            .into_response();
+        return no_config();
     };
     let config = config.borrow().clone();
     let resources: serde_json::Map<String, serde_json::Value> = config

@@ -297,7 +297,7 @@ async fn set_ebpf_logs(
 
 /// `GET /http-access-log`: whether each HTTP request is logged (target
 /// `mesh_http_access`: pod, direction, service or caller, method, path,
-/// status, flags, time to the response head).
+/// status, flags, body bytes each way, time to the response's end).
 async fn http_access_log(State(state): State<AdminState>) -> Response {
     match &state.mesh {
         Some(mesh) => Json(Switch {

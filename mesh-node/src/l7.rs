@@ -12,6 +12,7 @@
 //! observed outcomes) so it can be tested exhaustively with paused time.
 
 pub mod balance;
+pub mod body;
 pub mod breaker;
 pub mod metrics;
 pub mod path;

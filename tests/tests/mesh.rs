@@ -902,6 +902,46 @@ fn a_service_address_spreads_connections_over_its_healthy_endpoints_across_names
     let failed = "sum(mesh_requests_total{reporter=\"source\",\
                   destination_service=\"records.legacy\",response_code=\"503\"})";
     assert_eq!(query(failed), Some(20.0));
+    // Body sizes, counted once each exchange is over: the 503s' bodies
+    // ("failing on purpose") are 18 bytes; GETs send none.
+    let failures = |family: &str| {
+        query(&format!(
+            "sum({family}{{reporter=\"source\",destination_service=\"records.legacy\",\
+             response_code=\"503\"}})"
+        ))
+    };
+    wait_until("prometheus has the 503s' sizes", || {
+        failures("mesh_response_bytes_count") == Some(20.0)
+    });
+    assert_eq!(failures("mesh_response_bytes_sum"), Some(20.0 * 18.0));
+    assert_eq!(failures("mesh_request_bytes_sum"), Some(0.0));
+    // The 200s: 3 "from-legacy" and 180 "slow"; then a POST of 1,000
+    // bytes answered "slow" (the server's next request does not fail).
+    let answered = |family: &str| {
+        let labels = [
+            "reporter=\"source\"",
+            "destination_service=\"records.legacy\"",
+            "response_code=\"200\"",
+        ];
+        mesh.metric_sum(1, family, &labels)
+    };
+    assert_eq!(answered("mesh_response_bytes_sum"), 3 * 11 + 180 * 4);
+    let post = format!(
+        "POST /upload HTTP/1.1\\r\\nhost: records\\r\\ncontent-length: 1000\\r\\n\
+         connection: close\\r\\n\\r\\n{}",
+        "x".repeat(1000)
+    );
+    let answer = summary_of(
+        &mesh,
+        "shop/reviews",
+        &["raw", "--to", "10.96.0.20:80", "--request", &post],
+    );
+    assert_eq!(answer["status_line"], "HTTP/1.1 200 OK", "{answer}");
+    wait_until("the POST's sizes are counted", || {
+        answered("mesh_request_bytes_count") == 3 + 180 + 1
+    });
+    assert_eq!(answered("mesh_request_bytes_sum"), 1000);
+    assert_eq!(answered("mesh_response_bytes_sum"), 3 * 11 + 181 * 4);
     // (Node states are written in batches: a scrape may see them stale.)
     wait_until("prometheus sees both nodes synced", || {
         query("mesh_control_nodes{state=\"synced\"}") == Some(2.0)
@@ -1446,7 +1486,8 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
         record.contains("mesh_http_access")
             && record.contains("direction=\"outbound\"")
             && record.contains("authority=\"10.96.0.10:80\"")
-            && record.contains("path=\"/hang\""),
+            && record.contains("path=\"/hang\"")
+            && record.contains(" request_bytes=0 response_bytes="),
         "{record}"
     );
     // With the trace id the request came with.

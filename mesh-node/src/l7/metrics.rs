@@ -1,7 +1,8 @@
 //! Per-request metrics, labelled as Istio labels them, so dashboards and
 //! queries written for `istio_requests_total` carry over with the prefix
 //! changed: a request count and a latency histogram per
-//! (reporter, source, destination, version, status, flags). The latency
+//! (reporter, source, destination, version, status, flags), and the
+//! sizes of its request and response bodies. The latency
 //! is in seconds, Prometheus' base unit (its own checker refuses Istio's
 //! `_milliseconds`): `mesh_request_duration_seconds` × 1000 is
 //! `istio_request_duration_milliseconds`. Paths and
@@ -21,6 +22,29 @@ use std::{
 /// The latency buckets' upper bounds, in seconds (shared with the control
 /// plane, which sums the nodes' reports over the same buckets).
 pub use mesh_model::stats::LATENCY_BOUNDS as BUCKETS;
+
+/// The size buckets' upper bounds, in bytes: powers of ten, as Istio's.
+pub const SIZE_BOUNDS: [u64; 10] = [
+    1,
+    10,
+    100,
+    1_000,
+    10_000,
+    100_000,
+    1_000_000,
+    10_000_000,
+    100_000_000,
+    1_000_000_000,
+];
+
+/// The bucket (index into a histogram of `SIZE_BOUNDS.len() + 1`) a body
+/// of `bytes` falls in: bounds are inclusive.
+fn size_bucket(bytes: u64) -> usize {
+    SIZE_BOUNDS
+        .iter()
+        .position(|&bound| bytes <= bound)
+        .unwrap_or(SIZE_BOUNDS.len())
+}
 
 /// The most series kept.
 pub const MAX_SERIES: usize = 10_000;
@@ -129,6 +153,40 @@ struct Series {
     /// Requests per bucket (not cumulative); the last is past every bound.
     buckets: [AtomicU64; BUCKETS.len() + 1],
     sum_micros: AtomicU64,
+    request_bytes: SizeHistogram,
+    response_bytes: SizeHistogram,
+}
+
+/// Bodies per size bucket (not cumulative), and their total.
+#[derive(Debug, Default)]
+struct SizeHistogram {
+    buckets: [AtomicU64; SIZE_BOUNDS.len() + 1],
+    sum: AtomicU64,
+}
+
+impl SizeHistogram {
+    fn record(&self, bytes: u64) {
+        self.buckets[size_bucket(bytes)].fetch_add(1, Ordering::Relaxed);
+        self.sum.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> ([u64; SIZE_BOUNDS.len() + 1], u64) {
+        let buckets = std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed));
+        (buckets, self.sum.load(Ordering::Relaxed))
+    }
+}
+
+/// Where a counted request's body sizes go once its exchange is over
+/// (its series, kept from when the request was counted).
+#[derive(Debug, Clone)]
+pub struct Sizes(Arc<Series>);
+
+impl Sizes {
+    /// Counts the request's and the response's body bytes.
+    pub fn record(&self, request: u64, response: u64) {
+        self.0.request_bytes.record(request);
+        self.0.response_bytes.record(response);
+    }
 }
 
 /// The node's request series.
@@ -139,17 +197,20 @@ pub struct RequestMetrics {
 }
 
 impl RequestMetrics {
-    /// Counts one request that took `duration` to its response head.
-    pub fn record(&self, labels: RequestLabels, duration: Duration) {
+    /// Counts one request that took `duration` to its response head;
+    /// its body sizes go to the [`Sizes`] returned once they are known.
+    /// `None` when the request is not counted (too many series).
+    pub fn record(&self, labels: RequestLabels, duration: Duration) -> Option<Sizes> {
         let series = self.series_of(labels);
         let Some(series) = series else {
             self.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
+            return None;
         };
         let bucket = mesh_model::stats::bucket_of(duration.as_secs_f64());
         series.buckets[bucket].fetch_add(1, Ordering::Relaxed);
         let micros = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
         series.sum_micros.fetch_add(micros, Ordering::Relaxed);
+        Some(Sizes(series))
     }
 
     fn series_of(&self, labels: RequestLabels) -> Option<Arc<Series>> {
@@ -210,16 +271,24 @@ impl RequestMetrics {
         );
         // Each series read once, so its buckets, count and +Inf agree
         // even while requests land; its labels written once.
-        let snapshots: Vec<(String, [u64; BUCKETS.len() + 1], u64)> = sorted
+        let snapshots: Vec<Snapshot> = sorted
             .iter()
             .map(|(key, series)| {
                 let mut labels = String::new();
                 key.render(&mut labels);
-                let buckets = std::array::from_fn(|i| series.buckets[i].load(Ordering::Relaxed));
-                (labels, buckets, series.sum_micros.load(Ordering::Relaxed))
+                Snapshot {
+                    labels,
+                    buckets: std::array::from_fn(|i| series.buckets[i].load(Ordering::Relaxed)),
+                    sum_micros: series.sum_micros.load(Ordering::Relaxed),
+                    request_bytes: series.request_bytes.snapshot(),
+                    response_bytes: series.response_bytes.snapshot(),
+                }
             })
             .collect();
-        for (labels, buckets, _) in &snapshots {
+        for Snapshot {
+            labels, buckets, ..
+        } in &snapshots
+        {
             let count: u64 = buckets.iter().sum();
             let _ = writeln!(out, "mesh_requests_total{{{labels}}} {count}");
         }
@@ -227,22 +296,53 @@ impl RequestMetrics {
             "# HELP mesh_request_duration_seconds Time from a request's arrival at the node proxy to its response head.\n\
              # TYPE mesh_request_duration_seconds histogram\n",
         );
-        for (labels, buckets, sum_micros) in &snapshots {
-            let mut cumulative = 0;
-            for (bound, bucket) in BUCKETS.iter().zip(buckets) {
-                cumulative += bucket;
-                let _ = writeln!(
-                    out,
-                    "mesh_request_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {cumulative}"
-                );
-            }
-            let count = cumulative + buckets[BUCKETS.len()];
-            let _ = writeln!(
-                out,
-                "mesh_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {count}\n\
-                 mesh_request_duration_seconds_sum{{{labels}}} {}\n\
-                 mesh_request_duration_seconds_count{{{labels}}} {count}",
-                *sum_micros as f64 / 1e6
+        for snapshot in &snapshots {
+            let sum = snapshot.sum_micros as f64 / 1e6;
+            histogram(
+                &mut out,
+                "mesh_request_duration_seconds",
+                &snapshot.labels,
+                &BUCKETS,
+                &snapshot.buckets,
+                sum,
+            );
+        }
+        out.push_str(
+            "# HELP mesh_request_bytes Request body sizes, counted when the exchange ends.\n\
+             # TYPE mesh_request_bytes histogram\n",
+        );
+        for Snapshot {
+            labels,
+            request_bytes: (buckets, sum),
+            ..
+        } in &snapshots
+        {
+            histogram(
+                &mut out,
+                "mesh_request_bytes",
+                labels,
+                &SIZE_BOUNDS,
+                buckets,
+                *sum,
+            );
+        }
+        out.push_str(
+            "# HELP mesh_response_bytes Response body sizes sent to the client, counted when the exchange ends.\n\
+             # TYPE mesh_response_bytes histogram\n",
+        );
+        for Snapshot {
+            labels,
+            response_bytes: (buckets, sum),
+            ..
+        } in &snapshots
+        {
+            histogram(
+                &mut out,
+                "mesh_response_bytes",
+                labels,
+                &SIZE_BOUNDS,
+                buckets,
+                *sum,
             );
         }
         let _ = write!(
@@ -254,6 +354,39 @@ impl RequestMetrics {
         );
         out
     }
+}
+
+/// One series, read once.
+struct Snapshot {
+    labels: String,
+    buckets: [u64; BUCKETS.len() + 1],
+    sum_micros: u64,
+    request_bytes: ([u64; SIZE_BOUNDS.len() + 1], u64),
+    response_bytes: ([u64; SIZE_BOUNDS.len() + 1], u64),
+}
+
+/// Writes one histogram series: cumulative buckets over `bounds` from
+/// `counts` (per bucket, the last past every bound), `+Inf`, sum and count.
+fn histogram<B: std::fmt::Display>(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    bounds: &[B],
+    counts: &[u64],
+    sum: impl std::fmt::Display,
+) {
+    let mut cumulative = 0;
+    for (bound, count) in bounds.iter().zip(counts) {
+        cumulative += count;
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+    }
+    let count: u64 = counts.iter().sum();
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{{labels},le=\"+Inf\"}} {count}\n\
+         {name}_sum{{{labels}}} {sum}\n\
+         {name}_count{{{labels}}} {count}"
+    );
 }
 
 #[cfg(test)]
@@ -316,6 +449,44 @@ mod tests {
         assert!(text.contains(&format!("mesh_request_duration_seconds_count{{{ok}}} 6\n")));
         assert!(text.contains("response_code=\"503\"} 1\n"));
         assert!(text.contains("mesh_request_series_dropped_total 0\n"));
+    }
+
+    #[test]
+    fn body_sizes_land_in_power_of_ten_buckets_of_the_requests_series() {
+        let metrics = RequestMetrics::default();
+        let sizes = metrics.record(labels(200), Duration::ZERO).unwrap();
+        sizes.record(0, 1);
+        metrics
+            .record(labels(200), Duration::ZERO)
+            .unwrap()
+            .record(11, 1_000_000);
+        // A request whose exchange has not ended yet is not in the sizes.
+        let _pending = metrics.record(labels(200), Duration::ZERO).unwrap();
+        let text = metrics.render();
+        let ok = "reporter=\"source\",source_workload=\"frontend\",source_workload_namespace=\"shop\",\
+                  source_principal=\"spiffe://cluster.local/ns/shop/sa/frontend\",\
+                  destination_workload=\"reviews-v1\",destination_workload_namespace=\"shop\",\
+                  destination_service=\"reviews.shop\",destination_version=\"v1\",\
+                  response_flags=\"-\",response_code=\"200\"";
+        let value = |name: &str, le: Option<&str>| {
+            let prefix = match le {
+                Some(le) => format!("{name}{{{ok},le=\"{le}\"}} "),
+                None => format!("{name}{{{ok}}} "),
+            };
+            line(&text, &prefix)[prefix.len()..].to_owned()
+        };
+        assert_eq!(value("mesh_requests_total", None), "3");
+        assert_eq!(value("mesh_request_bytes_bucket", Some("1")), "1");
+        assert_eq!(value("mesh_request_bytes_bucket", Some("10")), "1");
+        assert_eq!(value("mesh_request_bytes_bucket", Some("100")), "2");
+        assert_eq!(value("mesh_request_bytes_bucket", Some("+Inf")), "2");
+        assert_eq!(value("mesh_request_bytes_sum", None), "11");
+        assert_eq!(value("mesh_request_bytes_count", None), "2");
+        assert_eq!(value("mesh_response_bytes_bucket", Some("1")), "1");
+        assert_eq!(value("mesh_response_bytes_bucket", Some("100000")), "1");
+        assert_eq!(value("mesh_response_bytes_bucket", Some("1000000")), "2");
+        assert_eq!(value("mesh_response_bytes_sum", None), "1000001");
+        assert_eq!(value("mesh_response_bytes_count", None), "2");
     }
 
     #[test]

@@ -61,8 +61,9 @@ use crate::{
     hbone::{self, TunnelIo},
     l7::{
         balance::{self, HashRing, InFlight},
+        body::{Counted, Measured},
         breaker::{Breaker, BreakerSettings, Ticket},
-        metrics::{Reporter, RequestLabels, RequestMetrics},
+        metrics::{Reporter, RequestLabels, RequestMetrics, Sizes},
         ratelimit::TokenBucket,
         retry::{Attempt, BudgetLimits, RetryBudget, RetryPolicy},
         sniff::H2_PREFACE,
@@ -689,6 +690,8 @@ pub(super) async fn serve_inbound(
         async move {
             let started = std::time::Instant::now();
             let access = Access::start(access_logged(&inbound.mesh, &inbound.pod.name), &request);
+            let received = Arc::new(AtomicU64::new(0));
+            let request = request.map(|body| Counted::new(body, received.clone()));
             let mut served = Served::default();
             let response = authorize_and_send(&inbound, request, &mut served).await;
             let labels = destination_labels(&inbound, &response);
@@ -707,13 +710,13 @@ pub(super) async fn serve_inbound(
                 let name = format!("{}:{}/*", labels.destination_service, inbound.target.port());
                 state.record_span(hop, spans::Kind::Server, name, &response, attributes);
             }
-            state.stats.by_route.record(labels, started.elapsed());
-            if let Some(access) = access {
+            let sizes = state.stats.by_route.record(labels, started.elapsed());
+            let access = access.map(|access| {
                 let caller = inbound.caller.to_string();
-                let pod = &inbound.pod.name;
-                access.log(pod, Direction::Inbound, &caller, &response, served.trace_id);
-            }
-            Ok::<_, Infallible>(response)
+                let pod = inbound.pod.name.clone();
+                access.answered(pod, Direction::Inbound, caller, &response, served.trace_id)
+            });
+            Ok::<_, Infallible>(measured(response, received, sizes, access))
         }
     });
     server(mesh.http.header_timeout)
@@ -764,7 +767,7 @@ struct Inbound {
 /// authorized.
 async fn authorize_and_send(
     inbound: &Inbound,
-    mut request: Request<Incoming>,
+    mut request: Request<Counted<Incoming>>,
     served: &mut Served,
 ) -> Response<Body> {
     let Inbound {
@@ -894,6 +897,8 @@ fn local(state: &HttpState, flag: Flag, detail: &str) -> Response<Body> {
 async fn handle(route: &Route, request: Request<Incoming>) -> Response<Body> {
     let started = std::time::Instant::now();
     let access = Access::start(access_logged(&route.mesh, &route.pod.name), &request);
+    let received = Arc::new(AtomicU64::new(0));
+    let request = request.map(|body| Counted::new(body, received.clone()));
     let mut served = Served::default();
     let response = route_request(route, request, &mut served).await;
     let labels = source_labels(route, served.endpoint, &response);
@@ -915,18 +920,44 @@ async fn handle(route: &Route, request: Request<Incoming>) -> Response<Body> {
         let name = format!("{}:{}/*", labels.destination_service, route.port);
         state.record_span(hop, spans::Kind::Client, name, &response, attributes);
     }
-    state.stats.by_route.record(labels, started.elapsed());
-    if let Some(access) = access {
+    let sizes = state.stats.by_route.record(labels, started.elapsed());
+    let access = access.map(|access| {
         let (namespace, name) = &route.service.key;
-        access.log(
-            &route.pod.name,
+        access.answered(
+            route.pod.name.clone(),
             Direction::Outbound,
-            &format!("{namespace}/{name}"),
+            format!("{namespace}/{name}"),
             &response,
             served.trace_id,
-        );
+        )
+    });
+    measured(response, received, sizes, access)
+}
+
+/// `response`, its body counted: once the exchange is over (the body
+/// sent whole, or abandoned), the request's and the response's body sizes
+/// go to the request's series, and its access record is logged with them.
+fn measured(
+    response: Response<Body>,
+    received: Arc<AtomicU64>,
+    sizes: Option<Sizes>,
+    access: Option<Answered>,
+) -> Response<Body> {
+    if sizes.is_none() && access.is_none() {
+        return response;
     }
-    response
+    response.map(|body| {
+        Measured::new(body, move |sent| {
+            let received = received.load(Ordering::Relaxed);
+            if let Some(sizes) = sizes {
+                sizes.record(received, sent);
+            }
+            if let Some(access) = access {
+                access.log(received, sent);
+            }
+        })
+        .boxed_unsync()
+    })
 }
 
 /// The series a request routed from `route`'s pod counts in: the
@@ -1031,28 +1062,61 @@ impl Access {
         })
     }
 
-    /// `peer`: the service called (outbound) or the caller (inbound).
-    fn log(
+    /// The record, once `response`'s head is ready, to be logged when
+    /// the exchange ends. `peer`: the service called (outbound) or the
+    /// caller (inbound).
+    fn answered(
         self,
-        pod: &str,
+        pod: String,
         direction: Direction,
-        peer: &str,
+        peer: String,
         response: &Response<Body>,
         trace_id: Option<u128>,
-    ) {
-        let trace_id = trace_id.map_or(String::new(), |id| format!("{id:032x}"));
+    ) -> Answered {
+        Answered {
+            request: self,
+            pod,
+            direction,
+            peer,
+            status: response.status().as_u16(),
+            flags: flags_of(response),
+            trace_id,
+        }
+    }
+}
+
+/// An access record with its answer, waiting for the exchange to end.
+struct Answered {
+    request: Access,
+    pod: String,
+    direction: Direction,
+    peer: String,
+    status: u16,
+    flags: &'static str,
+    trace_id: Option<u128>,
+}
+
+impl Answered {
+    /// Logs the record, with the body bytes `received` from the client and
+    /// `sent` back to it.
+    fn log(self, received: u64, sent: u64) {
+        let trace_id = self
+            .trace_id
+            .map_or(String::new(), |id| format!("{id:032x}"));
         tracing::info!(
             target: "mesh_http_access",
-            pod = %pod,
-            direction = direction.name(),
-            peer,
-            method = %self.method,
-            authority = self.authority,
-            path = self.path,
-            status = response.status().as_u16(),
-            flags = flags_of(response),
+            pod = %self.pod,
+            direction = self.direction.name(),
+            peer = self.peer,
+            method = %self.request.method,
+            authority = self.request.authority,
+            path = self.request.path,
+            status = self.status,
+            flags = self.flags,
             trace_id,
-            duration_ms = self.started.elapsed().as_millis() as u64,
+            request_bytes = received,
+            response_bytes = sent,
+            duration_ms = self.request.started.elapsed().as_millis() as u64,
             "request"
         );
     }
@@ -1072,7 +1136,7 @@ fn clipped(text: &str, most: usize) -> &str {
 /// `served`: what routing found out, for the request's metrics and span.
 async fn route_request(
     route: &Route,
-    mut request: Request<Incoming>,
+    mut request: Request<Counted<Incoming>>,
     served: &mut Served,
 ) -> Response<Body> {
     let mesh = &route.mesh;
@@ -1284,7 +1348,7 @@ fn candidates(
 /// A request body: kept for replay, or sent once.
 enum Replay {
     Kept(Bytes),
-    Once(Option<Incoming>),
+    Once(Option<Counted<Incoming>>),
 }
 
 impl Replay {
@@ -1461,7 +1525,7 @@ struct Upgrade {
 impl Upgrade {
     /// The upgrade `request` asks for, if it goes on to an HTTP/1.1
     /// upstream (`protocol`).
-    fn take(request: &mut Request<Incoming>, protocol: Protocol) -> Option<Self> {
+    fn take<B>(request: &mut Request<B>, protocol: Protocol) -> Option<Self> {
         if request.version() != http::Version::HTTP_11
             || matches!(protocol, Protocol::Http2 | Protocol::Grpc)
         {

@@ -64,6 +64,35 @@ pub enum StoreError {
     Corrupt { reference: String, message: String },
 }
 
+impl StoreError {
+    /// Whether the database could not be reached or is shutting down or
+    /// starting (rather than refusing this operation): the caller may
+    /// retry, and nothing was changed.
+    pub fn is_unavailable(&self) -> bool {
+        let StoreError::Database(error) = self else {
+            return matches!(self, StoreError::Connect { .. });
+        };
+        match error {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => true,
+            // SQLSTATE class 08 (connection exception) and 57 (operator
+            // intervention: shutdown, crash recovery, cannot connect now).
+            sqlx::Error::Database(error) => error
+                .code()
+                .is_some_and(|code| code.starts_with("08") || code.starts_with("57")),
+            _ => false,
+        }
+    }
+}
+
+/// How long an operation waits for a database connection before it is
+/// answered "unavailable": long enough for a burst of writes to queue,
+/// short enough that a caller learns of an outage while it can act.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// What an apply did to one resource.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -153,7 +182,7 @@ impl Store {
                 Backend::Sqlite => 4,
                 Backend::Postgres => 16,
             })
-            .acquire_timeout(Duration::from_secs(30))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .after_connect(move |conn, _| Box::pin(async move { prepare(conn, backend).await }))
             .connect(url)
             .await

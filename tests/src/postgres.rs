@@ -8,7 +8,7 @@ use std::{
     ffi::CString,
     fs, io,
     os::unix::process::CommandExt as _,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -19,7 +19,11 @@ use crate::process::free_port;
 #[derive(Debug)]
 pub struct TestPostgres {
     dir: PathBuf,
-    child: Child,
+    bin: PathBuf,
+    user: Option<(u32, u32)>,
+    port: u16,
+    /// `None` while stopped.
+    child: Option<Child>,
     url: String,
 }
 
@@ -60,16 +64,38 @@ impl TestPostgres {
         }
 
         let port = free_port()?;
-        let log = fs::File::create(dir.join("postgres.log"))?;
-        if let Some((uid, gid)) = user {
-            std::os::unix::fs::chown(dir.join("postgres.log"), Some(uid), Some(gid))?;
+        let mut server = Self {
+            url: format!("postgres://mesh@127.0.0.1:{port}/postgres"),
+            dir,
+            bin,
+            user,
+            port,
+            child: None,
+        };
+        server.resume()?;
+        Ok(server)
+    }
+
+    /// Starts the stopped server again, on its port and data; returns once
+    /// it accepts connections. Does nothing if it runs.
+    pub fn resume(&mut self) -> io::Result<()> {
+        if self.child.is_some() {
+            return Ok(());
         }
-        let mut postgres = Command::new(bin.join("postgres"));
+        let log_path = self.dir.join("postgres.log");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        if let Some((uid, gid)) = self.user {
+            std::os::unix::fs::chown(&log_path, Some(uid), Some(gid))?;
+        }
+        let mut postgres = Command::new(self.bin.join("postgres"));
         postgres
             .arg("-D")
-            .arg(&data)
-            .args(["-p", &port.to_string(), "-h", "127.0.0.1", "-k"])
-            .arg(&dir)
+            .arg(self.dir.join("data"))
+            .args(["-p", &self.port.to_string(), "-h", "127.0.0.1", "-k"])
+            .arg(&self.dir)
             .args([
                 "-c",
                 "fsync=off",
@@ -81,15 +107,31 @@ impl TestPostgres {
             .args(["-c", "max_connections=400", "-c", "shared_buffers=64MB"])
             .stdout(log.try_clone()?)
             .stderr(log);
-        as_user(&mut postgres, user);
-        let child = postgres.spawn()?;
-        let server = Self {
-            url: format!("postgres://mesh@127.0.0.1:{port}/postgres"),
-            dir,
-            child,
+        as_user(&mut postgres, self.user);
+        self.child = Some(postgres.spawn()?);
+        self.wait_ready(Duration::from_secs(60))
+    }
+
+    /// Stops the server ("fast" shutdown: sessions end, the server exits
+    /// promptly); [`Self::resume`] starts it again.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
         };
-        server.wait_ready(&bin, port, Duration::from_secs(60))?;
-        Ok(server)
+        // SAFETY: signals our own child, which has not been reaped yet.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     /// `postgres://mesh@127.0.0.1:PORT/postgres`.
@@ -97,11 +139,11 @@ impl TestPostgres {
         &self.url
     }
 
-    fn wait_ready(&self, bin: &Path, port: u16, deadline: Duration) -> io::Result<()> {
+    fn wait_ready(&self, deadline: Duration) -> io::Result<()> {
         let start = Instant::now();
         loop {
-            let ready = Command::new(bin.join("pg_isready"))
-                .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string()])
+            let ready = Command::new(self.bin.join("pg_isready"))
+                .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
                 .status()?;
             if ready.success() {
                 return Ok(());
@@ -120,21 +162,7 @@ impl TestPostgres {
 
 impl Drop for TestPostgres {
     fn drop(&mut self) {
-        // SIGINT: "fast" shutdown, which ends sessions and exits promptly.
-        // SAFETY: signals our own child, which has not been reaped yet.
-        #[allow(unsafe_code)]
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGINT);
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

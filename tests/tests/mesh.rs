@@ -14,9 +14,10 @@ use std::{
 
 use mesh_e2e::{
     Cluster, ClusterSpec, PodSpec, cluster,
-    control::{ControlPlane, node_command, spawn_node},
+    control::{ControlPlane, node_command, run_meshctl, spawn_node},
     http, netns,
     phoenix::Phoenix,
+    postgres::TestPostgres,
     process::{Process, workspace_binary},
     prometheus::Prometheus,
     sniff::{self, Sniffer},
@@ -70,6 +71,16 @@ fn mesh(name: &str) -> Mesh {
 /// [`mesh`], with workload certificates living `ttl`, and `node_args` for
 /// every node proxy.
 fn mesh_with(name: &str, ttl: Option<&str>, node_args: &[&str]) -> Mesh {
+    let env: Vec<(&str, &str)> = ttl
+        .map(|ttl| ("MESH_CERTIFICATE_TTL", ttl))
+        .into_iter()
+        .collect();
+    mesh_setup(name, &env, node_args)
+}
+
+/// [`mesh`], with `control_env` for the control plane (e.g. its
+/// `MESH_DATABASE_URL`) and `node_args` for every node proxy.
+fn mesh_setup(name: &str, control_env: &[(&str, &str)], node_args: &[&str]) -> Mesh {
     mesh_e2e::require_root().expect("the mesh tests need root: run `cargo xtask test`");
     cluster::teardown(name).expect("clearing leftovers");
     let cluster = Cluster::up(&ClusterSpec {
@@ -87,9 +98,7 @@ fn mesh_with(name: &str, ttl: Option<&str>, node_args: &[&str]) -> Mesh {
     let mut command = cluster
         .system_command(workspace_binary("mesh-control").unwrap())
         .unwrap();
-    if let Some(ttl) = ttl {
-        command.env("MESH_CERTIFICATE_TTL", ttl);
-    }
+    command.envs(control_env.iter().copied());
     let control = ControlPlane::start_with(command, &dir.path().join("control")).unwrap();
     let ip = |pod: &str| cluster.pod(pod).unwrap().ip4;
     let objects = format!(
@@ -559,6 +568,87 @@ fn traffic_keeps_flowing_while_the_control_plane_is_down() {
     mesh.apply(policy);
     let (ok, output) = mesh.get("shop/frontend", 1);
     assert!(!ok, "a change after the restart did not apply: {output}");
+}
+
+#[test]
+fn traffic_keeps_flowing_while_the_database_is_down_and_writes_fail_whole() {
+    let mut postgres = TestPostgres::start().unwrap();
+    let url = postgres.url().to_owned();
+    let mesh = mesh_setup("e2edb", &[("MESH_DATABASE_URL", &url)], &[]);
+    let connected = |node| mesh.metric(node, "mesh_config_connected");
+    let revisions = (mesh.revision(0), mesh.revision(1));
+    let meshctl = |args: &[&str], stdin: &str| {
+        let binary = workspace_binary("meshctl").unwrap();
+        let api = &mesh.control.api;
+        run_meshctl(&binary, api, &mesh.control.data_dir, args, stdin).unwrap()
+    };
+    // Two documents: a new service, and a policy that would close
+    // reviews to every caller.
+    let change = "apiVersion: mesh.io/v1\nkind: Service\nmetadata: {name: ratings, namespace: shop}\n\
+        spec: {ports: [{port: 9080, protocol: http}]}\n---\n\
+        apiVersion: mesh.io/v1\nkind: AuthorizationPolicy\n\
+        metadata: {name: closed, namespace: shop}\nspec: {target: reviews}\n";
+
+    postgres.stop();
+    let stopped = Instant::now();
+    // A write is refused as a whole, saying why.
+    let refused = meshctl(&["apply", "-f", "-"], change);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{refused:?}");
+    assert!(
+        stderr.contains("the database is unavailable") && stderr.contains("apply again"),
+        "{stderr}"
+    );
+    eprintln!(
+        "a write with the database down was refused in {:?}: {stderr}",
+        stopped.elapsed()
+    );
+
+    // Thirty seconds without a database: every request answered, the
+    // nodes still connected to the control plane.
+    let outage = Duration::from_secs(30);
+    let mut requests = 0;
+    while stopped.elapsed() < outage {
+        let (ok, output) = mesh.get("shop/frontend", 50);
+        assert!(
+            ok,
+            "a request failed {:?} into the outage: {output}",
+            stopped.elapsed()
+        );
+        requests += 50;
+    }
+    assert_eq!((connected(0), connected(1)), (1, 1));
+    assert_eq!((mesh.revision(0), mesh.revision(1)), revisions);
+    eprintln!("{requests} requests during a {outage:?} database outage, none failed");
+
+    // Back: the control plane reconnects by itself. Nothing of the
+    // refused write was kept...
+    postgres.resume().unwrap();
+    let deadline = Instant::now() + READY;
+    loop {
+        let read = meshctl(&["get", "services", "-n", "shop", "-o", "json"], "");
+        if read.status.success() {
+            let listed = String::from_utf8_lossy(&read.stdout);
+            assert!(!listed.contains("ratings"), "{listed}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the control plane did not recover: {read:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // ...and the same write, repeated, goes through whole.
+    mesh.apply(change);
+    let (ok, output) = mesh.get("shop/frontend", 1);
+    assert!(
+        !ok,
+        "the policy written after the outage did not apply: {output}"
+    );
+    let listed = mesh
+        .control
+        .meshctl(&["get", "services", "-n", "shop"], None);
+    assert!(listed.contains("ratings"), "{listed}");
 }
 
 #[test]

@@ -99,6 +99,11 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
         response
     }
 }
@@ -116,6 +121,14 @@ impl From<StoreError> for ApiError {
         match error {
             StoreError::NotFound(what) => ApiError::NotFound(format!("{what} not found")),
             error @ StoreError::Conflict { .. } => ApiError::Conflict(error.to_string()),
+            error if error.is_unavailable() => {
+                tracing::warn!(error = %DisplayChain(&error), "the database is unavailable");
+                ApiError::Unavailable(format!(
+                    "the database is unavailable ({}); apply again once it is back: \
+                     an apply is all or nothing, and repeating one is safe",
+                    DisplayChain(&error)
+                ))
+            }
             error => {
                 tracing::error!(error = %DisplayChain(&error), "store operation failed");
                 ApiError::Internal

@@ -80,7 +80,9 @@ pub fn watch_revision(store: Store, every: Duration) -> watch::Receiver<i64> {
                         moved
                     });
                 }
-                Err(error) => tracing::warn!(%error, "reading the store's revision"),
+                Err(error) => {
+                    tracing::warn!(error = %crate::api::DisplayChain(&error), "reading the store's revision")
+                }
             }
             if tx.is_closed() {
                 return;

@@ -112,7 +112,7 @@ async fn flush(store: &Store, dirty: &Mutex<HashMap<String, NodeConfigStatus>>) 
     let Err(error) = store.record_node_statuses(&batch).await else {
         return true;
     };
-    tracing::warn!(%error, nodes = batch.len(), "recording nodes' configuration state; will retry");
+    tracing::warn!(error = %crate::api::DisplayChain(&error), nodes = batch.len(), "recording nodes' configuration state; will retry");
     // Put back what no newer record replaced.
     let mut waiting = take(dirty);
     for status in batch {

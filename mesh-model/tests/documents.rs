@@ -498,3 +498,41 @@ fn service_addresses_come_from_the_service_ranges() {
     assert!(custom.contains("172.20.3.4".parse().unwrap()));
     assert!(!custom.contains("10.96.0.1".parse().unwrap()));
 }
+
+#[test]
+fn deep_block_nesting_is_an_error_not_a_crash() {
+    // Indentation nests without a bracket: the parser's own recursion
+    // limit stops it, and says where.
+    let mut yaml =
+        String::from("apiVersion: mesh.io/v1\nkind: ServicePolicy\nmetadata: {name: a}\nspec:\n");
+    for level in 1..1_000 {
+        yaml.push_str(&" ".repeat(level));
+        yaml.push_str("x:\n");
+    }
+    let found = errors(&yaml);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0]
+            .starts_with("document 1: not valid YAML or JSON: recursion limit exceeded at line "),
+        "{found:?}"
+    );
+}
+
+#[test]
+fn aliases_that_expand_exponentially_are_refused() {
+    // "Billion laughs": nine levels of nine references each.
+    let mut yaml = String::from(
+        "apiVersion: mesh.io/v1\nkind: ServicePolicy\nmetadata: {name: a}\n\
+         x0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n",
+    );
+    for level in 1..10 {
+        let previous = format!("*a{}", level - 1);
+        let list = [previous.as_str(); 9].join(", ");
+        yaml.push_str(&format!("x{level}: &a{level} [{list}]\n"));
+    }
+    yaml.push_str("spec: {retry_attempts: *a9}\n");
+    assert_eq!(
+        errors(&yaml),
+        ["document 1: not valid YAML or JSON: repetition limit exceeded"]
+    );
+}

@@ -3,6 +3,7 @@
 //! after receiving them.
 
 pub mod channel;
+pub mod http_server;
 
 /// Version 1 of the API.
 #[allow(missing_debug_implementations, clippy::all)]

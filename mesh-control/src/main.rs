@@ -84,6 +84,12 @@ enum Command {
         /// separated: the cluster's service CIDRs.
         #[arg(long, env = "MESH_SERVICE_CIDR", default_value = DEFAULT_SERVICE_RANGES)]
         service_cidr: ServiceRanges,
+
+        /// How long an API client may take to send a request head, and
+        /// how long a connection may idle between requests, before the
+        /// server closes it (slow-header attacks).
+        #[arg(long, env = "MESH_HTTP_HEADER_TIMEOUT", default_value = "30s", value_parser = mesh_model::duration::parse_duration)]
+        http_header_timeout: std::time::Duration,
     },
     /// Bring the database schema up to date, then exit.
     ///
@@ -131,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
             csr_rate,
             certificate_ttl,
             service_cidr,
+            http_header_timeout,
         }) => {
             let grpc = GrpcConfig {
                 csr_limit: RateLimit {
@@ -145,6 +152,7 @@ async fn main() -> anyhow::Result<()> {
                 grpc,
                 certificate_ttl,
                 service_ranges: service_cidr,
+                http_header_timeout,
             };
             serve(&data_dir, &cli.trust_domain, &database_url, serving).await
         }
@@ -155,6 +163,7 @@ async fn main() -> anyhow::Result<()> {
                 grpc: GrpcConfig::default(),
                 certificate_ttl: mesh_identity::ca::DEFAULT_TTL,
                 service_ranges: ServiceRanges::default(),
+                http_header_timeout: std::time::Duration::from_secs(30),
             };
             serve(&data_dir, &cli.trust_domain, &database_url, serving).await
         }
@@ -268,6 +277,7 @@ struct Serving {
     grpc: GrpcConfig,
     certificate_ttl: std::time::Duration,
     service_ranges: ServiceRanges,
+    http_header_timeout: std::time::Duration,
 }
 
 async fn serve(
@@ -282,6 +292,7 @@ async fn serve(
         grpc: grpc_config,
         certificate_ttl,
         service_ranges,
+        http_header_timeout,
     } = serving;
     let token = init(data_dir, trust_domain, database_url).await?;
     let (ca, kek) = CaFiles::in_data_dir(data_dir)
@@ -333,11 +344,14 @@ async fn serve(
         grpc_config,
         stopped(stop_rx.clone()),
     ));
-    let mut admin = tokio::spawn(
-        axum::serve(listener, app)
-            .with_graceful_shutdown(stopped(stop_rx))
-            .into_future(),
-    );
+    let limits = mesh_api::http_server::Limits {
+        header_timeout: http_header_timeout,
+        ..Default::default()
+    };
+    let mut admin = tokio::spawn(async move {
+        mesh_api::http_server::serve(listener, app, limits, stopped(stop_rx)).await;
+        anyhow::Ok(())
+    });
     // One line on stdout tells a supervisor (the demo, tests) we are ready.
     println!("ready api=http://{addr} grpc={grpc_addr}");
     std::io::stdout().flush()?;

@@ -31,7 +31,13 @@ impl Server {
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let limits = mesh_api::http_server::Limits::default();
+        tokio::spawn(mesh_api::http_server::serve(
+            listener,
+            app,
+            limits,
+            std::future::pending(),
+        ));
         Self {
             addr,
             http: Client::new(),

@@ -145,7 +145,7 @@ struct Args {
 
     /// How long an HTTP client may take to send a request head, and how
     /// long an HTTP/1.1 connection may idle between requests, before the
-    /// proxy closes it (slow-header attacks).
+    /// proxy closes it (slow-header attacks); on the admin endpoint too.
     #[arg(long, env = "MESH_NODE_HTTP_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_idle_timeout)]
     http_header_timeout: std::time::Duration,
 
@@ -429,17 +429,19 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
         config: mesh.as_ref().map(|m| (m.xds.config(), m.xds.status())),
     };
     let stopping = proxy.clone();
-    let server = axum::serve(listener, admin::router(state)).with_graceful_shutdown(async move {
+    let limits = mesh_api::http_server::Limits {
+        header_timeout: args.http_header_timeout,
+        ..Default::default()
+    };
+    mesh_api::http_server::serve(listener, admin::router(state), limits, async move {
         shutdown_signal().await;
         // Listeners close before the admin endpoint does, so a supervisor
         // that sees the endpoint gone knows new connections go elsewhere.
         if let Some(proxy) = stopping {
             proxy.stop_accepting().await;
         }
-    });
-    if let Err(error) = server.await {
-        bail!("admin endpoint failed: {error}");
-    }
+    })
+    .await;
     if let Some(proxy) = proxy {
         // The pods stay captured (pinned): until the next mesh-node listens,
         // their connects are refused. Open connections may finish.

@@ -7,7 +7,7 @@ pub mod limit;
 pub mod status;
 pub mod tls;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
@@ -73,7 +73,16 @@ pub async fn serve(
         let _ = stopping_tx.send(true);
     };
     let service = IdentityService::new(store, identity, config.csr_limit);
+    // HTTP/2 limits set here, so they cannot drift with tonic's defaults:
+    // dead peers are found by pings; a node needs a few streams (its
+    // configuration stream, certificate requests); rapid resets and
+    // oversized header lists end the connection.
     tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(64)
+        .http2_max_pending_accept_reset_streams(Some(20))
+        .http2_max_header_list_size(64 << 10)
         .add_service(service.into_server())
         .add_service(discovery.into_server())
         .serve_with_incoming_shutdown(ReceiverStream::new(incoming), shutdown)

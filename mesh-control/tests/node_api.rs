@@ -530,3 +530,56 @@ async fn nodes_keep_working_through_a_root_rotation() {
     );
     assert_eq!(issued.trust_bundle_der.len(), 2);
 }
+
+/// TLS to the node API, then nothing more; the stream.
+async fn handshaken(server: &Server) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("mesh-control").unwrap();
+    tokio_rustls::TlsConnector::from(server.tls(None))
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+/// Reads until the server closes the stream, for at most 30 s.
+async fn closed_by_server(stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>) {
+    use tokio::io::AsyncReadExt as _;
+    let read = async {
+        let mut buffer = [0; 1024];
+        while let Ok(n) = stream.read(&mut buffer).await {
+            if n == 0 {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), read)
+        .await
+        .expect("the server kept the connection for 30 s");
+}
+
+#[tokio::test]
+async fn a_client_that_stalls_after_the_tls_handshake_is_dropped_and_others_are_served() {
+    use tokio::io::AsyncWriteExt as _;
+    let server = start(RateLimit::default()).await;
+    // Half the HTTP/2 preface, then silence: dropped at the handshake
+    // deadline (10 s), not held.
+    let mut stalled = handshaken(&server).await;
+    stalled.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    stalled.flush().await.unwrap();
+    let started = std::time::Instant::now();
+    // Meanwhile a node joins.
+    let (joined, _) = server.join("node1").await;
+    assert!(!joined.certificate_der.is_empty());
+    closed_by_server(&mut stalled).await;
+    let held = started.elapsed();
+    assert!(held >= std::time::Duration::from_secs(9), "{held:?}");
+
+    // Not HTTP/2 at all: dropped at once.
+    let mut confused = handshaken(&server).await;
+    confused
+        .write_all(b"GET / HTTP/1.1\r\nhost: mesh-control\r\n\r\n")
+        .await
+        .unwrap();
+    confused.flush().await.unwrap();
+    closed_by_server(&mut confused).await;
+}

@@ -58,6 +58,9 @@ const MAX_FRAME: u32 = 1 << 20;
 const CHUNK: usize = 256 << 10;
 /// What a connection may buffer for sending before streams wait.
 const SEND_BUFFER: usize = 4 << 20;
+/// The largest header list a `CONNECT` may carry (HTTP/2's accounting:
+/// names, values and 32 bytes per field).
+const MAX_HEADER_LIST: u32 = 16 << 10;
 /// How long a TLS + HTTP/2 handshake, or the answer to a `CONNECT`, may
 /// take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -543,6 +546,13 @@ pub async fn serve<IO, H, Fut>(
         .max_frame_size(MAX_FRAME)
         .max_send_buffer_size(SEND_BUFFER)
         .max_concurrent_streams(max_streams)
+        // A CONNECT carries an authority and a few trace headers: a list
+        // past this ends the connection (CONTINUATION floods) ...
+        .max_header_list_size(MAX_HEADER_LIST)
+        // ... as do more than 20 streams reset before they are accepted
+        // (rapid reset) or 1,024 streams failed by the peer.
+        .max_pending_accept_reset_streams(20)
+        .max_local_error_reset_streams(Some(1024))
         .handshake::<_, Bytes>(io);
     let mut connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connection).await {
         Ok(Ok(connection)) => connection,

@@ -21,7 +21,7 @@ use rustls::{
 };
 use time::OffsetDateTime;
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::mpsc,
 };
@@ -31,8 +31,13 @@ use tonic::transport::server::Connected;
 use crate::api::Identity;
 use crate::store::{NewCertificate, Store};
 
-/// A TLS handshake that takes longer than this is dropped.
+/// A connection whose TLS handshake and HTTP/2 preface take longer than
+/// this is dropped (the HTTP/2 server waits for the preface with no timer
+/// of its own).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What an HTTP/2 client sends first.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Who is on the other end of a gRPC connection.
 #[derive(Clone, Debug)]
@@ -61,6 +66,9 @@ impl Peer {
 pub struct Conn {
     stream: TlsStream<TcpStream>,
     peer: Peer,
+    /// How much of the HTTP/2 preface, read ahead at accept, the server
+    /// has been given back.
+    preface_given: usize,
 }
 
 impl Connected for Conn {
@@ -77,6 +85,13 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.preface_given < H2_PREFACE.len() {
+            let rest = &H2_PREFACE[self.preface_given..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            self.preface_given += n;
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -269,18 +284,29 @@ pub fn incoming(
             let trust_domain = configs.identity.ca().trust_domain().to_owned();
             let tx = tx.clone();
             tokio::spawn(async move {
-                let stream =
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => stream,
-                        Ok(Err(error)) => {
-                            tracing::info!(%remote, %error, "node TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::info!(%remote, "node TLS handshake timed out");
-                            return;
-                        }
-                    };
+                let handshake = async {
+                    let mut stream = acceptor.accept(tcp).await?;
+                    let mut preface = [0; H2_PREFACE.len()];
+                    stream.read_exact(&mut preface).await?;
+                    if &preface != H2_PREFACE {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "the client does not speak HTTP/2",
+                        ));
+                    }
+                    io::Result::Ok(stream)
+                };
+                let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => {
+                        tracing::info!(%remote, %error, "node TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%remote, "node TLS handshake or HTTP/2 preface timed out");
+                        return;
+                    }
+                };
                 // The verifier accepted the chain; read the identity off it.
                 let leaf = stream
                     .get_ref()
@@ -297,7 +323,12 @@ pub fn incoming(
                     identity,
                     not_after,
                 };
-                let _ = tx.send(Ok(Conn { stream, peer })).await;
+                let conn = Conn {
+                    stream,
+                    peer,
+                    preface_given: 0,
+                };
+                let _ = tx.send(Ok(conn)).await;
             });
         }
     });

@@ -5,6 +5,5 @@
 pub mod api;
 pub mod ca;
 pub mod grpc;
-pub mod secret;
 pub mod snapshot;
 pub mod store;

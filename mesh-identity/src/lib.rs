@@ -14,6 +14,7 @@ pub mod bundle;
 pub mod ca;
 pub mod components;
 pub mod kek;
+pub mod secret;
 pub mod svid;
 pub mod verifier;
 

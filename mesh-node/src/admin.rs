@@ -1,6 +1,10 @@
-//! The node's admin endpoint: health, the capture state and the
-//! certificates as JSON, and Prometheus metrics. It binds to loopback by
-//! default and only reads.
+//! The node's admin endpoint: health, the capture state, the connections,
+//! the certificates (never their keys) and the configuration as JSON,
+//! Prometheus metrics, and two switches (`PUT /ebpf-logs`,
+//! `PUT /http-access-log`). It binds to loopback by default; anywhere
+//! else every route but `/healthz` and `/metrics` needs the admin bearer
+//! token. [`metrics_router`] serves just those two, for a scraper on the
+//! pod network.
 
 use std::{
     fmt::Write as _,
@@ -102,10 +106,11 @@ pub struct AdminState {
     )>,
 }
 
-/// The admin routes.
-pub fn router(state: AdminState) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+/// The admin routes; with a `token`, every route but `/healthz` and
+/// `/metrics` asks for it (`Authorization: Bearer <token>`).
+pub fn router(state: AdminState, token: Option<Arc<str>>) -> Router {
+    let router = Router::new()
+        .route("/healthz", get(healthz))
         .route("/capture", get(capture_state))
         .route("/connections", get(connections))
         .route("/ebpf-logs", get(ebpf_logs).put(set_ebpf_logs))
@@ -117,7 +122,54 @@ pub fn router(state: AdminState) -> Router {
         .route("/config", get(config))
         .route("/config/dump", get(config_dump))
         .route("/metrics", get(metrics))
+        .with_state(state);
+    match token {
+        Some(token) => router.layer(axum::middleware::from_fn_with_state(token, require_token)),
+        None => router,
+    }
+}
+
+/// `/healthz` and `/metrics` alone: read-only, for a scraper.
+pub fn metrics_router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .with_state(state)
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Refuses every request but `/healthz` and `/metrics` without the right
+/// bearer token.
+async fn require_token(
+    State(token): State<Arc<str>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if matches!(request.uri().path(), "/healthz" | "/metrics") {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        Some(presented)
+            if mesh_identity::secret::constant_time_eq(presented.as_bytes(), token.as_bytes()) =>
+        {
+            next.run(request).await
+        }
+        _ => (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "missing or wrong bearer token: send the one in the node's --admin-token-file\n",
+        )
+            .into_response(),
+    }
 }
 
 /// One entry of `GET /certificates`.

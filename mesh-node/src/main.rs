@@ -161,6 +161,18 @@ struct Args {
     #[arg(long, env = "MESH_NODE_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
 
+    /// A file holding the bearer token the admin endpoint then asks for on
+    /// every route but /healthz and /metrics. Required when --admin-addr
+    /// is not a loopback address.
+    #[arg(long, env = "MESH_NODE_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+
+    /// Also serve /metrics and /healthz, and nothing else, on this address
+    /// (e.g. 0.0.0.0:15020, for Prometheus on the pod network): read-only
+    /// and unauthenticated, as Istio's 15020.
+    #[arg(long, env = "MESH_NODE_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+
     /// This node's name, as workloads name it in `spec.node`.
     #[arg(long, env = "MESH_NODE_NAME")]
     node: Option<String>,
@@ -306,6 +318,7 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
         return Ok(());
     }
 
+    let admin_token = admin_token(&args)?;
     // Certificates and configuration are followed for as long as `mesh`
     // is held.
     let certificates = SharedTracked::default();
@@ -314,6 +327,14 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the admin endpoint to {}", args.admin_addr))?;
     let admin_addr = listener.local_addr()?;
+    let metrics_listener = match args.metrics_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics endpoint to {addr}"))?,
+        ),
+        None => None,
+    };
     let mesh = join_mesh(&args, &certificates, admin_addr)?;
     let tunnel_stats = Arc::new(HboneStats::default());
     let trace_exporter = match &args.trace_endpoint {
@@ -388,10 +409,18 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
         _ => None,
     };
 
-    tracing::info!(%admin_addr, "admin endpoint listening");
+    tracing::info!(%admin_addr, authenticated = admin_token.is_some(), "admin endpoint listening");
+    let metrics_addr = match &metrics_listener {
+        Some(listener) => {
+            let addr = listener.local_addr()?;
+            tracing::info!(%addr, "metrics endpoint listening");
+            format!(" metrics={addr}")
+        }
+        None => String::new(),
+    };
     // One line on stdout tells a supervisor (the demo, tests) we are ready.
     let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "ready admin={admin_addr}")?;
+    writeln!(stdout, "ready admin={admin_addr}{metrics_addr}")?;
     stdout.flush()?;
     drop(stdout);
 
@@ -433,7 +462,21 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
         header_timeout: args.http_header_timeout,
         ..Default::default()
     };
-    mesh_api::http_server::serve(listener, admin::router(state), limits, async move {
+    let (stop_metrics, metrics_stopped) = tokio::sync::watch::channel(false);
+    let metrics = metrics_listener.map(|listener| {
+        let mut stopped = metrics_stopped;
+        let router = admin::metrics_router(state.clone());
+        tokio::spawn(mesh_api::http_server::serve(
+            listener,
+            router,
+            limits,
+            async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            },
+        ))
+    });
+    let router = admin::router(state, admin_token);
+    mesh_api::http_server::serve(listener, router, limits, async move {
         shutdown_signal().await;
         // Listeners close before the admin endpoint does, so a supervisor
         // that sees the endpoint gone knows new connections go elsewhere.
@@ -442,6 +485,10 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
         }
     })
     .await;
+    let _ = stop_metrics.send(true);
+    if let Some(metrics) = metrics {
+        let _ = metrics.await;
+    }
     if let Some(proxy) = proxy {
         // The pods stay captured (pinned): until the next mesh-node listens,
         // their connects are refused. Open connections may finish.
@@ -632,6 +679,34 @@ fn join_mesh(
         directory,
         bundle,
     }))
+}
+
+/// The admin token from `--admin-token-file`; refuses an admin endpoint
+/// off loopback without one.
+fn admin_token(args: &Args) -> anyhow::Result<Option<Arc<str>>> {
+    let Some(path) = &args.admin_token_file else {
+        if !args.admin_addr.ip().is_loopback() {
+            bail!(
+                "--admin-addr {} is not a loopback address: its endpoints show the node's \
+                 configuration and switch its logs, so they need --admin-token-file; to let \
+                 Prometheus scrape the node from the pod network, use --metrics-addr \
+                 (only /metrics and /healthz)",
+                args.admin_addr
+            );
+        }
+        return Ok(None);
+    };
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("reading --admin-token-file {}", path.display()))?;
+    let token = token.trim();
+    if token.len() < 16 {
+        bail!(
+            "--admin-token-file {}: the token is {} characters; use at least 16 (e.g. `openssl rand -hex 32`)",
+            path.display(),
+            token.len()
+        );
+    }
+    Ok(Some(token.into()))
 }
 
 async fn shutdown_signal() {

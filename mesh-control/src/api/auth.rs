@@ -9,7 +9,7 @@ use axum::{
 };
 
 use super::{ApiError, AppState};
-use crate::secret::{constant_time_eq, random_hex};
+use mesh_identity::secret::{constant_time_eq, random_hex};
 
 /// Generates a new admin token: 32 random bytes, hex.
 pub fn generate_token() -> std::io::Result<String> {

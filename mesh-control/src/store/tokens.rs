@@ -11,7 +11,7 @@ use super::{
     Backend, StoreError,
     rows::{self, Columns},
 };
-use crate::secret;
+use mesh_identity::secret;
 
 /// The longest a bootstrap token may live.
 pub const MAX_TOKEN_TTL: Duration = Duration::days(365);

@@ -1,5 +1,4 @@
-//! Small helpers for the control plane's secrets: admin and bootstrap
-//! tokens.
+//! Small helpers for secrets: tokens made and compared.
 
 /// `bytes` random bytes as lowercase hex.
 pub fn random_hex(bytes: usize) -> Result<String, getrandom::Error> {

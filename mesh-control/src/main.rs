@@ -88,13 +88,25 @@ enum Command {
         /// How long an API client may take to send a request head, and
         /// how long a connection may idle between requests, before the
         /// server closes it (slow-header attacks).
-        #[arg(long, env = "MESH_HTTP_HEADER_TIMEOUT", default_value = "30s", value_parser = mesh_model::duration::parse_duration)]
+        #[arg(long, env = "MESH_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_header_timeout)]
         http_header_timeout: std::time::Duration,
     },
     /// Bring the database schema up to date, then exit.
     ///
     /// Example: mesh-control migrate --database-url postgres://mesh@db/mesh
     Migrate,
+}
+
+/// A header timeout: a duration of at least a second (shorter cuts every
+/// client off).
+fn parse_header_timeout(text: &str) -> Result<std::time::Duration, String> {
+    let timeout = mesh_model::duration::parse_duration(text)?;
+    if timeout < std::time::Duration::from_secs(1) {
+        return Err(format!(
+            "{text:?} is under a second: every client would be cut off"
+        ));
+    }
+    Ok(timeout)
 }
 
 const TOKEN_FILE: &str = "admin-token";
@@ -163,7 +175,7 @@ async fn main() -> anyhow::Result<()> {
                 grpc: GrpcConfig::default(),
                 certificate_ttl: mesh_identity::ca::DEFAULT_TTL,
                 service_ranges: ServiceRanges::default(),
-                http_header_timeout: std::time::Duration::from_secs(30),
+                http_header_timeout: std::time::Duration::from_secs(10),
             };
             serve(&data_dir, &cli.trust_domain, &database_url, serving).await
         }

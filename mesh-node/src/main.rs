@@ -145,7 +145,8 @@ struct Args {
 
     /// How long an HTTP client may take to send a request head, and how
     /// long an HTTP/1.1 connection may idle between requests, before the
-    /// proxy closes it (slow-header attacks); on the admin endpoint too.
+    /// proxy closes it (slow-header attacks); on the admin and metrics
+    /// endpoints too, there at most 10s.
     #[arg(long, env = "MESH_NODE_HTTP_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_idle_timeout)]
     http_header_timeout: std::time::Duration,
 
@@ -458,9 +459,10 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
         config: mesh.as_ref().map(|m| (m.xds.config(), m.xds.status())),
     };
     let stopping = proxy.clone();
+    let defaults = mesh_api::http_server::Limits::default();
     let limits = mesh_api::http_server::Limits {
-        header_timeout: args.http_header_timeout,
-        ..Default::default()
+        header_timeout: args.http_header_timeout.min(defaults.header_timeout),
+        ..defaults
     };
     let (stop_metrics, metrics_stopped) = tokio::sync::watch::channel(false);
     let metrics = metrics_listener.map(|listener| {

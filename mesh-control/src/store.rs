@@ -65,16 +65,17 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Whether the database could not be reached or is shutting down or
-    /// starting (rather than refusing this operation): the caller may
-    /// retry, and nothing was changed.
+    /// Whether the database could not be reached, is shutting down or
+    /// starting, or gave no connection in time (rather than refusing this
+    /// operation): the caller may retry later. A transaction that failed
+    /// this way was rolled back, unless the connection broke during its
+    /// commit, when its outcome is unknown.
     pub fn is_unavailable(&self) -> bool {
         let StoreError::Database(error) = self else {
             return matches!(self, StoreError::Connect { .. });
         };
         match error {
             sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed => true,

@@ -30,6 +30,8 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     /// 503: a part of the control plane this request needs is missing.
     Unavailable(String),
+    /// 503: the database did not answer; retry later.
+    StoreUnavailable(String),
     /// 500: details go to the log, not to the caller.
     Internal,
 }
@@ -44,6 +46,7 @@ struct Body<'a> {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let retry = matches!(self, ApiError::StoreUnavailable(_));
         let (status, error, message, problems) = match self {
             ApiError::Invalid(problems) => (
                 StatusCode::BAD_REQUEST,
@@ -72,7 +75,7 @@ impl IntoResponse for ApiError {
                 format!("send application/yaml or application/json (got {got})"),
                 vec![],
             ),
-            ApiError::Unavailable(message) => (
+            ApiError::Unavailable(message) | ApiError::StoreUnavailable(message) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
                 message,
@@ -99,7 +102,7 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if retry {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
@@ -123,9 +126,10 @@ impl From<StoreError> for ApiError {
             error @ StoreError::Conflict { .. } => ApiError::Conflict(error.to_string()),
             error if error.is_unavailable() => {
                 tracing::warn!(error = %DisplayChain(&error), "the database is unavailable");
-                ApiError::Unavailable(format!(
-                    "the database is unavailable ({}); apply again once it is back: \
-                     an apply is all or nothing, and repeating one is safe",
+                ApiError::StoreUnavailable(format!(
+                    "the database is unavailable ({}); retry once it answers \
+                     (an apply is one transaction: unless the database went away \
+                     while it committed, a refused one changed nothing)",
                     DisplayChain(&error)
                 ))
             }

@@ -165,13 +165,15 @@ struct SizeHistogram {
 }
 
 impl SizeHistogram {
+    /// The sum first, then the count (released): a reader that sees the
+    /// count sees the sum that goes with it.
     fn record(&self, bytes: u64) {
-        self.buckets[size_bucket(bytes)].fetch_add(1, Ordering::Relaxed);
         self.sum.fetch_add(bytes, Ordering::Relaxed);
+        self.buckets[size_bucket(bytes)].fetch_add(1, Ordering::Release);
     }
 
     fn snapshot(&self) -> ([u64; SIZE_BOUNDS.len() + 1], u64) {
-        let buckets = std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed));
+        let buckets = std::array::from_fn(|i| self.buckets[i].load(Ordering::Acquire));
         (buckets, self.sum.load(Ordering::Relaxed))
     }
 }
@@ -182,10 +184,11 @@ impl SizeHistogram {
 pub struct Sizes(Arc<Series>);
 
 impl Sizes {
-    /// Counts the request's and the response's body bytes.
+    /// Counts the request's and the response's body bytes (the response
+    /// first: a reader that sees the request counted sees both).
     pub fn record(&self, request: u64, response: u64) {
-        self.0.request_bytes.record(request);
         self.0.response_bytes.record(response);
+        self.0.request_bytes.record(request);
     }
 }
 
@@ -206,10 +209,10 @@ impl RequestMetrics {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return None;
         };
-        let bucket = mesh_model::stats::bucket_of(duration.as_secs_f64());
-        series.buckets[bucket].fetch_add(1, Ordering::Relaxed);
         let micros = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
         series.sum_micros.fetch_add(micros, Ordering::Relaxed);
+        let bucket = mesh_model::stats::bucket_of(duration.as_secs_f64());
+        series.buckets[bucket].fetch_add(1, Ordering::Release);
         Some(Sizes(series))
     }
 
@@ -278,7 +281,7 @@ impl RequestMetrics {
                 key.render(&mut labels);
                 Snapshot {
                     labels,
-                    buckets: std::array::from_fn(|i| series.buckets[i].load(Ordering::Relaxed)),
+                    buckets: std::array::from_fn(|i| series.buckets[i].load(Ordering::Acquire)),
                     sum_micros: series.sum_micros.load(Ordering::Relaxed),
                     request_bytes: series.request_bytes.snapshot(),
                     response_bytes: series.response_bytes.snapshot(),

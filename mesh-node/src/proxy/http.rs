@@ -1018,7 +1018,8 @@ fn flags_of(response: &Response<Body>) -> &'static str {
         .unwrap_or("-")
 }
 
-/// One request's access record, logged once its response head is ready.
+/// One request's access record, logged when its exchange ends (see
+/// [`measured`]).
 struct Access {
     method: http::Method,
     authority: String,

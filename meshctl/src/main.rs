@@ -172,6 +172,13 @@ enum Command {
         /// reported (e.g. a kubectl port-forward).
         #[arg(long)]
         admin: Option<String>,
+        /// The bearer token of a node whose admin endpoint is off loopback
+        /// (the token in the node's --admin-token-file).
+        #[arg(long, env = "MESH_NODE_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: Option<String>,
+        /// A file holding that token.
+        #[arg(long, conflicts_with = "admin_token")]
+        admin_token_file: Option<PathBuf>,
         #[arg(short, long, value_enum, default_value = "table")]
         output: Format,
     },
@@ -576,8 +583,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             node,
             part,
             admin,
+            admin_token,
+            admin_token_file,
             output,
-        } => proxy_config::run(&client()?, &node, admin, part, output),
+        } => {
+            let token = match (admin_token, admin_token_file) {
+                (Some(token), _) => Some(token),
+                (None, Some(file)) => Some(
+                    std::fs::read_to_string(&file)
+                        .with_context(|| format!("reading --admin-token-file {}", file.display()))?
+                        .trim()
+                        .to_owned(),
+                ),
+                (None, None) => None,
+            };
+            let endpoint = proxy_config::Admin {
+                address: admin,
+                token,
+            };
+            proxy_config::run(&client()?, &node, endpoint, part, output)
+        }
         Command::Completions { shell } => {
             use clap::CommandFactory as _;
             clap_complete::generate(

@@ -38,18 +38,27 @@ struct Held {
     certificates: Vec<serde_json::Value>,
 }
 
+/// How to reach a node's admin endpoint.
+#[derive(Debug, Default)]
+pub struct Admin {
+    /// `HOST:PORT`; by default, the address the node reported.
+    pub address: Option<String>,
+    /// Its bearer token, when it is served off loopback.
+    pub token: Option<String>,
+}
+
 pub fn run(
     client: &Client,
     node: &str,
-    admin: Option<String>,
+    endpoint: Admin,
     part: Part,
     format: Format,
 ) -> anyhow::Result<()> {
-    let admin = match admin {
+    let admin = match endpoint.address {
         Some(admin) => admin,
         None => admin_of(client, node)?,
     };
-    let held = fetch(&admin).with_context(|| {
+    let held = fetch(&admin, endpoint.token.as_deref()).with_context(|| {
         format!("reading {node}'s configuration from its admin endpoint {admin}")
     })?;
     // A reported address may be a loopback one, right only on the node's
@@ -132,16 +141,29 @@ fn admin_of(client: &Client, node: &str) -> anyhow::Result<String> {
     }
 }
 
-fn fetch(admin: &str) -> anyhow::Result<Held> {
+fn fetch(admin: &str, token: Option<&str>) -> anyhow::Result<Held> {
     let http = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;
     let get = |path: &str| -> anyhow::Result<serde_json::Value> {
-        let response = http
-            .get(format!("http://{admin}{path}"))
+        let mut request = http.get(format!("http://{admin}{path}"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request
             .send()
             .with_context(|| format!("is mesh-node listening on {admin}?"))?;
         let status = response.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED {
+            bail!(
+                "{path} answered {status}: the node's admin endpoint asks for its token; pass it with --admin-token-file (or MESH_NODE_ADMIN_TOKEN){}",
+                if token.is_some() {
+                    " — the one given is not it"
+                } else {
+                    ""
+                }
+            );
+        }
         if !status.is_success() {
             bail!(
                 "{path} answered {status}: {}",

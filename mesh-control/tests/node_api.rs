@@ -581,5 +581,12 @@ async fn a_client_that_stalls_after_the_tls_handshake_is_dropped_and_others_are_
         .await
         .unwrap();
     confused.flush().await.unwrap();
+    let started = std::time::Instant::now();
     closed_by_server(&mut confused).await;
+    // Well before the 10 s deadline.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 }

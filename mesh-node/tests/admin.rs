@@ -80,9 +80,25 @@ fn call(addr: SocketAddr, method: &str, path: &str, headers: &str, body: &str) -
     (status, body)
 }
 
+/// Runs `mesh-node ARGS`, which should refuse to start; its output, or a
+/// failure if it still runs after 10 s.
+fn refused(args: &[&str]) -> std::process::Output {
+    let mut child = mesh_node(args).spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().unwrap();
+            panic!("mesh-node {args:?} started: {output:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
 #[test]
 fn an_admin_endpoint_off_loopback_is_refused_without_a_token() {
-    let output = mesh_node(&["--admin-addr", "0.0.0.0:0"]).output().unwrap();
+    let output = refused(&["--admin-addr", "0.0.0.0:0"]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -95,14 +111,12 @@ fn an_admin_endpoint_off_loopback_is_refused_without_a_token() {
     let dir = tempfile::tempdir().unwrap();
     let short = dir.path().join("short");
     std::fs::write(&short, "secret\n").unwrap();
-    let output = mesh_node(&[
+    let output = refused(&[
         "--admin-addr",
         "0.0.0.0:0",
         "--admin-token-file",
         short.to_str().unwrap(),
-    ])
-    .output()
-    .unwrap();
+    ]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("use at least 16"), "{stderr}");

@@ -295,6 +295,27 @@ fn pods_talk_across_nodes_over_mtls_and_only_as_policy_allows() {
     let (ok, output) = mesh.get("shop/other", 1);
     assert!(!ok, "other got through: {output}");
     assert_eq!(mesh.metric(1, denied), before + 1);
+    // Only the verified certificate names the caller: headers claiming
+    // frontend's identity change nothing.
+    let frontend = "spiffe://cluster.local/ns/shop/sa/frontend";
+    let output = mesh
+        .cluster
+        .pod_command("shop/other", MESH_POD)
+        .unwrap()
+        .args(["http", "--to", &mesh.reviews(), "--path", SECRET_PATH])
+        .args([
+            "--header",
+            &format!("x-forwarded-client-cert: By={frontend};URI={frontend}"),
+        ])
+        .args(["--header", &format!("x-mesh-source-principal: {frontend}")])
+        .args(["--header", "x-mesh-source-workload: shop/frontend"])
+        .output()
+        .unwrap();
+    assert!(
+        !output.status.success(),
+        "spoofed headers got other through: {output:?}"
+    );
+    assert_eq!(mesh.metric(1, denied), before + 2);
     assert!(
         mesh.metric(0, "mesh_proxy_connections_total{pod=\"shop/other\",direction=\"outbound\",outcome=\"denied\"}") >= 1
     );
@@ -325,6 +346,39 @@ fn pods_talk_across_nodes_over_mtls_and_only_as_policy_allows() {
     let (ok, output) = mesh.get("legacy/client", 1);
     assert!(!ok, "plaintext got through a strict workload: {output}");
     assert_eq!(plaintext("plaintext_refused"), refused + 1);
+    // Over IPv6 too.
+    let reviews = mesh.cluster.pod("shop/reviews").unwrap();
+    let over_v6 = format!("[{}]:8080", reviews.ip6);
+    let output = mesh
+        .cluster
+        .pod_command("legacy/client", MESH_POD)
+        .unwrap()
+        .args(["http", "--to", &over_v6, "--path", SECRET_PATH])
+        .output()
+        .unwrap();
+    assert!(
+        !output.status.success(),
+        "plaintext over IPv6 got through: {output:?}"
+    );
+    assert_eq!(plaintext("plaintext_refused"), refused + 2);
+    // Plaintext straight to the tunnel port gets no HTTP answer, and
+    // nothing reaches the application.
+    let tunnel_port = format!("{}:15008", reviews.ip4);
+    let app = SocketAddr::from((reviews.ip4, 8080)).to_string();
+    let served = hits(&mesh, &app);
+    let request = format!(
+        "CONNECT {}:8080 HTTP/1.1\\r\\nhost: {}:8080\\r\\n\\r\\nGET {SECRET_PATH} HTTP/1.1\\r\\n\\r\\n",
+        reviews.ip4, reviews.ip4
+    );
+    let answer = summary_of(
+        &mesh,
+        "legacy/client",
+        &["raw", "--to", &tunnel_port, "--request", &request],
+    );
+    let status_line = answer["status_line"].as_str().unwrap();
+    assert!(!status_line.starts_with("HTTP"), "{answer}");
+    assert!(!status_line.contains(SECRET_BODY), "{answer}");
+    assert_eq!(hits(&mesh, &app), served);
     mesh.apply(&namespace(
         "shop",
         "mesh.io/capture: enabled, mesh.io/mtls: permissive",
@@ -596,7 +650,7 @@ fn traffic_keeps_flowing_while_the_database_is_down_and_writes_fail_whole() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "{refused:?}");
     assert!(
-        stderr.contains("the database is unavailable") && stderr.contains("apply again"),
+        stderr.contains("the database is unavailable") && stderr.contains("retry once it answers"),
         "{stderr}"
     );
     eprintln!(
@@ -1001,7 +1055,7 @@ fn a_service_address_spreads_connections_over_its_healthy_endpoints_across_names
         ))
     };
     wait_until("prometheus has the 503s' sizes", || {
-        failures("mesh_response_bytes_count") == Some(20.0)
+        failures("mesh_request_bytes_count") == Some(20.0)
     });
     assert_eq!(failures("mesh_response_bytes_sum"), Some(20.0 * 18.0));
     assert_eq!(failures("mesh_request_bytes_sum"), Some(0.0));

@@ -9,9 +9,9 @@ use mesh_e2e::process::Logs;
 
 use crate::run::{self, cargo, root, step};
 
-mod capture;
+pub(crate) mod capture;
 mod config_push;
-mod datapath;
+pub(crate) mod datapath;
 mod tracing;
 
 /// The benchmarks, by name.
@@ -160,12 +160,33 @@ pub(crate) fn machine() -> String {
 /// Replaces (or appends) the section `name` of docs/benchmarks.md.
 pub(crate) fn record(name: &str, title: &str, body: &str) -> anyhow::Result<()> {
     let path = root().join("docs/benchmarks.md");
-    let mut text = fs::read_to_string(&path).unwrap_or_else(|_| {
-        "# Benchmarks\n\nWritten by `cargo xtask bench`; each section is replaced when its benchmark reruns.\n".into()
-    });
-    let begin = format!("<!-- bench:{name} -->");
-    let end = format!("<!-- /bench:{name} -->");
-    let section = format!("{begin}\n## {title}\n\n{body}\n{end}");
+    if !path.exists() {
+        fs::write(
+            &path,
+            "# Benchmarks\n\nWritten by `cargo xtask bench`; each section is replaced when its benchmark reruns.\n",
+        )?;
+    }
+    record_section(
+        &path,
+        &format!("bench:{name}"),
+        &format!("## {title}"),
+        body,
+    )
+}
+
+/// Replaces the section marked `marker` in the document at `path` with
+/// `heading` and `body`, or appends it.
+pub(crate) fn record_section(
+    path: &std::path::Path,
+    marker: &str,
+    heading: &str,
+    body: &str,
+) -> anyhow::Result<()> {
+    let mut text =
+        fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let begin = format!("<!-- {marker} -->");
+    let end = format!("<!-- /{marker} -->");
+    let section = format!("{begin}\n{heading}\n\n{body}\n{end}");
     match (text.find(&begin), text.find(&end)) {
         (Some(b), Some(e)) if e > b => text.replace_range(b..e + end.len(), &section),
         _ => {
@@ -174,7 +195,7 @@ pub(crate) fn record(name: &str, title: &str, body: &str) -> anyhow::Result<()> 
             text.push('\n');
         }
     }
-    fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     println!("    recorded in {}", path.display());
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! `cargo xtask`: the project's automation. `setup` installs what the build
 //! needs (idempotently), `build-ebpf` builds the kernel programs, `test` runs
 //! every check and test, `cluster` manages a local cluster, `demo` shows the
-//! mesh at work on one.
+//! mesh at work on one, `bench` and `soak` measure it.
 
 mod bench;
 mod cluster;
@@ -9,6 +9,7 @@ mod demo;
 mod ebpf;
 mod run;
 mod setup;
+mod soak;
 mod test;
 
 use std::process::ExitCode;
@@ -49,6 +50,11 @@ enum Command {
     /// certificate rotation, golden signals and a trace, each step checked;
     /// tears everything down at the end or on Ctrl-C.
     Demo(demo::Args),
+    /// The long runs of the resilience suite (steady load, configuration
+    /// churn, idle connections), recorded in docs/resilience.md.
+    ///
+    /// Example: cargo xtask soak churn --minutes 1
+    Soak(soak::Args),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +66,7 @@ fn main() -> ExitCode {
         Command::Cluster { command } => cluster::run(command),
         Command::Demo(args) => demo::run(args),
         Command::Bench { name } => bench::run(name),
+        Command::Soak(args) => soak::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

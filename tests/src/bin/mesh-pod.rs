@@ -169,6 +169,16 @@ enum Command {
         #[arg(long, default_value_t = 5000)]
         count: usize,
     },
+    /// Open COUNT connections to an echo server and round-trip a line on
+    /// each, then hold them all; prints `{"held": N}` (as JSON) once they
+    /// are open, round-trips on every one again per stdin line (printing
+    /// `{"alive": N}`), and closes them when stdin ends.
+    HoldMany {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        count: u32,
+    },
     /// Connect COUNT times, one connection after another.
     Connect {
         #[arg(long)]
@@ -225,6 +235,7 @@ fn main() -> ExitCode {
         } => report("bench-http", bench_http(to, connections, requests)),
         Command::Sink { listen } => report("sink", sink(listen)),
         Command::Raw { to, request } => report("raw", raw(to, &request)),
+        Command::HoldMany { to, count } => report("hold-many", hold_many(to, count)),
         Command::Upgrade {
             to,
             message,
@@ -381,11 +392,21 @@ fn hold(to: SocketAddr, client: Client) -> ExitCode {
 }
 
 fn echo(listen: SocketAddr) -> io::Result<()> {
+    raise_open_file_limit()?;
     let listener = TcpListener::bind(listen)?;
     println!("listening {}", listener.local_addr()?);
     io::stdout().flush()?;
     for stream in listener.incoming() {
-        let stream = stream?;
+        let stream = match stream {
+            Ok(stream) => stream,
+            // Out of descriptors, or a connection gone before it was
+            // accepted: the next may do.
+            Err(error) => {
+                eprintln!("mesh-pod echo: accepting: {error}");
+                thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
         if let (Ok(peer), Ok(local)) = (stream.peer_addr(), stream.local_addr()) {
             // IPv4 through a dual-stack socket reads as IPv4.
             let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
@@ -593,6 +614,53 @@ fn answer_http(
 }
 
 /// Sends `request` (escapes decoded) and prints the answer's first line.
+fn hold_many(to: SocketAddr, count: u32) -> io::Result<()> {
+    raise_open_file_limit()?;
+    let mut held = Vec::with_capacity(count as usize);
+    for attempt in 0..count {
+        let mut stream = open(to, Client::PLAIN)?;
+        exchange(&mut stream, attempt)?;
+        held.push(stream);
+    }
+    println!("{}", serde_json::json!({ "held": held.len() }));
+    io::stdout().flush()?;
+    // Until stdin ends (the caller is done measuring).
+    for line in io::stdin().lines() {
+        line?;
+        let mut alive = 0;
+        for (attempt, stream) in (0..count).zip(held.iter_mut()) {
+            if exchange(stream, attempt).is_ok() {
+                alive += 1;
+            }
+        }
+        println!("{}", serde_json::json!({ "alive": alive }));
+        io::stdout().flush()?;
+    }
+    Ok(())
+}
+
+/// Lets this process hold as many descriptors as its hard limit allows
+/// (the usual soft limit, 1024, is too few for `hold-many`).
+fn raise_open_file_limit() -> io::Result<()> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write `limit`.
+    #[allow(unsafe_code)]
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+        }
+    };
+    if raised {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 fn raw(to: SocketAddr, request: &str) -> io::Result<()> {
     let bytes = request
         .replace("\\r", "\r")

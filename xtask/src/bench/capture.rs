@@ -29,7 +29,7 @@ const COUNT: usize = 10000;
 /// Runs per set-up; the table shows the median run.
 const RUNS: usize = 5;
 
-pub(super) fn release_bin(name: &str) -> PathBuf {
+pub(crate) fn release_bin(name: &str) -> PathBuf {
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
     target.join("release").join(name)

@@ -20,7 +20,7 @@ use crate::{
     run::{self, step},
 };
 
-const CLUSTER: &str = "benchhbone";
+pub(crate) const CLUSTER: &str = "benchhbone";
 const READY: Duration = Duration::from_secs(30);
 /// Runs per measurement; the table shows the median.
 const RUNS: usize = 3;
@@ -28,7 +28,7 @@ const REQUESTS_C1: usize = 5000;
 const REQUESTS_C16: usize = 32000;
 const BULK_BYTES: u64 = 512 << 20;
 /// The address of the server's HTTP service (the L7 path).
-pub(super) const L7_VIP: &str = "10.96.0.80";
+pub(crate) const L7_VIP: &str = "10.96.0.80";
 
 fn json(output: std::process::Output, what: &str) -> anyhow::Result<serde_json::Value> {
     ensure!(
@@ -55,7 +55,7 @@ fn median_of(
 }
 
 /// Resident memory of a process, in MiB.
-fn rss_mib(pid: u32) -> anyhow::Result<f64> {
+pub(crate) fn rss_mib(pid: u32) -> anyhow::Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib: f64 = status
         .lines()
@@ -65,17 +65,20 @@ fn rss_mib(pid: u32) -> anyhow::Result<f64> {
     Ok(kib / 1024.0)
 }
 
-pub(super) struct Setup {
+pub(crate) struct Setup {
     pub cluster: Cluster,
     pub nodes: Vec<Process>,
     /// The node proxies' admin addresses.
     pub admins: Vec<SocketAddr>,
+    /// The control plane's admin API, `http://host:port`, and its process.
+    pub api: String,
+    pub control: u32,
     _processes: Vec<Process>,
 }
 
 /// The cluster, control plane, servers and node proxies (each given
 /// `node_args` too), ready once a request crosses the mesh.
-pub(super) fn up(data_dir: &Path, node_args: &[&str]) -> anyhow::Result<Setup> {
+pub(crate) fn up(data_dir: &Path, node_args: &[&str]) -> anyhow::Result<Setup> {
     cluster::teardown(CLUSTER)?;
     let cluster = Cluster::up(&ClusterSpec {
         name: CLUSTER.into(),
@@ -94,6 +97,7 @@ pub(super) fn up(data_dir: &Path, node_args: &[&str]) -> anyhow::Result<Setup> {
         mesh_e2e::process::Logs::Inherit,
     )?;
     let (api, grpc) = (control.api, control.grpc);
+    let control_pid = control.process.id();
     processes.push(control.process);
     let mut objects = String::from(
         "apiVersion: mesh.io/v1\nkind: Namespace\nmetadata: {name: shop, labels: {mesh.io/capture: enabled}}\n---\n\
@@ -150,6 +154,8 @@ pub(super) fn up(data_dir: &Path, node_args: &[&str]) -> anyhow::Result<Setup> {
         cluster,
         nodes,
         admins,
+        api,
+        control: control_pid,
         _processes: processes,
     })
 }
@@ -182,11 +188,15 @@ fn wait_ready(cluster: &Cluster) -> anyhow::Result<()> {
 }
 
 /// The release binaries the data path benchmarks run.
-pub(super) fn build() -> anyhow::Result<()> {
+pub(crate) fn build() -> anyhow::Result<()> {
     run::build_binaries(true, &["mesh-node", "mesh-control", "meshctl", "mesh-e2e"])
 }
 
-fn pod_run(cluster: &Cluster, pod: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+pub(crate) fn pod_run(
+    cluster: &Cluster,
+    pod: &str,
+    args: &[&str],
+) -> anyhow::Result<serde_json::Value> {
     let output = cluster
         .pod_command(pod, release_bin("mesh-pod"))?
         .args(args)

@@ -53,9 +53,14 @@ const STREAM_WINDOW: u32 = 2 << 20;
 /// cannot stop the others sharing the connection.
 const CONNECTION_WINDOW: u32 = 64 << 20;
 const MAX_FRAME: u32 = 1 << 20;
-/// Bytes read from the application at once (a bulk transfer moves in
-/// reads this large).
+/// Bytes read from the application at once, at most (a bulk transfer
+/// moves in reads this large) ...
 const CHUNK: usize = 256 << 10;
+/// ... and at first: a connection's read buffer starts this small and
+/// doubles each time a read fills it, so an idle or chatty connection
+/// holds kilobytes, not `CHUNK` (glibc's calloc zeroes, and so makes
+/// resident, every byte of a buffer it takes from the heap).
+const FIRST_CHUNK: usize = 8 << 10;
 /// What a connection may buffer for sending before streams wait.
 const SEND_BUFFER: usize = 4 << 20;
 /// The largest header list a `CONNECT` may carry (HTTP/2's accounting:
@@ -632,7 +637,7 @@ pub async fn splice(
         // One buffer for the reads; each frame gets a copy of just what
         // was read (a fresh CHUNK-sized allocation per read would cost a
         // page-mapping round trip for every small message).
-        let mut buffer = vec![0u8; CHUNK];
+        let mut buffer = vec![0u8; FIRST_CHUNK];
         loop {
             let n = reader.read(&mut buffer).await?;
             if n == 0 {
@@ -640,6 +645,9 @@ pub async fn splice(
                 return Ok::<_, io::Error>(());
             }
             let mut chunk = Bytes::copy_from_slice(&buffer[..n]);
+            if n == buffer.len() && buffer.len() < CHUNK {
+                buffer.resize(buffer.len() * 2, 0);
+            }
             while !chunk.is_empty() {
                 send.reserve_capacity(chunk.len());
                 let capacity = poll_fn(|cx| send.poll_capacity(cx))

@@ -69,7 +69,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut failed = Vec::new();
     for scenario in chosen {
         let data_dir = std::env::temp_dir().join(format!("mesh-soak-{scenario}"));
-        let setup = datapath::up(&data_dir, &[])?;
+        // Idle: pooled tunnels close 5 s after their last stream, so the
+        // descriptors can be seen coming back.
+        let node_args: &[&str] = if scenario == "idle" {
+            &["--tunnel-idle-timeout", "5s"]
+        } else {
+            &[]
+        };
+        let setup = datapath::up(&data_dir, node_args)?;
         let verdict = match scenario {
             "load" => load(&setup, args.minutes.unwrap_or(10)),
             "churn" => churn(&setup, &data_dir, args.minutes.unwrap_or(5)),
@@ -502,23 +509,20 @@ fn idle(setup: &Setup, connections: u32) -> anyhow::Result<(bool, String, String
         fds_per(1)
     );
     let body = format!(
-        "{}: {connections} TCP connections from the client pod (node0) to an echo server
-         in the server pod (node1), opened one after another in {:.1} s, each round-tripped
-         once and then held idle: {connections} HBONE streams over {tunnels} pooled mTLS connections.
-
-         | | node0 (client side) | node1 (server side) |
-         |---|---:|---:|
-         | RSS before, MiB | {:.1} | {:.1} |
-         | RSS holding, MiB | {:.1} | {:.1} |
-         | RSS per held connection, KiB | {:.2} | {:.2} |
-         | descriptors before / holding / after closing | {} / {} / {} | {} / {} / {} |
-         | descriptors per held connection | {:.2} | {:.2} |
-
-         Passes when every connection opened and, once they closed, each proxy's
-         descriptors came back within 8 of where they were. RSS after closing:
-         {:.1} / {:.1} MiB (memory the allocator keeps is not a leak by itself; the
-         `load` scenario watches growth over time).
-
+        "{}: {connections} TCP connections from the client pod (node0) to an echo server\n\
+         in the server pod (node1), opened one after another in {:.1} s, each round-tripped\n\
+         once and then held idle: {connections} HBONE streams over {tunnels} pooled mTLS connections.\n\n\
+         | | node0 (client side) | node1 (server side) |\n\
+         |---|---:|---:|\n\
+         | RSS before, MiB | {:.1} | {:.1} |\n\
+         | RSS holding, MiB | {:.1} | {:.1} |\n\
+         | RSS per held connection, KiB | {:.2} | {:.2} |\n\
+         | descriptors before / holding / after closing | {} / {} / {} | {} / {} / {} |\n\
+         | descriptors per held connection | {:.2} | {:.2} |\n\n\
+         Passes when every connection opened and, once they closed, each proxy's\n\
+         descriptors came back within 8 of where they were. RSS after closing:\n\
+         {:.1} / {:.1} MiB (memory the allocator keeps is not a leak by itself; the\n\
+         `load` scenario watches growth over time).\n\n\
          Machine: {}. Reproduce: `cargo xtask soak idle [--connections N]` (root).",
         if released { "**Passed**" } else { "**Failed**" },
         opened_in.as_secs_f64(),

@@ -151,25 +151,19 @@ async fn require_token(
     if matches!(request.uri().path(), "/healthz" | "/metrics") {
         return next.run(request).await;
     }
-    let presented = request
+    let authorization = request
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .map(str::trim);
-    match presented {
-        Some(presented)
-            if mesh_identity::secret::constant_time_eq(presented.as_bytes(), token.as_bytes()) =>
-        {
-            next.run(request).await
-        }
-        _ => (
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            "missing or wrong bearer token: send the one in the node's --admin-token-file\n",
-        )
-            .into_response(),
+        .and_then(|value| value.to_str().ok());
+    if mesh_identity::secret::bearer_matches(authorization, &token) {
+        return next.run(request).await;
     }
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        "missing or wrong bearer token: send the one in the node's --admin-token-file\n",
+    )
+        .into_response()
 }
 
 /// One entry of `GET /certificates`.

@@ -128,6 +128,13 @@ fn bounded(baseline: Held, last: Held) -> bool {
     })
 }
 
+/// Whether the proxies ended within the growth allowed over what they held
+/// after the first minute.
+fn steady(per_minute: &[Minute]) -> anyhow::Result<bool> {
+    let held = |minute: Option<&Minute>| minute.and_then(|m| m.held).context("no sample");
+    Ok(bounded(held(per_minute.first())?, held(per_minute.last())?))
+}
+
 /// One round of keep-alive GETs from the client pod: (requests, p50 µs,
 /// p99 µs), or why it failed.
 fn round(
@@ -174,36 +181,44 @@ fn median(values: &[f64]) -> f64 {
     sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// Per minute: rounds of requests, their latency, and what the proxies
+/// held at its end.
 fn minutes_table(minutes: &[Minute]) -> String {
-    let mut table = String::from(
-        "| minute | rounds (failed) | requests | p50 µs | p99 µs | RSS node0 / node1 MiB | FDs node0 / node1 |\n\
-         |---:|---:|---:|---:|---:|---:|---:|\n",
-    );
-    for (index, minute) in minutes.iter().enumerate() {
-        let held = minute.held.map_or("—".into(), |h| {
+    table(
+        "rounds (failed) | requests | p50 µs | p99 µs",
+        "---:|---:|---:|---:",
+        minutes,
+        |minute| {
             format!(
-                "{:.1} / {:.1} | {} / {}",
-                h.rss_mib[0], h.rss_mib[1], h.fds[0], h.fds[1]
+                "{} ({}) | {:.0} | {:.0} | {:.0}",
+                minute.rounds,
+                minute.failed,
+                minute.requests,
+                median(&minute.p50),
+                median(&minute.p99)
             )
-        });
-        table.push_str(&format!(
-            "| {} | {} ({}) | {:.0} | {:.0} | {:.0} | {held} |\n",
-            index + 1,
-            minute.rounds,
-            minute.failed,
-            minute.requests,
-            median(&minute.p50),
-            median(&minute.p99),
-        ));
-    }
-    table
+        },
+    )
 }
 
 /// Per minute: changes written and what the proxies held at its end.
 fn held_table(minutes: &[Minute]) -> String {
-    let mut table = String::from(
-        "| minute | changes (failed) | RSS node0 / node1 MiB | FDs node0 / node1 |\n\
-         |---:|---:|---:|---:|\n",
+    table("changes (failed)", "---:", minutes, |minute| {
+        format!("{} ({})", minute.rounds, minute.failed)
+    })
+}
+
+/// A table of `minutes`, each row its number, the `columns` that `cells`
+/// fills, then RSS and descriptors.
+fn table(
+    columns: &str,
+    alignment: &str,
+    minutes: &[Minute],
+    cells: impl Fn(&Minute) -> String,
+) -> String {
+    let mut table = format!(
+        "| minute | {columns} | RSS node0 / node1 MiB | FDs node0 / node1 |\n\
+         |---:|{alignment}|---:|---:|\n"
     );
     for (index, minute) in minutes.iter().enumerate() {
         let held = minute.held.map_or("— | —".into(), |h| {
@@ -212,12 +227,7 @@ fn held_table(minutes: &[Minute]) -> String {
                 h.rss_mib[0], h.rss_mib[1], h.fds[0], h.fds[1]
             )
         });
-        table.push_str(&format!(
-            "| {} | {} ({}) | {held} |\n",
-            index + 1,
-            minute.rounds,
-            minute.failed
-        ));
+        table.push_str(&format!("| {} | {} | {held} |\n", index + 1, cells(minute)));
     }
     table
 }
@@ -267,16 +277,8 @@ fn load(setup: &Setup, minutes: u64) -> anyhow::Result<(bool, String, String)> {
             minute.held.map_or(0, |h| h.fds[1]),
         );
     }
-    let baseline = per_minute
-        .first()
-        .and_then(|m| m.held)
-        .context("no sample")?;
-    let last = per_minute
-        .last()
-        .and_then(|m| m.held)
-        .context("no sample")?;
     let total: f64 = per_minute.iter().map(|m| m.requests).sum();
-    let passed = errors.is_empty() && bounded(baseline, last);
+    let passed = errors.is_empty() && steady(&per_minute)?;
     let body = format!(
         "{} for {minutes} minutes: {total:.0} requests in rounds of 16,000 keep-alive GETs over 16\n\
          connections (new connections each round), alternately to the service address (L7:\n\
@@ -374,19 +376,11 @@ fn churn(setup: &Setup, data_dir: &Path, minutes: u64) -> anyhow::Result<(bool, 
     let dump = mesh_e2e::http::get(setup.admins[0], "/config/dump")?.body;
     let dump: serde_json::Value = serde_json::from_str(&dump).context("node0's /config/dump")?;
     let holds_last = holds(&dump, "timeout_ms", last_timeout);
-    let baseline = per_minute
-        .first()
-        .and_then(|m| m.held)
-        .context("no sample")?;
-    let last = per_minute
-        .last()
-        .and_then(|m| m.held)
-        .context("no sample")?;
     let passed = failed.is_empty()
         && traffic_errors.is_empty()
         && converged.is_some()
         && holds_last
-        && bounded(baseline, last);
+        && steady(&per_minute)?;
     let body = format!(
         "{} for {minutes} minutes: {made} changes written through the API at 10 a second (the\n\
          `web` service's ServicePolicy, a new `timeout_ms` each time: a change both nodes\n\

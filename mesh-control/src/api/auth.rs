@@ -9,7 +9,7 @@ use axum::{
 };
 
 use super::{ApiError, AppState};
-use mesh_identity::secret::{constant_time_eq, random_hex};
+use mesh_identity::secret::{bearer_matches, random_hex};
 
 /// Generates a new admin token: 32 random bytes, hex.
 pub fn generate_token() -> std::io::Result<String> {
@@ -22,22 +22,21 @@ pub async fn require_token(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let presented = request
+    let authorization = request
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .map(str::trim);
-    match presented {
-        Some(token) if constant_time_eq(token.as_bytes(), state.token.as_bytes()) => {
-            Ok(next.run(request).await)
-        }
-        _ => Err(ApiError::Unauthorized),
+        .and_then(|value| value.to_str().ok());
+    if bearer_matches(authorization, &state.token) {
+        Ok(next.run(request).await)
+    } else {
+        Err(ApiError::Unauthorized)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use mesh_identity::secret::constant_time_eq;
+
     use super::*;
 
     #[test]

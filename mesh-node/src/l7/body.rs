@@ -15,8 +15,15 @@ use std::{
     task::{Context, Poll},
 };
 
-use bytes::Buf as _;
 use hyper::body::{Body, Frame, SizeHint};
+
+/// The data bytes of a polled frame (0 for trailers, errors, the end).
+fn data_len<D: bytes::Buf, E>(polled: &Poll<Option<Result<Frame<D>, E>>>) -> u64 {
+    match polled {
+        Poll::Ready(Some(Ok(frame))) => frame.data_ref().map_or(0, |data| data.remaining() as u64),
+        _ => 0,
+    }
+}
 
 /// A body whose data bytes are added to `bytes` as they are read.
 #[derive(Debug)]
@@ -40,12 +47,7 @@ impl<B: Body + Unpin> Body for Counted<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.bytes
-                .fetch_add(data.remaining() as u64, Ordering::Relaxed);
-        }
+        self.bytes.fetch_add(data_len(&polled), Ordering::Relaxed);
         polled
     }
 
@@ -104,11 +106,7 @@ impl<B: Body + Unpin, F: FnOnce(u64) + Unpin> Body for Measured<B, F> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.bytes += data.remaining() as u64;
-        }
+        self.bytes += data_len(&polled);
         polled
     }
 

@@ -35,7 +35,39 @@ pub fn run() -> anyhow::Result<()> {
 /// Every set-up step, and what only the tests use.
 pub fn for_tests() -> anyhow::Result<()> {
     run()?;
+    cargo_fuzz()?;
     phoenix()
+}
+
+/// The cargo-fuzz release the fuzz targets are run with.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// cargo-fuzz, which builds the fuzz targets with libFuzzer and the
+/// sanitizer flags on the nightly.
+fn cargo_fuzz() -> anyhow::Result<()> {
+    let installed = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    if let Some(version) = &installed
+        && version.ends_with(CARGO_FUZZ_VERSION)
+    {
+        println!("    {version}: present");
+        return Ok(());
+    }
+    step(&format!(
+        "installing cargo-fuzz {CARGO_FUZZ_VERSION} (runs the fuzz targets; about a minute, once)"
+    ));
+    run::run(
+        Command::new("cargo")
+            .args(["install", "cargo-fuzz", "--locked", "--force"])
+            .args(["--version", CARGO_FUZZ_VERSION])
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO_TARGET_DIR"),
+    )
 }
 
 /// The arize-phoenix release the tracing test reads spans back from.

@@ -13,6 +13,76 @@ use crate::{
     setup,
 };
 
+/// How long each fuzz target runs in a test run (longer runs: `cargo fuzz
+/// run TARGET` in `fuzz/`).
+const FUZZ_SECONDS: u32 = 15;
+
+/// Builds the fuzz targets (`fuzz/`) and runs each for `seconds` from its
+/// seeds, new inputs going to a scratch corpus; a crash fails the run and
+/// leaves its input under `fuzz/artifacts/`.
+fn fuzz(seconds: u32, tally: &mut Tally) -> anyhow::Result<()> {
+    step(&format!("fuzz targets, {seconds} s each (cargo fuzz)"));
+    run::run(cargo_fuzz().args(["build", "--release"]))?;
+    let listed = cargo_fuzz()
+        .arg("list")
+        .output()
+        .context("listing the fuzz targets")?;
+    let targets: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    if targets.is_empty() {
+        bail!("cargo fuzz list found no targets");
+    }
+    let scratch = std::env::temp_dir().join(format!("mesh-fuzz-{}", std::process::id()));
+    let result = run_targets(&targets, seconds, &scratch, tally);
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+/// `cargo +nightly fuzz`, in the workspace root (it finds `fuzz/`).
+fn cargo_fuzz() -> std::process::Command {
+    let mut command = cargo_nightly();
+    command.arg("fuzz");
+    command
+}
+
+fn run_targets(
+    targets: &[String],
+    seconds: u32,
+    scratch: &std::path::Path,
+    tally: &mut Tally,
+) -> anyhow::Result<()> {
+    for target in targets {
+        let corpus = scratch.join(target);
+        std::fs::create_dir_all(&corpus)?;
+        // libFuzzer reports every new input: kept, and shown on failure.
+        let output = cargo_fuzz()
+            .args(["run", "--release", target])
+            .arg(&corpus)
+            .arg(root().join("fuzz/seeds").join(target))
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .output()
+            .with_context(|| format!("running fuzz target {target}"))?;
+        let log = String::from_utf8_lossy(&output.stderr);
+        if !output.status.success() {
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            for line in tail.iter().rev() {
+                eprintln!("    {line}");
+            }
+            bail!("fuzz target {target} failed; its input is in fuzz/artifacts/{target}");
+        }
+        let done = log
+            .lines()
+            .rfind(|line| line.contains(" DONE "))
+            .map_or("", |line| line.trim());
+        println!("    {target}: no failure in {seconds} s ({done})");
+        tally.passed += 1;
+    }
+    Ok(())
+}
+
 /// Test clusters are named `e2e…` (see `tests/tests`).
 const TEST_CLUSTER_PREFIX: &str = "e2e";
 
@@ -71,6 +141,8 @@ pub fn run() -> anyhow::Result<()> {
         &mut tally,
     )?;
     drop(postgres);
+
+    fuzz(FUZZ_SECONDS, &mut tally)?;
 
     step("root tests: eBPF in the kernel and the local cluster (serial)");
     if !run::is_root() {

@@ -144,6 +144,52 @@ async fn invalid_documents_are_refused_with_every_problem_and_change_nothing() {
 }
 
 #[tokio::test]
+async fn hostile_documents_are_refused_whole_with_the_reason() {
+    let server = Server::start().await;
+    // 100,000 levels of brackets; indentation 1,000 levels deep; nine
+    // levels of nine aliases ("billion laughs"): each beside a valid
+    // document that must not be applied either.
+    let brackets = format!(
+        "{SHOP}---\n{{\"apiVersion\": \"mesh.io/v1\", \"kind\": \"ServicePolicy\", \"spec\": {}1{}}}\n",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let mut indented = format!(
+        "{SHOP}---\napiVersion: mesh.io/v1\nkind: ServicePolicy\nmetadata: {{name: a, namespace: shop}}\nspec:\n"
+    );
+    for level in 1..1_000 {
+        indented.push_str(&" ".repeat(level));
+        indented.push_str("x:\n");
+    }
+    let mut laughs = format!(
+        "{SHOP}---\napiVersion: mesh.io/v1\nkind: ServicePolicy\nmetadata: {{name: a, namespace: shop}}\n\
+         x0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+    );
+    for level in 1..10 {
+        let previous = format!("*a{}", level - 1);
+        let list = [previous.as_str(); 9].join(", ");
+        laughs.push_str(&format!("x{level}: &a{level} [{list}]\n"));
+    }
+    laughs.push_str("spec: {retry_attempts: *a9}\n");
+    for (what, document, reason) in [
+        ("brackets", brackets, "nested deeper than 64 levels"),
+        ("indentation", indented, "recursion limit exceeded"),
+        ("aliases", laughs, "repetition limit exceeded"),
+    ] {
+        assert!(
+            document.len() < MAX_BODY,
+            "{what}: {} bytes",
+            document.len()
+        );
+        let (status, body) = server.apply(document).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{what}: {body}");
+        assert_eq!(body["error"], "invalid", "{what}: {body}");
+        assert!(body.to_string().contains(reason), "{what}: {body}");
+    }
+    assert_eq!(server.revision().await, 0);
+}
+
+#[tokio::test]
 async fn a_service_address_outside_the_service_ranges_is_refused() {
     let server = Server::start().await;
     let service = |vip: &str| {

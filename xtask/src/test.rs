@@ -75,7 +75,7 @@ fn run_targets(
         }
         let done = log
             .lines()
-            .rfind(|line| line.contains(" DONE "))
+            .rfind(|line| line.split_whitespace().nth(1) == Some("DONE"))
             .map_or("", |line| line.trim());
         println!("    {target}: no failure in {seconds} s ({done})");
         tally.passed += 1;

@@ -600,7 +600,7 @@ pub fn render_connection_metrics(connections: &crate::proxy::Connections) -> Str
         "# HELP mesh_proxy_connections_open Connections the proxy carries now.\n\
          # TYPE mesh_proxy_connections_open gauge\n\
          mesh_proxy_connections_open {}\n",
-        connections.open().len()
+        connections.open_count()
     );
     out
 }

@@ -458,6 +458,9 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
         certificates,
         config: mesh.as_ref().map(|m| (m.xds.config(), m.xds.status())),
     };
+    if let Some(proxy) = &proxy {
+        spawn_memory_trim(proxy.connections());
+    }
     let stopping = proxy.clone();
     let defaults = mesh_api::http_server::Limits::default();
     let limits = mesh_api::http_server::Limits {
@@ -703,6 +706,42 @@ fn join_mesh(
         bundle,
     }))
 }
+
+/// Gives the memory a burst of connections used back to the system once
+/// they are gone: glibc keeps freed heap memory, and the idle soak saw a
+/// proxy stay at 154 MiB after 9,000 connections closed (16 MiB before).
+/// Every 2 s, once the open connections have fallen to half the most seen
+/// since the last trim, and by at least 256, `malloc_trim` returns what it
+/// can.
+fn spawn_memory_trim(connections: Arc<proxy::Connections>) {
+    tokio::spawn(async move {
+        let mut peak = 0;
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(2));
+        loop {
+            every.tick().await;
+            let open = connections.open_count();
+            peak = std::cmp::max(peak, open);
+            if peak >= open + 256 && open <= peak / 2 {
+                trim_heap();
+                tracing::debug!(peak, open, "returned freed memory to the system");
+                peak = open;
+            }
+        }
+    });
+}
+
+#[cfg(target_env = "gnu")]
+fn trim_heap() {
+    // SAFETY: malloc_trim only releases free memory at the heap's top and
+    // in free chunks; it touches no live allocation.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(target_env = "gnu"))]
+fn trim_heap() {}
 
 /// The admin token from `--admin-token-file`; refuses an admin endpoint
 /// off loopback without one.

@@ -217,6 +217,11 @@ impl Connections {
         lock(&self.open).values().cloned().collect()
     }
 
+    /// How many connections are open right now.
+    pub fn open_count(&self) -> usize {
+        *self.open_count.borrow()
+    }
+
     /// Connections accepted so far, by pod, direction and outcome.
     pub fn counts(&self) -> Vec<((String, Direction, Outcome), u64)> {
         lock(&self.counts)

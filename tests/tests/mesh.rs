@@ -1749,6 +1749,32 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
             "400",
         ),
         (
+            "a length that is not a number",
+            post("content-length: 4x\\r\\n", "abcd"),
+            "400",
+        ),
+        (
+            "a signed length",
+            post("content-length: +4\\r\\n", "abcd"),
+            "400",
+        ),
+        (
+            "a chunk size that is not hex",
+            post(
+                "transfer-encoding: chunked\\r\\n",
+                "zz\\r\\nabc\\r\\n0\\r\\n\\r\\n",
+            ),
+            "400",
+        ),
+        (
+            "a chunk size past 64 bits",
+            post(
+                "transfer-encoding: chunked\\r\\n",
+                "1ffffffffffffffff\\r\\nabc\\r\\n0\\r\\n\\r\\n",
+            ),
+            "400",
+        ),
+        (
             "a 100 KiB header",
             format!("GET / HTTP/1.1\\r\\nhost: r\\r\\nx-big: {big}\\r\\n\\r\\n"),
             "431",
@@ -1779,6 +1805,24 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
     );
     assert!(raw(&both).starts_with("HTTP/1.1 200 "));
     assert_eq!(hits(&mesh, &v2_addr), reached + 2);
+    // Bare LF line ends (RFC 9112 §2.2 lets a recipient accept them) and
+    // chunk extensions are read, and the request goes on framed by the
+    // proxy itself: the upstream gets one ordinary request each.
+    for (case, request) in [
+        ("bare LF", "GET / HTTP/1.1\\nhost: r\\n\\n".to_owned()),
+        (
+            "a chunk extension",
+            post(
+                "transfer-encoding: chunked\\r\\n",
+                "3;name=value\\r\\nabc\\r\\n0\\r\\n\\r\\n",
+            ),
+        ),
+    ] {
+        let before = hits(&mesh, &v2_addr);
+        let answer = raw(&request);
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{case}: {answer:?}");
+        assert_eq!(hits(&mesh, &v2_addr), before + 1, "{case}");
+    }
 
     // HTTP/2 floods: the proxy hangs up on the attacker with
     // ENHANCE_YOUR_CALM (0xb), long before the attacker is done, and

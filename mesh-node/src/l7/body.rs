@@ -10,7 +10,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
 };
@@ -25,16 +25,35 @@ fn data_len<D: bytes::Buf, E>(polled: &Poll<Option<Result<Frame<D>, E>>>) -> u64
     }
 }
 
-/// A body whose data bytes are added to `bytes` as they are read.
+/// What a [`Counted`] body saw: its data bytes so far, and whether reading
+/// it failed (the client sent a body that does not parse, or went away).
+#[derive(Debug, Default)]
+pub struct BodyTally {
+    bytes: AtomicU64,
+    failed: AtomicBool,
+}
+
+impl BodyTally {
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+}
+
+/// A body whose data bytes, and failure, go to a [`BodyTally`] as it is
+/// read.
 #[derive(Debug)]
 pub struct Counted<B> {
     inner: B,
-    bytes: Arc<AtomicU64>,
+    tally: Arc<BodyTally>,
 }
 
 impl<B> Counted<B> {
-    pub fn new(inner: B, bytes: Arc<AtomicU64>) -> Self {
-        Self { inner, bytes }
+    pub fn new(inner: B, tally: Arc<BodyTally>) -> Self {
+        Self { inner, tally }
     }
 }
 
@@ -47,7 +66,12 @@ impl<B: Body + Unpin> Body for Counted<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        self.bytes.fetch_add(data_len(&polled), Ordering::Relaxed);
+        self.tally
+            .bytes
+            .fetch_add(data_len(&polled), Ordering::Relaxed);
+        if let Poll::Ready(Some(Err(_))) = &polled {
+            self.tally.failed.store(true, Ordering::Relaxed);
+        }
         polled
     }
 
@@ -139,7 +163,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_counted_body_adds_its_data_but_not_its_trailers() {
-        let bytes = Arc::new(AtomicU64::new(0));
+        let tally = Arc::new(BodyTally::default());
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", "0".parse().unwrap());
         let body = frames(vec![
@@ -147,9 +171,27 @@ mod tests {
             Frame::data(Bytes::from_static(b"world")),
             Frame::trailers(trailers),
         ]);
-        let collected = Counted::new(body, bytes.clone()).collect().await.unwrap();
+        let collected = Counted::new(body, tally.clone()).collect().await.unwrap();
         assert_eq!(collected.to_bytes(), "hello world");
-        assert_eq!(bytes.load(Ordering::Relaxed), 11);
+        assert_eq!(tally.bytes(), 11);
+        assert!(!tally.failed());
+    }
+
+    #[tokio::test]
+    async fn a_counted_body_that_fails_says_so() {
+        let tally = Arc::new(BodyTally::default());
+        let frames: Vec<Result<Frame<Bytes>, String>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"abc"))),
+            Err("invalid chunk size".into()),
+        ];
+        let body = StreamBody::new(tokio_stream::iter(frames));
+        let error = Counted::new(body, tally.clone())
+            .collect()
+            .await
+            .unwrap_err();
+        assert_eq!(error, "invalid chunk size");
+        assert_eq!(tally.bytes(), 3);
+        assert!(tally.failed());
     }
 
     #[tokio::test]

@@ -61,7 +61,7 @@ use crate::{
     hbone::{self, TunnelIo},
     l7::{
         balance::{self, HashRing, InFlight},
-        body::{Counted, Measured},
+        body::{BodyTally, Counted, Measured},
         breaker::{Breaker, BreakerSettings, Ticket},
         metrics::{Reporter, RequestLabels, RequestMetrics, Sizes},
         ratelimit::TokenBucket,
@@ -690,7 +690,7 @@ pub(super) async fn serve_inbound(
         async move {
             let started = std::time::Instant::now();
             let access = Access::start(access_logged(&inbound.mesh, &inbound.pod.name), &request);
-            let received = Arc::new(AtomicU64::new(0));
+            let received = Arc::new(BodyTally::default());
             let request = request.map(|body| Counted::new(body, received.clone()));
             let mut served = Served::default();
             let response = authorize_and_send(&inbound, request, &mut served).await;
@@ -897,10 +897,10 @@ fn local(state: &HttpState, flag: Flag, detail: &str) -> Response<Body> {
 async fn handle(route: &Route, request: Request<Incoming>) -> Response<Body> {
     let started = std::time::Instant::now();
     let access = Access::start(access_logged(&route.mesh, &route.pod.name), &request);
-    let received = Arc::new(AtomicU64::new(0));
+    let received = Arc::new(BodyTally::default());
     let request = request.map(|body| Counted::new(body, received.clone()));
     let mut served = Served::default();
-    let response = route_request(route, request, &mut served).await;
+    let response = route_request(route, request, &mut served, &received).await;
     let labels = source_labels(route, served.endpoint, &response);
     let state = &route.mesh.http;
     if let Some(hop) = served.hop {
@@ -939,7 +939,7 @@ async fn handle(route: &Route, request: Request<Incoming>) -> Response<Body> {
 /// go to the request's series, and its access record is logged with them.
 fn measured(
     response: Response<Body>,
-    received: Arc<AtomicU64>,
+    received: Arc<BodyTally>,
     sizes: Option<Sizes>,
     access: Option<Answered>,
 ) -> Response<Body> {
@@ -948,7 +948,7 @@ fn measured(
     }
     response.map(|body| {
         Measured::new(body, move |sent| {
-            let received = received.load(Ordering::Relaxed);
+            let received = received.bytes();
             if let Some(sizes) = sizes {
                 sizes.record(received, sent);
             }
@@ -1134,11 +1134,13 @@ fn clipped(text: &str, most: usize) -> &str {
 }
 
 /// Routes one request of a captured connection to a service.
-/// `served`: what routing found out, for the request's metrics and span.
+/// `served`: what routing found out, for the request's metrics and span;
+/// `tally`: what reading the request's body saw.
 async fn route_request(
     route: &Route,
     mut request: Request<Counted<Incoming>>,
     served: &mut Served,
+    tally: &BodyTally,
 ) -> Response<Body> {
     let mesh = &route.mesh;
     let state = &mesh.http;
@@ -1237,6 +1239,7 @@ async fn route_request(
         retry: &retry,
         budget: &budget,
         upgrade: upgrade.as_ref(),
+        request_body: tally,
     };
     let exchanged = guarded(&breaker, ticket, timeout, async {
         let (response, answered) = exchange.run(replay).await?;
@@ -1258,7 +1261,8 @@ async fn route_request(
 
 /// Runs `exchange` (the attempts up to a response head) within `timeout`,
 /// and tells `breaker` how it went: a timeout, an error or a 5xx response
-/// is a failure; a refusal by the destination's policy is not counted.
+/// is a failure; a refusal by the destination's policy, or a request body
+/// that could not be read, is not counted.
 async fn guarded(
     breaker: &Breaker,
     ticket: Ticket,
@@ -1274,9 +1278,10 @@ async fn guarded(
             ))
         });
     match &outcome {
-        // A refusal by the destination's policy says nothing of the
-        // upstream's health: not counted (a probe's slot is given back).
-        Err((Flag::Denied, _)) => drop(ticket),
+        // A refusal by the destination's policy, or a client's body that
+        // could not be read, says nothing of the upstream's health: not
+        // counted (a probe's slot is given back).
+        Err((Flag::Denied | Flag::BadRequest, _)) => drop(ticket),
         Ok(response) => breaker.record(ticket, !response.status().is_server_error()),
         Err(_) => breaker.record(ticket, false),
     }
@@ -1378,6 +1383,9 @@ struct Exchange<'a> {
     retry: &'a RetryPolicy,
     budget: &'a RetryBudget,
     upgrade: Option<&'a Upgrade>,
+    /// Whether reading the client's body failed: then an attempt that
+    /// failed is the client's doing, not the upstream's.
+    request_body: &'a BodyTally,
 }
 
 impl Exchange<'_> {
@@ -1420,6 +1428,12 @@ impl Exchange<'_> {
                     let why = format!("{endpoint}: {}", super::error_chain(&error));
                     if refused_by_policy(&error) {
                         return Err((Flag::Denied, why));
+                    }
+                    // A body that does not parse (a bad chunk size) or a
+                    // client gone mid-body: 400, not retried, and nothing
+                    // against the upstream's health.
+                    if self.request_body.failed() {
+                        return Err((Flag::BadRequest, format!("reading the request body: {why}")));
                     }
                     let attempt = if error.is_connect() {
                         Attempt::ConnectFailed

@@ -1844,6 +1844,44 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
     }
     let after = summary(&mesh, "shop/frontend", &["--to", vip, "--count", "5"]);
     assert_eq!(count(&after, "statuses", "200"), 5, "{after}");
+    // SETTINGS and PING floods: every frame is answered, and a connection
+    // that does not read its answers is held back, not buffered for; the
+    // attacker runs to its own 8 MiB limit and the next caller is served.
+    for attack in ["settings", "ping"] {
+        let flood = summary_of(
+            &mesh,
+            "shop/frontend",
+            &[
+                "h2-flood",
+                "--to",
+                vip,
+                "--attack",
+                attack,
+                "--max-bytes",
+                "8388608",
+            ],
+        );
+        eprintln!("{attack}: {flood}");
+        let after = summary(&mesh, "shop/frontend", &["--to", vip, "--count", "5"]);
+        assert_eq!(
+            count(&after, "statuses", "200"),
+            5,
+            "after {attack}: {after}"
+        );
+    }
+    // Stream exhaustion: 1,000 requests whose bodies never come, on one
+    // connection. Past the connection's 200 streams, each is refused
+    // (REFUSED_STREAM, so a client may retry it elsewhere); others are
+    // served meanwhile and after.
+    let flood = summary_of(
+        &mesh,
+        "shop/frontend",
+        &["h2-flood", "--to", vip, "--attack", "streams"],
+    );
+    eprintln!("streams: {flood}");
+    assert_eq!(flood["refused"], 800, "{flood}");
+    let after = summary(&mesh, "shop/frontend", &["--to", vip, "--count", "5"]);
+    assert_eq!(count(&after, "statuses", "200"), 5, "{after}");
 
     // Slow clients: a request head trickled a byte at a time, nothing at
     // all, or the start of the HTTP/2 preface and then nothing, is cut off

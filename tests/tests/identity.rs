@@ -128,6 +128,17 @@ fn a_node_joins_and_holds_only_its_own_workloads_certificates() {
     assert!(metrics.contains(
         "mesh_certificate_request_failures_total{holder=\"workload\",name=\"shop/reviews-1\"} "
     ));
+    // The keys stay in the node's memory: no endpoint of it shows one.
+    for path in [
+        "/certificates",
+        "/config",
+        "/config/dump",
+        "/connections",
+        "/metrics",
+    ] {
+        let body = http::get(admin, path).unwrap().body;
+        assert!(!body.contains("PRIVATE KEY"), "{path}: {body}");
+    }
 
     // The CA recorded what it issued, with the node that asked; the serial
     // the node reports is the recorded one.
@@ -207,6 +218,7 @@ fn a_node_joins_and_holds_only_its_own_workloads_certificates() {
     ))
     .unwrap();
     assert_eq!(held["revision"], config["revision"], "{held}");
+    assert!(!held.to_string().contains("PRIVATE KEY"), "{held}");
     assert_eq!(
         held["clusters"]["service/shop/reviews"]["resource"]["spec"]["ports"][0]["port"], 9080,
         "{held}"

@@ -238,7 +238,11 @@ impl Resource {
 
     /// Checks a document and builds the resource it describes, reporting
     /// every problem found.
-    pub fn from_document(document: Document) -> Result<Self, Vec<FieldError>> {
+    ///
+    /// A namespaced resource whose document names no namespace is placed in
+    /// `default` here, so the resource equals the one read back from its own
+    /// document.
+    pub fn from_document(mut document: Document) -> Result<Self, Vec<FieldError>> {
         let mut errors = FieldErrors::new();
         if document.api_version != API_VERSION {
             errors.add(
@@ -262,6 +266,12 @@ impl Resource {
             return Err(errors.into_vec());
         };
         check_metadata(kind, &document.metadata, &mut errors);
+        if kind.namespaced() {
+            document
+                .metadata
+                .namespace
+                .get_or_insert_with(|| DEFAULT_NAMESPACE.to_owned());
+        }
         let resource = match kind {
             Kind::Namespace => typed(document, &mut errors).map(Resource::Namespace),
             Kind::Service => typed(document, &mut errors).map(Resource::Service),

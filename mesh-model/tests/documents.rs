@@ -94,6 +94,17 @@ fn documents_round_trip() {
 }
 
 #[test]
+fn an_omitted_namespace_is_default_and_survives_the_round_trip() {
+    let text = "apiVersion: mesh.io/v1\nkind: TrafficSplit\nmetadata: {name: canary}\n\
+                spec: {destination: reviews, v1_weight: 90, v2_weight: 10}\n";
+    let resource = parse_documents(text).unwrap().remove(0);
+    assert_eq!(resource.metadata().namespace.as_deref(), Some("default"));
+    assert_eq!(resource.reference(), "TrafficSplit/default/canary");
+    let again = Resource::from_document(resource.to_document()).unwrap();
+    assert_eq!(again, resource);
+}
+
+#[test]
 fn json_is_accepted() {
     let resources = parse_documents(
         r#"{"apiVersion": "mesh.io/v1", "kind": "ServicePolicy", "metadata": {"name": "ratings"}, "spec": {"timeout_ms": 250}}"#,

@@ -31,7 +31,7 @@ pub struct Finding {
     pub hint: Option<String>,
 }
 
-fn pass(group: &'static str, what: String) -> Finding {
+pub(crate) fn pass(group: &'static str, what: String) -> Finding {
     Finding {
         group,
         level: Level::Pass,
@@ -40,7 +40,7 @@ fn pass(group: &'static str, what: String) -> Finding {
     }
 }
 
-fn warning(group: &'static str, what: String, hint: &str) -> Finding {
+pub(crate) fn warning(group: &'static str, what: String, hint: &str) -> Finding {
     Finding {
         group,
         level: Level::Warning,
@@ -49,7 +49,7 @@ fn warning(group: &'static str, what: String, hint: &str) -> Finding {
     }
 }
 
-fn error(group: &'static str, what: String, hint: &str) -> Finding {
+pub(crate) fn error(group: &'static str, what: String, hint: &str) -> Finding {
     Finding {
         group,
         level: Level::Error,

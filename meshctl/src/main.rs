@@ -153,10 +153,22 @@ enum Command {
     /// endpoints and canaries; for each problem, what to do. Exits 1 when
     /// it finds an error.
     ///
+    /// With --node, check instead that this machine can run mesh-node:
+    /// kernel, cgroup v2, bpffs, capabilities and the BPF features the
+    /// capture programs use (no control plane needed).
+    ///
     /// Example: meshctl check -o json
+    /// Example: meshctl check --node --cgroup /sys/fs/cgroup/kubepods.slice
     Check {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Format,
+        /// Check this machine's prerequisites for mesh-node, with this
+        /// process's privileges (run it where mesh-node runs).
+        #[arg(long)]
+        node: bool,
+        /// With --node: the cgroup mesh-node will attach to (its --cgroup).
+        #[arg(long, requires = "node")]
+        cgroup: Option<PathBuf>,
     },
     /// What one node proxy holds, read from the node itself: its services
     /// (clusters), their policies and splits (routes), their endpoints,
@@ -571,8 +583,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             show_signals(&client()?, &ask, watch)
         }
-        Command::Check { output } => {
-            let findings = check::run(&client()?, &server, time::OffsetDateTime::now_utc());
+        Command::Check {
+            output,
+            node,
+            cgroup,
+        } => {
+            let findings = if node {
+                node_check::run(cgroup.as_deref())
+            } else {
+                check::run(&client()?, &server, time::OffsetDateTime::now_utc())
+            };
             output::show(&findings, output, || Ok(check::render(&findings)))?;
             if findings.iter().any(|f| f.level == check::Level::Error) {
                 bail!("the check found errors");
@@ -638,6 +658,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 mod cert;
 mod check;
 mod describe;
+mod node_check;
 mod proxy_config;
 mod stat;
 

@@ -213,7 +213,7 @@ spec:
 apiVersion: mesh.io/v1
 kind: Workload
 metadata: {name: reviews-v1, namespace: shop, labels: {app: reviews}}
-spec: {node: node0, ip: 10.89.0.2, services: [reviews], version: v1, service_account: reviews}
+spec: {node: node0, ip: 10.89.0.2, services: [reviews], version: v1, service_account: reviews, pod_uid: 0c1d2e3f-4a5b-4c6d-8e7f-901a2b3c4d5e}
 ---
 apiVersion: mesh.io/v1
 kind: Workload

@@ -35,6 +35,11 @@ pub struct WorkloadSpec {
     /// pod out).
     #[serde(default, skip_serializing_if = "CaptureExclusions::is_empty")]
     pub capture: CaptureExclusions,
+    /// The Kubernetes pod's UID: on Kubernetes the node finds the pod's
+    /// network namespace through the pod's cgroup, which is named after it
+    /// (`mesh-node --pod-netns cgroup`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
 }
 
 /// What capture leaves alone for one pod.
@@ -148,6 +153,19 @@ pub fn parse_network(text: &str) -> Result<(IpAddr, u8), String> {
     Ok((address, prefix))
 }
 
+/// Whether `uid` is a pod UID as Kubernetes writes them: a UUID,
+/// 8-4-4-4-12 lower-case hex digits.
+pub fn is_pod_uid(uid: &str) -> bool {
+    let groups: Vec<&str> = uid.split('-').collect();
+    groups.len() == 5
+        && groups.iter().zip([8, 4, 4, 4, 12]).all(|(group, len)| {
+            group.len() == len
+                && group
+                    .bytes()
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        })
+}
+
 fn default_service_account() -> String {
     "default".into()
 }
@@ -169,6 +187,16 @@ impl Spec for WorkloadSpec {
         }
         if self.ip.is_unspecified() || self.ip.is_multicast() || self.ip.is_loopback() {
             errors.add("ip", format!("{} cannot be a workload's address", self.ip));
+        }
+        if let Some(uid) = &self.pod_uid
+            && !is_pod_uid(uid)
+        {
+            errors.add(
+                "pod_uid",
+                format!(
+                    "must be a UUID in lower case, as Kubernetes writes pod UIDs (got {uid:?})"
+                ),
+            );
         }
         let mut seen = BTreeSet::new();
         for (i, service) in self.services.iter().enumerate() {

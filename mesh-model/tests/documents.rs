@@ -278,6 +278,39 @@ fn no_workload_may_live_in_the_mesh_system_namespace() {
 }
 
 #[test]
+fn a_pod_uid_is_a_kubernetes_uid() {
+    let workload = |uid: &str| {
+        format!(
+            "apiVersion: mesh.io/v1\nkind: Workload\nmetadata: {{name: api, namespace: shop}}\n\
+             spec: {{node: node1, ip: 10.0.0.9, pod_uid: '{uid}'}}\n"
+        )
+    };
+    let resources = parse_documents(&workload("0c1d2e3f-4a5b-4c6d-8e7f-901a2b3c4d5e")).unwrap();
+    let Resource::Workload(object) = &resources[0] else {
+        panic!("{resources:?}")
+    };
+    assert_eq!(
+        object.spec.pod_uid.as_deref(),
+        Some("0c1d2e3f-4a5b-4c6d-8e7f-901a2b3c4d5e")
+    );
+    for bad in [
+        "0C1D2E3F-4A5B-4C6D-8E7F-901A2B3C4D5E",
+        "0c1d2e3f4a5b4c6d8e7f901a2b3c4d5e",
+        "0c1d2e3f-4a5b-4c6d-8e7f-901a2b3c4d5",
+        "../../etc",
+        "",
+    ] {
+        let refused = errors(&workload(bad));
+        assert!(
+            refused
+                .iter()
+                .any(|e| e.contains("spec.pod_uid") && e.contains("UUID")),
+            "{bad:?}: {refused:?}"
+        );
+    }
+}
+
+#[test]
 fn workload_capture_exclusions_are_checked_field_by_field() {
     let workload = |labels: &str, capture: &str| {
         format!(

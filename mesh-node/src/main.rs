@@ -18,7 +18,7 @@ use mesh_node::{
     directory::DirectoryFollower,
     hbone::{HboneStats, Pool, PoolSettings},
     identity::{CertManager, Clock, RotationConfig},
-    pods::{CaptureFollower, NetnsTemplate},
+    pods::{CaptureFollower, PodNetns, PodNetnsSetting},
     proxy::{self, MeshPath, OutsideMesh, PodSpec, Proxy},
     workloads::Workloads,
     xds::Xds,
@@ -47,12 +47,14 @@ struct Args {
     #[arg(long = "capture", value_name = "POD=NETNS", value_parser = proxy::parse_pod_arg)]
     captures: Vec<(String, PathBuf)>,
 
-    /// Where a pushed workload's network namespace is, with `{namespace}`
-    /// and `{name}` standing for the workload's: with it, the node captures
-    /// the workloads the control plane schedules here in namespaces
-    /// labelled `mesh.io/capture: enabled`, as labels change.
-    #[arg(long, env = "MESH_NODE_POD_NETNS", value_parser = NetnsTemplate::parse, requires_all = ["cgroup", "control_plane"])]
-    pod_netns: Option<NetnsTemplate>,
+    /// Where a pushed workload's network namespace is: a path with
+    /// `{namespace}` and `{name}` standing for the workload's, or `cgroup`
+    /// (on Kubernetes) to find it through the pod's cgroup under --cgroup,
+    /// named after the workload's pod_uid. With it, the node captures the
+    /// workloads the control plane schedules here in namespaces labelled
+    /// `mesh.io/capture: enabled`, as labels change.
+    #[arg(long, env = "MESH_NODE_POD_NETNS", value_parser = PodNetnsSetting::parse, requires_all = ["cgroup", "control_plane"])]
+    pod_netns: Option<PodNetnsSetting>,
 
     /// Directory on bpffs where the capture programs' maps and links are
     /// pinned, so pods stay captured (refused, never bypassed) while
@@ -336,7 +338,12 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let mesh = join_mesh(&args, &certificates, admin_addr)?;
+    let pod_netns = args
+        .pod_netns
+        .clone()
+        .zip(args.cgroup.as_deref())
+        .map(|(setting, pods)| PodNetns::new(setting, pods));
+    let mesh = join_mesh(&args, &certificates, admin_addr, pod_netns.clone())?;
     let tunnel_stats = Arc::new(HboneStats::default());
     let trace_exporter = match &args.trace_endpoint {
         Some(endpoint) => Some(
@@ -405,7 +412,7 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
             proxy.clone(),
             mesh.xds.config(),
             flag_pods(&args),
-            args.pod_netns.clone(),
+            pod_netns,
         )),
         _ => None,
     };
@@ -633,6 +640,7 @@ fn join_mesh(
     args: &Args,
     tracked: &SharedTracked,
     admin_addr: SocketAddr,
+    pod_netns: Option<PodNetns>,
 ) -> anyhow::Result<Option<Mesh>> {
     let Some(address) = &args.control_plane else {
         if !args.workloads.is_empty() {
@@ -687,7 +695,7 @@ fn join_mesh(
         clock,
     );
     let directory = DirectoryFollower::follow(xds.config(), args.trust_domain.clone());
-    if let Some(netns) = args.pod_netns.clone()
+    if let Some(netns) = pod_netns
         && !args.readiness_interval.is_zero()
     {
         // Ends with the configuration stream's task.

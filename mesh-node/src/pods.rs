@@ -5,8 +5,8 @@
 //! captures or releases its running pods; nothing restarts.
 //!
 //! The node finds a pod's network namespace from a path template
-//! (`--pod-netns /run/netns/{namespace}-{name}`); on Kubernetes the CNI
-//! plugin hands it over instead.
+//! (`--pod-netns /run/netns/{namespace}-{name}`), or on Kubernetes through
+//! the pod's cgroup (`--pod-netns cgroup`, [`locate`]).
 
 use std::{collections::BTreeSet, net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -23,6 +23,10 @@ use crate::{
     capture::ip_key,
     proxy::{PodSpec, Proxy, error_chain},
 };
+
+pub mod locate;
+
+pub use locate::{PodNetns, PodNetnsSetting};
 
 /// How soon pods that could not be captured are tried again (their
 /// namespace may not exist yet).
@@ -90,8 +94,12 @@ pub fn pod_spec(name: String, netns: PathBuf, exclusions: &CaptureExclusions) ->
     }
 }
 
-/// The pods `config` says this node captures.
-pub fn captured_pods(config: &NodeConfig, template: &NetnsTemplate) -> Vec<PodSpec> {
+/// The pods `config` says this node captures, and those whose network
+/// namespace cannot be found (yet), with why.
+pub fn captured_pods(
+    config: &NodeConfig,
+    netns: &PodNetns,
+) -> (Vec<PodSpec>, Vec<(String, String)>) {
     let objects = || {
         config
             .resources
@@ -107,20 +115,22 @@ pub fn captured_pods(config: &NodeConfig, template: &NetnsTemplate) -> Vec<PodSp
             _ => None,
         })
         .collect();
-    objects()
-        .filter_map(|object| match object {
-            Resource::Workload(w)
-                if captured_namespaces.contains(w.namespace()) && !opted_out(&w.metadata) =>
-            {
-                Some(pod_spec(
-                    format!("{}/{}", w.namespace(), w.name()),
-                    template.path(w.namespace(), w.name()),
-                    &w.spec.capture,
-                ))
-            }
-            _ => None,
-        })
-        .collect()
+    let mut pods = Vec::new();
+    let mut missing = Vec::new();
+    for object in objects() {
+        let Resource::Workload(w) = object else {
+            continue;
+        };
+        if !captured_namespaces.contains(w.namespace()) || opted_out(&w.metadata) {
+            continue;
+        }
+        let name = format!("{}/{}", w.namespace(), w.name());
+        match netns.locate(w.namespace(), w.name(), w.spec.pod_uid.as_deref()) {
+            Ok(path) => pods.push(pod_spec(name, path, &w.spec.capture)),
+            Err(why) => missing.push((name, why)),
+        }
+    }
+    (pods, missing)
 }
 
 /// Keeps the captured pods in line with the configuration until dropped.
@@ -143,15 +153,26 @@ impl CaptureFollower {
         proxy: Arc<Proxy>,
         mut config: watch::Receiver<Arc<NodeConfig>>,
         fixed: Vec<PodSpec>,
-        template: Option<NetnsTemplate>,
+        netns: Option<PodNetns>,
     ) -> Self {
         let task = tokio::spawn(async move {
             let mut pruned = false;
             loop {
                 let current = config.borrow_and_update().clone();
                 let mut desired = fixed.clone();
-                if let Some(template) = &template {
-                    desired.extend(captured_pods(&current, template));
+                let mut missing = Vec::new();
+                if let Some(netns) = &netns {
+                    let (pods, not_found) = captured_pods(&current, netns);
+                    desired.extend(pods);
+                    missing = not_found;
+                }
+                // A captured pod whose namespace is not found this time
+                // stays as it is: released, it would connect in plaintext.
+                for (pod, why) in &missing {
+                    match proxy.pod_spec(pod) {
+                        Some(spec) => desired.push(spec),
+                        None => tracing::warn!(%pod, %why, "pod not captured; retrying"),
+                    }
                 }
                 let errors = proxy.sync(desired).await;
                 for (pod, error) in &errors {
@@ -166,7 +187,7 @@ impl CaptureFollower {
                     }
                 }
                 let retry = async {
-                    if errors.is_empty() {
+                    if errors.is_empty() && missing.is_empty() {
                         std::future::pending::<()>().await;
                     }
                     tokio::time::sleep(RETRY).await;
@@ -245,7 +266,8 @@ spec: {node: node0, ip: 10.89.0.4}
     #[test]
     fn labelled_namespaces_pods_are_captured_unless_they_opt_out() {
         let template = NetnsTemplate::parse("/run/netns/c-{namespace}-{name}").unwrap();
-        let pods = captured_pods(&config(YAML), &template);
+        let (pods, missing) = captured_pods(&config(YAML), &PodNetns::Template(template));
+        assert_eq!(missing, []);
         let names: Vec<_> = pods.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["shop/web"]);
         assert_eq!(pods[0].netns, PathBuf::from("/run/netns/c-shop-web"));

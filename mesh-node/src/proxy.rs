@@ -446,6 +446,11 @@ impl Proxy {
 
     /// Captures a pod: enters its namespace, opens the listeners, starts
     /// accepting, and only then registers it with the programs.
+    /// How pod `name` (`namespace/name`) is captured, if it is.
+    pub fn pod_spec(&self, name: &str) -> Option<PodSpec> {
+        lock(&self.pods).get(name).map(|entry| entry.spec.clone())
+    }
+
     pub async fn add_pod(&self, spec: PodSpec) -> Result<(), PodError> {
         let netns = NetnsThread::spawn(&spec.netns).map_err(|source| PodError::Netns {
             path: spec.netns.clone(),

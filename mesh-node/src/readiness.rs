@@ -27,7 +27,7 @@ use mesh_model::{
 use socket2::SockAddr;
 use tokio::{net::TcpSocket, sync::mpsc, sync::watch};
 
-use crate::{capture::netns::in_netns, pods::NetnsTemplate, proxy::marked_socket};
+use crate::{capture::netns::in_netns, pods::PodNetns, proxy::marked_socket};
 
 /// Failed probes in a row before an endpoint counts as down.
 pub const FAILURES: u32 = 2;
@@ -40,6 +40,7 @@ struct Probe {
     namespace: String,
     service: String,
     workload: String,
+    pod_uid: Option<String>,
     address: SocketAddr,
     marked_ready: bool,
 }
@@ -47,10 +48,13 @@ struct Probe {
 /// The endpoints to probe: those of services this node was pushed whose
 /// address belongs to one of its own workloads.
 fn probes(config: &NodeConfig) -> Vec<Probe> {
-    let mut local: HashMap<(String, IpAddr), String> = HashMap::new();
+    let mut local: HashMap<(String, IpAddr), (String, Option<String>)> = HashMap::new();
     for (_, resource) in config.resources.values() {
         if let ConfigResource::Object(Resource::Workload(w)) = &**resource {
-            local.insert((w.namespace().to_owned(), w.spec.ip), w.name().to_owned());
+            local.insert(
+                (w.namespace().to_owned(), w.spec.ip),
+                (w.name().to_owned(), w.spec.pod_uid.clone()),
+            );
         }
     }
     let mut probes = Vec::new();
@@ -59,11 +63,12 @@ fn probes(config: &NodeConfig) -> Vec<Probe> {
             continue;
         };
         for endpoint in &set.endpoints {
-            if let Some(workload) = local.get(&(set.namespace.clone(), endpoint.ip)) {
+            if let Some((workload, pod_uid)) = local.get(&(set.namespace.clone(), endpoint.ip)) {
                 probes.push(Probe {
                     namespace: set.namespace.clone(),
                     service: set.service.clone(),
                     workload: workload.clone(),
+                    pod_uid: pod_uid.clone(),
                     address: SocketAddr::new(endpoint.ip, endpoint.port),
                     marked_ready: endpoint.ready,
                 });
@@ -133,7 +138,7 @@ fn observed(answered: bool, streak: u32, marked_ready: bool) -> bool {
 /// Observes until `config` closes, one round every `every`.
 pub async fn observe(
     mut config: watch::Receiver<Arc<NodeConfig>>,
-    netns: NetnsTemplate,
+    netns: PodNetns,
     every: Duration,
     reports: mpsc::Sender<EndpointHealth>,
 ) {
@@ -146,16 +151,24 @@ pub async fn observe(
             return;
         }
         let current = config.borrow_and_update().clone();
-        let mut by_pod: BTreeMap<(String, String), Vec<Probe>> = BTreeMap::new();
+        let mut by_pod: BTreeMap<(String, String, Option<String>), Vec<Probe>> = BTreeMap::new();
         for probe in probes(&current) {
             by_pod
-                .entry((probe.namespace.clone(), probe.workload.clone()))
+                .entry((
+                    probe.namespace.clone(),
+                    probe.workload.clone(),
+                    probe.pod_uid.clone(),
+                ))
                 .or_default()
                 .push(probe);
         }
         let mut rounds = tokio::task::JoinSet::new();
-        for ((namespace, workload), probes) in by_pod {
-            rounds.spawn(probe_pod(netns.path(&namespace, &workload), probes));
+        for ((namespace, workload, pod_uid), probes) in by_pod {
+            // A pod whose namespace is not found answers nothing.
+            let path = netns
+                .locate(&namespace, &workload, pod_uid.as_deref())
+                .unwrap_or_default();
+            rounds.spawn(probe_pod(path, probes));
         }
         let mut seen = std::collections::HashSet::new();
         while let Some(answers) = rounds.join_next().await {
@@ -248,6 +261,7 @@ mod tests {
                 namespace: "shop".into(),
                 service: "web".into(),
                 workload: "web-1".into(),
+                pod_uid: None,
                 address: "10.0.0.1:8080".parse().unwrap(),
                 marked_ready: true,
             }]

@@ -41,7 +41,7 @@ fn columns(kind: Kind, b: Backend) -> String {
             json("labels")
         ),
         Kind::Workload => format!(
-            "namespace, name, service_account, node, {}, version, {}, {}, {}, revision",
+            "namespace, name, service_account, node, {}, version, {}, {}, {}, pod_uid, revision",
             b.inet_column("pod_ip"),
             json("services"),
             json("capture"),
@@ -166,6 +166,7 @@ fn from_row(kind: Kind, row: &AnyRow) -> Result<Resource, StoreError> {
                 services: c.json("services")?,
                 version: c.text("version")?,
                 capture: c.json("capture")?,
+                pod_uid: c.opt_text("pod_uid")?,
             },
         }),
         Kind::ServicePolicy => Resource::ServicePolicy(Object {
@@ -274,12 +275,12 @@ pub(super) async fn write(
         }
         Resource::Workload(o) => {
             let sql = format!(
-                "INSERT INTO Workload (namespace, name, service_account, node, pod_ip, version, services, labels, revision, capture, updated_at) \
-                 VALUES ($1, $2, $3, $4, {}, $6, {}, {}, $9, {}, {now}) \
+                "INSERT INTO Workload (namespace, name, service_account, node, pod_ip, version, services, labels, revision, capture, pod_uid, updated_at) \
+                 VALUES ($1, $2, $3, $4, {}, $6, {}, {}, $9, {}, $11, {now}) \
                  ON CONFLICT (namespace, name) DO UPDATE SET service_account = excluded.service_account, \
                  node = excluded.node, pod_ip = excluded.pod_ip, version = excluded.version, \
                  services = excluded.services, labels = excluded.labels, revision = excluded.revision, \
-                 capture = excluded.capture, updated_at = excluded.updated_at",
+                 capture = excluded.capture, pod_uid = excluded.pod_uid, updated_at = excluded.updated_at",
                 b.inet_param("$5"),
                 b.json_param("$7"),
                 b.json_param("$8"),
@@ -296,6 +297,7 @@ pub(super) async fn write(
                 .bind(labels)
                 .bind(revision)
                 .bind(to_json(&o.spec.capture))
+                .bind(o.spec.pod_uid.clone())
                 .execute(&mut *conn)
                 .await?;
         }

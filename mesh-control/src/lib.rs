@@ -5,5 +5,6 @@
 pub mod api;
 pub mod ca;
 pub mod grpc;
+pub mod kubernetes;
 pub mod snapshot;
 pub mod store;

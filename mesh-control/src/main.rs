@@ -90,6 +90,12 @@ enum Command {
         /// server closes it (slow-header attacks).
         #[arg(long, env = "MESH_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_header_timeout)]
         http_header_timeout: std::time::Duration,
+
+        /// Mirror the Kubernetes cluster it runs in (its service account,
+        /// or the kubeconfig) into the store: namespaces, pods, services
+        /// and the mesh.io custom resources.
+        #[arg(long, env = "MESH_KUBERNETES")]
+        kubernetes: bool,
     },
     /// Bring the database schema up to date, then exit.
     ///
@@ -150,6 +156,7 @@ async fn main() -> anyhow::Result<()> {
             certificate_ttl,
             service_cidr,
             http_header_timeout,
+            kubernetes,
         }) => {
             let grpc = GrpcConfig {
                 csr_limit: RateLimit {
@@ -165,6 +172,7 @@ async fn main() -> anyhow::Result<()> {
                 certificate_ttl,
                 service_ranges: service_cidr,
                 http_header_timeout,
+                kubernetes,
             };
             serve(&data_dir, &cli.trust_domain, &database_url, serving).await
         }
@@ -176,9 +184,19 @@ async fn main() -> anyhow::Result<()> {
                 certificate_ttl: mesh_identity::ca::DEFAULT_TTL,
                 service_ranges: ServiceRanges::default(),
                 http_header_timeout: std::time::Duration::from_secs(10),
+                kubernetes: false,
             };
             serve(&data_dir, &cli.trust_domain, &database_url, serving).await
         }
+    }
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -290,6 +308,7 @@ struct Serving {
     certificate_ttl: std::time::Duration,
     service_ranges: ServiceRanges,
     http_header_timeout: std::time::Duration,
+    kubernetes: bool,
 }
 
 async fn serve(
@@ -305,6 +324,7 @@ async fn serve(
         certificate_ttl,
         service_ranges,
         http_header_timeout,
+        kubernetes,
     } = serving;
     let token = init(data_dir, trust_domain, database_url).await?;
     let (ca, kek) = CaFiles::in_data_dir(data_dir)
@@ -356,6 +376,18 @@ async fn serve(
         grpc_config,
         stopped(stop_rx.clone()),
     ));
+    let _mirror = if kubernetes {
+        let client = mesh_control::kubernetes::client()
+            .await
+            .context("--kubernetes: connecting to the Kubernetes API server")?;
+        Some(AbortOnDrop(tokio::spawn(mesh_control::kubernetes::mirror(
+            client,
+            store.clone(),
+            stopped(stop_rx.clone()),
+        ))))
+    } else {
+        None
+    };
     let limits = mesh_api::http_server::Limits {
         header_timeout: http_header_timeout,
         ..Default::default()

@@ -32,7 +32,7 @@ use kube::{
 use mesh_model::{Kind, Resource};
 use tokio::sync::Notify;
 
-use crate::store::{Store, StoreError};
+use crate::store::{Leadership, Store, StoreError};
 use convert::{Converted, MANAGED_BY, Skipped};
 
 /// How long changes are gathered before the store is converged, so a
@@ -41,8 +41,11 @@ pub const SETTLE: Duration = Duration::from_millis(200);
 /// How often the store is converged with no change seen: repairs what a
 /// failed write or a hand edit left different.
 const RESYNC: Duration = Duration::from_secs(60);
-/// How soon a convergence that failed (the store down) is tried again.
+/// How soon a convergence that failed (the store down, a change refused,
+/// another replica mirroring) is tried again.
 const RETRY: Duration = Duration::from_secs(5);
+/// The role one replica at a time holds (see [`Store::try_lead`]).
+const MIRROR_ROLE: &str = "kubernetes-mirror";
 
 /// The mesh's custom resource kinds, as the CRDs name them.
 pub const CUSTOM_KINDS: [Kind; 3] = [
@@ -50,6 +53,9 @@ pub const CUSTOM_KINDS: [Kind; 3] = [
     Kind::TrafficSplit,
     Kind::AuthorizationPolicy,
 ];
+
+/// One kind's first list, done (`false`: its reflector is gone).
+type FirstList<'a> = std::pin::Pin<Box<dyn Future<Output = bool> + Send + 'a>>;
 
 /// The caches the reflectors fill.
 #[derive(Clone)]
@@ -61,42 +67,80 @@ struct Caches {
 }
 
 impl Caches {
+    /// Waits for every kind's first list, saying now and then which are
+    /// still awaited (a CRD not installed, a permission missing).
     async fn ready(&self) {
-        // An error means the reflector is gone, which ends the mirror too.
-        let _ = self.namespaces.wait_until_ready().await;
-        let _ = self.pods.wait_until_ready().await;
-        let _ = self.services.wait_until_ready().await;
-        for (_, store) in &self.custom {
-            let _ = store.wait_until_ready().await;
+        const PATIENCE: Duration = Duration::from_secs(30);
+        let mut waits: Vec<(&str, FirstList<'_>)> = vec![
+            (
+                "Namespace",
+                Box::pin(async { self.namespaces.wait_until_ready().await.is_ok() }),
+            ),
+            (
+                "Pod",
+                Box::pin(async { self.pods.wait_until_ready().await.is_ok() }),
+            ),
+            (
+                "Service",
+                Box::pin(async { self.services.wait_until_ready().await.is_ok() }),
+            ),
+        ];
+        for (kind, store) in &self.custom {
+            waits.push((
+                kind.as_str(),
+                Box::pin(async { store.wait_until_ready().await.is_ok() }),
+            ));
+        }
+        for (kind, wait) in &mut waits {
+            loop {
+                match tokio::time::timeout(PATIENCE, wait.as_mut()).await {
+                    // A reflector gone ends the mirror too.
+                    Ok(_) => break,
+                    Err(_) => tracing::warn!(
+                        kind,
+                        "still waiting for the first list of {kind} from Kubernetes; nothing is mirrored until every kind has listed (is the CRD installed? may mesh-control list it?)"
+                    ),
+                }
+            }
         }
     }
 
     /// Everything the caches say the store should hold, in the order it
     /// can be written (namespaces first), and what was left out.
     fn desired(&self) -> (Vec<Resource>, Vec<Skipped>) {
-        let namespaces = self.namespaces.state();
         let pods = self.pods.state();
         let services = self.services.state();
-        let in_namespace = |namespace: &Option<String>, of: &Option<String>| namespace == of;
-        let mut converted: Vec<Converted> = Vec::new();
-        converted.extend(namespaces.iter().map(|ns| convert::namespace(ns)));
+        let mut pods_in: BTreeMap<Option<String>, Vec<&Pod>> = BTreeMap::new();
+        for pod in &pods {
+            pods_in
+                .entry(pod.metadata.namespace.clone())
+                .or_default()
+                .push(pod);
+        }
+        let mut services_in: BTreeMap<Option<String>, Vec<&Service>> = BTreeMap::new();
         for service in &services {
-            let local: Vec<&Pod> = pods
+            services_in
+                .entry(service.metadata.namespace.clone())
+                .or_default()
+                .push(service);
+        }
+        let (no_pods, no_services) = (Vec::new(), Vec::new());
+        let mut converted: Vec<Converted> = Vec::new();
+        converted.extend(
+            self.namespaces
+                .state()
                 .iter()
-                .map(Arc::as_ref)
-                .filter(|pod| in_namespace(&pod.metadata.namespace, &service.metadata.namespace))
-                .collect();
-            converted.push(convert::service(service, &local));
+                .map(|ns| convert::namespace(ns)),
+        );
+        for service in &services {
+            let local = pods_in.get(&service.metadata.namespace).unwrap_or(&no_pods);
+            converted.push(convert::service(service, local));
         }
         for pod in &pods {
-            let local: Vec<&Service> = services
-                .iter()
-                .map(Arc::as_ref)
-                .filter(|service| {
-                    in_namespace(&service.metadata.namespace, &pod.metadata.namespace)
-                })
-                .collect();
-            converted.push(convert::workload(pod, &local));
+            let local = services_in
+                .get(&pod.metadata.namespace)
+                .unwrap_or(&no_services);
+            converted.push(convert::workload(pod, local));
         }
         for (kind, store) in &self.custom {
             converted.extend(
@@ -115,14 +159,24 @@ impl Caches {
                 Err(why) => skipped.push(why),
             }
         }
-        // A service or pod in a namespace that did not convert cannot be
-        // written either; the namespace's entry says why.
+        // What lives in a namespace that did not convert cannot be written
+        // either; it is kept as stored, like the namespace.
         let kept: BTreeSet<String> = resources
             .iter()
             .filter(|r| r.kind() == Kind::Namespace)
             .map(|r| r.name().to_owned())
             .collect();
-        resources.retain(|r| r.namespace().is_none_or(|ns| kept.contains(ns)));
+        resources.retain(|r| match r.namespace() {
+            Some(ns) if !kept.contains(ns) => {
+                skipped.push(Skipped {
+                    object: r.reference(),
+                    resource: r.reference(),
+                    reason: format!("its namespace {ns} is not mirrored"),
+                });
+                false
+            }
+            _ => true,
+        });
         (resources, skipped)
     }
 }
@@ -213,20 +267,33 @@ pub async fn mirror(client: Client, store: Store, stop: impl Future<Output = ()>
     };
     let converging = async {
         caches.ready().await;
-        tracing::info!("Kubernetes listed; mirroring into the store");
-        let mut last_skipped = Vec::new();
+        tracing::info!("Kubernetes listed every kind");
+        let mut leadership = None;
+        let mut last = Converged::default();
         loop {
-            let (desired, skipped) = caches.desired();
-            let wait = match converge(&store, desired).await {
-                Ok(mut done) => {
-                    done.skipped = skipped;
-                    report(&done, &last_skipped);
-                    last_skipped = done.skipped;
-                    RESYNC
-                }
-                Err(error) => {
-                    tracing::warn!(error = %chain(&error), "mirroring Kubernetes into the store failed; retrying");
-                    RETRY
+            let wait = match lead(&store, &mut leadership).await {
+                false => RETRY,
+                true => {
+                    let (desired, skipped) = caches.desired();
+                    let keep: BTreeSet<String> =
+                        skipped.iter().map(|s| s.resource.clone()).collect();
+                    match converge(&store, desired, &keep).await {
+                        Ok(mut done) => {
+                            done.skipped = skipped;
+                            report(&done, &last);
+                            let wait = if done.refused.is_empty() {
+                                RESYNC
+                            } else {
+                                RETRY
+                            };
+                            last = done;
+                            wait
+                        }
+                        Err(error) => {
+                            tracing::warn!(error = %chain(&error), "mirroring Kubernetes into the store failed; retrying");
+                            RETRY
+                        }
+                    }
                 }
             };
             tokio::select! {
@@ -242,7 +309,34 @@ pub async fn mirror(client: Client, store: Store, stop: impl Future<Output = ()>
     }
 }
 
-fn report(done: &Converged, last_skipped: &[Skipped]) {
+/// Whether this replica mirrors: it holds, or now takes, the role; one
+/// replica at a time does (two would undo each other's writes while
+/// their caches differ).
+async fn lead(store: &Store, leadership: &mut Option<Leadership>) -> bool {
+    if let Some(held) = leadership {
+        if held.held().await {
+            return true;
+        }
+        tracing::warn!("lost the Kubernetes mirror's lease with the database");
+        *leadership = None;
+    }
+    match store.try_lead(MIRROR_ROLE).await {
+        Ok(Some(taken)) => {
+            tracing::info!("this replica mirrors Kubernetes into the store");
+            *leadership = Some(taken);
+            true
+        }
+        Ok(None) => false,
+        Err(error) => {
+            tracing::warn!(error = %chain(&error), "asking the database who mirrors Kubernetes");
+            false
+        }
+    }
+}
+
+/// Logs what this convergence did, and each left-out or refused object
+/// once, not at every pass.
+fn report(done: &Converged, last: &Converged) {
     if done.written + done.deleted > 0 {
         tracing::info!(
             written = done.written,
@@ -250,16 +344,15 @@ fn report(done: &Converged, last_skipped: &[Skipped]) {
             "mirrored Kubernetes changes into the store"
         );
     }
-    // Each left-out object once, not at every convergence.
-    for skipped in done.skipped.iter().filter(|s| !last_skipped.contains(s)) {
+    for skipped in done.skipped.iter().filter(|s| !last.skipped.contains(s)) {
         tracing::warn!(
             object = skipped.object,
             reason = skipped.reason,
-            "not mirrored"
+            "not mirrored; what the store holds for it is kept"
         );
     }
-    for (resource, why) in &done.refused {
-        tracing::warn!(%resource, %why, "the store refused a mirrored resource");
+    for (resource, why) in done.refused.iter().filter(|r| !last.refused.contains(r)) {
+        tracing::warn!(%resource, %why, "the store refused a mirrored change; retrying");
     }
 }
 
@@ -280,12 +373,17 @@ fn comparable(resource: &Resource) -> Resource {
     resource
 }
 
-/// Converges the store on `desired`: writes what differs (in one
-/// transaction; should the store refuse it, one resource at a time, so
-/// one refused resource does not hold up the others), then deletes what
-/// the mirror wrote and no longer wants, policies first and namespaces
-/// last.
-pub async fn converge(store: &Store, desired: Vec<Resource>) -> Result<Converged, StoreError> {
+/// Converges the store on `desired`: first deletes what the mirror wrote
+/// and no longer wants (policies first, namespaces last; not what `keep`
+/// names, objects that did not convert this time), so an address or pod
+/// freed by a deleted resource can be taken by a new one; then writes what
+/// differs in one transaction, or should the store refuse it, one resource
+/// at a time, so one refused resource does not hold up the others.
+pub async fn converge(
+    store: &Store,
+    desired: Vec<Resource>,
+    keep: &BTreeSet<String>,
+) -> Result<Converged, StoreError> {
     let mut stored: BTreeMap<String, Resource> = BTreeMap::new();
     for kind in Kind::ALL {
         for resource in store.list(kind, None).await? {
@@ -293,29 +391,13 @@ pub async fn converge(store: &Store, desired: Vec<Resource>) -> Result<Converged
         }
     }
     let wanted: BTreeSet<String> = desired.iter().map(Resource::reference).collect();
-    let changed: Vec<Resource> = desired
-        .into_iter()
-        .filter(|r| stored.get(&r.reference()) != Some(r))
-        .collect();
     let mut done = Converged::default();
-    if !changed.is_empty() {
-        match store.apply(&changed).await {
-            Ok(_) => done.written = changed.len(),
-            Err(error) if error.is_unavailable() => return Err(error),
-            Err(_) => {
-                for resource in &changed {
-                    match store.apply(std::slice::from_ref(resource)).await {
-                        Ok(_) => done.written += 1,
-                        Err(error) if error.is_unavailable() => return Err(error),
-                        Err(error) => done.refused.push((resource.reference(), chain(&error))),
-                    }
-                }
-            }
-        }
-    }
     let mut gone: Vec<&Resource> = stored
         .values()
-        .filter(|r| managed(r) && !wanted.contains(&r.reference()))
+        .filter(|r| {
+            let reference = r.reference();
+            managed(r) && !wanted.contains(&reference) && !keep.contains(&reference)
+        })
         .collect();
     // Kind::ALL lists namespaces first: delete in the reverse order.
     gone.sort_by_key(|r| std::cmp::Reverse(Kind::ALL.iter().position(|k| *k == r.kind())));
@@ -328,6 +410,26 @@ pub async fn converge(store: &Store, desired: Vec<Resource>) -> Result<Converged
             Err(StoreError::NotFound(_)) => {}
             Err(error) if error.is_unavailable() => return Err(error),
             Err(error) => done.refused.push((resource.reference(), chain(&error))),
+        }
+    }
+    let changed: Vec<Resource> = desired
+        .into_iter()
+        .filter(|r| stored.get(&r.reference()) != Some(r))
+        .collect();
+    if changed.is_empty() {
+        return Ok(done);
+    }
+    match store.apply(&changed).await {
+        Ok(_) => done.written = changed.len(),
+        Err(error) if error.is_unavailable() => return Err(error),
+        Err(_) => {
+            for resource in &changed {
+                match store.apply(std::slice::from_ref(resource)).await {
+                    Ok(_) => done.written += 1,
+                    Err(error) if error.is_unavailable() => return Err(error),
+                    Err(error) => done.refused.push((resource.reference(), chain(&error))),
+                }
+            }
         }
     }
     Ok(done)

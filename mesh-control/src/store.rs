@@ -161,6 +161,33 @@ impl std::fmt::Debug for StoreUrl {
     }
 }
 
+/// A role held by this replica alone; see [`Store::try_lead`].
+#[derive(Debug)]
+pub struct Leadership {
+    /// The session holding the advisory lock (PostgreSQL).
+    connection: Option<AnyConnection>,
+}
+
+impl Leadership {
+    /// Whether the role is still held: the session holding it still
+    /// answers.
+    pub async fn held(&mut self) -> bool {
+        match &mut self.connection {
+            None => true,
+            Some(connection) => sqlx::query("SELECT 1").execute(connection).await.is_ok(),
+        }
+    }
+}
+
+/// The advisory-lock key of a role: FNV-1a of its name, stable across
+/// builds and replicas.
+fn lock_key(role: &str) -> i64 {
+    let hash = role.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    });
+    i64::from_ne_bytes(hash.to_ne_bytes())
+}
+
 /// The PostgreSQL channel every committed write notifies.
 const WRITES_CHANNEL: &str = "mesh_revision";
 
@@ -310,6 +337,7 @@ impl Store {
                 continue;
             }
             changed = true;
+            check_unique_pod(&mut tx, resource).await?;
             kinds::write(&mut tx, backend, resource, revision).await?;
             record_change(
                 &mut tx,
@@ -652,6 +680,26 @@ impl Store {
         nodes::list(&mut conn, self.backend).await
     }
 
+    /// The right to do `role` (a job only one replica may do at a time:
+    /// mirroring Kubernetes), if no other replica holds it; held while the
+    /// returned [`Leadership`] lives. On PostgreSQL it is an advisory lock
+    /// on a connection of its own, so a replica that dies or loses the
+    /// database loses it and another takes it. SQLite has one replica.
+    pub async fn try_lead(&self, role: &str) -> Result<Option<Leadership>, StoreError> {
+        if self.backend != Backend::Postgres {
+            return Ok(Some(Leadership { connection: None }));
+        }
+        let mut connection = self.pool.acquire().await?.detach();
+        let held: bool = sqlx::query("SELECT pg_try_advisory_lock($1)")
+            .bind(lock_key(role))
+            .fetch_one(&mut connection)
+            .await?
+            .try_get(0)?;
+        Ok(held.then_some(Leadership {
+            connection: Some(connection),
+        }))
+    }
+
     /// A connection of its own to the store's database, for maintenance and
     /// for tests that look below the API.
     pub async fn raw_connection(&self) -> Result<AnyConnection, StoreError> {
@@ -686,8 +734,6 @@ fn same(stored: &Resource, incoming: &Resource) -> bool {
     let mut b = incoming.clone();
     a.metadata_mut().resource_version = None;
     b.metadata_mut().resource_version = None;
-    a.metadata_mut().namespace = a.namespace().map(str::to_owned);
-    b.metadata_mut().namespace = b.namespace().map(str::to_owned);
     a == b
 }
 
@@ -788,6 +834,36 @@ async fn check_unique_addresses(
                     });
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a workload claiming another workload's pod: a pod UID leads a
+/// node to a pod's network namespace, so the pod would be captured, and
+/// served, as the claimant. Checked before the write (a unique index backs
+/// it up).
+async fn check_unique_pod(conn: &mut AnyConnection, resource: &Resource) -> Result<(), StoreError> {
+    let Resource::Workload(w) = resource else {
+        return Ok(());
+    };
+    let Some(uid) = &w.spec.pod_uid else {
+        return Ok(());
+    };
+    let holders = sqlx::query("SELECT namespace, name FROM Workload WHERE pod_uid = $1")
+        .bind(uid.clone())
+        .fetch_all(&mut *conn)
+        .await?;
+    for row in &holders {
+        let namespace: String = row.try_get("namespace")?;
+        let name: String = row.try_get("name")?;
+        if Some(namespace.as_str()) != resource.namespace() || name != resource.name() {
+            return Err(StoreError::Conflict {
+                reference: resource.reference(),
+                message: format!(
+                    "spec.pod_uid: {uid} is already the pod of Workload {namespace}/{name}"
+                ),
+            });
         }
     }
     Ok(())

@@ -257,6 +257,29 @@ fn expected() -> BTreeMap<String, Value> {
                 json!({"node": "node1", "ip": "10.89.1.3", "service_account": "ratings", "pod_uid": uid(3)}),
             ),
         ),
+        // Being deleted: still captured, no longer an endpoint.
+        (
+            "Workload/shop/ratings-old-4d3c2".into(),
+            document(
+                "Workload",
+                Some("shop"),
+                "ratings-old-4d3c2",
+                managed(json!({"app": "ratings"})),
+                json!({"node": "node1", "ip": "10.89.1.5", "service_account": "ratings", "pod_uid": "5f0c3a1e-9b2d-4c7e-8a1f-00000000000a"}),
+            ),
+        ),
+        // A split the mirror wrote earlier, which the cluster now holds in a
+        // form the mesh refuses: the stored one is kept, not deleted.
+        (
+            "TrafficSplit/shop/broken".into(),
+            document(
+                "TrafficSplit",
+                Some("shop"),
+                "broken",
+                managed(json!({})),
+                json!({"destination": "reviews", "v1_weight": 90, "v2_weight": 10}),
+            ),
+        ),
         // Pending in the list, running in the watch.
         (
             "Workload/shop/details-v1-9c8d7".into(),
@@ -308,13 +331,17 @@ async fn the_store_converges_on_the_cluster_through_watches_and_a_relist() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}?mode=rwc", dir.path().join("mesh.db").display());
     let store = Store::open(&url).await.unwrap();
-    // Before the mirror: a namespace and a policy applied by hand, and a
-    // workload an earlier run of the mirror wrote for a pod gone since.
+    // Before the mirror: a namespace and a policy applied by hand, a
+    // workload an earlier run of the mirror wrote for a pod gone since, and
+    // a split it wrote that the cluster has since changed into one the
+    // mesh refuses.
     let before = parse_documents(
         "apiVersion: mesh.io/v1\nkind: Namespace\nmetadata: {name: shop}\n---\n\
          apiVersion: mesh.io/v1\nkind: ServicePolicy\nmetadata: {name: manual, namespace: shop}\nspec: {timeout_ms: 750}\n---\n\
          apiVersion: mesh.io/v1\nkind: Workload\nmetadata: {name: gone-pod, namespace: shop, labels: {mesh.io/managed-by: kubernetes}}\n\
-         spec: {node: node0, ip: 10.89.0.99}\n",
+         spec: {node: node0, ip: 10.89.0.99}\n---\n\
+         apiVersion: mesh.io/v1\nkind: TrafficSplit\nmetadata: {name: broken, namespace: shop, labels: {mesh.io/managed-by: kubernetes}}\n\
+         spec: {destination: reviews, v1_weight: 90, v2_weight: 10}\n",
     )
     .unwrap();
     store.apply(&before).await.unwrap();

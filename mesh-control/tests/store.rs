@@ -82,6 +82,7 @@ conformance!(
     bootstrap_tokens_are_stored_hashed_and_checked,
     two_workloads_cannot_share_an_address,
     service_addresses_are_unique_among_services_and_workloads,
+    one_replica_at_a_time_leads,
 );
 
 async fn service_addresses_are_unique_among_services_and_workloads(store: Store) {
@@ -179,11 +180,52 @@ async fn two_workloads_cannot_share_an_address(store: Store) {
         .insert("tier".into(), "x".into());
     let outcome = store.apply(&moved).await.unwrap();
     assert_eq!(configured(&outcome), ["Workload/shop/reviews-v1"]);
+    // Nor another workload's pod: the node would capture that pod as the
+    // thief.
+    let claims_the_pod = parse_one(
+        "apiVersion: mesh.io/v1\nkind: Workload\nmetadata: {name: thief, namespace: shop}\n\
+         spec: {node: node0, ip: 10.89.0.98, service_account: thief, pod_uid: 0c1d2e3f-4a5b-4c6d-8e7f-901a2b3c4d5e}\n",
+    );
+    let error = store.apply(&claims_the_pod).await.unwrap_err();
+    assert!(
+        error.to_string().contains(
+            "spec.pod_uid: 0c1d2e3f-4a5b-4c6d-8e7f-901a2b3c4d5e is already the pod of Workload shop/reviews-v1"
+        ),
+        "{error}"
+    );
     let free = parse_one(
         "apiVersion: mesh.io/v1\nkind: Workload\nmetadata: {name: thief, namespace: shop}\n\
          spec: {node: node1, ip: 10.89.0.99, service_account: thief}\n",
     );
     store.apply(&free).await.unwrap();
+}
+
+/// Only one replica at a time holds a role: on PostgreSQL a second
+/// session is refused until the first is gone; SQLite has one replica.
+async fn one_replica_at_a_time_leads(store: Store) {
+    let first = store.try_lead("kubernetes-mirror").await.unwrap();
+    let mut first = first.expect("nobody holds it yet");
+    assert!(first.held().await);
+    let second = store.try_lead("kubernetes-mirror").await.unwrap();
+    let other_role = store.try_lead("another-role").await.unwrap();
+    assert!(other_role.is_some());
+    match store.backend() {
+        Backend::Sqlite => assert!(second.is_some()),
+        Backend::Postgres => {
+            assert!(second.is_none(), "a second session took the lock");
+            drop(first);
+            // The server releases the lock when the session ends.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            let mut taken = None;
+            while taken.is_none() && std::time::Instant::now() < deadline {
+                taken = store.try_lead("kubernetes-mirror").await.unwrap();
+                if taken.is_none() {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            }
+            assert!(taken.is_some(), "the lock outlived its session");
+        }
+    }
 }
 
 fn parse(text: &str) -> Vec<Resource> {

@@ -8,7 +8,13 @@
 //! (`--pod-netns /run/netns/{namespace}-{name}`), or on Kubernetes through
 //! the pod's cgroup (`--pod-netns cgroup`, [`locate`]).
 
-use std::{collections::BTreeSet, net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use mesh_common::capture::{Cidr, PodInbound, PodOutbound};
 use mesh_model::{
@@ -31,6 +37,8 @@ pub use locate::{PodNetns, PodNetnsSetting};
 /// How soon pods that could not be captured are tried again (their
 /// namespace may not exist yet).
 const RETRY: Duration = Duration::from_secs(2);
+/// How often pods found through their cgroups are looked for again.
+const RELOCATE: Duration = Duration::from_secs(10);
 
 /// Where a pod's network namespace is: a path with `{namespace}` and
 /// `{name}` in it.
@@ -155,8 +163,14 @@ impl CaptureFollower {
         fixed: Vec<PodSpec>,
         netns: Option<PodNetns>,
     ) -> Self {
+        // Found through cgroups, a pod's namespace can change under the
+        // same workload (its sandbox recreated): look again now and then.
+        let relocate = matches!(netns, Some(PodNetns::Cgroup(_)));
         let task = tokio::spawn(async move {
             let mut pruned = false;
+            // Each pod's problem is logged when it appears or changes, not
+            // at every pass.
+            let mut reported: BTreeMap<String, String> = BTreeMap::new();
             loop {
                 let current = config.borrow_and_update().clone();
                 let mut desired = fixed.clone();
@@ -168,16 +182,25 @@ impl CaptureFollower {
                 }
                 // A captured pod whose namespace is not found this time
                 // stays as it is: released, it would connect in plaintext.
+                let mut problems: BTreeMap<String, String> = BTreeMap::new();
                 for (pod, why) in &missing {
                     match proxy.pod_spec(pod) {
                         Some(spec) => desired.push(spec),
-                        None => tracing::warn!(%pod, %why, "pod not captured; retrying"),
+                        None => {
+                            problems.insert(pod.clone(), why.clone());
+                        }
                     }
                 }
                 let errors = proxy.sync(desired).await;
                 for (pod, error) in &errors {
-                    tracing::warn!(%pod, error = %error_chain(error), "pod not captured; retrying");
+                    problems.insert(pod.clone(), error_chain(error));
                 }
+                for (pod, why) in &problems {
+                    if reported.get(pod) != Some(why) {
+                        tracing::warn!(%pod, %why, "pod not captured; retrying");
+                    }
+                }
+                reported = problems;
                 if !pruned && current.revision > 0 {
                     pruned = true;
                     let capture = proxy.capture();
@@ -187,10 +210,13 @@ impl CaptureFollower {
                     }
                 }
                 let retry = async {
-                    if errors.is_empty() && missing.is_empty() {
+                    if !errors.is_empty() || !missing.is_empty() {
+                        tokio::time::sleep(RETRY).await;
+                    } else if relocate {
+                        tokio::time::sleep(RELOCATE).await;
+                    } else {
                         std::future::pending::<()>().await;
                     }
-                    tokio::time::sleep(RETRY).await;
                 };
                 tokio::select! {
                     changed = config.changed() => if changed.is_err() { return },

@@ -390,6 +390,8 @@ struct PodEntry {
     accept: JoinSet<()>,
     /// Set when the pod is released (see `PodContext::released`).
     released: watch::Sender<bool>,
+    /// The pod's network namespace, as the programs key it.
+    cookie: u64,
 }
 
 /// The captured pods of this node.
@@ -444,13 +446,23 @@ impl Proxy {
         lock(&self.pods).keys().cloned().collect()
     }
 
-    /// Captures a pod: enters its namespace, opens the listeners, starts
-    /// accepting, and only then registers it with the programs.
     /// How pod `name` (`namespace/name`) is captured, if it is.
     pub fn pod_spec(&self, name: &str) -> Option<PodSpec> {
         lock(&self.pods).get(name).map(|entry| entry.spec.clone())
     }
 
+    /// Whether `netns` is the network namespace pod `name` is captured in,
+    /// reached by another path (`/proc/<pid>/ns/net` of another of its
+    /// processes).
+    fn captured_in(&self, name: &str, netns: &Path) -> bool {
+        let Some(captured) = lock(&self.pods).get(name).map(|entry| entry.cookie) else {
+            return false;
+        };
+        crate::capture::netns::cookie(netns).is_ok_and(|cookie| cookie == captured)
+    }
+
+    /// Captures a pod: enters its namespace, opens the listeners, starts
+    /// accepting, and only then registers it with the programs.
     pub async fn add_pod(&self, spec: PodSpec) -> Result<(), PodError> {
         let netns = NetnsThread::spawn(&spec.netns).map_err(|source| PodError::Netns {
             path: spec.netns.clone(),
@@ -561,6 +573,7 @@ impl Proxy {
                 spec,
                 accept,
                 released,
+                cookie,
             },
         );
         Ok(())
@@ -607,8 +620,9 @@ impl Proxy {
         for (name, spec) in &current {
             let result = match wanted.get(name) {
                 Some(want) if want == spec => continue,
-                // Same pod, new exclusions: changed in place, never released.
-                Some(want) if want.netns == spec.netns => {
+                // Same pod, new exclusions or another path to the same
+                // namespace: changed in place, never released.
+                Some(want) if want.netns == spec.netns || self.captured_in(name, &want.netns) => {
                     updated.insert(name.clone());
                     self.update_pod(want)
                 }

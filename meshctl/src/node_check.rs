@@ -177,7 +177,7 @@ fn mounts(mountinfo: &str) -> Vec<Finding> {
         None => warning(
             MOUNTS,
             "bpffs is not mounted at /sys/fs/bpf".into(),
-            "mesh-node mounts it when it may (CAP_SYS_ADMIN); without it pinned maps do not survive a restart of mesh-node. On Kubernetes, mount the host's /sys/fs/bpf (hostPath, Bidirectional)",
+            "mount it on the node (mount -t bpf bpf /sys/fs/bpf, or a systemd sys-fs-bpf.mount): mesh-node pins the capture state there so pods stay captured while it restarts; the DaemonSet mounts the host's /sys/fs/bpf",
         ),
     };
     vec![cgroup, bpffs]

@@ -129,8 +129,12 @@ fn pods_are_found_by_uid_under_either_cgroup_driver() {
         underscored(BURSTABLE)
     ));
     let sandbox = fixture.process_in(&burstable.join("cri-containerd-0a1b.scope"), false);
+    // A monitor process in the node's namespace, older than the pod's
+    // (CRI-O's conmon may live in the pod's cgroup): passed over.
     let guaranteed = systemd.join(format!("kubepods-pod{}.slice", underscored(GUARANTEED)));
-    fixture.process_in(&guaranteed.join("cri-containerd-2c3d.scope"), false);
+    let monitor = fixture.process_in(&guaranteed.join("conmon"), true);
+    let container = fixture.process_in(&guaranteed.join("cri-containerd-2c3d.scope"), false);
+    assert!(monitor < container);
     // A hostNetwork pod, and a pod whose containers have not started.
     fixture.process_in(
         &systemd
@@ -144,13 +148,22 @@ fn pods_are_found_by_uid_under_either_cgroup_driver() {
     );
     cgroup::create(&systemd.join(format!("kubepods-pod{}.slice", underscored(EMPTY)))).unwrap();
 
-    let pods = CgroupNetns::new(&systemd);
+    let pods = CgroupNetns::with_host_netns(&systemd, Path::new("/proc/self/ns/net"));
     let found = pods.locate(BURSTABLE).unwrap();
     assert_eq!(found, PathBuf::from(format!("/proc/{sandbox}/ns/net")));
     assert_eq!(ino(&found), inode);
-    assert_eq!(ino(&pods.locate(GUARANTEED).unwrap()), inode);
+    assert_eq!(
+        pods.locate(GUARANTEED).unwrap(),
+        PathBuf::from(format!("/proc/{container}/ns/net"))
+    );
     let why = pods.locate(HOST_NETWORK).unwrap_err();
     assert!(why.contains("hostNetwork"), "{why}");
+    let why = pods.locate(EMPTY).unwrap_err();
+    assert!(why.contains("holds no process yet"), "{why}");
+    // Without a readable node namespace (no hostPID), nothing is guessed.
+    let blind = CgroupNetns::with_host_netns(&systemd, Path::new("/nonexistent/ns/net"));
+    let why = blind.locate(BURSTABLE).unwrap_err();
+    assert!(why.contains("hostPID"), "{why}");
     let why = pods.locate(EMPTY).unwrap_err();
     assert!(why.contains("holds no process yet"), "{why}");
     let why = pods
@@ -158,9 +171,9 @@ fn pods_are_found_by_uid_under_either_cgroup_driver() {
         .unwrap_err();
     assert!(why.contains("no cgroup named after pod"), "{why}");
 
-    // A second container joins: the path stays (what the proxy compares
-    // to tell whether a pod moved). The first one goes: the second leads
-    // to the same namespace.
+    // A second container joins: the path found stays while its process
+    // lives. The first one goes: the second leads to the same namespace
+    // (which the proxy recognises by its cookie).
     let app = fixture.process_in(&burstable.join("cri-containerd-6a7b.scope"), false);
     assert_eq!(pods.locate(BURSTABLE).unwrap(), found);
     fixture.kill(sandbox);
@@ -178,7 +191,7 @@ fn pods_are_found_by_uid_under_either_cgroup_driver() {
             .join("9c8d"),
         false,
     );
-    let pods = CgroupNetns::new(&cgroupfs);
+    let pods = CgroupNetns::with_host_netns(&cgroupfs, Path::new("/proc/self/ns/net"));
     assert_eq!(
         pods.locate(uid).unwrap(),
         PathBuf::from(format!("/proc/{pid}/ns/net"))

@@ -2,15 +2,16 @@
 //! document and validated exactly as one applied through the API is.
 //!
 //! - a Namespace becomes a `Namespace` with its labels (`mesh.io/capture`);
-//! - a Service (not ExternalName) becomes a `Service`: its TCP ports, with
+//! - a Service with a selector (not ExternalName, not in front of
+//!   hostNetwork pods) becomes a `Service`: its TCP ports, with
 //!   the protocol from `appProtocol` or the port's name (`http`, `http-web`,
 //!   `grpc`, …, as Istio reads them), a named `targetPort` resolved
 //!   through the pods it selects, its ClusterIP as `vip`, and the load
 //!   balancer from the annotations `mesh.io/load-balancer` and
 //!   `mesh.io/hash-header`;
-//! - a running Pod with an address (not hostNetwork, not being deleted)
-//!   becomes a `Workload`: node, address, service account, UID, the
-//!   services selecting it, `version` from its `version` label, capture
+//! - a running Pod with an address (not hostNetwork) becomes a
+//!   `Workload`: node, address, service account, UID, the services
+//!   selecting it (none once it is being deleted), `version` from its `version` label, capture
 //!   exclusions from the annotations `mesh.io/exclude-outbound-ports`,
 //!   `mesh.io/exclude-outbound-cidrs` and `mesh.io/exclude-inbound-ports`
 //!   (comma-separated);
@@ -42,6 +43,10 @@ const MAX_COPIED_LABELS: usize = 63;
 pub struct Skipped {
     /// `Pod/shop/web-1`.
     pub object: String,
+    /// The mesh resource it would be, `Workload/shop/web-1`: what the store
+    /// holds from before is kept, not deleted, while the object does not
+    /// convert.
+    pub resource: String,
     pub reason: String,
 }
 
@@ -50,13 +55,20 @@ pub struct Skipped {
 /// out.
 pub type Converted = Result<Option<Resource>, Skipped>;
 
-fn skipped(kind: &str, namespace: Option<&str>, name: &str, reason: impl Into<String>) -> Skipped {
-    let object = match namespace {
-        Some(ns) => format!("{kind}/{ns}/{name}"),
-        None => format!("{kind}/{name}"),
+fn skipped(
+    object_kind: &str,
+    kind: Kind,
+    namespace: Option<&str>,
+    name: &str,
+    reason: impl Into<String>,
+) -> Skipped {
+    let path = match namespace {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_owned(),
     };
     Skipped {
-        object,
+        object: format!("{object_kind}/{path}"),
+        resource: format!("{kind}/{path}"),
         reason: reason.into(),
     }
 }
@@ -72,8 +84,10 @@ fn labels(from: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     labels
 }
 
-/// Validates the document as the API does.
+/// Validates the document as the API does; `object_kind` names the
+/// Kubernetes object it comes from.
 fn resource(
+    object_kind: &str,
     kind: Kind,
     namespace: Option<&str>,
     name: &str,
@@ -93,12 +107,13 @@ fn resource(
     };
     Resource::from_document(document).map_err(|errors| {
         let reasons: Vec<String> = errors.iter().map(FieldError::to_string).collect();
-        skipped(kind.as_str(), namespace, name, reasons.join("; "))
+        skipped(object_kind, kind, namespace, name, reasons.join("; "))
     })
 }
 
 pub fn namespace(object: &Namespace) -> Converted {
     resource(
+        "Namespace",
         Kind::Namespace,
         None,
         &object.name_any(),
@@ -148,19 +163,32 @@ fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String
 pub fn service(object: &Service, pods: &[&Pod]) -> Converted {
     let name = object.name_any();
     let namespace = object.namespace().unwrap_or_else(|| "default".into());
-    let skip = |reason: String| skipped("Service", Some(&namespace), &name, reason);
+    let skip = |reason: String| skipped("Service", Kind::Service, Some(&namespace), &name, reason);
     let Some(spec) = &object.spec else {
         return Ok(None);
     };
     if spec.type_.as_deref() == Some("ExternalName") {
         return Ok(None);
     }
+    // Without a selector (the API server's own `kubernetes`, endpoints
+    // kept by hand) the mesh would know no endpoint and refuse every call:
+    // left to plain routing. So are services whose pods share their node's
+    // network (hostNetwork), which are never workloads.
     let selector = spec.selector.clone().unwrap_or_default();
-    let selected: Vec<&Pod> = pods
+    if selector.is_empty() {
+        return Ok(None);
+    }
+    let mut selected: Vec<&Pod> = pods
         .iter()
         .copied()
         .filter(|pod| selects(&selector, pod.labels()))
         .collect();
+    if selected.iter().any(|pod| host_network(pod)) {
+        return Ok(None);
+    }
+    // A named target port is read from the first pod by name: the same
+    // pod at every pass.
+    selected.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     let mut ports = Vec::new();
     for port in spec.ports.iter().flatten() {
         if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
@@ -211,6 +239,7 @@ pub fn service(object: &Service, pods: &[&Pod]) -> Converted {
         body["hash_header"] = json!(header);
     }
     resource(
+        "Service",
         Kind::Service,
         Some(&namespace),
         &name,
@@ -218,6 +247,10 @@ pub fn service(object: &Service, pods: &[&Pod]) -> Converted {
         body,
     )
     .map(Some)
+}
+
+fn host_network(pod: &Pod) -> bool {
+    pod.spec.as_ref().and_then(|s| s.host_network) == Some(true)
 }
 
 /// A comma-separated annotation as a JSON list of `parse`d items.
@@ -242,23 +275,26 @@ fn listed<T: serde::Serialize>(
 pub fn workload(object: &Pod, services: &[&Service]) -> Converted {
     let name = object.name_any();
     let namespace = object.namespace().unwrap_or_else(|| "default".into());
-    let skip = |reason: String| skipped("Pod", Some(&namespace), &name, reason);
+    let skip = |reason: String| skipped("Pod", Kind::Workload, Some(&namespace), &name, reason);
     let (Some(spec), Some(status)) = (&object.spec, &object.status) else {
         return Ok(None);
     };
-    let finished = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
-    if finished || object.metadata.deletion_timestamp.is_some() {
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
         return Ok(None);
     }
-    if spec.host_network == Some(true) || namespace == SYSTEM_NAMESPACE {
+    if host_network(object) || namespace == SYSTEM_NAMESPACE {
         return Ok(None);
     }
+    // A pod being deleted runs on through its grace period: it stays a
+    // workload (captured, with its identity) but serves no service.
+    let terminating = object.metadata.deletion_timestamp.is_some();
     let (Some(node), Some(ip)) = (&spec.node_name, &status.pod_ip) else {
         // Not scheduled, or no address yet.
         return Ok(None);
     };
     let mut serving: Vec<String> = services
         .iter()
+        .filter(|_| !terminating)
         .filter(|service| {
             service
                 .spec
@@ -308,6 +344,7 @@ pub fn workload(object: &Pod, services: &[&Service]) -> Converted {
         body["capture"] = Value::Object(capture);
     }
     resource(
+        "Pod",
         Kind::Workload,
         Some(&namespace),
         &name,
@@ -322,7 +359,15 @@ pub fn custom(kind: Kind, object: &DynamicObject) -> Converted {
     let name = object.name_any();
     let namespace = object.namespace().unwrap_or_else(|| "default".into());
     let spec = object.data.get("spec").cloned().unwrap_or(Value::Null);
-    resource(kind, Some(&namespace), &name, labels(object.labels()), spec).map(Some)
+    resource(
+        kind.as_str(),
+        kind,
+        Some(&namespace),
+        &name,
+        labels(object.labels()),
+        spec,
+    )
+    .map(Some)
 }
 
 #[cfg(test)]

@@ -88,17 +88,23 @@ impl PodNetns {
 #[derive(Debug)]
 pub struct CgroupNetns {
     pods: PathBuf,
-    /// Where `/proc` is: the host's, with the host's PIDs.
-    proc: PathBuf,
+    /// The node's own network namespace: init's, `/proc/1/ns/net` with the
+    /// host's PIDs.
+    host: PathBuf,
     /// Pod UID → the namespace path last found.
     found: Mutex<HashMap<String, PathBuf>>,
 }
 
 impl CgroupNetns {
     pub fn new(pods: &Path) -> Self {
+        Self::with_host_netns(pods, Path::new("/proc/1/ns/net"))
+    }
+
+    /// With `host` standing for the node's network namespace (a test's own).
+    pub fn with_host_netns(pods: &Path, host: &Path) -> Self {
         Self {
             pods: pods.to_owned(),
-            proc: PathBuf::from("/proc"),
+            host: host.to_owned(),
             found: Mutex::new(HashMap::new()),
         }
     }
@@ -113,35 +119,40 @@ impl CgroupNetns {
             return Ok(path.clone());
         }
         found.remove(uid);
+        // Forget pods whose process is gone (deleted pods among them).
+        found.retain(|_, path| path.exists());
         let cgroup = pod_cgroup(&self.pods, &markers, POD_DEPTH).ok_or_else(|| {
             format!(
                 "no cgroup named after pod {uid} under {} (not started yet, or gone)",
                 self.pods.display()
             )
         })?;
-        let pid = lowest_pid(&cgroup)
-            .ok_or_else(|| format!("the pod's cgroup {} holds no process yet", cgroup.display()))?;
-        let path = self.proc.join(pid.to_string()).join("ns/net");
-        let namespace = fs::metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        if self
-            .host_netns()
-            .is_some_and(|host| same_file(&namespace, &host))
-        {
-            return Err(
-                "the pod shares the node's network namespace (hostNetwork); it is not captured"
-                    .into(),
-            );
+        let host = fs::metadata(&self.host).map_err(|e| {
+            format!(
+                "cannot read the node's network namespace {} ({e}): mesh-node needs the host's PIDs (hostPID) and CAP_SYS_PTRACE",
+                self.host.display()
+            )
+        })?;
+        let mut pids = pids(&cgroup);
+        if pids.is_empty() {
+            return Err(format!(
+                "the pod's cgroup {} holds no process yet",
+                cgroup.display()
+            ));
         }
+        pids.sort_unstable();
+        // The first process (the oldest, barring PID wraparound) that is not
+        // in the node's namespace.
+        let path = pids
+            .iter()
+            .map(|pid| PathBuf::from(format!("/proc/{pid}/ns/net")))
+            .find(|path| fs::metadata(path).is_ok_and(|netns| !same_file(&netns, &host)))
+            .ok_or_else(|| {
+                "the pod shares the node's network namespace (hostNetwork); it is not captured"
+                    .to_owned()
+            })?;
         found.insert(uid.to_owned(), path.clone());
         Ok(path)
-    }
-
-    /// The node's own network namespace: init's (with the host's PIDs), or
-    /// where it cannot be read (a sandbox), this process's.
-    fn host_netns(&self) -> Option<fs::Metadata> {
-        ["1", "self"]
-            .iter()
-            .find_map(|pid| fs::metadata(self.proc.join(pid).join("ns/net")).ok())
     }
 
     /// Whether the process behind `netns` (`/proc/<pid>/ns/net`) is alive
@@ -192,20 +203,22 @@ fn names_pod(name: &str, marker: &str) -> bool {
             .is_some_and(|before| before.is_empty() || before.ends_with('-'))
 }
 
-/// The lowest PID in `cgroup` or the cgroups below it (the containers').
-fn lowest_pid(cgroup: &Path) -> Option<u32> {
-    let own = fs::read_to_string(cgroup.join("cgroup.procs"))
-        .ok()
-        .and_then(|procs| procs.lines().filter_map(|l| l.trim().parse().ok()).min());
-    let below = fs::read_dir(cgroup)
-        .ok()
-        .into_iter()
-        .flatten()
-        .filter_map(|entry| entry.ok())
-        .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
-        .filter_map(|entry| lowest_pid(&entry.path()))
-        .min();
-    own.into_iter().chain(below).min()
+/// The PIDs in `cgroup` and the cgroups below it (the containers').
+fn pids(cgroup: &Path) -> Vec<u32> {
+    let mut found: Vec<u32> = fs::read_to_string(cgroup.join("cgroup.procs"))
+        .map(|procs| {
+            procs
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    for entry in fs::read_dir(cgroup).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            found.extend(pids(&entry.path()));
+        }
+    }
+    found
 }
 
 fn same_file(a: &fs::Metadata, b: &fs::Metadata) -> bool {

@@ -78,7 +78,9 @@ pub enum CaptureError {
     },
     #[error("pin directory {path}: {reason}")]
     PinDir { path: PathBuf, reason: String },
-    #[error("loading the eBPF object (is this process root, with CAP_BPF and CAP_NET_ADMIN?)")]
+    #[error(
+        "loading the eBPF object (is this process root, with CAP_SYS_ADMIN and CAP_NET_ADMIN?)"
+    )]
     Load(#[source] aya::EbpfError),
     #[error("eBPF object has no {what} named {name}")]
     Missing {

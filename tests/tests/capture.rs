@@ -121,8 +121,51 @@ fn mesh_node_bin() -> PathBuf {
 /// Starts `mesh-node` for `node`, capturing `pods`, pinned under the
 /// cluster's pin directory; returns it and its admin address.
 fn mesh_node(cluster: &Cluster, node: usize, pods: &[&str]) -> (Process, SocketAddr) {
+    let (process, ready) = spawn_mesh_node(cluster, node, pods, None)
+        .unwrap_or_else(|e| panic!("mesh-node did not start: {e}"));
+    (process, ready)
+}
+
+/// [`mesh_node`], with only the capabilities `capabilities` (as a
+/// DaemonSet's `securityContext` names them) when given.
+fn spawn_mesh_node(
+    cluster: &Cluster,
+    node: usize,
+    pods: &[&str],
+    capabilities: Option<&[String]>,
+) -> std::io::Result<(Process, SocketAddr)> {
+    let command = mesh_node_command(cluster, node, pods, capabilities);
+    let (node, ready) = Process::spawn_ready("mesh-node", command, "ready", READY)?;
+    let admin = ready
+        .strip_prefix("ready admin=")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected ready line {ready:?}"));
+    Ok((node, admin))
+}
+
+fn mesh_node_command(
+    cluster: &Cluster,
+    node: usize,
+    pods: &[&str],
+    capabilities: Option<&[String]>,
+) -> Command {
     let layout = cluster.layout();
-    let mut command: Command = cluster.system_command(mesh_node_bin()).unwrap();
+    let mut command: Command = match capabilities {
+        None => cluster.system_command(mesh_node_bin()).unwrap(),
+        Some(capabilities) => {
+            // The bounding set caps what a root process holds after exec.
+            let kept: String = capabilities
+                .iter()
+                .map(|c| format!(",+{}", c.to_ascii_lowercase()))
+                .collect();
+            let mut command = cluster.system_command("setpriv").unwrap();
+            command
+                .arg(format!("--bounding-set=-all{kept}"))
+                .arg("--")
+                .arg(mesh_node_bin());
+            command
+        }
+    };
     command
         .arg("--cgroup")
         .arg(&layout.nodes[node].cgroup)
@@ -135,12 +178,7 @@ fn mesh_node(cluster: &Cluster, node: usize, pods: &[&str]) -> (Process, SocketA
             .arg("--capture")
             .arg(format!("{pod}={}", netns.display()));
     }
-    let (node, ready) = Process::spawn_ready("mesh-node", command, "ready", READY).unwrap();
-    let admin = ready
-        .strip_prefix("ready admin=")
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected ready line {ready:?}"));
-    (node, admin)
+    command
 }
 
 fn json(admin: SocketAddr, path: &str) -> Value {
@@ -690,4 +728,67 @@ fn namespace_labels_capture_and_release_running_pods() {
     assert_eq!(counter(admin, "connect_redirected"), redirected);
     assert_eq!(round_trip(&mut before), "ok");
     before.finish().unwrap();
+}
+
+/// The capabilities the DaemonSet in `deploy/kubernetes/node.yaml` adds.
+fn daemonset_capabilities() -> Vec<String> {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/node.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find_map(|l| l.strip_prefix("add: ["))
+        .expect("node.yaml adds capabilities");
+    line.trim_end_matches(']')
+        .split(',')
+        .map(|c| c.trim().to_owned())
+        .collect()
+}
+
+#[test]
+fn mesh_node_captures_with_the_daemonsets_capabilities_and_not_with_fewer() {
+    let cluster = cluster("e2ecaps");
+    let mut server = echo(&cluster, "shop/server", "[::]:8080");
+    let to = format!("{}:8080", cluster.pod("shop/server").unwrap().ip4);
+    let capabilities = daemonset_capabilities();
+    assert_eq!(
+        capabilities,
+        ["NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE", "SYS_RESOURCE"]
+    );
+    // Fails, says why, and never reports itself ready.
+    let refused = |node: usize, with: Vec<String>, says: &str| {
+        let command = mesh_node_command(&cluster, node, &["shop/client"], Some(&with));
+        let mut process = Process::spawn("mesh-node", command).unwrap();
+        let said = process.wait_for_log(says, READY);
+        assert!(said.is_ok(), "with {with:?}: {said:?}");
+        let ready = process.wait_for_line("ready", Duration::from_secs(2));
+        assert!(ready.is_err(), "ready with {with:?}");
+    };
+    let but = |missing: &str, instead: Option<&str>| -> Vec<String> {
+        let mut with: Vec<String> = capabilities
+            .iter()
+            .filter(|c| *c != missing)
+            .cloned()
+            .collect();
+        with.extend(instead.map(str::to_owned));
+        with
+    };
+    // BPF in place of SYS_ADMIN: the verifier refuses the programs (on a
+    // node with nothing pinned yet to adopt).
+    refused(1, but("SYS_ADMIN", Some("BPF")), "attaching capture to");
+    {
+        let (_node, admin) =
+            spawn_mesh_node(&cluster, 0, &["shop/client"], Some(&capabilities)).unwrap();
+        let (mut held, line) = hold(&cluster, "shop/client", &to);
+        assert!(line.ends_with(":15001"), "not captured: {line}");
+        accepted_peer(&mut server);
+        assert_eq!(round_trip(&mut held), "ok");
+        assert_eq!(counter(admin, "connect_redirected"), 1);
+        held.finish().unwrap();
+    }
+    // Without NET_ADMIN it cannot mark its sockets. (SYS_PTRACE is for
+    // other users' processes, which this cluster's pods are not;
+    // SYS_RESOURCE only raises the open-file limit.)
+    refused(0, but("NET_ADMIN", None), "Operation not permitted");
 }

@@ -28,7 +28,8 @@ use k8s_openapi::{
 };
 use kube::{ResourceExt as _, api::DynamicObject};
 use mesh_model::{
-    API_VERSION, FieldError, Kind, Metadata, Resource, names::SYSTEM_NAMESPACE, resource::Document,
+    API_VERSION, FieldError, Kind, Metadata, Resource, names::SYSTEM_NAMESPACE,
+    namespace::MTLS_LABEL, resource::Document,
 };
 use serde_json::{Value, json};
 
@@ -74,9 +75,14 @@ fn skipped(
 }
 
 fn labels(from: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    labels_but(from, &[])
+}
+
+/// The labels of `from` but `withheld`, plus the mirror's own.
+fn labels_but(from: &BTreeMap<String, String>, withheld: &[&str]) -> BTreeMap<String, String> {
     let mut labels: BTreeMap<String, String> = from
         .iter()
-        .filter(|(key, _)| key.as_str() != MANAGED_BY.0)
+        .filter(|(key, _)| key.as_str() != MANAGED_BY.0 && !withheld.contains(&key.as_str()))
         .take(MAX_COPIED_LABELS)
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
@@ -343,12 +349,14 @@ pub fn workload(object: &Pod, services: &[&Service]) -> Converted {
     if !capture.is_empty() {
         body["capture"] = Value::Object(capture);
     }
+    // Whoever may create a pod may not loosen its namespace's mTLS mode:
+    // on Kubernetes that is the namespace's label alone.
     resource(
         "Pod",
         Kind::Workload,
         Some(&namespace),
         &name,
-        labels(object.labels()),
+        labels_but(object.labels(), &[MTLS_LABEL]),
         body,
     )
     .map(Some)

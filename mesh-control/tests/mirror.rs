@@ -288,7 +288,7 @@ fn expected() -> BTreeMap<String, Value> {
                 Some("shop"),
                 "details-v1-9c8d7",
                 managed(json!({"app": "details", "version": "v1"})),
-                json!({"node": "node1", "ip": "10.89.1.4", "service_account": "details", "services": ["details"],
+                json!({"node": "ip-10-0-1-20.ec2.internal", "ip": "10.89.1.4", "service_account": "details", "services": ["details"],
                        "version": "v1", "pod_uid": uid(6)}),
             ),
         ),

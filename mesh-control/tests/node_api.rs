@@ -51,6 +51,11 @@ apiVersion: mesh.io/v1
 kind: Workload
 metadata: {name: reviews-1, namespace: shop}
 spec: {node: node2, ip: 10.89.1.2, service_account: reviews}
+---
+apiVersion: mesh.io/v1
+kind: Workload
+metadata: {name: ratings-1, namespace: shop}
+spec: {node: ip-10-0-1-20.ec2.internal, ip: 10.89.2.2, service_account: ratings.v1}
 "#;
 
 async fn start(limit: RateLimit) -> Server {
@@ -258,6 +263,33 @@ async fn a_node_joins_with_a_token_and_gets_its_own_workloads_certificates() {
         ]
     );
     assert!(records.iter().all(|r| r.private_key.is_empty()));
+}
+
+/// Kubernetes names nodes, and service accounts, with DNS subdomains.
+#[tokio::test]
+async fn a_node_named_as_on_eks_joins_and_gets_its_workloads_certificate() {
+    let server = start(RateLimit::default()).await;
+    let (node_cert, node_key) = server.join("ip-10-0-1-20.ec2.internal").await;
+    assert_eq!(
+        verified(&server, &node_cert),
+        "spiffe://cluster.local/ns/mesh-system/sa/node-ip-10-0-1-20.ec2.internal"
+    );
+    let mut node = server.client(server.tls(Some((&node_cert, &node_key))));
+    let issued = node
+        .create_certificate(workload("shop", "ratings-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        verified(&server, &issued),
+        "spiffe://cluster.local/ns/shop/sa/ratings.v1"
+    );
+    // Another node's workload is still another node's.
+    let status = node
+        .create_certificate(workload("shop", "frontend-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@
 //! certificate in `mesh-system`, so a workload cannot pose as a node.
 
 pub use mesh_model::names::SYSTEM_NAMESPACE;
-use mesh_model::names::check_dns_label;
+use mesh_model::names::check_dns_subdomain;
 
 use crate::SpiffeId;
 
@@ -22,13 +22,14 @@ pub fn control_plane(trust_domain: &str) -> SpiffeId {
     }
 }
 
-/// The identity of node `name`, which must be a DNS label short enough to
-/// take the `node-` prefix (58 characters).
+/// The identity of node `name`, a DNS subdomain as Kubernetes names nodes
+/// (`ip-10-0-0-1.ec2.internal`), short enough to take the `node-` prefix
+/// (248 characters).
 pub fn node(trust_domain: &str, name: &str) -> Result<SpiffeId, String> {
-    check_dns_label(name)?;
+    check_dns_subdomain(name)?;
     let service_account = format!("{NODE_PREFIX}{name}");
-    check_dns_label(&service_account)
-        .map_err(|_| format!("node name {name:?} is longer than 58 characters"))?;
+    check_dns_subdomain(&service_account)
+        .map_err(|_| format!("node name {name:?} is longer than 248 characters"))?;
     Ok(SpiffeId {
         trust_domain: trust_domain.to_owned(),
         namespace: SYSTEM_NAMESPACE.to_owned(),

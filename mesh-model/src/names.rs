@@ -1,5 +1,6 @@
-//! Names the mesh accepts: DNS-1123 labels for namespaces, services, pods
-//! and service accounts; HTTP header names; SPIFFE IDs.
+//! Names the mesh accepts: DNS-1123 labels for namespaces, services and
+//! pods, subdomains for nodes and service accounts (as Kubernetes); HTTP
+//! header names; SPIFFE IDs.
 
 use std::fmt;
 
@@ -29,6 +30,29 @@ pub fn check_dns_label(value: &str) -> Result<(), String> {
     } else {
         Err(format!(
             "{} is not a DNS-1123 label (lowercase letters, digits and '-', starting and ending with a letter or digit)",
+            quoted(value)
+        ))
+    }
+}
+
+/// Longest DNS-1123 subdomain.
+pub const MAX_SUBDOMAIN: usize = 253;
+
+/// A DNS-1123 subdomain, as Kubernetes names nodes and service accounts
+/// (`ip-10-0-0-1.ec2.internal`): 1 to 253 characters, DNS-1123 labels
+/// joined by single dots. Returns why not.
+pub fn check_dns_subdomain(value: &str) -> Result<(), String> {
+    if value.len() > MAX_SUBDOMAIN {
+        return Err(format!(
+            "must be at most {MAX_SUBDOMAIN} characters (got {})",
+            value.len()
+        ));
+    }
+    if value.split('.').all(|label| check_dns_label(label).is_ok()) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} is not a DNS-1123 subdomain (lowercase letters, digits, '-' and '.', each dot-separated part starting and ending with a letter or digit)",
             quoted(value)
         ))
     }
@@ -93,10 +117,13 @@ impl SpiffeId {
         let ["ns", namespace, "sa", service_account] = parts.as_slice() else {
             return bad("the path must be /ns/<namespace>/sa/<service-account>");
         };
-        for part in [namespace, service_account] {
-            if let Err(why) = check_dns_label(part) {
-                return bad(&why);
-            }
+        if let Err(why) = check_dns_label(namespace) {
+            return bad(&why);
+        }
+        // Kubernetes service accounts are subdomains (the nodes' identities,
+        // `node-<node name>`, too).
+        if let Err(why) = check_dns_subdomain(service_account) {
+            return bad(&why);
         }
         Ok(Self {
             trust_domain: trust_domain.to_owned(),
@@ -119,6 +146,51 @@ impl fmt::Display for SpiffeId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subdomains_are_labels_joined_by_single_dots() {
+        for good in [
+            "node1",
+            "ip-10-0-1-20.ec2.internal",
+            "a.b-c.d",
+            &"a".repeat(63),
+        ] {
+            assert_eq!(check_dns_subdomain(good), Ok(()), "{good}");
+        }
+        let long = format!(
+            "{}.{}.{}.{}",
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(62)
+        );
+        assert_eq!(long.len(), 254);
+        for bad in [
+            "",
+            ".a",
+            "a.",
+            "a..b",
+            "A.b",
+            "a_b.c",
+            "-a.b",
+            "a.-b",
+            &"a".repeat(64),
+            &long,
+        ] {
+            assert!(check_dns_subdomain(bad).is_err(), "{bad:?}");
+        }
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/ratings.v1").unwrap();
+        assert_eq!(id.service_account, "ratings.v1");
+        // Namespaces stay labels; no empty or dot-only segments.
+        for bad in [
+            "spiffe://cluster.local/ns/shop.eu/sa/web",
+            "spiffe://cluster.local/ns/shop/sa/web..x",
+            "spiffe://cluster.local/ns/shop/sa/.",
+            "spiffe://cluster.local/ns/shop/sa/..",
+        ] {
+            assert!(SpiffeId::parse(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn dns_labels() {

@@ -5,7 +5,11 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{FieldErrors, Kind, Metadata, names::check_dns_label, resource::Spec};
+use crate::{
+    FieldErrors, Kind, Metadata,
+    names::{check_dns_label, check_dns_subdomain},
+    resource::Spec,
+};
 
 /// Longest version label (the seed's `ServiceEndpoint.version VARCHAR(32)`).
 pub const MAX_VERSION: usize = 32;
@@ -179,10 +183,10 @@ impl Spec for WorkloadSpec {
 
     fn validate(&self, _metadata: &Metadata, errors: &mut FieldErrors) {
         self.capture.validate(errors);
-        if let Err(why) = check_dns_label(&self.service_account) {
+        if let Err(why) = check_dns_subdomain(&self.service_account) {
             errors.add("service_account", why);
         }
-        if let Err(why) = check_dns_label(&self.node) {
+        if let Err(why) = check_dns_subdomain(&self.node) {
             errors.add("node", why);
         }
         if self.ip.is_unspecified() || self.ip.is_multicast() || self.ip.is_loopback() {

@@ -6,7 +6,7 @@ use axum::{
     extract::{Path, State},
     http::StatusCode,
 };
-use mesh_model::names::check_dns_label;
+use mesh_model::names::check_dns_subdomain;
 use serde::Deserialize;
 use time::OffsetDateTime;
 
@@ -34,7 +34,7 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<NewToken>), ApiError> {
     let mut problems = Vec::new();
     if let Some(node) = &request.node
-        && let Err(why) = check_dns_label(node)
+        && let Err(why) = check_dns_subdomain(node)
     {
         problems.push(format!("node: {why}"));
     }

@@ -1997,3 +1997,88 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
     );
     assert_eq!(count(&flood, "flags", "RL") as f64, 1500.0 - admitted);
 }
+
+/// Runs `nft` with `script` in network namespace `netns`; its output.
+fn nft_in(netns: &str, script: &str) -> String {
+    use std::io::Write as _;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", netns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nft (Debian package nftables; cargo xtask test installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "nft {script}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Resilience case 7: one packet in ten lost, each way, on the link
+/// between the nodes (nftables on the fabric's bridge; netem is not
+/// available): every request still completes, within the default 5 s
+/// timeout, over pooled tunnels and over new connections alike.
+#[test]
+fn requests_complete_within_their_timeout_over_a_lossy_link() {
+    let mesh = mesh("e2eloss");
+    let fabric = mesh.cluster.layout().fabric_netns();
+    nft_in(
+        &fabric,
+        "table bridge mesh_loss {\n\
+           chain forward {\n\
+             type filter hook forward priority 0; policy accept;\n\
+             numgen random mod 100 < 10 counter drop\n\
+           }\n\
+         }\n",
+    );
+    let to = format!("{}:8080", mesh.cluster.pod("shop/reviews").unwrap().ip4);
+    let timed = summary_of(
+        &mesh,
+        "shop/frontend",
+        &[
+            "bench-http",
+            "--to",
+            &to,
+            "--connections",
+            "4",
+            "--requests",
+            "400",
+        ],
+    );
+    assert_eq!(timed["requests"], 400, "{timed}");
+    let max_ms = timed["max_us"].as_f64().unwrap() / 1000.0;
+    let budget_ms = f64::from(mesh_model::policy::DEFAULT_TIMEOUT_MS);
+    assert!(max_ms < budget_ms, "slowest request {max_ms} ms: {timed}");
+    // New connections, each its own request (the tunnel stays pooled).
+    let bodies = answers(&mesh, "shop/frontend", &to, 100);
+    let answered: u64 = bodies
+        .as_object()
+        .unwrap()
+        .values()
+        .filter_map(serde_json::Value::as_u64)
+        .sum();
+    assert_eq!(answered, 100, "{bodies}");
+    // The loss was real.
+    let listed = nft_in(&fabric, "list table bridge mesh_loss\n");
+    let dropped: u64 = listed
+        .split("counter packets ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counter in {listed}"));
+    assert!(dropped > 0, "{listed}");
+    eprintln!(
+        "lossy link: {dropped} packets dropped; 400 keep-alive requests p50 {:.1} ms, p99 {:.1} ms, max {max_ms:.1} ms; 100 new connections answered",
+        timed["p50_us"].as_f64().unwrap() / 1000.0,
+        timed["p99_us"].as_f64().unwrap() / 1000.0,
+    );
+}

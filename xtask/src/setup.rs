@@ -18,8 +18,15 @@ use crate::run::{self, output, step};
 
 /// Debian packages the build and the tests use.
 /// (`prometheus` for `promtool`, which checks the nodes' metrics;
-/// `python3-venv` for the trace store's environment.)
-const APT_PACKAGES: &[&str] = &["iproute2", "postgresql", "prometheus", "python3-venv"];
+/// `python3-venv` for the trace store's and the manifest validator's
+/// environments; `nftables` to lose packets between the test nodes.)
+const APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "nftables",
+    "postgresql",
+    "prometheus",
+    "python3-venv",
+];
 /// The bpf-linker release the eBPF build is verified with.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

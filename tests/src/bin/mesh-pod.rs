@@ -1207,6 +1207,7 @@ fn bench_http(to: SocketAddr, connections: usize, requests: usize) -> io::Result
             "requests": samples.len(),
             "p50_us": micros(0.50),
             "p99_us": micros(0.99),
+            "max_us": micros(1.0),
             "requests_per_second": samples.len() as f64 / elapsed,
         })
     );

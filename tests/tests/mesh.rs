@@ -163,6 +163,27 @@ fn serve_reviews(cluster: &Cluster) -> Process {
 }
 
 impl Mesh {
+    /// Stops node `node` (SIGTERM, as a rolling update does) and starts it
+    /// again with `node_args`; returns once the new one is ready.
+    fn restart_node(&mut self, node: usize, node_args: &[&str]) {
+        self.nodes[node].0.request_stop().unwrap();
+        wait_until("the old node exits", || {
+            self.nodes[node].0.exited().unwrap().is_some()
+        });
+        let mut command = node_command(
+            &self.cluster,
+            node,
+            &self.control.grpc,
+            &self.control.data_dir,
+            &workspace_binary("mesh-node").unwrap(),
+        )
+        .unwrap();
+        command.args(["--http-header-timeout", HEADER_TIMEOUT]);
+        command.args(["--stats-interval", "1s"]);
+        command.args(node_args);
+        self.nodes[node] = spawn_node(node, command).unwrap();
+    }
+
     fn reviews(&self) -> String {
         format!("{}:8080", self.cluster.pod("shop/reviews").unwrap().ip4)
     }
@@ -2080,5 +2101,66 @@ fn requests_complete_within_their_timeout_over_a_lossy_link() {
         "lossy link: {dropped} packets dropped; 400 keep-alive requests p50 {:.1} ms, p99 {:.1} ms, max {max_ms:.1} ms; 100 new connections answered",
         timed["p50_us"].as_f64().unwrap() / 1000.0,
         timed["p99_us"].as_f64().unwrap() / 1000.0,
+    );
+}
+
+/// Resilience case 5: both node proxies restarted one after the other,
+/// as a DaemonSet's rolling update does, under a steady stream of new
+/// connections. While a node's proxy is away its pods' connections are
+/// refused — never sent around it — and a connection it carried is closed
+/// (cleanly: the client sees it end, nothing hangs); each outage lasts the
+/// drain (here 2 s) and the restart, then traffic flows again.
+#[test]
+fn a_rolling_restart_of_the_node_proxies_fails_new_connections_only_briefly() {
+    const NODE_ARGS: &[&str] = &["--drain-timeout", "2s"];
+    let mut mesh = mesh_with("e2eroll", None, NODE_ARGS);
+    let mut echo = mesh.cluster.pod_command("shop/reviews", MESH_POD).unwrap();
+    echo.args(["echo", "--listen", "[::]:9090"]);
+    let (_echo, _) = Process::spawn_ready("echo", echo, "listening", READY).unwrap();
+    let to = format!("{}:9090", mesh.cluster.pod("shop/reviews").unwrap().ip4);
+    let mut held = mesh.cluster.pod_command("shop/frontend", MESH_POD).unwrap();
+    held.args(["connect", "--to", &to, "--hold"]);
+    let (mut held, _) = Process::spawn_ready("held", held, "connected", READY).unwrap();
+
+    let mut traffic = mesh.cluster.pod_command("shop/frontend", MESH_POD).unwrap();
+    traffic.args(["http-loop", "--to", &mesh.reviews(), "--for-ms", "30000"]);
+    let traffic = traffic.stdout(Stdio::piped()).spawn().unwrap();
+    wait_until("requests flow", || mesh.get("shop/frontend", 1).0);
+
+    let restarted = Instant::now();
+    mesh.restart_node(1, NODE_ARGS);
+    let node1_back = restarted.elapsed();
+    // The connection node1 carried ended with it, and said so.
+    held.send_line("again").unwrap();
+    let line = held.wait_for_line("", READY).unwrap();
+    assert!(line.starts_with("failed"), "{line}");
+    wait_until("frontend reaches reviews again", || {
+        mesh.get("shop/frontend", 1).0
+    });
+    let restarted = Instant::now();
+    mesh.restart_node(0, NODE_ARGS);
+    let node0_back = restarted.elapsed();
+    wait_until("frontend reaches reviews again", || {
+        mesh.get("shop/frontend", 1).0
+    });
+
+    let output = traffic.wait_with_output().unwrap();
+    assert!(output.status.success());
+    let run: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    eprintln!("rolling restart: node1 back in {node1_back:?}, node0 in {node0_back:?}; {run}");
+    assert_eq!(run["recovered"], true, "{run}");
+    // Nothing waited out the client's 6 s answer timeout: refused, or
+    // answered.
+    assert!(run["slowest_ms"].as_u64().unwrap() < 6000, "{run}");
+    let windows = run["windows"].as_array().unwrap();
+    assert!(!windows.is_empty(), "no outage seen at all: {run}");
+    for window in windows {
+        let length = window["to_ms"].as_u64().unwrap() - window["from_ms"].as_u64().unwrap();
+        assert!(length < 10_000, "an outage of {length} ms: {run}");
+    }
+    let failed: u64 = windows.iter().map(|w| w["failed"].as_u64().unwrap()).sum();
+    assert_eq!(
+        run["ok"].as_u64().unwrap() + failed,
+        run["requests"].as_u64().unwrap()
     );
 }

@@ -89,6 +89,19 @@ enum Command {
         #[arg(long)]
         header: Vec<String>,
     },
+    /// A GET on a new connection every EVERY_MS for FOR_MS; prints as
+    /// JSON how many answered 200, each streak of failures (from its
+    /// first failure to the next success, with what failed), the slowest
+    /// request, and whether the last one succeeded. No request waits more
+    /// than 6 s for its answer.
+    HttpLoop {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        for_ms: u64,
+        #[arg(long, default_value_t = 20)]
+        every_ms: u64,
+    },
     /// Time REQUESTS keep-alive GETs over CONNECTIONS connections.
     BenchHttp {
         #[arg(long)]
@@ -228,6 +241,11 @@ fn main() -> ExitCode {
             method,
             header,
         } => http_get(to, &format!("{method} {path}"), &header, count, keep_alive),
+        Command::HttpLoop {
+            to,
+            for_ms,
+            every_ms,
+        } => report("http-loop", http_loop(to, for_ms, every_ms)),
         Command::BenchHttp {
             to,
             connections,
@@ -1131,6 +1149,70 @@ fn http_get(
     } else {
         ExitCode::FAILURE
     }
+}
+
+fn http_loop(to: SocketAddr, for_ms: u64, every_ms: u64) -> io::Result<()> {
+    const ANSWER_TIMEOUT: Duration = Duration::from_secs(6);
+    let once = || -> io::Result<String> {
+        let stream = TcpStream::connect_timeout(&to, ANSWER_TIMEOUT)?;
+        stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+        let mut writer = stream.try_clone()?;
+        writer.write_all(
+            format!("GET / HTTP/1.1\r\nhost: {to}\r\nconnection: close\r\n\r\n").as_bytes(),
+        )?;
+        let mut reader = io::BufReader::new(stream);
+        let head = read_head(&mut reader)?.ok_or(io::ErrorKind::UnexpectedEof)?;
+        Ok(head.split(' ').nth(1).unwrap_or("").to_owned())
+    };
+    let started = std::time::Instant::now();
+    let ms = |at: std::time::Instant| at.duration_since(started).as_millis() as u64;
+    let (mut requests, mut ok) = (0u64, 0u64);
+    let mut slowest = Duration::ZERO;
+    let mut windows: Vec<serde_json::Value> = Vec::new();
+    // The open streak: when it began, how many failed, how.
+    let mut streak: Option<(u64, u64, std::collections::BTreeMap<String, u64>)> = None;
+    let mut last_ok = false;
+    while started.elapsed() < Duration::from_millis(for_ms) {
+        let sent = std::time::Instant::now();
+        let outcome = once();
+        slowest = slowest.max(sent.elapsed());
+        requests += 1;
+        last_ok = matches!(&outcome, Ok(status) if status == "200");
+        if last_ok {
+            ok += 1;
+            if let Some((from, failed, how)) = streak.take() {
+                windows.push(serde_json::json!({
+                    "from_ms": from, "to_ms": ms(sent), "failed": failed, "how": how,
+                }));
+            }
+        } else {
+            let how = match outcome {
+                Ok(status) => format!("status {status}"),
+                Err(error) => format!("{:?}", error.kind()),
+            };
+            let (_, failed, kinds) =
+                streak.get_or_insert_with(|| (ms(sent), 0, Default::default()));
+            *failed += 1;
+            *kinds.entry(how).or_default() += 1;
+        }
+        std::thread::sleep(Duration::from_millis(every_ms).saturating_sub(sent.elapsed()));
+    }
+    if let Some((from, failed, how)) = streak {
+        windows.push(
+            serde_json::json!({"from_ms": from, "to_ms": null, "failed": failed, "how": how}),
+        );
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "requests": requests,
+            "ok": ok,
+            "windows": windows,
+            "slowest_ms": slowest.as_millis() as u64,
+            "recovered": last_ok,
+        })
+    );
+    Ok(())
 }
 
 fn report(what: &str, result: io::Result<()>) -> ExitCode {

@@ -432,9 +432,10 @@ fn tunnel_answers(
     cluster: &Cluster,
     bundle: &TrustBundle,
     client: Option<(rustls::pki_types::CertificateDer<'static>, String)>,
+    from: &str,
 ) -> bool {
     let reviews = cluster.pod("shop/reviews").unwrap().ip4;
-    let netns = cluster.pod("legacy/client").unwrap().netns.clone();
+    let netns = cluster.pod(from).unwrap().netns.clone();
     let verifier = SpiffeVerifier::new(bundle.clone())
         .expecting(SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/reviews").unwrap())
         .into_server_verifier();
@@ -456,7 +457,12 @@ fn tunnel_answers(
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
     netns::run_in(&netns, || {
-        let tcp = TcpStream::connect_timeout(&SocketAddr::from((reviews, 15008)), READY)?;
+        // With the proxy's mark, so that a captured pod's connect is not
+        // redirected to its own proxy: the probe comes from the pod itself.
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.set_mark(0x539)?;
+        socket.connect_timeout(&SocketAddr::from((reviews, 15008)).into(), READY)?;
+        let tcp = TcpStream::from(socket);
         tcp.set_read_timeout(Some(READY))?;
         let name = rustls::pki_types::ServerName::IpAddress(std::net::IpAddr::from(reviews).into());
         let connection = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
@@ -491,13 +497,19 @@ fn tunnels_need_a_certificate_from_the_mesh_ca() {
     assert!(!tunnel_answers(
         &mesh.cluster,
         &bundle,
-        Some((issued.der, key))
+        Some((issued.der, key)),
+        "shop/frontend"
     ));
-    assert!(!tunnel_answers(&mesh.cluster, &bundle, None));
+    assert!(!tunnel_answers(
+        &mesh.cluster,
+        &bundle,
+        None,
+        "shop/frontend"
+    ));
     assert_eq!(mesh.metric(1, failures), before + 2);
 
-    // A real workload certificate from the mesh CA is answered (the
-    // control: the probe itself works).
+    // A real certificate of the mesh CA for frontend's identity: answered
+    // from frontend's pod (the control: the probe itself works)...
     let ca = CertificateAuthority::from_pem(
         "cluster.local",
         &std::fs::read_to_string(mesh.control.ca_bundle()).unwrap(),
@@ -507,11 +519,23 @@ fn tunnels_need_a_certificate_from_the_mesh_ca() {
     let (issued, key) = ca
         .issue_with_key(&frontend, time::OffsetDateTime::now_utc())
         .unwrap();
+    let stolen = || Some((issued.der.clone(), key.clone()));
     assert!(tunnel_answers(
         &mesh.cluster,
         &bundle,
-        Some((issued.der, key))
+        stolen(),
+        "shop/frontend"
     ));
+    // ...but not from another workload's address (legacy/client's, whose
+    // identity is legacy's default): a certificate copied off a pod is no
+    // use elsewhere (resilience case 17).
+    assert!(!tunnel_answers(
+        &mesh.cluster,
+        &bundle,
+        stolen(),
+        "legacy/client"
+    ));
+    assert_eq!(mesh.metric(1, failures), before + 3);
 }
 
 #[test]

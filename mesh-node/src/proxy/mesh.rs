@@ -604,6 +604,12 @@ async fn serve_tunnels(
     if caller.namespace == SYSTEM_NAMESPACE {
         return refuse("mesh components do not open tunnels to workloads");
     }
+    // Tunnels leave from inside the caller's pod, so they come from the
+    // address of a workload with the caller's identity: a certificate
+    // copied off a pod is of no use from anywhere else.
+    if let Err(why) = caller_at_home(&mesh.directory.borrow(), &caller, remote.ip()) {
+        return refuse(&why);
+    }
     drop(handshake);
     let Ok(_permit) = pod.permits.clone().try_acquire_owned() else {
         return refuse("the node is at its connection limit");
@@ -635,6 +641,28 @@ async fn serve_tunnels(
         settings,
     )
     .await;
+}
+
+/// Whether `caller` may open tunnels from `address`: the address must be
+/// that of a workload of the caller's identity.
+fn caller_at_home(
+    directory: &crate::directory::Directory,
+    caller: &SpiffeId,
+    address: std::net::IpAddr,
+) -> Result<(), String> {
+    let address = address.to_canonical();
+    match directory.workload_at(address) {
+        Some(workload) if directory.identity(workload) == *caller => Ok(()),
+        Some(workload) => Err(format!(
+            "{caller} presented from {address}, the address of {}/{} ({})",
+            workload.namespace,
+            workload.name,
+            directory.identity(workload)
+        )),
+        None => Err(format!(
+            "{caller} presented from {address}, which is no workload's address"
+        )),
+    }
 }
 
 /// Decides one tunnelled stream and delivers it to the application.

@@ -5,6 +5,18 @@
 pub mod channel;
 pub mod http_server;
 
+/// An error and its causes on one line, for logs and answers.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// Version 1 of the API.
 #[allow(missing_debug_implementations, clippy::all)]
 pub mod v1 {

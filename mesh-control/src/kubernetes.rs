@@ -32,6 +32,8 @@ use kube::{
 use mesh_model::{Kind, Resource};
 use tokio::sync::Notify;
 
+use mesh_api::error_chain as chain;
+
 use crate::store::{Leadership, Store, StoreError};
 use convert::{Converted, MANAGED_BY, Skipped};
 
@@ -433,18 +435,6 @@ pub async fn converge(
         }
     }
     Ok(done)
-}
-
-/// The error and its causes on one line.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// The client for the cluster mesh-control runs in (its service account),

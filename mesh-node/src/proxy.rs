@@ -656,17 +656,7 @@ impl Proxy {
     }
 }
 
-/// The error and its causes on one line.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub use mesh_api::error_chain;
 
 /// A listening socket bound in the calling thread's namespace. Reusable
 /// address and port, so a restarted proxy binds next to one still draining.

@@ -1139,20 +1139,11 @@ fn a_service_address_spreads_connections_over_its_healthy_endpoints_across_names
 
 /// `promtool check metrics` passes on `metrics` (from `what`).
 fn promtool_check(metrics: &str, what: &str) {
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus; cargo xtask test installs it)");
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(metrics.as_bytes())
-        .unwrap();
-    let checked = promtool.wait_with_output().unwrap();
+    let checked = run_with_input(
+        Command::new("promtool").args(["check", "metrics"]),
+        metrics,
+        "promtool (Debian package prometheus; cargo xtask test installs it)",
+    );
     assert!(
         checked.status.success(),
         "promtool on {what}: {}{}",
@@ -2043,23 +2034,31 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
     assert_eq!(count(&flood, "flags", "RL") as f64, 1500.0 - admitted);
 }
 
-/// Runs `nft` with `script` in network namespace `netns`; its output.
-fn nft_in(netns: &str, script: &str) -> String {
-    use std::io::Write as _;
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", netns, "nft", "-f", "-"])
+/// Runs `command` with `input` on its stdin; its output. `what` names the
+/// program and the package it comes from, for when it is missing.
+fn run_with_input(command: &mut Command, input: &str, what: &str) -> std::process::Output {
+    let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("nft (Debian package nftables; cargo xtask test installs it)");
+        .expect(what);
     child
         .stdin
         .take()
         .unwrap()
-        .write_all(script.as_bytes())
+        .write_all(input.as_bytes())
         .unwrap();
-    let output = child.wait_with_output().unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Runs `nft` with `script` in network namespace `netns`; its output.
+fn nft_in(netns: &str, script: &str) -> String {
+    let output = run_with_input(
+        Command::new("ip").args(["netns", "exec", netns, "nft", "-f", "-"]),
+        script,
+        "nft (Debian package nftables; cargo xtask test installs it)",
+    );
     assert!(
         output.status.success(),
         "nft {script}: {}",

@@ -23,7 +23,10 @@ use std::{
 };
 
 use futures_util::{StreamExt as _, stream::BoxStream};
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::{
+    api::core::v1::{Namespace, Pod, Service},
+    jiff::Timestamp,
+};
 use kube::{
     Api, Client,
     api::{ApiResource, DynamicObject, GroupVersionKind},
@@ -109,7 +112,7 @@ impl Caches {
 
     /// Everything the caches say the store should hold, in the order it
     /// can be written (namespaces first), and what was left out.
-    fn desired(&self) -> (Vec<Resource>, Vec<Skipped>) {
+    fn desired(&self, now: Timestamp) -> (Vec<Resource>, Vec<Skipped>) {
         let pods = self.pods.state();
         let services = self.services.state();
         let mut pods_in: BTreeMap<Option<String>, Vec<&Pod>> = BTreeMap::new();
@@ -142,7 +145,7 @@ impl Caches {
             let local = services_in
                 .get(&pod.metadata.namespace)
                 .unwrap_or(&no_services);
-            converted.push(convert::workload(pod, local));
+            converted.push(convert::workload(pod, local, now));
         }
         for (kind, store) in &self.custom {
             converted.extend(
@@ -276,7 +279,7 @@ pub async fn mirror(client: Client, store: Store, stop: impl Future<Output = ()>
             let wait = match lead(&store, &mut leadership).await {
                 false => RETRY,
                 true => {
-                    let (desired, skipped) = caches.desired();
+                    let (desired, skipped) = caches.desired(Timestamp::now());
                     let keep: BTreeSet<String> =
                         skipped.iter().map(|s| s.resource.clone()).collect();
                     match converge(&store, desired, &keep).await {

@@ -166,16 +166,36 @@ impl std::fmt::Debug for StoreUrl {
 pub struct Leadership {
     /// The session holding the advisory lock (PostgreSQL).
     connection: Option<AnyConnection>,
+    /// The lock was lost: this value no longer means anything.
+    lost: bool,
 }
 
 impl Leadership {
-    /// Whether the role is still held: the session holding it still
-    /// answers.
+    /// Whether the role is still held: its session answers within 5 s and
+    /// still holds the lock. Once not, never again.
     pub async fn held(&mut self) -> bool {
-        match &mut self.connection {
-            None => true,
-            Some(connection) => sqlx::query("SELECT 1").execute(connection).await.is_ok(),
+        if self.lost {
+            return false;
         }
+        let Some(connection) = &mut self.connection else {
+            // SQLite: the only replica.
+            return true;
+        };
+        let asked = sqlx::query(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks \
+             WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid())",
+        )
+        .fetch_one(connection);
+        let holds = match tokio::time::timeout(Duration::from_secs(5), asked).await {
+            Ok(Ok(row)) => row.try_get::<bool, _>(0).unwrap_or(false),
+            _ => false,
+        };
+        if !holds {
+            // Dropped, the session ends and releases whatever it held.
+            self.connection = None;
+            self.lost = true;
+        }
+        holds
     }
 }
 
@@ -185,7 +205,7 @@ fn lock_key(role: &str) -> i64 {
     let hash = role.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
         (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
     });
-    i64::from_ne_bytes(hash.to_ne_bytes())
+    i64::from_be_bytes(hash.to_be_bytes())
 }
 
 /// The PostgreSQL channel every committed write notifies.
@@ -687,9 +707,22 @@ impl Store {
     /// database loses it and another takes it. SQLite has one replica.
     pub async fn try_lead(&self, role: &str) -> Result<Option<Leadership>, StoreError> {
         if self.backend != Backend::Postgres {
-            return Ok(Some(Leadership { connection: None }));
+            return Ok(Some(Leadership {
+                connection: None,
+                lost: false,
+            }));
         }
         let mut connection = self.pool.acquire().await?.detach();
+        // The server ends a session whose peer vanished in about 30 s, and
+        // its lock with it: another replica then takes over.
+        for setting in [
+            "SET tcp_keepalives_idle = 10",
+            "SET tcp_keepalives_interval = 5",
+            "SET tcp_keepalives_count = 3",
+            "SET tcp_user_timeout = 20000",
+        ] {
+            connection.execute(setting).await?;
+        }
         let held: bool = sqlx::query("SELECT pg_try_advisory_lock($1)")
             .bind(lock_key(role))
             .fetch_one(&mut connection)
@@ -697,6 +730,7 @@ impl Store {
             .try_get(0)?;
         Ok(held.then_some(Leadership {
             connection: Some(connection),
+            lost: false,
         }))
     }
 

@@ -257,15 +257,17 @@ fn expected() -> BTreeMap<String, Value> {
                 json!({"node": "node1", "ip": "10.89.1.3", "service_account": "ratings", "pod_uid": uid(3)}),
             ),
         ),
-        // Being deleted: still captured, no longer an endpoint.
+        // In its grace period: still captured, no longer an endpoint of
+        // reviews, which selects it.
         (
-            "Workload/shop/ratings-old-4d3c2".into(),
+            "Workload/shop/reviews-v1-old-4d3c2".into(),
             document(
                 "Workload",
                 Some("shop"),
-                "ratings-old-4d3c2",
-                managed(json!({"app": "ratings"})),
-                json!({"node": "node1", "ip": "10.89.1.5", "service_account": "ratings", "pod_uid": "5f0c3a1e-9b2d-4c7e-8a1f-00000000000a"}),
+                "reviews-v1-old-4d3c2",
+                managed(json!({"app": "reviews", "version": "v1"})),
+                json!({"node": "node1", "ip": "10.89.1.5", "service_account": "reviews", "version": "v1",
+                       "pod_uid": "5f0c3a1e-9b2d-4c7e-8a1f-00000000000a"}),
             ),
         ),
         // A split the mirror wrote earlier, which the cluster now holds in a

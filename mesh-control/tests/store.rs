@@ -224,6 +224,20 @@ async fn one_replica_at_a_time_leads(store: Store) {
                 }
             }
             assert!(taken.is_some(), "the lock outlived its session");
+            // A holder whose session the server ends finds out at once.
+            let mut holder = taken.unwrap();
+            assert!(holder.held().await);
+            let mut admin = store.raw_connection().await.unwrap();
+            let row = sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks \
+                 WHERE locktype = 'advisory' AND granted",
+            )
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+            assert!(row.try_get::<bool, _>(0).unwrap());
+            assert!(!holder.held().await);
+            assert!(!holder.held().await, "lost is lost");
         }
     }
 }

@@ -5,7 +5,7 @@
 //! policies that protect them (for the inbound side).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
@@ -62,6 +62,9 @@ pub struct Directory {
     pub revision: i64,
     trust_domain: String,
     addresses: HashMap<IpAddr, WorkloadAddress>,
+    /// `(namespace, service account)` of every workload: the identities
+    /// pods hold.
+    identities: HashSet<(String, String)>,
     services: HashMap<IpAddr, Arc<VirtualService>>,
     /// Every service's ports, with or without an address.
     service_ports: HashMap<ServiceKey, Vec<ServicePort>>,
@@ -99,7 +102,8 @@ impl Directory {
         for (_, resource) in config.resources.values() {
             match resource.as_ref() {
                 ConfigResource::Address(address) => {
-                    addresses.insert(address.ip, address.clone());
+                    // As sockets report them: an IPv4-mapped address as IPv4.
+                    addresses.insert(address.ip.to_canonical(), address.clone());
                 }
                 ConfigResource::Object(Resource::Service(service)) => {
                     service_ports.insert(
@@ -172,10 +176,15 @@ impl Directory {
                 )
             })
             .collect();
+        let identities = addresses
+            .values()
+            .map(|a| (a.namespace.clone(), a.service_account.clone()))
+            .collect();
         Self {
             revision: config.revision,
             trust_domain: trust_domain.to_owned(),
             addresses,
+            identities,
             services,
             service_ports,
             endpoints,
@@ -276,7 +285,17 @@ impl Directory {
 
     /// The workload at `ip`, captured or not.
     pub fn workload_at(&self, ip: IpAddr) -> Option<&WorkloadAddress> {
-        self.addresses.get(&ip)
+        self.addresses.get(&ip.to_canonical())
+    }
+
+    /// Whether some workload holds `identity` (rather than a gateway or a
+    /// machine outside the mesh, whose certificate `meshctl cert issue`
+    /// made).
+    pub fn is_workload_identity(&self, identity: &SpiffeId) -> bool {
+        identity.trust_domain == self.trust_domain
+            && self
+                .identities
+                .contains(&(identity.namespace.clone(), identity.service_account.clone()))
     }
 
     /// The identity a workload's certificate carries.

@@ -176,8 +176,9 @@ struct Args {
     #[arg(long, env = "MESH_NODE_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
 
-    /// This node's name, as workloads name it in `spec.node`.
-    #[arg(long, env = "MESH_NODE_NAME")]
+    /// This node's name, as workloads name it in `spec.node` (a DNS
+    /// subdomain, as Kubernetes names nodes).
+    #[arg(long, env = "MESH_NODE_NAME", value_parser = parse_node_name)]
     node: Option<String>,
 
     /// The control plane's node API (`host:port`).
@@ -237,6 +238,11 @@ fn parse_ratio(text: &str) -> Result<f64, String> {
         .ok()
         .filter(|r| (0.0..=1.0).contains(r))
         .ok_or_else(|| format!("{text:?} is not a ratio from 0 to 1"))
+}
+
+fn parse_node_name(value: &str) -> Result<String, String> {
+    mesh_model::names::check_dns_subdomain(value)?;
+    Ok(value.to_owned())
 }
 
 fn parse_duration(value: &str) -> Result<std::time::Duration, String> {

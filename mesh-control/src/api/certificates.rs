@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::{Json, extract::State};
 use mesh_identity::SpiffeId;
-use mesh_model::names::check_dns_label;
+use mesh_model::names::{check_dns_label, check_dns_subdomain};
 use serde::{Deserialize, Serialize};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
@@ -55,13 +55,11 @@ pub async fn issue(
 ) -> Result<Json<IssueResponse>, ApiError> {
     let identity = identity(&state)?;
     let mut problems = Vec::new();
-    for (field, value) in [
-        ("namespace", &request.namespace),
-        ("service_account", &request.service_account),
-    ] {
-        if let Err(why) = check_dns_label(value) {
-            problems.push(format!("{field}: {why}"));
-        }
+    if let Err(why) = check_dns_label(&request.namespace) {
+        problems.push(format!("namespace: {why}"));
+    }
+    if let Err(why) = check_dns_subdomain(&request.service_account) {
+        problems.push(format!("service_account: {why}"));
     }
     let service_name = request
         .service_name

@@ -3,7 +3,7 @@
 //!
 //! - a Namespace becomes a `Namespace` with its labels (`mesh.io/capture`);
 //! - a Service with a selector (not ExternalName, not in front of
-//!   hostNetwork pods) becomes a `Service`: its TCP ports, with
+//!   hostNetwork pods only) becomes a `Service`: its TCP ports, with
 //!   the protocol from `appProtocol` or the port's name (`http`, `http-web`,
 //!   `grpc`, …, as Istio reads them), a named `targetPort` resolved
 //!   through the pods it selects, its ClusterIP as `vip`, and the load
@@ -11,7 +11,8 @@
 //!   `mesh.io/hash-header`;
 //! - a running Pod with an address (not hostNetwork) becomes a
 //!   `Workload`: node, address, service account, UID, the services
-//!   selecting it (none once it is being deleted), `version` from its `version` label, capture
+//!   selecting it (none once it is being deleted, and no workload past its
+//!   grace period), `version` from its `version` label, capture
 //!   exclusions from the annotations `mesh.io/exclude-outbound-ports`,
 //!   `mesh.io/exclude-outbound-cidrs` and `mesh.io/exclude-inbound-ports`
 //!   (comma-separated);
@@ -25,6 +26,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::{
     api::core::v1::{Namespace, Pod, Service},
     apimachinery::pkg::util::intstr::IntOrString,
+    jiff::Timestamp,
 };
 use kube::{ResourceExt as _, api::DynamicObject};
 use mesh_model::{
@@ -179,7 +181,7 @@ pub fn service(object: &Service, pods: &[&Pod]) -> Converted {
     // Without a selector (the API server's own `kubernetes`, endpoints
     // kept by hand) the mesh would know no endpoint and refuse every call:
     // left to plain routing. So are services whose pods share their node's
-    // network (hostNetwork), which are never workloads.
+    // network (hostNetwork) alone, which are never workloads.
     let selector = spec.selector.clone().unwrap_or_default();
     if selector.is_empty() {
         return Ok(None);
@@ -189,7 +191,7 @@ pub fn service(object: &Service, pods: &[&Pod]) -> Converted {
         .copied()
         .filter(|pod| selects(&selector, pod.labels()))
         .collect();
-    if selected.iter().any(|pod| host_network(pod)) {
+    if !selected.is_empty() && selected.iter().all(|pod| host_network(pod)) {
         return Ok(None);
     }
     // A named target port is read from the first pod by name: the same
@@ -277,8 +279,9 @@ fn listed<T: serde::Serialize>(
     Ok(Some(json!(items?)))
 }
 
-/// `services`: every service in the pod's namespace.
-pub fn workload(object: &Pod, services: &[&Service]) -> Converted {
+/// `services`: every service in the pod's namespace; `now`: the time, to
+/// tell a pod in its grace period from one past it.
+pub fn workload(object: &Pod, services: &[&Service], now: Timestamp) -> Converted {
     let name = object.name_any();
     let namespace = object.namespace().unwrap_or_else(|| "default".into());
     let skip = |reason: String| skipped("Pod", Kind::Workload, Some(&namespace), &name, reason);
@@ -292,8 +295,27 @@ pub fn workload(object: &Pod, services: &[&Service]) -> Converted {
         return Ok(None);
     }
     // A pod being deleted runs on through its grace period: it stays a
-    // workload (captured, with its identity) but serves no service.
+    // workload (captured, with its identity) but serves no service. Past
+    // the deadline, or once all its containers have stopped, it is gone,
+    // and its address free for another pod.
     let terminating = object.metadata.deletion_timestamp.is_some();
+    let deadline_passed = object
+        .metadata
+        .deletion_timestamp
+        .as_ref()
+        .is_some_and(|deadline| deadline.0 <= now);
+    let all_stopped = status
+        .container_statuses
+        .as_ref()
+        .is_some_and(|containers| {
+            !containers.is_empty()
+                && containers
+                    .iter()
+                    .all(|c| c.state.as_ref().is_some_and(|s| s.terminated.is_some()))
+        });
+    if terminating && (deadline_passed || all_stopped) {
+        return Ok(None);
+    }
     let (Some(node), Some(ip)) = (&spec.node_name, &status.pod_ip) else {
         // Not scheduled, or no address yet.
         return Ok(None);

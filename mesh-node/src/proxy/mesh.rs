@@ -607,7 +607,7 @@ async fn serve_tunnels(
     // Tunnels leave from inside the caller's pod, so they come from the
     // address of a workload with the caller's identity: a certificate
     // copied off a pod is of no use from anywhere else.
-    if let Err(why) = caller_at_home(&mesh.directory.borrow(), &caller, remote.ip()) {
+    if let Err(why) = caller_at_home(&mesh, &caller, remote.ip()).await {
         return refuse(&why);
     }
     drop(handshake);
@@ -643,25 +643,49 @@ async fn serve_tunnels(
     .await;
 }
 
-/// Whether `caller` may open tunnels from `address`: the address must be
-/// that of a workload of the caller's identity.
-fn caller_at_home(
-    directory: &crate::directory::Directory,
+/// How long a tunnel from an address this node does not know yet waits
+/// for the configuration to name it (a pod just started elsewhere).
+const UNKNOWN_CALLER_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether `caller` may open tunnels from `address`: the address of a
+/// workload with the caller's identity. An identity no workload holds (a
+/// gateway's or a machine's, from `meshctl cert issue`) is not tied to an
+/// address.
+async fn caller_at_home(
+    mesh: &MeshPath,
     caller: &SpiffeId,
     address: std::net::IpAddr,
 ) -> Result<(), String> {
     let address = address.to_canonical();
-    match directory.workload_at(address) {
-        Some(workload) if directory.identity(workload) == *caller => Ok(()),
-        Some(workload) => Err(format!(
-            "{caller} presented from {address}, the address of {}/{} ({})",
-            workload.namespace,
-            workload.name,
-            directory.identity(workload)
-        )),
-        None => Err(format!(
-            "{caller} presented from {address}, which is no workload's address"
-        )),
+    let mut directory = mesh.directory.clone();
+    let deadline = tokio::time::Instant::now() + UNKNOWN_CALLER_PATIENCE;
+    loop {
+        let verdict = {
+            let current = directory.borrow_and_update();
+            match current.workload_at(address) {
+                Some(workload) if current.identity(workload) == *caller => Some(Ok(())),
+                Some(workload) => Some(Err(format!(
+                    "{caller} presented from {address}, the address of {}/{} ({})",
+                    workload.namespace,
+                    workload.name,
+                    current.identity(workload)
+                ))),
+                None if !current.is_workload_identity(caller) => Some(Ok(())),
+                None => None,
+            }
+        };
+        if let Some(verdict) = verdict {
+            return verdict;
+        }
+        // Wait for the next configuration, until the deadline.
+        if !matches!(
+            tokio::time::timeout_at(deadline, directory.changed()).await,
+            Ok(Ok(()))
+        ) {
+            return Err(format!(
+                "{caller}, a workload identity, presented from {address}, which is no workload's address"
+            ));
+        }
     }
 }
 

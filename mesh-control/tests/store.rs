@@ -228,9 +228,12 @@ async fn one_replica_at_a_time_leads(store: Store) {
             let mut holder = taken.unwrap();
             assert!(holder.held().await);
             let mut admin = store.raw_connection().await.unwrap();
+            // This test's database only: other tests' sessions (sqlx's
+            // migrations take advisory locks too) are not ours to end.
             let row = sqlx::query(
                 "SELECT pg_terminate_backend(pid) FROM pg_locks \
-                 WHERE locktype = 'advisory' AND granted",
+                 WHERE locktype = 'advisory' AND granted AND database = \
+                 (SELECT oid FROM pg_database WHERE datname = current_database())",
             )
             .fetch_one(&mut admin)
             .await

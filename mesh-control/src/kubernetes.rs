@@ -115,20 +115,7 @@ impl Caches {
     fn desired(&self, now: Timestamp) -> (Vec<Resource>, Vec<Skipped>) {
         let pods = self.pods.state();
         let services = self.services.state();
-        let mut pods_in: BTreeMap<Option<String>, Vec<&Pod>> = BTreeMap::new();
-        for pod in &pods {
-            pods_in
-                .entry(pod.metadata.namespace.clone())
-                .or_default()
-                .push(pod);
-        }
-        let mut services_in: BTreeMap<Option<String>, Vec<&Service>> = BTreeMap::new();
-        for service in &services {
-            services_in
-                .entry(service.metadata.namespace.clone())
-                .or_default()
-                .push(service);
-        }
+        let (pods_in, services_in) = (by_namespace(&pods), by_namespace(&services));
         let (no_pods, no_services) = (Vec::new(), Vec::new());
         let mut converted: Vec<Converted> = Vec::new();
         converted.extend(
@@ -184,6 +171,18 @@ impl Caches {
         });
         (resources, skipped)
     }
+}
+
+/// `objects` grouped by namespace.
+fn by_namespace<K: kube::Resource>(objects: &[Arc<K>]) -> BTreeMap<Option<String>, Vec<&K>> {
+    let mut grouped: BTreeMap<Option<String>, Vec<&K>> = BTreeMap::new();
+    for object in objects {
+        grouped
+            .entry(object.meta().namespace.clone())
+            .or_default()
+            .push(object);
+    }
+    grouped
 }
 
 /// A reflector's events as "something changed", errors logged.

@@ -163,23 +163,26 @@ impl std::fmt::Debug for StoreUrl {
 
 /// A role held by this replica alone; see [`Store::try_lead`].
 #[derive(Debug)]
-pub struct Leadership {
-    /// The session holding the advisory lock (PostgreSQL).
-    connection: Option<AnyConnection>,
+pub struct Leadership(Holder);
+
+#[derive(Debug)]
+enum Holder {
+    /// SQLite: the only replica.
+    Only,
+    /// PostgreSQL: the session holding the advisory lock.
+    Session(AnyConnection),
     /// The lock was lost: this value no longer means anything.
-    lost: bool,
+    Lost,
 }
 
 impl Leadership {
     /// Whether the role is still held: its session answers within 5 s and
     /// still holds the lock. Once not, never again.
     pub async fn held(&mut self) -> bool {
-        if self.lost {
-            return false;
-        }
-        let Some(connection) = &mut self.connection else {
-            // SQLite: the only replica.
-            return true;
+        let connection = match &mut self.0 {
+            Holder::Only => return true,
+            Holder::Lost => return false,
+            Holder::Session(connection) => connection,
         };
         let asked = sqlx::query(
             "SELECT EXISTS (SELECT 1 FROM pg_locks \
@@ -192,8 +195,7 @@ impl Leadership {
         };
         if !holds {
             // Dropped, the session ends and releases whatever it held.
-            self.connection = None;
-            self.lost = true;
+            self.0 = Holder::Lost;
         }
         holds
     }
@@ -707,10 +709,7 @@ impl Store {
     /// database loses it and another takes it. SQLite has one replica.
     pub async fn try_lead(&self, role: &str) -> Result<Option<Leadership>, StoreError> {
         if self.backend != Backend::Postgres {
-            return Ok(Some(Leadership {
-                connection: None,
-                lost: false,
-            }));
+            return Ok(Some(Leadership(Holder::Only)));
         }
         let mut connection = self.pool.acquire().await?.detach();
         // The server ends a session whose peer vanished in about 30 s, and
@@ -728,10 +727,7 @@ impl Store {
             .fetch_one(&mut connection)
             .await?
             .try_get(0)?;
-        Ok(held.then_some(Leadership {
-            connection: Some(connection),
-            lost: false,
-        }))
+        Ok(held.then_some(Leadership(Holder::Session(connection))))
     }
 
     /// A connection of its own to the store's database, for maintenance and

@@ -123,20 +123,7 @@ fn mesh_setup(name: &str, control_env: &[(&str, &str)], node_args: &[&str]) -> M
     let server = serve_reviews(&cluster);
 
     let nodes = (0..2)
-        .map(|node| {
-            let mut command = node_command(
-                &cluster,
-                node,
-                &control.grpc,
-                &control.data_dir,
-                &workspace_binary("mesh-node").unwrap(),
-            )
-            .unwrap();
-            command.args(["--http-header-timeout", HEADER_TIMEOUT]);
-            command.args(["--stats-interval", "1s"]);
-            command.args(node_args);
-            spawn_node(node, command).unwrap()
-        })
+        .map(|node| start_node(&cluster, &control, node, node_args))
         .collect();
     let mesh = Mesh {
         cluster,
@@ -151,6 +138,28 @@ fn mesh_setup(name: &str, control_env: &[(&str, &str)], node_args: &[&str]) -> M
         mesh.get("shop/frontend", 1).0
     });
     mesh
+}
+
+/// Starts mesh-node `node` of the test mesh with `node_args`; returns it
+/// once ready, with its admin address.
+fn start_node(
+    cluster: &Cluster,
+    control: &ControlPlane,
+    node: usize,
+    node_args: &[&str],
+) -> (Process, SocketAddr) {
+    let mut command = node_command(
+        cluster,
+        node,
+        &control.grpc,
+        &control.data_dir,
+        &workspace_binary("mesh-node").unwrap(),
+    )
+    .unwrap();
+    command.args(["--http-header-timeout", HEADER_TIMEOUT]);
+    command.args(["--stats-interval", "1s"]);
+    command.args(node_args);
+    spawn_node(node, command).unwrap()
 }
 
 /// The HTTP server in shop/reviews, on port 8080.
@@ -170,18 +179,20 @@ impl Mesh {
         wait_until("the old node exits", || {
             self.nodes[node].0.exited().unwrap().is_some()
         });
-        let mut command = node_command(
-            &self.cluster,
-            node,
-            &self.control.grpc,
-            &self.control.data_dir,
-            &workspace_binary("mesh-node").unwrap(),
-        )
-        .unwrap();
-        command.args(["--http-header-timeout", HEADER_TIMEOUT]);
-        command.args(["--stats-interval", "1s"]);
-        command.args(node_args);
-        self.nodes[node] = spawn_node(node, command).unwrap();
+        self.nodes[node] = start_node(&self.cluster, &self.control, node, node_args);
+    }
+
+    /// An echo server on reviews' port 9090, and a connection held open to
+    /// it from frontend (one round trip per line sent).
+    fn hold_to_reviews(&self) -> (Process, Process) {
+        let mut echo = self.cluster.pod_command("shop/reviews", MESH_POD).unwrap();
+        echo.args(["echo", "--listen", "[::]:9090"]);
+        let (echo, _) = Process::spawn_ready("echo", echo, "listening", READY).unwrap();
+        let to = format!("{}:9090", self.cluster.pod("shop/reviews").unwrap().ip4);
+        let mut held = self.cluster.pod_command("shop/frontend", MESH_POD).unwrap();
+        held.args(["connect", "--to", &to, "--hold"]);
+        let (held, _) = Process::spawn_ready("held", held, "connected", READY).unwrap();
+        (echo, held)
     }
 
     fn reviews(&self) -> String {
@@ -586,13 +597,7 @@ fn certificates_rotate_under_traffic_without_a_failed_request() {
 #[test]
 fn sigterm_stops_new_tunnels_and_lets_open_streams_finish() {
     let mut mesh = mesh("e2edrain");
-    let mut echo = mesh.cluster.pod_command("shop/reviews", MESH_POD).unwrap();
-    echo.args(["echo", "--listen", "[::]:9090"]);
-    let (_echo, _) = Process::spawn_ready("echo", echo, "listening", READY).unwrap();
-    let to = format!("{}:9090", mesh.cluster.pod("shop/reviews").unwrap().ip4);
-    let mut held = mesh.cluster.pod_command("shop/frontend", MESH_POD).unwrap();
-    held.args(["connect", "--to", &to, "--hold"]);
-    let (mut held, _) = Process::spawn_ready("held", held, "connected", READY).unwrap();
+    let (_echo, mut held) = mesh.hold_to_reviews();
 
     // node1 (reviews' node) is asked to stop: it stops taking tunnels...
     mesh.nodes[1].0.request_stop().unwrap();
@@ -2138,13 +2143,7 @@ fn requests_complete_within_their_timeout_over_a_lossy_link() {
 fn a_rolling_restart_of_the_node_proxies_fails_new_connections_only_briefly() {
     const NODE_ARGS: &[&str] = &["--drain-timeout", "2s"];
     let mut mesh = mesh_with("e2eroll", None, NODE_ARGS);
-    let mut echo = mesh.cluster.pod_command("shop/reviews", MESH_POD).unwrap();
-    echo.args(["echo", "--listen", "[::]:9090"]);
-    let (_echo, _) = Process::spawn_ready("echo", echo, "listening", READY).unwrap();
-    let to = format!("{}:9090", mesh.cluster.pod("shop/reviews").unwrap().ip4);
-    let mut held = mesh.cluster.pod_command("shop/frontend", MESH_POD).unwrap();
-    held.args(["connect", "--to", &to, "--hold"]);
-    let (mut held, _) = Process::spawn_ready("held", held, "connected", READY).unwrap();
+    let (_echo, mut held) = mesh.hold_to_reviews();
 
     let mut traffic = mesh.cluster.pod_command("shop/frontend", MESH_POD).unwrap();
     traffic.args(["http-loop", "--to", &mesh.reviews(), "--for-ms", "45000"]);

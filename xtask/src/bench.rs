@@ -1,6 +1,9 @@
 //! `cargo xtask bench`: runs the benchmarks in release mode and records
 //! their results in docs/benchmarks.md, each in a section of its own that a
-//! rerun replaces. Performance goals live here, never in tests.
+//! rerun replaces, and all of a run's figures in `target/bench/results.json`.
+//! `--quick` runs each briefly (a check that everything works, in about two
+//! minutes once built) and records nothing in docs/benchmarks.md.
+//! Performance goals live here, never in tests.
 
 use std::{fs, process::Command};
 
@@ -12,7 +15,17 @@ use crate::run::{self, cargo, root, step};
 pub(crate) mod capture;
 mod config_push;
 pub(crate) mod datapath;
+mod haproxy;
 mod tracing;
+
+/// What a benchmark found: its section of docs/benchmarks.md and its
+/// figures as JSON.
+pub(crate) struct Report {
+    pub name: &'static str,
+    pub title: &'static str,
+    pub body: String,
+    pub json: serde_json::Value,
+}
 
 /// The benchmarks, by name.
 const BENCHES: &[&str] = &[
@@ -70,30 +83,54 @@ pub(crate) fn serve_control(
     })
 }
 
-pub fn run(name: Option<String>) -> anyhow::Result<()> {
+pub fn run(name: Option<String>, quick: bool) -> anyhow::Result<()> {
     let selected: Vec<&str> = match &name {
         Some(name) if BENCHES.contains(&name.as_str()) => vec![name.as_str()],
         Some(name) => bail!("no benchmark {name:?}; there are: {}", BENCHES.join(", ")),
         None => BENCHES.to_vec(),
     };
+    crate::setup::bench_tools()?;
+    let scale = datapath::Scale::of(quick);
+    let mut results = serde_json::Map::new();
     for bench in selected {
-        match bench {
-            "handshakes" => handshakes()?,
-            "capture" => capture::run()?,
-            "datapath" => datapath::run()?,
-            "tracing" => tracing::run()?,
-            "config-push" => config_push::run()?,
+        let report = match bench {
+            "handshakes" => handshakes(quick)?,
+            "capture" => capture::run(quick)?,
+            "datapath" => datapath::run(scale)?,
+            "tracing" => tracing::run(scale)?,
+            "config-push" => config_push::run(quick)?,
             _ => unreachable!("listed in BENCHES"),
+        };
+        if quick {
+            println!("    --quick: not recorded in docs/benchmarks.md");
+        } else {
+            record(report.name, report.title, &report.body)?;
         }
+        results.insert(report.name.into(), report.json);
     }
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root().join("target"), std::path::PathBuf::from)
+        .join("bench");
+    fs::create_dir_all(&dir)?;
+    let path = dir.join("results.json");
+    let document = serde_json::json!({
+        "machine": machine(),
+        "quick": quick,
+        "results": results,
+    });
+    fs::write(&path, serde_json::to_string_pretty(&document)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("    figures in {}", path.display());
     Ok(())
 }
 
-fn handshakes() -> anyhow::Result<()> {
+fn handshakes(quick: bool) -> anyhow::Result<Report> {
     step("benchmark: mTLS handshakes with the strict SPIFFE verifier (release build)");
-    // Three runs of 5000: the median, and the spread the machine showed.
+    // Three runs of 5000 (one of 1000 when quick): the median, and the
+    // spread the machine showed.
+    let (runs, count) = if quick { (1, 1000) } else { (3, 5000) };
     let mut rates = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..runs {
         let output = run::output(cargo().args([
             "run",
             "--release",
@@ -103,7 +140,7 @@ fn handshakes() -> anyhow::Result<()> {
             "--example",
             "handshakes",
             "--",
-            "5000",
+            &count.to_string(),
         ]))?;
         let result: serde_json::Value = serde_json::from_str(output.trim())
             .with_context(|| format!("the benchmark printed {output:?}"))?;
@@ -114,7 +151,7 @@ fn handshakes() -> anyhow::Result<()> {
         rates.push(rate);
     }
     rates.sort_by(f64::total_cmp);
-    let (low, median, high) = (rates[0], rates[1], rates[2]);
+    let (low, median, high) = (rates[0], rates[runs / 2], rates[runs - 1]);
     println!(
         "    median {median:.0} handshakes/s on one core doing both ends ({:.0} µs each)",
         1e6 / median
@@ -123,7 +160,7 @@ fn handshakes() -> anyhow::Result<()> {
         "Full TLS 1.3 mutual-TLS handshakes (ECDSA P-256 certificates from the mesh CA,\n\
          the strict SPIFFE verifier on both sides, no session resumption), client and\n\
          server in one thread over in-memory buffers: one core does both ends' work.\n\
-         Three runs of 5000 handshakes.\n\n\
+         {runs} run(s) of {count} handshakes.\n\n\
          | handshakes/s, median (one core, both ends) | µs per handshake | runs: lowest – highest |\n\
          |---:|---:|---:|\n\
          | {median:.0} | {:.0} | {low:.0} – {high:.0} |\n\n\
@@ -133,7 +170,15 @@ fn handshakes() -> anyhow::Result<()> {
         1e6 / median,
         machine()
     );
-    record("handshakes", "mTLS handshakes", &body)
+    Ok(Report {
+        name: "handshakes",
+        title: "mTLS handshakes",
+        body,
+        json: serde_json::json!({
+            "handshakes_per_second_one_core_both_ends": median,
+            "runs": rates,
+        }),
+    })
 }
 
 /// CPU model and core count, for the record.

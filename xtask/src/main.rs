@@ -40,10 +40,13 @@ enum Command {
     },
     /// Run benchmarks (release builds) and record them in docs/benchmarks.md.
     ///
-    /// Example: cargo xtask bench handshakes
+    /// Example: cargo xtask bench --quick; cargo xtask bench datapath
     Bench {
         /// One benchmark (default: all).
         name: Option<String>,
+        /// Short runs, recorded only in target/bench/results.json.
+        #[arg(long)]
+        quick: bool,
     },
     /// The mesh at work on a local 3-node cluster: mTLS on the wire,
     /// authorization, a canary, retries, a timeout, the circuit breaker,
@@ -65,7 +68,7 @@ fn main() -> ExitCode {
         Command::Test => test::run(),
         Command::Cluster { command } => cluster::run(command),
         Command::Demo(args) => demo::run(args),
-        Command::Bench { name } => bench::run(name),
+        Command::Bench { name, quick } => bench::run(name, quick),
         Command::Soak(args) => soak::run(args),
     };
     match result {

@@ -117,14 +117,34 @@ fn phoenix() -> anyhow::Result<()> {
     )
 }
 
+/// Debian packages only the benchmarks use: the reference proxy and
+/// the load generators.
+const BENCH_PACKAGES: &[&str] = &[
+    "haproxy",
+    "iperf3",
+    "nghttp2-client",
+    "nghttp2-server",
+    "wrk",
+];
+
+/// What `cargo xtask bench` needs beyond the build.
+pub fn bench_tools() -> anyhow::Result<()> {
+    run()?;
+    install(BENCH_PACKAGES)
+}
+
 fn apt_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    install(APT_PACKAGES)
+}
+
+fn install(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|pkg| !dpkg_installed(pkg))
         .collect();
     if missing.is_empty() {
-        println!("    Debian packages: {} present", APT_PACKAGES.join(", "));
+        println!("    Debian packages: {} present", packages.join(", "));
         return Ok(());
     }
     if !run::is_root() {

@@ -35,8 +35,9 @@
 //! `--max-secs`) and the first line of any answer.
 //!
 //! For benchmarks: `bench-http --to ADDR --connections C --requests N`
-//! times N keep-alive GETs over C connections (one thread each) and prints
-//! p50/p99 and requests per second; `sink --listen ADDR` reads each
+//! times N keep-alive GETs over C connections (one thread each), or with
+//! `--new-connections` each on a connection of its own, and prints
+//! p50/p90/p99/p99.9 and requests per second; `sink --listen ADDR` reads each
 //! connection to its end and answers with the byte count; `bulk --to ADDR
 //! --bytes N` sends N bytes to a sink and prints the throughput.
 
@@ -110,6 +111,10 @@ enum Command {
         connections: usize,
         #[arg(long, default_value_t = 10000)]
         requests: usize,
+        /// Each request on a connection of its own (timed from connect()
+        /// to the end of the answer), not keep-alive.
+        #[arg(long)]
+        new_connections: bool,
     },
     /// Send REQUEST (with `\r`, `\n` and `\t` escapes) as it is, then
     /// print the first line of the answer as JSON (`status_line`, empty when
@@ -250,7 +255,11 @@ fn main() -> ExitCode {
             to,
             connections,
             requests,
-        } => report("bench-http", bench_http(to, connections, requests)),
+            new_connections,
+        } => report(
+            "bench-http",
+            bench_http(to, connections, requests, new_connections),
+        ),
         Command::Sink { listen } => report("sink", sink(listen)),
         Command::Raw { to, request } => report("raw", raw(to, &request)),
         Command::HoldMany { to, count } => report("hold-many", hold_many(to, count)),
@@ -1241,13 +1250,30 @@ fn get_once(
     Ok(())
 }
 
-fn bench_http(to: SocketAddr, connections: usize, requests: usize) -> io::Result<()> {
+fn bench_http(
+    to: SocketAddr,
+    connections: usize,
+    requests: usize,
+    new_connections: bool,
+) -> io::Result<()> {
     let connections = connections.max(1);
     let per_connection = requests.div_ceil(connections);
     let started = std::time::Instant::now();
     let workers: Vec<_> = (0..connections)
         .map(|_| {
             thread::spawn(move || -> io::Result<Vec<Duration>> {
+                let mut samples = Vec::with_capacity(per_connection);
+                if new_connections {
+                    for _ in 0..per_connection {
+                        let start = std::time::Instant::now();
+                        let mut writer = open(to, Client::PLAIN)?;
+                        writer.set_nodelay(true)?;
+                        let mut reader = io::BufReader::new(writer.try_clone()?);
+                        get_once(&mut reader, &mut writer, to)?;
+                        samples.push(start.elapsed());
+                    }
+                    return Ok(samples);
+                }
                 let mut writer = open(to, Client::PLAIN)?;
                 writer.set_nodelay(true)?;
                 let mut reader = io::BufReader::new(writer.try_clone()?);
@@ -1255,7 +1281,6 @@ fn bench_http(to: SocketAddr, connections: usize, requests: usize) -> io::Result
                 for _ in 0..per_connection / 10 {
                     get_once(&mut reader, &mut writer, to)?;
                 }
-                let mut samples = Vec::with_capacity(per_connection);
                 for _ in 0..per_connection {
                     let start = std::time::Instant::now();
                     get_once(&mut reader, &mut writer, to)?;
@@ -1288,7 +1313,9 @@ fn bench_http(to: SocketAddr, connections: usize, requests: usize) -> io::Result
             "connections": connections,
             "requests": samples.len(),
             "p50_us": micros(0.50),
+            "p90_us": micros(0.90),
             "p99_us": micros(0.99),
+            "p999_us": micros(0.999),
             "max_us": micros(1.0),
             "requests_per_second": samples.len() as f64 / elapsed,
         })

@@ -24,10 +24,21 @@ use crate::run::{self, root, step};
 const CLUSTER: &str = "benchconn";
 const CLIENT: &str = "shop/client";
 const SERVER: &str = "shop/server";
-/// Timed connects per set-up (plus a tenth as warm-up).
-const COUNT: usize = 10000;
-/// Runs per set-up; the table shows the median run.
-const RUNS: usize = 5;
+/// Timed connects per set-up (plus a tenth as warm-up), and runs per
+/// set-up (the table shows the median run): full, and `--quick`.
+#[derive(Clone, Copy)]
+struct Scale {
+    count: usize,
+    runs: usize,
+}
+const FULL: Scale = Scale {
+    count: 10000,
+    runs: 5,
+};
+const QUICK: Scale = Scale {
+    count: 2000,
+    runs: 1,
+};
 
 pub(crate) fn release_bin(name: &str) -> PathBuf {
     let target =
@@ -45,12 +56,18 @@ struct Latency {
     p50_high: f64,
 }
 
-fn measure(cluster: &Cluster, to: &str) -> anyhow::Result<Latency> {
+fn measure(cluster: &Cluster, to: &str, scale: Scale) -> anyhow::Result<Latency> {
     let mut runs = Vec::new();
-    for _ in 0..RUNS {
+    for _ in 0..scale.runs {
         let output = cluster
             .pod_command(CLIENT, release_bin("mesh-pod"))?
-            .args(["bench-connect", "--to", to, "--count", &COUNT.to_string()])
+            .args([
+                "bench-connect",
+                "--to",
+                to,
+                "--count",
+                &scale.count.to_string(),
+            ])
             .stderr(Stdio::inherit())
             .output()
             .context("running mesh-pod bench-connect")?;
@@ -71,8 +88,8 @@ fn measure(cluster: &Cluster, to: &str) -> anyhow::Result<Latency> {
     runs.sort_by(|a, b| a.p50.total_cmp(&b.p50));
     let median = Latency {
         p50_low: runs[0].p50,
-        p50_high: runs[RUNS - 1].p50,
-        ..runs[RUNS / 2]
+        p50_high: runs[runs.len() - 1].p50,
+        ..runs[runs.len() / 2]
     };
     println!(
         "    {to:<22} p50 {:>6.1} µs ({:.1}–{:.1})  p99 {:>6.1} µs",
@@ -102,8 +119,9 @@ fn mesh_node(cluster: &Cluster, capture: bool) -> anyhow::Result<Process> {
     Ok(process)
 }
 
-pub fn run() -> anyhow::Result<()> {
+pub fn run(quick: bool) -> anyhow::Result<super::Report> {
     step("benchmark: connect() with and without capture (release builds)");
+    let scale = if quick { QUICK } else { FULL };
     if !run::is_root() {
         bail!("the capture benchmark builds network namespaces and loads eBPF: run it as root");
     }
@@ -128,16 +146,16 @@ pub fn run() -> anyhow::Result<()> {
     let local = "127.0.0.1:9000";
 
     println!("    no capture programs:");
-    let direct = measure(&cluster, &remote)?;
-    let loopback = measure(&cluster, local)?;
+    let direct = measure(&cluster, &remote, scale)?;
+    let loopback = measure(&cluster, local, scale)?;
     println!("    programs attached, pod not captured:");
     let node = mesh_node(&cluster, false)?;
-    let bypass = measure(&cluster, &remote)?;
+    let bypass = measure(&cluster, &remote, scale)?;
     node.terminate()?;
     println!("    pod captured:");
     let node = mesh_node(&cluster, true)?;
-    let redirected = measure(&cluster, &remote)?;
-    let loopback_captured = measure(&cluster, local)?;
+    let redirected = measure(&cluster, &remote, scale)?;
+    let loopback_captured = measure(&cluster, local, scale)?;
     node.terminate()?;
     drop((_server, _local));
     cluster.down()?;
@@ -158,8 +176,8 @@ pub fn run() -> anyhow::Result<()> {
     };
     let body = format!(
         "A pod on node0 of a local netns cluster times blocking `connect()` calls\n\
-         ({COUNT} per run after a warm-up, each closed with a reset; median of {RUNS}\n\
-         runs), release builds. \"Remote\" is a pod on node1 through veth, bridge and\n\
+         ({} per run after a warm-up, each closed with a reset; median of {}\n\
+         run(s)), release builds. \"Remote\" is a pod on node1 through veth, bridge and\n\
          the fabric; a captured pod's remote connect is redirected to the proxy's\n\
          listener inside the pod, so it completes on loopback.\n\n\
          | set-up | p50 µs | p50 over the runs | p99 µs |\n|---|---:|---:|---:|\n\
@@ -175,6 +193,8 @@ pub fn run() -> anyhow::Result<()> {
          the differences with each row's spread over its runs: on this machine\n\
          a few µs is within run-to-run noise.\n\n\
          Machine: {}. Reproduce: `cargo xtask bench capture` (root).",
+        scale.count,
+        scale.runs,
         row("1. remote, no programs", direct),
         row("2. loopback, no programs", loopback),
         row("3. remote, programs attached, pod not captured", bypass),
@@ -196,5 +216,18 @@ pub fn run() -> anyhow::Result<()> {
         ),
         super::machine()
     );
-    super::record("capture", "connect() with capture", &body)
+    let figures = |l: Latency| serde_json::json!({ "p50_us": l.p50, "p99_us": l.p99 });
+    Ok(super::Report {
+        name: "capture",
+        title: "connect() with capture",
+        body,
+        json: serde_json::json!({
+            "remote_no_programs": figures(direct),
+            "loopback_no_programs": figures(loopback),
+            "remote_not_captured": figures(bypass),
+            "remote_captured": figures(redirected),
+            "loopback_captured": figures(loopback_captured),
+            "added_p50_us": redirected.p50 - loopback.p50,
+        }),
+    })
 }

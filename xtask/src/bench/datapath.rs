@@ -1,11 +1,21 @@
 //! `cargo xtask bench datapath`: what the mesh adds between two pods on two
-//! nodes. A client pod on node0 calls a server pod on node1 twice over:
-//! in a captured namespace (client's node proxy → HBONE mTLS tunnel → the
-//! server's node proxy → server) and in an uncaptured one (direct). Same
-//! nodes, same path through veth, bridges and the fabric; release builds;
-//! access logs off (RUST_LOG=warn), as a benchmark of the data path.
+//! nodes. A client pod on node0 calls a server pod on node1 four ways, in
+//! one run: in an uncaptured namespace (direct); in a captured one at the
+//! server's address (mesh L4: client's node proxy → HBONE mTLS tunnel → the
+//! server's node proxy → server) and at a service address (mesh L7); and
+//! through a chain of two HAProxy instances doing HTTP and mutual TLS on
+//! the same topology (the yardstick, see `haproxy.rs`). Same nodes, same
+//! path through veth, bridges and the fabric; release builds; access logs
+//! off (RUST_LOG=warn), as a benchmark of the data path. The load comes
+//! from wrk, h2load and iperf3 (Debian packages), the c=1 latencies and
+//! new connections from `mesh-pod bench-http`.
 
-use std::{net::SocketAddr, path::Path, process::Stdio, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
 
 use anyhow::{Context as _, bail, ensure};
 use mesh_e2e::{
@@ -14,7 +24,10 @@ use mesh_e2e::{
     process::Process,
 };
 
-use super::capture::release_bin;
+use super::{
+    capture::release_bin,
+    haproxy::{self, Haproxy},
+};
 use crate::{
     demo::meshctl_at,
     run::{self, step},
@@ -22,13 +35,51 @@ use crate::{
 
 pub(crate) const CLUSTER: &str = "benchhbone";
 const READY: Duration = Duration::from_secs(30);
-/// Runs per measurement; the table shows the median.
-const RUNS: usize = 3;
-const REQUESTS_C1: usize = 5000;
-const REQUESTS_C16: usize = 32000;
-const BULK_BYTES: u64 = 512 << 20;
-/// The address of the server's HTTP service (the L7 path).
+/// The address of the server's HTTP service (the L7 path): port 80 is
+/// HTTP/1.1 to HTTP_PORT, port 81 HTTP/2 to H2_PORT.
 pub(crate) const L7_VIP: &str = "10.96.0.80";
+/// The servers' ports: HTTP/1.1 (`mesh-pod serve-http`), HTTP/2
+/// (nghttpd, prior knowledge), iperf3, and TCP echo.
+pub(crate) const HTTP_PORT: u16 = 8080;
+pub(crate) const H2_PORT: u16 = 8081;
+pub(crate) const BULK_PORT: u16 = 5201;
+pub(crate) const ECHO_PORT: u16 = 7000;
+
+/// How much each measurement does: the full run, or `--quick`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Scale {
+    /// Runs of each measurement; the table shows the median.
+    pub runs: usize,
+    /// Requests timed one after another at c=1.
+    pub requests_c1: usize,
+    /// Seconds of each wrk, h2load and iperf3 run.
+    pub seconds: u32,
+    /// Requests each on a new connection, at c=16.
+    pub new_connections: usize,
+    /// Connections held open for the memory figure.
+    pub held: u32,
+}
+
+impl Scale {
+    pub(crate) const FULL: Self = Self {
+        runs: 3,
+        requests_c1: 5000,
+        seconds: 5,
+        new_connections: 4000,
+        held: 1000,
+    };
+    pub(crate) const QUICK: Self = Self {
+        runs: 1,
+        requests_c1: 2000,
+        seconds: 2,
+        new_connections: 1000,
+        held: 1000,
+    };
+
+    pub(crate) fn of(quick: bool) -> Self {
+        if quick { Self::QUICK } else { Self::FULL }
+    }
+}
 
 fn json(output: std::process::Output, what: &str) -> anyhow::Result<serde_json::Value> {
     ensure!(
@@ -39,19 +90,23 @@ fn json(output: std::process::Output, what: &str) -> anyhow::Result<serde_json::
     serde_json::from_slice(&output.stdout).with_context(|| format!("{what} printed {output:?}"))
 }
 
-/// Median of RUNS runs of `field` (and the run it came from).
+/// The median of `runs` runs of `field` (and the run it came from).
 fn median_of(
+    runs: usize,
     mut run: impl FnMut() -> anyhow::Result<serde_json::Value>,
     field: &str,
 ) -> anyhow::Result<(f64, serde_json::Value)> {
-    let mut runs = Vec::new();
-    for _ in 0..RUNS {
+    let mut results = Vec::new();
+    for _ in 0..runs.max(1) {
         let result = run()?;
-        let value = result[field].as_f64().context("missing field")?;
-        runs.push((value, result));
+        let value = result[field]
+            .as_f64()
+            .with_context(|| format!("no {field} in {result}"))?;
+        results.push((value, result));
     }
-    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
-    Ok(runs.swap_remove(RUNS / 2))
+    results.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let middle = results.len() / 2;
+    Ok(results.swap_remove(middle))
 }
 
 /// Resident memory of a process, in MiB.
@@ -118,7 +173,8 @@ pub(crate) fn up(data_dir: &Path, node_args: &[&str]) -> anyhow::Result<Setup> {
     // The same server as an HTTP service: requests through the L7 path.
     objects.push_str(&format!(
         "---\napiVersion: mesh.io/v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\n\
-         spec: {{vip: {L7_VIP}, ports: [{{port: 80, target_port: 8080, protocol: http}}]}}\n"
+         spec: {{vip: {L7_VIP}, ports: [{{port: 80, target_port: {HTTP_PORT}, protocol: http}}, \
+         {{port: 81, target_port: {H2_PORT}, protocol: http2}}]}}\n"
     ));
     meshctl_at(
         &release_bin("meshctl"),
@@ -127,15 +183,28 @@ pub(crate) fn up(data_dir: &Path, node_args: &[&str]) -> anyhow::Result<Setup> {
         &["apply", "-f", "-"],
         &objects,
     )?;
+    let site = data_dir.join("h2");
+    std::fs::create_dir_all(&site)?;
+    std::fs::write(site.join("bench"), "ok")?;
     for server in ["shop/server", "direct/server"] {
         for args in [
             ["serve-http", "--listen", "[::]:8080", "--body", "ok"].as_slice(),
-            ["sink", "--listen", "[::]:9000"].as_slice(),
+            ["echo", "--listen", "[::]:7000"].as_slice(),
         ] {
             let mut command = cluster.pod_command(server, release_bin("mesh-pod"))?;
             command.args(args);
             processes.push(Process::spawn_ready(server, command, "listening", READY)?.0);
         }
+        let mut iperf = cluster.pod_command(server, "iperf3")?;
+        iperf.args(["--server", "--forceflush", "--port", &BULK_PORT.to_string()]);
+        processes.push(Process::spawn_ready(server, iperf, "Server listening", READY)?.0);
+        let mut nghttpd = cluster.pod_command(server, "nghttpd")?;
+        nghttpd
+            .args(["--no-tls", "--htdocs"])
+            .arg(&site)
+            .arg(H2_PORT.to_string());
+        processes.push(Process::spawn(server, nghttpd)?);
+        wait_listening(&cluster, server, H2_PORT)?;
     }
     let mut nodes = Vec::new();
     let mut admins = Vec::new();
@@ -158,6 +227,26 @@ pub(crate) fn up(data_dir: &Path, node_args: &[&str]) -> anyhow::Result<Setup> {
         control: control_pid,
         _processes: processes,
     })
+}
+
+/// Waits until something listens on TCP `port` in `pod`.
+pub(crate) fn wait_listening(cluster: &Cluster, pod: &str, port: u16) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + READY;
+    loop {
+        let listening = cluster
+            .pod_command(pod, "ss")?
+            .args(["-Hltn", &format!("sport = :{port}")])
+            .output()
+            .context("running ss")?;
+        if !listening.stdout.is_empty() {
+            return Ok(());
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "nothing listens on port {port} in {pod} after {READY:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Waits until a request crosses the mesh (pods captured, certificates
@@ -216,116 +305,348 @@ fn cpu_micros(pid: u32) -> anyhow::Result<f64> {
         .split_whitespace()
         .collect();
     let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    let per_second: f64 = run::output(std::process::Command::new("getconf").arg("CLK_TCK"))?
+    let per_second: f64 = run::output(Command::new("getconf").arg("CLK_TCK"))?
         .trim()
         .parse()
         .context("getconf CLK_TCK")?;
     Ok(ticks / per_second * 1e6)
 }
 
-/// One side's numbers.
-#[derive(Debug)]
-pub(super) struct Side {
-    pub p50: f64,
-    pub p99: f64,
-    pub rps_c16: f64,
-    pub gbit: f64,
-    /// CPU µs each proxy spent per request in the c=16 runs.
-    pub cpu_per_request: Vec<f64>,
+/// CPU time the processes have used so far, together, in microseconds.
+fn cpu_total(pids: &[u32]) -> anyhow::Result<f64> {
+    pids.iter().map(|pid| cpu_micros(*pid)).sum()
 }
 
-/// The numbers of one path: `label` for the table, `namespace`'s client
-/// calling `http` (and, for bulk, `sink`).
-pub(super) fn measure(
+/// What a path is measured through: `client` (a pod) calls these
+/// addresses; `proxies` are the processes on the way (none for direct).
+pub(crate) struct Target<'a> {
+    pub label: &'a str,
+    pub client: &'a str,
+    /// HTTP/1.1, `host:port`.
+    pub http: String,
+    /// HTTP/2 with prior knowledge, `host:port`.
+    pub h2: Option<String>,
+    /// An iperf3 server, `host:port`.
+    pub bulk: Option<String>,
+    /// A TCP echo server, for the connections held open.
+    pub echo: Option<String>,
+    pub proxies: &'a [u32],
+}
+
+/// One path's figures; `None` where the path does not carry that load.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Figures {
+    /// c=1 keep-alive latency percentiles, µs: p50, p90, p99, p99.9.
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub rps_c16: f64,
+    pub rps_c64: f64,
+    pub h2_rps: Option<f64>,
+    pub gbit: Option<f64>,
+    /// Requests each on a new connection, at c=16: per second, and the
+    /// median time from connect() to the end of the answer (µs).
+    pub new_per_second: f64,
+    pub new_p50: f64,
+    /// The proxies' CPU time (together) per 10,000 requests at c=16, ms.
+    pub cpu_ms_per_10k: Option<f64>,
+    /// Each proxy's RSS idle, and while `Scale::held` connections are
+    /// held open through it, MiB.
+    pub rss_idle: Option<Vec<f64>>,
+    pub rss_held: Option<Vec<f64>>,
+}
+
+impl Figures {
+    pub(crate) fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "c1_p50_us": self.p50,
+            "c1_p90_us": self.p90,
+            "c1_p99_us": self.p99,
+            "c1_p999_us": self.p999,
+            "c16_requests_per_second": self.rps_c16,
+            "c64_requests_per_second": self.rps_c64,
+            "h2_requests_per_second": self.h2_rps,
+            "bulk_gbit_per_second": self.gbit,
+            "new_connections_per_second": self.new_per_second,
+            "new_connection_p50_us": self.new_p50,
+            "proxy_cpu_ms_per_10k_requests": self.cpu_ms_per_10k,
+            "proxy_rss_idle_mib": self.rss_idle,
+            "proxy_rss_held_mib": self.rss_held,
+        })
+    }
+}
+
+/// wrk's requests/s and request count for `connections` keep-alive
+/// connections to `http`, failing on any error or non-2xx answer.
+fn wrk(
     cluster: &Cluster,
-    label: &str,
-    namespace: &str,
+    client: &str,
     http: &str,
-    sink: Option<&str>,
+    connections: usize,
+    seconds: u32,
+) -> anyhow::Result<serde_json::Value> {
+    let output = cluster
+        .pod_command(client, "wrk")?
+        .args(["--threads", "2", "--connections", &connections.to_string()])
+        .args(["--duration", &format!("{seconds}s")])
+        .arg(format!("http://{http}/bench"))
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running wrk")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        output.status.success() && !text.contains("Non-2xx") && !text.contains("Socket errors"),
+        "wrk to {http} from {client} failed: {text}"
+    );
+    let field = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .with_context(|| format!("wrk printed no {prefix:?}: {text}"))
+    };
+    let requests = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .with_context(|| format!("wrk printed no request count: {text}"))?;
+    Ok(serde_json::json!({
+        "requests_per_second": field("Requests/sec:")?,
+        "requests": requests,
+    }))
+}
+
+/// h2load's requests/s over 16 HTTP/2 connections, 10 streams each.
+fn h2load(cluster: &Cluster, client: &str, h2: &str, seconds: u32) -> anyhow::Result<f64> {
+    let output = cluster
+        .pod_command(client, "h2load")?
+        .args(["--clients", "16", "--max-concurrent-streams", "10"])
+        .args(["--warm-up-time", "1", "--duration", &seconds.to_string()])
+        .arg(format!("http://{h2}/bench"))
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running h2load")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    // "requests: 100 total, 100 started, 100 done, 100 succeeded, 0 failed, …"
+    let clean = text
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .is_some_and(|l| l.contains(" 0 failed") && l.contains(" 0 errored"));
+    ensure!(
+        output.status.success() && clean,
+        "h2load to {h2} from {client} failed: {text}"
+    );
+    // "finished in 5.00s, 12345.67 req/s, …"
+    text.lines()
+        .find_map(|l| l.strip_prefix("finished in "))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|v| v.trim_end_matches(" req/s").parse().ok())
+        .with_context(|| format!("h2load printed no rate: {text}"))
+}
+
+/// iperf3's received throughput in Gbit/s, one TCP connection.
+fn iperf3(cluster: &Cluster, client: &str, bulk: &str, seconds: u32) -> anyhow::Result<f64> {
+    let (host, port) = bulk.rsplit_once(':').context("host:port")?;
+    let output = cluster
+        .pod_command(client, "iperf3")?
+        .args(["--client", host, "--port", port, "--json", "--omit", "1"])
+        .args(["--time", &seconds.to_string()])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running iperf3")?;
+    let result = json(output, &format!("iperf3 to {bulk} from {client}"))?;
+    result["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|bits| bits / 1e9)
+        .with_context(|| format!("iperf3 printed no throughput: {result}"))
+}
+
+/// Each proxy's RSS while `count` connections are held open through the
+/// path to `echo`.
+fn rss_holding(
+    cluster: &Cluster,
+    client: &str,
+    echo: &str,
+    count: u32,
     proxies: &[u32],
-) -> anyhow::Result<Side> {
-    let client = format!("{namespace}/client");
+) -> anyhow::Result<Vec<f64>> {
+    let mut holder = cluster.pod_command(client, release_bin("mesh-pod"))?;
+    holder.args(["hold-many", "--to", echo, "--count", &count.to_string()]);
+    let (holder, line) = Process::spawn_ready("hold-many", holder, "{", READY)?;
+    let answer: serde_json::Value = serde_json::from_str(&line)?;
+    ensure!(
+        answer["held"].as_u64() == Some(u64::from(count)),
+        "hold-many said {line}"
+    );
+    let rss = proxies
+        .iter()
+        .map(|pid| rss_mib(*pid))
+        .collect::<anyhow::Result<_>>()?;
+    drop(holder);
+    Ok(rss)
+}
+
+/// The figures of one path.
+pub(crate) fn measure(
+    cluster: &Cluster,
+    target: &Target<'_>,
+    scale: Scale,
+) -> anyhow::Result<Figures> {
+    let Target {
+        label,
+        client,
+        ref http,
+        proxies,
+        ..
+    } = *target;
+    let bench_http = |args: &[&str]| {
+        let mut all = vec!["bench-http", "--to", http];
+        all.extend_from_slice(args);
+        pod_run(cluster, client, &all)
+    };
+    let rss_idle = (!proxies.is_empty())
+        .then(|| proxies.iter().map(|pid| rss_mib(*pid)).collect())
+        .transpose()?;
     let (p50, c1) = median_of(
-        || {
-            pod_run(
-                cluster,
-                &client,
-                &[
-                    "bench-http",
-                    "--to",
-                    http,
-                    "--requests",
-                    &REQUESTS_C1.to_string(),
-                ],
-            )
-        },
+        scale.runs,
+        || bench_http(&["--requests", &scale.requests_c1.to_string()]),
         "p50_us",
     )?;
-    let p99 = c1["p99_us"].as_f64().unwrap_or(f64::NAN);
-    let cpu_before: Vec<f64> = proxies
-        .iter()
-        .map(|p| cpu_micros(*p))
-        .collect::<anyhow::Result<_>>()?;
+    let percentile = |key: &str| c1[key].as_f64().unwrap_or(f64::NAN);
+    let cpu_before = cpu_total(proxies)?;
+    let mut requests_c16 = 0.0;
     let (rps_c16, _) = median_of(
+        scale.runs,
         || {
-            pod_run(
-                cluster,
-                &client,
-                &[
-                    "bench-http",
-                    "--to",
-                    http,
-                    "--connections",
-                    "16",
-                    "--requests",
-                    &REQUESTS_C16.to_string(),
-                ],
-            )
+            let result = wrk(cluster, client, http, 16, scale.seconds)?;
+            requests_c16 += result["requests"].as_f64().unwrap_or(0.0);
+            Ok(result)
         },
         "requests_per_second",
     )?;
-    // Every run's requests, warm-up included.
-    let requests = (RUNS * (REQUESTS_C16 + REQUESTS_C16 / 10)) as f64;
-    let cpu_per_request = proxies
-        .iter()
-        .zip(&cpu_before)
-        .map(|(p, before)| Ok((cpu_micros(*p)? - before) / requests))
-        .collect::<anyhow::Result<Vec<f64>>>()?;
-    let gbit = match sink {
-        Some(sink) => {
+    let cpu_ms_per_10k = (!proxies.is_empty())
+        .then(|| -> anyhow::Result<f64> {
+            Ok((cpu_total(proxies)? - cpu_before) / 1e3 / requests_c16 * 1e4)
+        })
+        .transpose()?;
+    let (rps_c64, _) = median_of(
+        scale.runs,
+        || wrk(cluster, client, http, 64, scale.seconds),
+        "requests_per_second",
+    )?;
+    let h2_rps = target
+        .h2
+        .as_deref()
+        .map(|h2| {
             median_of(
+                scale.runs,
                 || {
-                    pod_run(
-                        cluster,
-                        &client,
-                        &["bulk", "--to", sink, "--bytes", &BULK_BYTES.to_string()],
-                    )
+                    h2load(cluster, client, h2, scale.seconds)
+                        .map(|rate| serde_json::json!({ "rate": rate }))
                 },
-                "gbit_per_second",
-            )?
-            .0
-        }
-        None => f64::NAN,
+                "rate",
+            )
+        })
+        .transpose()?
+        .map(|(rate, _)| rate);
+    let gbit = target
+        .bulk
+        .as_deref()
+        .map(|bulk| {
+            median_of(
+                scale.runs,
+                || {
+                    iperf3(cluster, client, bulk, scale.seconds)
+                        .map(|gbit| serde_json::json!({ "gbit": gbit }))
+                },
+                "gbit",
+            )
+        })
+        .transpose()?
+        .map(|(gbit, _)| gbit);
+    let (new_per_second, fresh) = median_of(
+        scale.runs,
+        || {
+            bench_http(&[
+                "--new-connections",
+                "--connections",
+                "16",
+                "--requests",
+                &scale.new_connections.to_string(),
+            ])
+        },
+        "requests_per_second",
+    )?;
+    let rss_held = match (&target.echo, proxies.is_empty()) {
+        (Some(echo), false) => Some(rss_holding(cluster, client, echo, scale.held, proxies)?),
+        _ => None,
     };
-    let bulk = if gbit.is_nan() {
-        String::new()
-    } else {
-        format!("   bulk {gbit:.2} Gbit/s")
+    let figures = Figures {
+        p50,
+        p90: percentile("p90_us"),
+        p99: percentile("p99_us"),
+        p999: percentile("p999_us"),
+        rps_c16,
+        rps_c64,
+        h2_rps,
+        gbit,
+        new_per_second,
+        new_p50: fresh["p50_us"].as_f64().unwrap_or(f64::NAN),
+        cpu_ms_per_10k,
+        rss_idle,
+        rss_held,
+    };
+    let optional = |value: Option<f64>, unit: &str| {
+        value.map_or(String::new(), |v| format!("  {v:.1} {unit}"))
     };
     println!(
-        "    {label:<7} c=1 p50 {p50:>7.1} µs p99 {p99:>7.1} µs   c=16 {rps_c16:>8.0} req/s{bulk}"
+        "    {label:<8} c=1 p50 {p50:.1} µs p99 {:.1} µs  c=16 {rps_c16:.0} req/s  c=64 {rps_c64:.0} req/s{}{}  new conns {new_per_second:.0}/s{}",
+        figures.p99,
+        optional(h2_rps, "h2 req/s"),
+        optional(gbit, "Gbit/s"),
+        optional(cpu_ms_per_10k, "CPU ms/10k req"),
     );
-    Ok(Side {
-        p50,
-        p99,
-        rps_c16,
-        gbit,
-        cpu_per_request,
+    Ok(figures)
+}
+
+/// One row of the results table: a figure for each path (direct, mesh
+/// L4, mesh L7, HAProxy), then the mesh's ratios to direct and to HAProxy.
+fn row(name: &str, values: [Option<f64>; 4], decimals: usize, ratios: bool) -> String {
+    let cell = |value: Option<f64>| value.map_or("—".to_owned(), |v| format!("{v:.decimals$}"));
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if ratios && b != 0.0 => format!("{:.2}", a / b),
+        _ => String::new(),
+    };
+    let [direct, l4, l7, haproxy] = values;
+    format!(
+        "| {name} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+        cell(direct),
+        cell(l4),
+        cell(l7),
+        cell(haproxy),
+        ratio(l4, direct),
+        ratio(l7, direct),
+        ratio(l4, haproxy),
+        ratio(l7, haproxy),
+    )
+}
+
+/// A proxy pair's figures as one cell: "client / server".
+fn pair(values: Option<&Vec<f64>>) -> String {
+    values.map_or("—".to_owned(), |v| {
+        v.iter()
+            .map(|x| format!("{x:.1}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
     })
 }
 
-pub fn run() -> anyhow::Result<()> {
-    step("benchmark: pod to pod across nodes, through the mesh and direct (release builds)");
+pub fn run(scale: Scale) -> anyhow::Result<super::Report> {
+    step(
+        "benchmark: pod to pod across nodes: direct, through the mesh (L4, L7) and through HAProxy (release builds)",
+    );
     if !run::is_root() {
         bail!("the data path benchmark builds network namespaces and loads eBPF: run it as root");
     }
@@ -333,151 +654,204 @@ pub fn run() -> anyhow::Result<()> {
     let data_dir = std::env::temp_dir().join("mesh-bench-datapath");
     let setup = up(&data_dir, &[])?;
     let cluster = &setup.cluster;
-    let idle: Vec<f64> = setup
-        .nodes
-        .iter()
-        .map(|n| rss_mib(n.id()))
-        .collect::<anyhow::Result<_>>()?;
-    println!(
-        "    mesh-node RSS, idle with 2 captured pods: {:.1} / {:.1} MiB",
-        idle[0], idle[1]
-    );
-    let pids: Vec<u32> = setup.nodes.iter().map(Process::id).collect();
-    let endpoints = |namespace: &str| -> anyhow::Result<(String, String)> {
-        let server = cluster.pod(&format!("{namespace}/server"))?.ip4;
-        Ok((
-            SocketAddr::from((server, 8080)).to_string(),
-            SocketAddr::from((server, 9000)).to_string(),
-        ))
-    };
-    let (http, sink) = endpoints("direct")?;
-    let direct = measure(cluster, "direct", "direct", &http, Some(&sink), &[])?;
-    // MESH_BENCH_PERF=FILE: record node0's proxy with perf while the mesh
-    // side runs (`perf report -i FILE`), to see where its time goes.
-    let perf = match std::env::var_os("MESH_BENCH_PERF") {
-        Some(file) => Some(
-            std::process::Command::new("perf")
-                .args(["record", "-F", "2999", "-g", "-o"])
-                .arg(file)
-                .args(["-p", &pids[0].to_string()])
-                .stdout(Stdio::null())
-                .spawn()
-                .context("starting perf record")?,
-        ),
-        None => None,
-    };
-    let (http, sink) = endpoints("shop")?;
-    let mesh = measure(cluster, "mesh L4", "shop", &http, Some(&sink), &pids)?;
-    if let Some(mut perf) = perf {
-        // perf writes its file on SIGINT.
-        std::process::Command::new("kill")
-            .args(["-INT", &perf.id().to_string()])
-            .status()?;
-        perf.wait()?;
-    }
-    let l7 = measure(
+    let haproxy = Haproxy::start(
         cluster,
-        "mesh L7",
-        "shop",
-        &format!("{L7_VIP}:80"),
-        None,
-        &pids,
+        "direct/client",
+        "direct/server",
+        &data_dir.join("haproxy"),
     )?;
-    println!(
-        "    proxy CPU per request at c=16: node0 {:.1} µs, node1 {:.1} µs (L4); {:.1} / {:.1} µs (L7)",
-        mesh.cpu_per_request[0],
-        mesh.cpu_per_request[1],
-        l7.cpu_per_request[0],
-        l7.cpu_per_request[1]
-    );
-    let loaded: Vec<f64> = setup
-        .nodes
-        .iter()
-        .map(|n| rss_mib(n.id()))
-        .collect::<anyhow::Result<_>>()?;
+    let mesh_pids: Vec<u32> = setup.nodes.iter().map(Process::id).collect();
+    let haproxy_pids = haproxy.pids();
+    let at = |namespace: &str, port: u16| -> anyhow::Result<String> {
+        let server = cluster.pod(&format!("{namespace}/server"))?.ip4;
+        Ok(SocketAddr::from((server, port)).to_string())
+    };
+    let targets = [
+        Target {
+            label: "direct",
+            client: "direct/client",
+            http: at("direct", HTTP_PORT)?,
+            h2: Some(at("direct", H2_PORT)?),
+            bulk: Some(at("direct", BULK_PORT)?),
+            echo: None,
+            proxies: &[],
+        },
+        Target {
+            label: "mesh L4",
+            client: "shop/client",
+            http: at("shop", HTTP_PORT)?,
+            h2: Some(at("shop", H2_PORT)?),
+            bulk: Some(at("shop", BULK_PORT)?),
+            echo: Some(at("shop", ECHO_PORT)?),
+            proxies: &mesh_pids,
+        },
+        Target {
+            label: "mesh L7",
+            client: "shop/client",
+            http: format!("{L7_VIP}:80"),
+            h2: Some(format!("{L7_VIP}:81")),
+            bulk: None,
+            echo: None,
+            proxies: &mesh_pids,
+        },
+        Target {
+            label: "HAProxy",
+            client: "direct/client",
+            http: haproxy::front(HTTP_PORT)?,
+            h2: Some(haproxy::front(H2_PORT)?),
+            bulk: Some(haproxy::front(BULK_PORT)?),
+            echo: Some(haproxy::front(ECHO_PORT)?),
+            proxies: &haproxy_pids,
+        },
+    ];
+    let mut figures = Vec::new();
+    for target in &targets {
+        // MESH_BENCH_PERF=FILE: record node0's proxy with perf while the
+        // L4 path runs (`perf report -i FILE`), to see where its time goes.
+        let perf = match std::env::var_os("MESH_BENCH_PERF") {
+            Some(file) if target.label == "mesh L4" => Some(
+                Command::new("perf")
+                    .args(["record", "-F", "2999", "-g", "-o"])
+                    .arg(file)
+                    .args(["-p", &mesh_pids[0].to_string()])
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .context("starting perf record")?,
+            ),
+            _ => None,
+        };
+        figures.push(measure(cluster, target, scale)?);
+        if let Some(mut perf) = perf {
+            // perf writes its file on SIGINT.
+            Command::new("kill")
+                .args(["-INT", &perf.id().to_string()])
+                .status()?;
+            perf.wait()?;
+        }
+    }
+    drop(haproxy);
     drop(setup);
     cluster::teardown(CLUSTER)?;
     let _ = std::fs::remove_dir_all(&data_dir);
+    report(&figures, scale)
+}
 
-    let added = mesh.p50 - direct.p50;
-    let ratio = |a: f64, b: f64| a / b;
-    let table = format!(
-        "| | direct | mesh L4 | mesh L7 | L4 − direct | L4 ratio | L7 − direct | L7 ratio |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|\n\
-         | c=1 p50 µs | {:.1} | {:.1} | {:.1} | {:+.1} | {:.2} | {:+.1} | {:.2} |\n\
-         | c=1 p99 µs | {:.1} | {:.1} | {:.1} | {:+.1} | {:.2} | {:+.1} | {:.2} |\n\
-         | c=16 requests/s | {:.0} | {:.0} | {:.0} | | {:.2} | | {:.2} |\n\
-         | bulk Gbit/s | {:.2} | {:.2} | — | | {:.2} | | |\n",
-        direct.p50,
-        mesh.p50,
-        l7.p50,
-        mesh.p50 - direct.p50,
-        ratio(mesh.p50, direct.p50),
-        l7.p50 - direct.p50,
-        ratio(l7.p50, direct.p50),
-        direct.p99,
-        mesh.p99,
-        l7.p99,
-        mesh.p99 - direct.p99,
-        ratio(mesh.p99, direct.p99),
-        l7.p99 - direct.p99,
-        ratio(l7.p99, direct.p99),
-        direct.rps_c16,
-        mesh.rps_c16,
-        l7.rps_c16,
-        ratio(mesh.rps_c16, direct.rps_c16),
-        ratio(l7.rps_c16, direct.rps_c16),
-        direct.gbit,
-        mesh.gbit,
-        ratio(mesh.gbit, direct.gbit),
+fn report(figures: &[Figures], scale: Scale) -> anyhow::Result<super::Report> {
+    let [direct, l4, l7, haproxy] = figures else {
+        bail!("four paths measured, not {}", figures.len());
+    };
+    let all = |f: fn(&Figures) -> Option<f64>| [f(direct), f(l4), f(l7), f(haproxy)];
+    let per_hop = |path: &Figures| (path.p50 - direct.p50) / 2.0;
+    let mut table = String::from(
+        "| | direct | mesh L4 | mesh L7 | HAProxy | L4 ÷ direct | L7 ÷ direct | L4 ÷ HAProxy | L7 ÷ HAProxy |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
+    table += &row("c=1 p50 µs", all(|f| Some(f.p50)), 1, true);
+    table += &row("c=1 p90 µs", all(|f| Some(f.p90)), 1, true);
+    table += &row("c=1 p99 µs", all(|f| Some(f.p99)), 1, true);
+    table += &row("c=1 p99.9 µs", all(|f| Some(f.p999)), 1, true);
+    table += &row(
+        "added per proxy hop, p50 µs",
+        [
+            None,
+            Some(per_hop(l4)),
+            Some(per_hop(l7)),
+            Some(per_hop(haproxy)),
+        ],
+        1,
+        false,
+    );
+    table += &row("c=16 requests/s", all(|f| Some(f.rps_c16)), 0, true);
+    table += &row("c=64 requests/s", all(|f| Some(f.rps_c64)), 0, true);
+    table += &row("HTTP/2 requests/s (h2load)", all(|f| f.h2_rps), 0, true);
+    table += &row("bulk Gbit/s (iperf3)", all(|f| f.gbit), 2, true);
+    table += &row(
+        "new connections/s, c=16",
+        all(|f| Some(f.new_per_second)),
+        0,
+        true,
+    );
+    table += &row("new connection p50 µs", all(|f| Some(f.new_p50)), 1, true);
+    table += &row(
+        "proxies' CPU ms per 10k requests (c=16)",
+        all(|f| f.cpu_ms_per_10k),
+        0,
+        true,
+    );
+    table += &format!(
+        "| proxy RSS idle, MiB (client / server side) | — | {} | | {} | | | | |\n",
+        pair(l4.rss_idle.as_ref()),
+        pair(haproxy.rss_idle.as_ref()),
+    );
+    table += &format!(
+        "| proxy RSS, {} connections held, MiB | — | {} | | {} | | | | |\n",
+        scale.held,
+        pair(l4.rss_held.as_ref()),
+        pair(haproxy.rss_held.as_ref()),
+    );
+    println!("\n{table}");
+    let json = serde_json::json!({
+        "paths": {
+            "direct": direct.to_json(),
+            "mesh_l4": l4.to_json(),
+            "mesh_l7": l7.to_json(),
+            "haproxy": haproxy.to_json(),
+        },
+        "added_per_hop_p50_us": {
+            "mesh_l4": per_hop(l4),
+            "mesh_l7": per_hop(l7),
+            "haproxy": per_hop(haproxy),
+        },
+    });
     let body = format!(
         "A client pod on node0 calls a server pod on node1 of a local netns cluster\n\
-         (veth, bridges, a fabric bridge; one machine): in an uncaptured namespace\n\
-         (direct); in a captured one at the server's own address (mesh L4: client's\n\
-         node proxy → HBONE, HTTP/2 CONNECT over mTLS, pooled → the server's node\n\
-         proxy → server); and at the address of a service the server serves, port\n\
-         declared `http` (mesh L7: the client's node proxy parses each request,\n\
-         applies split, breaker, balancer, retry and timeout, and sends it over a\n\
-         pooled upstream connection riding an HBONE stream). Release builds, access\n\
-         logs off, median of {RUNS} runs. HTTP/1.1 keep-alive GETs with a 2-byte body:\n\
-         c=1 {REQUESTS_C1} requests on one connection; c=16 {REQUESTS_C16} over 16\n\
-         connections; bulk: {} MiB on one TCP connection to a sink.\n\n\
+         (veth, bridges, a fabric bridge; one machine), four ways in one run:\n\n\
+         - **direct**: in an uncaptured namespace;\n\
+         - **mesh L4**: in a captured one, at the server's own address: the client's\n  \
+         node proxy → HBONE (HTTP/2 CONNECT over mTLS, pooled) → the server's node\n  \
+         proxy → server;\n\
+         - **mesh L7**: at the address of a service the server serves, ports declared\n  \
+         `http` and `http2`: the client's node proxy parses each request, applies\n  \
+         split, breaker, balancer, retry and timeout, and sends it over a pooled\n  \
+         upstream connection riding an HBONE stream;\n\
+         - **HAProxy**: two HAProxy 2.6 instances on the same topology, one in the\n  \
+         client pod (plain HTTP and TCP in on loopback, as a captured connection\n  \
+         reaches the node proxy), one in the server pod (mutual TLS in, ECDSA P-256,\n  \
+         HTTP/2 between the two with connections reused), one thread each like the\n  \
+         node proxy here: a widely used proxy as a yardstick.\n\n\
+         Release builds, access logs off, median of {runs} run(s). HTTP/1.1 keep-alive\n\
+         GETs with a 2-byte answer: c=1 {c1} requests on one connection (`mesh-pod\n\
+         bench-http`); c=16 and c=64 with wrk ({seconds} s, 2 threads); HTTP/2 with\n\
+         h2load (16 connections × 10 streams, {seconds} s, to nghttpd); bulk: iperf3, one\n\
+         TCP connection, {seconds} s; new connections: {new} requests at c=16, each on a\n\
+         connection of its own, timed from connect() to the end of the answer. The\n\
+         proxies' CPU time is read from /proc over the c=16 runs; RSS with\n\
+         {held} connections held open to an echo server.\n\n\
          {table}\n\
-         Added per proxy hop at p50 (two proxies on the path), L4: {:.1} µs (target ≤ 20).\n\
-         CPU each proxy spent per request at c=16 (user + system, from /proc):\n\
-         L4 client side {:.1} µs, server side {:.1} µs; L7 client side {:.1} µs, server side {:.1} µs.\n\
-         Throughput ratio (L4): requests {:.2}, bulk {:.2} (target ≥ 0.5). mesh-node RSS idle with its captured\n\
-         pods: node0 {:.1} MiB, node1 {:.1} MiB (target ≤ 15); after the runs {:.1} / {:.1} MiB.\n\
-         Both proxies, the client, the server and the kernel's forwarding share the\n\
-         machine's 2 cores, so the mesh rows also pay for the proxies' CPU time\n\
-         competing with the client and server. Where a proxy's time goes\n\
-         (`MESH_BENCH_PERF=FILE cargo xtask bench datapath`, then `perf report`):\n\
-         on 2026-11-26 about two thirds in the kernel — the extra TCP legs (the\n\
-         pod's loopback to the proxy, the tunnel's socket), whose sends also run the\n\
-         receiver's softirq path — and a third in user space spread over tokio, h2,\n\
-         rustls (AES-GCM) and copies, with no single hot spot. The node proxy runs\n\
-         one thread on this 2-CPU machine (`--worker-threads` 0 = half the CPUs):\n\
-         against two worker threads that halved its CPU per request (≈21 against\n\
-         ≈33–42 µs at c=16) and raised c=16 requests/s by about 40 %, because a\n\
-         stream's bytes no longer wake a second thread. A round trip through the\n\
-         mesh wakes six processes where direct wakes two, and on this VM each wake\n\
-         costs tens of µs; cutting the loopback leg (sockmap redirection between\n\
-         the pod's socket and the proxy's) is the next lever, but the wakes remain.\n\n\
-         Machine: {}. Reproduce: `cargo xtask bench datapath` (root).",
-        BULK_BYTES >> 20,
-        added / 2.0,
-        mesh.cpu_per_request[0],
-        mesh.cpu_per_request[1],
-        l7.cpu_per_request[0],
-        l7.cpu_per_request[1],
-        mesh.rps_c16 / direct.rps_c16,
-        mesh.gbit / direct.gbit,
-        idle[0],
-        idle[1],
-        loaded[0],
-        loaded[1],
-        super::machine()
+         Added per proxy hop at p50, L4: {l4_hop:.1} µs (target ≤ 20; HAProxy {ha_hop:.1} µs).\n\
+         Throughput ratios to direct (L4): c=16 requests {rps:.2}, bulk {bulk:.2} (target ≥ 0.5).\n\
+         mesh-node RSS idle: {rss} MiB (target ≤ 15).\n\n\
+         All four paths share the machine's 2 cores with the client, the server\n\
+         and the kernel's forwarding, so the proxied rows also pay for the\n\
+         proxies' CPU time competing with the client and the server.\n\n\
+         Machine: {machine}. Reproduce: `cargo xtask bench datapath` (root; `--quick`\n\
+         for a short run that records nothing here).",
+        runs = scale.runs,
+        c1 = scale.requests_c1,
+        seconds = scale.seconds,
+        new = scale.new_connections,
+        held = scale.held,
+        l4_hop = per_hop(l4),
+        ha_hop = per_hop(haproxy),
+        rps = l4.rps_c16 / direct.rps_c16,
+        bulk = l4.gbit.unwrap_or(f64::NAN) / direct.gbit.unwrap_or(f64::NAN),
+        rss = pair(l4.rss_idle.as_ref()),
+        machine = super::machine(),
     );
-    super::record("datapath", "Pod to pod through the mesh", &body)
+    Ok(super::Report {
+        name: "datapath",
+        title: "Pod to pod through the mesh",
+        body,
+        json,
+    })
 }

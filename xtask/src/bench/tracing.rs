@@ -7,7 +7,7 @@
 use anyhow::Context as _;
 use mesh_e2e::{cluster, http, otlp::Collector, process::free_port};
 
-use super::datapath::{self, L7_VIP, Side};
+use super::datapath::{self, Figures, L7_VIP, Scale, Target};
 use crate::run::step;
 
 /// A counter on a node proxy's `/metrics`; 0 when absent.
@@ -20,7 +20,7 @@ fn counter(admin: std::net::SocketAddr, name: &str) -> anyhow::Result<f64> {
     }
 }
 
-pub fn run() -> anyhow::Result<()> {
+pub fn run(scale: Scale) -> anyhow::Result<super::Report> {
     step("benchmark: span export on the L7 path, collector up and down (release builds)");
     if !crate::run::is_root() {
         anyhow::bail!("the tracing benchmark builds network namespaces: run it as root");
@@ -45,13 +45,18 @@ pub fn run() -> anyhow::Result<()> {
     ] {
         let setup = datapath::up(&data_dir, &args)?;
         let pids: Vec<u32> = setup.nodes.iter().map(|n| n.id()).collect();
-        let side: Side = datapath::measure(
+        let side: Figures = datapath::measure(
             &setup.cluster,
-            label,
-            "shop",
-            &format!("{L7_VIP}:80"),
-            None,
-            &pids,
+            &Target {
+                label,
+                client: "shop/client",
+                http: format!("{L7_VIP}:80"),
+                h2: None,
+                bulk: None,
+                echo: None,
+                proxies: &pids,
+            },
+            scale,
         )?;
         let mut exported = 0.0;
         let mut dropped = 0.0;
@@ -70,7 +75,18 @@ pub fn run() -> anyhow::Result<()> {
         "| span export | c=1 p50 µs | c=1 p99 µs | p50 vs off | c=16 requests/s | spans exported | spans dropped |\n\
          |---|---:|---:|---:|---:|---:|---:|\n",
     );
+    let mut json = serde_json::Map::new();
     for (label, side, exported, dropped) in &rows {
+        json.insert(
+            (*label).to_owned(),
+            serde_json::json!({
+                "c1_p50_us": side.p50,
+                "c1_p99_us": side.p99,
+                "c16_requests_per_second": side.rps_c16,
+                "spans_exported": exported,
+                "spans_dropped": dropped,
+            }),
+        );
         table.push_str(&format!(
             "| {label} | {:.1} | {:.1} | {:+.1} | {:.0} | {exported:.0} | {dropped:.0} |\n",
             side.p50,
@@ -101,5 +117,10 @@ pub fn run() -> anyhow::Result<()> {
          Machine: {}. Reproduce: `cargo xtask bench tracing` (root).",
         super::machine()
     );
-    super::record("tracing", "Span export, collector up and down", &body)
+    Ok(super::Report {
+        name: "tracing",
+        title: "Span export, collector up and down",
+        body,
+        json: json.into(),
+    })
 }

@@ -16,7 +16,8 @@
 //! `mesh-pod serve-http --listen [::]:8080 --body TEXT` answers every
 //! HTTP/1.1 request (keep-alive) with 200 and TEXT (or, on purpose, 503
 //! for `--fail-percent` of them, or never for `/hang…` with `--hang`;
-//! `GET /hits` counts the others); `mesh-pod http --to ADDR --path /p
+//! `GET /hits` counts the others, `GET /connections` the connections
+//! accepted); `mesh-pod http --to ADDR --path /p
 //! --count N [--method M] [--header 'k: v']` makes N requests, each on a
 //! new connection (or all on one with `--keep-alive`), and prints a JSON
 //! summary: statuses, the proxy's `x-mesh-flags`, bytes, and how often
@@ -555,16 +556,27 @@ fn serve_http(listen: SocketAddr, body: String, faults: Faults) -> io::Result<()
     println!("listening {}", listener.local_addr()?);
     io::stdout().flush()?;
     let body: std::sync::Arc<str> = body.into();
-    let hits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counters = std::sync::Arc::new(Counters::default());
     for stream in listener.incoming() {
         let stream = stream?;
+        counters
+            .connections
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let body = body.clone();
-        let hits = hits.clone();
+        let counters = counters.clone();
         thread::spawn(move || {
-            let _ = answer_http(stream, &body, faults, &hits);
+            let _ = answer_http(stream, &body, faults, &counters);
         });
     }
     Ok(())
+}
+
+/// What `serve-http` has seen: requests answered with the body (read
+/// with `GET /hits`), and connections accepted (`GET /connections`).
+#[derive(Default)]
+struct Counters {
+    hits: std::sync::atomic::AtomicU64,
+    connections: std::sync::atomic::AtomicU64,
 }
 
 /// Answers requests on one connection until the client closes it.
@@ -572,9 +584,10 @@ fn answer_http(
     stream: TcpStream,
     body: &str,
     faults: Faults,
-    hits: &std::sync::atomic::AtomicU64,
+    counters: &Counters,
 ) -> io::Result<()> {
     use std::sync::atomic::Ordering::SeqCst;
+    let hits = &counters.hits;
     stream.set_nodelay(true)?;
     let mut reader = io::BufReader::new(stream.try_clone()?);
     let mut writer = stream;
@@ -607,6 +620,8 @@ fn answer_http(
         let target = head.split(' ').nth(1).unwrap_or("/");
         let (status, text) = if head.starts_with("GET /hits ") {
             ("200 OK", hits.load(SeqCst).to_string())
+        } else if head.starts_with("GET /connections ") {
+            ("200 OK", counters.connections.load(SeqCst).to_string())
         } else if target.starts_with("/headers") {
             // The request head as it arrived, less the request line.
             let fields = head.split_once('\n').map_or("", |(_, rest)| rest);

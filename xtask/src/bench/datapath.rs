@@ -36,12 +36,17 @@ use crate::{
 pub(crate) const CLUSTER: &str = "benchhbone";
 const READY: Duration = Duration::from_secs(30);
 /// The address of the server's HTTP service (the L7 path): port 80 is
-/// HTTP/1.1 to HTTP_PORT, port 81 HTTP/2 to H2_PORT.
+/// HTTP/1.1 to SERVICE_HTTP_PORT, port 81 HTTP/2 to SERVICE_H2_PORT.
 pub(crate) const L7_VIP: &str = "10.96.0.80";
 /// The servers' ports: HTTP/1.1 (`mesh-pod serve-http`), HTTP/2
-/// (nghttpd, prior knowledge), iperf3, and TCP echo.
+/// (nghttpd, prior knowledge), iperf3, and TCP echo. No service declares
+/// them, so the mesh carries them as plain TCP (L4).
 pub(crate) const HTTP_PORT: u16 = 8080;
 pub(crate) const H2_PORT: u16 = 8081;
+/// The same servers again on the ports the HTTP service declares, which
+/// both node proxies handle request by request (L7).
+const SERVICE_HTTP_PORT: u16 = 8180;
+const SERVICE_H2_PORT: u16 = 8181;
 pub(crate) const BULK_PORT: u16 = 5201;
 pub(crate) const ECHO_PORT: u16 = 7000;
 
@@ -173,8 +178,8 @@ pub(crate) fn up(data_dir: &Path, node_args: &[&str]) -> anyhow::Result<Setup> {
     // The same server as an HTTP service: requests through the L7 path.
     objects.push_str(&format!(
         "---\napiVersion: mesh.io/v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\n\
-         spec: {{vip: {L7_VIP}, ports: [{{port: 80, target_port: {HTTP_PORT}, protocol: http}}, \
-         {{port: 81, target_port: {H2_PORT}, protocol: http2}}]}}\n"
+         spec: {{vip: {L7_VIP}, ports: [{{port: 80, target_port: {SERVICE_HTTP_PORT}, protocol: http}}, \
+         {{port: 81, target_port: {SERVICE_H2_PORT}, protocol: http2}}]}}\n"
     ));
     meshctl_at(
         &release_bin("meshctl"),
@@ -188,8 +193,23 @@ pub(crate) fn up(data_dir: &Path, node_args: &[&str]) -> anyhow::Result<Setup> {
     std::fs::write(site.join("bench"), "ok")?;
     for server in ["shop/server", "direct/server"] {
         for args in [
-            ["serve-http", "--listen", "[::]:8080", "--body", "ok"].as_slice(),
-            ["echo", "--listen", "[::]:7000"].as_slice(),
+            [
+                "serve-http",
+                "--listen",
+                &format!("[::]:{HTTP_PORT}"),
+                "--body",
+                "ok",
+            ]
+            .as_slice(),
+            [
+                "serve-http",
+                "--listen",
+                &format!("[::]:{SERVICE_HTTP_PORT}"),
+                "--body",
+                "ok",
+            ]
+            .as_slice(),
+            ["echo", "--listen", &format!("[::]:{ECHO_PORT}")].as_slice(),
         ] {
             let mut command = cluster.pod_command(server, release_bin("mesh-pod"))?;
             command.args(args);
@@ -198,13 +218,15 @@ pub(crate) fn up(data_dir: &Path, node_args: &[&str]) -> anyhow::Result<Setup> {
         let mut iperf = cluster.pod_command(server, "iperf3")?;
         iperf.args(["--server", "--forceflush", "--port", &BULK_PORT.to_string()]);
         processes.push(Process::spawn_ready(server, iperf, "Server listening", READY)?.0);
-        let mut nghttpd = cluster.pod_command(server, "nghttpd")?;
-        nghttpd
-            .args(["--no-tls", "--htdocs"])
-            .arg(&site)
-            .arg(H2_PORT.to_string());
-        processes.push(Process::spawn(server, nghttpd)?);
-        wait_listening(&cluster, server, H2_PORT)?;
+        for port in [H2_PORT, SERVICE_H2_PORT] {
+            let mut nghttpd = cluster.pod_command(server, "nghttpd")?;
+            nghttpd
+                .args(["--no-tls", "--htdocs"])
+                .arg(&site)
+                .arg(port.to_string());
+            processes.push(Process::spawn(server, nghttpd)?);
+            wait_listening(&cluster, server, port)?;
+        }
     }
     let mut nodes = Vec::new();
     let mut admins = Vec::new();
@@ -807,13 +829,15 @@ fn report(figures: &[Figures], scale: Scale) -> anyhow::Result<super::Report> {
         "A client pod on node0 calls a server pod on node1 of a local netns cluster\n\
          (veth, bridges, a fabric bridge; one machine), four ways in one run:\n\n\
          - **direct**: in an uncaptured namespace;\n\
-         - **mesh L4**: in a captured one, at the server's own address: the client's\n  \
-         node proxy → HBONE (HTTP/2 CONNECT over mTLS, pooled) → the server's node\n  \
-         proxy → server;\n\
+         - **mesh L4**: in a captured one, at the server's own address, on ports no\n  \
+         service declares: the client's node proxy → HBONE (HTTP/2 CONNECT over\n  \
+         mTLS, pooled) → the server's node proxy → server, bytes relayed as they are;\n\
          - **mesh L7**: at the address of a service the server serves, ports declared\n  \
-         `http` and `http2`: the client's node proxy parses each request, applies\n  \
-         split, breaker, balancer, retry and timeout, and sends it over a pooled\n  \
-         upstream connection riding an HBONE stream;\n\
+         `http` and `http2` (the same servers again on those ports): the client's\n  \
+         node proxy parses each request, applies split, breaker, balancer, retry and\n  \
+         timeout, and sends it over a pooled upstream connection riding an HBONE\n  \
+         stream; the server's node proxy authorizes each request and sends it to the\n  \
+         server over a pooled connection;\n\
          - **HAProxy**: two HAProxy 2.6 instances on the same topology, one in the\n  \
          client pod (plain HTTP and TCP in on loopback, as a captured connection\n  \
          reaches the node proxy), one in the server pod (mutual TLS in, ECDSA P-256,\n  \

@@ -857,7 +857,36 @@ fn report(figures: &[Figures], scale: Scale) -> anyhow::Result<super::Report> {
          mesh-node RSS idle: {rss} MiB (target ≤ 15).\n\n\
          All four paths share the machine's 2 cores with the client, the server\n\
          and the kernel's forwarding, so the proxied rows also pay for the\n\
-         proxies' CPU time competing with the client and the server.\n\n\
+         proxies' CPU time competing with the client and the server. Single runs\n\
+         on this shared VM move by 20 % or more from one run to the next: read\n\
+         the ratios, measured side by side, rather than the absolutes.\n\n\
+         Where a proxy's time goes (perf on both proxies, 2026-11-27;\n\
+         `MESH_BENCH_PERF=FILE cargo xtask bench datapath` records node0's during\n\
+         the L4 path), the three biggest costs:\n\n\
+         1. **Wake-ups and context switches**, about a quarter of each proxy's CPU\n   \
+         at L4: the kernel waking the reader of every segment (`sock_def_readable`\n   \
+         → `_raw_spin_unlock_irqrestore`, 11–19 %) and switching tasks\n   \
+         (`finish_task_switch`, 11–12 %, mostly the proxy preempted on its way out\n   \
+         of `send` by the task it woke). A round trip through the mesh wakes six\n   \
+         processes where direct wakes two, on 2 vCPUs. Done: the node proxy runs\n   \
+         one worker thread here (half its CPU per request against two).\n\
+         2. **The kernel's TCP for the extra legs**, about half: each proxy adds a\n   \
+         loopback leg (the pod to the proxy's listener) and a tunnel leg, with\n   \
+         their copies (`_copy_to_iter`/`_copy_from_iter`, 15 % in bulk) and softirq\n   \
+         work. The lever is sockmap redirection between the pod's socket and the\n   \
+         proxy's, which removes the loopback leg; not done.\n\
+         3. **User space**, 16–24 % of a proxy at L4 and about 60 % at L7. At L7 the\n   \
+         top item was `memmove` (13 %): hyper moves each request's future into a\n   \
+         task of its own, and ours (routing, retries, the upstream exchange) was\n   \
+         large. Boxing it raised L7 HTTP/2 from about 23k to 31k requests/s and\n   \
+         L7 HTTP/1.1 at c=16 from about 14k to 20k. What remains is spread over\n   \
+         hyper and h2 (HPACK, frame queues), malloc and tokio. In bulk the sending\n   \
+         proxy copies more than it encrypts (`memmove` 14 %, AES-GCM 12.5 %): one of\n   \
+         its copies, read buffer to frame, could go; not done.\n\n\
+         The c=64 load found a defect, fixed: with more requests in flight to one\n\
+         upstream than its pool kept idle (32), the proxy opened and closed a\n\
+         connection per request, and the TIME_WAIT sockets left in the pod made\n\
+         each connect() slower, until throughput fell 20-fold within a minute.\n\n\
          Machine: {machine}. Reproduce: `cargo xtask bench datapath` (root; `--quick`\n\
          for a short run that records nothing here).",
         runs = scale.runs,

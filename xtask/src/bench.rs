@@ -36,6 +36,24 @@ const BENCHES: &[&str] = &[
     "config-push",
 ];
 
+/// Everything the benchmarks run (the workspace's binaries and two
+/// examples), in release mode and in one cargo invocation: features
+/// resolve once, so no benchmark rebuilds what another built.
+pub(crate) fn build() -> anyhow::Result<()> {
+    crate::setup::run()?;
+    crate::ebpf::build()?;
+    run::run(cargo().args([
+        "build",
+        "--release",
+        "--workspace",
+        "--bins",
+        "--example",
+        "handshakes",
+        "--example",
+        "config_push",
+    ]))
+}
+
 /// A running control plane, as the benchmarks start it.
 pub(crate) struct Control {
     pub process: mesh_e2e::process::Process,
@@ -87,6 +105,18 @@ pub fn run(name: Option<String>, quick: bool) -> anyhow::Result<()> {
     let selected: Vec<&str> = match &name {
         Some(name) if BENCHES.contains(&name.as_str()) => vec![name.as_str()],
         Some(name) => bail!("no benchmark {name:?}; there are: {}", BENCHES.join(", ")),
+        // Span export is a cost of its own, not one of the data path's
+        // figures: the quick check leaves it out unless named.
+        None if quick => {
+            println!(
+                "    --quick leaves out `tracing`; `cargo xtask bench tracing --quick` runs it"
+            );
+            BENCHES
+                .iter()
+                .copied()
+                .filter(|b| *b != "tracing")
+                .collect()
+        }
         None => BENCHES.to_vec(),
     };
     crate::setup::bench_tools()?;
@@ -129,19 +159,12 @@ fn handshakes(quick: bool) -> anyhow::Result<Report> {
     // Three runs of 5000 (one of 1000 when quick): the median, and the
     // spread the machine showed.
     let (runs, count) = if quick { (1, 1000) } else { (3, 5000) };
+    build()?;
     let mut rates = Vec::new();
     for _ in 0..runs {
-        let output = run::output(cargo().args([
-            "run",
-            "--release",
-            "--quiet",
-            "-p",
-            "mesh-identity",
-            "--example",
-            "handshakes",
-            "--",
-            &count.to_string(),
-        ]))?;
+        let output = run::output(
+            Command::new(capture::release_bin("examples/handshakes")).arg(count.to_string()),
+        )?;
         let result: serde_json::Value = serde_json::from_str(output.trim())
             .with_context(|| format!("the benchmark printed {output:?}"))?;
         let rate = result["handshakes_per_second_one_core_both_ends"]

@@ -630,12 +630,9 @@ pub(super) async fn serve(
         protocol,
         handoffs: handoffs.clone(),
     });
-    // Boxed: hyper moves each request's future into a task of its own,
-    // and the routing future, retries and upstream exchange included, is
-    // large enough that those moves showed as the proxy's top cost.
     let handler = hyper::service::service_fn(move |request| {
         let route = route.clone();
-        Box::pin(async move { Ok::<_, Infallible>(handle(&route, request).await) })
+        async move { Ok::<_, Infallible>(handle(&route, request).await) }
     });
     // hyper's header timeout runs once it knows the protocol, which it
     // learns from up to 24 first bytes (the HTTP/2 preface or not): a
@@ -696,10 +693,9 @@ pub(super) async fn serve_inbound(
         protocol: service.1,
         handoffs: handoffs.clone(),
     });
-    // Boxed, as on the outbound side.
     let handler = hyper::service::service_fn(move |request| {
         let inbound = inbound.clone();
-        Box::pin(async move {
+        async move {
             let started = std::time::Instant::now();
             let access = Access::start(access_logged(&inbound.mesh, &inbound.pod.name), &request);
             let received = Arc::new(BodyTally::default());
@@ -729,7 +725,7 @@ pub(super) async fn serve_inbound(
                 access.answered(pod, Direction::Inbound, caller, &response, served.trace_id)
             });
             Ok::<_, Infallible>(measured(response, received, sizes, access))
-        })
+        }
     });
     server(mesh.http.header_timeout)
         .serve_connection_with_upgrades(TokioIo::new(stream), handler)

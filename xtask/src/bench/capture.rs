@@ -32,11 +32,11 @@ struct Scale {
     runs: usize,
 }
 const FULL: Scale = Scale {
-    count: 10000,
-    runs: 5,
+    count: 5000,
+    runs: 3,
 };
 const QUICK: Scale = Scale {
-    count: 2000,
+    count: 1000,
     runs: 1,
 };
 
@@ -125,7 +125,7 @@ pub fn run(quick: bool) -> anyhow::Result<super::Report> {
     if !run::is_root() {
         bail!("the capture benchmark builds network namespaces and loads eBPF: run it as root");
     }
-    run::build_binaries(true, &["mesh-node", "mesh-e2e"])?;
+    super::build()?;
     cluster::teardown(CLUSTER)?;
     let cluster = Cluster::up(&ClusterSpec {
         name: CLUSTER.into(),

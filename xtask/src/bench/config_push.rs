@@ -9,21 +9,13 @@ use std::process::{Command, Stdio};
 use anyhow::{Context as _, ensure};
 
 use super::capture::release_bin;
-use crate::run::{self, cargo, step};
+use crate::run::step;
 
 pub fn run(quick: bool) -> anyhow::Result<super::Report> {
     step(
         "benchmark: configuration push at 100 nodes, 1,000 services, 10,000 endpoints (release builds)",
     );
-    run::run(cargo().args(["build", "--release", "-p", "mesh-control", "--bins"]))?;
-    run::run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "mesh-node",
-        "--example",
-        "config_push",
-    ]))?;
+    super::build()?;
     let data_dir = std::env::temp_dir().join("mesh-bench-config-push");
     let control = super::serve_control(
         Command::new(release_bin("mesh-control")),

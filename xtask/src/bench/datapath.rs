@@ -75,9 +75,9 @@ impl Scale {
     };
     pub(crate) const QUICK: Self = Self {
         runs: 1,
-        requests_c1: 2000,
-        seconds: 2,
-        new_connections: 1000,
+        requests_c1: 1000,
+        seconds: 1,
+        new_connections: 500,
         held: 1000,
     };
 
@@ -300,7 +300,7 @@ fn wait_ready(cluster: &Cluster) -> anyhow::Result<()> {
 
 /// The release binaries the data path benchmarks run.
 pub(crate) fn build() -> anyhow::Result<()> {
-    run::build_binaries(true, &["mesh-node", "mesh-control", "meshctl", "mesh-e2e"])
+    super::build()
 }
 
 pub(crate) fn pod_run(
@@ -876,13 +876,13 @@ fn report(figures: &[Figures], scale: Scale) -> anyhow::Result<super::Report> {
          work. The lever is sockmap redirection between the pod's socket and the\n   \
          proxy's, which removes the loopback leg; not done.\n\
          3. **User space**, 16–24 % of a proxy at L4 and about 60 % at L7. At L7 the\n   \
-         top item was `memmove` (13 %): hyper moves each request's future into a\n   \
-         task of its own, and ours (routing, retries, the upstream exchange) was\n   \
-         large. Boxing it raised L7 HTTP/2 from about 23k to 31k requests/s and\n   \
-         L7 HTTP/1.1 at c=16 from about 14k to 20k. What remains is spread over\n   \
-         hyper and h2 (HPACK, frame queues), malloc and tokio. In bulk the sending\n   \
-         proxy copies more than it encrypts (`memmove` 14 %, AES-GCM 12.5 %): one of\n   \
-         its copies, read buffer to frame, could go; not done.\n\n\
+         top item is `memmove` (12–13 %), spread over hyper's and h2's moves of\n   \
+         frames, header maps and futures, then malloc and free (about 12 %).\n   \
+         Boxing each request's future, so that hyper moves a pointer, left both\n   \
+         the profile and the throughput as they were in alternating A/B runs, and\n   \
+         was not kept. In bulk the sending proxy copies more than it encrypts\n   \
+         (`memmove` 14 %, AES-GCM 12.5 %): one of its copies, read buffer to\n   \
+         frame, could go; not done.\n\n\
          The c=64 load found a defect, fixed: with more requests in flight to one\n\
          upstream than its pool kept idle (32), the proxy opened and closed a\n\
          connection per request, and the TIME_WAIT sockets left in the pod made\n\

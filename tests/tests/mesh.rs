@@ -1409,6 +1409,29 @@ fn served(mesh: &Mesh, addr: &str, path: &str) -> u64 {
     bodies.keys().next().unwrap().parse().unwrap()
 }
 
+/// `requests` keep-alive GETs from shop/frontend to `to` over
+/// `connections` at once (after a tenth as warm-up), timed.
+fn keep_alive_requests(
+    mesh: &Mesh,
+    to: &str,
+    connections: usize,
+    requests: usize,
+) -> serde_json::Value {
+    summary_of(
+        mesh,
+        "shop/frontend",
+        &[
+            "bench-http",
+            "--to",
+            to,
+            "--connections",
+            &connections.to_string(),
+            "--requests",
+            &requests.to_string(),
+        ],
+    )
+}
+
 fn count(summary: &serde_json::Value, field: &str, key: &str) -> u64 {
     summary[field][key].as_u64().unwrap_or(0)
 }
@@ -2096,19 +2119,7 @@ fn requests_complete_within_their_timeout_over_a_lossy_link() {
          }\n",
     );
     let to = format!("{}:8080", mesh.cluster.pod("shop/reviews").unwrap().ip4);
-    let timed = summary_of(
-        &mesh,
-        "shop/frontend",
-        &[
-            "bench-http",
-            "--to",
-            &to,
-            "--connections",
-            "4",
-            "--requests",
-            "400",
-        ],
-    );
+    let timed = keep_alive_requests(&mesh, &to, 4, 400);
     assert_eq!(timed["requests"], 400, "{timed}");
     let max_ms = timed["max_us"].as_f64().unwrap() / 1000.0;
     let budget_ms = f64::from(mesh_model::policy::DEFAULT_TIMEOUT_MS);
@@ -2149,19 +2160,7 @@ fn concurrent_requests_reuse_the_proxys_connections_to_the_application() {
     let mesh = mesh("e2epool");
     let to = format!("{}:8080", mesh.cluster.pod("shop/reviews").unwrap().ip4);
     let before = served(&mesh, &to, "/connections");
-    let timed = summary_of(
-        &mesh,
-        "shop/frontend",
-        &[
-            "bench-http",
-            "--to",
-            &to,
-            "--connections",
-            "64",
-            "--requests",
-            "6400",
-        ],
-    );
+    let timed = keep_alive_requests(&mesh, &to, 64, 6400);
     assert_eq!(timed["requests"], 6400, "{timed}");
     let opened = served(&mesh, &to, "/connections") - before;
     // A request that finds no idle connection has one opened for it even

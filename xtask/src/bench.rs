@@ -1,8 +1,9 @@
 //! `cargo xtask bench`: runs the benchmarks in release mode and records
 //! their results in docs/benchmarks.md, each in a section of its own that a
-//! rerun replaces, and all of a run's figures in `target/bench/results.json`.
-//! `--quick` runs each briefly (a check that everything works, in about two
-//! minutes once built) and records nothing in docs/benchmarks.md.
+//! rerun replaces, and all of a run's figures in `target/bench/results.json`
+//! (replaced by each run). `--quick` runs each briefly (a check that
+//! everything works: about a minute of measuring once built, span export
+//! left out unless named) and records nothing in docs/benchmarks.md.
 //! Performance goals live here, never in tests.
 
 use std::{fs, process::Command};
@@ -37,18 +38,24 @@ const BENCHES: &[&str] = &[
 ];
 
 /// Everything the benchmarks run (the workspace's binaries and two
-/// examples), in release mode and in one cargo invocation: features
-/// resolve once, so no benchmark rebuilds what another built.
+/// examples), in release mode, built the same way for every benchmark so
+/// that none rebuilds what another built.
 pub(crate) fn build() -> anyhow::Result<()> {
     crate::setup::run()?;
     crate::ebpf::build()?;
+    // Two invocations: an example brings its package's dev-dependencies'
+    // features (tokio's test clock) into everything built beside it, and
+    // the binaries measured must be the ones users build.
+    run::run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
     run::run(cargo().args([
         "build",
         "--release",
-        "--workspace",
-        "--bins",
+        "-p",
+        "mesh-identity",
         "--example",
         "handshakes",
+        "-p",
+        "mesh-node",
         "--example",
         "config_push",
     ]))
@@ -119,8 +126,15 @@ pub fn run(name: Option<String>, quick: bool) -> anyhow::Result<()> {
         }
         None => BENCHES.to_vec(),
     };
-    crate::setup::bench_tools()?;
+    if selected.contains(&"datapath") {
+        crate::setup::bench_tools()?;
+    }
     let scale = datapath::Scale::of(quick);
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root().join("target"), std::path::PathBuf::from)
+        .join("bench");
+    fs::create_dir_all(&dir)?;
+    let path = dir.join("results.json");
     let mut results = serde_json::Map::new();
     for bench in selected {
         let report = match bench {
@@ -137,20 +151,17 @@ pub fn run(name: Option<String>, quick: bool) -> anyhow::Result<()> {
             record(report.name, report.title, &report.body)?;
         }
         results.insert(report.name.into(), report.json);
+        // Written after each benchmark, so a later failure keeps what the
+        // earlier ones measured.
+        let document = serde_json::json!({
+            "machine": machine(),
+            "quick": quick,
+            "results": results,
+        });
+        fs::write(&path, serde_json::to_string_pretty(&document)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root().join("target"), std::path::PathBuf::from)
-        .join("bench");
-    fs::create_dir_all(&dir)?;
-    let path = dir.join("results.json");
-    let document = serde_json::json!({
-        "machine": machine(),
-        "quick": quick,
-        "results": results,
-    });
-    fs::write(&path, serde_json::to_string_pretty(&document)?)
-        .with_context(|| format!("writing {}", path.display()))?;
-    println!("    figures in {}", path.display());
+    println!("    figures of this run in {}", path.display());
     Ok(())
 }
 

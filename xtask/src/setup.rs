@@ -127,7 +127,7 @@ const BENCH_PACKAGES: &[&str] = &[
     "wrk",
 ];
 
-/// What `cargo xtask bench` needs beyond the build.
+/// What `cargo xtask bench datapath` needs beyond the build.
 pub fn bench_tools() -> anyhow::Result<()> {
     run()?;
     install(BENCH_PACKAGES)

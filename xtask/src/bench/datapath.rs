@@ -517,12 +517,14 @@ fn rss_holding(
         answer["held"].as_u64() == Some(u64::from(count)),
         "hold-many said {line}"
     );
-    let rss = proxies
-        .iter()
-        .map(|pid| rss_mib(*pid))
-        .collect::<anyhow::Result<_>>()?;
+    let rss = rss_each(proxies)?;
     drop(holder);
     Ok(rss)
+}
+
+/// Each process's RSS, in MiB.
+fn rss_each(pids: &[u32]) -> anyhow::Result<Vec<f64>> {
+    pids.iter().map(|pid| rss_mib(*pid)).collect()
 }
 
 /// The figures of one path.
@@ -543,9 +545,13 @@ pub(crate) fn measure(
         all.extend_from_slice(args);
         pod_run(cluster, client, &all)
     };
-    let rss_idle = (!proxies.is_empty())
-        .then(|| proxies.iter().map(|pid| rss_mib(*pid)).collect())
-        .transpose()?;
+    // Idle only before this path's first load, and only where the path
+    // also holds connections (the L7 path runs on proxies the L4 path
+    // has just loaded).
+    let rss_idle = match (&target.echo, proxies.is_empty()) {
+        (Some(_), false) => Some(rss_each(proxies)?),
+        _ => None,
+    };
     let (p50, c1) = median_of(
         scale.runs,
         || bench_http(&["--requests", &scale.requests_c1.to_string()]),

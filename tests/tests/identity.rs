@@ -14,7 +14,7 @@ use std::{
 use mesh_e2e::{
     control::{ControlPlane, meshctl, run_meshctl},
     http,
-    process::{Process, ready_field, workspace_binary},
+    process::{Logs, Process, ready_field, workspace_binary},
 };
 use serde_json::Value;
 
@@ -44,11 +44,6 @@ metadata: {name: reviews, namespace: shop}
 spec: {retry_attempts: 2, timeout_ms: 1000}
 "#;
 
-fn start_control_plane(data_dir: &Path) -> (Process, String, String) {
-    let control = ControlPlane::start(data_dir).unwrap();
-    (control.process, control.api, control.grpc)
-}
-
 fn certificates(admin: SocketAddr) -> Vec<Value> {
     let response = http::get(admin, "/certificates").unwrap();
     assert_eq!(response.status, 200);
@@ -66,7 +61,24 @@ fn entry<'a>(certs: &'a [Value], name: &str) -> &'a Value {
 fn a_node_joins_and_holds_only_its_own_workloads_certificates() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("control");
-    let (control, api, grpc) = start_control_plane(&data_dir);
+    // Both logs kept, at debug level, to be searched for secrets at the end.
+    let log = |name: &str| {
+        let path = dir.path().join(name);
+        (Logs::File(std::fs::File::create(&path).unwrap()), path)
+    };
+    let (control_logs, control_log) = log("mesh-control.log");
+    let (node_logs, node_log) = log("mesh-node.log");
+    let mut command = Command::new(workspace_binary("mesh-control").unwrap());
+    command.env("RUST_LOG", "debug");
+    let control = ControlPlane::start_logged(
+        command,
+        &data_dir,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        control_logs,
+    )
+    .unwrap();
+    let (control, api, grpc) = (control.process, control.api, control.grpc);
     meshctl(&api, &data_dir, &["apply", "-f", "-"], Some(WORKLOADS));
 
     let mut command = Command::new(workspace_binary("mesh-node").unwrap());
@@ -79,9 +91,16 @@ fn a_node_joins_and_holds_only_its_own_workloads_certificates() {
         // frontend-1 comes from the pushed configuration (it is scheduled
         // on node1); reviews-1 is asked for by hand and must be refused.
         .args(["--workload", "shop/reviews-1"])
-        .args(["--admin-addr", "127.0.0.1:0"]);
-    let (_node, ready) =
-        Process::spawn_ready("mesh-node", command, "ready", Duration::from_secs(30)).unwrap();
+        .args(["--admin-addr", "127.0.0.1:0"])
+        .env("RUST_LOG", "debug");
+    let (_node, ready) = Process::spawn_ready_with(
+        "mesh-node",
+        command,
+        "ready",
+        Duration::from_secs(30),
+        node_logs,
+    )
+    .unwrap();
     let admin: SocketAddr = ready_field(&ready, "admin").unwrap().parse().unwrap();
 
     // Wait for the outcome: node and frontend certified, reviews refused.
@@ -316,6 +335,25 @@ fn a_node_joins_and_holds_only_its_own_workloads_certificates() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    // A key the control plane makes itself (for a gateway): it too must
+    // stay out of the logs.
+    let gateway = dir.path().join("gateway");
+    meshctl(
+        &api,
+        &data_dir,
+        &[
+            "cert",
+            "issue",
+            "-n",
+            "edge",
+            "--service-account",
+            "gateway",
+            "--out-dir",
+            gateway.to_str().unwrap(),
+        ],
+        None,
+    );
+
     // The control plane stops promptly on SIGTERM even with a node's
     // configuration stream open, and the node keeps what it has (static
     // stability) while it tries to reconnect.
@@ -336,4 +374,38 @@ fn a_node_joins_and_holds_only_its_own_workloads_certificates() {
     }
     let certs = certificates(admin);
     assert!(entry(&certs, "node1")["spiffe_id"].is_string());
+
+    // No secret in either log (resilience case 19): no PEM private key,
+    // and none of the secrets this run made — the CA's key, the key
+    // encryption key, the gateway's key, the admin and bootstrap tokens —
+    // in any form they are stored in.
+    let secret_file = |path: &Path| std::fs::read_to_string(path).unwrap();
+    let mut secrets: Vec<String> = Vec::new();
+    for pem in [
+        secret_file(&data_dir.join("ca/root.key")),
+        secret_file(&gateway.join("key.pem")),
+    ] {
+        secrets.extend(
+            pem.lines()
+                .filter(|line| !line.starts_with("-----") && line.len() >= 16)
+                .map(str::to_owned),
+        );
+    }
+    for file in ["ca/kek", "admin-token", "bootstrap-token"] {
+        secrets.push(secret_file(&data_dir.join(file)).trim().to_owned());
+    }
+    assert!(secrets.len() >= 5 && secrets.iter().all(|s| s.len() >= 16));
+    for (path, expected) in [(&control_log, "issued"), (&node_log, "shop/frontend-1")] {
+        let text = secret_file(path);
+        // The log was kept (the search below is not of an empty file).
+        assert!(text.contains(expected), "{}: {text}", path.display());
+        assert!(!text.contains("PRIVATE KEY"), "{}", path.display());
+        for secret in &secrets {
+            assert!(
+                !text.contains(secret.as_str()),
+                "{} holds a secret: {secret}",
+                path.display()
+            );
+        }
+    }
 }

@@ -152,6 +152,12 @@ struct Args {
     #[arg(long, env = "MESH_NODE_HTTP_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_idle_timeout)]
     http_header_timeout: std::time::Duration,
 
+    /// How long a response body the proxy streams (past a policy's
+    /// timeout, which ends at the response head) may send nothing before
+    /// the proxy gives up on it and ends the caller's response as broken.
+    #[arg(long, env = "MESH_NODE_HTTP_STREAM_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_idle_timeout)]
+    http_stream_idle_timeout: std::time::Duration,
+
     /// Log each HTTP request the proxy routes or receives (target
     /// `mesh_http_access`); switchable at run time with `PUT
     /// /http-access-log {"enabled": true|false}` on the admin endpoint.
@@ -381,6 +387,7 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
             balancer: Default::default(),
             http: {
                 let mut http = proxy::HttpState::new(args.http_header_timeout);
+                http.stream_idle_timeout = args.http_stream_idle_timeout;
                 http.trace_sample_ratio = args.trace_sample_ratio;
                 http.spans = trace_exporter.clone();
                 http.access_log

@@ -1979,7 +1979,12 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
     eprintln!("a hung request and one more answered in {took:?}: {hung}");
     assert_eq!(count(&hung, "flags", "UT"), 1, "{hung}");
     assert_eq!(count(&hung, "statuses", "504"), 1, "{hung}");
-    assert!(took >= Duration::from_millis(300), "{took:?}");
+    // Answered at its timeout, not held past it (the bound is loose: the
+    // 300 ms are pinned exactly by the unit test, under paused time).
+    assert!(
+        (Duration::from_millis(300)..Duration::from_secs(5)).contains(&took),
+        "{took:?}"
+    );
     let record = mesh.nodes[0]
         .0
         .wait_for_log("status=504 flags=\"UT\"", READY)
@@ -2358,6 +2363,55 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
 
 /// Runs `command` with `input` on its stdin; its output. `what` names the
 /// program and the package it comes from, for when it is missing.
+/// Resilience case 6, in the middle of a body: an upstream that breaks off
+/// a response after its head reaches the caller as a broken response,
+/// never as a whole one, and one that stops sending is cut at the node's
+/// stream idle timeout (2 s here) instead of holding the caller forever.
+#[test]
+fn a_response_that_breaks_off_reaches_the_caller_broken_and_a_stalled_one_is_cut() {
+    let mesh = mesh_with("e2ebody", None, &["--http-stream-idle-timeout", "2s"]);
+    let ip = |pod: &str| mesh.cluster.pod(pod).unwrap().ip4;
+    let mut server = mesh.cluster.pod_command("shop/reviews", MESH_POD).unwrap();
+    server.args(["serve-http", "--listen", "[::]:8090", "--break-bodies"]);
+    let (_server, _) = Process::spawn_ready("breaking", server, "listening", READY).unwrap();
+    mesh.apply(&format!(
+        "apiVersion: mesh.io/v1\nkind: Service\nmetadata: {{name: breaking, namespace: shop}}\n\
+         spec: {{vip: 10.96.0.11, ports: [{{port: 80, target_port: 8090, protocol: http}}]}}\n---\n{}",
+        workload("shop", "reviews", "reviews", 1, ip("shop/reviews"), "reviews, breaking"),
+    ));
+    let get = |path: &str| {
+        let started = Instant::now();
+        let answer = summary(
+            &mesh,
+            "shop/frontend",
+            &["--to", "10.96.0.11:80", "--path", path],
+        );
+        eprintln!("{path}: {answer} after {:?}", started.elapsed());
+        (answer, started.elapsed())
+    };
+
+    // A short body (read whole before the head goes on) that breaks off:
+    // the proxy answers 503 `UC` itself; no partial 200 gets out.
+    let (answer, _) = get("/break/close");
+    assert_eq!(count(&answer, "statuses", "503"), 1, "{answer}");
+    assert_eq!(count(&answer, "flags", "UC"), 1, "{answer}");
+    // A streamed body that breaks off: the head (200) is already out, so
+    // the caller's response ends broken (no last chunk), not complete.
+    let (answer, _) = get("/break/chunked-close");
+    assert_eq!(answer["ok"], 0, "{answer}");
+    assert_eq!(count(&answer, "statuses", "200"), 0, "{answer}");
+    // One that stops sending is cut at the stream idle timeout.
+    let (answer, took) = get("/break/chunked-stall");
+    assert_eq!(answer["ok"], 0, "{answer}");
+    assert!(
+        took >= Duration::from_millis(1_900) && took < Duration::from_secs(10),
+        "cut after {took:?}: {answer}"
+    );
+    // The service is none the worse: its next requests are answered.
+    let (ok, output) = mesh.get("shop/frontend", 3);
+    assert!(ok, "{output}");
+}
+
 fn run_with_input(command: &mut Command, input: &str, what: &str) -> std::process::Output {
     let mut child = command
         .stdin(Stdio::piped())

@@ -14,7 +14,8 @@
 //! [`crate::l7::retry`] on another endpoint when there is one, within the
 //! service's retry budget, if its body could be kept for replay (at most
 //! [`REPLAY_LIMIT`]). The whole exchange up to the response head has the
-//! policy's timeout (504, `UT`). Answers the proxy makes itself carry
+//! policy's timeout (504, `UT`); a body streamed after it, the node's
+//! stream idle timeout between frames. Answers the proxy makes itself carry
 //! [`FLAGS_HEADER`], as Envoy's response flags.
 
 use std::{
@@ -175,6 +176,8 @@ struct Served {
 pub struct HttpState {
     /// See [`DEFAULT_HEADER_TIMEOUT`].
     header_timeout: Duration,
+    /// See [`DEFAULT_STREAM_IDLE_TIMEOUT`].
+    pub stream_idle_timeout: Duration,
     /// The share of new traces marked sampled (0 to 1); a request's own
     /// decision is kept.
     pub trace_sample_ratio: f64,
@@ -203,6 +206,7 @@ impl HttpState {
     pub fn new(header_timeout: Duration) -> Self {
         Self {
             header_timeout,
+            stream_idle_timeout: DEFAULT_STREAM_IDLE_TIMEOUT,
             trace_sample_ratio: DEFAULT_TRACE_SAMPLE_RATIO,
             spans: None,
             access_log: AtomicBool::new(false),
@@ -1252,7 +1256,7 @@ async fn route_request(
     let exchanged = guarded(&breaker, ticket, timeout, async {
         let (response, answered) = exchange.run(replay).await?;
         served.endpoint = Some(answered);
-        whole_if_small(response)
+        whole_if_small(response, state.stream_idle_timeout)
             .await
             .map_err(|e| (Flag::UpstreamReset, e))
     });
@@ -1318,10 +1322,78 @@ fn refused_by_policy(error: &hyper_util::client::legacy::Error) -> bool {
 /// the response goes on, so head and body leave in one write.
 const WHOLE_BODY: u64 = 16 << 10;
 
+/// How long a streamed response body may send nothing before the proxy
+/// gives up on it (as Envoy's `stream_idle_timeout`): long, so that quiet
+/// streams (gRPC watches, long polls) live, but not forever.
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A streamed body that fails once `idle` passes without a frame. An
+/// upstream that stops sending in the middle of a body then ends the
+/// caller's response as broken (hyper resets the stream, or closes the
+/// HTTP/1.1 connection without the last chunk) instead of holding it, and
+/// the connections under it, forever.
+struct IdleBody<B> {
+    inner: B,
+    idle: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<B> IdleBody<B> {
+    fn new(inner: B, idle: Duration) -> Self {
+        Self {
+            inner,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+}
+
+impl<B> hyper::body::Body for IdleBody<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let next = tokio::time::Instant::now() + this.idle;
+                this.timer.as_mut().reset(next);
+                Poll::Ready(frame.map(|frame| frame.map_err(Into::into)))
+            }
+            Poll::Pending => match this.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                    "the upstream sent nothing of its response body for {:?}",
+                    this.idle
+                )
+                .into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// `response`, its body read whole when it is small and sized (it is
 /// almost always already here: one write to the client instead of two),
 /// else streamed.
-async fn whole_if_small(response: Response<Incoming>) -> Result<Response<Body>, String> {
+async fn whole_if_small(
+    response: Response<Incoming>,
+    stream_idle_timeout: Duration,
+) -> Result<Response<Body>, String> {
     let (parts, body) = response.into_parts();
     let body = match body.size_hint().exact() {
         Some(size) if size <= WHOLE_BODY => {
@@ -1332,7 +1404,7 @@ async fn whole_if_small(response: Response<Incoming>) -> Result<Response<Body>, 
                 .map_err(|never| match never {})
                 .boxed_unsync()
         }
-        _ => body.map_err(BoxError::from).boxed_unsync(),
+        _ => IdleBody::new(body, stream_idle_timeout).boxed_unsync(),
     };
     Ok(Response::from_parts(parts, body))
 }
@@ -1691,6 +1763,56 @@ fn forwarded_headers(headers: &HeaderMap) -> HeaderMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body whose frames come from a channel: one per message, ending
+    /// when the sender drops.
+    struct ChannelBody(tokio::sync::mpsc::Receiver<&'static str>);
+
+    impl hyper::body::Body for ChannelBody {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|text| text.map(|text| Ok(hyper::body::Frame::data(Bytes::from(text)))))
+        }
+    }
+
+    fn channel_body() -> (tokio::sync::mpsc::Sender<&'static str>, ChannelBody) {
+        let (send, receive) = tokio::sync::mpsc::channel(8);
+        (send, ChannelBody(receive))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_streamed_body_that_stalls_fails_after_the_idle_timeout() {
+        let idle = Duration::from_secs(300);
+        let (send, body) = channel_body();
+        let mut body = IdleBody::new(body, idle);
+        let started = tokio::time::Instant::now();
+        // Frames just inside the idle timeout keep it alive, however long
+        // the whole body takes.
+        for _ in 0..3 {
+            tokio::time::sleep(idle - Duration::from_secs(1)).await;
+            send.send("part").await.unwrap();
+            let frame = body.frame().await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap(), "part");
+        }
+        // Then nothing: an error once `idle` has passed since the last.
+        let last = tokio::time::Instant::now();
+        let error = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(last.elapsed(), idle);
+        assert!(error.to_string().contains("sent nothing"), "{error}");
+        assert!(started.elapsed() > idle * 3);
+        // A body that ends is no error.
+        let (send, body) = channel_body();
+        let mut body = IdleBody::new(body, idle);
+        drop(send);
+        assert!(body.frame().await.is_none());
+    }
 
     #[test]
     fn a_body_must_be_delimited_one_way() {

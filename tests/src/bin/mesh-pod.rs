@@ -566,6 +566,12 @@ struct Faults {
     /// Wait this long before answering each request.
     #[arg(long, default_value_t = 0)]
     delay_ms: u64,
+    /// Answer `/break/close` with 10 of the 1,000 bytes its
+    /// `content-length` promises, `/break/chunked-close` with one chunk of
+    /// a chunked body, each then closing the connection, and
+    /// `/break/chunked-stall` with one chunk and then nothing, ever.
+    #[arg(long)]
+    break_bodies: bool,
 }
 
 fn serve_http(listen: SocketAddr, body: String, faults: Faults) -> io::Result<()> {
@@ -635,6 +641,20 @@ fn answer_http(
             return Ok(());
         }
         let target = head.split(' ').nth(1).unwrap_or("/");
+        if faults.break_bodies && target.starts_with("/break/") {
+            if target == "/break/close" {
+                writer.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")?;
+                return Ok(());
+            }
+            writer.write_all(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\na\r\n0123456789\r\n",
+            )?;
+            if target == "/break/chunked-stall" {
+                // Read on until the caller gives up and closes.
+                io::copy(&mut reader, &mut io::sink())?;
+            }
+            return Ok(());
+        }
         let (status, text) = if head.starts_with("GET /hits ") {
             ("200 OK", hits.load(SeqCst).to_string())
         } else if head.starts_with("GET /connections ") {
@@ -1110,6 +1130,12 @@ fn chunked(head: &str) -> bool {
 
 /// Reads a chunked body through its last chunk and trailers.
 fn skip_chunks(reader: &mut impl io::BufRead) -> io::Result<()> {
+    copy_chunks(reader, &mut io::sink())
+}
+
+/// Reads a chunked body through its last chunk and trailers, its data
+/// into `out`.
+fn copy_chunks(reader: &mut impl io::BufRead, out: &mut impl io::Write) -> io::Result<()> {
     loop {
         let mut line = String::new();
         reader.read_line(&mut line)?;
@@ -1121,7 +1147,15 @@ fn skip_chunks(reader: &mut impl io::BufRead) -> io::Result<()> {
             while read_line_of(reader)? {}
             return Ok(());
         }
-        io::copy(&mut reader.take(size + 2), &mut io::sink())?;
+        io::copy(&mut reader.take(size), out)?;
+        let mut end = [0u8; 2];
+        reader.read_exact(&mut end)?;
+        if &end != b"\r\n" {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a chunk without its line end",
+            ));
+        }
     }
 }
 
@@ -1166,6 +1200,8 @@ fn http_get(
                 _ => {
                     let stream = open(to, Client::PLAIN)?;
                     stream.set_nodelay(true)?;
+                    // An answer that stops coming is a failure, not a hang.
+                    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
                     connection.insert((io::BufReader::new(stream.try_clone()?), stream))
                 }
             };
@@ -1182,9 +1218,16 @@ fn http_get(
                 .filter_map(|line| line.split_once(':'))
                 .find(|(name, _)| name.trim().eq_ignore_ascii_case("x-mesh-flags"))
                 .map(|(_, value)| value.trim().to_owned());
-            let length = content_length(&head);
-            let mut body = vec![0u8; usize::try_from(length).unwrap_or(0)];
-            io::Read::read_exact(reader, &mut body)?;
+            let body = if chunked(&head) {
+                let mut body = Vec::new();
+                copy_chunks(reader, &mut body)?;
+                body
+            } else {
+                let length = content_length(&head);
+                let mut body = vec![0u8; usize::try_from(length).unwrap_or(0)];
+                io::Read::read_exact(reader, &mut body)?;
+                body
+            };
             Ok((status, flag, body))
         })();
         match result {

@@ -680,7 +680,11 @@ pub fn render_tunnel_metrics(stats: &crate::hbone::HboneStats) -> String {
          mesh_tunnel_pooled_connections {}\n\
          # HELP mesh_authz_revoked_streams_total Open inbound tunnel streams and permissive plaintext connections cut because a configuration change no longer allows them.\n\
          # TYPE mesh_authz_revoked_streams_total counter\n\
-         mesh_authz_revoked_streams_total {}\n",
+         mesh_authz_revoked_streams_total {}\n\
+         # HELP mesh_tunnel_connections_dropped_total Connections to the tunnel port reset before their handshake: too many handshakes in progress on the node, or from their source address.\n\
+         # TYPE mesh_tunnel_connections_dropped_total counter\n\
+         mesh_tunnel_connections_dropped_total{{limit=\"node\"}} {}\n\
+         mesh_tunnel_connections_dropped_total{{limit=\"source\"}} {}\n",
         stats.client_handshakes.load(Relaxed),
         stats.server_handshakes.load(Relaxed),
         stats.client_handshake_failures.load(Relaxed),
@@ -688,6 +692,8 @@ pub fn render_tunnel_metrics(stats: &crate::hbone::HboneStats) -> String {
         stats.streams_opened.load(Relaxed),
         stats.pooled_connections.load(Relaxed),
         stats.streams_revoked.load(Relaxed),
+        stats.dropped_at_node_limit.load(Relaxed),
+        stats.dropped_at_source_limit.load(Relaxed),
     )
 }
 

@@ -123,6 +123,11 @@ pub struct HboneStats {
     pub pooled_connections: AtomicU64,
     /// Inbound streams cut because a policy change no longer allows them.
     pub streams_revoked: AtomicU64,
+    /// Connections to 15008 reset unanswered: the node had its limit of
+    /// handshakes in progress ...
+    pub dropped_at_node_limit: AtomicU64,
+    /// ... or their source address had its share.
+    pub dropped_at_source_limit: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -534,11 +539,14 @@ impl Incoming {
 /// resolves, or no stream has been open for `settings.idle_timeout`; then
 /// the connection is drained gracefully (GOAWAY, open streams finish).
 /// Clients may open twice `settings.max_streams` streams at once.
+/// `handshaking` (a slot the handshake holds) is dropped once the HTTP/2
+/// handshake has ended, however it ended.
 pub async fn serve<IO, H, Fut>(
     io: IO,
     handle: H,
     stop: impl Future<Output = ()>,
     settings: PoolSettings,
+    handshaking: impl Send,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     H: Fn(Incoming) -> Fut,
@@ -559,7 +567,9 @@ pub async fn serve<IO, H, Fut>(
         .max_pending_accept_reset_streams(20)
         .max_local_error_reset_streams(Some(1024))
         .handshake::<_, Bytes>(io);
-    let mut connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connection).await {
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, connection).await;
+    drop(handshaking);
+    let mut connection = match handshake {
         Ok(Ok(connection)) => connection,
         Ok(Err(error)) => {
             tracing::debug!(%error, "HTTP/2 handshake failed");
@@ -854,7 +864,14 @@ mod tests {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
-                    serve(tls, echo, std::future::pending(), PoolSettings::default()).await;
+                    serve(
+                        tls,
+                        echo,
+                        std::future::pending(),
+                        PoolSettings::default(),
+                        (),
+                    )
+                    .await;
                 });
             }
         });

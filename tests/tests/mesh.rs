@@ -676,7 +676,12 @@ fn the_tunnel_port_withstands_http2_abuse_and_stalled_handshakes() {
             &["direction=\"inbound\"", "pod=\"shop/reviews\""],
         )
     };
-    let open_inbound = || inbound("opened") - inbound("closed");
+    // Closed read first: whatever opens or closes between the two
+    // scrapes, the difference is not negative.
+    let open_inbound = || {
+        let closed = inbound("closed");
+        inbound("opened") - closed
+    };
     // Requests over frontend's proxy's own pooled tunnel (another
     // connection to the same process).
     let others_served = |after: &str| {
@@ -790,9 +795,17 @@ fn the_tunnel_port_withstands_http2_abuse_and_stalled_handshakes() {
     let (ok, output) = mesh.get("shop/other", 1);
     assert!(ok, "a new tunnel was refused meanwhile: {output}");
     assert!(mesh.metric(1, handshakes) > accepted);
-    // The 32 are cut at the handshake timeout, each counted as a failure.
+    // The 32 are cut at the handshake timeout, each counted as a failure,
+    // and the other 268 as dropped at the address's limit.
     wait_until("the stalled handshakes are cut", || alive() == 0);
+    wait_until("the cut handshakes are counted", || {
+        mesh.metric(1, failures) >= failed_before + 32
+    });
     assert_eq!(mesh.metric(1, failures), failed_before + 32);
+    assert_eq!(
+        mesh.metric(1, "mesh_tunnel_connections_dropped_total{limit=\"source\"}"),
+        268
+    );
     drop(stalled);
     drop(runtime);
 }
@@ -809,12 +822,21 @@ fn certificates_rotate_under_traffic_without_a_failed_request() {
     };
     let handshakes = mesh.metric(0, "mesh_tls_handshakes_total{side=\"client\"}");
     let rotated_before = rotations(0, "shop/frontend");
-    // Three callers at once, each request on a new connection, until both
-    // ends have rotated twice.
+    // Three callers at once from frontend (whose certificate's rotations
+    // are counted against node0's handshakes), each request on a new
+    // connection, until both ends have rotated twice.
     let requests = std::sync::atomic::AtomicU64::new(0);
     let done = std::sync::atomic::AtomicBool::new(false);
     let rotated = std::thread::scope(|scope| {
-        for pod in ["shop/frontend", "shop/frontend", "shop/other"] {
+        // However this thread leaves the scope, the callers stop.
+        struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let _stop = StopOnDrop(&done);
+        for pod in ["shop/frontend"; 3] {
             let (cluster, requests, done) = (&mesh.cluster, &requests, &done);
             scope.spawn(move || {
                 while !done.load(std::sync::atomic::Ordering::Relaxed) {
@@ -826,10 +848,10 @@ fn certificates_rotate_under_traffic_without_a_failed_request() {
         }
         let deadline = Instant::now() + Duration::from_secs(90);
         while rotations(0, "shop/frontend") < 2 || rotations(1, "shop/reviews") < 2 {
-            if Instant::now() > deadline {
-                done.store(true, std::sync::atomic::Ordering::Relaxed);
-                panic!("certificates did not rotate twice");
-            }
+            assert!(
+                Instant::now() < deadline,
+                "certificates did not rotate twice"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         // Counted before the last traffic, so each rotation counted has
@@ -837,7 +859,6 @@ fn certificates_rotate_under_traffic_without_a_failed_request() {
         // stream needed a connection with the new certificate.
         let rotated = rotations(0, "shop/frontend") - rotated_before;
         std::thread::sleep(Duration::from_secs(1));
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
         rotated
     });
     let requests = requests.into_inner();
@@ -954,7 +975,7 @@ fn traffic_keeps_flowing_while_the_control_plane_is_down() {
         connected(&mesh, 0) == 1 && connected(&mesh, 1) == 1
     });
     wait_until("the nodes catch up", || {
-        mesh.revision(0) == revision && mesh.revision(1) == revision
+        mesh.revision(0) >= revision && mesh.revision(1) >= revision
     });
     let (ok, output) = mesh.get("shop/frontend", 1);
     assert!(
@@ -2361,8 +2382,6 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
     assert_eq!(count(&flood, "flags", "RL") as f64, 1500.0 - admitted);
 }
 
-/// Runs `command` with `input` on its stdin; its output. `what` names the
-/// program and the package it comes from, for when it is missing.
 /// Resilience case 6, in the middle of a body: an upstream that breaks off
 /// a response after its head reaches the caller as a broken response,
 /// never as a whole one, and one that stops sending is cut at the node's
@@ -2397,12 +2416,17 @@ fn a_response_that_breaks_off_reaches_the_caller_broken_and_a_stalled_one_is_cut
     assert_eq!(count(&answer, "flags", "UC"), 1, "{answer}");
     // A streamed body that breaks off: the head (200) is already out, so
     // the caller's response ends broken (no last chunk), not complete.
+    let broken = |answer: &serde_json::Value| {
+        answer["ok"] == 0
+            && answer["failures"][0]
+                .as_str()
+                .is_some_and(|f| f.starts_with("request 0: status 200, then the body broke off"))
+    };
     let (answer, _) = get("/break/chunked-close");
-    assert_eq!(answer["ok"], 0, "{answer}");
-    assert_eq!(count(&answer, "statuses", "200"), 0, "{answer}");
+    assert!(broken(&answer), "{answer}");
     // One that stops sending is cut at the stream idle timeout.
     let (answer, took) = get("/break/chunked-stall");
-    assert_eq!(answer["ok"], 0, "{answer}");
+    assert!(broken(&answer), "{answer}");
     assert!(
         took >= Duration::from_millis(1_900) && took < Duration::from_secs(10),
         "cut after {took:?}: {answer}"
@@ -2412,6 +2436,8 @@ fn a_response_that_breaks_off_reaches_the_caller_broken_and_a_stalled_one_is_cut
     assert!(ok, "{output}");
 }
 
+/// Runs `command` with `input` on its stdin; its output. `what` names the
+/// program and the package it comes from, for when it is missing.
 fn run_with_input(command: &mut Command, input: &str, what: &str) -> std::process::Output {
     let mut child = command
         .stdin(Stdio::piped())

@@ -1152,7 +1152,7 @@ async fn route_request(
     route: &Route,
     mut request: Request<Counted<Incoming>>,
     served: &mut Served,
-    tally: &BodyTally,
+    tally: &Arc<BodyTally>,
 ) -> Response<Body> {
     let mesh = &route.mesh;
     let state = &mesh.http;
@@ -1256,7 +1256,7 @@ async fn route_request(
     let exchanged = guarded(&breaker, ticket, timeout, async {
         let (response, answered) = exchange.run(replay).await?;
         served.endpoint = Some(answered);
-        whole_if_small(response, state.stream_idle_timeout)
+        whole_if_small(response, state.stream_idle_timeout, tally)
             .await
             .map_err(|e| (Flag::UpstreamReset, e))
     });
@@ -1327,23 +1327,35 @@ const WHOLE_BODY: u64 = 16 << 10;
 /// streams (gRPC watches, long polls) live, but not forever.
 pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// A streamed body that fails once `idle` passes without a frame. An
-/// upstream that stops sending in the middle of a body then ends the
-/// caller's response as broken (hyper resets the stream, or closes the
-/// HTTP/1.1 connection without the last chunk) instead of holding it, and
-/// the connections under it, forever.
+/// A streamed response body that fails once `idle` passes with no frame
+/// of it and no byte of the request's own body (a client still streaming
+/// its request keeps a quiet response alive, as Envoy's stream idle timer
+/// counts both ways). An upstream that stops sending in the middle of a
+/// body then ends the caller's response as broken (hyper resets the
+/// stream, or closes the HTTP/1.1 connection without the last chunk)
+/// instead of holding it, and the connections under it, forever.
 struct IdleBody<B> {
     inner: B,
     idle: Duration,
+    /// Fires `idle` after the last activity it knew of; pushed on when it
+    /// finds newer activity (cheaper than resetting it for every frame).
     timer: Pin<Box<tokio::time::Sleep>>,
+    last_activity: tokio::time::Instant,
+    /// The request's body and how many bytes of it had been read.
+    request: Option<(Arc<BodyTally>, u64)>,
 }
 
 impl<B> IdleBody<B> {
-    fn new(inner: B, idle: Duration) -> Self {
+    fn new(inner: B, idle: Duration, request: Option<Arc<BodyTally>>) -> Self {
         Self {
             inner,
             idle,
             timer: Box::pin(tokio::time::sleep(idle)),
+            last_activity: tokio::time::Instant::now(),
+            request: request.map(|tally| {
+                let read = tally.bytes();
+                (tally, read)
+            }),
         }
     }
 }
@@ -1361,21 +1373,36 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(frame) => {
-                let next = tokio::time::Instant::now() + this.idle;
-                this.timer.as_mut().reset(next);
-                Poll::Ready(frame.map(|frame| frame.map_err(Into::into)))
-            }
-            Poll::Pending => match this.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(format!(
-                    "the upstream sent nothing of its response body for {:?}",
-                    this.idle
-                )
-                .into()))),
-                Poll::Pending => Poll::Pending,
-            },
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            this.last_activity = tokio::time::Instant::now();
+            return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
         }
+        while this.timer.as_mut().poll(cx).is_ready() {
+            let now = tokio::time::Instant::now();
+            if let Some((tally, seen)) = &mut this.request
+                && tally.bytes() != *seen
+            {
+                *seen = tally.bytes();
+                this.last_activity = now;
+            }
+            match this.last_activity.checked_add(this.idle) {
+                Some(deadline) if deadline > now => this.timer.as_mut().reset(deadline),
+                // An idle timeout too long to represent never ends.
+                None => return Poll::Pending,
+                Some(_) => {
+                    tracing::info!(
+                        idle = ?this.idle,
+                        "a streamed response body stalled; the caller's response is cut"
+                    );
+                    return Poll::Ready(Some(Err(format!(
+                        "the upstream sent nothing of its response body for {:?}",
+                        this.idle
+                    )
+                    .into())));
+                }
+            }
+        }
+        Poll::Pending
     }
 
     fn is_end_stream(&self) -> bool {
@@ -1393,6 +1420,7 @@ where
 async fn whole_if_small(
     response: Response<Incoming>,
     stream_idle_timeout: Duration,
+    request_body: &Arc<BodyTally>,
 ) -> Result<Response<Body>, String> {
     let (parts, body) = response.into_parts();
     let body = match body.size_hint().exact() {
@@ -1404,7 +1432,7 @@ async fn whole_if_small(
                 .map_err(|never| match never {})
                 .boxed_unsync()
         }
-        _ => IdleBody::new(body, stream_idle_timeout).boxed_unsync(),
+        _ => IdleBody::new(body, stream_idle_timeout, Some(request_body.clone())).boxed_unsync(),
     };
     Ok(Response::from_parts(parts, body))
 }
@@ -1787,31 +1815,90 @@ mod tests {
         (send, ChannelBody(receive))
     }
 
+    /// Reads `body` to its end in a task of its own (so that it is polled
+    /// all along, as a server would); returns when each frame came, and
+    /// when and how it ended.
+    fn read_in_background(
+        mut body: impl hyper::body::Body<Data = Bytes, Error = BoxError> + Unpin + Send + 'static,
+    ) -> tokio::task::JoinHandle<(
+        Vec<tokio::time::Instant>,
+        tokio::time::Instant,
+        Option<String>,
+    )> {
+        tokio::spawn(async move {
+            let mut frames = Vec::new();
+            loop {
+                match body.frame().await {
+                    Some(Ok(_)) => frames.push(tokio::time::Instant::now()),
+                    Some(Err(error)) => {
+                        return (frames, tokio::time::Instant::now(), Some(error.to_string()));
+                    }
+                    None => return (frames, tokio::time::Instant::now(), None),
+                }
+            }
+        })
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_streamed_body_that_stalls_fails_after_the_idle_timeout() {
         let idle = Duration::from_secs(300);
-        let (send, body) = channel_body();
-        let mut body = IdleBody::new(body, idle);
-        let started = tokio::time::Instant::now();
+        let just_inside = idle - Duration::from_secs(1);
+
         // Frames just inside the idle timeout keep it alive, however long
-        // the whole body takes.
+        // the whole body takes; then nothing: it fails `idle` after the
+        // last frame.
+        let (send, body) = channel_body();
+        let reader = read_in_background(IdleBody::new(body, idle, None));
         for _ in 0..3 {
-            tokio::time::sleep(idle - Duration::from_secs(1)).await;
+            tokio::time::sleep(just_inside).await;
             send.send("part").await.unwrap();
-            let frame = body.frame().await.unwrap().unwrap();
-            assert_eq!(frame.into_data().unwrap(), "part");
         }
-        // Then nothing: an error once `idle` has passed since the last.
-        let last = tokio::time::Instant::now();
-        let error = body.frame().await.unwrap().unwrap_err();
-        assert_eq!(last.elapsed(), idle);
-        assert!(error.to_string().contains("sent nothing"), "{error}");
-        assert!(started.elapsed() > idle * 3);
+        let (frames, ended, error) = reader.await.unwrap();
+        assert_eq!(frames.len(), 3);
+        assert_eq!(ended - frames[2], idle);
+        assert!(error.unwrap().contains("sent nothing"));
+
+        // A gap longer than `idle` fails, even if data comes after it.
+        let (send, body) = channel_body();
+        let reader = read_in_background(IdleBody::new(body, idle, None));
+        send.send("part").await.unwrap();
+        tokio::time::sleep(idle + Duration::from_secs(1)).await;
+        let _ = send.send("late").await;
+        let (frames, ended, error) = reader.await.unwrap();
+        assert_eq!(frames.len(), 1);
+        assert_eq!(ended - frames[0], idle);
+        assert!(error.is_some());
+
+        // The request's body still arriving keeps a quiet response alive;
+        // `idle` after its last byte, the response fails.
+        let tally = Arc::new(BodyTally::default());
+        let (request_send, request) = channel_body();
+        let mut request = Counted::new(request, tally.clone());
+        let (_send, body) = channel_body();
+        let started = tokio::time::Instant::now();
+        let reader = read_in_background(IdleBody::new(body, idle, Some(tally)));
+        for _ in 0..3 {
+            tokio::time::sleep(just_inside).await;
+            request_send.send("more").await.unwrap();
+            request.frame().await.unwrap().unwrap();
+        }
+        let last_request_byte = tokio::time::Instant::now();
+        let (frames, ended, error) = reader.await.unwrap();
+        assert!(frames.is_empty() && error.is_some());
+        assert!(ended - started > idle * 3);
+        // Noticed when the timer next fires: within `idle` more.
+        assert!(
+            ended - last_request_byte <= idle * 2,
+            "{:?}",
+            ended - last_request_byte
+        );
+
         // A body that ends is no error.
         let (send, body) = channel_body();
-        let mut body = IdleBody::new(body, idle);
+        let reader = read_in_background(IdleBody::new(body, idle, None));
         drop(send);
-        assert!(body.frame().await.is_none());
+        let (_, _, error) = reader.await.unwrap();
+        assert_eq!(error, None);
     }
 
     #[test]

@@ -209,12 +209,14 @@ fn revoked_error() -> std::io::Error {
 
 /// Tunnel handshakes in progress at once, node-wide.
 pub const MAX_PENDING_HANDSHAKES: usize = 512;
-/// Tunnel handshakes in progress at once from one source address. Tunnels
-/// leave from inside their caller's pod, so this is per calling pod: a
-/// pod opening connections to `15008` and never finishing them takes at
-/// most this many of the node's slots, not all of them (which would cut
-/// every pod on the node off from new tunnels for the handshake timeout,
-/// again and again).
+/// Tunnel handshakes (TLS, then HTTP/2) in progress at once from one
+/// source address. Tunnels leave from inside their caller's pod, so this is
+/// per calling pod: a pod opening connections to `15008` and never
+/// finishing them takes at most this many of the node's slots, not all of
+/// them (which would cut every pod on the node off from new tunnels for the
+/// handshake timeout, again and again). A dual-stack pod has two
+/// addresses, so twice this; callers behind one address (a gateway behind
+/// NAT) share it.
 pub const MAX_PENDING_HANDSHAKES_PER_SOURCE: usize = 32;
 
 /// Tunnel handshakes in progress, node-wide and per source address.
@@ -612,7 +614,8 @@ async fn tunnel_out(
 }
 
 /// Accepts tunnels on a pod's `15008`. A connection takes one of the
-/// node's connection permits only once its handshake has succeeded.
+/// node's connection permits only once its TLS handshake has succeeded,
+/// and holds its handshake slot until its HTTP/2 handshake is done too.
 pub(super) async fn tunnel_accept_loop(
     listener: TcpListener,
     pod: Arc<PodContext>,
@@ -625,7 +628,15 @@ pub(super) async fn tunnel_accept_loop(
                 let handshake = match mesh.handshakes.try_start(peer.ip()) {
                     Ok(slot) => slot,
                     Err(full) => {
-                        tracing::warn!(pod = %pod.name, %peer, "{full}; connection dropped");
+                        // Counted, and logged at debug only: a flood must
+                        // not set the rate of the node's warnings.
+                        let stats = mesh.pool.stats();
+                        let counter = match full {
+                            NoSlot::Node => &stats.dropped_at_node_limit,
+                            NoSlot::Source => &stats.dropped_at_source_limit,
+                        };
+                        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::debug!(pod = %pod.name, %peer, "{full}; connection dropped");
                         reset(stream);
                         continue;
                     }
@@ -698,7 +709,6 @@ async fn serve_tunnels(
     if let Err(why) = caller_at_home(&mesh, &caller, remote.ip()).await {
         return refuse(&why);
     }
-    drop(handshake);
     let Ok(_permit) = pod.permits.clone().try_acquire_owned() else {
         return refuse("the node is at its connection limit");
     };
@@ -727,6 +737,10 @@ async fn serve_tunnels(
         },
         stop,
         settings,
+        // Held through the HTTP/2 handshake too: a caller that finishes TLS
+        // and stalls its preface takes from its address's share of slots,
+        // not only from the node's connection permits.
+        handshake,
     )
     .await;
 }

@@ -692,7 +692,7 @@ fn answer_http(
     }
 }
 
-/// Sends `request` (escapes decoded) and prints the answer's first line.
+/// Opens `count` connections to `to` and holds them (see `HoldMany`).
 fn hold_many(to: SocketAddr, count: u32, silent: bool) -> io::Result<()> {
     raise_open_file_limit()?;
     let mut held = Vec::with_capacity(count as usize);
@@ -713,11 +713,11 @@ fn hold_many(to: SocketAddr, count: u32, silent: bool) -> io::Result<()> {
         let mut alive = 0;
         for (attempt, stream) in (0..count).zip(held.iter_mut()) {
             let open = if silent {
-                // Nothing to read yet and no end or reset: still open.
-                matches!(
-                    stream.peek(&mut [0; 1]),
-                    Err(error) if error.kind() == io::ErrorKind::WouldBlock
-                )
+                // Open unless the peer has ended (a read of 0) or reset it.
+                match stream.peek(&mut [0; 1]) {
+                    Ok(read) => read > 0,
+                    Err(error) => error.kind() == io::ErrorKind::WouldBlock,
+                }
             } else {
                 exchange(stream, attempt).is_ok()
             };
@@ -753,6 +753,7 @@ fn raise_open_file_limit() -> io::Result<()> {
     }
 }
 
+/// Sends `request` (escapes decoded) and prints the answer's first line.
 fn raw(to: SocketAddr, request: &str) -> io::Result<()> {
     let bytes = request
         .replace("\\r", "\r")
@@ -1220,14 +1221,19 @@ fn http_get(
                 .map(|(_, value)| value.trim().to_owned());
             let body = if chunked(&head) {
                 let mut body = Vec::new();
-                copy_chunks(reader, &mut body)?;
-                body
+                copy_chunks(reader, &mut body).map(|()| body)
             } else {
                 let length = content_length(&head);
                 let mut body = vec![0u8; usize::try_from(length).unwrap_or(0)];
-                io::Read::read_exact(reader, &mut body)?;
-                body
+                io::Read::read_exact(reader, &mut body).map(|()| body)
             };
+            // A body that breaks off after its head: say which head.
+            let body = body.map_err(|error| {
+                io::Error::new(
+                    error.kind(),
+                    format!("status {status}, then the body broke off: {error}"),
+                )
+            })?;
             Ok((status, flag, body))
         })();
         match result {

@@ -222,8 +222,10 @@ pub const MAX_PENDING_HANDSHAKES_PER_SOURCE: usize = 32;
 /// Tunnel handshakes in progress, node-wide and per source address.
 #[derive(Debug)]
 pub struct PendingHandshakes {
-    total: Arc<tokio::sync::Semaphore>,
+    /// In progress, by source address (only sources with one have an
+    /// entry); the node's total is their sum.
     by_source: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    total: usize,
     per_source: usize,
 }
 
@@ -245,7 +247,6 @@ pub enum NoSlot {
 /// A handshake in progress; its slot frees when this drops.
 #[derive(Debug)]
 pub struct HandshakeSlot {
-    _total: OwnedSemaphorePermit,
     source: IpAddr,
     by_source: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
@@ -265,8 +266,8 @@ impl Drop for HandshakeSlot {
 impl PendingHandshakes {
     pub fn new(total: usize, per_source: usize) -> Self {
         Self {
-            total: Arc::new(tokio::sync::Semaphore::new(total)),
             by_source: Arc::default(),
+            total,
             per_source,
         }
     }
@@ -282,15 +283,11 @@ impl PendingHandshakes {
         {
             return Err(NoSlot::Source);
         }
-        let total = self
-            .total
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| NoSlot::Node)?;
-        // Only sources with a handshake in progress have an entry.
+        if by_source.values().sum::<usize>() >= self.total {
+            return Err(NoSlot::Node);
+        }
         *by_source.entry(source).or_default() += 1;
         Ok(HandshakeSlot {
-            _total: total,
             source,
             by_source: self.by_source.clone(),
         })

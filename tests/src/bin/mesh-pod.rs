@@ -695,15 +695,24 @@ fn answer_http(
 /// Opens `count` connections to `to` and holds them (see `HoldMany`).
 fn hold_many(to: SocketAddr, count: u32, silent: bool) -> io::Result<()> {
     raise_open_file_limit()?;
+    // `None`: connected, and reset by the peer before `open` returned (a
+    // silent connection the peer refuses at once can be).
     let mut held = Vec::with_capacity(count as usize);
     for attempt in 0..count {
-        let mut stream = open(to, Client::PLAIN)?;
+        let mut stream = match open(to, Client::PLAIN) {
+            Ok(stream) => stream,
+            Err(error) if silent && error.kind() == io::ErrorKind::ConnectionReset => {
+                held.push(None);
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
         if silent {
             stream.set_nonblocking(true)?;
         } else {
             exchange(&mut stream, attempt)?;
         }
-        held.push(stream);
+        held.push(Some(stream));
     }
     println!("{}", serde_json::json!({ "held": held.len() }));
     io::stdout().flush()?;
@@ -712,6 +721,7 @@ fn hold_many(to: SocketAddr, count: u32, silent: bool) -> io::Result<()> {
         line?;
         let mut alive = 0;
         for (attempt, stream) in (0..count).zip(held.iter_mut()) {
+            let Some(stream) = stream else { continue };
             let open = if silent {
                 // Open unless the peer has ended (a read of 0) or reset it.
                 match stream.peek(&mut [0; 1]) {

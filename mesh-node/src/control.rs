@@ -52,6 +52,9 @@ struct Inner {
     /// Where this node's admin endpoint listens, told to the control plane
     /// for `meshctl proxy-config`.
     admin_address: OnceLock<std::net::SocketAddr>,
+    /// Bumped each time the configuration stream is up again after it was
+    /// down: the CA, on the same control plane, answers again.
+    reachable: watch::Sender<u64>,
 }
 
 impl ControlPlane {
@@ -72,6 +75,7 @@ impl ControlPlane {
                 node_state: OnceLock::new(),
                 channel: Mutex::new(None),
                 admin_address: OnceLock::new(),
+                reachable: watch::Sender::new(0),
             }),
         })
     }
@@ -79,6 +83,12 @@ impl ControlPlane {
     /// Records where the node's admin endpoint listens (once).
     pub fn set_admin_address(&self, address: std::net::SocketAddr) {
         let _ = self.inner.admin_address.set(address);
+    }
+
+    /// Tells the certificate managers the control plane answers again, so
+    /// those backing off after failed renewals ask at once.
+    pub fn reachable_again(&self) {
+        self.inner.reachable.send_modify(|times| *times += 1);
     }
 
     /// Where the node's admin endpoint listens, when set.
@@ -275,6 +285,10 @@ impl CertificateSource for NodeSource {
         }
         Ok(issued)
     }
+
+    fn reachable_again(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.0.inner.reachable.subscribe())
+    }
 }
 
 /// One workload's certificate.
@@ -307,5 +321,9 @@ impl CertificateSource for WorkloadSource {
             ));
         }
         Ok(issued)
+    }
+
+    fn reachable_again(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.control.inner.reachable.subscribe())
     }
 }

@@ -34,6 +34,14 @@ pub struct Issued {
 pub trait CertificateSource: Send + Sync + 'static {
     /// Asks the CA to certify the key of `csr_pem`.
     fn issue(&self, csr_pem: &str) -> impl Future<Output = Result<Issued, String>> + Send;
+
+    /// Changes each time the CA answers again after it was away (the
+    /// node's connection to the control plane is back), so a manager
+    /// backing off asks at once rather than at its next retry; `None` for
+    /// a source that cannot tell.
+    fn reachable_again(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// Wall-clock time that follows tokio's clock, so certificate lifetimes

@@ -374,6 +374,11 @@ async fn session(
         let revision = response.revision;
         // The borrow ends here: swapping in below needs the write lock.
         let validated = validate(&config.borrow(), response);
+        if !status.borrow().connected {
+            // Answered again: certificate renewals that failed meanwhile
+            // need not wait out their backoff.
+            control.reachable_again();
+        }
         let answer = match validated {
             Ok(next) => {
                 config.send_replace(Arc::new(next));

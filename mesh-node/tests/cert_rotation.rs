@@ -1,8 +1,8 @@
 //! The node's certificate manager against the real mesh CA. Under paused
 //! time: a day-long certificate is renewed at about 19.2 h, the old one is
 //! kept through the overlap and then retired, a CA outage is ridden out on
-//! the still-valid certificate, and an expiry during a long outage is
-//! reported. In real time: mTLS connections over loopback keep succeeding
+//! the still-valid certificate and renewed at once when the CA is said to
+//! be back, and an expiry during a long outage is reported. In real time: mTLS connections over loopback keep succeeding
 //! while 12-second certificates rotate under them.
 
 use std::{
@@ -27,6 +27,9 @@ struct TestCa {
     ca: CertificateAuthority,
     clock: Clock,
     down: AtomicBool,
+    /// Bumped to say the CA is reachable again (the node's configuration
+    /// stream does it when it reconnects).
+    back: watch::Sender<u64>,
 }
 
 /// The CA as one workload's source of certificates.
@@ -53,6 +56,10 @@ impl CertificateSource for Workload {
             not_after: issued.not_after,
         })
     }
+
+    fn reachable_again(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.ca.back.subscribe())
+    }
 }
 
 fn workload(ca: &Arc<TestCa>, identity: SpiffeId) -> Arc<Workload> {
@@ -74,6 +81,7 @@ fn test_ca(clock: Clock, ttl: Duration) -> Arc<TestCa> {
             .unwrap(),
         clock,
         down: AtomicBool::new(false),
+        back: watch::Sender::new(0),
     })
 }
 
@@ -191,6 +199,35 @@ async fn a_ca_outage_is_ridden_out_on_the_valid_certificate() {
     let recovered = state.wait_for(|s| s.rotations == 1).await.unwrap().clone();
     assert!(recovered.last_error.is_none());
     assert!(recovered.current.unwrap().not_after > first.current.unwrap().not_after);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_renewal_backing_off_asks_at_once_when_the_ca_is_back() {
+    let (ca, manager, _clock, mut state) = start();
+    let first = first_certificate(&mut state).await;
+    // Said while nothing failed: nothing to do, nothing asked.
+    ca.back.send_modify(|n| *n += 1);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        (manager.state().failures, manager.state().rotations),
+        (0, 0)
+    );
+
+    // Failing past the renewal point, six times: the next retry is up to
+    // a minute away (the backoff doubles from 1 s to at most 60 s).
+    ca.down.store(true, Ordering::SeqCst);
+    state.wait_for(|s| s.failures >= 6).await.unwrap();
+    ca.down.store(false, Ordering::SeqCst);
+    let back = Instant::now();
+    ca.back.send_modify(|n| *n += 1);
+    let renewed = state.wait_for(|s| s.rotations == 1).await.unwrap().clone();
+    assert!(
+        Instant::now() - back < Duration::from_millis(100),
+        "renewed {:?} after the CA was back",
+        Instant::now() - back
+    );
+    assert!(renewed.last_error.is_none());
+    assert_ne!(serial(&renewed), serial(&first));
 }
 
 #[tokio::test(start_paused = true)]

@@ -6,7 +6,8 @@
 //! lifetime with a fresh key, keeps the previous one for the overlap window
 //! (connections opened with it finish undisturbed), retries with backoff
 //! while the CA is unreachable — serving the still-valid certificate
-//! meanwhile — and reports a certificate that expired anyway.
+//! meanwhile, and asking again at once when the source says the CA is
+//! back — and reports a certificate that expired anyway.
 
 use std::sync::Arc;
 
@@ -136,6 +137,8 @@ async fn run<S: CertificateSource>(
     let mut ask_at = clock.now();
     let mut retire_at: Option<OffsetDateTime> = None;
     let mut failures_in_row = 0u32;
+    // Seen as it is now: only a later change means the CA came back.
+    let mut back = source.reachable_again();
     loop {
         let now = clock.now();
         if retire_at.is_some_and(|t| now >= t) {
@@ -203,6 +206,24 @@ async fn run<S: CertificateSource>(
             .flatten()
             .min()
             .unwrap_or(ask_at);
-        tokio::time::sleep_until(clock.instant_at(wake)).await;
+        let came_back = async {
+            if let Some(back) = back.as_mut()
+                && back.changed().await.is_ok()
+            {
+                return;
+            }
+            // A source that cannot tell, or one that is gone.
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            () = tokio::time::sleep_until(clock.instant_at(wake)) => {}
+            () = came_back => {
+                if failures_in_row > 0 {
+                    tracing::info!(workload = name, "the CA is reachable again; asking now");
+                    ask_at = clock.now();
+                    failures_in_row = 0;
+                }
+            }
+        }
     }
 }

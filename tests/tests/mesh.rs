@@ -27,10 +27,10 @@ use rustls::pki_types::pem::PemObject as _;
 
 const MESH_POD: &str = env!("CARGO_BIN_EXE_mesh-pod");
 const READY: Duration = Duration::from_secs(30);
-/// What the server answers: must never cross the fabric in the clear.
 /// The nodes' `--http-header-timeout`: short, so slow clients are cut off
 /// within the test.
 const HEADER_TIMEOUT: &str = "3s";
+/// What the server answers: must never cross the fabric in the clear.
 const SECRET_BODY: &str = "the-reviews-body-4f1c9e";
 const SECRET_PATH: &str = "/private-path-83ab27";
 
@@ -270,6 +270,42 @@ fn get_reviews(cluster: &Cluster, pod: &str, count: u32) -> (bool, String) {
         output.status.success(),
         String::from_utf8_lossy(&output.stdout).into_owned(),
     )
+}
+
+/// Runs `body` while `pods` call reviews, 20 requests at a time, each on
+/// a new connection; any failed request fails the test. Returns what
+/// `body` returned and how many requests were made.
+fn under_traffic<T>(cluster: &Cluster, pods: &[&str], body: impl FnOnce() -> T) -> (T, u64) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    let requests = AtomicU64::new(0);
+    let done = AtomicBool::new(false);
+    let returned = std::thread::scope(|scope| {
+        // However `body` leaves the scope, the callers stop.
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Relaxed);
+            }
+        }
+        let _stop = StopOnDrop(&done);
+        let started = Instant::now();
+        for &pod in pods {
+            let (requests, done) = (&requests, &done);
+            scope.spawn(move || {
+                while !done.load(Relaxed) {
+                    let (ok, output) = get_reviews(cluster, pod, 20);
+                    assert!(
+                        ok,
+                        "a request from {pod} failed {:?} in: {output}",
+                        started.elapsed()
+                    );
+                    requests.fetch_add(20, Relaxed);
+                }
+            });
+        }
+        body()
+    });
+    (returned, requests.into_inner())
 }
 
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
@@ -823,29 +859,9 @@ fn certificates_rotate_under_traffic_without_a_failed_request() {
     let handshakes = mesh.metric(0, "mesh_tls_handshakes_total{side=\"client\"}");
     let rotated_before = rotations(0, "shop/frontend");
     // Three callers at once from frontend (whose certificate's rotations
-    // are counted against node0's handshakes), each request on a new
-    // connection, until both ends have rotated twice.
-    let requests = std::sync::atomic::AtomicU64::new(0);
-    let done = std::sync::atomic::AtomicBool::new(false);
-    let rotated = std::thread::scope(|scope| {
-        // However this thread leaves the scope, the callers stop.
-        struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
-        impl Drop for StopOnDrop<'_> {
-            fn drop(&mut self) {
-                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
-        let _stop = StopOnDrop(&done);
-        for pod in ["shop/frontend"; 3] {
-            let (cluster, requests, done) = (&mesh.cluster, &requests, &done);
-            scope.spawn(move || {
-                while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                    let (ok, output) = get_reviews(cluster, pod, 20);
-                    assert!(ok, "a request from {pod} failed during rotation: {output}");
-                    requests.fetch_add(20, std::sync::atomic::Ordering::Relaxed);
-                }
-            });
-        }
+    // are counted against node0's handshakes) until both ends have
+    // rotated twice.
+    let (rotated, requests) = under_traffic(&mesh.cluster, &["shop/frontend"; 3], || {
         let deadline = Instant::now() + Duration::from_secs(90);
         while rotations(0, "shop/frontend") < 2 || rotations(1, "shop/reviews") < 2 {
             assert!(
@@ -861,7 +877,6 @@ fn certificates_rotate_under_traffic_without_a_failed_request() {
         std::thread::sleep(Duration::from_secs(1));
         rotated
     });
-    let requests = requests.into_inner();
     // Each rotation of the client's certificate moved new streams to a
     // new connection, presenting the new certificate, even though the
     // traffic never paused long enough for a pooled upstream connection
@@ -981,6 +996,143 @@ fn traffic_keeps_flowing_while_the_control_plane_is_down() {
     assert!(
         !ok,
         "a change made while the nodes were away did not apply: {output}"
+    );
+}
+
+/// Every certificate both nodes hold (node and workloads), as their
+/// `/certificates` report it, each with `node` added.
+fn certificate_reports(mesh: &Mesh) -> Vec<serde_json::Value> {
+    (0..mesh.nodes.len())
+        .flat_map(|node| {
+            let response = http::get(mesh.nodes[node].1, "/certificates").unwrap();
+            let reports: Vec<serde_json::Value> = serde_json::from_str(&response.body).unwrap();
+            reports.into_iter().map(move |mut report| {
+                report["node"] = node.into();
+                report
+            })
+        })
+        .collect()
+}
+
+fn rfc3339(value: &serde_json::Value) -> time::OffsetDateTime {
+    let text = value
+        .as_str()
+        .unwrap_or_else(|| panic!("not a time: {value}"));
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).unwrap()
+}
+
+/// Resilience case 3 end to end: the control plane, and with it the CA, is
+/// down through the renewal point of every certificate both nodes hold,
+/// under traffic. The nodes serve their still-valid certificates while
+/// each renewal fails, and renew as soon as they reconnect, before expiry.
+#[test]
+fn a_ca_outage_through_the_renewal_point_fails_no_request() {
+    // 120 s certificates renew at 96 s (±1.2 s) and expire at 120 s.
+    let mut mesh = mesh_with("e2ecaout", Some("120s"), &[]);
+    let (api, grpc) = (
+        mesh.control.api.trim_start_matches("http://").to_owned(),
+        mesh.control.grpc.clone(),
+    );
+    let issued = certificate_reports(&mesh);
+    let holders = |reports: &[serde_json::Value]| {
+        reports
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {}",
+                    r["holder"].as_str().unwrap(),
+                    r["name"].as_str().unwrap()
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    // Two node certificates, frontend's and reviews' at least.
+    assert!(issued.len() >= 4, "{issued:?}");
+    assert!(
+        issued
+            .iter()
+            .all(|r| r["rotations"] == 0 && r["failures"] == 0)
+    );
+    let first_renewal = issued.iter().map(|r| rfc3339(&r["next_renewal"])).min();
+    let first_expiry = issued.iter().map(|r| rfc3339(&r["not_after"])).min();
+    let (first_renewal, first_expiry) = (first_renewal.unwrap(), first_expiry.unwrap());
+    let until = |at: time::OffsetDateTime| {
+        Duration::try_from(at - time::OffsetDateTime::now_utc()).unwrap_or_default()
+    };
+
+    // Down from 3 s before the first renewal point.
+    std::thread::sleep(until(first_renewal).saturating_sub(Duration::from_secs(3)));
+    let connected = |mesh: &Mesh, node| mesh.metric(node, "mesh_config_connected");
+    mesh.control.process.kill_now().unwrap();
+    let down = Instant::now();
+    let pods = ["shop/frontend", "shop/frontend", "shop/other", "shop/other"];
+    let ((control, outage, renewed_after), requests) = under_traffic(&mesh.cluster, &pods, || {
+        // Every certificate past its renewal point, refused twice, still
+        // served.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let reports = certificate_reports(&mesh);
+            if reports.iter().all(|r| r["failures"].as_u64() >= Some(2)) {
+                for report in &reports {
+                    let was = issued
+                        .iter()
+                        .find(|r| r["node"] == report["node"] && r["name"] == report["name"])
+                        .unwrap_or_else(|| panic!("new during the outage: {report}"));
+                    assert_eq!(report["serial"], was["serial"], "{report}");
+                    assert_eq!(report["expired"], false, "{report}");
+                    assert!(report["last_error"].is_string(), "{report}");
+                }
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "renewals did not fail twice each: {reports:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert!(connected(&mesh, 0) == 0 && connected(&mesh, 1) == 0);
+        // Back where the nodes expect it: each renews as soon as its
+        // configuration stream is up again, not at its next retry.
+        let command = mesh
+            .cluster
+            .system_command(workspace_binary("mesh-control").unwrap())
+            .unwrap();
+        let control =
+            ControlPlane::start_at(command, &mesh.dir.path().join("control"), &api, &grpc).unwrap();
+        let outage = down.elapsed();
+        wait_until("the nodes reconnect", || {
+            connected(&mesh, 0) == 1 && connected(&mesh, 1) == 1
+        });
+        let reconnected = Instant::now();
+        wait_until("every certificate is renewed", || {
+            certificate_reports(&mesh)
+                .iter()
+                .all(|r| r["rotations"] == 1 && r["last_error"].is_null())
+        });
+        let renewed_after = reconnected.elapsed();
+        // Traffic on the new certificates.
+        std::thread::sleep(Duration::from_secs(2));
+        (control, outage, renewed_after)
+    });
+    mesh.control = control;
+    eprintln!(
+        "{requests} requests through a {outage:?} CA outage across the renewal point of {:?}, \
+         none failed; renewed {renewed_after:?} after the nodes reconnected, {:?} before the \
+         first expiry",
+        holders(&issued),
+        until(first_expiry)
+    );
+    assert!(
+        renewed_after < Duration::from_secs(5),
+        "renewed {renewed_after:?} after reconnecting"
+    );
+    assert!(requests > 0);
+    let renewed = certificate_reports(&mesh);
+    assert!(
+        renewed
+            .iter()
+            .all(|r| r["expired"] == false && rfc3339(&r["not_after"]) > first_expiry),
+        "{renewed:?}"
     );
 }
 

@@ -2538,12 +2538,14 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
 /// a response after its head reaches the caller as a broken response,
 /// never as a whole one, and one that stops sending is cut at the node's
 /// stream idle timeout (2 s here) instead of holding the caller forever.
+/// And case 12 on the response side: responses framed to smuggle a second
+/// one are refused or read exactly, and the second reaches nobody.
 #[test]
-fn a_response_that_breaks_off_reaches_the_caller_broken_and_a_stalled_one_is_cut() {
+fn bad_responses_reach_the_caller_broken_or_refused_never_whole_or_smuggled() {
     let mesh = mesh_with("e2ebody", None, &["--http-stream-idle-timeout", "2s"]);
     let ip = |pod: &str| mesh.cluster.pod(pod).unwrap().ip4;
     let mut server = mesh.cluster.pod_command("shop/reviews", MESH_POD).unwrap();
-    server.args(["serve-http", "--listen", "[::]:8090", "--break-bodies"]);
+    server.args(["serve-http", "--listen", "[::]:8090", "--bad-responses"]);
     let (_server, _) = Process::spawn_ready("breaking", server, "listening", READY).unwrap();
     mesh.apply(&format!(
         "apiVersion: mesh.io/v1\nkind: Service\nmetadata: {{name: breaking, namespace: shop}}\n\
@@ -2586,6 +2588,62 @@ fn a_response_that_breaks_off_reaches_the_caller_broken_and_a_stalled_one_is_cut
     // The service is none the worse: its next requests are answered.
     let (ok, output) = mesh.get("shop/frontend", 3);
     assert!(ok, "{output}");
+
+    // Response smuggling (resilience case 12, the response side): each
+    // bad framing is read exactly or refused, and the unrequested
+    // response it hides reaches no caller, neither as its own answer nor
+    // as the next request's on the proxy's pooled connection.
+    // What each caller gets: the response read exactly ("ok"), 502 `UPE`
+    // from the destination's proxy (a framing two readers could read two
+    // ways, or a head that does not parse), a refusal (503) or a 200
+    // whose body breaks off, never a whole 200 of anything else.
+    for (case, expected) in [
+        ("extra", "ok"),
+        ("cl-te", "UPE"),
+        ("two-lengths", "UPE"),
+        ("te-not-chunked", "UPE"),
+        ("bad-chunk", "refused"),
+        ("obs-fold", "UPE"),
+        ("bare-lf", "ok"),
+        // Delimited by the connection's end, which never comes: cut at
+        // the stream idle timeout.
+        ("no-length", "broken"),
+    ] {
+        let (answer, _) = get(&format!("/smuggle/{case}"));
+        let bodies = answer["bodies"].as_object().unwrap();
+        assert!(
+            bodies.keys().all(|body| body == "ok"),
+            "{case}: a 200 with another body than the one framed: {answer}"
+        );
+        let held = match expected {
+            "ok" => count(&answer, "bodies", "ok") == 1,
+            "UPE" => count(&answer, "statuses", "502") == 1 && count(&answer, "flags", "UPE") == 1,
+            "refused" => count(&answer, "statuses", "503") == 1,
+            _ => broken(&answer),
+        };
+        assert!(held, "{case}: expected {expected}: {answer}");
+        // Next: three requests on one connection, then three on new ones.
+        let next = [
+            summary(
+                &mesh,
+                "shop/frontend",
+                &["--to", "10.96.0.11:80", "--count", "3", "--keep-alive"],
+            ),
+            summary(
+                &mesh,
+                "shop/frontend",
+                &["--to", "10.96.0.11:80", "--count", "3"],
+            ),
+        ];
+        for answer in &next {
+            assert_eq!(
+                count(answer, "bodies", "hello from mesh-pod"),
+                3,
+                "{case}: the next requests were not answered alone: {answer}"
+            );
+        }
+        eprintln!("smuggling {case}: {answer}");
+    }
 }
 
 /// Runs `command` with `input` on its stdin; its output. `what` names the

@@ -106,10 +106,13 @@ pub enum Flag {
     Denied,
     /// Over the workload's rate limit.
     RateLimited,
+    /// The upstream's response could be read two ways (a request
+    /// smuggling shape on the response side).
+    UpstreamProtocolError,
 }
 
 impl Flag {
-    pub const ALL: [Flag; 8] = [
+    pub const ALL: [Flag; 9] = [
         Flag::NoHealthyUpstream,
         Flag::CircuitOpen,
         Flag::Timeout,
@@ -118,6 +121,7 @@ impl Flag {
         Flag::BadRequest,
         Flag::Denied,
         Flag::RateLimited,
+        Flag::UpstreamProtocolError,
     ];
 
     pub const fn code(self) -> &'static str {
@@ -130,6 +134,7 @@ impl Flag {
             Flag::BadRequest => "DPE",
             Flag::Denied => "RBAC",
             Flag::RateLimited => "RL",
+            Flag::UpstreamProtocolError => "UPE",
         }
     }
 
@@ -139,6 +144,7 @@ impl Flag {
             Flag::BadRequest => StatusCode::BAD_REQUEST,
             Flag::Denied => StatusCode::FORBIDDEN,
             Flag::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Flag::UpstreamProtocolError => StatusCode::BAD_GATEWAY,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -848,6 +854,17 @@ async fn authorize_and_send(
     }
     match pod.http_clients(mesh).app(protocol).request(upstream).await {
         Ok(response) => {
+            let response = match onward_response(response) {
+                Ok(response) => response,
+                Err(why) => {
+                    tracing::info!(pod = %pod.name, why, "refused the application's response");
+                    return local(
+                        state,
+                        Flag::UpstreamProtocolError,
+                        &format!("the application's response: {why}"),
+                    );
+                }
+            };
             let mut response = response.map(|body| body.map_err(BoxError::from).boxed_unsync());
             // Only this node says why it answered itself.
             response.headers_mut().remove(FLAGS_HEADER);
@@ -856,12 +873,33 @@ async fn authorize_and_send(
             }
             response
         }
-        Err(error) => local(
-            state,
-            Flag::ConnectFailed,
-            &format!("the application: {}", super::error_chain(&error)),
-        ),
+        Err(error) => {
+            let flag = if unreadable_response(&error) {
+                Flag::UpstreamProtocolError
+            } else {
+                Flag::ConnectFailed
+            };
+            local(
+                state,
+                flag,
+                &format!("the application: {}", super::error_chain(&error)),
+            )
+        }
     }
+}
+
+/// Whether an exchange failed because the upstream's response head could
+/// not be parsed (two different lengths, obs-fold, a bad status line):
+/// the upstream's fault, but no connection failure.
+fn unreadable_response(error: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(hyper) = cause.downcast_ref::<hyper::Error>() {
+            return hyper.is_parse() || hyper.is_parse_status();
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// How both ends serve HTTP: header sections past 64 KiB or 100 fields
@@ -1256,6 +1294,13 @@ async fn route_request(
     let exchanged = guarded(&breaker, ticket, timeout, async {
         let (response, answered) = exchange.run(replay).await?;
         served.endpoint = Some(answered);
+        let response = onward_response(response).map_err(|why| {
+            tracing::info!(pod = %route.pod.name, endpoint = %answered, why, "refused an upstream's response");
+            (
+                Flag::UpstreamProtocolError,
+                format!("{answered}'s response: {why}"),
+            )
+        })?;
         whole_if_small(response, state.stream_idle_timeout, tally)
             .await
             .map_err(|e| (Flag::UpstreamReset, e))
@@ -1749,6 +1794,30 @@ fn unambiguous_framing(headers: &HeaderMap) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// An upstream's response as it may go on to the caller, or why it may
+/// not. An HTTP/1.x response whose body could be delimited two ways is
+/// refused, as such requests are: whoever reads it after us might read it
+/// differently (response smuggling), and the connection it came on is
+/// dropped with it. Hop-by-hop fields stay behind (RFC 9110 §7.6.1),
+/// except on a switch of protocols, whose `connection` and `upgrade` name
+/// the switch; `content-length` stays (a `HEAD` answer's length is only
+/// there), and hyper checks the body against it.
+fn onward_response<B>(mut response: Response<B>) -> Result<Response<B>, &'static str> {
+    if response.version() <= http::Version::HTTP_11 {
+        unambiguous_framing(response.headers())?;
+    }
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let length = response.headers_mut().remove(header::CONTENT_LENGTH);
+        *response.headers_mut() = forwarded_headers(response.headers());
+        if let Some(length) = length {
+            response
+                .headers_mut()
+                .insert(header::CONTENT_LENGTH, length);
+        }
+    }
+    Ok(response)
+}
+
 /// The options of every `connection` field (RFC 9110 §7.6.1), trimmed.
 fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers
@@ -2021,5 +2090,62 @@ mod tests {
         let mut gzip = HeaderMap::new();
         gzip.insert("te", HeaderValue::from_static("gzip"));
         assert!(forwarded_headers(&gzip).is_empty());
+    }
+
+    fn response(status: u16, fields: &[(&'static str, &'static str)]) -> Response<()> {
+        let mut response = Response::new(());
+        *response.status_mut() = StatusCode::from_u16(status).unwrap();
+        for &(name, value) in fields {
+            response
+                .headers_mut()
+                .append(name, HeaderValue::from_static(value));
+        }
+        response
+    }
+
+    #[test]
+    fn a_response_goes_on_without_hop_by_hop_fields_and_only_if_unambiguous() {
+        let onward = onward_response(response(
+            200,
+            &[
+                ("connection", "close, x-private"),
+                ("keep-alive", "timeout=5"),
+                ("x-private", "1"),
+                ("content-length", "2"),
+                ("proxy-connection", "keep-alive"),
+                ("x-app", "yes"),
+            ],
+        ))
+        .unwrap();
+        let names: Vec<&str> = onward.headers().keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-app", "content-length"]);
+        // Read as chunked; hyper frames it again for the caller.
+        let chunked = onward_response(response(200, &[("transfer-encoding", "chunked")]));
+        assert!(chunked.unwrap().headers().is_empty());
+        // A switch keeps the fields that name it.
+        let switched = onward_response(response(
+            101,
+            &[("connection", "upgrade"), ("upgrade", "websocket")],
+        ))
+        .unwrap();
+        assert_eq!(switched.headers().len(), 2);
+        for fields in [
+            &[("transfer-encoding", "chunked"), ("content-length", "50")][..],
+            &[("transfer-encoding", "chunked, identity")],
+            &[
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "chunked"),
+            ],
+            &[("transfer-encoding", "identity")],
+        ] {
+            assert!(
+                onward_response(response(200, fields)).is_err(),
+                "{fields:?}"
+            );
+        }
+        // HTTP/2 frames its bodies itself: no such field can confuse it.
+        let mut h2 = response(200, &[("content-length", "2")]);
+        *h2.version_mut() = http::Version::HTTP_2;
+        assert!(onward_response(h2).is_ok());
     }
 }

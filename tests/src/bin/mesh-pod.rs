@@ -569,9 +569,66 @@ struct Faults {
     /// Answer `/break/close` with 10 of the 1,000 bytes its
     /// `content-length` promises, `/break/chunked-close` with one chunk of
     /// a chunked body, each then closing the connection, and
-    /// `/break/chunked-stall` with one chunk and then nothing, ever.
+    /// `/break/chunked-stall` with one chunk and then nothing, ever. Answer
+    /// `/smuggle/CASE` with the response of [`smuggling_answer`], which
+    /// tries to slip an unrequested response (body `poisoned`) in front
+    /// of the next request on the connection, and keep serving.
     #[arg(long)]
-    break_bodies: bool,
+    bad_responses: bool,
+}
+
+/// What `serve-http --bad-responses` answers `/smuggle/CASE` with: each a
+/// framing a proxy must refuse or read exactly, none of which may ever
+/// get `poisoned` to a caller as a response of its own.
+fn smuggling_answer(case: &str) -> Option<&'static str> {
+    Some(match case {
+        // A complete response, and a second nobody asked for.
+        "extra" => concat!(
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            "HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\npoisoned"
+        ),
+        // Chunked and a length: read as chunked, the rest is a second
+        // response; read by the length, it is part of the body.
+        "cl-te" => concat!(
+            "HTTP/1.1 200 OK\r\ncontent-length: 50\r\ntransfer-encoding: chunked\r\n\r\n",
+            "2\r\nok\r\n0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\npoisoned"
+        ),
+        // Two lengths that disagree.
+        "two-lengths" => concat!(
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 48\r\n\r\nok",
+            "HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\npoisoned"
+        ),
+        // `chunked` not last: the length of the body is unknowable.
+        "te-not-chunked" => concat!(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, identity\r\n\r\n",
+            "2\r\nok\r\n0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\npoisoned"
+        ),
+        // A chunk size that is not hex.
+        "bad-chunk" => concat!(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\npoisoned"
+        ),
+        // A header folded onto a second line (obs-fold) that hides a
+        // length.
+        "obs-fold" => concat!(
+            "HTTP/1.1 200 OK\r\nx-folded: a\r\n content-length: 0\r\ncontent-length: 2\r\n\r\nok",
+            "HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\npoisoned"
+        ),
+        // Bare LF line ends.
+        "bare-lf" => concat!(
+            "HTTP/1.1 200 OK\ncontent-length: 2\n\nok",
+            "HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\npoisoned"
+        ),
+        // No blank line or length: a body that ends when the connection
+        // does, which here it never does.
+        "no-length" => concat!(
+            "HTTP/1.1 200 OK\r\n\r\nok",
+            "HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\npoisoned"
+        ),
+        _ => return None,
+    })
 }
 
 fn serve_http(listen: SocketAddr, body: String, faults: Faults) -> io::Result<()> {
@@ -641,7 +698,13 @@ fn answer_http(
             return Ok(());
         }
         let target = head.split(' ').nth(1).unwrap_or("/");
-        if faults.break_bodies && target.starts_with("/break/") {
+        if faults.bad_responses
+            && let Some(answer) = target.strip_prefix("/smuggle/").and_then(smuggling_answer)
+        {
+            writer.write_all(answer.as_bytes())?;
+            continue;
+        }
+        if faults.bad_responses && target.starts_with("/break/") {
             if target == "/break/close" {
                 writer.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")?;
                 return Ok(());

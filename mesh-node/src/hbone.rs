@@ -579,6 +579,8 @@ pub async fn serve<IO, H, Fut>(
     };
     tokio::pin!(stop);
     let mut stopping = false;
+    // Closing for idleness: `idle` then bounds the goodbye.
+    let mut closing_idle = false;
     // Open streams, and when the last one ended.
     let active = Arc::new(AtomicUsize::new(0));
     let last_end = Arc::new(Mutex::new(Instant::now()));
@@ -607,18 +609,35 @@ pub async fn serve<IO, H, Fut>(
                 stopping = true;
                 connection.graceful_shutdown();
             }
-            () = &mut idle, if !stopping => {
+            () = &mut idle, if !stopping || closing_idle => {
+                if closing_idle {
+                    tracing::debug!("an idle tunnel connection did not finish closing; dropped");
+                    return;
+                }
                 let since = *lock(&last_end);
-                if active.load(Ordering::Acquire) == 0 && since.elapsed() >= settings.idle_timeout {
+                let quiet = active.load(Ordering::Acquire) == 0;
+                if quiet && since.elapsed() >= settings.idle_timeout {
                     stopping = true;
                     connection.graceful_shutdown();
+                    // The GOAWAY ends the connection only once the peer
+                    // answers its PING: one that never does would hold it
+                    // open for ever.
+                    closing_idle = true;
+                    idle.as_mut().reset(Instant::now() + IDLE_CLOSE_GRACE);
+                } else if quiet {
+                    // Quiet since `since`: idle then.
+                    idle.as_mut().reset(since + settings.idle_timeout);
                 } else {
-                    idle.as_mut().reset(since.max(Instant::now()) + settings.idle_timeout);
+                    idle.as_mut().reset(Instant::now() + settings.idle_timeout);
                 }
             }
         }
     }
 }
+
+/// How long a tunnel connection closed for idleness has to finish closing
+/// (answer the GOAWAY's PING) before it is dropped.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Bytes moved by [`splice`], each way.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -847,6 +866,10 @@ mod tests {
     /// A tunnel server on loopback: streams to port 403 are refused with
     /// 403, every other stream is echoed.
     async fn server(ca: &CertificateAuthority) -> SocketAddr {
+        server_with(ca, PoolSettings::default()).await
+    }
+
+    async fn server_with(ca: &CertificateAuthority, settings: PoolSettings) -> SocketAddr {
         let (chain, key) = certificate(ca, "server");
         let config = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -864,14 +887,7 @@ mod tests {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
-                    serve(
-                        tls,
-                        echo,
-                        std::future::pending(),
-                        PoolSettings::default(),
-                        (),
-                    )
-                    .await;
+                    serve(tls, echo, std::future::pending(), settings, ()).await;
                 });
             }
         });
@@ -1046,6 +1062,56 @@ mod tests {
         // The next stream opens a new connection.
         drop(client.open("1", 80).await.unwrap());
         assert_eq!(client.handshakes(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_gets_a_goaway_and_is_dropped_if_it_never_answers() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let ca = ca();
+        let idle_timeout = Duration::from_millis(300);
+        let server = server_with(
+            &ca,
+            PoolSettings {
+                idle_timeout,
+                ..PoolSettings::default()
+            },
+        )
+        .await;
+        let tcp = TcpStream::connect(server).await.unwrap();
+        let name = ServerName::IpAddress(server.ip().into());
+        let mut tls = tokio_rustls::TlsConnector::from(client_config(&ca, "server"))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        // The preface and an empty SETTINGS; then nothing, not even the
+        // acknowledgement of the server's SETTINGS or of any PING.
+        let started = Instant::now();
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .unwrap();
+        let mut goaway = None;
+        let mut head = [0u8; 9];
+        while tls.read_exact(&mut head).await.is_ok() {
+            let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0; length];
+            if tls.read_exact(&mut payload).await.is_err() {
+                break;
+            }
+            // GOAWAY
+            if head[3] == 0x7 {
+                goaway.get_or_insert(started.elapsed());
+            }
+        }
+        let closed = started.elapsed();
+        let goaway = goaway.expect("no GOAWAY");
+        assert!(
+            goaway >= idle_timeout && goaway < idle_timeout * 3,
+            "GOAWAY after {goaway:?}"
+        );
+        assert!(
+            closed >= goaway + IDLE_CLOSE_GRACE && closed < goaway + IDLE_CLOSE_GRACE * 2,
+            "closed {closed:?}, GOAWAY after {goaway:?}"
+        );
     }
 
     #[tokio::test]

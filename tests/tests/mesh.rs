@@ -683,7 +683,9 @@ fn tunnels_need_a_certificate_from_the_mesh_ca() {
 /// up, hangs up on the abuser, and serves everyone else throughout.
 #[test]
 fn the_tunnel_port_withstands_http2_abuse_and_stalled_handshakes() {
-    let mesh = mesh("e2eh2tunnel");
+    // Tunnel connections close after 3 s without a stream at the client,
+    // 6 s at the server (60 s and 120 s by default).
+    let mesh = mesh_with("e2eh2tunnel", None, &["--tunnel-idle-timeout", "3s"]);
     let (ca, bundle) = mesh_ca(&mesh);
     // An attacker in frontend's pod with frontend's real certificate.
     let frontend = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/frontend").unwrap();
@@ -763,11 +765,82 @@ fn the_tunnel_port_withstands_http2_abuse_and_stalled_handshakes() {
     // first 200 (twice the client pool's 100 streams) are tunnels to the
     // application; each one past them is refused with REFUSED_STREAM.
     let before = open_inbound();
-    let flood = flood("streams", &[]);
-    assert_eq!(flood["refused"], 800, "{flood}");
+    let exhausted = flood("streams", &[]);
+    assert_eq!(exhausted["refused"], 800, "{exhausted}");
     others_served("stream exhaustion");
     // Once the attacker hangs up, its tunnels close with it.
     wait_until("the attacker's tunnels close", || open_inbound() <= before);
+
+    // Request smuggling on the inbound L7 path (resilience case 12): what
+    // a holder of a mesh certificate sends inside a tunnel to an HTTP port
+    // is read by the destination's proxy, which refuses every framing two
+    // readers could read two ways before the application sees it. (The
+    // two 431 cases need more than the stream's flow-control window,
+    // which this bare client does not follow.)
+    let app = mesh.reviews();
+    let in_tunnel = |request: &str| {
+        let answer = summary_of(
+            &mesh,
+            "shop/frontend",
+            &[
+                "raw",
+                "--to",
+                &relay,
+                "--connect",
+                &app,
+                "--request",
+                request,
+            ],
+        );
+        assert_eq!(answer["tunnel"], true, "{answer}");
+        answer
+    };
+    let app_hits = || {
+        let answer = in_tunnel("GET /hits HTTP/1.1\\r\\nhost: r\\r\\n\\r\\n");
+        let text = answer["answer"].as_str().unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 "), "{answer}");
+        text.rsplit("\r\n").next().unwrap().parse::<u64>().unwrap()
+    };
+    let before = app_hits();
+    let served = in_tunnel("GET / HTTP/1.1\\r\\nhost: r\\r\\n\\r\\n");
+    assert!(
+        served["answer"].as_str().unwrap().ends_with(SECRET_BODY),
+        "{served}"
+    );
+    assert_eq!(
+        app_hits(),
+        before + 1,
+        "the well-formed request went through"
+    );
+    for (case, request, status) in smuggling_requests() {
+        if status == "431" {
+            continue;
+        }
+        let answer = in_tunnel(&request);
+        assert!(
+            answer["status_line"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("HTTP/1.1 {status} ")),
+            "{case}: {answer}"
+        );
+    }
+    assert_eq!(
+        app_hits(),
+        before + 1,
+        "a malformed request reached the application"
+    );
+
+    // A connection that opens no stream gets a GOAWAY at the server's idle
+    // timeout (twice the pool's: 6 s here); one that answers nothing, not
+    // even the GOAWAY's PING, is dropped 5 s later. (It used to stay open
+    // for ever.)
+    let idle = flood("idle", &[]);
+    let goaway = idle["goaway_after_ms"].as_u64().unwrap();
+    let ended = idle["ended_after_ms"].as_u64().unwrap();
+    assert_eq!(idle["goaway"], 0, "{idle}");
+    assert!((5_900..8_000).contains(&goaway), "{idle}");
+    assert!((goaway + 4_900..goaway + 7_000).contains(&ended), "{idle}");
 
     // A stalled HTTP/2 preface after a good TLS handshake: cut at the
     // tunnel handshake timeout (10 s).
@@ -1898,6 +1971,99 @@ fn count(summary: &serde_json::Value, field: &str, key: &str) -> u64 {
     summary[field][key].as_u64().unwrap_or(0)
 }
 
+/// A `POST /` with `headers` and `body` (`\\r\\n` escapes, for `mesh-pod
+/// raw`).
+fn raw_post(headers: &str, body: &str) -> String {
+    format!("POST / HTTP/1.1\\r\\nhost: r\\r\\n{headers}\\r\\n{body}")
+}
+
+/// Requests framed so that two readers could read them two ways (the
+/// shapes request smuggling rides on), each with the status the proxy
+/// must refuse it with: (case, request with `\\r\\n` escapes, status).
+fn smuggling_requests() -> Vec<(&'static str, String, &'static str)> {
+    let big = "x".repeat(100 << 10);
+    let many: String = (0..200).map(|i| format!("x-h{i}: v\\r\\n")).collect();
+    vec![
+        (
+            "two transfer-encodings",
+            raw_post(
+                "transfer-encoding: chunked\\r\\ntransfer-encoding: chunked\\r\\n",
+                "0\\r\\n\\r\\n",
+            ),
+            "400",
+        ),
+        (
+            "chunked twice",
+            raw_post("transfer-encoding: chunked, chunked\\r\\n", "0\\r\\n\\r\\n"),
+            "400",
+        ),
+        (
+            "chunked not last",
+            raw_post(
+                "transfer-encoding: chunked, identity\\r\\n",
+                "0\\r\\n\\r\\n",
+            ),
+            "400",
+        ),
+        (
+            "conflicting lengths",
+            raw_post("content-length: 4\\r\\ncontent-length: 5\\r\\n", "abcde"),
+            "400",
+        ),
+        (
+            "obs-fold",
+            "GET / HTTP/1.1\\r\\nhost: r\\r\\nx-a: b\\r\\n c\\r\\n\\r\\n".to_owned(),
+            "400",
+        ),
+        (
+            "space in a header name",
+            "GET / HTTP/1.1\\r\\nhost: r\\r\\nx a: b\\r\\n\\r\\n".to_owned(),
+            "400",
+        ),
+        (
+            "space before the colon",
+            raw_post("content-length : 4\\r\\n", "abcd"),
+            "400",
+        ),
+        (
+            "a length that is not a number",
+            raw_post("content-length: 4x\\r\\n", "abcd"),
+            "400",
+        ),
+        (
+            "a signed length",
+            raw_post("content-length: +4\\r\\n", "abcd"),
+            "400",
+        ),
+        (
+            "a chunk size that is not hex",
+            raw_post(
+                "transfer-encoding: chunked\\r\\n",
+                "zz\\r\\nabc\\r\\n0\\r\\n\\r\\n",
+            ),
+            "400",
+        ),
+        (
+            "a chunk size past 64 bits",
+            raw_post(
+                "transfer-encoding: chunked\\r\\n",
+                "1ffffffffffffffff\\r\\nabc\\r\\n0\\r\\n\\r\\n",
+            ),
+            "400",
+        ),
+        (
+            "a 100 KiB header",
+            format!("GET / HTTP/1.1\\r\\nhost: r\\r\\nx-big: {big}\\r\\n\\r\\n"),
+            "431",
+        ),
+        (
+            "200 headers",
+            format!("GET / HTTP/1.1\\r\\nhost: r\\r\\n{many}\\r\\n"),
+            "431",
+        ),
+    ]
+}
+
 #[test]
 fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request() {
     let mut mesh = mesh("meshl7");
@@ -2237,90 +2403,7 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
         reached + 1,
         "the well-formed request went through"
     );
-    let big = "x".repeat(100 << 10);
-    let many: String = (0..200).map(|i| format!("x-h{i}: v\\r\\n")).collect();
-    let post = |headers: &str, body: &str| {
-        format!("POST / HTTP/1.1\\r\\nhost: r\\r\\n{headers}\\r\\n{body}")
-    };
-    for (case, request, status) in [
-        (
-            "two transfer-encodings",
-            post(
-                "transfer-encoding: chunked\\r\\ntransfer-encoding: chunked\\r\\n",
-                "0\\r\\n\\r\\n",
-            ),
-            "400",
-        ),
-        (
-            "chunked twice",
-            post("transfer-encoding: chunked, chunked\\r\\n", "0\\r\\n\\r\\n"),
-            "400",
-        ),
-        (
-            "chunked not last",
-            post(
-                "transfer-encoding: chunked, identity\\r\\n",
-                "0\\r\\n\\r\\n",
-            ),
-            "400",
-        ),
-        (
-            "conflicting lengths",
-            post("content-length: 4\\r\\ncontent-length: 5\\r\\n", "abcde"),
-            "400",
-        ),
-        (
-            "obs-fold",
-            "GET / HTTP/1.1\\r\\nhost: r\\r\\nx-a: b\\r\\n c\\r\\n\\r\\n".to_owned(),
-            "400",
-        ),
-        (
-            "space in a header name",
-            "GET / HTTP/1.1\\r\\nhost: r\\r\\nx a: b\\r\\n\\r\\n".to_owned(),
-            "400",
-        ),
-        (
-            "space before the colon",
-            post("content-length : 4\\r\\n", "abcd"),
-            "400",
-        ),
-        (
-            "a length that is not a number",
-            post("content-length: 4x\\r\\n", "abcd"),
-            "400",
-        ),
-        (
-            "a signed length",
-            post("content-length: +4\\r\\n", "abcd"),
-            "400",
-        ),
-        (
-            "a chunk size that is not hex",
-            post(
-                "transfer-encoding: chunked\\r\\n",
-                "zz\\r\\nabc\\r\\n0\\r\\n\\r\\n",
-            ),
-            "400",
-        ),
-        (
-            "a chunk size past 64 bits",
-            post(
-                "transfer-encoding: chunked\\r\\n",
-                "1ffffffffffffffff\\r\\nabc\\r\\n0\\r\\n\\r\\n",
-            ),
-            "400",
-        ),
-        (
-            "a 100 KiB header",
-            format!("GET / HTTP/1.1\\r\\nhost: r\\r\\nx-big: {big}\\r\\n\\r\\n"),
-            "431",
-        ),
-        (
-            "200 headers",
-            format!("GET / HTTP/1.1\\r\\nhost: r\\r\\n{many}\\r\\n"),
-            "431",
-        ),
-    ] {
+    for (case, request, status) in smuggling_requests() {
         let answer = raw(&request);
         assert!(
             answer.starts_with(&format!("HTTP/1.1 {status} ")),
@@ -2335,7 +2418,7 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
     // Both content-length and chunked: read as chunked (RFC 9112 §6.1, the
     // connection closed after it) and sent on with one length of our own,
     // so the upstream reads exactly the request the proxy read.
-    let both = post(
+    let both = raw_post(
         "content-length: 4\\r\\ntransfer-encoding: chunked\\r\\n",
         "0\\r\\n\\r\\n",
     );
@@ -2348,7 +2431,7 @@ fn http_to_a_service_is_split_retried_timed_out_and_circuit_broken_per_request()
         ("bare LF", "GET / HTTP/1.1\\nhost: r\\n\\n".to_owned()),
         (
             "a chunk extension",
-            post(
+            raw_post(
                 "transfer-encoding: chunked\\r\\n",
                 "3;name=value\\r\\nabc\\r\\n0\\r\\n\\r\\n",
             ),

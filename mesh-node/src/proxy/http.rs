@@ -711,7 +711,7 @@ pub(super) async fn serve_inbound(
             let received = Arc::new(BodyTally::default());
             let request = request.map(|body| Counted::new(body, received.clone()));
             let mut served = Served::default();
-            let response = authorize_and_send(&inbound, request, &mut served).await;
+            let response = authorize_and_send(&inbound, request, &received, &mut served).await;
             let labels = destination_labels(&inbound, &response);
             let state = &inbound.mesh.http;
             if let Some(hop) = served.hop {
@@ -786,6 +786,7 @@ struct Inbound {
 async fn authorize_and_send(
     inbound: &Inbound,
     mut request: Request<Counted<Incoming>>,
+    request_body: &BodyTally,
     served: &mut Served,
 ) -> Response<Body> {
     let Inbound {
@@ -874,16 +875,22 @@ async fn authorize_and_send(
             response
         }
         Err(error) => {
+            let why = super::error_chain(&error);
+            // A body that does not parse (a bad chunk size) or a caller
+            // gone mid-body is the caller's doing, as at the source.
+            if request_body.failed() {
+                return local(
+                    state,
+                    Flag::BadRequest,
+                    &format!("reading the request body: {why}"),
+                );
+            }
             let flag = if unreadable_response(&error) {
                 Flag::UpstreamProtocolError
             } else {
                 Flag::ConnectFailed
             };
-            local(
-                state,
-                flag,
-                &format!("the application: {}", super::error_chain(&error)),
-            )
+            local(state, flag, &format!("the application: {why}"))
         }
     }
 }

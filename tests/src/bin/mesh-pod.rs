@@ -127,6 +127,12 @@ enum Command {
         to: SocketAddr,
         #[arg(long)]
         request: String,
+        /// Send REQUEST inside an HTTP/2 `CONNECT` stream to this
+        /// authority, as a source proxy sends it in an HBONE tunnel (TO is
+        /// then a relay that does the TLS); also prints whether the tunnel
+        /// opened (`tunnel`) and all that came back in it (`answer`).
+        #[arg(long)]
+        connect: Option<String>,
     },
     /// Ask to switch the connection to PROTOCOL (as a WebSocket client
     /// does), then send MESSAGE on the switched connection; prints the
@@ -273,7 +279,11 @@ fn main() -> ExitCode {
             bench_http(to, connections, requests, new_connections),
         ),
         Command::Sink { listen } => report("sink", sink(listen)),
-        Command::Raw { to, request } => report("raw", raw(to, &request)),
+        Command::Raw {
+            to,
+            request,
+            connect,
+        } => report("raw", raw(to, &request, connect.as_deref())),
         Command::HoldMany { to, count, silent } => {
             report("hold-many", hold_many(to, count, silent))
         }
@@ -827,11 +837,24 @@ fn raise_open_file_limit() -> io::Result<()> {
 }
 
 /// Sends `request` (escapes decoded) and prints the answer's first line.
-fn raw(to: SocketAddr, request: &str) -> io::Result<()> {
+fn raw(to: SocketAddr, request: &str, connect: Option<&str>) -> io::Result<()> {
     let bytes = request
         .replace("\\r", "\r")
         .replace("\\n", "\n")
         .replace("\\t", "\t");
+    if let Some(authority) = connect {
+        let (tunnel, answer) = raw_in_tunnel(to, authority, bytes.as_bytes())?;
+        let line = answer.lines().next().unwrap_or("");
+        println!(
+            "{}",
+            serde_json::json!({
+                "tunnel": tunnel,
+                "status_line": line.trim_end(),
+                "answer": answer,
+            })
+        );
+        return Ok(());
+    }
     let mut stream = open(to, Client::PLAIN)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.write_all(bytes.as_bytes())?;
@@ -841,6 +864,73 @@ fn raw(to: SocketAddr, request: &str) -> io::Result<()> {
     let _ = io::BufRead::read_line(&mut reader, &mut line);
     println!("{}", serde_json::json!({ "status_line": line.trim_end() }));
     Ok(())
+}
+
+/// Opens a `CONNECT` stream to `authority` over HTTP/2 at `to` and sends
+/// `bytes` in it; whether the tunnel opened (`:status` 200), and what came
+/// back in it until the stream ended or a second passed without more.
+fn raw_in_tunnel(to: SocketAddr, authority: &str, bytes: &[u8]) -> io::Result<(bool, String)> {
+    const DATA: u8 = 0x0;
+    const HEADERS: u8 = 0x1;
+    const RST_STREAM: u8 = 0x3;
+    const SETTINGS: u8 = 0x4;
+    const GOAWAY: u8 = 0x7;
+    const END_STREAM: u8 = 0x1;
+    const END_HEADERS: u8 = 0x4;
+    // HPACK: `:status 200` is static-table entry 8, indexed.
+    const STATUS_200: u8 = 0x88;
+    let mut stream = open(to, Client::PLAIN)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(SETTINGS, 0, 0, &[]));
+    out.extend(h2_frame(
+        HEADERS,
+        END_HEADERS,
+        1,
+        &h2_request(Some(authority)),
+    ));
+    // Within the default frame size and stream window.
+    for chunk in bytes.chunks(16 << 10) {
+        out.extend(h2_frame(DATA, 0, 1, chunk));
+    }
+    stream.write_all(&out)?;
+    let (mut tunnel, mut answer) = (false, Vec::new());
+    let mut head = [0u8; 9];
+    loop {
+        match stream.read_exact(&mut head) {
+            Ok(()) => {}
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) && !answer.is_empty() =>
+            {
+                break;
+            }
+            Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => break,
+            Err(error) => return Err(error),
+        }
+        let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let (kind, flags) = (head[3], head[4]);
+        let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0; length];
+        stream.read_exact(&mut payload)?;
+        match kind {
+            SETTINGS if flags & 0x1 == 0 => stream.write_all(&h2_frame(SETTINGS, 0x1, 0, &[]))?,
+            HEADERS if id == 1 => tunnel = payload.first() == Some(&STATUS_200),
+            DATA if id == 1 => {
+                answer.extend_from_slice(&payload);
+                // Once something came, a second of quiet ends the wait.
+                stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+            }
+            RST_STREAM | GOAWAY => break,
+            _ => {}
+        }
+        if id == 1 && flags & END_STREAM != 0 && matches!(kind, DATA | HEADERS) {
+            break;
+        }
+    }
+    Ok((tunnel, String::from_utf8_lossy(&answer).into_owned()))
 }
 
 fn upgrade(to: SocketAddr, message: &str, protocol: &str, hold: bool) -> io::Result<()> {
@@ -959,6 +1049,9 @@ enum Attack {
     /// the peer's stream limit each should be refused (`refused` counts
     /// RST_STREAM REFUSED_STREAM); then the connection is closed.
     Streams,
+    /// The preface and SETTINGS, then nothing (for up to a minute): an
+    /// idle connection, which the peer should close in time.
+    Idle,
 }
 
 /// One HTTP/2 frame: 9-byte head (length, type, flags, stream) + payload.
@@ -1018,7 +1111,13 @@ fn h2_flood(
     let request = h2_request(connect);
 
     let stream = open(to, Client::PLAIN)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let started = std::time::Instant::now();
+    let quiet = if matches!(attack, Attack::Idle) {
+        60
+    } else {
+        10
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(quiet)))?;
     // A peer that stops reading without hanging up must not hold us.
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
     let hung_up = Arc::new(AtomicBool::new(false));
@@ -1030,6 +1129,7 @@ fn h2_flood(
         let ponged = ponged.clone();
         thread::spawn(move || {
             let (mut goaway, mut responses, mut refused) = (None, 0u64, 0u64);
+            let mut goaway_at = None;
             let mut head = [0u8; 9];
             while stream.read_exact(&mut head).is_ok() {
                 let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
@@ -1042,6 +1142,7 @@ fn h2_flood(
                         goaway = Some(u32::from_be_bytes([
                             payload[4], payload[5], payload[6], payload[7],
                         ]));
+                        goaway_at.get_or_insert(started.elapsed());
                     }
                     HEADERS => responses += 1,
                     PING if head[4] & 0x1 != 0 && payload == *b"mesh-pod" => {
@@ -1059,7 +1160,7 @@ fn h2_flood(
                 }
             }
             hung_up.store(true, Ordering::SeqCst);
-            (goaway, responses, refused)
+            (goaway, goaway_at, responses, refused, started.elapsed())
         })
     };
 
@@ -1156,10 +1257,16 @@ fn h2_flood(
                     }
                 }
             }
+            Attack::Idle => {
+                while !hung_up.load(Ordering::SeqCst) {
+                    thread::sleep(Duration::from_millis(10));
+                }
+            }
         }
     }
     let _ = stream.shutdown(std::net::Shutdown::Write);
-    let (goaway, responses, refused) = reader.join().expect("the reader panicked");
+    let (goaway, goaway_at, responses, refused, ended) =
+        reader.join().expect("the reader panicked");
     println!(
         "{}",
         serde_json::json!({
@@ -1169,6 +1276,8 @@ fn h2_flood(
             "responses": responses,
             "refused": refused,
             "gave_up": sent >= max_bytes || stalled,
+            "goaway_after_ms": goaway_at.map(|at: Duration| at.as_millis() as u64),
+            "ended_after_ms": ended.as_millis() as u64,
         })
     );
     Ok(())

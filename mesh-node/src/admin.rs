@@ -104,6 +104,9 @@ pub struct AdminState {
         watch::Receiver<Arc<NodeConfig>>,
         watch::Receiver<crate::xds::XdsStatus>,
     )>,
+    /// The revision whose pods were last all captured; `None` without a
+    /// control plane or capture.
+    pub captured: Option<watch::Receiver<i64>>,
 }
 
 /// The admin routes; with a `token`, every route but `/healthz` and
@@ -111,6 +114,7 @@ pub struct AdminState {
 pub fn router(state: AdminState, token: Option<Arc<str>>) -> Router {
     let router = Router::new()
         .route("/healthz", get(healthz))
+        .route("/ready", get(ready))
         .route("/capture", get(capture_state))
         .route("/connections", get(connections))
         .route("/ebpf-logs", get(ebpf_logs).put(set_ebpf_logs))
@@ -133,12 +137,62 @@ pub fn router(state: AdminState, token: Option<Arc<str>>) -> Router {
 pub fn metrics_router(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .with_state(state)
 }
 
 async fn healthz() -> &'static str {
     "ok\n"
+}
+
+/// `GET /ready`: 200 once the node serves its pods: the first
+/// configuration has arrived, the pods it lists are captured, and every
+/// certificate of the node and of those workloads is held; else 503 with
+/// what is missing. A rolling update with a surge stops the old proxy only
+/// once the new one is ready, so no new connection finds a pod without a
+/// proxy, or a proxy without the pod's certificate.
+async fn ready(State(state): State<AdminState>) -> Response {
+    let missing = not_ready(&state);
+    if missing.is_empty() {
+        return "ready\n".into_response();
+    }
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("not ready: {}\n", missing.join("; ")),
+    )
+        .into_response()
+}
+
+/// What keeps the node from being ready (see [`ready`]).
+fn not_ready(state: &AdminState) -> Vec<String> {
+    let mut missing = Vec::new();
+    let reports = reports(&state.certificates);
+    let held = |name: &str| reports.iter().any(|r| r.name == name && r.serial.is_some());
+    if let Some((config, _)) = &state.config {
+        let config = config.borrow().clone();
+        if config.revision == 0 {
+            missing.push("no configuration from the control plane yet".to_owned());
+        } else {
+            if state.captured.as_ref().is_some_and(|c| *c.borrow() == 0) {
+                missing.push("the configuration's pods are not captured yet".to_owned());
+            }
+            let without: Vec<String> = crate::workloads::listed(&config)
+                .into_iter()
+                .map(|(namespace, name)| format!("{namespace}/{name}"))
+                .filter(|workload| !held(workload))
+                .collect();
+            if !without.is_empty() {
+                missing.push(format!("no certificate yet for {}", without.join(", ")));
+            }
+        }
+    }
+    for report in &reports {
+        if report.holder == Holder::Node && report.serial.is_none() {
+            missing.push("no node certificate yet".to_owned());
+        }
+    }
+    missing
 }
 
 /// Refuses every request but `/healthz` and `/metrics` without the right
@@ -824,6 +878,57 @@ mod tests {
         // No certificate, no expiry series (rather than a misleading 0).
         assert!(!text.contains("expiry_timestamp_seconds{holder=\"workload\""));
         assert_eq!(text.matches("# TYPE ").count(), 5);
+    }
+
+    #[test]
+    fn readiness_waits_for_the_configuration_its_pods_and_their_certificates() {
+        use mesh_model::config::ConfigResource;
+        // Without a control plane: nothing to wait for.
+        assert!(not_ready(&AdminState::default()).is_empty());
+
+        let (config_tx, config) = watch::channel(Arc::new(NodeConfig::default()));
+        let (_status_tx, status) = watch::channel(crate::xds::XdsStatus::default());
+        let (captured_tx, captured) = watch::channel(0);
+        let state = AdminState {
+            config: Some((config, status)),
+            captured: Some(captured),
+            ..AdminState::default()
+        };
+        assert_eq!(
+            not_ready(&state),
+            ["no configuration from the control plane yet"]
+        );
+        let workload = mesh_model::parse_documents(
+            "apiVersion: mesh.io/v1\nkind: Workload\nmetadata: {name: web, namespace: shop}\n\
+             spec: {node: node0, ip: 10.89.0.2}\n",
+        )
+        .unwrap()
+        .remove(0);
+        let mut pushed = NodeConfig {
+            revision: 3,
+            ..NodeConfig::default()
+        };
+        pushed.resources.insert(
+            "workload".into(),
+            ("1".into(), Arc::new(ConfigResource::Object(workload))),
+        );
+        config_tx.send_replace(Arc::new(pushed));
+        assert_eq!(
+            not_ready(&state),
+            [
+                "the configuration's pods are not captured yet",
+                "no certificate yet for shop/web"
+            ]
+        );
+        // Captured, and the manager started but not holding one yet.
+        captured_tx.send_replace(3);
+        let (_cert_tx, cert) = watch::channel(crate::identity::CertState::default());
+        state.certificates.write().unwrap().push(Tracked {
+            holder: Holder::Workload,
+            name: "shop/web".into(),
+            state: cert,
+        });
+        assert_eq!(not_ready(&state), ["no certificate yet for shop/web"]);
     }
 
     #[test]

@@ -477,6 +477,7 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
         mesh: http_path,
         certificates,
         config: mesh.as_ref().map(|m| (m.xds.config(), m.xds.status())),
+        captured: _follower.as_ref().map(CaptureFollower::synced),
     };
     if let Some(proxy) = &proxy {
         spawn_memory_trim(proxy.connections());

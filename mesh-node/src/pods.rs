@@ -145,6 +145,7 @@ pub fn captured_pods(
 #[derive(Debug)]
 pub struct CaptureFollower {
     task: JoinHandle<()>,
+    synced: watch::Receiver<i64>,
 }
 
 impl Drop for CaptureFollower {
@@ -166,6 +167,7 @@ impl CaptureFollower {
         // Found through cgroups, a pod's namespace can change under the
         // same workload (its sandbox recreated): look again now and then.
         let relocate = matches!(netns, Some(PodNetns::Cgroup(_)));
+        let (synced_tx, synced) = watch::channel(0);
         let task = tokio::spawn(async move {
             let mut pruned = false;
             // Each pod's problem is logged when it appears or changes, not
@@ -201,6 +203,8 @@ impl CaptureFollower {
                     }
                 }
                 reported = problems;
+                // Every pod it lists captured, or its problem reported.
+                synced_tx.send_replace(current.revision);
                 if !pruned && current.revision > 0 {
                     pruned = true;
                     let capture = proxy.capture();
@@ -224,7 +228,13 @@ impl CaptureFollower {
                 }
             }
         });
-        Self { task }
+        Self { task, synced }
+    }
+
+    /// The revision of the last configuration whose pods were all captured
+    /// (or their problems reported); 0 before the first.
+    pub fn synced(&self) -> watch::Receiver<i64> {
+        self.synced.clone()
     }
 }
 

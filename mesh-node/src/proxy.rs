@@ -476,6 +476,9 @@ impl Proxy {
                 path: spec.netns.clone(),
                 source,
             })?;
+        if let Err(error) = netns.run(migrate_queued_connections).await {
+            tracing::warn!(pod = %spec.name, %error, "cannot turn on tcp_migrate_req: a proxy handing over resets the connections queued on its listeners");
+        }
         // Redirected IPv4 connects arrive on many loopback addresses (see
         // `redirect_v4`); a connection to the pod's own address on this port
         // has no recorded destination and is reset.
@@ -657,6 +660,16 @@ impl Proxy {
 }
 
 pub use mesh_api::error_chain;
+
+/// Lets the kernel move the connections queued on a closing listener to
+/// another of its `SO_REUSEPORT` group (`net.ipv4.tcp_migrate_req`, Linux
+/// 5.14), in the calling thread's namespace: when a proxy hands a pod over
+/// to its successor and closes its listeners, what they had not accepted
+/// yet goes to the successor's instead of being reset.
+fn migrate_queued_connections() -> io::Result<()> {
+    // The namespace of the thread that opens the file, not the process's.
+    std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")
+}
 
 /// A listening socket bound in the calling thread's namespace. Reusable
 /// address and port, so a restarted proxy binds next to one still draining.

@@ -182,6 +182,20 @@ impl Mesh {
         self.nodes[node] = start_node(&self.cluster, &self.control, node, node_args);
     }
 
+    /// Replaces node `node`'s proxy as a rolling update with a surge does:
+    /// a new one with `node_args` starts beside it and, once ready, the old
+    /// one is asked to stop (SIGTERM) and drains; returns once it exited.
+    fn hand_over_node(&mut self, node: usize, node_args: &[&str]) {
+        let new = start_node(&self.cluster, &self.control, node, node_args);
+        // What a readiness probe waits for.
+        wait_until("the new node is ready", || {
+            http::get(new.1, "/ready").unwrap().status == 200
+        });
+        let mut old = std::mem::replace(&mut self.nodes[node], new);
+        old.0.request_stop().unwrap();
+        wait_until("the old node exits", || old.0.exited().unwrap().is_some());
+    }
+
     /// An echo server on reviews' port 9090, and a connection held open to
     /// it from frontend (one round trip per line sent).
     fn hold_to_reviews(&self) -> (Process, Process) {
@@ -2842,6 +2856,55 @@ fn concurrent_requests_reuse_the_proxys_connections_to_the_application() {
 /// refused — never sent around it — and a connection it carried is closed
 /// (cleanly: the client sees it end, nothing hangs); each outage lasts the
 /// drain (here 2 s) and the restart, then traffic flows again.
+/// Resilience case 5 with a handover: each node's new proxy starts while
+/// the old one still serves (their pod listeners share ports through
+/// `SO_REUSEPORT`), and only once the new one is ready (`/ready`: its pods
+/// captured, their certificates held) is the old one stopped; what its
+/// listeners had queued moves to the new ones (`tcp_migrate_req`). New
+/// connections every 20 ms from frontend to reviews through both
+/// handovers: none fails.
+#[test]
+fn a_handover_restart_of_the_node_proxies_fails_no_new_connection() {
+    const NODE_ARGS: &[&str] = &["--drain-timeout", "2s"];
+    let host = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").unwrap();
+    let mut mesh = mesh_with("e2ehandover", None, NODE_ARGS);
+    let mut traffic = mesh.cluster.pod_command("shop/frontend", MESH_POD).unwrap();
+    traffic.args(["http-loop", "--to", &mesh.reviews(), "--for-ms", "30000"]);
+    let mut traffic = traffic.stdout(Stdio::piped()).spawn().unwrap();
+    wait_until("requests flow", || mesh.get("shop/frontend", 1).0);
+
+    let started = Instant::now();
+    mesh.hand_over_node(1, NODE_ARGS);
+    let node1 = started.elapsed();
+    let started = Instant::now();
+    mesh.hand_over_node(0, NODE_ARGS);
+    let node0 = started.elapsed();
+    assert!(
+        traffic.try_wait().unwrap().is_none(),
+        "the traffic ended before the handovers did"
+    );
+    let output = traffic.wait_with_output().unwrap();
+    let run: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    eprintln!("handover: node1 in {node1:?}, node0 in {node0:?}; {run}");
+    assert!(output.status.success(), "{run}");
+    assert_eq!(run["ok"], run["requests"], "{run}");
+    // Each captured pod's namespace moves queued connections to the
+    // successor's listener; the test's own namespace is left as it was.
+    let migrate = |netns: &str| {
+        netns::run_in(netns, || {
+            std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
+        })
+        .unwrap()
+    };
+    for pod in ["shop/frontend", "shop/reviews"] {
+        assert_eq!(migrate(&mesh.cluster.pod(pod).unwrap().netns).trim(), "1");
+    }
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").unwrap(),
+        host
+    );
+}
+
 #[test]
 fn a_rolling_restart_of_the_node_proxies_fails_new_connections_only_briefly() {
     const NODE_ARGS: &[&str] = &["--drain-timeout", "2s"];

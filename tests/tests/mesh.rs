@@ -2741,6 +2741,27 @@ fn bad_responses_reach_the_caller_broken_or_refused_never_whole_or_smuggled() {
         }
         eprintln!("smuggling {case}: {answer}");
     }
+
+    // HTTP connections count their bytes each way, at both ends (they
+    // used to count only what upgraded connections carried: 0 here). The
+    // destination counts a tunnel stream once it closes: the caller's
+    // pooled connection to it idles out.
+    let bytes = |node: usize, pod: &str, direction: &str, way: &str| {
+        mesh.metric_sum(
+            node,
+            &format!("mesh_tcp_{way}_bytes_total"),
+            &[
+                &format!("direction=\"{direction}\""),
+                &format!("pod=\"{pod}\""),
+            ],
+        )
+    };
+    for way in ["sent", "received"] {
+        assert!(bytes(0, "shop/frontend", "outbound", way) > 0, "{way}");
+        wait_until("reviews' tunnel streams are counted", || {
+            bytes(1, "shop/reviews", "inbound", way) > 0
+        });
+    }
 }
 
 /// Runs `command` with `input` on its stdin; its output. `what` names the

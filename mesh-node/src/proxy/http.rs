@@ -654,6 +654,7 @@ pub(super) async fn serve(
         let n = first.len();
         (n == H2_PREFACE.len() || first != &H2_PREFACE[..n]).then_some(())
     });
+    let tally = Arc::new(IoTally::default());
     let result = match known.await {
         Err(error) if error.kind() == io::ErrorKind::TimedOut => Err(io::Error::new(
             io::ErrorKind::TimedOut,
@@ -661,22 +662,112 @@ pub(super) async fn serve(
         )),
         Err(error) => Err(error),
         Ok(_) => server(header_timeout)
-            .serve_connection_with_upgrades(TokioIo::new(stream), handler)
+            .serve_connection_with_upgrades(
+                TokioIo::new(Tallied::new(stream, tally.clone())),
+                handler,
+            )
             .await
             .map_err(io::Error::other),
     };
     // Upgraded connections are this connection's until they close.
-    let (result, (sent, received)) = match result {
-        Ok(()) => match handoffs.finish().await {
-            Ok(moved) => (Ok(()), moved),
-            Err(error) => (Err(error), (0, 0)),
-        },
-        Err(error) => (Err(error), (0, 0)),
+    let result = match result {
+        Ok(()) => handoffs.finish().await.map(drop),
+        Err(error) => Err(error),
     };
     if let Err(error) = &result {
         tracing::debug!(pod = %pod.name, %client, %error, "HTTP connection ended with an error");
     }
-    open.finish(sent, received, None, &result);
+    // Sent on: what the client sent; received: what it was answered.
+    open.finish(tally.read(), tally.written(), None, &result);
+}
+
+/// Bytes read from and written to one connection.
+#[derive(Debug, Default)]
+struct IoTally {
+    read: AtomicU64,
+    written: AtomicU64,
+}
+
+impl IoTally {
+    fn read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
+    }
+
+    fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+}
+
+/// A connection served as HTTP, counting the bytes each way for its
+/// record: requests, responses and what an upgraded connection carries
+/// (hyper hands the same connection over).
+struct Tallied<IO> {
+    io: IO,
+    tally: Arc<IoTally>,
+}
+
+impl<IO> Tallied<IO> {
+    fn new(io: IO, tally: Arc<IoTally>) -> Self {
+        Self { io, tally }
+    }
+}
+
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Tallied<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            let read = (buf.filled().len() - before) as u64;
+            self.tally.read.fetch_add(read, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Tallied<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(written)) = polled {
+            self.tally
+                .written
+                .fetch_add(written as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(written)) = polled {
+            self.tally
+                .written
+                .fetch_add(written as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// Serves the requests of a tunnel stream to `target` (the pod's own port
@@ -684,7 +775,8 @@ pub(super) async fn serve(
 /// with its method and normalised path under the policies of the moment
 /// (403 `RBAC` when refused, 400 for a path that cannot be normalised) and
 /// sent on to the application over the pod's own connections to it.
-/// Returns the bytes upgraded connections carried each way.
+/// Returns the bytes the stream carried each way (sent back into the
+/// tunnel, received from it), upgraded connections' included.
 pub(super) async fn serve_inbound(
     stream: TunnelIo,
     caller: Arc<mesh_identity::SpiffeId>,
@@ -737,13 +829,16 @@ pub(super) async fn serve_inbound(
             Ok::<_, Infallible>(measured(response, received, sizes, access))
         }
     });
+    let tally = Arc::new(IoTally::default());
     server(mesh.http.header_timeout)
-        .serve_connection_with_upgrades(TokioIo::new(stream), handler)
+        .serve_connection_with_upgrades(TokioIo::new(Tallied::new(stream, tally.clone())), handler)
         .await
         .map_err(io::Error::other)?;
     // Upgraded connections are this stream's until they close: cut with
     // it when a policy change no longer allows the caller.
-    handoffs.finish().await
+    handoffs.finish().await?;
+    // Sent: the answers back into the tunnel; received: its requests.
+    Ok((tally.written(), tally.read()))
 }
 
 /// The series a request that reached `inbound`'s pod counts in.

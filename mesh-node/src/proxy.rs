@@ -644,7 +644,17 @@ impl Proxy {
                 errors.push((name, error));
             }
         }
+        self.forget_released_pods();
         errors
+    }
+
+    /// Drops the traffic series of pods no longer captured here whose
+    /// connections have all closed: pods come and go with every rollout,
+    /// and their series would otherwise stay for the life of the process.
+    fn forget_released_pods(&self) {
+        let pods = lock(&self.pods);
+        lock(&self.connections.traffic)
+            .retain(|key, counts| pods.contains_key(&key.pod) || counts.opened != counts.closed);
     }
 
     /// Stops accepting in every pod without releasing any: the pods stay

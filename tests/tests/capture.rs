@@ -710,9 +710,26 @@ fn namespace_labels_capture_and_release_running_pods() {
             .count()
     };
     assert_eq!(pinned_pods(), 1);
+    let series_of_client = || {
+        let metrics = http::get(admin, "/metrics").unwrap().body;
+        metrics
+            .lines()
+            .filter(|line| line.starts_with("mesh_tcp_") && line.contains("pod=\"shop/client\""))
+            .count()
+    };
+    assert!(series_of_client() > 0);
     apply(&workload("mesh.io/capture: disabled", ""));
     wait_for_pods(admin, &[]);
     assert_eq!(pinned_pods(), 0);
+    // Released, with no connection open: its traffic series go too.
+    let deadline = std::time::Instant::now() + READY;
+    while series_of_client() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the released pod's series stayed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     apply(&workload("", ""));
     wait_for_pods(admin, &["shop/client"]);
     control.meshctl(&["delete", "workload", "client", "-n", "shop"], None);

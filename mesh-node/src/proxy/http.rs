@@ -1909,15 +1909,31 @@ fn onward_response<B>(mut response: Response<B>) -> Result<Response<B>, &'static
         unambiguous_framing(response.headers())?;
     }
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-        let length = response.headers_mut().remove(header::CONTENT_LENGTH);
-        *response.headers_mut() = forwarded_headers(response.headers());
-        if let Some(length) = length {
-            response
-                .headers_mut()
-                .insert(header::CONTENT_LENGTH, length);
-        }
+        drop_hop_by_hop(response.headers_mut());
     }
     Ok(response)
+}
+
+/// Removes a response's hop-by-hop fields in place (no copy of the rest):
+/// those its `connection` fields name, and the fixed ones.
+fn drop_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = connection_options(headers)
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::TRAILER,
+        header::TE,
+    ] {
+        headers.remove(name);
+    }
 }
 
 /// The options of every `connection` field (RFC 9110 §7.6.1), trimmed.

@@ -870,13 +870,6 @@ fn raw(to: SocketAddr, request: &str, connect: Option<&str>) -> io::Result<()> {
 /// `bytes` in it; whether the tunnel opened (`:status` 200), and what came
 /// back in it until the stream ended or a second passed without more.
 fn raw_in_tunnel(to: SocketAddr, authority: &str, bytes: &[u8]) -> io::Result<(bool, String)> {
-    const DATA: u8 = 0x0;
-    const HEADERS: u8 = 0x1;
-    const RST_STREAM: u8 = 0x3;
-    const SETTINGS: u8 = 0x4;
-    const GOAWAY: u8 = 0x7;
-    const END_STREAM: u8 = 0x1;
-    const END_HEADERS: u8 = 0x4;
     // HPACK: `:status 200` is static-table entry 8, indexed.
     const STATUS_200: u8 = 0x88;
     let mut stream = open(to, Client::PLAIN)?;
@@ -1054,6 +1047,17 @@ enum Attack {
     Idle,
 }
 
+// HTTP/2 frame types and flags (RFC 9113 §6).
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+
 /// One HTTP/2 frame: 9-byte head (length, type, flags, stream) + payload.
 fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let mut frame = Vec::with_capacity(9 + payload.len());
@@ -1099,15 +1103,7 @@ fn h2_flood(
         Arc,
         atomic::{AtomicBool, Ordering},
     };
-    const HEADERS: u8 = 0x1;
-    const RST_STREAM: u8 = 0x3;
-    const SETTINGS: u8 = 0x4;
-    const PING: u8 = 0x6;
-    const GOAWAY: u8 = 0x7;
-    const CONTINUATION: u8 = 0x9;
     const REFUSED_STREAM: u32 = 0x7;
-    const END_STREAM: u8 = 0x1;
-    const END_HEADERS: u8 = 0x4;
     let request = h2_request(connect);
 
     let stream = open(to, Client::PLAIN)?;

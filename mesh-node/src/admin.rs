@@ -104,9 +104,10 @@ pub struct AdminState {
         watch::Receiver<Arc<NodeConfig>>,
         watch::Receiver<crate::xds::XdsStatus>,
     )>,
-    /// The revision whose pods were last all captured; `None` without a
-    /// control plane or capture.
-    pub captured: Option<watch::Receiver<i64>>,
+    /// The revision whose pods were last all captured (see
+    /// [`crate::pods::CaptureFollower::synced`]); `None` without a control
+    /// plane or capture.
+    pub captured: Option<watch::Receiver<Option<i64>>>,
 }
 
 /// The admin routes; with a `token`, every route but `/healthz` and
@@ -169,12 +170,13 @@ fn not_ready(state: &AdminState) -> Vec<String> {
     let mut missing = Vec::new();
     let reports = reports(&state.certificates);
     let held = |name: &str| reports.iter().any(|r| r.name == name && r.serial.is_some());
-    if let Some((config, _)) = &state.config {
+    if let Some((config, status)) = &state.config {
         let config = config.borrow().clone();
-        if config.revision == 0 {
+        if status.borrow().acks == 0 {
             missing.push("no configuration from the control plane yet".to_owned());
         } else {
-            if state.captured.as_ref().is_some_and(|c| *c.borrow() == 0) {
+            let captured = state.captured.as_ref().map(|c| *c.borrow());
+            if captured.is_some_and(|synced| synced < Some(config.revision)) {
                 missing.push("the configuration's pods are not captured yet".to_owned());
             }
             let without: Vec<String> = crate::workloads::listed(&config)
@@ -887,8 +889,8 @@ mod tests {
         assert!(not_ready(&AdminState::default()).is_empty());
 
         let (config_tx, config) = watch::channel(Arc::new(NodeConfig::default()));
-        let (_status_tx, status) = watch::channel(crate::xds::XdsStatus::default());
-        let (captured_tx, captured) = watch::channel(0);
+        let (status_tx, status) = watch::channel(crate::xds::XdsStatus::default());
+        let (captured_tx, captured) = watch::channel(None);
         let state = AdminState {
             config: Some((config, status)),
             captured: Some(captured),
@@ -898,6 +900,11 @@ mod tests {
             not_ready(&state),
             ["no configuration from the control plane yet"]
         );
+        // An empty store's first push is revision 0, and lists no pod.
+        status_tx.send_modify(|s| s.acks += 1);
+        captured_tx.send_replace(Some(0));
+        assert!(not_ready(&state).is_empty());
+        captured_tx.send_replace(None);
         let workload = mesh_model::parse_documents(
             "apiVersion: mesh.io/v1\nkind: Workload\nmetadata: {name: web, namespace: shop}\n\
              spec: {node: node0, ip: 10.89.0.2}\n",
@@ -913,6 +920,8 @@ mod tests {
             ("1".into(), Arc::new(ConfigResource::Object(workload))),
         );
         config_tx.send_replace(Arc::new(pushed));
+        // The pass over the configuration before this one does not count.
+        captured_tx.send_replace(Some(2));
         assert_eq!(
             not_ready(&state),
             [
@@ -921,7 +930,7 @@ mod tests {
             ]
         );
         // Captured, and the manager started but not holding one yet.
-        captured_tx.send_replace(3);
+        captured_tx.send_replace(Some(3));
         let (_cert_tx, cert) = watch::channel(crate::identity::CertState::default());
         state.certificates.write().unwrap().push(Tracked {
             holder: Holder::Workload,

@@ -145,7 +145,7 @@ pub fn captured_pods(
 #[derive(Debug)]
 pub struct CaptureFollower {
     task: JoinHandle<()>,
-    synced: watch::Receiver<i64>,
+    synced: watch::Receiver<Option<i64>>,
 }
 
 impl Drop for CaptureFollower {
@@ -167,7 +167,7 @@ impl CaptureFollower {
         // Found through cgroups, a pod's namespace can change under the
         // same workload (its sandbox recreated): look again now and then.
         let relocate = matches!(netns, Some(PodNetns::Cgroup(_)));
-        let (synced_tx, synced) = watch::channel(0);
+        let (synced_tx, synced) = watch::channel(None);
         let task = tokio::spawn(async move {
             let mut pruned = false;
             // Each pod's problem is logged when it appears or changes, not
@@ -203,9 +203,15 @@ impl CaptureFollower {
                     }
                 }
                 reported = problems;
-                // Every pod it lists captured, or its problem reported.
-                synced_tx.send_replace(current.revision);
-                if !pruned && current.revision > 0 {
+                if errors.is_empty() {
+                    // Every pod of it that is there is captured.
+                    synced_tx.send_replace(Some(current.revision));
+                }
+                // Released only after a pass that found every pod: one not
+                // found may still be a previous run's (a proxy handing
+                // over), and released it would connect in plaintext.
+                let clean = errors.is_empty() && missing.is_empty();
+                if !pruned && clean && current.revision > 0 {
                     pruned = true;
                     let capture = proxy.capture();
                     let mut capture = capture.write().unwrap_or_else(|e| e.into_inner());
@@ -232,8 +238,8 @@ impl CaptureFollower {
     }
 
     /// The revision of the last configuration whose pods were all captured
-    /// (or their problems reported); 0 before the first.
-    pub fn synced(&self) -> watch::Receiver<i64> {
+    /// (those whose namespaces were found); `None` before the first.
+    pub fn synced(&self) -> watch::Receiver<Option<i64>> {
         self.synced.clone()
     }
 }

@@ -207,6 +207,9 @@ pub struct Connections {
     open: Mutex<BTreeMap<u64, ConnectionInfo>>,
     counts: Mutex<BTreeMap<(String, Direction, Outcome), u64>>,
     traffic: Mutex<BTreeMap<TrafficKey, Traffic>>,
+    /// Pods released from capture: their series go once their last
+    /// connection closes.
+    released: Mutex<BTreeSet<String>>,
     /// Number of open connections, so shutdown can wait for them.
     open_count: watch::Sender<usize>,
 }
@@ -250,6 +253,18 @@ impl Connections {
         *lock(&self.counts)
             .entry((pod.to_owned(), direction, outcome))
             .or_default() += 1;
+    }
+
+    /// Forgets the series of `pod`, released from capture: now those with
+    /// no connection open, the others as their last one closes.
+    fn release(&self, pod: &str) {
+        lock(&self.released).insert(pod.to_owned());
+        lock(&self.traffic).retain(|key, counts| key.pod != pod || counts.opened != counts.closed);
+    }
+
+    /// `pod` is captured (again): its series are kept.
+    fn capture(&self, pod: &str) {
+        lock(&self.released).remove(pod);
     }
 
     fn register(self: &Arc<Self>, info: ConnectionInfo) -> OpenConnection {
@@ -313,10 +328,15 @@ impl OpenConnection {
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        lock(&self.connections.traffic)
-            .entry(self.key.clone())
-            .or_default()
-            .closed += 1;
+        let released = lock(&self.connections.released).contains(&self.key.pod);
+        {
+            let mut traffic = lock(&self.connections.traffic);
+            let entry = traffic.entry(self.key.clone()).or_default();
+            entry.closed += 1;
+            if released && entry.closed == entry.opened {
+                traffic.remove(&self.key);
+            }
+        }
         let mut open = lock(&self.connections.open);
         open.remove(&self.id);
         self.connections.open_count.send_replace(open.len());
@@ -477,7 +497,14 @@ impl Proxy {
                 source,
             })?;
         if let Err(error) = netns.run(migrate_queued_connections).await {
-            tracing::warn!(pod = %spec.name, %error, "cannot turn on tcp_migrate_req: a proxy handing over resets the connections queued on its listeners");
+            // Said once: in a container /proc/sys is usually read-only,
+            // and then it fails for every pod alike.
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if SAID.swap(true, Ordering::Relaxed) {
+                tracing::debug!(pod = %spec.name, %error, "cannot turn on tcp_migrate_req");
+            } else {
+                tracing::warn!(pod = %spec.name, %error, "cannot turn on net.ipv4.tcp_migrate_req in the pods' namespaces: when a proxy hands over, connections still queued on its listeners are reset");
+            }
         }
         // Redirected IPv4 connects arrive on many loopback addresses (see
         // `redirect_v4`); a connection to the pod's own address on this port
@@ -570,6 +597,7 @@ impl Proxy {
                 self.stopping.subscribe(),
             ));
         }
+        self.connections.capture(&spec.name);
         lock(&self.pods).insert(
             spec.name.clone(),
             PodEntry {
@@ -600,6 +628,7 @@ impl Proxy {
             return Err(CaptureError::NotCaptured(name.to_owned()).into());
         };
         entry.released.send_replace(true);
+        self.connections.release(name);
         self.capture
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -644,17 +673,7 @@ impl Proxy {
                 errors.push((name, error));
             }
         }
-        self.forget_released_pods();
         errors
-    }
-
-    /// Drops the traffic series of pods no longer captured here whose
-    /// connections have all closed: pods come and go with every rollout,
-    /// and their series would otherwise stay for the life of the process.
-    fn forget_released_pods(&self) {
-        let pods = lock(&self.pods);
-        lock(&self.connections.traffic)
-            .retain(|key, counts| pods.contains_key(&key.pod) || counts.opened != counts.closed);
     }
 
     /// Stops accepting in every pod without releasing any: the pods stay
@@ -675,7 +694,10 @@ pub use mesh_api::error_chain;
 /// another of its `SO_REUSEPORT` group (`net.ipv4.tcp_migrate_req`, Linux
 /// 5.14), in the calling thread's namespace: when a proxy hands a pod over
 /// to its successor and closes its listeners, what they had not accepted
-/// yet goes to the successor's instead of being reset.
+/// yet goes to the successor's instead of being reset. It holds for the
+/// application's own `SO_REUSEPORT` listeners too (to their benefit), and
+/// stays after the pod is released. Needs a writable `/proc/sys`, which a
+/// container that is not privileged does not have.
 fn migrate_queued_connections() -> io::Result<()> {
     // The namespace of the thread that opens the file, not the process's.
     std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")

@@ -411,8 +411,9 @@ async fn session(
     }
 }
 
-/// The configuration after `response`, if every resource in it is valid.
-fn validate(current: &NodeConfig, response: DeltaResponse) -> Result<NodeConfig, String> {
+/// The configuration after `response`, if every resource in it is valid
+/// (public for the fuzz target that feeds it decoded bytes).
+pub fn validate(current: &NodeConfig, response: DeltaResponse) -> Result<NodeConfig, String> {
     let mut changed: Vec<(String, String, ConfigResource)> = Vec::new();
     let mut problems = Vec::new();
     for resource in response.resources {

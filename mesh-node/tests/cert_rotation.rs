@@ -202,7 +202,7 @@ async fn a_ca_outage_is_ridden_out_on_the_valid_certificate() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_renewal_backing_off_asks_at_once_when_the_ca_is_back() {
+async fn a_renewal_backing_off_asks_again_within_a_second_when_the_ca_is_back() {
     let (ca, manager, _clock, mut state) = start();
     let first = first_certificate(&mut state).await;
     // Said while nothing failed: nothing to do, nothing asked.
@@ -221,8 +221,10 @@ async fn a_renewal_backing_off_asks_at_once_when_the_ca_is_back() {
     let back = Instant::now();
     ca.back.send_modify(|n| *n += 1);
     let renewed = state.wait_for(|s| s.rotations == 1).await.unwrap().clone();
+    // Within the first step of the backoff (1 s, jittered), not the
+    // tens of seconds the sixth one would wait.
     assert!(
-        Instant::now() - back < Duration::from_millis(100),
+        Instant::now() - back <= Duration::from_secs(1),
         "renewed {:?} after the CA was back",
         Instant::now() - back
     );

@@ -219,8 +219,11 @@ async fn run<S: CertificateSource>(
             () = tokio::time::sleep_until(clock.instant_at(wake)) => {}
             () = came_back => {
                 if failures_in_row > 0 {
-                    tracing::info!(workload = name, "the CA is reachable again; asking now");
-                    ask_at = clock.now();
+                    // Within a second, spread: every manager of the node
+                    // that was failing hears it at once.
+                    let delay = backoff(&config, 0, draw());
+                    tracing::info!(workload = name, retry_in = ?delay, "the CA is reachable again; asking shortly");
+                    ask_at = clock.now() + delay;
                     failures_in_row = 0;
                 }
             }

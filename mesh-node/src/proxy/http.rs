@@ -683,17 +683,17 @@ pub(super) async fn serve(
 
 /// Bytes read from and written to one connection.
 #[derive(Debug, Default)]
-struct IoTally {
+pub(super) struct IoTally {
     read: AtomicU64,
     written: AtomicU64,
 }
 
 impl IoTally {
-    fn read(&self) -> u64 {
+    pub(super) fn read(&self) -> u64 {
         self.read.load(Ordering::Relaxed)
     }
 
-    fn written(&self) -> u64 {
+    pub(super) fn written(&self) -> u64 {
         self.written.load(Ordering::Relaxed)
     }
 }
@@ -775,16 +775,17 @@ impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Tallied<IO> {
 /// with its method and normalised path under the policies of the moment
 /// (403 `RBAC` when refused, 400 for a path that cannot be normalised) and
 /// sent on to the application over the pod's own connections to it.
-/// Returns the bytes the stream carried each way (sent back into the
-/// tunnel, received from it), upgraded connections' included.
+/// `tally` counts the bytes the stream carries each way, upgraded
+/// connections' included, however it ends.
 pub(super) async fn serve_inbound(
     stream: TunnelIo,
+    tally: Arc<IoTally>,
     caller: Arc<mesh_identity::SpiffeId>,
     target: SocketAddr,
     service: (ServiceKey, Protocol),
     pod: &Arc<PodContext>,
     mesh: &Arc<MeshPath>,
-) -> io::Result<(u64, u64)> {
+) -> io::Result<()> {
     let handoffs = Handoffs::default();
     let inbound = Arc::new(Inbound {
         pod: pod.clone(),
@@ -829,16 +830,13 @@ pub(super) async fn serve_inbound(
             Ok::<_, Infallible>(measured(response, received, sizes, access))
         }
     });
-    let tally = Arc::new(IoTally::default());
     server(mesh.http.header_timeout)
-        .serve_connection_with_upgrades(TokioIo::new(Tallied::new(stream, tally.clone())), handler)
+        .serve_connection_with_upgrades(TokioIo::new(Tallied::new(stream, tally)), handler)
         .await
         .map_err(io::Error::other)?;
     // Upgraded connections are this stream's until they close: cut with
     // it when a policy change no longer allows the caller.
-    handoffs.finish().await?;
-    // Sent: the answers back into the tunnel; received: its requests.
-    Ok((tally.written(), tally.read()))
+    handoffs.finish().await.map(drop)
 }
 
 /// The series a request that reached `inbound`'s pod counts in.
@@ -939,6 +937,7 @@ async fn authorize_and_send(
         Err(error) => return local(state, Flag::BadRequest, &error.to_string()),
     };
     let mut upstream = Request::new(body.map_err(BoxError::from).boxed_unsync());
+    let head_only = parts.method == http::Method::HEAD;
     *upstream.method_mut() = parts.method;
     *upstream.uri_mut() = uri;
     *upstream.headers_mut() = forwarded_headers(&parts.headers);
@@ -950,7 +949,7 @@ async fn authorize_and_send(
     }
     match pod.http_clients(mesh).app(protocol).request(upstream).await {
         Ok(response) => {
-            let response = match onward_response(response) {
+            let response = match onward_response(response, head_only) {
                 Ok(response) => response,
                 Err(why) => {
                     tracing::info!(pod = %pod.name, why, "refused the application's response");
@@ -1396,7 +1395,8 @@ async fn route_request(
     let exchanged = guarded(&breaker, ticket, timeout, async {
         let (response, answered) = exchange.run(replay).await?;
         served.endpoint = Some(answered);
-        let response = onward_response(response).map_err(|why| {
+        let head_only = parts.method == http::Method::HEAD;
+        let response = onward_response(response, head_only).map_err(|why| {
             tracing::info!(pod = %route.pod.name, endpoint = %answered, why, "refused an upstream's response");
             (
                 Flag::UpstreamProtocolError,
@@ -1696,7 +1696,14 @@ impl Exchange<'_> {
                         Attempt::Reset
                     };
                     tracing::debug!(pod = %self.route.pod.name, why, "upstream attempt failed");
-                    (attempt, Err((Flag::ConnectFailed, why)))
+                    // A head that does not parse is retried like a reset,
+                    // but said for what it is if it is the last.
+                    let flag = if unreadable_response(&error) {
+                        Flag::UpstreamProtocolError
+                    } else {
+                        Flag::ConnectFailed
+                    };
+                    (attempt, Err((flag, why)))
                 }
             };
             let again = matches!(replay, Replay::Kept(_))
@@ -1896,16 +1903,28 @@ fn unambiguous_framing(headers: &HeaderMap) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// An upstream's response as it may go on to the caller, or why it may
-/// not. An HTTP/1.x response whose body could be delimited two ways is
+/// An upstream's response (to a `HEAD` when `head_only`) as it may go on
+/// to the caller, or why it may not. An HTTP/1.x response whose body could
+/// be delimited two ways is
 /// refused, as such requests are: whoever reads it after us might read it
 /// differently (response smuggling), and the connection it came on is
 /// dropped with it. Hop-by-hop fields stay behind (RFC 9110 §7.6.1),
 /// except on a switch of protocols, whose `connection` and `upgrade` name
 /// the switch; `content-length` stays (a `HEAD` answer's length is only
 /// there), and hyper checks the body against it.
-fn onward_response<B>(mut response: Response<B>) -> Result<Response<B>, &'static str> {
-    if response.version() <= http::Version::HTTP_11 {
+fn onward_response<B>(
+    mut response: Response<B>,
+    head_only: bool,
+) -> Result<Response<B>, &'static str> {
+    // A response to `HEAD`, a 1xx, 204 or 304 has no body, whatever its
+    // fields say (they describe another response's).
+    let bodiless = head_only
+        || response.status().is_informational()
+        || matches!(
+            response.status(),
+            StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+        );
+    if response.version() <= http::Version::HTTP_11 && !bodiless {
         unambiguous_framing(response.headers())?;
     }
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -1915,7 +1934,9 @@ fn onward_response<B>(mut response: Response<B>) -> Result<Response<B>, &'static
 }
 
 /// Removes a response's hop-by-hop fields in place (no copy of the rest):
-/// those its `connection` fields name, and the fixed ones.
+/// those its `connection` fields name, and the fixed ones. `trailer`
+/// stays: it is end to end, and hyper sends a chunked response's trailers
+/// only when it names them.
 fn drop_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = connection_options(headers)
         .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
@@ -1929,7 +1950,6 @@ fn drop_hop_by_hop(headers: &mut HeaderMap) {
         HeaderName::from_static("proxy-connection"),
         header::TRANSFER_ENCODING,
         header::UPGRADE,
-        header::TRAILER,
         header::TE,
     ] {
         headers.remove(name);
@@ -2223,28 +2243,33 @@ mod tests {
 
     #[test]
     fn a_response_goes_on_without_hop_by_hop_fields_and_only_if_unambiguous() {
-        let onward = onward_response(response(
-            200,
-            &[
-                ("connection", "close, x-private"),
-                ("keep-alive", "timeout=5"),
-                ("x-private", "1"),
-                ("content-length", "2"),
-                ("proxy-connection", "keep-alive"),
-                ("x-app", "yes"),
-            ],
-        ))
+        let onward = onward_response(
+            response(
+                200,
+                &[
+                    ("connection", "close, x-private"),
+                    ("keep-alive", "timeout=5"),
+                    ("x-private", "1"),
+                    ("content-length", "2"),
+                    ("proxy-connection", "keep-alive"),
+                    ("x-app", "yes"),
+                    ("trailer", "x-checksum"),
+                ],
+            ),
+            false,
+        )
         .unwrap();
-        let names: Vec<&str> = onward.headers().keys().map(HeaderName::as_str).collect();
-        assert_eq!(names, ["x-app", "content-length"]);
+        let mut names: Vec<&str> = onward.headers().keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-length", "trailer", "x-app"]);
         // Read as chunked; hyper frames it again for the caller.
-        let chunked = onward_response(response(200, &[("transfer-encoding", "chunked")]));
+        let chunked = onward_response(response(200, &[("transfer-encoding", "chunked")]), false);
         assert!(chunked.unwrap().headers().is_empty());
         // A switch keeps the fields that name it.
-        let switched = onward_response(response(
-            101,
-            &[("connection", "upgrade"), ("upgrade", "websocket")],
-        ))
+        let switched = onward_response(
+            response(101, &[("connection", "upgrade"), ("upgrade", "websocket")]),
+            false,
+        )
         .unwrap();
         assert_eq!(switched.headers().len(), 2);
         for fields in [
@@ -2257,13 +2282,17 @@ mod tests {
             &[("transfer-encoding", "identity")],
         ] {
             assert!(
-                onward_response(response(200, fields)).is_err(),
+                onward_response(response(200, fields), false).is_err(),
                 "{fields:?}"
             );
         }
+        // Bodiless answers carry another response's fields: not read.
+        let both = [("transfer-encoding", "chunked"), ("content-length", "50")];
+        assert!(onward_response(response(200, &both), true).is_ok());
+        assert!(onward_response(response(304, &both), false).is_ok());
         // HTTP/2 frames its bodies itself: no such field can confuse it.
         let mut h2 = response(200, &[("content-length", "2")]);
         *h2.version_mut() = http::Version::HTTP_2;
-        assert!(onward_response(h2).is_ok());
+        assert!(onward_response(h2, false).is_ok());
     }
 }

@@ -885,14 +885,23 @@ async fn tunnel_in(
         // Served request by request, each authorized on method and path.
         Inner::Http(service) => {
             let stream = hbone::TunnelIo::accepted(send, recv);
+            let tally = Arc::new(super::http::IoTally::default());
+            let served = super::http::serve_inbound(
+                stream,
+                tally.clone(),
+                caller.clone(),
+                target,
+                service,
+                pod,
+                mesh,
+            );
             let result = tokio::select! {
-                result = super::http::serve_inbound(stream, caller.clone(), target, service, pod, mesh) => result,
+                result = served => result,
                 error = revoked => Err(error),
             };
-            match result {
-                Ok((sent, received)) => (sent, received, Ok(())),
-                Err(error) => (0, 0, Err(error)),
-            }
+            // Sent: the answers back into the tunnel; received: its
+            // requests.
+            (tally.written(), tally.read(), result)
         }
         Inner::Tcp(mut app) => {
             let (moved, result) = hbone::splice(&mut app, send, recv, revoked).await;

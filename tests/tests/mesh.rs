@@ -2871,17 +2871,12 @@ fn concurrent_requests_reuse_the_proxys_connections_to_the_application() {
     eprintln!("64 callers, 7,040 requests: {opened} connections to the application");
 }
 
-/// Resilience case 5: both node proxies restarted one after the other,
-/// as a DaemonSet's rolling update does, under a steady stream of new
-/// connections. While a node's proxy is away its pods' connections are
-/// refused — never sent around it — and a connection it carried is closed
-/// (cleanly: the client sees it end, nothing hangs); each outage lasts the
-/// drain (here 2 s) and the restart, then traffic flows again.
 /// Resilience case 5 with a handover: each node's new proxy starts while
 /// the old one still serves (their pod listeners share ports through
 /// `SO_REUSEPORT`), and only once the new one is ready (`/ready`: its pods
 /// captured, their certificates held) is the old one stopped; what its
-/// listeners had queued moves to the new ones (`tcp_migrate_req`). New
+/// listeners had queued moves to the new ones (`tcp_migrate_req`, which
+/// the test only checks is set). New
 /// connections every 20 ms from frontend to reviews through both
 /// handovers: none fails.
 #[test]
@@ -2926,6 +2921,13 @@ fn a_handover_restart_of_the_node_proxies_fails_no_new_connection() {
     );
 }
 
+/// Resilience case 5 without a successor: both node proxies stopped and
+/// started again one after the other (a node drained, or an update
+/// without a surge), under a steady stream of new connections. While a
+/// node's proxy is away its pods' connections are refused — never sent
+/// around it — and a connection it carried is closed (cleanly: the client
+/// sees it end, nothing hangs); each outage lasts the drain (here 2 s) and
+/// the restart, then traffic flows again.
 #[test]
 fn a_rolling_restart_of_the_node_proxies_fails_new_connections_only_briefly() {
     const NODE_ARGS: &[&str] = &["--drain-timeout", "2s"];

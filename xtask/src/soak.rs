@@ -1,4 +1,4 @@
-//! `cargo xtask soak [load|churn|idle] [--minutes N]`: the long runs of the
+//! `cargo xtask soak [load|churn|idle|fuzz] [--minutes N]`: the long runs of the
 //! resilience suite, on the benchmark's local cluster (a client pod on
 //! node0, a server pod on node1, release builds), each recorded in
 //! docs/resilience.md with its verdict and figures.
@@ -13,6 +13,10 @@
 //!   Passes with no failed request or write, both nodes holding the last
 //!   change once writes stop, and no memory growth past the first
 //!   minute's level.
+//! - `fuzz`: every fuzz target for `--minutes` each (5 by default), the
+//!   long version of the 15 s each `cargo xtask test` gives them. Passes
+//!   when none finds a failure (a failing input is kept under
+//!   `fuzz/artifacts/`).
 //! - `idle`: 9,000 connections from the client pod to an echo server on
 //!   the other node, each round-tripped once and then held: HBONE streams
 //!   over the pooled tunnel connections. Reports each proxy's memory and
@@ -42,13 +46,13 @@ use crate::{
 };
 
 /// The scenarios, by name.
-const SCENARIOS: &[&str] = &["load", "churn", "idle"];
+const SCENARIOS: &[&str] = &["load", "churn", "idle", "fuzz"];
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// One scenario: load, churn or idle (default: all three).
+    /// One scenario: load, churn, idle or fuzz (default: all four).
     scenario: Option<String>,
-    /// How long each runs (default: load 10, churn 5).
+    /// How long each runs (default: load 10, churn 5, fuzz 5 per target).
     #[arg(long)]
     minutes: Option<u64>,
     /// Connections `idle` holds. (Past about half its open-file limit a
@@ -68,9 +72,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(name) => bail!("no soak scenario {name:?}; there are {SCENARIOS:?}"),
         None => SCENARIOS.to_vec(),
     };
-    datapath::build()?;
+    if chosen.iter().any(|scenario| *scenario != "fuzz") {
+        datapath::build()?;
+    }
     let mut failed = Vec::new();
     for scenario in chosen {
+        if scenario == "fuzz" {
+            let (title, body) = fuzz(args.minutes.unwrap_or(5))?;
+            record(scenario, &title, &body)?;
+            continue;
+        }
         let data_dir = std::env::temp_dir().join(format!("mesh-soak-{scenario}"));
         // Idle: pooled tunnels close 5 s after their last stream, so the
         // descriptors can be seen coming back.
@@ -303,6 +314,34 @@ fn load(setup: &Setup, minutes: u64) -> anyhow::Result<(bool, String, String)> {
         "Steady load through two proxies (case 9)".into(),
         body,
     ))
+}
+
+/// Scenario 11, the long runs: every fuzz target for `minutes`. A failure
+/// is an error (the run stops there, its input kept by cargo fuzz).
+fn fuzz(minutes: u64) -> anyhow::Result<(String, String)> {
+    step(&format!("fuzz targets, {minutes} min each"));
+    let seconds = u32::try_from(minutes * 60).context("--minutes")?;
+    let runs = crate::test::fuzz_targets(seconds)?;
+    let mut table = String::from("| target | runs | result |\n|---|---:|---|\n");
+    for run in &runs {
+        // libFuzzer's `#<runs> DONE ...`.
+        let count = run
+            .done
+            .split_whitespace()
+            .next()
+            .and_then(|first| first.strip_prefix('#'))
+            .unwrap_or("?");
+        table.push_str(&format!("| {} | {count} | no failure |\n", run.target));
+    }
+    let body = format!(
+        "**Passed**: {} targets, {minutes} minutes each, from their seeds, with the\n\
+         properties each target checks beyond \"no panic\" (see `fuzz/fuzz_targets`).\n\n\
+         {table}\n\
+         Machine: {}. Reproduce: `cargo xtask soak fuzz [--minutes N]`.",
+        runs.len(),
+        bench::machine(),
+    );
+    Ok(("Fuzzing, the long runs (case 11)".into(), body))
 }
 
 /// Scenario 8: configuration churn while serving.

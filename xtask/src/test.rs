@@ -22,6 +22,21 @@ const FUZZ_SECONDS: u32 = 15;
 /// leaves its input under `fuzz/artifacts/`.
 fn fuzz(seconds: u32, tally: &mut Tally) -> anyhow::Result<()> {
     step(&format!("fuzz targets, {seconds} s each (cargo fuzz)"));
+    let runs = fuzz_targets(seconds)?;
+    tally.passed += runs.len() as u64;
+    Ok(())
+}
+
+/// One fuzz target's run: its name and libFuzzer's last `DONE` line (runs
+/// and seconds).
+pub struct FuzzRun {
+    pub target: String,
+    pub done: String,
+}
+
+/// Builds the fuzz targets and runs each for `seconds` (see [`fuzz`]);
+/// stops at the first failure.
+pub fn fuzz_targets(seconds: u32) -> anyhow::Result<Vec<FuzzRun>> {
     run::run(cargo_fuzz().args(["build", "--release"]))?;
     let listed = cargo_fuzz()
         .arg("list")
@@ -35,7 +50,7 @@ fn fuzz(seconds: u32, tally: &mut Tally) -> anyhow::Result<()> {
         bail!("cargo fuzz list found no targets");
     }
     let scratch = std::env::temp_dir().join(format!("mesh-fuzz-{}", std::process::id()));
-    let result = run_targets(&targets, seconds, &scratch, tally);
+    let result = run_targets(&targets, seconds, &scratch);
     let _ = std::fs::remove_dir_all(&scratch);
     result
 }
@@ -51,8 +66,8 @@ fn run_targets(
     targets: &[String],
     seconds: u32,
     scratch: &std::path::Path,
-    tally: &mut Tally,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<FuzzRun>> {
+    let mut runs = Vec::new();
     for target in targets {
         let corpus = scratch.join(target);
         std::fs::create_dir_all(&corpus)?;
@@ -78,9 +93,12 @@ fn run_targets(
             .rfind(|line| line.split_whitespace().nth(1) == Some("DONE"))
             .map_or("", |line| line.trim());
         println!("    {target}: no failure in {seconds} s ({done})");
-        tally.passed += 1;
+        runs.push(FuzzRun {
+            target: target.clone(),
+            done: done.to_owned(),
+        });
     }
-    Ok(())
+    Ok(runs)
 }
 
 /// Test clusters are named `e2e…` (see `tests/tests`).

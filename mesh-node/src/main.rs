@@ -518,7 +518,7 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
     if let Some(proxy) = proxy {
         // The pods stay captured (pinned): until the next mesh-node listens,
         // their connects are refused. Open connections may finish.
-        let left = proxy.connections().drained(args.drain_timeout).await;
+        let left = proxy.drained(args.drain_timeout).await;
         tracing::info!(
             left,
             "stopped accepting; pods stay captured until the next run"

@@ -420,6 +420,7 @@ pub struct Proxy {
     capture: Arc<RwLock<Capture>>,
     connections: Arc<Connections>,
     permits: Arc<Semaphore>,
+    max_connections: usize,
     /// Each captured pod and the tasks accepting on its listeners: dropping
     /// them stops accepting; connections already relayed run to their end.
     pods: Mutex<BTreeMap<String, PodEntry>>,
@@ -438,6 +439,7 @@ impl Proxy {
             capture,
             connections: Arc::default(),
             permits: Arc::new(Semaphore::new(max_connections.max(1))),
+            max_connections: max_connections.max(1),
             pods: Mutex::default(),
             mesh: None,
             stopping: watch::Sender::new(false),
@@ -674,6 +676,21 @@ impl Proxy {
             }
         }
         errors
+    }
+
+    /// Waits until every connection has ended, or `deadline` passes; how
+    /// many were still open. Counted by their permits, which a connection
+    /// takes before it is accepted: one accepted as the listeners closed,
+    /// whose task has not registered it yet, is waited for too (seen in a
+    /// handover: such a connection was cut by the exit).
+    pub async fn drained(&self, deadline: Duration) -> usize {
+        let until = tokio::time::Instant::now() + deadline;
+        let left = self.connections.drained(deadline).await;
+        let held = || self.max_connections - self.permits.available_permits();
+        while held() > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        left.max(held())
     }
 
     /// Stops accepting in every pod without releasing any: the pods stay

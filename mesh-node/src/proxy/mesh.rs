@@ -304,7 +304,31 @@ impl MeshPath {
             .find(|t| t.holder == Holder::Workload && t.name == pod)
             .map(|t| t.state.clone())
     }
+
+    /// Waits (up to [`CERTIFICATE_WAIT`]) until `pod` holds a certificate;
+    /// whether it does. A pod is captured as soon as its configuration
+    /// arrives and its first certificate follows milliseconds later, while
+    /// connections may come at once: a proxy taking over from a running
+    /// one shares the pod's listening ports with it from the first moment.
+    async fn certificate_ready(&self, pod: &str) -> bool {
+        let deadline = tokio::time::Instant::now() + CERTIFICATE_WAIT;
+        loop {
+            // The manager is started from the same configuration, maybe
+            // a moment after the capture.
+            if let Some(mut state) = self.certificate(pod) {
+                let held = state.wait_for(|s| s.current.is_some());
+                return matches!(tokio::time::timeout_at(deadline, held).await, Ok(Ok(_)));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
 }
+
+/// How long a connection waits for its workload's first certificate.
+const CERTIFICATE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The TLS server configuration a pod serves tunnels with, kept while its
 /// certificate manager lives (each handshake presents the manager's
@@ -520,6 +544,9 @@ pub(super) async fn open_tunnel(
         destination: target.identity.clone(),
         address: SocketAddr::new(target.address.ip(), HBONE_PORT),
     };
+    if !mesh.certificate_ready(pod).await {
+        return Err(TunnelError::NoCertificate);
+    }
     let state = mesh
         .certificate(pod)
         .filter(|s| s.borrow().current.is_some());
@@ -669,7 +696,8 @@ async fn serve_tunnels(
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(pod = %pod.name, %remote, why, "tunnel connection refused");
     };
-    let Some(config) = pod.tunnel_tls.get(&pod.name, &mesh) else {
+    let ready = mesh.certificate_ready(&pod.name).await;
+    let Some(config) = pod.tunnel_tls.get(&pod.name, &mesh).filter(|_| ready) else {
         refuse("the workload has no certificate yet");
         reset(stream);
         return;

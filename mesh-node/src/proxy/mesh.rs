@@ -306,21 +306,22 @@ impl MeshPath {
     }
 
     /// Waits (up to [`CERTIFICATE_WAIT`]) until `pod` holds a certificate;
-    /// whether it does. A pod is captured as soon as its configuration
+    /// its certificate state once it does. A pod is captured as soon as its configuration
     /// arrives and its first certificate follows milliseconds later, while
     /// connections may come at once: a proxy taking over from a running
     /// one shares the pod's listening ports with it from the first moment.
-    async fn certificate_ready(&self, pod: &str) -> bool {
+    async fn certificate_ready(&self, pod: &str) -> Option<watch::Receiver<CertState>> {
         let deadline = tokio::time::Instant::now() + CERTIFICATE_WAIT;
         loop {
             // The manager is started from the same configuration, maybe
             // a moment after the capture.
             if let Some(mut state) = self.certificate(pod) {
                 let held = state.wait_for(|s| s.current.is_some());
-                return matches!(tokio::time::timeout_at(deadline, held).await, Ok(Ok(_)));
+                let held = matches!(tokio::time::timeout_at(deadline, held).await, Ok(Ok(_)));
+                return held.then_some(state);
             }
             if tokio::time::Instant::now() >= deadline {
-                return false;
+                return None;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
@@ -526,7 +527,17 @@ impl MeshPath {
 /// The serial of `pod`'s current certificate; empty while it has none.
 pub(super) fn certificate_serial(mesh: &MeshPath, pod: &str) -> String {
     mesh.certificate(pod)
-        .and_then(|s| s.borrow().current.as_ref().map(|c| c.serial.clone()))
+        .map(|state| current_serial(&state))
+        .unwrap_or_default()
+}
+
+/// The serial of the current certificate in `state`; empty without one.
+fn current_serial(state: &watch::Receiver<CertState>) -> String {
+    state
+        .borrow()
+        .current
+        .as_ref()
+        .map(|c| c.serial.clone())
         .unwrap_or_default()
 }
 
@@ -544,13 +555,10 @@ pub(super) async fn open_tunnel(
         destination: target.identity.clone(),
         address: SocketAddr::new(target.address.ip(), HBONE_PORT),
     };
-    if !mesh.certificate_ready(pod).await {
+    let Some(state) = mesh.certificate_ready(pod).await else {
         return Err(TunnelError::NoCertificate);
-    }
-    let state = mesh
-        .certificate(pod)
-        .filter(|s| s.borrow().current.is_some());
-    let serial = certificate_serial(mesh, pod);
+    };
+    let serial = current_serial(&state);
     mesh.pool
         .open(
             &key,
@@ -559,9 +567,8 @@ pub(super) async fn open_tunnel(
             trace,
             || dial(netns, key.address),
             || {
-                let state = state.clone().ok_or(TunnelError::NoCertificate)?;
                 let config =
-                    tls::client_config(state, mesh.bundle.clone(), target.identity.clone())
+                    tls::client_config(state.clone(), mesh.bundle.clone(), target.identity.clone())
                         .map_err(|e| TunnelError::Tls(key.address, std::io::Error::other(e)))?;
                 Ok(hbone::client_tls(Arc::unwrap_or_clone(config)))
             },
@@ -696,7 +703,7 @@ async fn serve_tunnels(
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(pod = %pod.name, %remote, why, "tunnel connection refused");
     };
-    let ready = mesh.certificate_ready(&pod.name).await;
+    let ready = mesh.certificate_ready(&pod.name).await.is_some();
     let Some(config) = pod.tunnel_tls.get(&pod.name, &mesh).filter(|_| ready) else {
         refuse("the workload has no certificate yet");
         reset(stream);

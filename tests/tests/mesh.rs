@@ -5,7 +5,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::{IpAddr, SocketAddr, TcpStream},
     path::Path,
     process::{Command, Stdio},
     sync::Arc,
@@ -449,6 +449,47 @@ fn pods_talk_across_nodes_over_mtls_and_only_as_policy_allows() {
         "plaintext over IPv6 got through: {output:?}"
     );
     assert_eq!(plaintext("plaintext_refused"), refused + 2);
+    // A SYN from outside claiming the pod's own address, which the capture
+    // leaves to the kernel (it is how the proxy reaches the application):
+    // never a connection. IPv4 drops it before any lookup (a martian
+    // source). IPv6 lets it reach the application's listener, whose answer
+    // goes to the pod itself and is reset there, so it never completes
+    // either.
+    let capture = |event: &str| {
+        mesh.metric(
+            1,
+            &format!("mesh_capture_events_total{{event=\"{event}\"}}"),
+        )
+    };
+    for (from, to) in [
+        (
+            IpAddr::from(reviews.ip4),
+            SocketAddr::from((reviews.ip4, 8080)),
+        ),
+        (
+            IpAddr::from(reviews.ip6),
+            SocketAddr::from((reviews.ip6, 8080)),
+        ),
+    ] {
+        let passed = capture("inbound_bypass_local");
+        let answer = summary_of(
+            &mesh,
+            "legacy/client",
+            &[
+                "spoof",
+                "--from",
+                &from.to_string(),
+                "--to",
+                &to.to_string(),
+            ],
+        );
+        assert_eq!(answer["connected"], false, "{answer}");
+        let passed = capture("inbound_bypass_local") - passed;
+        if from.is_ipv4() {
+            assert_eq!(passed, 0, "{answer}");
+        }
+        eprintln!("spoofed {from}: {answer}; SYNs passed to the application's listener: {passed}");
+    }
     // Plaintext straight to the tunnel port gets no HTTP answer, and
     // nothing reaches the application.
     let tunnel_port = format!("{}:15008", reviews.ip4);

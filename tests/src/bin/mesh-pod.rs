@@ -234,6 +234,18 @@ enum Command {
         #[arg(long, conflicts_with = "hold")]
         reset: bool,
     },
+    /// Send a SYN to TO from FROM, an address this host does not own
+    /// (`IP_TRANSPARENT`, `IPV6_FREEBIND`), as a spoofing host would; wait
+    /// WAIT_MS for the handshake. Prints `{"connected": bool, "error":
+    /// ...}` as JSON.
+    Spoof {
+        #[arg(long)]
+        from: std::net::IpAddr,
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1500)]
+        wait_ms: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -343,7 +355,34 @@ fn main() -> ExitCode {
                 connect(to, count, client)
             }
         }
+        Command::Spoof { from, to, wait_ms } => {
+            let outcome = spoofed_connect(from, to, Duration::from_millis(wait_ms));
+            println!(
+                "{}",
+                serde_json::json!({
+                    "connected": outcome.is_ok(),
+                    "error": outcome.err().map(|e| e.to_string()),
+                })
+            );
+            ExitCode::SUCCESS
+        }
     }
+}
+
+fn spoofed_connect(from: std::net::IpAddr, to: SocketAddr, wait: Duration) -> io::Result<()> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    if from.is_ipv4() {
+        // IPv4 routes a foreign source only for a transparent socket.
+        socket.set_ip_transparent_v4(true)?;
+    } else {
+        socket.set_freebind_v6(true)?;
+    }
+    socket.bind(&SocketAddr::new(from, 0).into())?;
+    socket.connect_timeout(&to.into(), wait)
 }
 
 fn bench_connect(to: SocketAddr, count: usize) -> io::Result<()> {

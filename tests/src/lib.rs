@@ -7,6 +7,7 @@
 pub mod cgroup;
 pub mod cluster;
 pub mod control;
+pub mod delay;
 pub mod http;
 mod ip;
 pub mod netns;

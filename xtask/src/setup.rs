@@ -19,9 +19,11 @@ use crate::run::{self, output, step};
 /// Debian packages the build and the tests use.
 /// (`prometheus` for `promtool`, which checks the nodes' metrics;
 /// `python3-venv` for the trace store's and the manifest validator's
-/// environments; `nftables` to lose packets between the test nodes.)
+/// environments; `nftables` to lose packets between the test nodes,
+/// `iptables` to queue them to the test for a delay.)
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
+    "iptables",
     "nftables",
     "postgresql",
     "prometheus",

@@ -1650,6 +1650,7 @@ fn bench_http(
             "to": to.to_string(),
             "connections": connections,
             "requests": samples.len(),
+            "min_us": micros(0.0),
             "p50_us": micros(0.50),
             "p90_us": micros(0.90),
             "p99_us": micros(0.99),

@@ -645,6 +645,27 @@ pub async fn serve<IO, H, Fut>(
 /// (answer the GOAWAY's PING) before it is dropped.
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// Resolves, with a `TimedOut` error, once `moved` (a count of bytes) has
+/// not changed for `timeout`: between one and two timeouts after the last
+/// byte, as it looks only once a timeout. Never resolves without one.
+pub async fn idle_for(timeout: Option<Duration>, moved: impl Fn() -> u64) -> io::Error {
+    let Some(timeout) = timeout else {
+        return std::future::pending().await;
+    };
+    let mut last = moved();
+    loop {
+        tokio::time::sleep(timeout).await;
+        let now = moved();
+        if now == last {
+            return io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no byte moved either way for {timeout:?}"),
+            );
+        }
+        last = now;
+    }
+}
+
 /// Bytes moved by [`splice`], each way.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Transferred {
@@ -656,13 +677,15 @@ pub struct Transferred {
 
 /// Copies between `tcp` and a tunnel stream until both directions have
 /// ended (half-closes pass through: the end of one direction is the end of
-/// stream, or a write shutdown), or `stop` resolves. If either side fails,
-/// or `stop` cuts it, both are reset, never left hanging.
+/// stream, or a write shutdown), `stop` resolves, or nothing moves either
+/// way for `idle`. If either side fails, or `stop` or `idle` cuts it, both
+/// are reset, never left hanging.
 pub async fn splice(
     tcp: &mut TcpStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
     stop: impl Future<Output = io::Error>,
+    idle: Option<Duration>,
 ) -> (Transferred, io::Result<()>) {
     // Atomics only to keep the future `Send`: both halves run in this task.
     let sent = AtomicU64::new(0);
@@ -709,6 +732,9 @@ pub async fn splice(
     let result = tokio::select! {
         result = async { tokio::try_join!(up, down).map(|_| ()) } => result,
         error = stop => Err(error),
+        error = idle_for(idle, || {
+            sent.load(Ordering::Relaxed) + received.load(Ordering::Relaxed)
+        }) => Err(error),
     };
     if result.is_err() {
         // The tunnel stream is reset as its halves drop; the application
@@ -1022,6 +1048,7 @@ mod tests {
                 tunnel.send,
                 tunnel.recv,
                 std::future::pending(),
+                None,
             )
             .await
         });

@@ -145,6 +145,15 @@ struct Args {
     #[arg(long, env = "MESH_NODE_TUNNEL_MAX_STREAMS", default_value = "100", value_parser = clap::value_parser!(u16).range(1..))]
     tunnel_max_streams: u16,
 
+    /// How long a TCP connection the proxy carries (plaintext, or a tunnel
+    /// stream at either end) may move no byte either way before the proxy
+    /// closes it: one to two times this after its last byte. Reaps
+    /// connections whose ends vanished or stalled. `0` keeps them for as
+    /// long as their ends do (raise it, or use 0, for connection pools that
+    /// idle longer, such as databases'). HTTP has its own timeouts.
+    #[arg(long, env = "MESH_NODE_TCP_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_tcp_idle_timeout)]
+    tcp_idle_timeout: std::time::Duration,
+
     /// How long an HTTP client may take to send a request head, and how
     /// long an HTTP/1.1 connection may idle between requests, before the
     /// proxy closes it (slow-header attacks); on the admin and metrics
@@ -237,6 +246,14 @@ fn parse_idle_timeout(value: &str) -> Result<std::time::Duration, String> {
         return Err(format!("{value:?}: must be at least 1s"));
     }
     Ok(timeout)
+}
+
+/// `0` (no timeout) or at least a second.
+fn parse_tcp_idle_timeout(value: &str) -> Result<std::time::Duration, String> {
+    if value == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    parse_idle_timeout(value)
 }
 
 fn parse_ratio(text: &str) -> Result<f64, String> {
@@ -548,7 +565,8 @@ async fn start_capture(
         capture::logs::spawn_drain(logger).context("watching the eBPF log ring")?;
     }
     tracing::info!(max_connections, "connection limit");
-    let mut proxy = Proxy::new(Arc::new(RwLock::new(capture)), max_connections);
+    let mut proxy = Proxy::new(Arc::new(RwLock::new(capture)), max_connections)
+        .with_tcp_idle_timeout(Some(args.tcp_idle_timeout).filter(|t| !t.is_zero()));
     if let Some(mesh) = mesh {
         proxy = proxy.with_mesh(mesh);
     }

@@ -378,6 +378,9 @@ struct PodContext {
     /// Upstream HTTP clients, made on the pod's first HTTP request, with
     /// the serial of the pod's certificate they were made under.
     http: std::sync::Mutex<Option<(String, Arc<http::Clients>)>>,
+    /// How long a TCP connection may move no byte either way before it is
+    /// closed (see [`Proxy::with_tcp_idle_timeout`]).
+    tcp_idle_timeout: Option<Duration>,
 }
 
 impl PodContext {
@@ -428,6 +431,7 @@ pub struct Proxy {
     mesh: Option<Arc<MeshPath>>,
     /// Set when the proxy stops: tunnel connections drain (GOAWAY).
     stopping: watch::Sender<bool>,
+    tcp_idle_timeout: Option<Duration>,
 }
 
 impl Proxy {
@@ -443,7 +447,18 @@ impl Proxy {
             pods: Mutex::default(),
             mesh: None,
             stopping: watch::Sender::new(false),
+            tcp_idle_timeout: None,
         }
+    }
+
+    /// Closes a TCP connection (plaintext, or a tunnel stream at either
+    /// end) once no byte has moved either way for `timeout`: between one
+    /// and two timeouts after the last byte. HTTP connections have their
+    /// own timeouts. `None` keeps idle connections for as long as their
+    /// ends do.
+    pub fn with_tcp_idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.tcp_idle_timeout = timeout;
+        self
     }
 
     /// Carries the pods' traffic through the mesh: HBONE tunnels,
@@ -579,6 +594,7 @@ impl Proxy {
             connections: self.connections.clone(),
             permits: self.permits.clone(),
             http: std::sync::Mutex::new(None),
+            tcp_idle_timeout: self.tcp_idle_timeout,
         });
         let mut accept = JoinSet::new();
         for (listener, direction) in [
@@ -825,7 +841,15 @@ async fn relay_until(
             pod.connections
                 .count(&pod.name, direction, Outcome::Relayed);
             let open = pod.connections.register(info);
-            copy_plain(stream, upstream, direction, open, stop).await;
+            copy_plain(
+                stream,
+                upstream,
+                direction,
+                open,
+                stop,
+                pod.tcp_idle_timeout,
+            )
+            .await;
             return;
         }
         Err(outcome) => outcome,
@@ -834,13 +858,15 @@ async fn relay_until(
 }
 
 /// Copies between the application and a plain upstream until both ends
-/// close or `stop` completes, then records the bytes.
+/// close, `stop` completes or nothing moves for `idle`, then records the
+/// bytes.
 async fn copy_plain(
     mut stream: TcpStream,
     mut upstream: TcpStream,
     direction: Direction,
     open: OpenConnection,
     stop: impl Future<Output = io::Error>,
+    idle: Option<Duration>,
 ) {
     let from_client = AtomicU64::new(0);
     let from_upstream = AtomicU64::new(0);
@@ -850,6 +876,9 @@ async fn copy_plain(
         tokio::select! {
             copied = tokio::io::copy_bidirectional(&mut client_side, &mut upstream_side) => copied.map(drop),
             error = stop => Err(error),
+            error = crate::hbone::idle_for(idle, || {
+                from_client.load(Ordering::Relaxed) + from_upstream.load(Ordering::Relaxed)
+            }) => Err(error),
         }
     };
     let (from_client, from_upstream) = (

@@ -2922,6 +2922,73 @@ fn requests_complete_within_their_timeout_over_a_slow_lossy_link() {
     );
 }
 
+/// Resilience case 14 on 15006 (and on the TCP streams tunnels carry):
+/// silent connections to a plaintext TCP port. While the workload is
+/// strict, each is refused at once. Once permissive, they reach the
+/// application, which has no timeout of its own (an echo server); the
+/// proxy closes each once nothing has moved for its TCP idle timeout (2 s
+/// here, 1 h by default), as it does silent connections a captured pod
+/// opens through a tunnel, while a connection that keeps talking stays.
+#[test]
+fn silent_tcp_connections_are_refused_when_strict_and_reaped_once_idle() {
+    const IDLE: Duration = Duration::from_secs(2);
+    let mesh = mesh_with("e2eidle", None, &["--tcp-idle-timeout", "2s"]);
+    let mut echo = mesh.cluster.pod_command("shop/reviews", MESH_POD).unwrap();
+    echo.args(["echo", "--listen", "[::]:9090"]);
+    let (_echo, _) = Process::spawn_ready("echo", echo, "listening", READY).unwrap();
+    let to = format!("{}:9090", mesh.cluster.pod("shop/reviews").unwrap().ip4);
+    let silent = |pod: &str| {
+        let mut held = mesh.cluster.pod_command(pod, MESH_POD).unwrap();
+        held.args(["hold-many", "--silent", "--count", "50", "--to", &to]);
+        let (held, line) = Process::spawn_ready(pod, held, "{", READY).unwrap();
+        assert!(line.contains("\"held\":50"), "{line}");
+        (held, Instant::now())
+    };
+    let alive = |held: &mut Process| {
+        held.send_line("count").unwrap();
+        let line = held.wait_for_line("{", READY).unwrap();
+        let counted: serde_json::Value = serde_json::from_str(&line).unwrap();
+        counted["alive"].as_u64().unwrap()
+    };
+    let refused = "mesh_proxy_connections_total{pod=\"shop/reviews\",direction=\"inbound\",outcome=\"plaintext_refused\"}";
+
+    // Strict: refused at once, every one of them.
+    let before = mesh.metric(1, refused);
+    let (mut strict, opened) = silent("legacy/client");
+    wait_until("silent plaintext is refused", || alive(&mut strict) == 0);
+    assert!(opened.elapsed() < IDLE, "{:?}", opened.elapsed());
+    assert_eq!(mesh.metric(1, refused), before + 50);
+
+    // Permissive: carried to the application, then closed once idle.
+    mesh.apply(&namespace(
+        "shop",
+        "mesh.io/capture: enabled, mesh.io/mtls: permissive",
+    ));
+    let mut talking = mesh.cluster.pod_command("legacy/client", MESH_POD).unwrap();
+    talking.args(["connect", "--to", &to, "--hold"]);
+    let (mut talking, _) = Process::spawn_ready("talking", talking, "connected", READY).unwrap();
+    let (mut plaintext, opened) = silent("legacy/client");
+    // And silent connections from a captured pod, each a tunnel stream.
+    let (mut tunnelled, _) = silent("shop/frontend");
+    assert_eq!(alive(&mut plaintext), 50);
+    assert_eq!(alive(&mut tunnelled), 50);
+    wait_until("idle connections are reaped", || {
+        // A line a second keeps this one busy meanwhile.
+        talking.send_line("again").unwrap();
+        assert_eq!(talking.wait_for_line("", READY).unwrap(), "ok");
+        std::thread::sleep(Duration::from_secs(1));
+        alive(&mut plaintext) == 0 && alive(&mut tunnelled) == 0
+    });
+    // Never before a whole timeout without a byte.
+    let reaped = opened.elapsed();
+    assert!(reaped >= IDLE, "{reaped:?}");
+    talking.send_line("again").unwrap();
+    assert_eq!(talking.wait_for_line("", READY).unwrap(), "ok");
+    eprintln!(
+        "15006: 50 silent plaintext connections refused at once while strict; permissive, 50 plaintext and 50 tunnelled ones reaped {reaped:?} after opening (idle timeout {IDLE:?}); a talking one kept"
+    );
+}
+
 /// More requests at once to an application than the destination's proxy
 /// keeps idle connections for used to cost a connection per request: each
 /// answer's connection found the pool full and was closed, and the

@@ -639,6 +639,7 @@ async fn tunnel_out(
         tunnel.send,
         tunnel.recv,
         std::future::pending(),
+        pod.tcp_idle_timeout,
     )
     .await;
     open.finish(moved.sent, moved.received, Some(&trace), &result);
@@ -939,7 +940,8 @@ async fn tunnel_in(
             (tally.written(), tally.read(), result)
         }
         Inner::Tcp(mut app) => {
-            let (moved, result) = hbone::splice(&mut app, send, recv, revoked).await;
+            let (moved, result) =
+                hbone::splice(&mut app, send, recv, revoked, pod.tcp_idle_timeout).await;
             (moved.sent, moved.received, result)
         }
     };

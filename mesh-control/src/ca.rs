@@ -14,15 +14,21 @@
 //! Every file is replaced by rename, so a crash leaves either the old or
 //! the new file; an activation interrupted between its renames is
 //! completed on the next load.
+//!
+//! With a [`SealKey`] (a file outside the data directory), the secret files
+//! are sealed with it (AES-256-GCM, bound to what the file holds), so the
+//! data volume or a backup of it holds no usable key. Plaintext files from
+//! before the seal key are sealed in place on the first load with it.
 
 use std::{
     fs,
     io::Write as _,
     os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
-use mesh_identity::{CertificateAuthority, Kek, RootInfo};
+use mesh_identity::{CertificateAuthority, Kek, RootInfo, kek::KekError};
 use rustls::pki_types::{CertificateDer, pem::PemObject as _};
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -51,6 +57,115 @@ pub enum CaFilesError {
     },
     #[error("{0}")]
     Rotation(String),
+    #[error(
+        "cannot read the seal key file {path}: {source}; make one with `mesh-control seal-key --out {path}`"
+    )]
+    SealKeyUnreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the seal key file {path} must hold 64 hex characters (32 bytes); make one with `mesh-control seal-key --out PATH`"
+    )]
+    SealKeyMalformed { path: PathBuf },
+    #[error(
+        "{path} is sealed, but no seal key is configured: pass the seal key it was sealed with in --seal-key-file (MESH_SEAL_KEY_FILE)"
+    )]
+    SealKeyMissing { path: PathBuf },
+    #[error("{path} does not open with the seal key in {seal_key}: {reason}")]
+    SealKeyWrong {
+        path: PathBuf,
+        seal_key: PathBuf,
+        reason: String,
+    },
+}
+
+/// The key that seals the CA's secret files (`root.key`, `staged.key`,
+/// `kek`) at rest. It lives outside the data directory (a Kubernetes
+/// Secret on tmpfs, a file a KMS agent writes), so the data volume alone,
+/// or a backup of it, holds no usable private key. Lose it and the sealed
+/// files cannot be opened again.
+#[derive(Debug)]
+pub struct SealKey {
+    key: Kek,
+    path: PathBuf,
+}
+
+/// What a sealed file starts with; plaintext files (PEM, hex) never do.
+const SEALED: &str = "mesh-sealed:";
+
+/// The secret files of the CA directory, in the order they are sealed.
+const SECRET_FILES: [&str; 3] = ["root.key", "staged.key", "kek"];
+
+/// What a secret file's sealed content is bound to (the AEAD's associated
+/// data): a sealed `kek` put in place of a sealed `root.key`, or the
+/// reverse, does not open. `staged.key` becomes `root.key` by a rename when
+/// it is activated, so both are bound to the role "a root's key".
+fn seal_context(name: &str) -> &'static str {
+    match name {
+        "kek" => "mesh-control ca/kek",
+        _ => "mesh-control ca/root key",
+    }
+}
+
+impl SealKey {
+    /// Reads a seal key file: 64 hex characters, readable by its owner
+    /// only.
+    pub fn read(path: &Path) -> Result<Self, CaFilesError> {
+        let unreadable = |source| CaFilesError::SealKeyUnreadable {
+            path: path.to_owned(),
+            source,
+        };
+        let mode = fs::metadata(path).map_err(unreadable)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(CaFilesError::Exposed {
+                path: path.to_owned(),
+                mode,
+            });
+        }
+        let text = fs::read_to_string(path).map_err(unreadable)?;
+        let key = Kek::from_hex(&text).map_err(|_| CaFilesError::SealKeyMalformed {
+            path: path.to_owned(),
+        })?;
+        Ok(Self {
+            key,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Makes a new random seal key in a new 0600 file at `path`; never
+    /// replaces a file.
+    pub fn create(path: &Path) -> Result<Self, CaFilesError> {
+        let (key, text) = Kek::generate().map_err(|source| CaFilesError::Kek {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io(path))?;
+        file.write_all(format!("{text}\n").as_bytes())
+            .map_err(io(path))?;
+        file.sync_all().map_err(io(path))?;
+        Ok(Self {
+            key,
+            path: path.to_owned(),
+        })
+    }
+
+    /// The key's id (the first 8 bytes of its SHA-256, in hex): names the
+    /// key in logs and errors without revealing it.
+    pub fn id(&self) -> &str {
+        self.key.id()
+    }
+
+    /// The file the key was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
 }
 
 /// The CA the control plane runs, with its key-encryption key. A root
@@ -215,6 +330,8 @@ pub struct Root {
 #[derive(Debug, Clone)]
 pub struct CaFiles {
     dir: PathBuf,
+    /// Seals the secret files; `None` keeps them in plaintext (0600).
+    seal: Option<Arc<SealKey>>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CaFilesError + '_ {
@@ -228,7 +345,20 @@ impl CaFiles {
     pub fn in_data_dir(data_dir: &Path) -> Self {
         Self {
             dir: data_dir.join("ca"),
+            seal: None,
         }
+    }
+
+    /// Seals the secret files with `key`: new files are written sealed,
+    /// and plaintext ones are sealed in place on [`CaFiles::load`].
+    pub fn with_seal_key(mut self, key: SealKey) -> Self {
+        self.seal = Some(Arc::new(key));
+        self
+    }
+
+    /// The seal key, if any.
+    pub fn seal_key(&self) -> Option<&SealKey> {
+        self.seal.as_deref()
     }
 
     pub fn exists(&self) -> bool {
@@ -247,8 +377,10 @@ impl CaFiles {
             path: self.dir.join("kek"),
             source,
         })?;
-        self.write("root.key", &ca.key_pem(), 0o600)?;
-        self.write("kek", &format!("{kek_hex}\n"), 0o600)?;
+        let key = self.sealed("root.key", &ca.key_pem())?;
+        self.write("root.key", &key, 0o600)?;
+        let kek = self.sealed("kek", &format!("{kek_hex}\n"))?;
+        self.write("kek", &kek, 0o600)?;
         self.write("root.pem", ca.root_pem(), 0o644)?;
         self.write("trust-domain", &format!("{trust_domain}\n"), 0o644)?;
         Ok(())
@@ -265,7 +397,25 @@ impl CaFiles {
         file.write_all(contents.as_bytes()).map_err(io(&path))
     }
 
-    fn read_secret(&self, name: &str) -> Result<String, CaFilesError> {
+    /// `plaintext` as secret file `name` holds it: sealed with the seal
+    /// key, or as it is without one.
+    fn sealed(&self, name: &str, plaintext: &str) -> Result<String, CaFilesError> {
+        let Some(seal) = &self.seal else {
+            return Ok(plaintext.to_owned());
+        };
+        let sealed = seal
+            .key
+            .seal(plaintext.as_bytes(), seal_context(name))
+            .map_err(|source| CaFilesError::Kek {
+                path: self.dir.join(name),
+                source,
+            })?;
+        Ok(format!("{SEALED}{sealed}\n"))
+    }
+
+    /// A secret file as stored (sealed or not), refused if others may
+    /// read it.
+    fn read_stored_secret(&self, name: &str) -> Result<String, CaFilesError> {
         let path = self.dir.join(name);
         let mode = fs::metadata(&path).map_err(io(&path))?.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
@@ -274,8 +424,76 @@ impl CaFiles {
         fs::read_to_string(&path).map_err(io(&path))
     }
 
-    /// The CA and the KEK.
+    /// A secret file's plaintext, unsealed if it is sealed.
+    fn read_secret(&self, name: &str) -> Result<String, CaFilesError> {
+        let stored = self.read_stored_secret(name)?;
+        let Some(sealed) = stored.trim().strip_prefix(SEALED) else {
+            return Ok(stored);
+        };
+        let path = self.dir.join(name);
+        let Some(seal) = &self.seal else {
+            return Err(CaFilesError::SealKeyMissing { path });
+        };
+        let wrong = |reason: String| CaFilesError::SealKeyWrong {
+            path: path.clone(),
+            seal_key: seal.path.clone(),
+            reason,
+        };
+        let plaintext = seal.key.open(sealed, seal_context(name)).map_err(|error| {
+            wrong(match error {
+                KekError::WrongKek { sealed_with, this } => format!(
+                    "it was sealed with seal key {sealed_with}, and this is seal key {this}"
+                ),
+                KekError::Tampered => {
+                    "it was altered, or is another file's sealed content".to_owned()
+                }
+                KekError::Malformed => "its sealed content is malformed".to_owned(),
+                other => other.to_string(),
+            })
+        })?;
+        String::from_utf8(plaintext).map_err(|_| wrong("its sealed content is not text".into()))
+    }
+
+    /// Seals, each in place, the secret files still in plaintext; does
+    /// nothing without a seal key. Returns the files it sealed.
+    pub fn seal_in_place(&self) -> Result<Vec<&'static str>, CaFilesError> {
+        let Some(seal) = &self.seal else {
+            return Ok(Vec::new());
+        };
+        let mut plaintext = Vec::new();
+        for name in SECRET_FILES {
+            if !self.dir.join(name).exists() {
+                continue;
+            }
+            let stored = self.read_stored_secret(name)?;
+            if stored.trim().starts_with(SEALED) {
+                // Sealed already: with this key, or nothing is sealed, so
+                // that no directory ends up sealed with two keys.
+                self.read_secret(name)?;
+            } else {
+                plaintext.push((name, stored));
+            }
+        }
+        let mut sealed = Vec::new();
+        for (name, stored) in plaintext {
+            self.replace(name, &self.sealed(name, &stored)?, 0o600)?;
+            sealed.push(name);
+        }
+        if !sealed.is_empty() {
+            tracing::info!(
+                dir = %self.dir.display(),
+                files = ?sealed,
+                seal_key = seal.id(),
+                "sealed the CA's plaintext secret files in place with the seal key"
+            );
+        }
+        Ok(sealed)
+    }
+
+    /// The CA and the KEK. Seals plaintext secret files first if there is
+    /// a seal key.
     pub fn load(&self) -> Result<(CertificateAuthority, Kek), CaFilesError> {
+        self.seal_in_place()?;
         self.finish_activation()?;
         let trust_domain = self.trust_domain()?;
         let root = self.read("root.pem")?;
@@ -324,7 +542,11 @@ impl CaFiles {
         file.write_all(contents.as_bytes())
             .map_err(io(&temporary))?;
         file.sync_all().map_err(io(&temporary))?;
-        fs::rename(&temporary, &path).map_err(io(&path))
+        fs::rename(&temporary, &path).map_err(io(&path))?;
+        // The rename itself survives a crash once the directory is synced.
+        fs::File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io(&self.dir))
     }
 
     fn rename(&self, from: &str, to: &str) -> Result<(), CaFilesError> {
@@ -373,7 +595,11 @@ impl CaFiles {
         }
         let next = CertificateAuthority::generate(&self.trust_domain()?, now)?;
         // The key first: a staged.pem without its key would be unusable.
-        self.replace("staged.key", &next.key_pem(), 0o600)?;
+        self.replace(
+            "staged.key",
+            &self.sealed("staged.key", &next.key_pem())?,
+            0o600,
+        )?;
         self.replace("staged.pem", next.root_pem(), 0o644)?;
         self.roots()?
             .into_iter()
@@ -556,6 +782,306 @@ mod tests {
         assert_eq!(RootInfo::of(ca.root_der()).unwrap().serial, staged.serial);
         assert_eq!(ca.bundle().roots().len(), 2);
         assert!(!dir.path().join("ca/staged.pem").exists());
+    }
+
+    /// A seal key in a directory of its own, outside the data directory.
+    fn new_seal_key(dir: &Path) -> PathBuf {
+        let path = dir.join("seal-key");
+        SealKey::create(&path).unwrap();
+        path
+    }
+
+    fn sealed_with(data_dir: &Path, seal_key: &Path) -> CaFiles {
+        CaFiles::in_data_dir(data_dir).with_seal_key(SealKey::read(seal_key).unwrap())
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    /// The issuer signs: a certificate it issues chains to `root_pem`.
+    fn signs_under(ca: &CertificateAuthority, root_pem: &str) {
+        let id = mesh_identity::SpiffeId::parse("spiffe://mesh.test/ns/shop/sa/web").unwrap();
+        let (issued, _) = ca.issue_with_key(&id, OffsetDateTime::now_utc()).unwrap();
+        let bundle = mesh_identity::TrustBundle::from_pem("mesh.test", root_pem).unwrap();
+        let verified = mesh_identity::SpiffeVerifier::new(bundle)
+            .verify_peer(
+                &issued.der,
+                &[],
+                rustls::pki_types::UnixTime::now(),
+                webpki::KeyUsage::client_auth(),
+            )
+            .unwrap();
+        assert_eq!(verified, id);
+    }
+
+    #[test]
+    fn with_a_seal_key_no_secret_is_in_clear_and_the_files_load_back() {
+        let data = tempfile::tempdir().unwrap();
+        let secrets = tempfile::tempdir().unwrap();
+        let seal_key = new_seal_key(secrets.path());
+        assert_eq!(mode(&seal_key), 0o600);
+        let files = sealed_with(data.path(), &seal_key);
+        files.create("mesh.test").unwrap();
+
+        let kek_hex = files.read_secret("kek").unwrap().trim().to_owned();
+        assert_eq!(kek_hex.len(), 64);
+        let key_pem = files.read_secret("root.key").unwrap();
+        assert!(key_pem.contains("BEGIN PRIVATE KEY"), "{key_pem}");
+        // The key's base64 lines, which a grep of the volume would find.
+        let key_lines: Vec<&str> = key_pem
+            .lines()
+            .filter(|l| !l.starts_with("-----") && l.len() > 16)
+            .collect();
+        assert!(!key_lines.is_empty());
+        for entry in fs::read_dir(data.path().join("ca")).unwrap() {
+            let path = entry.unwrap().path();
+            let text = fs::read_to_string(&path).unwrap();
+            assert!(!text.contains("PRIVATE KEY"), "{}", path.display());
+            assert!(!text.contains(&kek_hex), "{}", path.display());
+            for line in &key_lines {
+                assert!(!text.contains(line), "{}", path.display());
+            }
+        }
+        for name in ["root.key", "kek"] {
+            let path = data.path().join("ca").join(name);
+            assert_eq!(mode(&path), 0o600, "{name}");
+            let text = fs::read_to_string(&path).unwrap();
+            assert!(text.starts_with(SEALED), "{name}: {text}");
+            assert!(!text.contains("BEGIN"), "{name}");
+        }
+
+        let (ca, kek) = files.load().unwrap();
+        assert_eq!(ca.key_pem(), key_pem);
+        let root_pem = fs::read_to_string(data.path().join("ca/root.pem")).unwrap();
+        assert_eq!(ca.root_pem(), root_pem);
+        assert_eq!(kek.id(), Kek::from_hex(&kek_hex).unwrap().id());
+        // As a restarted control plane: the key read again from its file.
+        let (again, kek_again) = sealed_with(data.path(), &seal_key).load().unwrap();
+        assert_eq!(again.key_pem(), key_pem);
+        assert_eq!(kek_again.id(), kek.id());
+        signs_under(&again, &root_pem);
+        // Nothing left to seal.
+        assert!(files.seal_in_place().unwrap().is_empty());
+    }
+
+    #[test]
+    fn sealed_files_do_not_load_without_their_seal_key() {
+        let data = tempfile::tempdir().unwrap();
+        let secrets = tempfile::tempdir().unwrap();
+        let seal_key = new_seal_key(secrets.path());
+        sealed_with(data.path(), &seal_key)
+            .create("mesh.test")
+            .unwrap();
+
+        // No seal key configured.
+        let error = CaFiles::in_data_dir(data.path()).load().unwrap_err();
+        let CaFilesError::SealKeyMissing { path } = &error else {
+            panic!("{error:?}");
+        };
+        assert_eq!(path, &data.path().join("ca/root.key"));
+        let message = error.to_string();
+        assert!(
+            message.contains("is sealed, but no seal key is configured"),
+            "{message}"
+        );
+        assert!(message.contains("--seal-key-file"), "{message}");
+
+        // Another seal key.
+        let other = secrets.path().join("other-seal-key");
+        SealKey::create(&other).unwrap();
+        let error = sealed_with(data.path(), &other).load().unwrap_err();
+        let CaFilesError::SealKeyWrong {
+            path,
+            seal_key: used,
+            ..
+        } = &error
+        else {
+            panic!("{error:?}");
+        };
+        assert_eq!(path, &data.path().join("ca/root.key"));
+        assert_eq!(used, &other);
+        let message = error.to_string();
+        assert!(message.contains("was sealed with seal key"), "{message}");
+        let key_hex = fs::read_to_string(&other).unwrap();
+        assert!(!message.contains(key_hex.trim()), "{message}");
+
+        // A plaintext file beside them is not sealed with the other key.
+        CaFiles::in_data_dir(&data.path().join("elsewhere"))
+            .create("mesh.test")
+            .unwrap();
+        fs::copy(
+            data.path().join("elsewhere/ca/root.key"),
+            data.path().join("ca/staged.key"),
+        )
+        .unwrap();
+        assert!(matches!(
+            sealed_with(data.path(), &other).seal_in_place(),
+            Err(CaFilesError::SealKeyWrong { .. })
+        ));
+        let staged_key = fs::read_to_string(data.path().join("ca/staged.key")).unwrap();
+        assert!(staged_key.contains("PRIVATE KEY"));
+        fs::remove_file(data.path().join("ca/staged.key")).unwrap();
+
+        // The sealed KEK swapped for the sealed root key does not open:
+        // each is bound to what it holds.
+        let ca = data.path().join("ca");
+        fs::rename(ca.join("root.key"), ca.join("swap")).unwrap();
+        fs::rename(ca.join("kek"), ca.join("root.key")).unwrap();
+        fs::rename(ca.join("swap"), ca.join("kek")).unwrap();
+        let error = sealed_with(data.path(), &seal_key).load().unwrap_err();
+        let CaFilesError::SealKeyWrong { path, reason, .. } = &error else {
+            panic!("{error:?}");
+        };
+        assert_eq!(path, &ca.join("root.key"));
+        assert!(reason.contains("another file's sealed content"), "{reason}");
+    }
+
+    #[test]
+    fn plaintext_files_are_sealed_in_place_on_the_first_load_with_a_seal_key() {
+        let data = tempfile::tempdir().unwrap();
+        let secrets = tempfile::tempdir().unwrap();
+        // An older init, with a root staged: every secret file in clear.
+        let plain = CaFiles::in_data_dir(data.path());
+        plain.create("mesh.test").unwrap();
+        plain.stage_root(OffsetDateTime::now_utc()).unwrap();
+        let (before, kek_before) = plain.load().unwrap();
+        let staged_key = plain.read_secret("staged.key").unwrap();
+        assert!(staged_key.contains("PRIVATE KEY"));
+
+        let seal_key = new_seal_key(secrets.path());
+        let files = sealed_with(data.path(), &seal_key);
+        let (ca, kek) = files.load().unwrap();
+        for name in SECRET_FILES {
+            let path = data.path().join("ca").join(name);
+            assert_eq!(mode(&path), 0o600, "{name}");
+            let text = fs::read_to_string(&path).unwrap();
+            assert!(text.starts_with(SEALED), "{name}: {text}");
+        }
+        assert!(!data.path().join("ca/.root.key.tmp").exists());
+        assert_eq!(ca.key_pem(), before.key_pem());
+        assert_eq!(ca.root_pem(), before.root_pem());
+        assert_eq!(ca.bundle().roots(), before.bundle().roots());
+        assert_eq!(kek.id(), kek_before.id());
+        assert_eq!(files.read_secret("staged.key").unwrap(), staged_key);
+
+        // Sealed once: the next load finds nothing to seal and the same CA.
+        assert!(files.seal_in_place().unwrap().is_empty());
+        let (again, kek_again) = sealed_with(data.path(), &seal_key).load().unwrap();
+        assert_eq!(again.key_pem(), before.key_pem());
+        assert_eq!(kek_again.id(), kek_before.id());
+        // And the plaintext is gone: without the key it no longer loads.
+        assert!(matches!(
+            plain.load(),
+            Err(CaFilesError::SealKeyMissing { .. })
+        ));
+    }
+
+    #[test]
+    fn a_sealed_root_rotates_in_three_steps_and_every_step_survives_a_reload() {
+        let data = tempfile::tempdir().unwrap();
+        let secrets = tempfile::tempdir().unwrap();
+        let seal_key = new_seal_key(secrets.path());
+        let files = sealed_with(data.path(), &seal_key);
+        files.create("mesh.test").unwrap();
+        let first = files.roots().unwrap()[0].serial.clone();
+        let reload = || sealed_with(data.path(), &seal_key).load().unwrap();
+        let stored = |name: &str| fs::read_to_string(data.path().join("ca").join(name)).unwrap();
+
+        let staged = files.stage_root(OffsetDateTime::now_utc()).unwrap();
+        assert_eq!(mode(&data.path().join("ca/staged.key")), 0o600);
+        assert!(stored("staged.key").starts_with(SEALED));
+        let staged_key = files.read_secret("staged.key").unwrap();
+        let (ca, _) = reload();
+        assert_eq!(RootInfo::of(ca.root_der()).unwrap().serial, first);
+        assert_eq!(ca.bundle().roots().len(), 2);
+
+        files.activate_staged().unwrap();
+        assert!(stored("root.key").starts_with(SEALED));
+        let (ca, _) = reload();
+        assert_eq!(RootInfo::of(ca.root_der()).unwrap().serial, staged.serial);
+        assert_eq!(ca.key_pem(), staged_key);
+        assert_eq!(ca.bundle().roots().len(), 2);
+        signs_under(&ca, &staged.pem);
+
+        files.retire_root(&first).unwrap();
+        assert_eq!(
+            states(&files),
+            [(staged.serial.clone(), RootState::Signing)]
+        );
+        let (ca, _) = reload();
+        assert_eq!(ca.bundle().roots().len(), 1);
+        assert_eq!(ca.key_pem(), staged_key);
+        for entry in fs::read_dir(data.path().join("ca")).unwrap() {
+            let path = entry.unwrap().path();
+            let text = fs::read_to_string(&path).unwrap();
+            assert!(!text.contains("PRIVATE KEY"), "{}", path.display());
+        }
+    }
+
+    #[test]
+    fn an_interrupted_activation_of_a_sealed_root_is_completed_on_load() {
+        let data = tempfile::tempdir().unwrap();
+        let secrets = tempfile::tempdir().unwrap();
+        let seal_key = new_seal_key(secrets.path());
+        let files = sealed_with(data.path(), &seal_key);
+        files.create("mesh.test").unwrap();
+        let staged = files.stage_root(OffsetDateTime::now_utc()).unwrap();
+        // The crash: trusted.pem written and the key renamed, root.pem not.
+        let ca_dir = data.path().join("ca");
+        let old = fs::read_to_string(ca_dir.join("root.pem")).unwrap();
+        fs::write(ca_dir.join("trusted.pem"), old).unwrap();
+        fs::rename(ca_dir.join("staged.key"), ca_dir.join("root.key")).unwrap();
+
+        let (ca, _) = sealed_with(data.path(), &seal_key).load().unwrap();
+        assert_eq!(RootInfo::of(ca.root_der()).unwrap().serial, staged.serial);
+        assert!(!ca_dir.join("staged.pem").exists());
+    }
+
+    #[test]
+    fn a_seal_key_file_others_may_read_or_that_is_not_a_key_is_refused() {
+        let secrets = tempfile::tempdir().unwrap();
+        let path = new_seal_key(secrets.path());
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let error = SealKey::read(&path).unwrap_err();
+        assert!(
+            matches!(&error, CaFilesError::Exposed { path: p, mode: 0o644 } if *p == path),
+            "{error:?}"
+        );
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(matches!(
+            SealKey::read(&path),
+            Err(CaFilesError::Exposed { mode: 0o640, .. })
+        ));
+
+        let missing = secrets.path().join("missing");
+        let error = SealKey::read(&missing).unwrap_err();
+        assert!(
+            matches!(&error, CaFilesError::SealKeyUnreadable { path, .. } if *path == missing),
+            "{error:?}"
+        );
+        assert!(
+            error.to_string().contains("mesh-control seal-key"),
+            "{error}"
+        );
+
+        let short = secrets.path().join("short");
+        fs::write(&short, "abcd\n").unwrap();
+        fs::set_permissions(&short, fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(matches!(
+            SealKey::read(&short),
+            Err(CaFilesError::SealKeyMalformed { path }) if path == short
+        ));
+
+        // A key is never replaced by a new one.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        let kept = fs::read_to_string(&path).unwrap();
+        assert!(SealKey::create(&path).is_err());
+        assert_eq!(fs::read_to_string(&path).unwrap(), kept);
+        assert_eq!(
+            SealKey::read(&path).unwrap().id(),
+            Kek::from_hex(&kept).unwrap().id()
+        );
     }
 
     #[tokio::test]

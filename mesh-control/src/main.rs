@@ -13,7 +13,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use mesh_control::{
     api::{self, AppState},
-    ca::{self, CaFiles},
+    ca::{self, CaFiles, SealKey},
     grpc::{self, GrpcConfig, RateLimit},
     store::Store,
 };
@@ -42,6 +42,14 @@ struct Cli {
     /// spiffe://<trust-domain>/ns/<ns>/sa/<sa>).
     #[arg(long, env = "MESH_TRUST_DOMAIN", global = true, default_value = ca::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
+
+    /// A file of 64 hex characters, mode 0600, outside the data directory
+    /// (a Secret on tmpfs, a file a KMS agent writes): the CA's private
+    /// key and key-encryption key are then stored sealed with it, and
+    /// plaintext ones are sealed on the next start. Without it they are
+    /// stored in clear (0600). Make one with `mesh-control seal-key`.
+    #[arg(long, env = "MESH_SEAL_KEY_FILE", global = true)]
+    seal_key_file: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Option<Command>,
@@ -101,6 +109,16 @@ enum Command {
     ///
     /// Example: mesh-control migrate --database-url postgres://mesh@db/mesh
     Migrate,
+    /// Write a new random seal key (for --seal-key-file) to a new 0600
+    /// file. Keep it off the data volume and its backups: without it the
+    /// CA's sealed files cannot be opened.
+    ///
+    /// Example: mesh-control seal-key --out /run/secrets/mesh-seal-key
+    SealKey {
+        /// The file to create; an existing file is never replaced.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// A header timeout: a duration of at least a second (shorter cuts every
@@ -127,6 +145,15 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Some(Command::SealKey { out }) = &cli.command {
+        let key = SealKey::create(out).context("making a seal key")?;
+        println!(
+            "wrote seal key {} to {} (mode 0600); pass it as --seal-key-file or MESH_SEAL_KEY_FILE, and keep a copy off the data volume",
+            key.id(),
+            out.display()
+        );
+        return Ok(());
+    }
     let data_dir = match cli.data_dir {
         Some(dir) => dir,
         None => default_data_dir()?,
@@ -136,9 +163,12 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", data_dir.join("mesh.db").display()));
     match cli.command {
         Some(Command::Init) => {
-            init(&data_dir, &cli.trust_domain, &database_url).await?;
+            let ca_files = ca_files(&data_dir, cli.seal_key_file.as_deref())?;
+            init(&data_dir, &cli.trust_domain, &database_url, &ca_files).await?;
             Ok(())
         }
+        // Handled above: it needs no data directory.
+        Some(Command::SealKey { .. }) => Ok(()),
         Some(Command::Migrate) => {
             let store = Store::open(&database_url).await?;
             println!(
@@ -174,7 +204,15 @@ async fn main() -> anyhow::Result<()> {
                 http_header_timeout,
                 kubernetes,
             };
-            serve(&data_dir, &cli.trust_domain, &database_url, serving).await
+            let ca_files = ca_files(&data_dir, cli.seal_key_file.as_deref())?;
+            serve(
+                &data_dir,
+                &cli.trust_domain,
+                &database_url,
+                &ca_files,
+                serving,
+            )
+            .await
         }
         None => {
             let serving = Serving {
@@ -186,7 +224,15 @@ async fn main() -> anyhow::Result<()> {
                 http_header_timeout: std::time::Duration::from_secs(10),
                 kubernetes: false,
             };
-            serve(&data_dir, &cli.trust_domain, &database_url, serving).await
+            let ca_files = ca_files(&data_dir, cli.seal_key_file.as_deref())?;
+            serve(
+                &data_dir,
+                &cli.trust_domain,
+                &database_url,
+                &ca_files,
+                serving,
+            )
+            .await
         }
     }
 }
@@ -200,6 +246,28 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// The CA's files in `data_dir`, sealed with the key in `seal_key_file`
+/// if one is given.
+fn ca_files(data_dir: &Path, seal_key_file: Option<&Path>) -> anyhow::Result<CaFiles> {
+    let files = CaFiles::in_data_dir(data_dir);
+    let Some(path) = seal_key_file else {
+        return Ok(files);
+    };
+    let key = SealKey::read(path).context("--seal-key-file")?;
+    // Next to the files it seals, it protects nothing from whoever can
+    // read the volume or its backups.
+    if let (Ok(key_path), Ok(data_dir)) = (path.canonicalize(), data_dir.canonicalize())
+        && key_path.starts_with(&data_dir)
+    {
+        tracing::warn!(
+            seal_key_file = %path.display(),
+            data_dir = %data_dir.display(),
+            "the seal key is inside the data directory: keep it on another volume, or it protects nothing"
+        );
+    }
+    Ok(files.with_seal_key(key))
+}
+
 /// `$XDG_DATA_HOME/mesh`, else `~/.local/share/mesh`.
 fn default_data_dir() -> anyhow::Result<PathBuf> {
     if let Some(dir) = std::env::var_os("XDG_DATA_HOME") {
@@ -211,10 +279,17 @@ fn default_data_dir() -> anyhow::Result<PathBuf> {
 }
 
 /// Creates the data directory (0700), the admin token (0600), the CA
-/// (root and key-encryption key, secrets 0600) and a first node bootstrap
-/// token (0600). Leaves what exists alone. Returns the admin token.
-async fn init(data_dir: &Path, trust_domain: &str, database_url: &str) -> anyhow::Result<String> {
-    let token = init_files(data_dir, trust_domain)?;
+/// (root and key-encryption key, secrets 0600, sealed if `ca_files` has a
+/// seal key) and a first node bootstrap token (0600). Leaves what exists
+/// alone, but seals the CA's plaintext secrets if there is a seal key.
+/// Returns the admin token.
+async fn init(
+    data_dir: &Path,
+    trust_domain: &str,
+    database_url: &str,
+    ca_files: &CaFiles,
+) -> anyhow::Result<String> {
+    let token = init_files(data_dir, trust_domain, ca_files)?;
     let bootstrap_path = data_dir.join(BOOTSTRAP_TOKEN_FILE);
     if !bootstrap_path.exists() {
         let store = Store::open(database_url).await?;
@@ -249,14 +324,22 @@ fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_files(data_dir: &Path, trust_domain: &str) -> anyhow::Result<String> {
+fn init_files(data_dir: &Path, trust_domain: &str, ca_files: &CaFiles) -> anyhow::Result<String> {
     let token_path = data_dir.join(TOKEN_FILE);
-    let ca_files = CaFiles::in_data_dir(data_dir);
+    let sealed = if ca_files.seal_key().is_some() {
+        ", its secrets sealed with the seal key"
+    } else {
+        ""
+    };
     if token_path.exists() {
-        if !ca_files.exists() {
+        if ca_files.exists() {
+            ca_files
+                .seal_in_place()
+                .context("sealing the CA's secret files")?;
+        } else {
             ca_files.create(trust_domain).context("creating the CA")?;
             println!(
-                "created the mesh CA for trust domain {trust_domain} in {}/ca",
+                "created the mesh CA for trust domain {trust_domain} in {}/ca{sealed}",
                 data_dir.display()
             );
         }
@@ -273,11 +356,15 @@ fn init_files(data_dir: &Path, trust_domain: &str) -> anyhow::Result<String> {
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let token = api::generate_token().context("generating the admin token")?;
     write_secret(&token_path, &token)?;
-    if !ca_files.exists() {
+    if ca_files.exists() {
+        ca_files
+            .seal_in_place()
+            .context("sealing the CA's secret files")?;
+    } else {
         ca_files.create(trust_domain).context("creating the CA")?;
     }
     println!(
-        "created the mesh CA for trust domain {trust_domain} in {}/ca (root.key and kek stay there, never in the database)",
+        "created the mesh CA for trust domain {trust_domain} in {}/ca (root.key and kek stay there, never in the database{sealed})",
         data_dir.display()
     );
     println!(
@@ -315,6 +402,7 @@ async fn serve(
     data_dir: &Path,
     trust_domain: &str,
     database_url: &str,
+    ca_files: &CaFiles,
     serving: Serving,
 ) -> anyhow::Result<()> {
     let Serving {
@@ -326,15 +414,28 @@ async fn serve(
         http_header_timeout,
         kubernetes,
     } = serving;
-    let token = init(data_dir, trust_domain, database_url).await?;
-    let (ca, kek) = CaFiles::in_data_dir(data_dir)
-        .load()
-        .context("loading the CA")?;
-    tracing::info!(
-        trust_domain = ca.trust_domain(),
-        kek = kek.id(),
-        "CA loaded"
-    );
+    let token = init(data_dir, trust_domain, database_url, ca_files).await?;
+    let (ca, kek) = ca_files.load().context("loading the CA")?;
+    match ca_files.seal_key() {
+        Some(seal_key) => tracing::info!(
+            trust_domain = ca.trust_domain(),
+            kek = kek.id(),
+            seal_key = seal_key.id(),
+            "CA loaded; its secret files are sealed"
+        ),
+        None => {
+            tracing::info!(
+                trust_domain = ca.trust_domain(),
+                kek = kek.id(),
+                "CA loaded"
+            );
+            tracing::warn!(
+                dir = %data_dir.join("ca").display(),
+                "the CA's private key and the KEK are stored unsealed: whoever reads the data volume or a backup of it \
+                 can issue identities and open sealed keys. Pass --seal-key-file (MESH_SEAL_KEY_FILE) to seal them"
+            );
+        }
+    }
     let store = Store::open(database_url).await?;
     let revision = store.revision().await?;
     tracing::info!(backend = store.backend().name(), revision, "store ready");
@@ -349,7 +450,7 @@ async fn serve(
     let grpc_addr = grpc_listener.local_addr()?;
     tracing::info!(addr = %grpc_addr, "node API (gRPC over TLS) listening");
     let ca = ca.with_ttl(certificate_ttl).context("--certificate-ttl")?;
-    let identity = Arc::new(api::Identity::new(ca, kek).with_files(CaFiles::in_data_dir(data_dir)));
+    let identity = Arc::new(api::Identity::new(ca, kek).with_files(ca_files.clone()));
     let app = api::router(AppState {
         store: store.clone(),
         token: Arc::from(token),

@@ -16,6 +16,7 @@ use mesh_e2e::{
     http,
     process::{Logs, Process, ready_field, workspace_binary},
 };
+use rustls::pki_types::{CertificateDer, pem::PemObject as _};
 use serde_json::Value;
 
 const WORKLOADS: &str = r#"
@@ -407,5 +408,107 @@ fn a_node_joins_and_holds_only_its_own_workloads_certificates() {
                 path.display()
             );
         }
+    }
+}
+
+/// Resilience case 19 with the seal key: a control plane first run without
+/// one (its CA's key and KEK in clear, 0600) seals them in place when it
+/// starts with one, keeps its root and signs under it, and from then on
+/// refuses to start without that key, or with another, saying which.
+#[test]
+fn a_seal_key_seals_the_cas_secret_files_and_is_needed_from_then_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("control");
+    let control = ControlPlane::start(&data_dir).unwrap();
+    let root = std::fs::read_to_string(control.ca_bundle()).unwrap();
+    let read = |name: &str| std::fs::read_to_string(data_dir.join("ca").join(name)).unwrap();
+    let (key_pem, kek) = (read("root.key"), read("kek"));
+    assert!(key_pem.contains("BEGIN PRIVATE KEY"));
+    drop(control);
+
+    let binary = workspace_binary("mesh-control").unwrap();
+    let make_key = |path: &Path| {
+        let output = Command::new(&binary)
+            .args(["seal-key", "--out"])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+    };
+    let seal_key = dir.path().join("seal-key");
+    make_key(&seal_key);
+    let with_key = |key: Option<&Path>| {
+        let mut command = Command::new(&binary);
+        if let Some(key) = key {
+            command.arg("--seal-key-file").arg(key);
+        }
+        command
+    };
+    let control = ControlPlane::start_with(with_key(Some(&seal_key)), &data_dir).unwrap();
+    assert_eq!(std::fs::read_to_string(control.ca_bundle()).unwrap(), root);
+    let key_lines: Vec<&str> = key_pem
+        .lines()
+        .filter(|line| !line.starts_with("-----"))
+        .collect();
+    for name in ["root.key", "kek"] {
+        let stored = read(name);
+        assert!(stored.starts_with("mesh-sealed:"), "{name}: {stored}");
+        assert!(!stored.contains("BEGIN"), "{name}");
+        assert!(!stored.contains(kek.trim()), "{name}");
+        assert!(
+            key_lines.iter().all(|line| !stored.contains(line)),
+            "{name}"
+        );
+    }
+    // Still the same CA: what it signs verifies under the old root.
+    let gateway = dir.path().join("gateway");
+    control.meshctl(
+        &[
+            "cert",
+            "issue",
+            "-n",
+            "edge",
+            "--service-account",
+            "gateway",
+            "--out-dir",
+            gateway.to_str().unwrap(),
+        ],
+        None,
+    );
+    let der = CertificateDer::from_pem_file(gateway.join("cert.pem")).unwrap();
+    let bundle = mesh_identity::TrustBundle::from_pem("cluster.local", &root).unwrap();
+    mesh_identity::SpiffeVerifier::new(bundle)
+        .verify_peer(
+            &der,
+            &[],
+            rustls::pki_types::UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+        )
+        .unwrap();
+    drop(control);
+
+    // Without the key, or with another, it does not start, and says why.
+    let other_key = dir.path().join("other-key");
+    make_key(&other_key);
+    for (key, expected) in [
+        (None, "no seal key is configured"),
+        (Some(other_key.as_path()), "does not open with the seal key"),
+    ] {
+        let output = with_key(key)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--grpc-listen",
+                "127.0.0.1:0",
+            ])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
+        assert!(stderr.contains("ca/"), "{stderr}");
     }
 }

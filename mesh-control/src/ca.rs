@@ -117,14 +117,18 @@ impl SealKey {
             path: path.to_owned(),
             source,
         };
-        let mode = fs::metadata(path).map_err(unreadable)?.permissions().mode() & 0o777;
+        // The mode of the file read, not of whatever the path named a
+        // moment before.
+        let mut file = fs::File::open(path).map_err(unreadable)?;
+        let mode = file.metadata().map_err(unreadable)?.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
             return Err(CaFilesError::Exposed {
                 path: path.to_owned(),
                 mode,
             });
         }
-        let text = fs::read_to_string(path).map_err(unreadable)?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut file, &mut text).map_err(unreadable)?;
         let key = Kek::from_hex(&text).map_err(|_| CaFilesError::SealKeyMalformed {
             path: path.to_owned(),
         })?;

@@ -214,6 +214,9 @@ pub struct Pool {
     /// entry once its last connection has closed.
     slots: Arc<Mutex<HashMap<PoolKey, Slot>>>,
     stats: Arc<HboneStats>,
+    /// The node's descriptor permits, once the proxy shares them: each
+    /// pooled connection holds one.
+    permits: std::sync::OnceLock<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Pool {
@@ -222,7 +225,15 @@ impl Pool {
             settings,
             slots: Arc::default(),
             stats,
+            permits: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Makes each connection the pool opens hold one of `permits` (the
+    /// node's descriptors) for as long as it is open; with none left, a
+    /// new connection is refused. Only the first call counts.
+    pub fn share_permits(&self, permits: Arc<tokio::sync::Semaphore>) {
+        let _ = self.permits.set(permits);
     }
 
     pub fn settings(&self) -> PoolSettings {
@@ -337,6 +348,15 @@ impl Pool {
     {
         let address = key.address;
         let config = tls()?;
+        let permit = match self.permits.get() {
+            Some(permits) => Some(permits.clone().try_acquire_owned().map_err(|_| {
+                TunnelError::Connect(
+                    address,
+                    io::Error::other("the node is at its connection limit"),
+                )
+            })?),
+            None => None,
+        };
         let handshake = async {
             let tcp = dial().await.map_err(|e| TunnelError::Connect(address, e))?;
             tune_socket(&tcp).map_err(|e| TunnelError::Connect(address, e))?;
@@ -386,6 +406,8 @@ impl Pool {
         let key = key.clone();
         stats.pooled_connections.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
+            // The descriptor is the driver's for as long as it runs.
+            let _permit = permit;
             let idle = async {
                 loop {
                     tokio::time::sleep(idle_timeout).await;

@@ -635,10 +635,15 @@ fn raise_open_file_limit() -> u64 {
     limit.rlim_cur
 }
 
-/// How many connections the proxy carries at once: two descriptors each,
-/// with room kept for listeners, the control plane and the admin endpoint.
+/// The proxy's connection permits: one per descriptor a carried
+/// connection holds (an accepted connection; its upstream when that is a
+/// socket of its own rather than a tunnel stream; a pooled tunnel
+/// connection; an accepted tunnel connection). An eighth of the
+/// descriptors (at least 2,048) stays out of them for listeners, the
+/// control plane, the admin endpoint, eBPF maps and the like.
 fn max_connections(open_files: u64) -> usize {
-    usize::try_from(open_files.saturating_sub(512) / 2)
+    let reserve = (open_files / 8).max(2048);
+    usize::try_from(open_files.saturating_sub(reserve))
         .unwrap_or(usize::MAX)
         .max(64)
 }

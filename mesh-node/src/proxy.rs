@@ -464,6 +464,7 @@ impl Proxy {
     /// Carries the pods' traffic through the mesh: HBONE tunnels,
     /// authorization, mTLS modes.
     pub fn with_mesh(mut self, mesh: Arc<MeshPath>) -> Self {
+        mesh.pool.share_permits(self.permits.clone());
         self.mesh = Some(mesh);
         self
     }
@@ -695,10 +696,12 @@ impl Proxy {
     }
 
     /// Waits until every connection has ended, or `deadline` passes; how
-    /// many were still open. Counted by their permits, which a connection
-    /// takes before it is accepted: one accepted as the listeners closed,
-    /// whose task has not registered it yet, is waited for too (seen in a
-    /// handover: such a connection was cut by the exit).
+    /// many were still open (or, when more, how many permits were still
+    /// held: a connection holds one per descriptor). Counted by their
+    /// permits, which
+    /// a connection takes before it is accepted: one accepted as the
+    /// listeners closed, whose task has not registered it yet, is waited
+    /// for too (seen in a handover: such a connection was cut by the exit).
     pub async fn drained(&self, deadline: Duration) -> usize {
         let until = tokio::time::Instant::now() + deadline;
         let left = self.connections.drained(deadline).await;
@@ -757,9 +760,18 @@ fn tokio_listener(fd: OwnedFd) -> io::Result<TcpListener> {
     TcpListener::from_std(std::net::TcpListener::from(fd))
 }
 
+/// An accepted connection's permits less the one it took for an upstream
+/// socket it turned out not to need (its upstream is a tunnel stream).
+fn without_upstream(mut permit: OwnedSemaphorePermit) -> OwnedSemaphorePermit {
+    drop(permit.split(permit.num_permits().saturating_sub(1)));
+    permit
+}
+
 async fn accept_loop(listener: TcpListener, direction: Direction, pod: Arc<PodContext>) {
     loop {
-        let Ok(permit) = pod.permits.clone().acquire_owned().await else {
+        // Two descriptors: the connection, and its upstream should it be
+        // relayed to a socket of its own (a tunnel stream gives one back).
+        let Ok(permit) = pod.permits.clone().acquire_many_owned(2).await else {
             return;
         };
         match listener.accept().await {
@@ -881,6 +893,12 @@ async fn copy_plain(
             }) => Err(error),
         }
     };
+    if result.is_err() {
+        // Cut (idle, revoked, failed): both ends get a reset, never what
+        // looks like a clean end.
+        let _ = stream.set_zero_linger();
+        let _ = upstream.set_zero_linger();
+    }
     let (from_client, from_upstream) = (
         from_client.load(Ordering::Relaxed),
         from_upstream.load(Ordering::Relaxed),

@@ -55,11 +55,12 @@ pub struct Args {
     /// How long each runs (default: load 10, churn 5, fuzz 5 per target).
     #[arg(long)]
     minutes: Option<u64>,
-    /// Connections `idle` holds. (Past about half its open-file limit a
-    /// node proxy refuses new connections: with this machine's hard limit
-    /// of 20,000, which an unprivileged container cannot raise, that is
-    /// 9,744.)
-    #[arg(long, default_value_t = 9_000)]
+    /// Connections `idle` holds, each an HBONE stream, ten to a pooled
+    /// mTLS connection. (A node proxy's permits are its open-file limit
+    /// less an eighth: with this machine's hard limit of 20,000, which an
+    /// unprivileged container cannot raise, 17,500; the destination's
+    /// proxy takes one per stream and one per pooled connection.)
+    #[arg(long, default_value_t = 10_000)]
     connections: u32,
 }
 
@@ -84,9 +85,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         let data_dir = std::env::temp_dir().join(format!("mesh-soak-{scenario}"));
         // Idle: pooled tunnels close 5 s after their last stream, so the
-        // descriptors can be seen coming back.
+        // descriptors can be seen coming back; ten streams per pooled
+        // connection, so 10,000 streams make 1,000 connections.
         let node_args: &[&str] = if scenario == "idle" {
-            &["--tunnel-idle-timeout", "5s"]
+            &["--tunnel-idle-timeout", "5s", "--tunnel-max-streams", "10"]
         } else {
             &[]
         };

@@ -387,6 +387,7 @@ impl Clients {
             netns: pod.netns.clone(),
             mesh: mesh.clone(),
             local: false,
+            permits: pod.permits.clone(),
         };
         let app = Connector {
             local: true,
@@ -442,6 +443,8 @@ struct Connector {
     netns: NetnsThread,
     mesh: Arc<MeshPath>,
     local: bool,
+    /// The node's descriptors: a plain connection holds one.
+    permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl tower::Service<Uri> for Connector {
@@ -486,7 +489,12 @@ impl tower::Service<Uri> for Connector {
                     .map_err(|e| io::Error::new(io::ErrorKind::ConnectionRefused, e))?;
                     Upstream::Tunnel(TunnelIo::from(tunnel))
                 }
-                None => Upstream::Plain(dial(&connector.netns, address).await?),
+                None => {
+                    let permit = connector.permits.clone().try_acquire_owned().map_err(|_| {
+                        io::Error::other("the node is at its connection limit")
+                    })?;
+                    Upstream::Plain(dial(&connector.netns, address).await?, permit)
+                }
             };
             Ok(TokioIo::new(upstream))
         })
@@ -497,7 +505,8 @@ impl tower::Service<Uri> for Connector {
 #[derive(Debug)]
 enum Upstream {
     Tunnel(TunnelIo),
-    Plain(TcpStream),
+    /// With the descriptor permit it holds while open.
+    Plain(TcpStream, #[allow(dead_code)] tokio::sync::OwnedSemaphorePermit),
 }
 
 impl Connection for Upstream {
@@ -514,7 +523,7 @@ impl tokio::io::AsyncRead for Upstream {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Upstream::Tunnel(io) => Pin::new(io).poll_read(cx, buf),
-            Upstream::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            Upstream::Plain(io, _) => Pin::new(io).poll_read(cx, buf),
         }
     }
 }
@@ -527,21 +536,21 @@ impl tokio::io::AsyncWrite for Upstream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Upstream::Tunnel(io) => Pin::new(io).poll_write(cx, buf),
-            Upstream::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            Upstream::Plain(io, _) => Pin::new(io).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Upstream::Tunnel(io) => Pin::new(io).poll_flush(cx),
-            Upstream::Plain(io) => Pin::new(io).poll_flush(cx),
+            Upstream::Plain(io, _) => Pin::new(io).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Upstream::Tunnel(io) => Pin::new(io).poll_shutdown(cx),
-            Upstream::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            Upstream::Plain(io, _) => Pin::new(io).poll_shutdown(cx),
         }
     }
 }

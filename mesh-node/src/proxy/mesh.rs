@@ -24,7 +24,7 @@ use tokio::{
 
 use super::{
     Direction, NetnsThread, Outcome, PodContext, Security, canonical, connection_info, dial, lock,
-    relay, relay_until, reset,
+    relay, relay_until, reset, without_upstream,
 };
 use crate::{
     admin::{Holder, SharedTracked},
@@ -389,7 +389,8 @@ pub(super) async fn carry(
             };
             if let Some((service, protocol)) = http {
                 drop(directory);
-                let _permit = permit;
+                // Its upstream connections take their own permits.
+                let _permit = without_upstream(permit);
                 return super::http::serve(
                     stream,
                     client,
@@ -423,6 +424,7 @@ pub(super) async fn carry(
                         identity: directory.identity(address),
                         name: format!("{}/{}", address.namespace, address.name),
                     };
+                    let _permit = without_upstream(permit);
                     tunnel_out(stream, client, original_dst, workload, pod, mesh).await;
                 }
                 // A service's endpoint is in the mesh's registry, captured

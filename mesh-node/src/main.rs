@@ -497,7 +497,8 @@ async fn run(args: Args, workers: usize) -> anyhow::Result<()> {
         captured: _follower.as_ref().map(CaptureFollower::synced),
     };
     if let Some(proxy) = &proxy {
-        spawn_memory_trim(proxy.connections());
+        let proxy = proxy.clone();
+        spawn_memory_trim(move || proxy.permits_in_use());
     }
     let stopping = proxy.clone();
     let defaults = mesh_api::http_server::Limits::default();
@@ -755,16 +756,18 @@ fn join_mesh(
 /// Gives the memory a burst of connections used back to the system once
 /// they are gone: glibc keeps freed heap memory, and the idle soak saw a
 /// proxy stay at 154 MiB after 9,000 connections closed (16 MiB before).
-/// Every 2 s, once the open connections have fallen to half the most seen
-/// since the last trim, and by at least 256, `malloc_trim` returns what it
-/// can.
-fn spawn_memory_trim(connections: Arc<proxy::Connections>) {
+/// Every 2 s, once the descriptors connections hold (`in_use`: the
+/// connections, their upstreams and the tunnel connections, which outlive
+/// their last stream by the pool's idle timeout) have fallen to half the
+/// most seen since the last trim, and by at least 256, `malloc_trim`
+/// returns what it can.
+fn spawn_memory_trim(in_use: impl Fn() -> usize + Send + 'static) {
     tokio::spawn(async move {
         let mut peak = 0;
         let mut every = tokio::time::interval(std::time::Duration::from_secs(2));
         loop {
             every.tick().await;
-            let open = connections.open_count();
+            let open = in_use();
             peak = std::cmp::max(peak, open);
             if peak >= open + 256 && open <= peak / 2 {
                 trim_heap();

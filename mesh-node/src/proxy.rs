@@ -469,6 +469,13 @@ impl Proxy {
         self
     }
 
+    /// Connection permits held: descriptors carried connections, their
+    /// upstreams and the tunnel connections hold.
+    pub fn permits_in_use(&self) -> usize {
+        self.max_connections
+            .saturating_sub(self.permits.available_permits())
+    }
+
     /// The connections table the admin endpoint shows.
     pub fn connections(&self) -> Arc<Connections> {
         self.connections.clone()

@@ -17,7 +17,7 @@
 //!   long version of the 15 s each `cargo xtask test` gives them. Passes
 //!   when none finds a failure (a failing input is kept under
 //!   `fuzz/artifacts/`).
-//! - `idle`: 9,000 connections from the client pod to an echo server on
+//! - `idle`: 10,000 connections from the client pod to an echo server on
 //!   the other node, each round-tripped once and then held: HBONE streams
 //!   over the pooled tunnel connections. Reports each proxy's memory and
 //!   descriptors per held connection; passes when every connection opened
@@ -74,6 +74,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => SCENARIOS.to_vec(),
     };
     if chosen.iter().any(|scenario| *scenario != "fuzz") {
+        // The mesh the benchmarks run, and so their servers (iperf3,
+        // nghttpd) too.
+        crate::setup::bench_tools()?;
         datapath::build()?;
     }
     let mut failed = Vec::new();
@@ -468,18 +471,9 @@ fn idle(setup: &Setup, connections: u32) -> anyhow::Result<(bool, String, String
     step(&format!(
         "soak: {connections} idle connections through the mesh, held"
     ));
-    let mut echo = setup
-        .cluster
-        .pod_command("shop/server", release_bin("mesh-pod"))?;
-    echo.args(["echo", "--listen", "[::]:7000"]);
-    let (_echo, _) = mesh_e2e::process::Process::spawn_ready(
-        "echo",
-        echo,
-        "listening",
-        Duration::from_secs(30),
-    )?;
+    // The set-up's echo server (the benchmarks' too).
     let server = setup.cluster.pod("shop/server")?.ip4;
-    let to = SocketAddr::from((server, 7000)).to_string();
+    let to = SocketAddr::from((server, datapath::ECHO_PORT)).to_string();
     let pooled = |node: usize| -> anyhow::Result<u64> {
         Ok(
             mesh_e2e::http::metric(setup.admins[node], "mesh_tunnel_pooled_connections")?
@@ -569,8 +563,9 @@ fn idle(setup: &Setup, connections: u32) -> anyhow::Result<(bool, String, String
          | descriptors per held connection | {:.2} | {:.2} |\n\n\
          Passes when every connection opened and, once they closed, each proxy's\n\
          descriptors came back within 8 of where they were. RSS after closing:\n\
-         {:.1} / {:.1} MiB (a proxy gives freed memory back with `malloc_trim` once its\n\
-         connections fall to half their peak; the `load` scenario watches growth over time).\n\n\
+         {:.1} / {:.1} MiB (a proxy gives freed memory back with `malloc_trim` once the\n\
+         descriptors its connections hold, pooled tunnels included, fall to half their\n\
+         peak; the `load` scenario watches growth over time).\n\n\
          Machine: {}. Reproduce: `cargo xtask soak idle [--connections N]` (root).",
         if released { "**Passed**" } else { "**Failed**" },
         opened_in.as_secs_f64(),

@@ -10,6 +10,7 @@ use std::{
     process::Command,
     sync::{
         Arc,
+        Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::{self, JoinHandle},
@@ -32,7 +33,10 @@ pub struct LinkDelay {
     rules: Vec<(String, Vec<String>)>,
     stop: Arc<AtomicBool>,
     delayed: Arc<AtomicU64>,
-    threads: Vec<JoinHandle<io::Result<()>>>,
+    /// Why a thread stopped before it was told to: from then on its
+    /// namespace's packets are dropped, not delayed.
+    failure: Arc<Mutex<Option<String>>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl LinkDelay {
@@ -44,6 +48,7 @@ impl LinkDelay {
             rules: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
             delayed: Arc::new(AtomicU64::new(0)),
+            failure: Arc::default(),
             threads: Vec::new(),
         };
         for name in namespaces {
@@ -60,10 +65,16 @@ impl LinkDelay {
                 Ok(queue)
             })?;
             let (stop, delayed) = (this.stop.clone(), this.delayed.clone());
+            let (failure, netns) = (this.failure.clone(), name.clone());
             this.threads.push(
                 thread::Builder::new()
                     .name(format!("delay-{name}"))
-                    .spawn(move || serve(queue, delay, &stop, &delayed))?,
+                    .spawn(move || {
+                        if let Err(error) = serve(queue, delay, &stop, &delayed) {
+                            let mut failure = failure.lock().unwrap_or_else(|e| e.into_inner());
+                            failure.get_or_insert(format!("delaying in {netns}: {error}"));
+                        }
+                    })?,
             );
             for tool in ["iptables", "ip6tables"] {
                 let rule: Vec<String> = [
@@ -92,6 +103,14 @@ impl LinkDelay {
     pub fn delayed(&self) -> u64 {
         self.delayed.load(Ordering::Relaxed)
     }
+
+    /// Why delaying stopped early, if it did (the link then drops).
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 impl Drop for LinkDelay {
@@ -106,11 +125,12 @@ impl Drop for LinkDelay {
         }
         self.stop.store(true, Ordering::Relaxed);
         for thread in self.threads.drain(..) {
-            match thread.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => eprintln!("delay thread: {error}"),
-                Err(_) => eprintln!("delay thread panicked"),
+            if thread.join().is_err() {
+                eprintln!("delay thread panicked");
             }
+        }
+        if let Some(failure) = self.failure() {
+            eprintln!("{failure}");
         }
     }
 }

@@ -7,7 +7,7 @@
 use std::{
     net::SocketAddr,
     path::Path,
-    process::Command,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -439,6 +439,8 @@ fn a_seal_key_seals_the_cas_secret_files_and_is_needed_from_then_on() {
     make_key(&seal_key);
     let with_key = |key: Option<&Path>| {
         let mut command = Command::new(&binary);
+        // Only the flag says which key, whatever the environment holds.
+        command.env_remove("MESH_SEAL_KEY_FILE");
         if let Some(key) = key {
             command.arg("--seal-key-file").arg(key);
         }
@@ -494,7 +496,7 @@ fn a_seal_key_seals_the_cas_secret_files_and_is_needed_from_then_on() {
         (None, "no seal key is configured"),
         (Some(other_key.as_path()), "does not open with the seal key"),
     ] {
-        let output = with_key(key)
+        let mut child = with_key(key)
             .arg("--data-dir")
             .arg(&data_dir)
             .args([
@@ -504,8 +506,21 @@ fn a_seal_key_seals_the_cas_secret_files_and_is_needed_from_then_on() {
                 "--grpc-listen",
                 "127.0.0.1:0",
             ])
-            .output()
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
             .unwrap();
+        // A control plane that does start serves until stopped.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("it started with seal key {key:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let output = child.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{stderr}");
         assert!(stderr.contains(expected), "{stderr}");

@@ -9,8 +9,7 @@ use std::{
     io,
     process::Command,
     sync::{
-        Arc,
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::{self, JoinHandle},
@@ -66,16 +65,17 @@ impl LinkDelay {
             })?;
             let (stop, delayed) = (this.stop.clone(), this.delayed.clone());
             let (failure, netns) = (this.failure.clone(), name.clone());
-            this.threads.push(
-                thread::Builder::new()
-                    .name(format!("delay-{name}"))
-                    .spawn(move || {
-                        if let Err(error) = serve(queue, delay, &stop, &delayed) {
-                            let mut failure = failure.lock().unwrap_or_else(|e| e.into_inner());
-                            failure.get_or_insert(format!("delaying in {netns}: {error}"));
-                        }
-                    })?,
-            );
+            this.threads
+                .push(
+                    thread::Builder::new()
+                        .name(format!("delay-{name}"))
+                        .spawn(move || {
+                            if let Err(error) = serve(queue, delay, &stop, &delayed) {
+                                let mut failure = failure.lock().unwrap_or_else(|e| e.into_inner());
+                                failure.get_or_insert(format!("delaying in {netns}: {error}"));
+                            }
+                        })?,
+                );
             for tool in ["iptables", "ip6tables"] {
                 let rule: Vec<String> = [
                     "POSTROUTING",

@@ -2974,7 +2974,9 @@ fn silent_tcp_connections_are_refused_when_strict_and_reaped_once_idle() {
     let talker = |pod: &str| {
         let mut talking = mesh.cluster.pod_command(pod, MESH_POD).unwrap();
         talking.args(["connect", "--to", &to, "--hold"]);
-        Process::spawn_ready(pod, talking, "connected", READY).unwrap().0
+        Process::spawn_ready(pod, talking, "connected", READY)
+            .unwrap()
+            .0
     };
     let mut talking = [talker("legacy/client"), talker("shop/frontend")];
     let talk = |talking: &mut [Process; 2]| {

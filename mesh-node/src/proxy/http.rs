@@ -490,9 +490,11 @@ impl tower::Service<Uri> for Connector {
                     Upstream::Tunnel(TunnelIo::from(tunnel))
                 }
                 None => {
-                    let permit = connector.permits.clone().try_acquire_owned().map_err(|_| {
-                        io::Error::other("the node is at its connection limit")
-                    })?;
+                    let permit = connector
+                        .permits
+                        .clone()
+                        .try_acquire_owned()
+                        .map_err(|_| io::Error::other("the node is at its connection limit"))?;
                     Upstream::Plain(dial(&connector.netns, address).await?, permit)
                 }
             };
@@ -506,7 +508,10 @@ impl tower::Service<Uri> for Connector {
 enum Upstream {
     Tunnel(TunnelIo),
     /// With the descriptor permit it holds while open.
-    Plain(TcpStream, #[allow(dead_code)] tokio::sync::OwnedSemaphorePermit),
+    Plain(
+        TcpStream,
+        #[allow(dead_code)] tokio::sync::OwnedSemaphorePermit,
+    ),
 }
 
 impl Connection for Upstream {

@@ -161,14 +161,14 @@ async fn main() -> anyhow::Result<()> {
     let database_url = cli
         .database_url
         .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", data_dir.join("mesh.db").display()));
-    match cli.command {
+    let serving = match cli.command {
         Some(Command::Init) => {
             let ca_files = ca_files(&data_dir, cli.seal_key_file.as_deref())?;
             init(&data_dir, &cli.trust_domain, &database_url, &ca_files).await?;
-            Ok(())
+            return Ok(());
         }
         // Handled above: it needs no data directory.
-        Some(Command::SealKey { .. }) => Ok(()),
+        Some(Command::SealKey { .. }) => return Ok(()),
         Some(Command::Migrate) => {
             let store = Store::open(&database_url).await?;
             println!(
@@ -176,7 +176,7 @@ async fn main() -> anyhow::Result<()> {
                 store.backend().name(),
                 store.revision().await?
             );
-            Ok(())
+            return Ok(());
         }
         Some(Command::Serve {
             listen,
@@ -195,7 +195,7 @@ async fn main() -> anyhow::Result<()> {
                 },
                 ..GrpcConfig::default()
             };
-            let serving = Serving {
+            Serving {
                 listen,
                 grpc_listen,
                 grpc,
@@ -203,38 +203,27 @@ async fn main() -> anyhow::Result<()> {
                 service_ranges: service_cidr,
                 http_header_timeout,
                 kubernetes,
-            };
-            let ca_files = ca_files(&data_dir, cli.seal_key_file.as_deref())?;
-            serve(
-                &data_dir,
-                &cli.trust_domain,
-                &database_url,
-                &ca_files,
-                serving,
-            )
-            .await
+            }
         }
-        None => {
-            let serving = Serving {
-                listen: "127.0.0.1:15100".parse()?,
-                grpc_listen: "127.0.0.1:15012".parse()?,
-                grpc: GrpcConfig::default(),
-                certificate_ttl: mesh_identity::ca::DEFAULT_TTL,
-                service_ranges: ServiceRanges::default(),
-                http_header_timeout: std::time::Duration::from_secs(10),
-                kubernetes: false,
-            };
-            let ca_files = ca_files(&data_dir, cli.seal_key_file.as_deref())?;
-            serve(
-                &data_dir,
-                &cli.trust_domain,
-                &database_url,
-                &ca_files,
-                serving,
-            )
-            .await
-        }
-    }
+        None => Serving {
+            listen: "127.0.0.1:15100".parse()?,
+            grpc_listen: "127.0.0.1:15012".parse()?,
+            grpc: GrpcConfig::default(),
+            certificate_ttl: mesh_identity::ca::DEFAULT_TTL,
+            service_ranges: ServiceRanges::default(),
+            http_header_timeout: std::time::Duration::from_secs(10),
+            kubernetes: false,
+        },
+    };
+    let ca_files = ca_files(&data_dir, cli.seal_key_file.as_deref())?;
+    serve(
+        &data_dir,
+        &cli.trust_domain,
+        &database_url,
+        &ca_files,
+        serving,
+    )
+    .await
 }
 
 /// Aborts a background task when dropped.

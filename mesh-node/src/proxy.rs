@@ -668,6 +668,11 @@ impl Proxy {
     /// others are applied regardless.
     pub async fn sync(&self, desired: Vec<PodSpec>) -> Vec<(String, PodError)> {
         let mut errors = Vec::new();
+        // Stopped accepting (draining): the pods stay as they are, pinned
+        // for the next run, and none gets listeners again.
+        if *self.stopping.borrow() {
+            return errors;
+        }
         let current: BTreeMap<String, PodSpec> = lock(&self.pods)
             .iter()
             .map(|(name, entry)| (name.clone(), entry.spec.clone()))
@@ -705,14 +710,26 @@ impl Proxy {
     /// Waits until every connection has ended, or `deadline` passes; how
     /// many were still open (or, when more, how many permits were still
     /// held: a connection holds one per descriptor). Counted by their
-    /// permits, which
-    /// a connection takes before it is accepted: one accepted as the
-    /// listeners closed, whose task has not registered it yet, is waited
-    /// for too (seen in a handover: such a connection was cut by the exit).
+    /// permits, which a connection takes before it is accepted: one
+    /// accepted as the listeners closed, whose task has not registered it
+    /// yet, is waited for too (seen in a handover: such a connection was
+    /// cut by the exit).
     pub async fn drained(&self, deadline: Duration) -> usize {
         let until = tokio::time::Instant::now() + deadline;
         let left = self.connections.drained(deadline).await;
-        let held = || self.max_connections - self.permits.available_permits();
+        // Pooled tunnel connections hold a permit each, and are not waited
+        // for: with their streams gone they carry nothing (the pool counts
+        // one only once its permit is taken, and stops before giving the
+        // permit back, so this never counts too few).
+        let pooled = || {
+            self.mesh.as_ref().map_or(0, |mesh| {
+                mesh.pool
+                    .stats()
+                    .pooled_connections
+                    .load(Ordering::Relaxed) as usize
+            })
+        };
+        let held = || self.permits_in_use().saturating_sub(pooled());
         while held() > 0 && tokio::time::Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -673,7 +673,7 @@ pub fn render_traffic_metrics(
         &'static str,
         fn(&Traffic) -> u64,
     );
-    let series: [Series; 4] = [
+    let series: [Series; 5] = [
         (
             "mesh_tcp_connections_opened_total",
             "counter",
@@ -697,6 +697,12 @@ pub fn render_traffic_metrics(
             "counter",
             "Bytes delivered to the pod's application.",
             |t| t.received,
+        ),
+        (
+            "mesh_tcp_idle_timeouts_total",
+            "counter",
+            "TCP connections closed because no byte moved either way for --tcp-idle-timeout.",
+            |t| t.idle_closed,
         ),
     ];
     for (name, kind, help, value) in series {

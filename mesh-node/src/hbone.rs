@@ -679,12 +679,28 @@ pub async fn idle_for(timeout: Option<Duration>, moved: impl Fn() -> u64) -> io:
         tokio::time::sleep(timeout).await;
         let now = moved();
         if now == last {
-            return io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no byte moved either way for {timeout:?}"),
-            );
+            return io::Error::new(io::ErrorKind::TimedOut, IdleTimeout(timeout));
         }
         last = now;
+    }
+}
+
+/// Why [`idle_for`] ended a connection: nothing moved for this long.
+#[derive(Debug)]
+pub struct IdleTimeout(pub Duration);
+
+impl std::fmt::Display for IdleTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no byte moved either way for {:?}", self.0)
+    }
+}
+
+impl std::error::Error for IdleTimeout {}
+
+impl IdleTimeout {
+    /// Whether `error` is a connection's idle timeout.
+    pub fn is(error: &io::Error) -> bool {
+        error.get_ref().is_some_and(|inner| inner.is::<Self>())
     }
 }
 
@@ -1049,6 +1065,35 @@ mod tests {
         let d = client.open("2", 80).await.unwrap();
         assert!(!d.reused);
         assert_eq!(client.handshakes(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_idle_only_after_a_whole_timeout_without_a_byte() {
+        let timeout = Duration::from_secs(10);
+        let moved = AtomicU64::new(0);
+        // A byte every 5 s for 25 s, then silence.
+        let talking = async {
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                moved.fetch_add(1, Ordering::Relaxed);
+            }
+            std::future::pending::<()>().await;
+        };
+        let started = tokio::time::Instant::now();
+        let error = tokio::select! {
+            error = idle_for(Some(timeout), || moved.load(Ordering::Relaxed)) => error,
+            () = talking => unreachable!(),
+        };
+        let silent_for = started.elapsed() - Duration::from_secs(25);
+        assert!(
+            silent_for >= timeout && silent_for <= 2 * timeout,
+            "{silent_for:?}"
+        );
+        assert!(IdleTimeout::is(&error), "{error}");
+        assert!(!IdleTimeout::is(&io::Error::from(io::ErrorKind::TimedOut)));
+        // No timeout: never.
+        let never = tokio::time::timeout(Duration::from_secs(86_400), idle_for(None, || 0));
+        assert!(never.await.is_err());
     }
 
     #[tokio::test]

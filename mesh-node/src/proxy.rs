@@ -198,6 +198,8 @@ pub struct Traffic {
     pub sent: u64,
     /// To the pod's application.
     pub received: u64,
+    /// Closed by the TCP idle timeout.
+    pub idle_closed: u64,
 }
 
 /// The proxy's live connections and counts, shared with the admin endpoint.
@@ -304,6 +306,9 @@ impl OpenConnection {
             let entry = traffic.entry(self.key.clone()).or_default();
             entry.sent += sent;
             entry.received += received;
+            if result.as_ref().is_err_and(crate::hbone::IdleTimeout::is) {
+                entry.idle_closed += 1;
+            }
         }
         let info = lock(&self.connections.open).get(&self.id).cloned();
         if let Some(info) = info {

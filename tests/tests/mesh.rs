@@ -2934,7 +2934,9 @@ fn requests_complete_within_their_timeout_over_a_slow_lossy_link() {
 /// application, which has no timeout of its own (an echo server); the
 /// proxy closes each once nothing has moved for its TCP idle timeout (3 s
 /// here, 1 h by default), as it does silent connections a captured pod
-/// opens through a tunnel, while a connection that keeps talking stays.
+/// opens through a tunnel and a silent upgraded (WebSocket-style)
+/// connection through the HTTP path, while a connection that keeps
+/// talking stays.
 #[test]
 fn silent_tcp_connections_are_refused_when_strict_and_reaped_once_idle() {
     const IDLE: Duration = Duration::from_secs(3);
@@ -2999,9 +3001,47 @@ fn silent_tcp_connections_are_refused_when_strict_and_reaped_once_idle() {
     // Never before a whole timeout without a byte.
     let reaped = opened.elapsed();
     assert!(reaped >= IDLE, "{reaped:?}");
+    // Counted as idle: the plaintext ones at reviews' proxy; each
+    // tunnelled one at whichever end's timer ran out first (the other end
+    // sees a reset).
+    let idle = |node: usize, labels: &[&str]| {
+        mesh.metric_sum(node, "mesh_tcp_idle_timeouts_total", labels)
+    };
+    assert_eq!(
+        idle(1, &["pod=\"shop/reviews\"", "security=\"plaintext\""]),
+        50
+    );
+    let tunnelled = idle(0, &["pod=\"shop/frontend\""])
+        + idle(1, &["pod=\"shop/reviews\"", "security=\"mtls\""]);
+    assert!((50..=100).contains(&tunnelled), "{tunnelled}");
+    // A WebSocket-style upgraded connection through the HTTP path that goes
+    // silent is closed too (its two proxies each have a timer: whichever
+    // runs out first counts it).
+    mesh.apply(
+        "apiVersion: mesh.io/v1\nkind: Service\nmetadata: {name: reviews, namespace: shop}\n\
+         spec: {vip: 10.96.0.10, ports: [{port: 80, target_port: 8080, protocol: http}]}\n",
+    );
+    let all_idle = || idle(0, &[]) + idle(1, &[]);
+    let before = all_idle();
+    let mut upgraded = mesh.cluster.pod_command("shop/frontend", MESH_POD).unwrap();
+    upgraded.args(["upgrade", "--to", "10.96.0.10:80", "--hold"]);
+    let (mut upgraded, first) = Process::spawn_ready("upgraded", upgraded, "{", READY).unwrap();
+    let opened = Instant::now();
+    assert!(first.contains("\"echoed\":\"ping\""), "{first}");
+    wait_until("the silent upgraded connection is reaped", || {
+        talk(&mut talking);
+        std::thread::sleep(Duration::from_secs(1));
+        all_idle() > before
+    });
+    assert!(opened.elapsed() >= IDLE, "{:?}", opened.elapsed());
+    assert!(all_idle() - before <= 2);
+    upgraded.send_line("after").unwrap();
+    let answer = upgraded.wait_for_line("", READY).unwrap();
+    assert!(answer.starts_with("failed"), "{answer}");
     talk(&mut talking);
     eprintln!(
-        "15006: 50 silent plaintext connections refused at once while strict; permissive, 50 plaintext and 50 tunnelled ones reaped {reaped:?} after opening (idle timeout {IDLE:?}); a talking one of each kept"
+        "15006: 50 silent plaintext connections refused at once while strict; permissive, 50 plaintext and 50 tunnelled ones reaped {reaped:?} after opening (idle timeout {IDLE:?}); a talking one of each kept; a silent upgraded one reaped after {:?}",
+        opened.elapsed()
     );
 }
 

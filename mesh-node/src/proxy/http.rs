@@ -645,7 +645,7 @@ pub(super) async fn serve(
         client,
         original_dst,
     ));
-    let handoffs = Handoffs::default();
+    let handoffs = Handoffs::new(pod.tcp_idle_timeout);
     let route = Arc::new(Route {
         pod: pod.clone(),
         mesh: mesh.clone(),
@@ -800,7 +800,7 @@ pub(super) async fn serve_inbound(
     pod: &Arc<PodContext>,
     mesh: &Arc<MeshPath>,
 ) -> io::Result<()> {
-    let handoffs = Handoffs::default();
+    let handoffs = Handoffs::new(pod.tcp_idle_timeout);
     let inbound = Arc::new(Inbound {
         pod: pod.clone(),
         mesh: mesh.clone(),
@@ -1848,13 +1848,20 @@ impl Upgrade {
             return;
         }
         let upstream = hyper::upgrade::on(response);
+        let idle = handoffs.idle;
         let joined = tokio::spawn(async move {
             let (client, upstream) =
                 tokio::try_join!(self.client, upstream).map_err(io::Error::other)?;
-            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-            tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+            // Counted on the client's side, for the idle timeout.
+            let tally = Arc::new(IoTally::default());
+            let mut client = Tallied::new(TokioIo::new(client), tally.clone());
+            let mut upstream = TokioIo::new(upstream);
+            tokio::select! {
+                moved = tokio::io::copy_bidirectional(&mut client, &mut upstream) => moved,
+                error = crate::hbone::idle_for(idle, || tally.read() + tally.written()) => Err(error),
+            }
         });
-        super::lock(&handoffs.0).push(Spliced(joined));
+        super::lock(&handoffs.spliced).push(Spliced(joined));
     }
 }
 
@@ -1862,9 +1869,12 @@ impl Upgrade {
 /// its own: it waits for them before it counts as closed, so they hold
 /// its connection slot and its place in the policy re-checks, and they
 /// are cut when it is (a policy change that no longer allows the caller,
-/// a drain).
-#[derive(Clone, Debug, Default)]
-pub(super) struct Handoffs(Arc<Mutex<Vec<Spliced>>>);
+/// a drain), or when nothing moves either way for the TCP idle timeout.
+#[derive(Clone, Debug)]
+pub(super) struct Handoffs {
+    spliced: Arc<Mutex<Vec<Spliced>>>,
+    idle: Option<Duration>,
+}
 
 /// A joined pair of upgraded connections: (bytes client → upstream,
 /// upstream → client) when both closed. Aborted when dropped.
@@ -1878,10 +1888,17 @@ impl Drop for Spliced {
 }
 
 impl Handoffs {
+    fn new(idle: Option<Duration>) -> Self {
+        Self {
+            spliced: Arc::default(),
+            idle,
+        }
+    }
+
     /// Waits for every handed-off connection to close: the bytes they
     /// carried each way, or the first error.
     async fn finish(&self) -> io::Result<(u64, u64)> {
-        let spliced = std::mem::take(&mut *super::lock(&self.0));
+        let spliced = std::mem::take(&mut *super::lock(&self.spliced));
         let mut moved = (0, 0);
         for mut pair in spliced {
             let (sent, received) = (&mut pair.0)

@@ -728,10 +728,7 @@ impl Proxy {
         // permit back, so this never counts too few).
         let pooled = || {
             self.mesh.as_ref().map_or(0, |mesh| {
-                mesh.pool
-                    .stats()
-                    .pooled_connections
-                    .load(Ordering::Relaxed) as usize
+                mesh.pool.stats().pooled_connections.load(Ordering::Relaxed) as usize
             })
         };
         let held = || self.permits_in_use().saturating_sub(pooled());

@@ -193,7 +193,16 @@ impl CaptureFollower {
                         }
                     }
                 }
+                // Draining: the pods stay exactly as they are, pinned for
+                // the next run; none is captured again or released (a pass
+                // would count as clean and prune what it does not own).
+                if proxy.is_stopping() {
+                    return;
+                }
                 let errors = proxy.sync(desired).await;
+                if proxy.is_stopping() {
+                    return;
+                }
                 for (pod, error) in &errors {
                     problems.insert(pod.clone(), error_chain(error));
                 }

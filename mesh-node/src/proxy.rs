@@ -629,7 +629,16 @@ impl Proxy {
             ));
         }
         self.connections.capture(&spec.name);
-        lock(&self.pods).insert(
+        let mut pods = lock(&self.pods);
+        // Stopped accepting while this was being set up: no listeners
+        // again (dropping them aborts their accept loops); the pod stays
+        // pinned for the next run, like the others.
+        if self.is_stopping() {
+            drop(pods);
+            drop(accept);
+            return Ok(());
+        }
+        pods.insert(
             spec.name.clone(),
             PodEntry {
                 spec,
@@ -673,11 +682,6 @@ impl Proxy {
     /// others are applied regardless.
     pub async fn sync(&self, desired: Vec<PodSpec>) -> Vec<(String, PodError)> {
         let mut errors = Vec::new();
-        // Stopped accepting (draining): the pods stay as they are, pinned
-        // for the next run, and none gets listeners again.
-        if *self.stopping.borrow() {
-            return errors;
-        }
         let current: BTreeMap<String, PodSpec> = lock(&self.pods)
             .iter()
             .map(|(name, entry)| (name.clone(), entry.spec.clone()))
@@ -736,6 +740,12 @@ impl Proxy {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         left.max(held())
+    }
+
+    /// Whether [`Proxy::stop_accepting`] was called: the proxy is
+    /// draining, and its pods are left as they are for the next run.
+    pub fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
     }
 
     /// Stops accepting in every pod without releasing any: the pods stay

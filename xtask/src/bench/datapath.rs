@@ -893,8 +893,10 @@ fn report(figures: &[Figures], scale: Scale) -> anyhow::Result<super::Report> {
          Boxing each request's future, so that hyper moves a pointer, left both\n   \
          the profile and the throughput as they were in alternating A/B runs, and\n   \
          was not kept. In bulk the sending proxy copies more than it encrypts\n   \
-         (`memmove` 14 %, AES-GCM 12.5 %): one of its copies, read buffer to\n   \
-         frame, could go; not done.\n\n\
+         (`memmove` 14 %, AES-GCM 12.5 %): the copy from read buffer to frame\n   \
+         is gone since 2026-11-28 (a read is frozen into the frame as it is);\n   \
+         the one run after it moved bulk from 0.35× to 0.41× direct, within\n   \
+         this machine's run-to-run spread, so not proven by itself.\n\n\
          The c=64 load found a defect, fixed: with more requests in flight to one\n\
          upstream than its pool kept idle (32), the proxy opened and closed a\n\
          connection per request, and the TIME_WAIT sockets left in the pod made\n\

@@ -34,6 +34,7 @@ use serde::Serialize;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
+    sync::OwnedSemaphorePermit,
     time::Instant,
 };
 
@@ -248,12 +249,19 @@ impl Pool {
     /// pooled connection for `key`, establishing one with `dial` and `tls`
     /// when none has room. A connection that turns out to be closing
     /// (GOAWAY) is dropped and the stream retried once on a fresh one.
+    ///
+    /// `spare`, a permit the caller already holds for an upstream
+    /// descriptor, is what a new connection holds; it is given back when
+    /// the stream rides an existing one. Without it a new connection takes
+    /// a permit of its own, and is refused when none is left.
+    #[allow(clippy::too_many_arguments)]
     pub async fn open<D, F>(
         &self,
         key: &PoolKey,
         certificate: &str,
         target: SocketAddr,
         traceparent: &str,
+        mut spare: Option<OwnedSemaphorePermit>,
         dial: D,
         tls: impl Fn() -> Result<Arc<ClientConfig>, TunnelError>,
     ) -> Result<Tunnel, TunnelError>
@@ -264,7 +272,9 @@ impl Pool {
         let slot = lock(&self.slots).entry(key.clone()).or_default().clone();
         let mut retried = false;
         loop {
-            let (connection, reused) = self.checkout(&slot, key, certificate, &dial, &tls).await?;
+            let (connection, reused) = self
+                .checkout(&slot, key, certificate, &mut spare, &dial, &tls)
+                .await?;
             let guard = StreamGuard(connection.clone());
             match connect_stream(&connection.send, target, traceparent).await {
                 Ok((send, recv)) => {
@@ -299,6 +309,7 @@ impl Pool {
         slot: &Slot,
         key: &PoolKey,
         certificate: &str,
+        spare: &mut Option<OwnedSemaphorePermit>,
         dial: &D,
         tls: &impl Fn() -> Result<Arc<ClientConfig>, TunnelError>,
     ) -> Result<(Arc<Connection>, bool), TunnelError>
@@ -323,7 +334,10 @@ impl Pool {
                 return Ok((connection.clone(), true));
             }
         }
-        let connection = match self.establish(key, certificate, dial, tls).await {
+        let connection = match self
+            .establish(key, certificate, spare.take(), dial, tls)
+            .await
+        {
             Ok(connection) => connection,
             Err(error) => {
                 bump(&self.stats.client_handshake_failures);
@@ -339,6 +353,7 @@ impl Pool {
         &self,
         key: &PoolKey,
         certificate: &str,
+        spare: Option<OwnedSemaphorePermit>,
         dial: &D,
         tls: &impl Fn() -> Result<Arc<ClientConfig>, TunnelError>,
     ) -> Result<Arc<Connection>, TunnelError>
@@ -348,14 +363,15 @@ impl Pool {
     {
         let address = key.address;
         let config = tls()?;
-        let permit = match self.permits.get() {
-            Some(permits) => Some(permits.clone().try_acquire_owned().map_err(|_| {
+        let permit = match (spare, self.permits.get()) {
+            (Some(spare), _) => Some(spare),
+            (None, Some(permits)) => Some(permits.clone().try_acquire_owned().map_err(|_| {
                 TunnelError::Connect(
                     address,
                     io::Error::other("the node is at its connection limit"),
                 )
             })?),
-            None => None,
+            (None, None) => None,
         };
         let handshake = async {
             let tcp = dial().await.map_err(|e| TunnelError::Connect(address, e))?;
@@ -1026,6 +1042,15 @@ mod tests {
         }
 
         async fn open(&self, serial: &str, port: u16) -> Result<Tunnel, TunnelError> {
+            self.open_with(serial, port, None).await
+        }
+
+        async fn open_with(
+            &self,
+            serial: &str,
+            port: u16,
+            spare: Option<OwnedSemaphorePermit>,
+        ) -> Result<Tunnel, TunnelError> {
             let address = self.key.address;
             self.pool
                 .open(
@@ -1033,6 +1058,7 @@ mod tests {
                     serial,
                     SocketAddr::from(([10, 0, 0, 1], port)),
                     &new_traceparent(),
+                    spare,
                     || TcpStream::connect(address),
                     || Ok(self.config.clone()),
                 )
@@ -1074,6 +1100,44 @@ mod tests {
         let d = client.open("2", 80).await.unwrap();
         assert!(!d.reused);
         assert_eq!(client.handshakes(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_new_connection_holds_the_callers_spare_permit() {
+        let ca = ca();
+        let server = server(&ca).await;
+        let client = Client::new(&ca, server, PoolSettings::default());
+        let permits = Arc::new(tokio::sync::Semaphore::new(2));
+        client.pool.share_permits(permits.clone());
+        // An accepted connection took the last two permits: its own and
+        // one for an upstream, which the new pooled connection holds.
+        let mut first = permits.clone().try_acquire_many_owned(2).unwrap();
+        let spare = first.split(1);
+        let a = client.open_with("1", 80, spare).await.unwrap();
+        assert!(!a.reused);
+        assert_eq!(permits.available_permits(), 0);
+        // The next one rides that connection and gives its spare back.
+        drop(first);
+        let spare = permits.clone().try_acquire_owned().ok();
+        let b = client.open_with("1", 80, spare).await.unwrap();
+        assert!(b.reused);
+        assert_eq!(permits.available_permits(), 1);
+        // Without a spare, a new connection takes a permit of its own, and
+        // is refused when there is none.
+        let _last = permits.clone().try_acquire_owned().unwrap();
+        let Err(refused) = client.open("2", 80).await else {
+            panic!("a connection was opened past the limit");
+        };
+        assert!(
+            matches!(&refused, TunnelError::Connect(_, e) if e.to_string().contains("connection limit")),
+            "{refused:?}"
+        );
+        drop(_last);
+        let c = client.open("2", 80).await.unwrap();
+        assert!(!c.reused);
+        assert_eq!(permits.available_permits(), 0);
+        // The connections give theirs back once closed.
+        drop((a, b, c));
     }
 
     #[tokio::test(start_paused = true)]

@@ -799,8 +799,18 @@ fn tokio_listener(fd: OwnedFd) -> io::Result<TcpListener> {
 /// An accepted connection's permits less the one it took for an upstream
 /// socket it turned out not to need (its upstream is a tunnel stream).
 fn without_upstream(mut permit: OwnedSemaphorePermit) -> OwnedSemaphorePermit {
-    drop(permit.split(permit.num_permits().saturating_sub(1)));
+    drop(upstream_permit(&mut permit));
     permit
+}
+
+/// Splits off the permit an accepted connection took for its upstream
+/// socket, so that it goes wherever that descriptor is opened; `None` when
+/// the connection holds only its own.
+fn upstream_permit(permit: &mut OwnedSemaphorePermit) -> Option<OwnedSemaphorePermit> {
+    match permit.num_permits() {
+        0 | 1 => None,
+        held => permit.split(held - 1),
+    }
 }
 
 async fn accept_loop(listener: TcpListener, direction: Direction, pod: Arc<PodContext>) {

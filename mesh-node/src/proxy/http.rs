@@ -483,6 +483,8 @@ impl tower::Service<Uri> for Connector {
                         &connector.mesh,
                         &target,
                         &trace,
+                        // A new pooled connection takes a permit of its own.
+                        None,
                     )
                     .await
                     // `refused_by_policy` finds the tunnel error inside.

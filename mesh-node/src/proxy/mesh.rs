@@ -24,7 +24,7 @@ use tokio::{
 
 use super::{
     Direction, NetnsThread, Outcome, PodContext, Security, canonical, connection_info, dial, lock,
-    relay, relay_until, reset, without_upstream,
+    relay, relay_until, reset, upstream_permit, without_upstream,
 };
 use crate::{
     admin::{Holder, SharedTracked},
@@ -424,8 +424,7 @@ pub(super) async fn carry(
                         identity: directory.identity(address),
                         name: format!("{}/{}", address.namespace, address.name),
                     };
-                    let _permit = without_upstream(permit);
-                    tunnel_out(stream, client, original_dst, workload, pod, mesh).await;
+                    tunnel_out(stream, client, original_dst, workload, pod, mesh, permit).await;
                 }
                 // A service's endpoint is in the mesh's registry, captured
                 // or not.
@@ -544,13 +543,15 @@ fn current_serial(state: &watch::Receiver<CertState>) -> String {
 }
 
 /// Opens a tunnel stream from the workload `pod` (dialling from inside
-/// its namespace, presenting its certificate) to `target`.
+/// its namespace, presenting its certificate) to `target`. A new pooled
+/// connection holds `spare` if given (see [`hbone::Pool::open`]).
 pub(super) async fn open_tunnel(
     pod: &str,
     netns: &NetnsThread,
     mesh: &MeshPath,
     target: &TunnelTarget,
     trace: &str,
+    spare: Option<OwnedSemaphorePermit>,
 ) -> Result<hbone::Tunnel, TunnelError> {
     let key = PoolKey {
         source: pod.to_owned(),
@@ -567,6 +568,7 @@ pub(super) async fn open_tunnel(
             &serial,
             target.address,
             trace,
+            spare,
             || dial(netns, key.address),
             || {
                 let config =
@@ -589,7 +591,9 @@ pub(super) struct TunnelTarget {
 
 /// Opens a tunnel to `target` for an outbound connection to `original_dst`
 /// (the workload itself, or a service it serves) and carries the
-/// connection through it.
+/// connection through it. Of the connection's `permit`, the one taken for
+/// an upstream descriptor goes to the pooled connection should the tunnel
+/// need a new one, and is given back otherwise.
 async fn tunnel_out(
     mut stream: TcpStream,
     client: SocketAddr,
@@ -597,9 +601,11 @@ async fn tunnel_out(
     target: TunnelTarget,
     pod: &PodContext,
     mesh: &MeshPath,
+    mut permit: OwnedSemaphorePermit,
 ) {
     let trace = hbone::new_traceparent();
-    let opened = open_tunnel(&pod.name, &pod.netns, mesh, &target, &trace).await;
+    let spare = upstream_permit(&mut permit);
+    let opened = open_tunnel(&pod.name, &pod.netns, mesh, &target, &trace, spare).await;
     let TunnelTarget {
         identity,
         name: peer,

@@ -1,14 +1,16 @@
 //! `cargo xtask bench datapath`: what the mesh adds between two pods on two
-//! nodes. A client pod on node0 calls a server pod on node1 four ways, in
+//! nodes. A client pod on node0 calls a server pod on node1 five ways, in
 //! one run: in an uncaptured namespace (direct); in a captured one at the
 //! server's address (mesh L4: client's node proxy → HBONE mTLS tunnel → the
-//! server's node proxy → server) and at a service address (mesh L7); and
+//! server's node proxy → server) and at a service address (mesh L7);
 //! through a chain of two HAProxy instances doing HTTP and mutual TLS on
-//! the same topology (the yardstick, see `haproxy.rs`). Same nodes, same
-//! path through veth, bridges and the fabric; release builds; access logs
-//! off (RUST_LOG=warn), as a benchmark of the data path. The load comes
-//! from wrk, h2load and iperf3 (Debian packages), the c=1 latencies and
-//! new connections from `mesh-pod bench-http`.
+//! the same topology (the yardstick, see `haproxy.rs`); and through the
+//! same two relaying plain TCP (what a proxy pays here with no work on the
+//! bytes). Same nodes, same path through veth, bridges and the fabric;
+//! release builds; access logs off (RUST_LOG=warn), as a benchmark of the
+//! data path. The load comes from wrk, h2load and iperf3 (Debian
+//! packages), the c=1 latencies and new connections from `mesh-pod
+//! bench-http`.
 
 use std::{
     net::SocketAddr,
@@ -631,22 +633,25 @@ pub(crate) fn measure(
 }
 
 /// One row of the results table: a figure for each path (direct, mesh
-/// L4, mesh L7, HAProxy), then the mesh's ratios to direct and to HAProxy.
-fn row(name: &str, values: [Option<f64>; 4], decimals: usize, ratios: bool) -> String {
+/// L4, mesh L7, HAProxy, the plain TCP relay), then the mesh's and the
+/// relay's ratios to direct, and the mesh's to HAProxy.
+fn row(name: &str, values: [Option<f64>; 5], decimals: usize, ratios: bool) -> String {
     let cell = |value: Option<f64>| value.map_or("—".to_owned(), |v| format!("{v:.decimals$}"));
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (Some(a), Some(b)) if ratios && b != 0.0 => format!("{:.2}", a / b),
         _ => String::new(),
     };
-    let [direct, l4, l7, haproxy] = values;
+    let [direct, l4, l7, haproxy, relay] = values;
     format!(
-        "| {name} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+        "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
         cell(direct),
         cell(l4),
         cell(l7),
         cell(haproxy),
+        cell(relay),
         ratio(l4, direct),
         ratio(l7, direct),
+        ratio(relay, direct),
         ratio(l4, haproxy),
         ratio(l7, haproxy),
     )
@@ -664,7 +669,7 @@ fn pair(values: Option<&Vec<f64>>) -> String {
 
 pub fn run(scale: Scale) -> anyhow::Result<super::Report> {
     step(
-        "benchmark: pod to pod across nodes: direct, through the mesh (L4, L7) and through HAProxy (release builds)",
+        "benchmark: pod to pod across nodes: direct, through the mesh (L4, L7), through HAProxy, and through a plain TCP relay (release builds)",
     );
     if !run::is_root() {
         bail!("the data path benchmark builds network namespaces and loads eBPF: run it as root");
@@ -722,6 +727,15 @@ pub fn run(scale: Scale) -> anyhow::Result<super::Report> {
             echo: Some(haproxy::front(ECHO_PORT)?),
             proxies: &haproxy_pids,
         },
+        Target {
+            label: "relay",
+            client: "direct/client",
+            http: haproxy::relay_front(HTTP_PORT)?,
+            h2: None,
+            bulk: Some(haproxy::relay_front(BULK_PORT)?),
+            echo: None,
+            proxies: &haproxy_pids,
+        },
     ];
     let mut figures = Vec::new();
     for target in &targets {
@@ -756,14 +770,14 @@ pub fn run(scale: Scale) -> anyhow::Result<super::Report> {
 }
 
 fn report(figures: &[Figures], scale: Scale) -> anyhow::Result<super::Report> {
-    let [direct, l4, l7, haproxy] = figures else {
-        bail!("four paths measured, not {}", figures.len());
+    let [direct, l4, l7, haproxy, relay] = figures else {
+        bail!("five paths measured, not {}", figures.len());
     };
-    let all = |f: fn(&Figures) -> Option<f64>| [f(direct), f(l4), f(l7), f(haproxy)];
+    let all = |f: fn(&Figures) -> Option<f64>| [f(direct), f(l4), f(l7), f(haproxy), f(relay)];
     let per_hop = |path: &Figures| (path.p50 - direct.p50) / 2.0;
     let mut table = String::from(
-        "| | direct | mesh L4 | mesh L7 | HAProxy | L4 ÷ direct | L7 ÷ direct | L4 ÷ HAProxy | L7 ÷ HAProxy |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| | direct | mesh L4 | mesh L7 | HAProxy | TCP relay | L4 ÷ direct | L7 ÷ direct | relay ÷ direct | L4 ÷ HAProxy | L7 ÷ HAProxy |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     table += &row("c=1 p50 µs", all(|f| Some(f.p50)), 1, true);
     table += &row("c=1 p90 µs", all(|f| Some(f.p90)), 1, true);
@@ -776,6 +790,7 @@ fn report(figures: &[Figures], scale: Scale) -> anyhow::Result<super::Report> {
             Some(per_hop(l4)),
             Some(per_hop(l7)),
             Some(per_hop(haproxy)),
+            Some(per_hop(relay)),
         ],
         1,
         false,
@@ -798,12 +813,12 @@ fn report(figures: &[Figures], scale: Scale) -> anyhow::Result<super::Report> {
         true,
     );
     table += &format!(
-        "| proxy RSS idle, MiB (client / server side) | — | {} | | {} | | | | |\n",
+        "| proxy RSS idle, MiB (client / server side) | — | {} | | {} | | | | | | |\n",
         pair(l4.rss_idle.as_ref()),
         pair(haproxy.rss_idle.as_ref()),
     );
     table += &format!(
-        "| proxy RSS, {} connections held, MiB | — | {} | | {} | | | | |\n",
+        "| proxy RSS, {} connections held, MiB | — | {} | | {} | | | | | | |\n",
         scale.held,
         pair(l4.rss_held.as_ref()),
         pair(haproxy.rss_held.as_ref()),
@@ -815,16 +830,18 @@ fn report(figures: &[Figures], scale: Scale) -> anyhow::Result<super::Report> {
             "mesh_l4": l4.to_json(),
             "mesh_l7": l7.to_json(),
             "haproxy": haproxy.to_json(),
+            "tcp_relay": relay.to_json(),
         },
         "added_per_hop_p50_us": {
             "mesh_l4": per_hop(l4),
             "mesh_l7": per_hop(l7),
             "haproxy": per_hop(haproxy),
+            "tcp_relay": per_hop(relay),
         },
     });
     let body = format!(
         "A client pod on node0 calls a server pod on node1 of a local netns cluster\n\
-         (veth, bridges, a fabric bridge; one machine), four ways in one run:\n\n\
+         (veth, bridges, a fabric bridge; one machine), five ways in one run:\n\n\
          - **direct**: in an uncaptured namespace;\n\
          - **mesh L4**: in a captured one, at the server's own address, on ports no\n  \
          service declares: the client's node proxy → HBONE (HTTP/2 CONNECT over\n  \
@@ -839,7 +856,11 @@ fn report(figures: &[Figures], scale: Scale) -> anyhow::Result<super::Report> {
          client pod (plain HTTP and TCP in on loopback, as a captured connection\n  \
          reaches the node proxy), one in the server pod (mutual TLS in, ECDSA P-256,\n  \
          HTTP/2 between the two with connections reused), one thread each like the\n  \
-         node proxy here: a widely used proxy as a yardstick.\n\n\
+         node proxy here: a widely used proxy as a yardstick;\n\
+         - **TCP relay**: the same two HAProxy instances relaying plain TCP, no TLS\n  \
+         and no HTTP, on the same legs: what a widely used proxy pays per hop on\n  \
+         this machine for its process and its extra legs alone, with no work on\n  \
+         the bytes.\n\n\
          Release builds, access logs off, median of {runs} run(s) (the c=1\n\
          percentiles are those of the run with the median p50). HTTP/1.1 keep-alive\n\
          GETs with a 2-byte answer: c=1 {c1} requests on one connection (`mesh-pod\n\
@@ -858,6 +879,11 @@ fn report(figures: &[Figures], scale: Scale) -> anyhow::Result<super::Report> {
          not its identity, where the mesh checks SPIFFE IDs and policy.\n\n\
          Added per proxy hop at p50, L4: {l4_hop:.1} µs (target ≤ 20; HAProxy {ha_hop:.1} µs).\n\
          Throughput ratios to direct (L4): c=16 requests {rps:.2}, bulk {bulk:.2} (target ≥ 0.5).\n\
+         The plain TCP relay adds {relay_hop:.1} µs per hop and keeps {relay_rps:.2}× direct's\n\
+         requests/s at c=16 and {relay_bulk:.2}× its bulk throughput. A target beyond\n\
+         these asks the mesh to do mTLS, HTTP/2 framing and authorization in less\n\
+         than HAProxy takes to pass plain bytes on this machine. The L4 path's\n\
+         latency above the relay's: {above_floor:.1} µs per hop.\n\
          mesh-node RSS idle: {rss} MiB (target ≤ 15).\n\n\
          Against published figures, measured elsewhere and so only a rough guide:\n\
          ztunnel (Istio ambient's node proxy) adds about 25 µs per hop at p50 and\n\
@@ -867,11 +893,15 @@ fn report(figures: &[Figures], scale: Scale) -> anyhow::Result<super::Report> {
          proxies add {l4_p90:.0} µs at c=1 P90 on the L4 path and {l7_p90:.0} µs on the L7\n\
          path (one request at a time, not a fixed rate); ztunnel idles at about\n\
          12 MB RSS — here {rss} MiB.\n\n\
-         All four paths share the machine's 2 cores with the client, the server\n\
+         All paths share the machine's 2 cores with the client, the server\n\
          and the kernel's forwarding, so the proxied rows also pay for the\n\
          proxies' CPU time competing with the client and the server. Single runs\n\
          on this shared VM move by 20 % or more from one run to the next: read\n\
-         the ratios, measured side by side, rather than the absolutes.\n\n\
+         the ratios, measured side by side, rather than the absolutes. Much of\n\
+         every path's latency is the vCPUs waking from idle: with both kept busy\n\
+         by a spinning process at the lowest priority (2026-11-28, by hand), direct's\n\
+         c=1 p50 fell from 70–87 µs to 25–28 µs, and the L4 path's from\n\
+         126–137 µs to 100–123 µs.\n\n\
          Where a proxy's time goes (perf on both proxies, 2026-11-27;\n\
          `MESH_BENCH_PERF=FILE cargo xtask bench datapath` records node0's during\n\
          the L4 path), the three biggest costs:\n\n\
@@ -885,8 +915,13 @@ fn report(figures: &[Figures], scale: Scale) -> anyhow::Result<super::Report> {
          2. **The kernel's TCP for the extra legs**, about half: each proxy adds a\n   \
          loopback leg (the pod to the proxy's listener) and a tunnel leg, with\n   \
          their copies (`_copy_to_iter`/`_copy_from_iter`, 15 % in bulk) and softirq\n   \
-         work. The lever is sockmap redirection between the pod's socket and the\n   \
-         proxy's, which removes the loopback leg; not done.\n\
+         work. A prototype (2026-11-28, not kept) redirected the loopback legs'\n   \
+         bytes socket to socket with a sockmap and `sk_msg`: in three alternating\n   \
+         runs the L4 path's c=1 p50 stayed at 129–167 µs against direct's\n   \
+         76–91 µs, as without it. The wake-ups, not the legs' TCP, set the\n   \
+         latency, and a safe version needs per-socket state (bytes already\n   \
+         queued by TCP must not be overtaken) and memory bounds the kernel does\n   \
+         not give a redirected socket.\n\
          3. **User space**, 16–24 % of a proxy at L4 and about 60 % at L7. At L7 the\n   \
          top item is `memmove` (12–13 %), spread over hyper's and h2's moves of\n   \
          frames, header maps and futures, then malloc and free (about 12 %).\n   \
@@ -910,6 +945,10 @@ fn report(figures: &[Figures], scale: Scale) -> anyhow::Result<super::Report> {
         held = scale.held,
         l4_hop = per_hop(l4),
         ha_hop = per_hop(haproxy),
+        relay_hop = per_hop(relay),
+        relay_rps = relay.rps_c16 / direct.rps_c16,
+        relay_bulk = relay.gbit.unwrap_or(f64::NAN) / direct.gbit.unwrap_or(f64::NAN),
+        above_floor = per_hop(l4) - per_hop(relay),
         rps = l4.rps_c16 / direct.rps_c16,
         bulk = l4.gbit.unwrap_or(f64::NAN) / direct.gbit.unwrap_or(f64::NAN),
         rss = pair(l4.rss_idle.as_ref()),

@@ -6,6 +6,10 @@
 //! hands it to the application on its loopback. One thread each, like the
 //! node proxy on this machine. Debian's HAProxy (2.6), certificates made
 //! with openssl from a throwaway CA.
+//!
+//! The same two instances also relay plain TCP, without TLS, on two more
+//! routes: what a proxy pays per hop here for its process and its extra
+//! legs alone, with no work on the bytes.
 
 use std::{
     fmt::Write as _,
@@ -29,6 +33,8 @@ struct Route {
     /// The client speaks HTTP/2 (prior knowledge) to the front, and the
     /// server side speaks it to the application.
     h2: bool,
+    /// Mutual TLS between the two instances (else plain TCP).
+    tls: bool,
     front: u16,
     tunnel: u16,
     app: u16,
@@ -40,6 +46,7 @@ const ROUTES: &[Route] = &[
         name: "http",
         http: true,
         h2: false,
+        tls: true,
         front: 15080,
         tunnel: 15443,
         app: super::datapath::HTTP_PORT,
@@ -48,6 +55,7 @@ const ROUTES: &[Route] = &[
         name: "h2",
         http: true,
         h2: true,
+        tls: true,
         front: 15082,
         tunnel: 15445,
         app: super::datapath::H2_PORT,
@@ -56,6 +64,7 @@ const ROUTES: &[Route] = &[
         name: "bulk",
         http: false,
         h2: false,
+        tls: true,
         front: 15090,
         tunnel: 15444,
         app: super::datapath::BULK_PORT,
@@ -64,19 +73,48 @@ const ROUTES: &[Route] = &[
         name: "echo",
         http: false,
         h2: false,
+        tls: true,
         front: 15091,
         tunnel: 15446,
         app: super::datapath::ECHO_PORT,
     },
+    Route {
+        name: "relay",
+        http: false,
+        h2: false,
+        tls: false,
+        front: 15092,
+        tunnel: 15447,
+        app: super::datapath::HTTP_PORT,
+    },
+    Route {
+        name: "relay_bulk",
+        http: false,
+        h2: false,
+        tls: false,
+        front: 15093,
+        tunnel: 15448,
+        app: super::datapath::BULK_PORT,
+    },
 ];
 
 /// The address in the client pod where the chain takes what would go to
-/// `app` on the server.
+/// `app` on the server, over mutual TLS.
 pub(super) fn front(app: u16) -> anyhow::Result<String> {
+    front_of(app, true)
+}
+
+/// The address in the client pod where the chain relays plain TCP, no
+/// TLS, to `app` on the server.
+pub(super) fn relay_front(app: u16) -> anyhow::Result<String> {
+    front_of(app, false)
+}
+
+fn front_of(app: u16, tls: bool) -> anyhow::Result<String> {
     let route = ROUTES
         .iter()
-        .find(|r| r.app == app)
-        .with_context(|| format!("no HAProxy route to port {app}"))?;
+        .find(|r| r.app == app && r.tls == tls)
+        .with_context(|| format!("no HAProxy route to port {app} (TLS: {tls})"))?;
     Ok(format!("127.0.0.1:{}", route.front))
 }
 
@@ -163,6 +201,14 @@ fn configuration(dir: &Path, side: Side) -> String {
     for route in ROUTES {
         let mode = if route.http { "http" } else { "tcp" };
         let (bind, server) = match side {
+            Side::Client(peer) if !route.tls => (
+                format!("127.0.0.1:{}", route.front),
+                SocketAddr::new(peer, route.tunnel).to_string(),
+            ),
+            Side::Server if !route.tls => (
+                format!(":{}", route.tunnel),
+                format!("127.0.0.1:{}", route.app),
+            ),
             Side::Client(peer) => (
                 format!(
                     "127.0.0.1:{}{}",

@@ -97,7 +97,9 @@ enum Command {
     /// JSON how many answered 200, each streak of failures (from its
     /// first failure to the next success, with what failed), the slowest
     /// request, and whether the last one succeeded. No request waits more
-    /// than 6 s for its answer.
+    /// than 6 s for its answer. Each streak is also announced as it ends,
+    /// with a line `recovered from_ms=… to_ms=… failed=…`, so a caller can
+    /// wait for the loop itself to get through again.
     HttpLoop {
         #[arg(long)]
         to: SocketAddr,
@@ -1528,8 +1530,10 @@ fn http_loop(to: SocketAddr, for_ms: u64, every_ms: u64) -> io::Result<()> {
         if last_ok {
             ok += 1;
             if let Some((from, failed, how)) = streak.take() {
+                let to = ms(sent);
+                println!("recovered from_ms={from} to_ms={to} failed={failed}");
                 windows.push(serde_json::json!({
-                    "from_ms": from, "to_ms": ms(sent), "failed": failed, "how": how,
+                    "from_ms": from, "to_ms": to, "failed": failed, "how": how,
                 }));
             }
         } else {

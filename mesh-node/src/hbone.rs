@@ -746,39 +746,12 @@ pub async fn splice(
     let received = AtomicU64::new(0);
     let (mut reader, mut writer) = tcp.split();
     let up = async {
-        // Each read lands in the spare room of one allocation and goes to
-        // the tunnel as it is, not copied: what was read is split off as a
-        // frame, and the next read fills the room after it. Once too little
-        // is left, the allocation is taken back whole if every frame cut
-        // from it has been written out (else a new one is made, never
-        // zeroed). The room starts small and doubles whenever a read fills
-        // it, so an idle or chatty connection holds kilobytes.
-        let mut buffer = BytesMut::with_capacity(FIRST_CHUNK);
-        let mut size = FIRST_CHUNK;
-        loop {
-            if buffer.capacity() < size / 2 {
-                buffer.reserve(size);
-            }
-            let room = buffer.capacity();
-            let n = reader.read_buf(&mut buffer).await?;
-            if n == 0 {
-                send.send_data(Bytes::new(), true).map_err(h2_io)?;
-                return Ok::<_, io::Error>(());
-            }
-            let mut chunk = buffer.split().freeze();
-            if n == room && size < CHUNK {
-                size *= 2;
-            }
-            while !chunk.is_empty() {
-                send.reserve_capacity(chunk.len());
-                let capacity = poll_fn(|cx| send.poll_capacity(cx))
-                    .await
-                    .ok_or_else(|| io::Error::from(io::ErrorKind::BrokenPipe))?
-                    .map_err(h2_io)?;
-                let piece = chunk.split_to(capacity.min(chunk.len()));
-                sent.fetch_add(piece.len() as u64, Ordering::Relaxed);
-                send.send_data(piece, false).map_err(h2_io)?;
-            }
+        let result = pump_up(&mut reader, &mut send, &sent).await;
+        match result {
+            // The peer answered in full and asked for no more of the
+            // request (RFC 9113 §8.1): this direction is over, cleanly.
+            Err(_) if reset_without_error(&mut send) => Ok(()),
+            result => result,
         }
     };
     let down = async {
@@ -810,6 +783,60 @@ pub async fn splice(
             received: received.load(Ordering::Relaxed),
         },
         result,
+    )
+}
+
+/// The TCP side's bytes into the tunnel stream, until the TCP side ends
+/// (the stream then ends too) or either fails; counts them in `sent`.
+async fn pump_up(
+    reader: &mut tokio::net::tcp::ReadHalf<'_>,
+    send: &mut SendStream<Bytes>,
+    sent: &AtomicU64,
+) -> io::Result<()> {
+    // Each read lands in the spare room of one allocation and goes to
+    // the tunnel as it is, not copied: what was read is split off as a
+    // frame, and the next read fills the room after it. Once too little
+    // is left, the allocation is taken back whole if every frame cut
+    // from it has been written out (else a new one is made, never
+    // zeroed). The room starts small and doubles whenever a read fills
+    // it, so an idle or chatty connection holds kilobytes.
+    let mut buffer = BytesMut::with_capacity(FIRST_CHUNK);
+    let mut size = FIRST_CHUNK;
+    loop {
+        if buffer.capacity() < size / 2 {
+            buffer.reserve(size);
+        }
+        let room = buffer.capacity();
+        let n = reader.read_buf(&mut buffer).await?;
+        if n == 0 {
+            send.send_data(Bytes::new(), true).map_err(h2_io)?;
+            return Ok(());
+        }
+        let mut chunk = buffer.split().freeze();
+        if n == room && size < CHUNK {
+            size *= 2;
+        }
+        while !chunk.is_empty() {
+            send.reserve_capacity(chunk.len());
+            let capacity = poll_fn(|cx| send.poll_capacity(cx))
+                .await
+                .ok_or_else(|| io::Error::from(io::ErrorKind::BrokenPipe))?
+                .map_err(h2_io)?;
+            let piece = chunk.split_to(capacity.min(chunk.len()));
+            sent.fetch_add(piece.len() as u64, Ordering::Relaxed);
+            send.send_data(piece, false).map_err(h2_io)?;
+        }
+    }
+}
+
+/// Whether the peer reset the stream with `NO_ERROR`: what a server does
+/// once it has sent a complete answer to a request it will not read the
+/// rest of.
+fn reset_without_error(send: &mut SendStream<Bytes>) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    matches!(
+        send.poll_reset(&mut cx),
+        std::task::Poll::Ready(Ok(h2::Reason::NO_ERROR))
     )
 }
 
@@ -959,7 +986,9 @@ mod tests {
     }
 
     /// A tunnel server on loopback: streams to port 403 are refused with
-    /// 403, every other stream is echoed.
+    /// 403, those to port 200 answered at once with [`ANSWER`] and no more
+    /// read (the stream is reset with `NO_ERROR`, as an HTTP server does
+    /// that is done early), every other stream is echoed.
     async fn server(ca: &CertificateAuthority) -> SocketAddr {
         server_with(ca, PoolSettings::default()).await
     }
@@ -993,9 +1022,14 @@ mod tests {
         if incoming.target().map(|t| t.port()) == Ok(403) {
             return incoming.refuse(StatusCode::FORBIDDEN);
         }
+        let answer_at_once = incoming.target().map(|t| t.port()) == Ok(200);
         let Ok((mut send, mut recv)) = incoming.accept() else {
             return;
         };
+        if answer_at_once {
+            let _ = send.send_data(Bytes::from_static(ANSWER), true);
+            return;
+        }
         while let Some(Ok(chunk)) = recv.data().await {
             let _ = recv.flow_control().release_capacity(chunk.len());
             if send.send_data(chunk, false).is_err() {
@@ -1213,6 +1247,46 @@ mod tests {
                 received: 3 << 20
             }
         );
+    }
+
+    const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+
+    /// A server may answer in full and reset the stream with `NO_ERROR`
+    /// before the client has sent all it had (RFC 9113 §8.1): the client
+    /// side gets the whole answer and ends cleanly, not with a reset or an
+    /// error in its access log.
+    #[tokio::test]
+    async fn an_answer_in_full_then_a_reset_without_error_ends_cleanly() {
+        let ca = ca();
+        let server = server(&ca).await;
+        let client = Client::new(&ca, server, PoolSettings::default());
+        let tunnel = client.open("1", 200).await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut app = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut proxied, _) = listener.accept().await.unwrap();
+        let spliced = tokio::spawn(async move {
+            let _guard = tunnel.guard;
+            splice(
+                &mut proxied,
+                tunnel.send,
+                tunnel.recv,
+                std::future::pending(),
+                None,
+            )
+            .await
+        });
+        let mut answer = Vec::new();
+        app.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(answer, ANSWER);
+        // The application sends the rest of its request after the answer,
+        // then ends: the tunnel takes no more, and that is no failure.
+        app.write_all(b"the rest").await.unwrap();
+        app.shutdown().await.unwrap();
+        let (moved, result) = spliced.await.unwrap();
+        result.unwrap();
+        assert_eq!(moved.received, ANSWER.len() as u64);
     }
 
     #[tokio::test]

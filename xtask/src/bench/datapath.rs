@@ -740,11 +740,13 @@ pub fn run(scale: Scale) -> anyhow::Result<super::Report> {
     let mut figures = Vec::new();
     for target in &targets {
         // MESH_BENCH_PERF=FILE: record node0's proxy with perf while the
-        // L4 path runs (`perf report -i FILE`), to see where its time goes.
+        // L4 path (or MESH_BENCH_PERF_PATH's) runs (`perf report -i FILE`),
+        // to see where its time goes.
+        let recorded = std::env::var("MESH_BENCH_PERF_PATH");
         let perf = match std::env::var_os("MESH_BENCH_PERF") {
-            Some(file) if target.label == "mesh L4" => Some(
+            Some(file) if target.label == recorded.as_deref().unwrap_or("mesh L4") => Some(
                 Command::new("perf")
-                    .args(["record", "-F", "2999", "-g", "-o"])
+                    .args(["record", "-F", "999", "--call-graph=dwarf,16384", "-o"])
                     .arg(file)
                     .args(["-p", &mesh_pids[0].to_string()])
                     .stdout(Stdio::null())
@@ -904,7 +906,8 @@ fn report(figures: &[Figures], scale: Scale) -> anyhow::Result<super::Report> {
          126–137 µs to 100–123 µs.\n\n\
          Where a proxy's time goes (perf on both proxies, 2026-11-27;\n\
          `MESH_BENCH_PERF=FILE cargo xtask bench datapath` records node0's during\n\
-         the L4 path), the three biggest costs:\n\n\
+         the L4 path, or the one `MESH_BENCH_PERF_PATH` names, with DWARF call\n\
+         graphs), the three biggest costs:\n\n\
          1. **Wake-ups and context switches**, about a quarter of each proxy's CPU\n   \
          at L4: the kernel waking the reader of every segment (`sock_def_readable`\n   \
          → `_raw_spin_unlock_irqrestore`, 11–19 %) and switching tasks\n   \
@@ -927,7 +930,12 @@ fn report(figures: &[Figures], scale: Scale) -> anyhow::Result<super::Report> {
          frames, header maps and futures, then malloc and free (about 12 %).\n   \
          Boxing each request's future, so that hyper moves a pointer, left both\n   \
          the profile and the throughput as they were in alternating A/B runs, and\n   \
-         was not kept. In bulk the sending proxy copies more than it encrypts\n   \
+         was not kept. With call graphs (2026-11-29, the whole L7 path) the\n   \
+         client side's time is a quarter `writev` (most of it the kernel\n   \
+         delivering the segment to its reader), `memmove` 10 % spread over h2's\n   \
+         frame queue and hyper's dispatchers, and 3 % building each request's\n   \
+         metric labels; no single item of ours stands out. In bulk the sending\n   \
+         proxy copies more than it encrypts\n   \
          (`memmove` 14 %, AES-GCM 12.5 %): the copy from read buffer to frame\n   \
          is gone since 2026-11-28 (a read is frozen into the frame as it is);\n   \
          the one run after it moved bulk from 0.35× to 0.41× direct, within\n   \

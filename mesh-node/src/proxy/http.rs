@@ -846,7 +846,7 @@ pub(super) async fn serve_inbound(
             Ok::<_, Infallible>(measured(response, received, sizes, access))
         }
     });
-    server(mesh.http.header_timeout)
+    inbound_server(mesh.http.header_timeout)
         .serve_connection_with_upgrades(TokioIo::new(Tallied::new(stream, tally)), handler)
         .await
         .map_err(io::Error::other)?;
@@ -1019,6 +1019,9 @@ fn unreadable_response(error: &hyper_util::client::legacy::Error) -> bool {
     false
 }
 
+/// The most streams an HTTP/2 client may have open on one connection.
+const MAX_STREAMS_PER_CONNECTION: usize = 200;
+
 /// How both ends serve HTTP: header sections past 64 KiB or 100 fields
 /// get 431 (Envoy's defaults are 60 KiB and 100). An HTTP/1.1 request
 /// head must arrive within `header_timeout` of the connection (or its
@@ -1039,10 +1042,23 @@ fn server(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(30))
-        .max_concurrent_streams(200)
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION as u32)
         .max_pending_accept_reset_streams(20)
         .max_local_error_reset_streams(1024)
         .max_header_list_size(MAX_HEADER_BYTES as u32);
+    server
+}
+
+/// [`server`] for requests a mesh peer tunnels in: it relays many
+/// clients' requests on one connection, and cancels in one burst those of
+/// a client that went away, before this side may have taken them up. The
+/// limit on such streams is the connection's stream limit rather than
+/// h2's 20, which stops an application's rapid reset.
+fn inbound_server(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
+    let mut server = server(header_timeout);
+    server
+        .http2()
+        .max_pending_accept_reset_streams(MAX_STREAMS_PER_CONNECTION);
     server
 }
 
@@ -2327,5 +2343,63 @@ mod tests {
         let mut h2 = response(200, &[("content-length", "2")]);
         *h2.version_mut() = http::Version::HTTP_2;
         assert!(onward_response(h2, false).is_ok());
+    }
+
+    /// A mesh peer relays many clients' requests on one connection. When a
+    /// client goes away with dozens in flight, the peer cancels them in one
+    /// burst, often before this side has taken them up: that must not cost
+    /// the connection and the other requests it carries, as it costs an
+    /// application's own connection that resets streams that fast (rapid
+    /// reset).
+    #[tokio::test]
+    async fn a_burst_of_cancelled_requests_from_a_mesh_peer_keeps_the_connection() {
+        for (builder, survives) in [
+            (server(Duration::from_secs(10)), false),
+            (inbound_server(Duration::from_secs(10)), true),
+        ] {
+            let (client_io, server_io) = tokio::io::duplex(1 << 20);
+            let (entered, mut slow_entered) = tokio::sync::mpsc::channel::<()>(1);
+            let (release, released) = tokio::sync::watch::channel(false);
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let (entered, mut released) = (entered.clone(), released.clone());
+                async move {
+                    if request.uri().path() == "/slow" {
+                        let _ = entered.send(()).await;
+                        let _ = released.wait_for(|released| *released).await;
+                    }
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                }
+            });
+            tokio::spawn(async move {
+                let _ = builder
+                    .serve_connection(TokioIo::new(server_io), service)
+                    .await;
+            });
+            let (client, connection) = h2::client::handshake(client_io).await.unwrap();
+            tokio::spawn(connection);
+            let mut client = client.ready().await.unwrap();
+            let get = |path: &str| {
+                Request::get(format!("http://reviews{path}"))
+                    .body(())
+                    .unwrap()
+            };
+            let (slow, _) = client.send_request(get("/slow"), true).unwrap();
+            slow_entered.recv().await.unwrap();
+            // Fifty requests cancelled as soon as sent: the server reads
+            // their HEADERS and RST_STREAM frames together.
+            for _ in 0..50 {
+                let (cancelled, _) = client.send_request(get("/fast"), true).unwrap();
+                drop(cancelled);
+            }
+            let fast = client.send_request(get("/fast"), true).unwrap().0;
+            let answered = tokio::time::timeout(Duration::from_secs(10), fast).await;
+            release.send_replace(true);
+            let slow = tokio::time::timeout(Duration::from_secs(10), slow).await;
+            assert_eq!(
+                matches!((&answered, &slow), (Ok(Ok(_)), Ok(Ok(_)))),
+                survives,
+                "{answered:?} {slow:?}"
+            );
+        }
     }
 }

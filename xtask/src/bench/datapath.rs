@@ -934,7 +934,11 @@ fn report(figures: &[Figures], scale: Scale) -> anyhow::Result<super::Report> {
          client side's time is a quarter `writev` (most of it the kernel\n   \
          delivering the segment to its reader), `memmove` 10 % spread over h2's\n   \
          frame queue and hyper's dispatchers, and 3 % building each request's\n   \
-         metric labels; no single item of ours stands out. In bulk the sending\n   \
+         metric labels; no single item of ours stands out. The L7 path's HTTP/2\n   \
+         run is not bound by CPU: a quarter to a third of the two vCPUs stays\n   \
+         idle through it (top, 2026-11-29), each node proxy busy half to two\n   \
+         thirds of the time; raising nghttpd's limit of 100 streams on the one upstream\n   \
+         connection to 1000 did not raise the rate. In bulk the sending\n   \
          proxy copies more than it encrypts\n   \
          (`memmove` 14 %, AES-GCM 12.5 %): the copy from read buffer to frame\n   \
          is gone since 2026-11-28 (a read is frozen into the frame as it is);\n   \

@@ -1203,15 +1203,22 @@ mod tests {
         assert!(never.await.is_err());
     }
 
-    #[tokio::test]
-    async fn bytes_and_half_closes_cross_the_tunnel() {
+    /// A tunnel to `port` of a [`server`] and the application's side of
+    /// it: one end of a loopback TCP pair, the other spliced to the tunnel
+    /// in a task of its own. The client holds the tunnel's connection.
+    async fn spliced_app(
+        port: u16,
+    ) -> (
+        Client,
+        TcpStream,
+        tokio::task::JoinHandle<(Transferred, io::Result<()>)>,
+    ) {
         let ca = ca();
         let server = server(&ca).await;
         let client = Client::new(&ca, server, PoolSettings::default());
-        let tunnel = client.open("1", 80).await.unwrap();
-        // The application's side: a loopback TCP pair.
+        let tunnel = client.open("1", port).await.unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut app = TcpStream::connect(listener.local_addr().unwrap())
+        let app = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (mut proxied, _) = listener.accept().await.unwrap();
@@ -1226,6 +1233,12 @@ mod tests {
             )
             .await
         });
+        (client, app, spliced)
+    }
+
+    #[tokio::test]
+    async fn bytes_and_half_closes_cross_the_tunnel() {
+        let (_client, mut app, spliced) = spliced_app(80).await;
         // No two nearby bytes alike, so a piece out of place shows.
         let message: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
         app.write_all(&message).await.unwrap();
@@ -1257,26 +1270,7 @@ mod tests {
     /// error in its access log.
     #[tokio::test]
     async fn an_answer_in_full_then_a_reset_without_error_ends_cleanly() {
-        let ca = ca();
-        let server = server(&ca).await;
-        let client = Client::new(&ca, server, PoolSettings::default());
-        let tunnel = client.open("1", 200).await.unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut app = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (mut proxied, _) = listener.accept().await.unwrap();
-        let spliced = tokio::spawn(async move {
-            let _guard = tunnel.guard;
-            splice(
-                &mut proxied,
-                tunnel.send,
-                tunnel.recv,
-                std::future::pending(),
-                None,
-            )
-            .await
-        });
+        let (_client, mut app, spliced) = spliced_app(200).await;
         let mut answer = Vec::new();
         app.read_to_end(&mut answer).await.unwrap();
         assert_eq!(answer, ANSWER);

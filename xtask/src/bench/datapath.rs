@@ -882,10 +882,9 @@ fn report(figures: &[Figures], scale: Scale) -> anyhow::Result<super::Report> {
          Added per proxy hop at p50, L4: {l4_hop:.1} µs (target ≤ 20; HAProxy {ha_hop:.1} µs).\n\
          Throughput ratios to direct (L4): c=16 requests {rps:.2}, bulk {bulk:.2} (target ≥ 0.5).\n\
          The plain TCP relay adds {relay_hop:.1} µs per hop and keeps {relay_rps:.2}× direct's\n\
-         requests/s at c=16 and {relay_bulk:.2}× its bulk throughput. A target beyond\n\
-         these asks the mesh to do mTLS, HTTP/2 framing and authorization in less\n\
-         than HAProxy takes to pass plain bytes on this machine. The L4 path's\n\
-         latency above the relay's: {above_floor:.1} µs per hop.\n\
+         requests/s at c=16 and {relay_bulk:.2}× its bulk throughput: what passing\n\
+         plain bytes through two more processes costs on this machine. The L4\n\
+         path, which also does mTLS, HTTP/2 framing and authorization, {above_floor}.\n\
          mesh-node RSS idle: {rss} MiB (target ≤ 15).\n\n\
          Against published figures, measured elsewhere and so only a rough guide:\n\
          ztunnel (Istio ambient's node proxy) adds about 25 µs per hop at p50 and\n\
@@ -898,8 +897,11 @@ fn report(figures: &[Figures], scale: Scale) -> anyhow::Result<super::Report> {
          All paths share the machine's 2 cores with the client, the server\n\
          and the kernel's forwarding, so the proxied rows also pay for the\n\
          proxies' CPU time competing with the client and the server. Single runs\n\
-         on this shared VM move by 20 % or more from one run to the next: read\n\
-         the ratios, measured side by side, rather than the absolutes. Much of\n\
+         on this shared VM move by 20 % or more from one run to the next, whole\n\
+         runs too: full runs of the same L4 path on 2026-11-28 and 2026-11-29 gave\n\
+         63.2 and 26.1 µs per hop, 0.44× and 0.55× direct at c=16, 0.42× and 0.48×\n\
+         in bulk. Read the ratios, measured side by side, rather than the\n\
+         absolutes, and one run as one sample. Much of\n\
          every path's latency is the vCPUs waking from idle: with both kept busy\n\
          by a spinning process at the lowest priority (2026-11-28, by hand), direct's\n\
          c=1 p50 fell from 70–87 µs to 25–28 µs, and the L4 path's from\n\
@@ -960,7 +962,17 @@ fn report(figures: &[Figures], scale: Scale) -> anyhow::Result<super::Report> {
         relay_hop = per_hop(relay),
         relay_rps = relay.rps_c16 / direct.rps_c16,
         relay_bulk = relay.gbit.unwrap_or(f64::NAN) / direct.gbit.unwrap_or(f64::NAN),
-        above_floor = per_hop(l4) - per_hop(relay),
+        above_floor = {
+            let above = per_hop(l4) - per_hop(relay);
+            if above >= 0.0 {
+                format!("takes {above:.1} µs per hop more than the relay")
+            } else {
+                format!(
+                    "took {:.1} µs per hop less than the relay in this run",
+                    -above
+                )
+            }
+        },
         rps = l4.rps_c16 / direct.rps_c16,
         bulk = l4.gbit.unwrap_or(f64::NAN) / direct.gbit.unwrap_or(f64::NAN),
         rss = pair(l4.rss_idle.as_ref()),

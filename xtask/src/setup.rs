@@ -119,11 +119,12 @@ fn phoenix() -> anyhow::Result<()> {
     )
 }
 
-/// Debian packages only the benchmarks use: the reference proxy and
-/// the load generators.
+/// Debian packages only the benchmarks use: the reference proxy, the
+/// load generators, and perf (to count the proxies' system calls).
 const BENCH_PACKAGES: &[&str] = &[
     "haproxy",
     "iperf3",
+    "linux-perf",
     "nghttp2-client",
     "nghttp2-server",
     "wrk",

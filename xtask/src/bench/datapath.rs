@@ -390,6 +390,9 @@ pub(crate) struct Figures {
     pub new_p50: f64,
     /// The proxies' CPU time (together) per 10,000 requests at c=16, ms.
     pub cpu_ms_per_10k: Option<f64>,
+    /// The proxies' system calls and context switches (together) per
+    /// request at c=1.
+    pub work: Option<Work>,
     /// Each proxy's RSS idle, and while `Scale::held` connections are
     /// held open through it, MiB.
     pub rss_idle: Option<Vec<f64>>,
@@ -410,6 +413,8 @@ impl Figures {
             "new_connections_per_second": self.new_per_second,
             "new_connection_p50_us": self.new_p50,
             "proxy_cpu_ms_per_10k_requests": self.cpu_ms_per_10k,
+            "proxy_syscalls_per_request": self.work.map(|w| w.syscalls),
+            "proxy_context_switches_per_request": self.work.map(|w| w.switches),
             "proxy_rss_idle_mib": self.rss_idle,
             "proxy_rss_held_mib": self.rss_held,
         })
@@ -525,6 +530,143 @@ fn rss_holding(
 }
 
 /// Each process's RSS, in MiB.
+/// What the proxies do in the kernel's view for each request: counts
+/// that, unlike latency, hardly move from one run to the next on a noisy
+/// machine, and say how many times a request crosses into the kernel and
+/// puts a process to sleep.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Work {
+    pub syscalls: f64,
+    pub switches: f64,
+}
+
+/// Counts the proxies' system calls and context switches with `perf stat`
+/// over a c=1 run of `requests` keep-alive requests.
+fn work_per_request(
+    cluster: &Cluster,
+    client: &str,
+    http: &str,
+    proxies: &[u32],
+    requests: usize,
+) -> anyhow::Result<Work> {
+    let pids: Vec<String> = proxies.iter().map(u32::to_string).collect();
+    // perf attaches to the proxies before it starts the client, and stops
+    // counting when the client exits; the client's own calls are not
+    // counted (only the processes named with -p).
+    let output = cluster
+        .pod_command(client, "perf")?
+        .args([
+            "stat",
+            "-x,",
+            "-e",
+            "raw_syscalls:sys_enter,context-switches",
+        ])
+        .args(["-p", &pids.join(","), "--"])
+        .arg(release_bin("mesh-pod"))
+        .args([
+            "bench-http",
+            "--to",
+            http,
+            "--requests",
+            &requests.to_string(),
+        ])
+        .output()
+        .context("running perf stat (Debian package linux-perf)")?;
+    ensure!(
+        output.status.success(),
+        "mesh-pod bench-http under perf stat failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stats = String::from_utf8_lossy(&output.stderr);
+    let count = |event: &str| -> anyhow::Result<f64> {
+        stats
+            .lines()
+            .map(|line| line.split(',').collect::<Vec<_>>())
+            .find(|fields| fields.get(2) == Some(&event))
+            .and_then(|fields| fields[0].parse::<f64>().ok())
+            .with_context(|| format!("perf stat counted no {event}: {stats}"))
+    };
+    let requests = requests as f64;
+    Ok(Work {
+        syscalls: count("raw_syscalls:sys_enter")? / requests,
+        switches: count("context-switches")? / requests,
+    })
+}
+
+/// The CPUs this process may run on, from `Cpus_allowed_list` ("0-3,6").
+fn allowed_cpus() -> anyhow::Result<Vec<u32>> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let list = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+        .context("no Cpus_allowed_list in /proc/self/status")?;
+    let mut cpus = Vec::new();
+    for range in list.trim().split(',') {
+        let (first, last) = range.split_once('-').unwrap_or((range, range));
+        cpus.extend(first.parse::<u32>()?..=last.parse::<u32>()?);
+    }
+    Ok(cpus)
+}
+
+/// Sets the CPUs a process's threads may run on.
+fn pin(pid: u32, cpus: &str) -> anyhow::Result<()> {
+    run::output(Command::new("taskset").args(["-a", "-p", "-c", cpus, &pid.to_string()])).map(drop)
+}
+
+/// Each simulated node's CPUs while the data path is measured; this
+/// process gets all of its CPUs back when it drops.
+struct Pinned {
+    nodes: [String; 2],
+    all: String,
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let _ = pin(std::process::id(), &self.all);
+    }
+}
+
+/// Gives each simulated node CPUs of its own, as two real nodes have:
+/// node0's pods and proxy on the first half of the CPUs, node1's on the
+/// second; this process (and so every client it starts from now on) on
+/// node0's. Without it the scheduler moves the six processes of a round
+/// trip freely over both CPUs, and a path's latency depends on where each
+/// wake-up happens to land. `None` with one CPU.
+fn pin_nodes(cluster: &Cluster, proxies: &[u32]) -> anyhow::Result<Option<Pinned>> {
+    let cpus = allowed_cpus()?;
+    if cpus.len() < 2 {
+        return Ok(None);
+    }
+    let list = |cpus: &[u32]| {
+        cpus.iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let (first, second) = cpus.split_at(cpus.len() / 2);
+    let pinned = Pinned {
+        nodes: [list(first), list(second)],
+        all: list(&cpus),
+    };
+    for (node, cpus) in pinned.nodes.iter().enumerate() {
+        let mut pids = vec![proxies[node]];
+        for pod in cluster.layout().pods.iter().filter(|pod| pod.node == node) {
+            let procs = std::fs::read_to_string(pod.cgroup.join("cgroup.procs"))?;
+            pids.extend(
+                procs
+                    .lines()
+                    .map(str::parse::<u32>)
+                    .collect::<Result<Vec<_>, _>>()?,
+            );
+        }
+        for pid in pids {
+            pin(pid, cpus)?;
+        }
+    }
+    pin(std::process::id(), &pinned.nodes[0])?;
+    Ok(Some(pinned))
+}
+
 fn rss_each(pids: &[u32]) -> anyhow::Result<Vec<f64>> {
     pids.iter().map(|pid| rss_mib(*pid)).collect()
 }
@@ -560,6 +702,9 @@ pub(crate) fn measure(
         "p50_us",
     )?;
     let percentile = |key: &str| c1[key].as_f64().unwrap_or(f64::NAN);
+    let work = (!proxies.is_empty())
+        .then(|| work_per_request(cluster, client, http, proxies, scale.requests_c1))
+        .transpose()?;
     let cpu_before = cpu_total(proxies)?;
     let mut requests_c16 = 0.0;
     let (rps_c16, _) = median_of(
@@ -616,6 +761,7 @@ pub(crate) fn measure(
         new_per_second,
         new_p50: fresh["p50_us"].as_f64().unwrap_or(f64::NAN),
         cpu_ms_per_10k,
+        work,
         rss_idle,
         rss_held,
     };
@@ -686,6 +832,21 @@ pub fn run(scale: Scale) -> anyhow::Result<super::Report> {
     )?;
     let mesh_pids: Vec<u32> = setup.nodes.iter().map(Process::id).collect();
     let haproxy_pids = haproxy.pids();
+    // MESH_BENCH_PIN=0 leaves the processes wherever the scheduler puts
+    // them, to compare.
+    let pinned = match std::env::var("MESH_BENCH_PIN").as_deref() {
+        Ok("0") => None,
+        _ => pin_nodes(cluster, &mesh_pids)?,
+    };
+    match &pinned {
+        Some(Pinned {
+            nodes: [node0, node1],
+            ..
+        }) => {
+            println!("    CPUs: node0's pods, proxy and the clients on {node0}; node1's on {node1}")
+        }
+        None => println!("    CPUs: not pinned"),
+    }
     let at = |namespace: &str, port: u16| -> anyhow::Result<String> {
         let server = cluster.pod(&format!("{namespace}/server"))?.ip4;
         Ok(SocketAddr::from((server, port)).to_string())
@@ -768,15 +929,23 @@ pub fn run(scale: Scale) -> anyhow::Result<super::Report> {
     drop(setup);
     cluster::teardown(CLUSTER)?;
     let _ = std::fs::remove_dir_all(&data_dir);
-    report(&figures, scale)
+    report(&figures, scale, pinned.as_ref())
 }
 
-fn report(figures: &[Figures], scale: Scale) -> anyhow::Result<super::Report> {
+fn report(
+    figures: &[Figures],
+    scale: Scale,
+    pinned: Option<&Pinned>,
+) -> anyhow::Result<super::Report> {
     let [direct, l4, l7, haproxy, relay] = figures else {
         bail!("five paths measured, not {}", figures.len());
     };
     let all = |f: fn(&Figures) -> Option<f64>| [f(direct), f(l4), f(l7), f(haproxy), f(relay)];
     let per_hop = |path: &Figures| (path.p50 - direct.p50) / 2.0;
+    let counted = |path: &Figures, count: fn(Work) -> f64| {
+        path.work
+            .map_or("—".to_owned(), |work| format!("{:.1}", count(work)))
+    };
     let mut table = String::from(
         "| | direct | mesh L4 | mesh L7 | HAProxy | TCP relay | L4 ÷ direct | L7 ÷ direct | relay ÷ direct | L4 ÷ HAProxy | L7 ÷ HAProxy |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
@@ -812,6 +981,18 @@ fn report(figures: &[Figures], scale: Scale) -> anyhow::Result<super::Report> {
         "proxies' CPU ms per 10k requests (c=16)",
         all(|f| f.cpu_ms_per_10k),
         0,
+        true,
+    );
+    table += &row(
+        "proxies' system calls per request (c=1)",
+        all(|f| f.work.map(|w| w.syscalls)),
+        1,
+        true,
+    );
+    table += &row(
+        "proxies' context switches per request (c=1)",
+        all(|f| f.work.map(|w| w.switches)),
+        1,
         true,
     );
     table += &format!(
@@ -870,8 +1051,10 @@ fn report(figures: &[Figures], scale: Scale) -> anyhow::Result<super::Report> {
          h2load (16 connections × 10 streams, {seconds} s, to nghttpd); bulk: iperf3, one\n\
          TCP connection, {seconds} s; new connections: {new} requests at c=16, each on a\n\
          connection of its own, timed from connect() to the end of the answer. The\n\
-         proxies' CPU time is read from /proc over the c=16 runs; RSS with\n\
-         {held} connections held open to an echo server.\n\n\
+         proxies' CPU time is read from /proc over the c=16 runs, their system\n\
+         calls and context switches counted by `perf stat` over one more c=1 run\n\
+         of {c1} requests; RSS with {held} connections held open to an echo\n\
+         server. {pinning}\n\n\
          {table}\n\
          HAProxy works request by request, so its like is mesh L7. Against mesh L4\n\
          it is a yardstick, not a peer: it reuses its connections to the server\n\
@@ -894,18 +1077,21 @@ fn report(figures: &[Figures], scale: Scale) -> anyhow::Result<super::Report> {
          proxies add {l4_p90:.0} µs at c=1 P90 on the L4 path and {l7_p90:.0} µs on the L7\n\
          path (one request at a time, not a fixed rate); ztunnel idles at about\n\
          12 MB RSS — here {rss} MiB.\n\n\
-         All paths share the machine's 2 cores with the client, the server\n\
-         and the kernel's forwarding, so the proxied rows also pay for the\n\
-         proxies' CPU time competing with the client and the server. Single runs\n\
-         on this shared VM move by 20 % or more from one run to the next, whole\n\
-         runs too: full runs of the same L4 path on 2026-11-28 and 2026-11-29 gave\n\
-         63.2 and 26.1 µs per hop, 0.44× and 0.55× direct at c=16, 0.42× and 0.48×\n\
-         in bulk. Read the ratios, measured side by side, rather than the\n\
-         absolutes, and one run as one sample. Much of\n\
-         every path's latency is the vCPUs waking from idle: with both kept busy\n\
-         by a spinning process at the lowest priority (2026-11-28, by hand), direct's\n\
-         c=1 p50 fell from 70–87 µs to 25–28 µs, and the L4 path's from\n\
-         126–137 µs to 100–123 µs.\n\n\
+         Latency on this VM is mostly the cost of one process waking another,\n\
+         and that cost depends on where the two run: on the same vCPU a\n\
+         wake-up takes microseconds; across vCPUs it goes through the\n\
+         hypervisor (this VM halts an idle vCPU without polling first,\n\
+         `haltpoll.guest_halt_poll_ns=0`) and takes tens. Left to the scheduler\n\
+         (`MESH_BENCH_PIN=0`; three quick runs each way, alternating, Intel Xeon,\n\
+         2026-11-29), direct's own c=1 p50 moved between 13 and 107 µs from one\n\
+         run to the next, and the L4 path's added latency between 45 and 99 µs\n\
+         per hop; pinned as above, 13 to 38 µs per hop. Throughput moves the\n\
+         other way: pinned, node0's one CPU runs both the load generator and the\n\
+         node proxy, where unpinned the scheduler spreads them over both: L4 at\n\
+         c=16 kept 0.34–0.49× direct pinned against 0.42–0.47× unpinned, and\n\
+         0.37–0.40× in bulk against 0.43–0.51×. Single runs move by 20 % or more\n\
+         either way: read the ratios, measured side by side, rather than the\n\
+         absolutes, and one run as one sample.\n\n\
          Where a proxy's time goes (perf on both proxies, 2026-11-27;\n\
          `MESH_BENCH_PERF=FILE cargo xtask bench datapath` records node0's during\n\
          the L4 path, or the one `MESH_BENCH_PERF_PATH` names, with DWARF call\n\
@@ -915,8 +1101,13 @@ fn report(figures: &[Figures], scale: Scale) -> anyhow::Result<super::Report> {
          → `_raw_spin_unlock_irqrestore`, 11–19 %) and switching tasks\n   \
          (`finish_task_switch`, 11–12 %, mostly the proxy preempted on its way out\n   \
          of `send` by the task it woke). A round trip through the mesh wakes six\n   \
-         processes where direct wakes two, on 2 vCPUs. Done: the node proxy runs\n   \
-         one worker thread here (half its CPU per request against two).\n\
+         processes where direct wakes two. Done: the node proxy runs one worker\n   \
+         thread here (half its CPU per request against two). Little is left to\n   \
+         cut in the proxy's own calls: the L4 path's two proxies make {l4_calls}\n   \
+         system calls and {l4_switches} context switches per request at c=1, where\n   \
+         two processes that each read and write once each way and sleep in\n   \
+         between (epoll) need 12 and 4; HAProxy makes {ha_calls} and {ha_switches}, the\n   \
+         plain relay {relay_calls} and {relay_switches}.\n\
          2. **The kernel's TCP for the extra legs**, about half: each proxy adds a\n   \
          loopback leg (the pod to the proxy's listener) and a tunnel leg, with\n   \
          their copies (`_copy_to_iter`/`_copy_from_iter`, 15 % in bulk) and softirq\n   \
@@ -979,6 +1170,27 @@ fn report(figures: &[Figures], scale: Scale) -> anyhow::Result<super::Report> {
         l4_p90 = l4.p90 - direct.p90,
         l7_p90 = l7.p90 - direct.p90,
         machine = super::machine(),
+        pinning = match pinned {
+            Some(Pinned {
+                nodes: [node0, node1],
+                ..
+            }) => format!(
+                "Each simulated node has CPUs of its own, as real nodes do (`taskset`):\n\
+                 node0's pods, its proxy and the clients on CPU {node0}, node1's pods and\n\
+                 proxy on CPU {node1}. A node proxy's CPU time comes out of its own\n\
+                 node's budget (direct's client and server have a CPU each to\n\
+                 themselves; the mesh's share theirs with their node's proxy), and every\n\
+                 path crosses between the CPUs once each way, as traffic crosses\n\
+                 between nodes."
+            ),
+            None => "With one CPU, nothing is pinned.".to_owned(),
+        },
+        l4_calls = counted(l4, |w| w.syscalls),
+        l4_switches = counted(l4, |w| w.switches),
+        ha_calls = counted(haproxy, |w| w.syscalls),
+        ha_switches = counted(haproxy, |w| w.switches),
+        relay_calls = counted(relay, |w| w.syscalls),
+        relay_switches = counted(relay, |w| w.switches),
     );
     Ok(super::Report {
         name: "datapath",

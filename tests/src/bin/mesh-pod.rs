@@ -1643,6 +1643,11 @@ fn bench_http(
     // The rate counts the timed requests over the whole run, warm-up
     // included in the time: a slight underestimate, never an overestimate.
     let elapsed = started.elapsed().as_secs_f64();
+    let warm_up = if new_connections {
+        0
+    } else {
+        connections * (per_connection / 10)
+    };
     samples.sort();
     let micros = |q: f64| {
         let index = ((samples.len() as f64 * q) as usize).min(samples.len() - 1);
@@ -1654,6 +1659,8 @@ fn bench_http(
             "to": to.to_string(),
             "connections": connections,
             "requests": samples.len(),
+            // Timed or not: what the path carried.
+            "sent": samples.len() + warm_up,
             "min_us": micros(0.0),
             "p50_us": micros(0.50),
             "p90_us": micros(0.90),

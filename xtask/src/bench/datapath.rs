@@ -577,6 +577,10 @@ fn work_per_request(
         "mesh-pod bench-http under perf stat failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+    // The warm-up requests count too: the proxies carried them.
+    let sent = serde_json::from_slice::<serde_json::Value>(&output.stdout)?["sent"]
+        .as_f64()
+        .context("bench-http printed no count of requests sent")?;
     let stats = String::from_utf8_lossy(&output.stderr);
     let count = |event: &str| -> anyhow::Result<f64> {
         stats
@@ -586,10 +590,9 @@ fn work_per_request(
             .and_then(|fields| fields[0].parse::<f64>().ok())
             .with_context(|| format!("perf stat counted no {event}: {stats}"))
     };
-    let requests = requests as f64;
     Ok(Work {
-        syscalls: count("raw_syscalls:sys_enter")? / requests,
-        switches: count("context-switches")? / requests,
+        syscalls: count("raw_syscalls:sys_enter")? / sent,
+        switches: count("context-switches")? / sent,
     })
 }
 
@@ -1089,9 +1092,12 @@ fn report(
          other way: pinned, node0's one CPU runs both the load generator and the\n\
          node proxy, where unpinned the scheduler spreads them over both: L4 at\n\
          c=16 kept 0.34–0.49× direct pinned against 0.42–0.47× unpinned, and\n\
-         0.37–0.40× in bulk against 0.43–0.51×. Single runs move by 20 % or more\n\
-         either way: read the ratios, measured side by side, rather than the\n\
-         absolutes, and one run as one sample.\n\n\
+         0.37–0.40× in bulk against 0.43–0.51×. Whole runs move too: two full\n\
+         runs pinned, ten minutes apart, gave 14.1 and 43.3 µs per hop, 0.49×\n\
+         and 0.39× at c=16, 0.53× and 0.42× in bulk, while the proxies' system\n\
+         calls and context switches per request stayed the same. Read the ratios,\n\
+         measured side by side, rather than the absolutes, and one run as one\n\
+         sample.\n\n\
          Where a proxy's time goes (perf on both proxies, 2026-11-27;\n\
          `MESH_BENCH_PERF=FILE cargo xtask bench datapath` records node0's during\n\
          the L4 path, or the one `MESH_BENCH_PERF_PATH` names, with DWARF call\n\
@@ -1102,12 +1108,16 @@ fn report(
          (`finish_task_switch`, 11–12 %, mostly the proxy preempted on its way out\n   \
          of `send` by the task it woke). A round trip through the mesh wakes six\n   \
          processes where direct wakes two. Done: the node proxy runs one worker\n   \
-         thread here (half its CPU per request against two). Little is left to\n   \
-         cut in the proxy's own calls: the L4 path's two proxies make {l4_calls}\n   \
-         system calls and {l4_switches} context switches per request at c=1, where\n   \
-         two processes that each read and write once each way and sleep in\n   \
-         between (epoll) need 12 and 4; HAProxy makes {ha_calls} and {ha_switches}, the\n   \
-         plain relay {relay_calls} and {relay_switches}.\n\
+         thread here (half its CPU per request against two). Nothing is left to\n   \
+         cut in the proxy's own calls at c=1: the L4 path's two proxies make\n   \
+         {l4_calls} system calls and {l4_switches} context switches per request, the floor\n   \
+         for two processes that each read and write once each way and sleep in\n   \
+         between: 12 and 4. Per proxy and direction that is one `recvfrom`, one\n   \
+         write (`writev` into the tunnel, `sendto` to the application) and one\n   \
+         `epoll_wait` (perf record, 2026-11-29). HAProxy makes {ha_calls} and\n   \
+         {ha_switches} (2.7 reads per proxy and direction, and `clock_gettime` as\n   \
+         a system call about ten times a request), the plain relay {relay_calls} and\n   \
+         {relay_switches}.\n\
          2. **The kernel's TCP for the extra legs**, about half: each proxy adds a\n   \
          loopback leg (the pod to the proxy's listener) and a tunnel leg, with\n   \
          their copies (`_copy_to_iter`/`_copy_from_iter`, 15 % in bulk) and softirq\n   \

@@ -529,7 +529,6 @@ fn rss_holding(
     Ok(rss)
 }
 
-/// Each process's RSS, in MiB.
 /// What the proxies do in the kernel's view for each request: counts
 /// that, unlike latency, hardly move from one run to the next on a noisy
 /// machine, and say how many times a request crosses into the kernel and
@@ -670,6 +669,7 @@ fn pin_nodes(cluster: &Cluster, proxies: &[u32]) -> anyhow::Result<Option<Pinned
     Ok(Some(pinned))
 }
 
+/// Each process's RSS, in MiB.
 fn rss_each(pids: &[u32]) -> anyhow::Result<Vec<f64>> {
     pids.iter().map(|pid| rss_mib(*pid)).collect()
 }
@@ -1193,7 +1193,9 @@ fn report(
                  path crosses between the CPUs once each way, as traffic crosses\n\
                  between nodes."
             ),
-            None => "With one CPU, nothing is pinned.".to_owned(),
+            None => "Nothing is pinned (`MESH_BENCH_PIN=0`, or one CPU): the scheduler\n\
+                     places every process."
+                .to_owned(),
         },
         l4_calls = counted(l4, |w| w.syscalls),
         l4_switches = counted(l4, |w| w.switches),

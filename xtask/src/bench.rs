@@ -226,7 +226,11 @@ pub(crate) fn machine() -> String {
                 .map(|(_, v)| v.trim().to_owned())
         })
         .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    // The CPUs online, not the ones this process may use: the data path
+    // benchmark pins itself to one while it writes its report.
+    let cores = fs::read_to_string("/proc/cpuinfo").map_or(0, |info| {
+        info.lines().filter(|l| l.starts_with("processor")).count()
+    });
     let date = Command::new("date")
         .arg("-u")
         .arg("+%Y-%m-%d")

@@ -669,6 +669,54 @@ fn pin_nodes(cluster: &Cluster, proxies: &[u32]) -> anyhow::Result<Option<Pinned
     Ok(Some(pinned))
 }
 
+/// Where a KVM guest's cpuidle-haltpoll driver keeps how long an idle
+/// vCPU polls before it halts; the file is there only in such a guest.
+const HALT_POLL: &str = "/sys/module/haltpoll/parameters/guest_halt_poll_ns";
+/// The kernel's default for it.
+const HALT_POLL_DEFAULT_NS: u64 = 200_000;
+
+/// Idle vCPUs polling for the kernel's default time while the data path
+/// is measured, when the VM was booted with less; the VM's own setting
+/// comes back when this drops.
+///
+/// A halted vCPU is woken through the hypervisor, which takes tens of µs
+/// here, and how often that happens in a round trip depends on timing
+/// (direct's own c=1 p50 moved between 13 and 107 µs from one run to the
+/// next): that cost would swamp the tens of µs a proxy hop adds. A polling
+/// vCPU sees the wake-up at once, as a guest on the kernel's defaults does.
+struct HaltPolling {
+    before: u64,
+}
+
+impl HaltPolling {
+    /// `None` when there is nothing to change: not a haltpoll guest, it
+    /// already polls as long, or `MESH_BENCH_HALT_POLL=keep`.
+    fn set() -> anyhow::Result<Option<Self>> {
+        if std::env::var("MESH_BENCH_HALT_POLL").as_deref() == Ok("keep") {
+            return Ok(None);
+        }
+        let Ok(text) = std::fs::read_to_string(HALT_POLL) else {
+            return Ok(None);
+        };
+        let before: u64 = text
+            .trim()
+            .parse()
+            .with_context(|| format!("{HALT_POLL} holds {text:?}"))?;
+        if before >= HALT_POLL_DEFAULT_NS {
+            return Ok(None);
+        }
+        std::fs::write(HALT_POLL, HALT_POLL_DEFAULT_NS.to_string())
+            .with_context(|| format!("writing {HALT_POLL}"))?;
+        Ok(Some(Self { before }))
+    }
+}
+
+impl Drop for HaltPolling {
+    fn drop(&mut self) {
+        let _ = std::fs::write(HALT_POLL, self.before.to_string());
+    }
+}
+
 /// Each process's RSS, in MiB.
 fn rss_each(pids: &[u32]) -> anyhow::Result<Vec<f64>> {
     pids.iter().map(|pid| rss_mib(*pid)).collect()
@@ -850,6 +898,12 @@ pub fn run(scale: Scale) -> anyhow::Result<super::Report> {
         }
         None => println!("    CPUs: not pinned"),
     }
+    let polling = HaltPolling::set()?;
+    if let Some(HaltPolling { before }) = &polling {
+        println!(
+            "    idle vCPUs poll for {HALT_POLL_DEFAULT_NS} ns before halting while this runs (the kernel's default; this VM's {before} ns comes back afterwards; MESH_BENCH_HALT_POLL=keep leaves it)"
+        );
+    }
     let at = |namespace: &str, port: u16| -> anyhow::Result<String> {
         let server = cluster.pod(&format!("{namespace}/server"))?.ip4;
         Ok(SocketAddr::from((server, port)).to_string())
@@ -932,13 +986,14 @@ pub fn run(scale: Scale) -> anyhow::Result<super::Report> {
     drop(setup);
     cluster::teardown(CLUSTER)?;
     let _ = std::fs::remove_dir_all(&data_dir);
-    report(&figures, scale, pinned.as_ref())
+    report(&figures, scale, pinned.as_ref(), polling.as_ref())
 }
 
 fn report(
     figures: &[Figures],
     scale: Scale,
     pinned: Option<&Pinned>,
+    polling: Option<&HaltPolling>,
 ) -> anyhow::Result<super::Report> {
     let [direct, l4, l7, haproxy, relay] = figures else {
         bail!("five paths measured, not {}", figures.len());
@@ -1080,24 +1135,29 @@ fn report(
          proxies add {l4_p90:.0} µs at c=1 P90 on the L4 path and {l7_p90:.0} µs on the L7\n\
          path (one request at a time, not a fixed rate); ztunnel idles at about\n\
          12 MB RSS — here {rss} MiB.\n\n\
-         Latency on this VM is mostly the cost of one process waking another,\n\
-         and that cost depends on where the two run: on the same vCPU a\n\
-         wake-up takes microseconds; across vCPUs it goes through the\n\
-         hypervisor (this VM halts an idle vCPU without polling first,\n\
-         `haltpoll.guest_halt_poll_ns=0`) and takes tens. Left to the scheduler\n\
-         (`MESH_BENCH_PIN=0`; three quick runs each way, alternating, Intel Xeon,\n\
-         2026-11-29), direct's own c=1 p50 moved between 13 and 107 µs from one\n\
-         run to the next, and the L4 path's added latency between 45 and 99 µs\n\
-         per hop; pinned as above, 13 to 38 µs per hop. Throughput moves the\n\
-         other way: pinned, node0's one CPU runs both the load generator and the\n\
-         node proxy, where unpinned the scheduler spreads them over both: L4 at\n\
-         c=16 kept 0.34–0.49× direct pinned against 0.42–0.47× unpinned, and\n\
-         0.37–0.40× in bulk against 0.43–0.51×. Whole runs move too: two full\n\
-         runs pinned, ten minutes apart, gave 14.1 and 43.3 µs per hop, 0.49×\n\
-         and 0.39× at c=16, 0.53× and 0.42× in bulk, while the proxies' system\n\
-         calls and context switches per request stayed the same. Read the ratios,\n\
-         measured side by side, rather than the absolutes, and one run as one\n\
-         sample.\n\n\
+         Latency on this VM is mostly the cost of one process waking another\n\
+         on a vCPU that has gone idle. This VM boots with\n\
+         `haltpoll.guest_halt_poll_ns=0`: an idle vCPU halts at once and is\n\
+         woken through the hypervisor, which takes tens of µs, and how often\n\
+         that happens in a round trip depends on timing. The kernel's default\n\
+         is to poll for up to 200 µs before halting, as a guest left on its\n\
+         defaults does; {idle} Four quick runs alternating the two settings\n\
+         (pinned, Intel Xeon, 2026-11-29): polling, direct's c=1 p50 was 20.5\n\
+         and 16.5 µs, the L4 path added 11.1 and 14.5 µs per hop and kept\n\
+         0.67× and 0.64× direct's requests/s at c=16; halting at once, direct's\n\
+         p50 was 96.9 and 70.8 µs, the L4 path added 20.2 and 24.2 µs per hop\n\
+         and kept 0.52× and 0.47×. Throughput gains because node0's CPU,\n\
+         shared by the load generator and the node proxy, no longer loses tens\n\
+         of µs each time both wait on node1; HAProxy's c=16 rate rose as much\n\
+         (37,900–39,100 to 51,400–53,800). Bulk moved little either way\n\
+         (0.41–0.46× direct), nor did direct's throughput. Halting at once,\n\
+         runs also moved far more: two full runs ten minutes apart gave 14.1\n\
+         and 43.3 µs per hop, 0.49× and 0.39× at c=16, while the proxies'\n\
+         system calls and context switches per request stayed the same; left\n\
+         to the scheduler as well (`MESH_BENCH_PIN=0`), direct's own c=1 p50\n\
+         moved between 13 and 107 µs from one quick run to the next. Read the\n\
+         ratios, measured side by side, rather than the absolutes, and one run\n\
+         as one sample.\n\n\
          Where a proxy's time goes (perf on both proxies, 2026-11-27;\n\
          `MESH_BENCH_PERF=FILE cargo xtask bench datapath` records node0's during\n\
          the L4 path, or the one `MESH_BENCH_PERF_PATH` names, with DWARF call\n\
@@ -1147,6 +1207,22 @@ fn report(
          is gone since 2026-11-28 (a read is frozen into the frame as it is);\n   \
          the one run after it moved bulk from 0.35× to 0.41× direct, within\n   \
          this machine's run-to-run spread, so not proven by itself.\n\n\
+         Bulk is where the L4 path is furthest from its target, and the limit\n\
+         is node0's CPU (`perf record -a` over one L4 iperf3 run, 2026-11-29):\n\
+         of node0's busy time, 88 % went to its node proxy and 11 % to iperf3\n\
+         itself. In the proxy the kernel dominates: sending each segment on\n\
+         through veth, bridge and fabric, whose receive side (softirq) runs on\n\
+         the sender's CPU (about a third of the proxy's time), and reading the\n\
+         pod's bytes off the loopback leg (`_copy_to_iter`, 13 %); AES-GCM is\n\
+         12 % and `memmove` 5 %. Direct's CPU 0 carries one send and one\n\
+         delivery per byte, the mesh's two of each plus the read and the\n\
+         encryption. Two ways to cut that are not open here: kernel TLS, which\n\
+         would let the kernel encrypt while it copies, is not built into this\n\
+         kernel (`CONFIG_TLS` is not set), and reading the tunnel 64 KiB at a\n\
+         time (rustls reads 4 KiB per call) left bulk at 0.40× and 0.43× in two\n\
+         quick runs, against 0.41× and 0.46× without it, so it was not kept.\n\
+         What is left is the loopback leg, which a sockmap could take out of\n\
+         TCP (item 2).\n\n\
          The c=64 load found a defect, fixed: with more requests in flight to one\n\
          upstream than its pool kept idle (32), the proxy opened and closed a\n\
          connection per request, and the TIME_WAIT sockets left in the pod made\n\
@@ -1195,6 +1271,16 @@ fn report(
             ),
             None => "Nothing is pinned (`MESH_BENCH_PIN=0`, or one CPU): the scheduler\n\
                      places every process."
+                .to_owned(),
+        },
+        idle = match polling {
+            Some(HaltPolling { before }) => format!(
+                "this run set it (`guest_halt_poll_ns` {before} → {HALT_POLL_DEFAULT_NS}) and put\n\
+                 the VM's own setting back afterwards (`MESH_BENCH_HALT_POLL=keep`\n\
+                 leaves it)."
+            ),
+            None => "this run left the machine's setting as it was (already polling,\n\
+                     not a haltpoll guest, or `MESH_BENCH_HALT_POLL=keep`)."
                 .to_owned(),
         },
         l4_calls = counted(l4, |w| w.syscalls),

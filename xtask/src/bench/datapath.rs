@@ -1146,10 +1146,10 @@ fn report(
          and 16.5 µs, the L4 path added 11.1 and 14.5 µs per hop and kept\n\
          0.67× and 0.64× direct's requests/s at c=16; halting at once, direct's\n\
          p50 was 96.9 and 70.8 µs, the L4 path added 20.2 and 24.2 µs per hop\n\
-         and kept 0.52× and 0.47×. Throughput gains because node0's CPU,\n\
-         shared by the load generator and the node proxy, no longer loses tens\n\
-         of µs each time both wait on node1; HAProxy's c=16 rate rose as much\n\
-         (37,900–39,100 to 51,400–53,800). Bulk moved little either way\n\
+         and kept 0.52× and 0.47×. Throughput gains because a CPU whose\n\
+         processes all wait on the other node no longer loses tens of µs each\n\
+         time it is woken; HAProxy's c=16 rate rose as much (37,900–39,100 to\n\
+         51,400–53,800). Bulk moved little either way\n\
          (0.41–0.46× direct), nor did direct's throughput. Halting at once,\n\
          runs also moved far more: two full runs ten minutes apart gave 14.1\n\
          and 43.3 µs per hop, 0.49× and 0.39× at c=16, while the proxies'\n\
@@ -1223,6 +1223,15 @@ fn report(
          quick runs, against 0.41× and 0.46× without it, so it was not kept.\n\
          What is left is the loopback leg, which a sockmap could take out of\n\
          TCP (item 2).\n\n\
+         At c=64 the L4 path keeps less than at c=16 (0.49× direct in the full\n\
+         run above, 0.44–0.55× in quick runs), where the TCP relay keeps the\n\
+         same. Node1's CPU limits both loads (node0's idled about half the time;\n\
+         `perf record -a` over one quick run's c=16 and c=64 loads, 2026-11-29),\n\
+         and at c=64 the server, a thread per connection, took 44 % of node1's\n\
+         CPU against 30 % at c=16 while it answered fewer requests: 64 threads\n\
+         share that CPU with the node proxy. Giving wrk one thread per CPU it\n\
+         may use, instead of two on its one CPU, moved c=64 by no more than the\n\
+         noise (two quick runs); it was not kept. Not looked into further.\n\n\
          The c=64 load found a defect, fixed: with more requests in flight to one\n\
          upstream than its pool kept idle (32), the proxy opened and closed a\n\
          connection per request, and the TIME_WAIT sockets left in the pod made\n\

@@ -1221,8 +1221,12 @@ fn report(
          kernel (`CONFIG_TLS` is not set), and reading the tunnel 64 KiB at a\n\
          time (rustls reads 4 KiB per call) left bulk at 0.40× and 0.43× in two\n\
          quick runs, against 0.41× and 0.46× without it, so it was not kept.\n\
-         What is left is the loopback leg, which a sockmap could take out of\n\
-         TCP (item 2).\n\n\
+         Nor was steering each node's receive work to its own CPU (RPS on its\n\
+         fabric link), as on two real machines: the hand-off between the\n\
+         vCPUs cost every path more than it moved, direct's bulk falling from\n\
+         14 to 8.5 Gbit/s (the L4 path kept 0.51× and 0.55× of that, two quick\n\
+         runs). What is left is the loopback leg, which a sockmap could take\n\
+         out of TCP (item 2).\n\n\
          At c=64 the L4 path keeps less than at c=16 (0.49× direct in the full\n\
          run above, 0.44–0.55× in quick runs), where the TCP relay keeps the\n\
          same. Node1's CPU limits both loads (node0's idled about half the time;\n\

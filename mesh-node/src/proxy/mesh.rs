@@ -723,11 +723,14 @@ async fn serve_tunnels(
         tokio_rustls::TlsAcceptor::from(config).accept(stream),
     )
     .await;
-    let tls = match accepted {
+    let mut tls = match accepted {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => return refuse(&format!("TLS: {error}")),
         Err(_) => return refuse("TLS handshake timed out"),
     };
+    tls.get_mut()
+        .1
+        .set_buffer_limit(Some(hbone::TLS_WRITE_BUFFER));
     let (_, connection) = tls.get_ref();
     if connection.alpn_protocol() != Some(hbone::ALPN) {
         return refuse("the client did not ask for HTTP/2");

@@ -1208,7 +1208,8 @@ fn report(
          the one run after it moved bulk from 0.35× to 0.41× direct, within\n   \
          this machine's run-to-run spread, so not proven by itself.\n\n\
          Bulk is where the L4 path is furthest from its target, and the limit\n\
-         is node0's CPU (`perf record -a` over one L4 iperf3 run, 2026-11-29):\n\
+         is node0's CPU (`perf record -a` over one L4 iperf3 run, 2026-11-29,\n\
+         before the change below):\n\
          of node0's busy time, 88 % went to its node proxy and 11 % to iperf3\n\
          itself. In the proxy the kernel dominates: sending each segment on\n\
          through veth, bridge and fabric, whose receive side (softirq) runs on\n\
@@ -1225,10 +1226,14 @@ fn report(
          fabric link), as on two real machines: the hand-off between the\n\
          vCPUs cost every path more than it moved, direct's bulk falling from\n\
          14 to 8.5 Gbit/s (the L4 path kept 0.51× and 0.55× of that, two quick\n\
-         runs). What is left is the loopback leg, which a sockmap could take\n\
-         out of TCP (item 2).\n\n\
-         At c=64 the L4 path keeps less than at c=16 (0.49× direct in the full\n\
-         run above, 0.44–0.55× in quick runs), where the TCP relay keeps the\n\
+         runs). Done: a tunnel's TLS session may hold 256 KiB of records for\n\
+         its socket, where rustls's default is 64 KiB, so a bulk read (256 KiB)\n\
+         goes out in one write: bulk kept 0.48–0.50× direct against\n\
+         0.41–0.46× before (three quick runs each, alternating, 2026-11-29),\n\
+         with c=1 and c=16 as they were. What is left is the loopback leg,\n\
+         which a sockmap could take out of TCP (item 2), and the copies.\n\n\
+         At c=64 the L4 path keeps less than at c=16 (0.49×, 0.49× and 0.52×\n\
+         direct in three full runs, 0.44–0.55× in quick runs), where the TCP relay keeps the\n\
          same. Node1's CPU limits both loads (node0's idled about half the time;\n\
          `perf record -a` over one quick run's c=16 and c=64 loads, 2026-11-29),\n\
          and at c=64 the server, a thread per connection, took 44 % of node1's\n\

@@ -2,8 +2,10 @@
 //! time: a day-long certificate is renewed at about 19.2 h, the old one is
 //! kept through the overlap and then retired, a CA outage is ridden out on
 //! the still-valid certificate and renewed at once when the CA is said to
-//! be back, and an expiry during a long outage is reported. In real time: mTLS connections over loopback keep succeeding
-//! while 12-second certificates rotate under them.
+//! be back, and an expiry during a long outage is reported. In real time:
+//! mTLS connections over loopback keep succeeding while 12-second
+//! certificates rotate under them. In memory: the tunnel configurations
+//! settle on AES-128-GCM.
 
 use std::{
     sync::{
@@ -367,5 +369,92 @@ async fn mtls_keeps_working_across_two_rotations() {
     assert!(
         distinct >= 3,
         "the server presented {distinct} certificates over {attempts} connections"
+    );
+}
+
+/// Drives a handshake between two in-memory connections to its end.
+fn handshake(
+    client: &mut rustls::ClientConnection,
+    server: &mut rustls::ServerConnection,
+) -> Result<(), rustls::Error> {
+    let mut wire = Vec::new();
+    while client.is_handshaking() || server.is_handshaking() {
+        let mut moved = false;
+        while client.wants_write() {
+            client.write_tls(&mut wire).unwrap();
+            server.read_tls(&mut wire.as_slice()).unwrap();
+            wire.clear();
+            server.process_new_packets()?;
+            moved = true;
+        }
+        while server.wants_write() {
+            server.write_tls(&mut wire).unwrap();
+            client.read_tls(&mut wire.as_slice()).unwrap();
+            wire.clear();
+            client.process_new_packets()?;
+            moved = true;
+        }
+        assert!(moved, "the handshake stalled");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn tunnels_settle_on_aes_128_gcm_and_accept_a_peer_preferring_aes_256() {
+    use mesh_node::identity::tls;
+    let clock = Clock::system();
+    let ca = test_ca(clock, HOUR);
+    let server = CertManager::start(
+        "shop/reviews",
+        workload(&ca, reviews()),
+        RotationConfig::default(),
+        clock,
+    );
+    let client = CertManager::start(
+        "shop/frontend",
+        workload(&ca, frontend()),
+        RotationConfig::default(),
+        clock,
+    );
+    first_certificate(&mut server.subscribe()).await;
+    first_certificate(&mut client.subscribe()).await;
+    let bundle = ca.ca.bundle();
+    let server_config = tls::server_config(server.subscribe(), bundle.clone()).unwrap();
+    let client_config = tls::client_config(client.subscribe(), bundle.clone(), reviews()).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+
+    let mut ours = rustls::ClientConnection::new(client_config.clone(), name.clone()).unwrap();
+    let mut accepted = rustls::ServerConnection::new(server_config.clone()).unwrap();
+    handshake(&mut ours, &mut accepted).unwrap();
+    for suite in [
+        ours.negotiated_cipher_suite(),
+        accepted.negotiated_cipher_suite(),
+    ] {
+        assert_eq!(
+            suite.map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
+    }
+
+    // A client on the library's default order (AES-256-GCM first) gets
+    // what it asks for: the server follows the client's order.
+    let theirs = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(
+        SpiffeVerifier::new(bundle)
+            .expecting(reviews())
+            .into_server_verifier(),
+    )
+    .with_client_cert_resolver(client_config.client_auth_cert_resolver.clone());
+    let mut other = rustls::ClientConnection::new(Arc::new(theirs), name).unwrap();
+    let mut accepted = rustls::ServerConnection::new(server_config).unwrap();
+    handshake(&mut other, &mut accepted).unwrap();
+    assert_eq!(
+        accepted.negotiated_cipher_suite().map(|s| s.suite()),
+        Some(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384)
     );
 }

@@ -1207,7 +1207,7 @@ fn report(
          is gone since 2026-11-28 (a read is frozen into the frame as it is);\n   \
          the one run after it moved bulk from 0.35× to 0.41× direct, within\n   \
          this machine's run-to-run spread, so not proven by itself.\n\n\
-         Bulk is where the L4 path is furthest from its target, and the limit\n\
+         Bulk is where the L4 path has the least margin over its target; the limit\n\
          is node0's CPU (`perf record -a` over one L4 iperf3 run, 2026-11-29,\n\
          before the change below):\n\
          of node0's busy time, 88 % went to its node proxy and 11 % to iperf3\n\
@@ -1230,8 +1230,26 @@ fn report(
          its socket, where rustls's default is 64 KiB, so a bulk read (256 KiB)\n\
          goes out in one write: bulk kept 0.48–0.50× direct against\n\
          0.41–0.46× before (three quick runs each, alternating, 2026-11-29),\n\
-         with c=1 and c=16 as they were. What is left is the loopback leg,\n\
-         which a sockmap could take out of TCP (item 2), and the copies.\n\n\
+         with c=1 and c=16 as they were. Also done: the tunnels offer AES-128-GCM\n\
+         first, where rustls's order put AES-256-GCM first; sealing 16 KiB\n\
+         records on one vCPU ran at 9.6 GB/s against 8.0. In five alternating\n\
+         5 s bulk runs each of direct and L4 (2026-11-29), bulk kept a median\n\
+         0.498× direct before and 0.506× after; three full runs after it kept\n\
+         0.52×, 0.52× and 0.51×. Tried and not kept: aws-lc in\n\
+         place of ring. Its AVX-512 AES-GCM sealed at 14.4 GB/s and bulk kept\n\
+         0.516× (0.514–0.534, five runs; 0.51× and 0.52× in two full runs), but\n\
+         the proxy's idle RSS rose by about 1 MiB, to 15.2 / 15.6 and 14.9 /\n\
+         15.3 MiB, over the 15 MiB target: its AVX-512 AES-GCM encryption and\n\
+         decryption are 340 KiB of code each, and the proxy's code is almost all\n\
+         resident. A profile of\n\
+         node0's proxy over one L4 bulk run (`perf record -a`, on aws-lc) put\n\
+         45 % of its time in sending into the tunnel (the copy 11 %; most of\n\
+         the rest is the kernel carrying each segment through veth and bridge\n\
+         and delivering it to node1's proxy, on the sender's CPU), 22 % in\n\
+         reading the pod's bytes (the copy 16 %) and 19 % in encrypting (sealing\n\
+         11 %, copying each record's plaintext into place 6 %). What is left is\n\
+         the loopback leg, which a sockmap could take out of TCP (item 2), and\n\
+         the copies.\n\n\
          At c=64 the L4 path keeps less than at c=16 (0.49×, 0.49× and 0.52×\n\
          direct in three full runs, 0.44–0.55× in quick runs), where the TCP relay keeps the\n\
          same. Node1's CPU limits both loads (node0's idled about half the time;\n\

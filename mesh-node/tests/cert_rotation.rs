@@ -377,26 +377,28 @@ fn handshake(
     client: &mut rustls::ClientConnection,
     server: &mut rustls::ServerConnection,
 ) -> Result<(), rustls::Error> {
-    let mut wire = Vec::new();
     while client.is_handshaking() || server.is_handshaking() {
-        let mut moved = false;
-        while client.wants_write() {
-            client.write_tls(&mut wire).unwrap();
-            server.read_tls(&mut wire.as_slice()).unwrap();
-            wire.clear();
-            server.process_new_packets()?;
-            moved = true;
-        }
-        while server.wants_write() {
-            server.write_tls(&mut wire).unwrap();
-            client.read_tls(&mut wire.as_slice()).unwrap();
-            wire.clear();
-            client.process_new_packets()?;
-            moved = true;
-        }
+        let moved = deliver(&mut **client, &mut **server)? | deliver(&mut **server, &mut **client)?;
         assert!(moved, "the handshake stalled");
     }
     Ok(())
+}
+
+/// Whatever `from` has to send, read and processed by `to`; whether there
+/// was any.
+fn deliver<A, B>(
+    from: &mut rustls::ConnectionCommon<A>,
+    to: &mut rustls::ConnectionCommon<B>,
+) -> Result<bool, rustls::Error> {
+    let mut moved = false;
+    while from.wants_write() {
+        let mut wire = Vec::new();
+        from.write_tls(&mut wire).unwrap();
+        to.read_tls(&mut wire.as_slice()).unwrap();
+        to.process_new_packets()?;
+        moved = true;
+    }
+    Ok(moved)
 }
 
 #[tokio::test]
